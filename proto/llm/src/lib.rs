@@ -1,0 +1,18 @@
+//! Wire formats of the LLM APIs Switchyard speaks, and the pure translation
+//! between them.
+//!
+//! The OpenAI chat-completions shape is the hub: every provider adapter maps
+//! requests out of it and responses, stream events and errors back into it.
+//! Nothing in this crate performs I/O, so every function is testable with
+//! recorded payloads alone (see `tests/`).
+//!
+//! - [`sse`]: incremental Server-Sent Events decoder/encoder.
+//! - [`openai`]: request validation, usage accounting, chunk inspection.
+//! - [`error`]: the data-plane error class and its protocol-shaped bodies.
+
+pub mod error;
+pub mod openai;
+pub mod sse;
+pub mod translate;
+
+pub use error::{ErrorKind, GatewayError};

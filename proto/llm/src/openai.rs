@@ -1,0 +1,315 @@
+//! OpenAI chat-completions and embeddings: the hub shape of the gateway.
+//!
+//! Requests stay a JSON object map so same-protocol routes forward every field
+//! the caller sent (including ones we do not know) with only `model` changed.
+//! What routing and accounting need is read out once into typed fields.
+
+use serde_json::{Map, Value};
+
+use crate::error::GatewayError;
+
+/// Parses a request body, naming the position of a syntax error the way a
+/// human reads it (line and column).
+pub fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, GatewayError> {
+    if body.is_empty() {
+        return Err(GatewayError::invalid(
+            "The request body is empty; expected a JSON object.",
+        ));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(GatewayError::invalid(
+            "The request body must be a JSON object.",
+        )),
+        Err(e) => Err(GatewayError::invalid(format!(
+            "We could not parse the JSON body of your request: {} (line {}, column {}).",
+            describe_json_error(&e),
+            e.line(),
+            e.column()
+        ))),
+    }
+}
+
+fn describe_json_error(e: &serde_json::Error) -> String {
+    // serde_json appends " at line X column Y" to its Display; we state the
+    // position ourselves so keep only the reason.
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// A validated chat-completions request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub body: Map<String, Value>,
+    pub model: String,
+    pub stream: bool,
+    /// The caller asked for the final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+impl ChatRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        Self::from_map(parse_json_object(body)?)
+    }
+
+    pub fn from_map(body: Map<String, Value>) -> Result<Self, GatewayError> {
+        let model = required_model(&body)?;
+        match body.get("messages") {
+            None | Some(Value::Null) => {
+                return Err(
+                    GatewayError::invalid("Missing required parameter: 'messages'.")
+                        .with_param("messages"),
+                )
+            }
+            Some(Value::Array(messages)) => {
+                if messages.is_empty() {
+                    return Err(GatewayError::invalid(
+                        "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+                    )
+                    .with_param("messages"));
+                }
+                for (i, m) in messages.iter().enumerate() {
+                    let role = m.get("role").and_then(Value::as_str);
+                    if role.is_none() {
+                        return Err(GatewayError::invalid(format!(
+                            "Missing required parameter: 'messages[{i}].role'."
+                        ))
+                        .with_param(format!("messages[{i}].role")));
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(GatewayError::invalid(
+                    "Invalid type for 'messages': expected an array of message objects.",
+                )
+                .with_param("messages"))
+            }
+        }
+        let stream = optional_bool(&body, "stream")?;
+        let include_usage = body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(ChatRequest {
+            body,
+            model,
+            stream,
+            include_usage,
+        })
+    }
+
+    pub fn messages(&self) -> &[Value] {
+        self.body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// `max_completion_tokens` wins over the deprecated `max_tokens`, as in OpenAI's API.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.body
+            .get("max_completion_tokens")
+            .and_then(Value::as_u64)
+            .or_else(|| self.body.get("max_tokens").and_then(Value::as_u64))
+    }
+}
+
+/// A validated embeddings request.
+#[derive(Debug, Clone)]
+pub struct EmbeddingsRequest {
+    pub body: Map<String, Value>,
+    pub model: String,
+}
+
+impl EmbeddingsRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        let body = parse_json_object(body)?;
+        let model = required_model(&body)?;
+        match body.get("input") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            None | Some(Value::Null) => {
+                return Err(GatewayError::invalid("Missing required parameter: 'input'.")
+                    .with_param("input"))
+            }
+            Some(_) => {
+                return Err(GatewayError::invalid(
+                    "Invalid type for 'input': expected a string or an array.",
+                )
+                .with_param("input"))
+            }
+        }
+        Ok(EmbeddingsRequest { body, model })
+    }
+
+    /// Inputs as texts; token-id arrays are rendered as space-joined numbers
+    /// (enough for counting and for the simulated provider).
+    pub fn inputs(&self) -> Vec<String> {
+        fn one(v: &Value) -> String {
+            match v {
+                Value::String(s) => s.clone(),
+                Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                other => other.to_string(),
+            }
+        }
+        match self.body.get("input") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+                vec![one(&Value::Array(items.clone()))]
+            }
+            Some(Value::Array(items)) => items.iter().map(one).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn required_model(body: &Map<String, Value>) -> Result<String, GatewayError> {
+    match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
+        Some(Value::String(_)) | None | Some(Value::Null) => Err(GatewayError::invalid(
+            "You must provide a model parameter.",
+        )
+        .with_param("model")),
+        Some(_) => Err(
+            GatewayError::invalid("Invalid type for 'model': expected a string.")
+                .with_param("model"),
+        ),
+    }
+}
+
+fn optional_bool(body: &Map<String, Value>, field: &str) -> Result<bool, GatewayError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(GatewayError::invalid(format!(
+            "Invalid type for '{field}': expected a boolean."
+        ))
+        .with_param(field)),
+    }
+}
+
+/// Token accounting in OpenAI's terms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+}
+
+impl Usage {
+    pub fn from_openai(v: &Value) -> Option<Usage> {
+        let u = v.as_object()?;
+        let get = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Some(Usage {
+            prompt_tokens: get("prompt_tokens"),
+            completion_tokens: get("completion_tokens"),
+            cached_tokens: u
+                .get("prompt_tokens_details")
+                .and_then(|d| d.get("cached_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        })
+    }
+
+    pub fn to_openai(self) -> Value {
+        serde_json::json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
+        })
+    }
+}
+
+/// What a streamed chat chunk means for the pass-through: its usage, and
+/// whether it is the usage-only chunk OpenAI sends last when asked.
+#[derive(Debug, Default, PartialEq)]
+pub struct ChunkInfo {
+    pub usage: Option<Usage>,
+    pub usage_only: bool,
+    pub has_content: bool,
+}
+
+pub fn inspect_chunk(data: &str) -> ChunkInfo {
+    let Ok(v) = serde_json::from_str::<Value>(data) else {
+        return ChunkInfo::default();
+    };
+    let usage = v.get("usage").and_then(Usage::from_openai);
+    let choices_empty = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_none_or(|c| c.is_empty());
+    ChunkInfo {
+        usage,
+        usage_only: usage.is_some() && choices_empty,
+        has_content: !choices_empty,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_name_the_position() {
+        let e = ChatRequest::parse(b"{\n  \"model\": \"x\",\n  oops\n}").unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(e.message.contains("line 3"), "{}", e.message);
+        assert!(e.message.contains("column"), "{}", e.message);
+    }
+
+    #[test]
+    fn missing_fields() {
+        let e = ChatRequest::parse(br#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"));
+        let e = ChatRequest::parse(br#"{"model":"m"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = ChatRequest::parse(br#"{"model":"m","messages":[]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = ChatRequest::parse(br#"{"model":"m","messages":[{"content":"x"}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = ChatRequest::parse(br#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stream"));
+        assert!(ChatRequest::parse(b"[1]").is_err());
+        assert!(ChatRequest::parse(b"").is_err());
+    }
+
+    #[test]
+    fn reads_stream_options_and_limits() {
+        let r = ChatRequest::parse(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,
+                "stream_options":{"include_usage":true},"max_tokens":5,"max_completion_tokens":7,"x_unknown":1}"#,
+        )
+        .unwrap();
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.max_tokens(), Some(7));
+        assert_eq!(r.body["x_unknown"], 1);
+    }
+
+    #[test]
+    fn embeddings_inputs() {
+        let r = EmbeddingsRequest::parse(br#"{"model":"m","input":["a","b"]}"#).unwrap();
+        assert_eq!(r.inputs(), ["a", "b"]);
+        let r = EmbeddingsRequest::parse(br#"{"model":"m","input":[1,2]}"#).unwrap();
+        assert_eq!(r.inputs().len(), 1);
+        assert!(EmbeddingsRequest::parse(br#"{"model":"m"}"#).is_err());
+    }
+
+    #[test]
+    fn chunk_inspection() {
+        let c = inspect_chunk(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        assert!(c.usage_only);
+        assert_eq!(c.usage.unwrap().completion_tokens, 4);
+        let c = inspect_chunk(r#"{"choices":[{"delta":{"content":"x"}}]}"#);
+        assert!(!c.usage_only && c.has_content);
+    }
+}

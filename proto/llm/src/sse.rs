@@ -1,0 +1,222 @@
+//! Incremental Server-Sent Events codec.
+//!
+//! Upstream bytes arrive in arbitrary pieces; the decoder keeps only the tail
+//! of an unfinished event, so memory stays bounded by the largest single event
+//! and every complete event is handed on as soon as its blank line arrives.
+
+use bytes::{Bytes, BytesMut};
+
+/// One decoded event. `raw` is the exact bytes of the event including its
+/// terminating blank line, so a pass-through can forward it untouched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: String,
+    pub raw: Bytes,
+}
+
+impl SseEvent {
+    /// OpenAI's end-of-stream sentinel.
+    pub fn is_done(&self) -> bool {
+        self.data.trim() == "[DONE]"
+    }
+}
+
+/// Largest single event accepted; an upstream that never ends an event must
+/// not grow our memory without bound.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SseError {
+    #[error("server-sent event larger than {MAX_EVENT_BYTES} bytes")]
+    EventTooLarge,
+}
+
+#[derive(Debug, Default)]
+pub struct SseDecoder {
+    buf: BytesMut,
+    /// Bytes of `buf` already scanned without finding an event end.
+    scanned: usize,
+}
+
+impl SseDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds bytes and appends every event completed by them to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) -> Result<(), SseError> {
+        self.buf.extend_from_slice(chunk);
+        loop {
+            match find_event_end(&self.buf, self.scanned.saturating_sub(3)) {
+                Some(end) => {
+                    let raw = self.buf.split_to(end).freeze();
+                    self.scanned = 0;
+                    if let Some(ev) = parse_event(raw) {
+                        out.push(ev);
+                    }
+                }
+                None => {
+                    self.scanned = self.buf.len();
+                    if self.buf.len() > MAX_EVENT_BYTES {
+                        return Err(SseError::EventTooLarge);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Flushes a final event that the upstream ended without a blank line.
+    pub fn finish(&mut self) -> Option<SseEvent> {
+        if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+            self.buf.clear();
+            return None;
+        }
+        let raw = std::mem::take(&mut self.buf).freeze();
+        self.scanned = 0;
+        parse_event(raw)
+    }
+}
+
+/// Index just past the blank line that ends the first event, accepting the
+/// three line endings the SSE spec allows (`\n`, `\r\n`, `\r`).
+fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        let pos = memchr::memchr2(b'\n', b'\r', &buf[i..])? + i;
+        let after = line_break_len(buf, pos)?;
+        let next = pos + after;
+        if next >= buf.len() {
+            return None;
+        }
+        if buf[next] == b'\n' || buf[next] == b'\r' {
+            let after2 = line_break_len(buf, next)?;
+            return Some(next + after2);
+        }
+        i = next;
+    }
+    None
+}
+
+/// Length of the line break at `pos`, or None when a `\r` is the last byte
+/// seen and the next chunk may still bring its `\n`.
+fn line_break_len(buf: &[u8], pos: usize) -> Option<usize> {
+    if buf[pos] == b'\r' {
+        match buf.get(pos + 1) {
+            Some(b'\n') => Some(2),
+            Some(_) => Some(1),
+            None => None,
+        }
+    } else {
+        Some(1)
+    }
+}
+
+fn parse_event(raw: Bytes) -> Option<SseEvent> {
+    let text = String::from_utf8_lossy(&raw);
+    let mut event = None;
+    let mut data = String::new();
+    let mut has_data = false;
+    for line in text.split(['\n', '\r']) {
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = match line.find(':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(' ').unwrap_or(v))
+            }
+            None => (line, ""),
+        };
+        match field {
+            "event" => event = Some(value.to_string()),
+            "data" => {
+                if has_data {
+                    data.push('\n');
+                }
+                data.push_str(value);
+                has_data = true;
+            }
+            _ => {}
+        }
+    }
+    if !has_data && event.is_none() {
+        return None;
+    }
+    Some(SseEvent { event, data, raw })
+}
+
+/// Frames one `data:` event (and optional `event:` name) for the wire.
+pub fn encode_event(event: Option<&str>, data: &str) -> Bytes {
+    let mut out = String::with_capacity(data.len() + 16);
+    if let Some(name) = event {
+        out.push_str("event: ");
+        out.push_str(name);
+        out.push('\n');
+    }
+    for line in data.split('\n') {
+        out.push_str("data: ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
+pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
+        let mut d = SseDecoder::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            d.push(c, &mut out).unwrap();
+        }
+        out.extend(d.finish());
+        out
+    }
+
+    #[test]
+    fn events_split_across_chunks_in_every_way() {
+        let wire = b"event: a\ndata: {\"x\":1}\n\ndata: line1\ndata: line2\r\n\r\n: comment\n\ndata: [DONE]\n\n";
+        let whole = decode_all(&[wire]);
+        assert_eq!(whole.len(), 3);
+        assert_eq!(whole[0].event.as_deref(), Some("a"));
+        assert_eq!(whole[0].data, "{\"x\":1}");
+        assert_eq!(whole[1].data, "line1\nline2");
+        assert!(whole[2].is_done());
+        for split in 1..wire.len() {
+            let parts = decode_all(&[&wire[..split], &wire[split..]]);
+            assert_eq!(parts, whole, "split at {split}");
+        }
+        let bytewise: Vec<&[u8]> = wire.chunks(1).collect();
+        assert_eq!(decode_all(&bytewise), whole);
+    }
+
+    #[test]
+    fn raw_bytes_are_forwardable_verbatim() {
+        let wire = b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n";
+        let evs = decode_all(&[wire]);
+        let joined: Vec<u8> = evs.iter().flat_map(|e| e.raw.to_vec()).collect();
+        assert_eq!(joined, wire);
+    }
+
+    #[test]
+    fn crlf_and_cr_line_endings() {
+        let evs = decode_all(&[b"data: a\r\n\r\ndata: b\r\rdata: c"]);
+        let data: Vec<_> = evs.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn encode_round_trips() {
+        let wire = encode_event(Some("message_start"), "{\"k\":\"v\"}\nsecond");
+        let evs = decode_all(&[&wire]);
+        assert_eq!(evs[0].event.as_deref(), Some("message_start"));
+        assert_eq!(evs[0].data, "{\"k\":\"v\"}\nsecond");
+    }
+}
