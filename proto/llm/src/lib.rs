@@ -9,9 +9,18 @@
 //! - [`sse`]: incremental Server-Sent Events decoder/encoder.
 //! - [`openai`]: request validation, usage accounting, chunk inspection.
 //! - [`error`]: the data-plane error class and its protocol-shaped bodies.
+//! - [`anthropic`]: Anthropic Messages ⇄ OpenAI, both directions (requests,
+//!   responses, streams, errors), thinking blocks preserved.
+//! - [`gemini`]: Gemini generateContent / streamGenerateContent /
+//!   batchEmbedContents ⇄ OpenAI.
+//! - [`translate`]: the streaming translator trait the adapters implement.
 
+pub mod anthropic;
+mod convert;
 pub mod error;
+pub mod gemini;
 pub mod openai;
+pub mod passthrough;
 pub mod sse;
 pub mod translate;
 

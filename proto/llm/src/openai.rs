@@ -236,6 +236,8 @@ pub struct ChunkInfo {
     pub usage: Option<Usage>,
     pub usage_only: bool,
     pub has_content: bool,
+    /// A choice carried a `finish_reason`.
+    pub finished: bool,
 }
 
 pub fn inspect_chunk(data: &str) -> ChunkInfo {
@@ -247,10 +249,18 @@ pub fn inspect_chunk(data: &str) -> ChunkInfo {
         .get("choices")
         .and_then(Value::as_array)
         .is_none_or(|c| c.is_empty());
+    let finished = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|c| {
+            c.iter()
+                .any(|ch| ch.get("finish_reason").is_some_and(|f| !f.is_null()))
+        });
     ChunkInfo {
         usage,
         usage_only: usage.is_some() && choices_empty,
         has_content: !choices_empty,
+        finished,
     }
 }
 

@@ -1,0 +1,44 @@
+//! DNS for upstream connections through hickory-resolver.
+//!
+//! hickory caches answers and honours their TTLs, so a hot provider host is
+//! resolved once per TTL instead of once per new connection, and resolution
+//! never blocks a runtime thread the way `getaddrinfo` does.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hickory_resolver::TokioResolver;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+#[derive(Clone)]
+pub struct HickoryResolver {
+    inner: Arc<TokioResolver>,
+}
+
+impl HickoryResolver {
+    /// Uses the system configuration (`/etc/resolv.conf`, `/etc/hosts`).
+    pub fn from_system() -> Result<Self, String> {
+        let builder = TokioResolver::builder_tokio().map_err(|e| e.to_string())?;
+        let inner = builder.build().map_err(|e| e.to_string())?;
+        Ok(HickoryResolver {
+            inner: Arc::new(inner),
+        })
+    }
+
+    pub async fn lookup(&self, host: &str) -> Result<Vec<std::net::IpAddr>, String> {
+        let answer = self.inner.lookup_ip(host).await.map_err(|e| e.to_string())?;
+        Ok(answer.iter().collect())
+    }
+}
+
+impl Resolve for HickoryResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let this = self.clone();
+        Box::pin(async move {
+            let ips = this.lookup(name.as_str()).await?;
+            // reqwest replaces port 0 with the URL's port.
+            let addrs: Addrs = Box::new(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)));
+            Ok(addrs)
+        })
+    }
+}

@@ -1,0 +1,162 @@
+//! OpenAI and every OpenAI-compatible provider: same protocol, so the body
+//! passes through with only `model` rewritten.
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use switchyard_llm::openai::Usage;
+use switchyard_llm::passthrough::OpenAiPassthrough;
+use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_proto::Secret;
+
+use super::{read_error, scrub, transport_error, CallContext, Provider, ProviderReply};
+use crate::request::Operation;
+
+pub struct OpenAiAdapter;
+
+#[async_trait]
+impl Provider for OpenAiAdapter {
+    async fn call(&self, ctx: CallContext<'_>) -> Result<ProviderReply, GatewayError> {
+        let target = &ctx.request.target;
+        let (path, mut body, stream, caller_wants_usage) = match &ctx.request.op {
+            Operation::Chat(chat) => ("chat/completions", chat.body.clone(), chat.stream, chat.include_usage),
+            Operation::Embeddings(e) => ("embeddings", e.body.clone(), false, false),
+        };
+        body.insert("model".into(), Value::String(target.model.clone()));
+        if stream {
+            // Always ask for usage so the request can be accounted; the
+            // pass-through withholds that chunk if the caller did not ask.
+            let opts = body
+                .entry("stream_options")
+                .or_insert_with(|| json!({}));
+            if let Value::Object(o) = opts {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+        }
+        let url = format!("{}/{path}", ctx.provider.base_url);
+        let payload = serde_json::to_vec(&body)
+            .map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?;
+        let mut req = ctx
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(payload);
+        if let Some(key) = ctx.key {
+            req = req.bearer_auth(key.expose());
+        }
+        if stream {
+            req = req.header(reqwest::header::ACCEPT, "text/event-stream");
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| transport_error(&ctx.provider.name, &e))?;
+        if !resp.status().is_success() {
+            let (status, retry_after, body) = read_error(resp).await;
+            return Err(error_from_upstream(
+                &ctx.provider.name,
+                status,
+                &body,
+                retry_after,
+                &ctx.provider.keys,
+            ));
+        }
+        if stream {
+            let provider = ctx.provider.name.clone();
+            let upstream = resp
+                .bytes_stream()
+                .map(move |r| r.map_err(|e| transport_error(&provider, &e)))
+                .boxed();
+            return Ok(ProviderReply::Stream {
+                upstream,
+                translator: Box::new(OpenAiPassthrough::new(caller_wants_usage)),
+            });
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| transport_error(&ctx.provider.name, &e))?;
+        let usage = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("usage").and_then(Usage::from_openai));
+        Ok(ProviderReply::Json { body, usage })
+    }
+}
+
+/// OpenAI's error body is `{"error": {"message", "type", "param", "code"}}`.
+pub fn error_from_upstream(
+    provider: &str,
+    status: u16,
+    body: &[u8],
+    retry_after: Option<String>,
+    keys: &[Secret],
+) -> GatewayError {
+    let kind = GatewayError::kind_for_upstream_status(status);
+    if status == 401 || status == 403 {
+        // The provider refused the gateway's own credential; its message
+        // often quotes part of the key, so none of it is passed on.
+        return GatewayError::new(
+            kind,
+            format!("The provider `{provider}` rejected the gateway's credentials (HTTP {status})."),
+        )
+        .with_code("upstream_auth_failed");
+    }
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let upstream_msg = parsed
+        .as_ref()
+        .and_then(|v| v.get("error"))
+        .and_then(|e| e.get("message").or(Some(e)))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let message = match upstream_msg {
+        Some(m) => format!("{} (from provider `{provider}`)", scrub(&m, keys)),
+        None => format!("The provider `{provider}` answered HTTP {status}."),
+    };
+    let mut err = GatewayError::new(kind, message).with_retry_after(retry_after);
+    if kind == ErrorKind::ModelNotFound {
+        err = err.with_code("model_not_found");
+    }
+    if let Some(param) = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/param"))
+        .and_then(Value::as_str)
+    {
+        err = err.with_param(param);
+    }
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_errors_map_and_scrub() {
+        let keys = vec![Secret::new("sk-test-SECRET")];
+        let e = error_from_upstream(
+            "openai",
+            401,
+            br#"{"error":{"message":"Incorrect API key provided: sk-test-SECRET"}}"#,
+            None,
+            &keys,
+        );
+        assert_eq!(e.status(), 502);
+        assert!(!e.message.contains("SECRET"));
+        let e = error_from_upstream(
+            "openai",
+            400,
+            br#"{"error":{"message":"bad sk-test-SECRET thing","param":"messages"}}"#,
+            None,
+            &keys,
+        );
+        assert_eq!(e.status(), 400);
+        assert!(!e.message.contains("SECRET"));
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = error_from_upstream("openai", 429, b"{}", Some("7".into()), &keys);
+        assert_eq!((e.status(), e.retry_after.as_deref()), (429, Some("7")));
+        let e = error_from_upstream("openai", 503, b"upstream connect error", None, &keys);
+        assert_eq!(e.status(), 503);
+        let e = error_from_upstream("openai", 500, b"<html>", None, &keys);
+        assert_eq!(e.status(), 502);
+    }
+}
