@@ -1,1 +1,98 @@
-fn main(){}
+//! The `switchyard` binary: parses the command line, sets up logging and
+//! hands over to the library crates.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod dev;
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "Multi-region LLM API gateway")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json, env = "SWITCHYARD_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role in one process: edge on HTTP and HTTPS, in-process
+    /// egress, providers from the environment plus the simulated provider.
+    Dev(dev::DevArgs),
+    /// Print the SHA-256 of a virtual key, for `tenants[].key_sha256` in policy YAML.
+    HashKey {
+        /// The virtual key to hash.
+        key: String,
+    },
+    /// Validate a policy file and list every error with its path.
+    CheckPolicy {
+        /// Policy YAML file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,pingora_core=warn,pingora=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    // Pingora and quinn use ring; installing it as the process default keeps
+    // every rustls user on one provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::Dev(args) => dev::run(args),
+        Command::HashKey { key } => {
+            println!("{}", switchyard_proto::KeyHash::of(&key).to_hex());
+            Ok(())
+        }
+        Command::CheckPolicy { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let errors = match switchyard_control::parse_policy(&text) {
+                Err(e) => vec![e],
+                Ok(doc) => {
+                    let env = |k: &str| std::env::var(k).ok();
+                    let opts = switchyard_control::CompileOptions {
+                        env: &env,
+                        include_simulated: true,
+                        version: 0,
+                    };
+                    switchyard_control::compile(&doc, &opts).err().unwrap_or_default()
+                }
+            };
+            if errors.is_empty() {
+                println!("{}: ok", file.display());
+                return Ok(());
+            }
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            anyhow::bail!("{} error(s) in {}", errors.len(), file.display())
+        }
+    }
+}

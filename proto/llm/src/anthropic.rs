@@ -418,7 +418,18 @@ fn tool_result_block(m: &Value, i: usize) -> Result<Value, GatewayError> {
     Ok(json!({"type": "tool_result", "tool_use_id": id, "content": content}))
 }
 
+/// Anthropic server tools (`web_search_20250305`, ...) have a versioned type
+/// of their own; they reach the hub only through the gateway's
+/// `/v1/messages` endpoint and are forwarded untouched.
+fn is_server_tool(t: &Value) -> bool {
+    str_field(t, "type").is_some_and(|k| k != "function" && k != "custom")
+        && str_field(t, "name").is_some()
+}
+
 fn tool_def(t: &Value, i: usize) -> Result<Value, GatewayError> {
+    if is_server_tool(t) {
+        return Ok(t.clone());
+    }
     let kind = str_field(t, "type").unwrap_or("function");
     let f = t.get("function").filter(|_| kind == "function");
     let name = f.and_then(|f| str_field(f, "name")).ok_or_else(|| {
@@ -955,6 +966,12 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
         }
     }
     for (i, m) in messages.iter().enumerate() {
+        if !m.is_object() {
+            return Err(GatewayError::invalid(format!(
+                "messages.{i}: Input should be a valid dictionary"
+            ))
+            .with_param(format!("messages.{i}")));
+        }
         let role = str_field(m, "role");
         let content = m.get("content");
         match role {
@@ -984,6 +1001,13 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
         // it as-is and other adapters may derive an effort from it.
         out.insert("thinking".into(), t.clone());
     }
+    if let Some(of) = body.get("output_format").filter(|f| str_field(f, "type") == Some("json_schema")) {
+        let schema = of.get("schema").cloned().unwrap_or_else(|| json!({"type": "object"}));
+        out.insert(
+            "response_format".into(),
+            json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}),
+        );
+    }
     if let Some(user) = body
         .get("metadata")
         .and_then(|m| str_field(m, "user_id"))
@@ -993,13 +1017,11 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         let mut list = Vec::new();
         for (i, t) in tools.iter().enumerate() {
-            let custom = matches!(str_field(t, "type"), None | Some("custom"));
-            let name = str_field(t, "name").filter(|_| custom).ok_or_else(|| {
-                GatewayError::invalid(format!(
-                    "tools.{i}: only client tools with a name and input_schema are supported"
-                ))
-                .with_param(format!("tools.{i}"))
-            })?;
+            if is_server_tool(t) {
+                list.push(t.clone());
+                continue;
+            }
+            let name = str_field(t, "name").ok_or_else(|| field_required(&format!("tools.{i}.name")))?;
             let mut f = Map::new();
             f.insert("name".into(), json!(name));
             insert_opt(&mut f, "description", t.get("description"));

@@ -1,0 +1,39 @@
+//! Virtual-key authentication against the snapshot's hashed keys.
+
+use std::sync::Arc;
+
+use pingora::protocols::http::ServerSession;
+use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_proto::{Snapshot, TenantSnapshot};
+
+/// Reads the key from `Authorization: Bearer` (OpenAI SDK) or `x-api-key`
+/// (Anthropic SDK) and finds its tenant. The key is only ever hashed.
+pub fn authenticate(
+    session: &ServerSession,
+    snapshot: &Snapshot,
+) -> Result<Arc<TenantSnapshot>, GatewayError> {
+    let bearer = session
+        .get_header(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+    let key = bearer.or_else(|| {
+        session
+            .get_header("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    });
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        return Err(GatewayError::new(
+            ErrorKind::Unauthorized,
+            "You didn't provide an API key. Send your Switchyard virtual key as `Authorization: Bearer <key>`.",
+        )
+        .with_code("missing_api_key"));
+    };
+    snapshot.tenant_for_key(key).cloned().ok_or_else(|| {
+        GatewayError::new(ErrorKind::Unauthorized, "Incorrect API key provided.")
+            .with_code("invalid_api_key")
+    })
+}

@@ -1,0 +1,183 @@
+//! `switchyard dev`: the whole gateway in one process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use switchyard_backhaul::Egress;
+use switchyard_control::{compile, parse_policy, CompileOptions, PolicyDocument};
+use switchyard_edge::service::{edge_service, TlsFiles};
+use switchyard_edge::EdgeApp;
+use switchyard_proto::{KeyHash, TenantSnapshot};
+
+const DEFAULT_CONFIG: &str = "deploy/dev/switchyard.yaml";
+
+#[derive(clap::Args)]
+pub struct DevArgs {
+    /// Plain-HTTP listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// HTTPS listen address.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    tls_listen: String,
+    /// Serve HTTPS with this certificate chain (PEM) instead of a generated one.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Policy YAML.
+    #[arg(long, short = 'c', default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Where the dev key and the generated certificate are kept.
+    #[arg(long, default_value = ".switchyard")]
+    state_dir: PathBuf,
+    /// Worker threads of the edge.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+fn load_policy(path: &Path) -> anyhow::Result<PolicyDocument> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        // Running from outside the repo with the default path: no YAML is fine.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG) => {
+            String::new()
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    parse_policy(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buf)
+        .map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `SWITCHYARD_DEV_KEY`, else the key kept in the state dir, else a new one.
+fn dev_key(state_dir: &Path) -> anyhow::Result<String> {
+    if let Ok(k) = std::env::var("SWITCHYARD_DEV_KEY") {
+        if !k.trim().is_empty() {
+            return Ok(k.trim().to_string());
+        }
+    }
+    let path = state_dir.join("dev-key");
+    if let Ok(k) = std::fs::read_to_string(&path) {
+        if !k.trim().is_empty() {
+            return Ok(k.trim().to_string());
+        }
+    }
+    let key = format!("sy-dev-{}", random_hex(16)?);
+    std::fs::write(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(key)
+}
+
+fn tls_files(args: &DevArgs) -> anyhow::Result<(TlsFiles, bool)> {
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        return Ok((
+            TlsFiles {
+                cert_path: cert.display().to_string(),
+                key_path: key.display().to_string(),
+            },
+            false,
+        ));
+    }
+    let dir = args.state_dir.join("tls");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let generated = !(cert.exists() && key.exists());
+    if generated {
+        std::fs::create_dir_all(&dir)?;
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let ck = rcgen::generate_simple_self_signed(names).context("generating certificate")?;
+        std::fs::write(&cert, ck.cert.pem())?;
+        std::fs::write(&key, ck.signing_key.serialize_pem())?;
+    }
+    Ok((
+        TlsFiles {
+            cert_path: cert.display().to_string(),
+            key_path: key.display().to_string(),
+        },
+        generated,
+    ))
+}
+
+pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    use pingora::server::configuration::ServerConf;
+    use pingora::server::{RunArgs, Server};
+
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
+    let doc = load_policy(&args.config)?;
+    let env = |k: &str| std::env::var(k).ok();
+    let compiled = match compile(
+        &doc,
+        &CompileOptions {
+            env: &env,
+            include_simulated: true,
+            version: 1,
+        },
+    ) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{}: {e}", args.config.display());
+            }
+            bail!("{} error(s) in the policy", errors.len());
+        }
+    };
+    let mut snapshot = compiled.snapshot;
+    let key = dev_key(&args.state_dir)?;
+    snapshot.tenants.insert(
+        KeyHash::of(&key),
+        Arc::new(TenantSnapshot {
+            id: "dev".into(),
+            allowed_models: None,
+        }),
+    );
+    let (tls, generated) = tls_files(&args)?;
+    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let egress = Egress::new(shared.clone()).map_err(|e| anyhow::anyhow!("egress: {e}"))?;
+    let app = EdgeApp::new(shared, Arc::new(egress));
+
+    let conf = ServerConf {
+        threads: args.threads,
+        // Stop within a second on SIGTERM instead of Pingora's 5 min default.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let service = edge_service(
+        app,
+        Some(&args.listen),
+        Some((&args.tls_listen, &tls)),
+        args.threads,
+    )
+    .map_err(|e| anyhow::anyhow!("edge: {e}"))?;
+    server.add_service(service);
+
+    println!("switchyard dev");
+    println!("  OpenAI base URL:  http://{}/v1", args.listen);
+    println!("  HTTPS base URL:   https://{}/v1", args.tls_listen);
+    println!(
+        "  TLS certificate:  {}{}",
+        tls.cert_path,
+        if generated { " (generated, self-signed)" } else { "" }
+    );
+    println!("  virtual key:      {key}");
+    println!("  providers:");
+    for (name, status) in &compiled.provider_status {
+        println!("    {name:<12} {status}");
+    }
+    println!("  try: curl http://{}/v1/chat/completions -H 'authorization: Bearer {key}' \\", args.listen);
+    println!("         -H 'content-type: application/json' -d '{{\"model\":\"simulated/sim-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+    server.run(RunArgs::default());
+    Ok(())
+}
