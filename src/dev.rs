@@ -93,7 +93,11 @@ fn tls_files(args: &DevArgs) -> anyhow::Result<(TlsFiles, bool)> {
     let generated = !(cert.exists() && key.exists());
     if generated {
         std::fs::create_dir_all(&dir)?;
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
         let ck = rcgen::generate_simple_self_signed(names).context("generating certificate")?;
         std::fs::write(&cert, ck.cert.pem())?;
         std::fs::write(&key, ck.signing_key.serialize_pem())?;
@@ -169,14 +173,21 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     println!(
         "  TLS certificate:  {}{}",
         tls.cert_path,
-        if generated { " (generated, self-signed)" } else { "" }
+        if generated {
+            " (generated, self-signed)"
+        } else {
+            ""
+        }
     );
     println!("  virtual key:      {key}");
     println!("  providers:");
     for (name, status) in &compiled.provider_status {
         println!("    {name:<12} {status}");
     }
-    println!("  try: curl http://{}/v1/chat/completions -H 'authorization: Bearer {key}' \\", args.listen);
+    println!(
+        "  try: curl http://{}/v1/chat/completions -H 'authorization: Bearer {key}' \\",
+        args.listen
+    );
     println!("         -H 'content-type: application/json' -d '{{\"model\":\"simulated/sim-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
     server.run(RunArgs::default());
     Ok(())

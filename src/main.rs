@@ -82,7 +82,9 @@ fn main() -> anyhow::Result<()> {
                         include_simulated: true,
                         version: 0,
                     };
-                    switchyard_control::compile(&doc, &opts).err().unwrap_or_default()
+                    switchyard_control::compile(&doc, &opts)
+                        .err()
+                        .unwrap_or_default()
                 }
             };
             if errors.is_empty() {

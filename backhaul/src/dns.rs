@@ -26,7 +26,11 @@ impl HickoryResolver {
     }
 
     pub async fn lookup(&self, host: &str) -> Result<Vec<std::net::IpAddr>, String> {
-        let answer = self.inner.lookup_ip(host).await.map_err(|e| e.to_string())?;
+        let answer = self
+            .inner
+            .lookup_ip(host)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(answer.iter().collect())
     }
 }

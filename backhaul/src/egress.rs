@@ -44,12 +44,9 @@ impl Egress {
     /// upstream request.
     pub async fn execute(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError> {
         let snap = self.snapshot.load_full();
-        let provider = snap
-            .providers
-            .get(&req.target.provider)
-            .ok_or_else(|| {
-                GatewayError::model_not_found(&format!("{}/{}", req.target.provider, req.target.model))
-            })?;
+        let provider = snap.providers.get(&req.target.provider).ok_or_else(|| {
+            GatewayError::model_not_found(&format!("{}/{}", req.target.provider, req.target.model))
+        })?;
         let adapter = adapter_for(provider.kind).ok_or_else(|| {
             GatewayError::new(
                 ErrorKind::InvalidRequest,
@@ -92,7 +89,10 @@ impl Egress {
                     stats,
                 })
             }
-            ProviderReply::Stream { upstream, translator } => {
+            ProviderReply::Stream {
+                upstream,
+                translator,
+            } => {
                 let frames = translate_stream(
                     upstream,
                     translator,

@@ -153,7 +153,10 @@ mod tests {
     use switchyard_llm::passthrough::OpenAiPassthrough;
 
     fn chunks(parts: &[&'static str]) -> Vec<Result<Bytes, GatewayError>> {
-        parts.iter().map(|p| Ok(Bytes::from_static(p.as_bytes()))).collect()
+        parts
+            .iter()
+            .map(|p| Ok(Bytes::from_static(p.as_bytes())))
+            .collect()
     }
 
     async fn collect(upstream: UpstreamBytes, idle: Duration) -> (String, Arc<RequestStats>) {
@@ -187,8 +190,10 @@ mod tests {
 
     #[tokio::test]
     async fn cut_stream_ends_with_error_frame() {
-        let up = futures::stream::iter(chunks(&["data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"]))
-            .boxed();
+        let up = futures::stream::iter(chunks(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+        ]))
+        .boxed();
         let (text, stats) = collect(up, Duration::from_secs(5)).await;
         assert!(text.contains("\"error\""), "{text}");
         assert!(stats.stream_failed());
@@ -196,7 +201,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stalled_stream_times_out() {
-        let first = futures::stream::iter(chunks(&["data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"]));
+        let first = futures::stream::iter(chunks(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+        ]));
         let up = first.chain(futures::stream::pending()).boxed();
         let (text, stats) = collect(up, Duration::from_millis(300)).await;
         assert!(text.contains("upstream_stalled"), "{text}");

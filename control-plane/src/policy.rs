@@ -212,7 +212,10 @@ const ENV_PROVIDERS: &[(&str, ProviderKind, &str, &str, &str)] = &[
 ];
 
 /// Validates the document and builds a snapshot, or lists every error.
-pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compiled, Vec<PolicyError>> {
+pub fn compile(
+    doc: &PolicyDocument,
+    opts: &CompileOptions<'_>,
+) -> Result<Compiled, Vec<PolicyError>> {
     let mut errors = Vec::new();
     let mut err = |path: String, message: String| errors.push(PolicyError { path, message });
     let env = |name: &str| (opts.env)(name).filter(|v| !v.trim().is_empty());
@@ -223,7 +226,10 @@ pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compil
     for (name, p) in &doc.providers {
         let path = format!("providers.{name}");
         if name.is_empty() || name.contains('/') {
-            err(path.clone(), "provider names must be non-empty and contain no '/'".into());
+            err(
+                path.clone(),
+                "provider names must be non-empty and contain no '/'".into(),
+            );
             continue;
         }
         let kind: ProviderKind = p.kind.into();
@@ -232,7 +238,10 @@ pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compil
             (Some(u), _) => u.clone(),
             (None, ProviderKind::Simulated) => String::new(),
             (None, ProviderKind::OpenAiCompatible) => {
-                err(format!("{path}.base_url"), "required for kind openai-compatible".into());
+                err(
+                    format!("{path}.base_url"),
+                    "required for kind openai-compatible".into(),
+                );
                 continue;
             }
             (None, _) => {
@@ -252,10 +261,16 @@ pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compil
             continue;
         }
         if kind == ProviderKind::Simulated && p.base_url.is_some() {
-            err(format!("{path}.base_url"), "the simulated provider has no endpoint".into());
+            err(
+                format!("{path}.base_url"),
+                "the simulated provider has no endpoint".into(),
+            );
         }
         if kind != ProviderKind::Simulated && p.simulated.is_some() {
-            err(format!("{path}.simulated"), "only valid for kind simulated".into());
+            err(
+                format!("{path}.simulated"),
+                "only valid for kind simulated".into(),
+            );
         }
         let key_var = p
             .api_key_env
@@ -280,7 +295,11 @@ pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compil
             }
         }
         let simulated = if kind == ProviderKind::Simulated {
-            Some(simulated_settings(p.simulated.as_ref(), &format!("{path}.simulated"), &mut err))
+            Some(simulated_settings(
+                p.simulated.as_ref(),
+                &format!("{path}.simulated"),
+                &mut err,
+            ))
         } else {
             None
         };
@@ -333,13 +352,20 @@ pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compil
                 kind: *kind,
                 base_url: base_url.trim_end_matches('/').to_string(),
                 keys,
-                models: default_models(*kind).iter().map(|m| m.to_string()).collect(),
+                models: default_models(*kind)
+                    .iter()
+                    .map(|m| m.to_string())
+                    .collect(),
                 simulated: None,
             }),
         );
     }
 
-    if opts.include_simulated && !providers.values().any(|p| p.kind == ProviderKind::Simulated) {
+    if opts.include_simulated
+        && !providers
+            .values()
+            .any(|p| p.kind == ProviderKind::Simulated)
+    {
         let name = "simulated".to_string();
         status.push((name.clone(), "live: built-in simulated provider".into()));
         providers.insert(
@@ -362,7 +388,10 @@ pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compil
     for (alias, target) in &doc.aliases {
         let path = format!("aliases.{alias}");
         if alias.contains('/') {
-            err(path.clone(), "an alias must not contain '/' (that form is provider/model)".into());
+            err(
+                path.clone(),
+                "an alias must not contain '/' (that form is provider/model)".into(),
+            );
         }
         match target.split_once('/') {
             Some((provider, model)) if !provider.is_empty() && !model.is_empty() => {
@@ -390,12 +419,18 @@ pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compil
     for (i, t) in doc.tenants.iter().enumerate() {
         let path = format!("tenants[{i}]");
         if !seen_ids.insert(t.id.clone()) {
-            err(format!("{path}.id"), format!("duplicate tenant id {:?}", t.id));
+            err(
+                format!("{path}.id"),
+                format!("duplicate tenant id {:?}", t.id),
+            );
         }
         match KeyHash::from_hex(&t.key_sha256) {
             Some(hash) => {
                 if tenants.contains_key(&hash) {
-                    err(format!("{path}.key_sha256"), "another tenant has the same key".into());
+                    err(
+                        format!("{path}.key_sha256"),
+                        "another tenant has the same key".into(),
+                    );
                 }
                 tenants.insert(
                     hash,
@@ -427,13 +462,22 @@ pub fn compile(doc: &PolicyDocument, opts: &CompileOptions<'_>) -> Result<Compil
             .unwrap_or(defaults.stream_idle_timeout),
     };
     if limits.max_body_bytes == 0 {
-        err("limits.max_body_bytes".into(), "must be greater than 0".into());
+        err(
+            "limits.max_body_bytes".into(),
+            "must be greater than 0".into(),
+        );
     }
     if limits.upstream_timeout.is_zero() {
-        err("limits.upstream_timeout_ms".into(), "must be greater than 0".into());
+        err(
+            "limits.upstream_timeout_ms".into(),
+            "must be greater than 0".into(),
+        );
     }
     if limits.stream_idle_timeout.is_zero() {
-        err("limits.stream_idle_timeout_ms".into(), "must be greater than 0".into());
+        err(
+            "limits.stream_idle_timeout_ms".into(),
+            "must be greater than 0".into(),
+        );
     }
 
     if !errors.is_empty() {
@@ -477,7 +521,12 @@ fn simulated_settings(
     let models = doc
         .models
         .iter()
-        .map(|(m, p)| (m.clone(), profile(&base, p, &format!("{path}.models.{m}"), err)))
+        .map(|(m, p)| {
+            (
+                m.clone(),
+                profile(&base, p, &format!("{path}.models.{m}"), err),
+            )
+        })
         .collect();
     SimulatedSettings {
         default_profile: base,
@@ -497,7 +546,10 @@ fn profile(
     }
     if let Some(tps) = doc.tokens_per_second {
         if !(tps > 0.0 && tps.is_finite()) {
-            err(format!("{path}.tokens_per_second"), "must be a positive number".into());
+            err(
+                format!("{path}.tokens_per_second"),
+                "must be a positive number".into(),
+            );
         } else {
             p.tokens_per_second = tps;
         }
@@ -511,10 +563,17 @@ fn profile(
     p
 }
 
-fn fault(doc: &FaultDoc, path: &str, err: &mut impl FnMut(String, String)) -> Option<SimulatedFault> {
+fn fault(
+    doc: &FaultDoc,
+    path: &str,
+    err: &mut impl FnMut(String, String),
+) -> Option<SimulatedFault> {
     let rate = doc.rate.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&rate) {
-        err(format!("{path}.rate"), format!("must be between 0 and 1, got {rate}"));
+        err(
+            format!("{path}.rate"),
+            format!("must be between 0 and 1, got {rate}"),
+        );
         return None;
     }
     let chosen = [doc.status.is_some(), doc.hang, doc.drop_after.is_some()]
@@ -522,12 +581,18 @@ fn fault(doc: &FaultDoc, path: &str, err: &mut impl FnMut(String, String)) -> Op
         .filter(|b| **b)
         .count();
     if chosen != 1 {
-        err(path.to_string(), "set exactly one of status, hang, drop_after".into());
+        err(
+            path.to_string(),
+            "set exactly one of status, hang, drop_after".into(),
+        );
         return None;
     }
     let mode = if let Some(status) = doc.status {
         if !(400..=599).contains(&status) {
-            err(format!("{path}.status"), format!("must be an error status (400-599), got {status}"));
+            err(
+                format!("{path}.status"),
+                format!("must be an error status (400-599), got {status}"),
+            );
             return None;
         }
         FaultMode::Status {
@@ -550,8 +615,10 @@ mod tests {
 
     fn compile_with(yaml: &str, vars: &[(&str, &str)]) -> Result<Compiled, Vec<PolicyError>> {
         let doc = parse_policy(yaml).map_err(|e| vec![e])?;
-        let vars: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let env = move |k: &str| vars.get(k).cloned();
         compile(
             &doc,
@@ -577,7 +644,10 @@ mod tests {
         let openai = &c.snapshot.providers["openai"];
         assert_eq!(openai.base_url, "http://127.0.0.1:9/v1");
         assert_eq!(openai.keys.len(), 2);
-        assert_eq!(c.snapshot.providers["anthropic"].base_url, ANTHROPIC_DEFAULT_URL);
+        assert_eq!(
+            c.snapshot.providers["anthropic"].base_url,
+            ANTHROPIC_DEFAULT_URL
+        );
         assert!(!c.snapshot.providers.contains_key("gemini"));
         assert!(c.snapshot.providers.contains_key("simulated"));
         let status: HashMap<_, _> = c.provider_status.into_iter().collect();
@@ -671,8 +741,11 @@ tenants:
 
     #[test]
     fn unknown_fields_are_errors() {
-        let e = compile_with("providers:\n  x:\n    kind: openai\n    base_ur: http://a\n", &[])
-            .unwrap_err();
+        let e = compile_with(
+            "providers:\n  x:\n    kind: openai\n    base_ur: http://a\n",
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(e[0].path, "providers.x.base_ur");
         assert!(e[0].message.contains("base_ur"), "{}", e[0].message);
         let e = compile_with("providers:\n  x:\n    kind: openia\n", &[]).unwrap_err();

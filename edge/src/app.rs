@@ -80,7 +80,10 @@ fn request_id(session: &ServerSession) -> String {
     format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..))
 }
 
-fn route(method: &http::Method, path: &str) -> Result<Endpoint, (GatewayError, Option<&'static str>)> {
+fn route(
+    method: &http::Method,
+    path: &str,
+) -> Result<Endpoint, (GatewayError, Option<&'static str>)> {
     let path = path.trim_end_matches('/');
     let (endpoint, allowed) = match path {
         "/v1/chat/completions" | "/chat/completions" => (Endpoint::Chat, "POST"),
@@ -339,11 +342,18 @@ impl HttpServerApp for EdgeApp {
         let request_id = request_id(&session);
         let mut out = Outcome::default();
         let mut reusable = true;
-        if let Err((e, allow)) = self.handle(&mut session, &request_id, received_at, &mut out).await {
+        if let Err((e, allow)) = self
+            .handle(&mut session, &request_id, received_at, &mut out)
+            .await
+        {
             out.status = e.status();
             out.error = Some(e.kind.label());
-            let common = Common { request_id: &request_id };
-            let extra = allow.map(|a| vec![("allow", a.to_string())]).unwrap_or_default();
+            let common = Common {
+                request_id: &request_id,
+            };
+            let extra = allow
+                .map(|a| vec![("allow", a.to_string())])
+                .unwrap_or_default();
             // An unread request body (413, early errors) makes the connection unusable.
             if !session.is_body_done() {
                 reusable = false;

@@ -1,6 +1,5 @@
 //! Builds the Pingora listening service for the edge.
 
-
 use pingora::listeners::tls::TlsSettings;
 use pingora::services::listening::Service;
 

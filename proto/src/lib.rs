@@ -293,7 +293,10 @@ mod tests {
         );
         assert_eq!(snap.resolve("fast").unwrap().model, "gpt-4o-mini");
         assert_eq!(snap.resolve("openai/o3").unwrap().model, "o3");
-        assert_eq!(snap.resolve("openai/ft:gpt-4o:org/x").unwrap().model, "ft:gpt-4o:org/x");
+        assert_eq!(
+            snap.resolve("openai/ft:gpt-4o:org/x").unwrap().model,
+            "ft:gpt-4o:org/x"
+        );
         assert!(snap.resolve("nope/x").is_none());
         assert!(snap.resolve("openai/").is_none());
         assert!(snap.resolve("gpt-4o").is_none());

@@ -19,16 +19,19 @@ impl Provider for OpenAiAdapter {
     async fn call(&self, ctx: CallContext<'_>) -> Result<ProviderReply, GatewayError> {
         let target = &ctx.request.target;
         let (path, mut body, stream, caller_wants_usage) = match &ctx.request.op {
-            Operation::Chat(chat) => ("chat/completions", chat.body.clone(), chat.stream, chat.include_usage),
+            Operation::Chat(chat) => (
+                "chat/completions",
+                chat.body.clone(),
+                chat.stream,
+                chat.include_usage,
+            ),
             Operation::Embeddings(e) => ("embeddings", e.body.clone(), false, false),
         };
         body.insert("model".into(), Value::String(target.model.clone()));
         if stream {
             // Always ask for usage so the request can be accounted; the
             // pass-through withholds that chunk if the caller did not ask.
-            let opts = body
-                .entry("stream_options")
-                .or_insert_with(|| json!({}));
+            let opts = body.entry("stream_options").or_insert_with(|| json!({}));
             if let Value::Object(o) = opts {
                 o.insert("include_usage".into(), Value::Bool(true));
             }
@@ -97,7 +100,9 @@ pub fn error_from_upstream(
         // often quotes part of the key, so none of it is passed on.
         return GatewayError::new(
             kind,
-            format!("The provider `{provider}` rejected the gateway's credentials (HTTP {status})."),
+            format!(
+                "The provider `{provider}` rejected the gateway's credentials (HTTP {status})."
+            ),
         )
         .with_code("upstream_auth_failed");
     }

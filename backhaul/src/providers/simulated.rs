@@ -28,13 +28,70 @@ use crate::request::Operation;
 pub struct SimulatedAdapter;
 
 const WORDS: &[&str] = &[
-    "switchyard", "routes", "every", "token", "through", "the", "nearest", "edge", "while", "quic",
-    "tunnels", "carry", "streams", "to", "regional", "egress", "nodes", "that", "hold", "provider",
-    "keys", "and", "translate", "protocols", "latency", "stays", "low", "because", "connections",
-    "remain", "warm", "across", "requests", "policy", "decides", "which", "model", "answers",
-    "residency", "rules", "keep", "data", "inside", "its", "jurisdiction", "budgets", "cap",
-    "spending", "fallbacks", "absorb", "failures", "before", "first", "byte", "reaches", "client",
-    "so", "users", "see", "fast", "steady", "answers", "today", "again",
+    "switchyard",
+    "routes",
+    "every",
+    "token",
+    "through",
+    "the",
+    "nearest",
+    "edge",
+    "while",
+    "quic",
+    "tunnels",
+    "carry",
+    "streams",
+    "to",
+    "regional",
+    "egress",
+    "nodes",
+    "that",
+    "hold",
+    "provider",
+    "keys",
+    "and",
+    "translate",
+    "protocols",
+    "latency",
+    "stays",
+    "low",
+    "because",
+    "connections",
+    "remain",
+    "warm",
+    "across",
+    "requests",
+    "policy",
+    "decides",
+    "which",
+    "model",
+    "answers",
+    "residency",
+    "rules",
+    "keep",
+    "data",
+    "inside",
+    "its",
+    "jurisdiction",
+    "budgets",
+    "cap",
+    "spending",
+    "fallbacks",
+    "absorb",
+    "failures",
+    "before",
+    "first",
+    "byte",
+    "reaches",
+    "client",
+    "so",
+    "users",
+    "see",
+    "fast",
+    "steady",
+    "answers",
+    "today",
+    "again",
 ];
 
 #[derive(Debug, Default, Clone)]
@@ -55,7 +112,11 @@ fn parse_directives(header: &str) -> Result<Directives, GatewayError> {
             "Invalid x-switchyard-simulate directive {item:?}; expected e.g. status=429,retry_after=2 | hang | drop_after=3 | ttft_ms=100 | tps=50 | tokens=12 | rate=0.5"
         ))
     };
-    for item in header.split([',', ';']).map(str::trim).filter(|s| !s.is_empty()) {
+    for item in header
+        .split([',', ';'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         let (k, v) = item.split_once('=').unwrap_or((item, ""));
         let num = |v: &str| v.trim().parse::<f64>().map_err(|_| bad(item));
         match k.trim() {
@@ -67,11 +128,18 @@ fn parse_directives(header: &str) -> Result<Directives, GatewayError> {
                 mode = Some(status);
             }
             "retry_after" => retry_after = Some(num(v)? as u32),
-            "hang" => d.fault = Some(SimulatedFault { rate: 1.0, mode: FaultMode::Hang }),
+            "hang" => {
+                d.fault = Some(SimulatedFault {
+                    rate: 1.0,
+                    mode: FaultMode::Hang,
+                })
+            }
             "drop_after" => {
                 d.fault = Some(SimulatedFault {
                     rate: 1.0,
-                    mode: FaultMode::DropAfter { chunks: num(v)? as u32 },
+                    mode: FaultMode::DropAfter {
+                        chunks: num(v)? as u32,
+                    },
                 })
             }
             "ttft_ms" => d.ttft_ms = Some(num(v)? as u64),
@@ -95,7 +163,10 @@ fn parse_directives(header: &str) -> Result<Directives, GatewayError> {
     if let Some(status) = mode {
         d.fault = Some(SimulatedFault {
             rate,
-            mode: FaultMode::Status { status, retry_after },
+            mode: FaultMode::Status {
+                status,
+                retry_after,
+            },
         });
     } else if let Some(f) = &mut d.fault {
         f.rate = rate;
@@ -134,7 +205,10 @@ impl Provider for SimulatedAdapter {
         if let Some(fault) = &profile.fault {
             if fault.rate >= 1.0 || fastrand::f64() < fault.rate {
                 match &fault.mode {
-                    FaultMode::Status { status, retry_after } => {
+                    FaultMode::Status {
+                        status,
+                        retry_after,
+                    } => {
                         tokio::time::sleep(profile.ttft).await;
                         return Err(injected_error(*status, *retry_after));
                     }
@@ -154,10 +228,10 @@ impl Provider for SimulatedAdapter {
             }
             Operation::Chat(chat) => {
                 if chat.body.get("n").and_then(Value::as_u64).unwrap_or(1) != 1 {
-                    return Err(GatewayError::invalid(
-                        "The simulated provider supports n=1 only.",
-                    )
-                    .with_param("n"));
+                    return Err(
+                        GatewayError::invalid("The simulated provider supports n=1 only.")
+                            .with_param("n"),
+                    );
                 }
                 let plan = plan_completion(chat, model, &profile);
                 if chat.stream {
@@ -227,7 +301,11 @@ fn prompt_tokens(chat: &ChatRequest) -> u64 {
         n += 4 + count_tokens(&message_text(m));
         if let Some(Value::Array(parts)) = m.get("content") {
             // Images are billed as a flat block, as the real APIs roughly do.
-            n += 85 * parts.iter().filter(|p| p.get("image_url").is_some()).count() as u64;
+            n += 85
+                * parts
+                    .iter()
+                    .filter(|p| p.get("image_url").is_some())
+                    .count() as u64;
         }
         if let Some(calls) = m.get("tool_calls") {
             n += count_tokens(&calls.to_string());
@@ -275,14 +353,26 @@ fn plan_completion(chat: &ChatRequest, model: &str, profile: &SimulatedProfile) 
     let mut tool_calls = Vec::new();
     if !tools.is_empty() && !tools_off && last_role != Some("tool") {
         let user_text = last.map(message_text).unwrap_or_default().to_lowercase();
-        let named = |t: &&Value| t.pointer("/function/name").and_then(Value::as_str).map(str::to_string);
+        let named = |t: &&Value| {
+            t.pointer("/function/name")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
         let forced = choice
             .and_then(|c| c.pointer("/function/name"))
             .and_then(Value::as_str);
         let chosen: Vec<&Value> = match forced {
-            Some(name) => tools.iter().copied().filter(|t| named(t).as_deref() == Some(name)).collect(),
+            Some(name) => tools
+                .iter()
+                .copied()
+                .filter(|t| named(t).as_deref() == Some(name))
+                .collect(),
             None => {
-                let parallel = chat.body.get("parallel_tool_calls").and_then(Value::as_bool) != Some(false);
+                let parallel = chat
+                    .body
+                    .get("parallel_tool_calls")
+                    .and_then(Value::as_bool)
+                    != Some(false);
                 let mentioned: Vec<&Value> = tools
                     .iter()
                     .copied()
@@ -297,7 +387,10 @@ fn plan_completion(chat: &ChatRequest, model: &str, profile: &SimulatedProfile) 
         };
         for (i, tool) in chosen.iter().enumerate() {
             let name = named(tool).unwrap_or_else(|| "tool".into());
-            let schema = tool.pointer("/function/parameters").cloned().unwrap_or(json!({}));
+            let schema = tool
+                .pointer("/function/parameters")
+                .cloned()
+                .unwrap_or(json!({}));
             let args = example_for_schema(&schema, seed.wrapping_add(i as u64), 0);
             let id = format!("call_sim{:016x}{i}", seed);
             tool_calls.push((id, name, args.to_string()));
@@ -305,11 +398,16 @@ fn plan_completion(chat: &ChatRequest, model: &str, profile: &SimulatedProfile) 
     }
 
     let (pieces, finish_reason, tokens) = if !tool_calls.is_empty() {
-        let n: u64 = tool_calls.iter().map(|(_, n, a)| count_tokens(n) + count_tokens(a)).sum();
+        let n: u64 = tool_calls
+            .iter()
+            .map(|(_, n, a)| count_tokens(n) + count_tokens(a))
+            .sum();
         (Vec::new(), "tool_calls", n)
     } else {
         let response_format = chat.body.get("response_format");
-        let format_type = response_format.and_then(|f| f.get("type")).and_then(Value::as_str);
+        let format_type = response_format
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str);
         let n = wanted.min(limit);
         let mut words: Vec<String> = (0..n)
             .map(|i| {
@@ -376,7 +474,11 @@ fn example_for_schema(schema: &Value, seed: u64, depth: u32) -> Value {
     let word = WORDS[(fnv(&seed.to_le_bytes()) % WORDS.len() as u64) as usize];
     let ty = match schema.get("type") {
         Some(Value::String(t)) => t.as_str(),
-        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).find(|t| *t != "null").unwrap_or("null"),
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
         _ if schema.get("properties").is_some() => "object",
         _ => "string",
     };
@@ -385,14 +487,21 @@ fn example_for_schema(schema: &Value, seed: u64, depth: u32) -> Value {
             let mut out = Map::new();
             if let Some(Value::Object(props)) = schema.get("properties") {
                 for (i, (k, v)) in props.iter().enumerate() {
-                    out.insert(k.clone(), example_for_schema(v, seed.wrapping_add(i as u64 + 1), depth + 1));
+                    out.insert(
+                        k.clone(),
+                        example_for_schema(v, seed.wrapping_add(i as u64 + 1), depth + 1),
+                    );
                 }
             }
             Value::Object(out)
         }
         "array" => {
             let item = schema.get("items").cloned().unwrap_or(json!({}));
-            Value::Array(vec![example_for_schema(&item, seed.wrapping_add(7), depth + 1)])
+            Value::Array(vec![example_for_schema(
+                &item,
+                seed.wrapping_add(7),
+                depth + 1,
+            )])
         }
         "integer" => json!(42),
         "number" => json!(4.2),
@@ -449,7 +558,10 @@ impl Plan {
                 None,
             ));
             for piece in split_json(args) {
-                frames.push(self.chunk(json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}), None));
+                frames.push(self.chunk(
+                    json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}),
+                    None,
+                ));
             }
         }
         frames.push(self.chunk(json!({}), Some(self.finish_reason)));
@@ -517,7 +629,12 @@ fn stream_completion(
 }
 
 fn embeddings(req: &EmbeddingsRequest, model: &str) -> Value {
-    let dims = req.body.get("dimensions").and_then(Value::as_u64).unwrap_or(256).clamp(1, 4096) as usize;
+    let dims = req
+        .body
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .unwrap_or(256)
+        .clamp(1, 4096) as usize;
     let inputs = req.inputs();
     let mut total = 0;
     let data: Vec<Value> = inputs
@@ -528,11 +645,17 @@ fn embeddings(req: &EmbeddingsRequest, model: &str) -> Value {
             let seed = fnv(text.as_bytes());
             let mut v: Vec<f64> = (0..dims)
                 .map(|d| {
-                    let h = fnv(&(seed ^ (d as u64).wrapping_mul(0x9e3779b97f4a7c15)).to_le_bytes());
+                    let h =
+                        fnv(&(seed ^ (d as u64).wrapping_mul(0x9e3779b97f4a7c15)).to_le_bytes());
                     (h as f64 / u64::MAX as f64) * 2.0 - 1.0
                 })
                 .collect();
-            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::EPSILON);
+            let norm = v
+                .iter()
+                .map(|x| x * x)
+                .sum::<f64>()
+                .sqrt()
+                .max(f64::EPSILON);
             v.iter_mut().for_each(|x| *x /= norm);
             json!({ "object": "embedding", "index": i, "embedding": v })
         })
@@ -556,7 +679,13 @@ mod tests {
     #[test]
     fn directives_parse_and_reject() {
         let d = parse_directives("status=429, retry_after=3").unwrap();
-        assert!(matches!(d.fault.unwrap().mode, FaultMode::Status { status: 429, retry_after: Some(3) }));
+        assert!(matches!(
+            d.fault.unwrap().mode,
+            FaultMode::Status {
+                status: 429,
+                retry_after: Some(3)
+            }
+        ));
         let d = parse_directives("drop_after=2;rate=0.5;ttft_ms=5").unwrap();
         assert_eq!(d.fault.as_ref().unwrap().rate, 0.5);
         assert_eq!(d.ttft_ms, Some(5));
@@ -567,25 +696,32 @@ mod tests {
     #[test]
     fn completions_are_deterministic_and_accounted() {
         let req = chat(json!({"model":"m","messages":[{"role":"user","content":"hello there"}]}));
-        let p = SimulatedProfile { output_tokens: 5, ..Default::default() };
+        let p = SimulatedProfile {
+            output_tokens: 5,
+            ..Default::default()
+        };
         let a = plan_completion(&req, "m", &p);
         let b = plan_completion(&req, "m", &p);
         assert_eq!(a.pieces, b.pieces);
         assert_eq!(a.usage.completion_tokens, 5);
         assert!(a.usage.prompt_tokens > 0);
         assert_eq!(a.finish_reason, "stop");
-        let limited = chat(json!({"model":"m","max_tokens":2,"messages":[{"role":"user","content":"hello there"}]}));
+        let limited = chat(
+            json!({"model":"m","max_tokens":2,"messages":[{"role":"user","content":"hello there"}]}),
+        );
         let c = plan_completion(&limited, "m", &p);
         assert_eq!((c.tokens, c.finish_reason), (2, "length"));
     }
 
     #[test]
     fn tools_and_json_mode() {
-        let req = chat(json!({"model":"m","messages":[{"role":"user","content":"weather and time in Paris"}],
+        let req = chat(
+            json!({"model":"m","messages":[{"role":"user","content":"weather and time in Paris"}],
             "tools":[
               {"type":"function","function":{"name":"weather","parameters":{"type":"object","properties":{"city":{"type":"string"},"days":{"type":"integer"}},"required":["city"]}}},
               {"type":"function","function":{"name":"time","parameters":{"type":"object","properties":{"tz":{"type":"string","enum":["UTC"]}}}}},
-              {"type":"function","function":{"name":"unused","parameters":{}}}]}));
+              {"type":"function","function":{"name":"unused","parameters":{}}}]}),
+        );
         let p = plan_completion(&req, "m", &SimulatedProfile::default());
         let names: Vec<_> = p.tool_calls.iter().map(|t| t.1.as_str()).collect();
         assert_eq!(names, ["weather", "time"]);
@@ -593,8 +729,10 @@ mod tests {
         assert_eq!(args["days"], 42);
         assert_eq!(p.finish_reason, "tool_calls");
 
-        let json_req = chat(json!({"model":"m","messages":[{"role":"user","content":"x"}],
-            "response_format":{"type":"json_schema","json_schema":{"name":"r","schema":{"type":"object","properties":{"ok":{"type":"boolean"}}}}}}));
+        let json_req = chat(
+            json!({"model":"m","messages":[{"role":"user","content":"x"}],
+            "response_format":{"type":"json_schema","json_schema":{"name":"r","schema":{"type":"object","properties":{"ok":{"type":"boolean"}}}}}}),
+        );
         let p = plan_completion(&json_req, "m", &SimulatedProfile::default());
         let doc: Value = serde_json::from_str(&p.pieces.concat()).unwrap();
         assert_eq!(doc, json!({"ok": true}));

@@ -221,7 +221,7 @@ fn thinking_config(
     if let Some(t @ Value::Object(_)) = body.get("thinking") {
         if let Some(budget) = t.get("budget_tokens").and_then(Value::as_u64) {
             if caller_max.is_none() && *max_tokens <= budget {
-                *max_tokens = budget + *max_tokens;
+                *max_tokens += budget;
             }
         }
         return Some(t.clone());
@@ -298,8 +298,10 @@ fn user_blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, GatewayE
             Some("text") => blocks.extend(text_block_from_part(part)),
             Some("image_url") => {
                 let url = image_url_of(part).ok_or_else(|| {
-                    GatewayError::invalid(format!("Missing required parameter: '{param}.image_url.url'."))
-                        .with_param(param.clone())
+                    GatewayError::invalid(format!(
+                        "Missing required parameter: '{param}.image_url.url'."
+                    ))
+                    .with_param(param.clone())
                 })?;
                 blocks.push(media_block(url, &param)?);
             }
@@ -362,9 +364,12 @@ fn assistant_blocks(m: &Value, i: usize) -> Result<Vec<Value>, GatewayError> {
         for b in list {
             match str_field(b, "type") {
                 Some("thinking") => {
-                    if let (Some(t), Some(sig)) = (str_field(b, "thinking"), str_field(b, "signature")) {
+                    if let (Some(t), Some(sig)) =
+                        (str_field(b, "thinking"), str_field(b, "signature"))
+                    {
                         if !sig.is_empty() {
-                            blocks.push(json!({"type": "thinking", "thinking": t, "signature": sig}));
+                            blocks
+                                .push(json!({"type": "thinking", "thinking": t, "signature": sig}));
                         }
                     }
                 }
@@ -391,8 +396,10 @@ fn assistant_blocks(m: &Value, i: usize) -> Result<Vec<Value>, GatewayError> {
             })?;
             let f = call.get("function");
             let name = f.and_then(|f| str_field(f, "name")).ok_or_else(|| {
-                GatewayError::invalid(format!("Missing required parameter: '{param}.function.name'."))
-                    .with_param(format!("{param}.function.name"))
+                GatewayError::invalid(format!(
+                    "Missing required parameter: '{param}.function.name'."
+                ))
+                .with_param(format!("{param}.function.name"))
             })?;
             let input = parse_arguments(
                 f.and_then(|f| f.get("arguments")),
@@ -406,8 +413,10 @@ fn assistant_blocks(m: &Value, i: usize) -> Result<Vec<Value>, GatewayError> {
 
 fn tool_result_block(m: &Value, i: usize) -> Result<Value, GatewayError> {
     let id = str_field(m, "tool_call_id").ok_or_else(|| {
-        GatewayError::invalid(format!("Missing required parameter: 'messages[{i}].tool_call_id'."))
-            .with_param(format!("messages[{i}].tool_call_id"))
+        GatewayError::invalid(format!(
+            "Missing required parameter: 'messages[{i}].tool_call_id'."
+        ))
+        .with_param(format!("messages[{i}].tool_call_id"))
     })?;
     let content = match m.get("content") {
         Some(Value::Array(parts)) => {
@@ -669,7 +678,14 @@ impl ChatStream {
                 o.insert("role".into(), json!("assistant"));
             }
         }
-        out.push(frame(&chunk(&self.id, self.created, &self.model, 0, delta, finish)));
+        out.push(frame(&chunk(
+            &self.id,
+            self.created,
+            &self.model,
+            0,
+            delta,
+            finish,
+        )));
     }
 
     fn merge_usage(&mut self, u: Option<&Value>) {
@@ -680,7 +696,10 @@ impl ChatStream {
         // message_delta usage is cumulative and, since 2025, may repeat the
         // input counts; only fields present overwrite what we have.
         let has = |k: &str| u.get(k).and_then(Value::as_u64).is_some();
-        if has("input_tokens") || has("cache_read_input_tokens") || has("cache_creation_input_tokens") {
+        if has("input_tokens")
+            || has("cache_read_input_tokens")
+            || has("cache_creation_input_tokens")
+        {
             let fresh = usage_from(Some(u));
             cur.prompt_tokens = fresh.prompt_tokens;
             cur.cached_tokens = fresh.cached_tokens;
@@ -757,7 +776,9 @@ impl StreamTranslator for ChatStream {
                         );
                         Block::Ignored
                     }
-                    Some("tool_use") if str_field(&cb, "name") == Some(JSON_TOOL) => Block::JsonTool,
+                    Some("tool_use") if str_field(&cb, "name") == Some(JSON_TOOL) => {
+                        Block::JsonTool
+                    }
                     Some("tool_use") => {
                         let n = self.next_tool;
                         self.next_tool += 1;
@@ -876,14 +897,16 @@ fn error_from_value(status: u16, v: &Value, retry_after: Option<String>) -> Gate
         404 => ErrorKind::ModelNotFound,
         413 => ErrorKind::PayloadTooLarge,
         s if (500..600).contains(&s) && s != 503 && s != 504 => ErrorKind::Upstream,
-        _ => kind_for_error_type(etype).unwrap_or_else(|| GatewayError::kind_for_upstream_status(status)),
+        _ => kind_for_error_type(etype)
+            .unwrap_or_else(|| GatewayError::kind_for_upstream_status(status)),
     };
     let detail = |fallback: &str| upstream_msg.clone().unwrap_or_else(|| fallback.to_string());
     match kind {
         // The text may quote part of the key; never pass it on.
-        ErrorKind::Upstream if matches!(status, 401 | 403)
-            || etype == "authentication_error"
-            || etype == "permission_error" =>
+        ErrorKind::Upstream
+            if matches!(status, 401 | 403)
+                || etype == "authentication_error"
+                || etype == "permission_error" =>
         {
             GatewayError::new(
                 ErrorKind::Upstream,
@@ -892,13 +915,17 @@ fn error_from_value(status: u16, v: &Value, retry_after: Option<String>) -> Gate
         }
         ErrorKind::Overloaded => GatewayError::new(
             kind,
-            format!("The upstream provider is overloaded: {}", detail("please retry later.")),
+            format!(
+                "The upstream provider is overloaded: {}",
+                detail("please retry later.")
+            ),
         )
         .with_retry_after(retry_after),
-        ErrorKind::RateLimited => {
-            GatewayError::new(kind, detail("The upstream provider rate limited the request."))
-                .with_retry_after(retry_after)
-        }
+        ErrorKind::RateLimited => GatewayError::new(
+            kind,
+            detail("The upstream provider rate limited the request."),
+        )
+        .with_retry_after(retry_after),
         ErrorKind::ModelNotFound => GatewayError::new(kind, detail("The model does not exist."))
             .with_code("model_not_found")
             .with_param("model"),
@@ -931,20 +958,26 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
         Some(Value::String(m)) if !m.is_empty() => {}
         None | Some(Value::Null) => return Err(field_required("model")),
         Some(_) => {
-            return Err(GatewayError::invalid("model: Input should be a valid string").with_param("model"))
+            return Err(
+                GatewayError::invalid("model: Input should be a valid string").with_param("model"),
+            )
         }
     }
     let max_tokens = match body.get("max_tokens") {
         None | Some(Value::Null) => return Err(field_required("max_tokens")),
         Some(v) => v.as_u64().ok_or_else(|| {
-            GatewayError::invalid("max_tokens: Input should be a valid integer").with_param("max_tokens")
+            GatewayError::invalid("max_tokens: Input should be a valid integer")
+                .with_param("max_tokens")
         })?,
     };
     let messages = match body.get("messages") {
         None | Some(Value::Null) => return Err(field_required("messages")),
         Some(Value::Array(m)) => m,
         Some(_) => {
-            return Err(GatewayError::invalid("messages: Input should be a valid list").with_param("messages"))
+            return Err(
+                GatewayError::invalid("messages: Input should be a valid list")
+                    .with_param("messages"),
+            )
         }
     };
 
@@ -961,8 +994,10 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
             out_msgs.push(json!({"role": "system", "content": parts}));
         }
         Some(_) => {
-            return Err(GatewayError::invalid("system: Input should be a valid string or list of text blocks")
-                .with_param("system"))
+            return Err(GatewayError::invalid(
+                "system: Input should be a valid string or list of text blocks",
+            )
+            .with_param("system"))
         }
     }
     for (i, m) in messages.iter().enumerate() {
@@ -987,7 +1022,10 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
     }
 
     let mut out = Map::new();
-    out.insert("model".into(), body.get("model").cloned().unwrap_or(Value::Null));
+    out.insert(
+        "model".into(),
+        body.get("model").cloned().unwrap_or(Value::Null),
+    );
     out.insert("messages".into(), Value::Array(out_msgs));
     out.insert("max_tokens".into(), json!(max_tokens));
     if let Some(stops) = stop_sequences(body.get("stop_sequences")) {
@@ -1001,17 +1039,20 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
         // it as-is and other adapters may derive an effort from it.
         out.insert("thinking".into(), t.clone());
     }
-    if let Some(of) = body.get("output_format").filter(|f| str_field(f, "type") == Some("json_schema")) {
-        let schema = of.get("schema").cloned().unwrap_or_else(|| json!({"type": "object"}));
+    if let Some(of) = body
+        .get("output_format")
+        .filter(|f| str_field(f, "type") == Some("json_schema"))
+    {
+        let schema = of
+            .get("schema")
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object"}));
         out.insert(
             "response_format".into(),
             json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}),
         );
     }
-    if let Some(user) = body
-        .get("metadata")
-        .and_then(|m| str_field(m, "user_id"))
-    {
+    if let Some(user) = body.get("metadata").and_then(|m| str_field(m, "user_id")) {
         out.insert("user".into(), json!(user));
     }
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
@@ -1021,7 +1062,8 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
                 list.push(t.clone());
                 continue;
             }
-            let name = str_field(t, "name").ok_or_else(|| field_required(&format!("tools.{i}.name")))?;
+            let name =
+                str_field(t, "name").ok_or_else(|| field_required(&format!("tools.{i}.name")))?;
             let mut f = Map::new();
             f.insert("name".into(), json!(name));
             insert_opt(&mut f, "description", t.get("description"));
@@ -1042,7 +1084,9 @@ pub fn messages_to_openai(body: Map<String, Value>) -> Result<ChatRequest, Gatew
             Some("auto") => Some(json!("auto")),
             Some("any") => Some(json!("required")),
             Some("none") => Some(json!("none")),
-            Some("tool") => str_field(tc, "name").map(|n| json!({"type": "function", "function": {"name": n}})),
+            Some("tool") => {
+                str_field(tc, "name").map(|n| json!({"type": "function", "function": {"name": n}}))
+            }
             _ => None,
         };
         if let Some(m) = mapped {
@@ -1086,7 +1130,11 @@ fn inbound_block_error(i: usize, j: usize, what: &str) -> GatewayError {
         .with_param(format!("messages.{i}.content.{j}"))
 }
 
-fn inbound_user(content: Option<&Value>, i: usize, out: &mut Vec<Value>) -> Result<(), GatewayError> {
+fn inbound_user(
+    content: Option<&Value>,
+    i: usize,
+    out: &mut Vec<Value>,
+) -> Result<(), GatewayError> {
     let blocks = match content {
         Some(Value::String(s)) => {
             out.push(json!({"role": "user", "content": s}));
@@ -1132,7 +1180,10 @@ fn inbound_user(content: Option<&Value>, i: usize, out: &mut Vec<Value>) -> Resu
                 return Err(inbound_block_error(
                     i,
                     j,
-                    &format!("content block type '{}' is not supported", other.unwrap_or("(missing)")),
+                    &format!(
+                        "content block type '{}' is not supported",
+                        other.unwrap_or("(missing)")
+                    ),
                 ))
             }
         }
@@ -1173,7 +1224,10 @@ fn inbound_assistant(content: Option<&Value>, i: usize) -> Result<Value, Gateway
                 return Err(inbound_block_error(
                     i,
                     j,
-                    &format!("content block type '{}' is not supported", other.unwrap_or("(missing)")),
+                    &format!(
+                        "content block type '{}' is not supported",
+                        other.unwrap_or("(missing)")
+                    ),
                 ))
             }
         }
@@ -1253,7 +1307,12 @@ pub fn openai_response_to_messages(resp: &Value, model: &str) -> Value {
         if !text.is_empty() {
             content.push(text_block(&text));
         }
-        for call in m.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+        for call in m
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let f = call.get("function");
             let args = f.and_then(|f| str_field(f, "arguments")).unwrap_or("");
             let input = serde_json::from_str::<Value>(args)
@@ -1406,7 +1465,8 @@ impl MessagesStreamFromOpenAi {
     }
 
     fn on_delta(&mut self, delta: &Value, out: &mut Vec<Bytes>) {
-        let reasoning = str_field(delta, "reasoning_content").or_else(|| str_field(delta, "reasoning"));
+        let reasoning =
+            str_field(delta, "reasoning_content").or_else(|| str_field(delta, "reasoning"));
         if let Some(r) = reasoning.filter(|r| !r.is_empty()) {
             let i = self.ensure_block(
                 OpenBlock::Thinking,
@@ -1415,10 +1475,19 @@ impl MessagesStreamFromOpenAi {
             );
             Self::delta(out, i, json!({"type": "thinking_delta", "thinking": r}));
         }
-        for b in delta.get("thinking_blocks").and_then(Value::as_array).into_iter().flatten() {
+        for b in delta
+            .get("thinking_blocks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(sig) = str_field(b, "signature").filter(|s| !s.is_empty()) {
                 if self.open == Some(OpenBlock::Thinking) {
-                    Self::delta(out, self.next_index - 1, json!({"type": "signature_delta", "signature": sig}));
+                    Self::delta(
+                        out,
+                        self.next_index - 1,
+                        json!({"type": "signature_delta", "signature": sig}),
+                    );
                 }
             }
         }
@@ -1429,10 +1498,16 @@ impl MessagesStreamFromOpenAi {
             let i = self.ensure_block(OpenBlock::Text, json!({"type": "text", "text": ""}), out);
             Self::delta(out, i, json!({"type": "text_delta", "text": t}));
         }
-        for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+        for call in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let n = call.get("index").and_then(Value::as_u64).unwrap_or(0);
             let f = call.get("function");
-            if self.open != Some(OpenBlock::Tool(n)) || call.get("id").is_some_and(Value::is_string) {
+            if self.open != Some(OpenBlock::Tool(n)) || call.get("id").is_some_and(Value::is_string)
+            {
                 if self.open == Some(OpenBlock::Tool(n)) {
                     self.close_block(out);
                 }
@@ -1447,7 +1522,10 @@ impl MessagesStreamFromOpenAi {
                     out,
                 );
             }
-            if let Some(args) = f.and_then(|f| str_field(f, "arguments")).filter(|a| !a.is_empty()) {
+            if let Some(args) = f
+                .and_then(|f| str_field(f, "arguments"))
+                .filter(|a| !a.is_empty())
+            {
                 Self::delta(
                     out,
                     self.next_index - 1,

@@ -103,7 +103,10 @@ pub fn chat_request(req: &ChatRequest, upstream_model: &str) -> Result<Value, Ga
             let mut d = Map::new();
             d.insert("name".into(), json!(name));
             insert_opt(&mut d, "description", f.and_then(|f| f.get("description")));
-            if let Some(p) = f.and_then(|f| f.get("parameters")).filter(|p| p.is_object()) {
+            if let Some(p) = f
+                .and_then(|f| f.get("parameters"))
+                .filter(|p| p.is_object())
+            {
                 d.insert("parametersJsonSchema".into(), p.clone());
             }
             decls.push(Value::Object(d));
@@ -177,7 +180,11 @@ fn thinking_config(body: &Map<String, Value>) -> Option<Value> {
     Some(json!({"thinkingBudget": budget, "includeThoughts": true}))
 }
 
-fn push_content(contents: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, parts: Vec<Value>) {
+fn push_content(
+    contents: &mut Vec<(&'static str, Vec<Value>)>,
+    role: &'static str,
+    parts: Vec<Value>,
+) {
     if parts.is_empty() {
         return;
     }
@@ -188,7 +195,11 @@ fn push_content(contents: &mut Vec<(&'static str, Vec<Value>)>, role: &'static s
 }
 
 fn guess_mime(url: &str) -> &'static str {
-    let path = url.split(['?', '#']).next().unwrap_or(url).to_ascii_lowercase();
+    let path = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(url)
+        .to_ascii_lowercase();
     let ext = path.rsplit('.').next().unwrap_or("");
     match ext {
         "png" => "image/png",
@@ -238,14 +249,19 @@ fn user_parts(content: Option<&Value>, i: usize) -> Result<Vec<Value>, GatewayEr
                 out.push(media_part(url, &param)?);
             }
             Some("file") => {
-                let data = p.get("file").and_then(|f| str_field(f, "file_data")).unwrap_or("");
+                let data = p
+                    .get("file")
+                    .and_then(|f| str_field(f, "file_data"))
+                    .unwrap_or("");
                 out.push(media_part(data, &param)?);
             }
             Some("input_audio") => {
                 let a = p.get("input_audio");
                 let data = a.and_then(|a| str_field(a, "data")).unwrap_or("");
                 let format = a.and_then(|a| str_field(a, "format")).unwrap_or("wav");
-                out.push(json!({"inlineData": {"mimeType": format!("audio/{format}"), "data": data}}));
+                out.push(
+                    json!({"inlineData": {"mimeType": format!("audio/{format}"), "data": data}}),
+                );
             }
             other => {
                 return Err(GatewayError::invalid(format!(
@@ -279,8 +295,10 @@ fn model_parts(
         let param = format!("messages[{i}].tool_calls[{j}]");
         let f = call.get("function");
         let name = f.and_then(|f| str_field(f, "name")).ok_or_else(|| {
-            GatewayError::invalid(format!("Missing required parameter: '{param}.function.name'."))
-                .with_param(format!("{param}.function.name"))
+            GatewayError::invalid(format!(
+                "Missing required parameter: '{param}.function.name'."
+            ))
+            .with_param(format!("{param}.function.name"))
         })?;
         let args = parse_arguments(
             f.and_then(|f| f.get("arguments")),
@@ -337,18 +355,19 @@ fn tool_config(tc: Option<&Value>) -> Result<Option<Value>, GatewayError> {
             "auto" => Some(mode("AUTO")),
             "required" => Some(mode("ANY")),
             "none" => Some(mode("NONE")),
-            _ => {
-                return Err(GatewayError::invalid(
-                    "Invalid 'tool_choice': expected 'auto', 'none', 'required' or a function object.",
-                )
-                .with_param("tool_choice"))
-            }
+            _ => return Err(GatewayError::invalid(
+                "Invalid 'tool_choice': expected 'auto', 'none', 'required' or a function object.",
+            )
+            .with_param("tool_choice")),
         },
         Some(obj) => {
-            let name = obj.get("function").and_then(|f| str_field(f, "name")).ok_or_else(|| {
-                GatewayError::invalid("Invalid 'tool_choice': missing function name.")
-                    .with_param("tool_choice")
-            })?;
+            let name = obj
+                .get("function")
+                .and_then(|f| str_field(f, "name"))
+                .ok_or_else(|| {
+                    GatewayError::invalid("Invalid 'tool_choice': missing function name.")
+                        .with_param("tool_choice")
+                })?;
             Some(json!({"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}))
         }
     })
@@ -372,7 +391,8 @@ fn finish_reason(reason: &str, has_calls: bool) -> &'static str {
 fn usage_from(meta: Option<&Value>) -> Usage {
     Usage {
         prompt_tokens: u64_field(meta, "promptTokenCount"),
-        completion_tokens: u64_field(meta, "candidatesTokenCount") + u64_field(meta, "thoughtsTokenCount"),
+        completion_tokens: u64_field(meta, "candidatesTokenCount")
+            + u64_field(meta, "thoughtsTokenCount"),
         cached_tokens: u64_field(meta, "cachedContentTokenCount"),
     }
 }
@@ -399,7 +419,10 @@ fn tool_call(fc: &Value, sig: Option<&str>, n: u64) -> Value {
         "function": {"name": str_field(fc, "name").unwrap_or(""), "arguments": args.to_string()},
     });
     if let (Some(sig), Some(o)) = (sig, call.as_object_mut()) {
-        o.insert("extra_content".into(), json!({"google": {"thought_signature": sig}}));
+        o.insert(
+            "extra_content".into(),
+            json!({"google": {"thought_signature": sig}}),
+        );
     }
     call
 }
@@ -420,7 +443,11 @@ fn read_parts(candidate: &Value, next_call: &mut u64) -> Parts {
         .and_then(Value::as_array);
     for part in parts.into_iter().flatten() {
         if let Some(fc) = part.get("functionCall") {
-            p.calls.push(tool_call(fc, str_field(part, "thoughtSignature"), *next_call));
+            p.calls.push(tool_call(
+                fc,
+                str_field(part, "thoughtSignature"),
+                *next_call,
+            ));
             *next_call += 1;
         } else if let Some(t) = str_field(part, "text") {
             if part.get("thought") == Some(&Value::Bool(true)) {
@@ -467,7 +494,11 @@ pub fn chat_response(body: &Value, model: &str) -> Result<(Value, Usage), Gatewa
     }
     if choices.is_empty() {
         // A blocked prompt comes back with promptFeedback and no candidates.
-        if body.get("promptFeedback").and_then(|f| f.get("blockReason")).is_some() {
+        if body
+            .get("promptFeedback")
+            .and_then(|f| f.get("blockReason"))
+            .is_some()
+        {
             choices.push(json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": ""},
@@ -591,22 +622,45 @@ impl StreamTranslator for ChatStream {
                 }
             }
             for d in deltas {
-                out.push(frame(&chunk(&self.id, self.created, &self.model, index, d, None)));
+                out.push(frame(&chunk(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    index,
+                    d,
+                    None,
+                )));
             }
             if let Some(reason) = str_field(c, "finishReason") {
                 if !st.finished {
                     st.finished = true;
                     let f = finish_reason(reason, st.next_call > 0);
-                    out.push(frame(&chunk(&self.id, self.created, &self.model, index, json!({}), Some(f))));
+                    out.push(frame(&chunk(
+                        &self.id,
+                        self.created,
+                        &self.model,
+                        index,
+                        json!({}),
+                        Some(f),
+                    )));
                     self.finished = true;
                 }
             }
         }
         if candidates.is_none_or(|c| c.is_empty())
-            && v.get("promptFeedback").and_then(|f| f.get("blockReason")).is_some()
+            && v.get("promptFeedback")
+                .and_then(|f| f.get("blockReason"))
+                .is_some()
         {
             let d = json!({"role": "assistant", "content": ""});
-            out.push(frame(&chunk(&self.id, self.created, &self.model, 0, d, Some("content_filter"))));
+            out.push(frame(&chunk(
+                &self.id,
+                self.created,
+                &self.model,
+                0,
+                d,
+                Some("content_filter"),
+            )));
             self.finished = true;
         }
         Ok(())
@@ -666,7 +720,10 @@ fn error_from_value(status: u16, v: &Value, retry_after: Option<String>) -> Gate
     };
     let err = doc.get("error");
     let rpc_status = err.and_then(|e| str_field(e, "status")).unwrap_or("");
-    let status = match (status, err.and_then(|e| e.get("code")).and_then(Value::as_u64)) {
+    let status = match (
+        status,
+        err.and_then(|e| e.get("code")).and_then(Value::as_u64),
+    ) {
         (0, Some(code)) => u16::try_from(code).unwrap_or(0),
         (s, _) => s,
     };
@@ -687,7 +744,9 @@ fn error_from_value(status: u16, v: &Value, retry_after: Option<String>) -> Gate
         match rpc_status {
             "RESOURCE_EXHAUSTED" => ErrorKind::RateLimited,
             "NOT_FOUND" => ErrorKind::ModelNotFound,
-            "INVALID_ARGUMENT" | "FAILED_PRECONDITION" | "OUT_OF_RANGE" => ErrorKind::InvalidRequest,
+            "INVALID_ARGUMENT" | "FAILED_PRECONDITION" | "OUT_OF_RANGE" => {
+                ErrorKind::InvalidRequest
+            }
             "UNAVAILABLE" => ErrorKind::Overloaded,
             "DEADLINE_EXCEEDED" => ErrorKind::Timeout,
             "INTERNAL" | "UNKNOWN" | "ABORTED" | "DATA_LOSS" => ErrorKind::Upstream,
@@ -697,16 +756,17 @@ fn error_from_value(status: u16, v: &Value, retry_after: Option<String>) -> Gate
     let detail = |fallback: &str| upstream_msg.clone().unwrap_or_else(|| fallback.to_string());
     match kind {
         // The message of a key error can quote the key; never pass it on.
-        ErrorKind::Upstream if credentials => {
-            GatewayError::new(
-                ErrorKind::Upstream,
-                "The upstream provider rejected the gateway's credentials.",
-            )
-        }
+        ErrorKind::Upstream if credentials => GatewayError::new(
+            ErrorKind::Upstream,
+            "The upstream provider rejected the gateway's credentials.",
+        ),
         ErrorKind::RateLimited => {
             let retry = retry_after.or_else(|| retry_delay(details));
-            GatewayError::new(kind, detail("The upstream provider rate limited the request."))
-                .with_retry_after(retry)
+            GatewayError::new(
+                kind,
+                detail("The upstream provider rate limited the request."),
+            )
+            .with_retry_after(retry)
         }
         ErrorKind::ModelNotFound => GatewayError::new(kind, detail("The model does not exist."))
             .with_code("model_not_found")
@@ -716,10 +776,15 @@ fn error_from_value(status: u16, v: &Value, retry_after: Option<String>) -> Gate
         }
         ErrorKind::Overloaded => GatewayError::new(
             kind,
-            format!("The upstream provider is overloaded: {}", detail("please retry later.")),
+            format!(
+                "The upstream provider is overloaded: {}",
+                detail("please retry later.")
+            ),
         )
         .with_retry_after(retry_after),
-        ErrorKind::Timeout => GatewayError::new(kind, "The upstream provider did not answer in time."),
+        ErrorKind::Timeout => {
+            GatewayError::new(kind, "The upstream provider did not answer in time.")
+        }
         _ => GatewayError::new(
             kind,
             match upstream_msg {
@@ -756,7 +821,11 @@ pub fn embed_request(req: &EmbeddingsRequest, upstream_model: &str) -> Value {
     json!({"requests": requests})
 }
 
-pub fn embed_response(body: &Value, model: &str, prompt_tokens: u64) -> Result<Value, GatewayError> {
+pub fn embed_response(
+    body: &Value,
+    model: &str,
+    prompt_tokens: u64,
+) -> Result<Value, GatewayError> {
     if body.get("error").is_some() {
         return Err(error_from_value(0, body, None));
     }
@@ -773,7 +842,10 @@ pub fn embed_response(body: &Value, model: &str, prompt_tokens: u64) -> Result<V
     };
     let mut data = Vec::with_capacity(list.len());
     for (i, e) in list.into_iter().enumerate() {
-        let values = e.get("values").filter(|v| v.is_array()).ok_or_else(shape_error)?;
+        let values = e
+            .get("values")
+            .filter(|v| v.is_array())
+            .ok_or_else(shape_error)?;
         data.push(json!({"object": "embedding", "index": i, "embedding": values}));
     }
     Ok(json!({

@@ -133,8 +133,10 @@ impl EmbeddingsRequest {
         match body.get("input") {
             Some(Value::String(_)) | Some(Value::Array(_)) => {}
             None | Some(Value::Null) => {
-                return Err(GatewayError::invalid("Missing required parameter: 'input'.")
-                    .with_param("input"))
+                return Err(
+                    GatewayError::invalid("Missing required parameter: 'input'.")
+                        .with_param("input"),
+                )
             }
             Some(_) => {
                 return Err(GatewayError::invalid(
@@ -174,10 +176,9 @@ impl EmbeddingsRequest {
 fn required_model(body: &Map<String, Value>) -> Result<String, GatewayError> {
     match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
-        Some(Value::String(_)) | None | Some(Value::Null) => Err(GatewayError::invalid(
-            "You must provide a model parameter.",
-        )
-        .with_param("model")),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            Err(GatewayError::invalid("You must provide a model parameter.").with_param("model"))
+        }
         Some(_) => Err(
             GatewayError::invalid("Invalid type for 'model': expected a string.")
                 .with_param("model"),
@@ -249,13 +250,10 @@ pub fn inspect_chunk(data: &str) -> ChunkInfo {
         .get("choices")
         .and_then(Value::as_array)
         .is_none_or(|c| c.is_empty());
-    let finished = v
-        .get("choices")
-        .and_then(Value::as_array)
-        .is_some_and(|c| {
-            c.iter()
-                .any(|ch| ch.get("finish_reason").is_some_and(|f| !f.is_null()))
-        });
+    let finished = v.get("choices").and_then(Value::as_array).is_some_and(|c| {
+        c.iter()
+            .any(|ch| ch.get("finish_reason").is_some_and(|f| !f.is_null()))
+    });
     ChunkInfo {
         usage,
         usage_only: usage.is_some() && choices_empty,
@@ -278,7 +276,8 @@ mod tests {
 
     #[test]
     fn missing_fields() {
-        let e = ChatRequest::parse(br#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap_err();
+        let e =
+            ChatRequest::parse(br#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("model"));
         let e = ChatRequest::parse(br#"{"model":"m"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
@@ -316,7 +315,9 @@ mod tests {
 
     #[test]
     fn chunk_inspection() {
-        let c = inspect_chunk(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        let c = inspect_chunk(
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        );
         assert!(c.usage_only);
         assert_eq!(c.usage.unwrap().completion_tokens, 4);
         let c = inspect_chunk(r#"{"choices":[{"delta":{"content":"x"}}]}"#);

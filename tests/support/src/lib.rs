@@ -1,1 +1,13 @@
-//! stub
+//! Test harness for Switchyard's end-to-end tests and benchmarks.
+//!
+//! - [`mock::MockUpstream`]: an HTTP server on `127.0.0.1:0` that speaks the
+//!   providers' real wire formats by replaying recorded payloads from
+//!   `tests/fixtures/`, with faults (errors, hangs, stalls, cuts) chosen by the
+//!   model name, and a log of every request it saw (and every cancellation).
+//! - [`gateway::Gateway`]: starts the real `switchyard` binary on free
+//!   loopback ports with a given policy and environment, captures its logs,
+//!   and kills it when dropped.
+
+pub mod fixtures;
+pub mod gateway;
+pub mod mock;

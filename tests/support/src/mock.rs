@@ -1,0 +1,418 @@
+//! A mock provider upstream that replays recorded real payloads.
+//!
+//! Behaviour is chosen by the model name the gateway sends upstream:
+//! - `case-<name>`: replay `tests/fixtures/<provider>/<name>` verbatim
+//!   (status, content type, `retry-after`, body or SSE events).
+//! - `hang`: never answer. `stall`: stream one event, then go silent.
+//! - `gated`: stream one event, wait for [`MockUpstream::open_gate`], then
+//!   the rest (proves the gateway forwards events before the stream ends).
+//! - `endless`: stream an event every 10 ms until the client goes away,
+//!   which is counted in [`MockUpstream::cancellations`].
+//! - `cut`: stream two events, then drop the connection mid-stream.
+//! - `echo-key-401`: a 401 whose message quotes the bearer key it received.
+//! - anything else: a realistic default case for the endpoint.
+//!
+//! The provider is told by the path: OpenAI (`/v1/chat/completions`,
+//! `/v1/embeddings`), Anthropic (`/v1/messages`), Gemini (`/v1beta/models/..`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+
+use crate::fixtures::{split_events, Case};
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+    cancellations: AtomicUsize,
+    gate: Notify,
+    /// Delay between replayed SSE events.
+    event_gap: Mutex<Duration>,
+    /// Extra latency before every answer.
+    latency: Mutex<Duration>,
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+impl MockUpstream {
+    pub async fn start() -> MockUpstream {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    pub async fn start_on(addr: &str) -> MockUpstream {
+        let listener = TcpListener::bind(addr).await.expect("bind mock upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(State {
+            event_gap: Mutex::new(Duration::from_millis(1)),
+            ..Default::default()
+        });
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    c = listener.accept() => c,
+                    _ = &mut stopped => return,
+                };
+                let Ok((tcp, _)) = conn else { continue };
+                let _ = tcp.set_nodelay(true);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        MockUpstream {
+            addr,
+            state,
+            stop: Some(stop),
+        }
+    }
+
+    /// `http://127.0.0.1:port`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn cancellations(&self) -> usize {
+        self.state.cancellations.load(Ordering::SeqCst)
+    }
+
+    pub fn open_gate(&self) {
+        self.state.gate.notify_waiters();
+        self.state.gate.notify_one();
+    }
+
+    pub fn set_event_gap(&self, gap: Duration) {
+        *self.state.event_gap.lock().unwrap() = gap;
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        *self.state.latency.lock().unwrap() = latency;
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Provider {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl Provider {
+    fn dir(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Gemini => "gemini",
+        }
+    }
+}
+
+fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<BoxBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(
+            Full::new(body.into())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+fn sse_response(
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> Response<BoxBody> {
+    let stream = tokio_stream_from(rx).map(|r| r.map(Frame::data));
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream; charset=utf-8")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, Infallible> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let rec = Recorded {
+        method,
+        path: path.clone(),
+        headers,
+        body: body.clone(),
+    };
+    state.requests.lock().unwrap().push(rec.clone());
+    let latency = *state.latency.lock().unwrap();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+
+    let (provider, model, stream) = if path.starts_with("/v1beta/") {
+        let model = path
+            .split("/models/")
+            .nth(1)
+            .and_then(|m| m.split(':').next())
+            .unwrap_or("")
+            .to_string();
+        (
+            Provider::Gemini,
+            model,
+            path.contains(":streamGenerateContent"),
+        )
+    } else if path.ends_with("/messages") || path.ends_with("/messages/count_tokens") {
+        (
+            Provider::Anthropic,
+            body["model"].as_str().unwrap_or("").to_string(),
+            body["stream"].as_bool().unwrap_or(false),
+        )
+    } else {
+        (
+            Provider::OpenAi,
+            body["model"].as_str().unwrap_or("").to_string(),
+            body["stream"].as_bool().unwrap_or(false),
+        )
+    };
+    let _ = query;
+
+    if let Some(case) = model.strip_prefix("case-") {
+        return Ok(replay(&state, provider, case).await);
+    }
+    let gap = *state.event_gap.lock().unwrap();
+    match model.as_str() {
+        "hang" => {
+            // Ends when the gateway gives up and closes the connection.
+            futures::future::pending::<()>().await;
+            unreachable!()
+        }
+        "echo-key-401" => {
+            let key = rec
+                .header("authorization")
+                .unwrap_or("")
+                .replace("Bearer ", "");
+            let body = json!({"error": {"message": format!("Incorrect API key provided: {key}."), "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+            return Ok(full(401, "application/json", body.to_string()));
+        }
+        "stall" | "gated" | "endless" | "cut" => {
+            return Ok(special_stream(state.clone(), &model, gap));
+        }
+        _ => {}
+    }
+    let default_case = default_case(provider, &path, &body, stream);
+    Ok(replay(&state, provider, default_case).await)
+}
+
+fn default_case(provider: Provider, path: &str, body: &Value, stream: bool) -> &'static str {
+    let has_tools = body.get("tools").is_some();
+    let last_is_tool_result = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .map(|m| m["role"] == "tool" || m["content"].to_string().contains("tool_result"))
+        .unwrap_or(false);
+    match provider {
+        Provider::OpenAi if path.ends_with("/embeddings") => {
+            if body["input"].is_array() {
+                "embeddings-batch"
+            } else {
+                "embeddings-float"
+            }
+        }
+        Provider::OpenAi => match (stream, has_tools, last_is_tool_result) {
+            (true, _, true) => "chat-tools-parallel-stream-2-result",
+            (true, true, false) => "chat-tools-stream-single",
+            (true, false, _) => "chat-stream-include-usage",
+            (false, _, true) => "chat-tools-parallel-2-result",
+            (false, true, false) => "chat-tools-parallel-1-call",
+            (false, false, _) => "chat-basic",
+        },
+        Provider::Anthropic => match (stream, has_tools, last_is_tool_result) {
+            (true, _, true) => "tools-parallel-stream-2-tool-result",
+            (true, true, false) => "tools-stream-haiku-1-tool-use",
+            (true, false, _) => "messages-stream",
+            (false, _, true) => "tools-parallel-2-tool-result",
+            (false, true, false) => "tools-parallel-1-tool-use",
+            (false, false, _) => "messages-basic",
+        },
+        Provider::Gemini
+            if path.contains("embedContent") || path.contains("batchEmbedContents") =>
+        {
+            "embed-batch"
+        }
+        Provider::Gemini => match (stream, has_tools, last_is_tool_result) {
+            (true, _, true) => "tools-parallel-stream-2-function-response",
+            (true, true, false) => "tools-parallel-stream-1-function-call",
+            (true, false, _) => "stream-sse-basic",
+            (false, _, true) => "tools-parallel-2-function-response",
+            (false, true, false) => "tools-parallel-1-function-call",
+            (false, false, _) => "generate-basic",
+        },
+    }
+}
+
+async fn replay(state: &Arc<State>, provider: Provider, case_name: &str) -> Response<BoxBody> {
+    let Some(case) = Case::load(provider.dir(), case_name) else {
+        let body = json!({"error": {"message": format!("mock: no fixture {}/{case_name}", provider.dir())}});
+        return full(500, "application/json", body.to_string());
+    };
+    let status = case.status();
+    if let (Some(sse), 200) = (case.sse(), status) {
+        let events = split_events(sse);
+        let gap = *state.event_gap.lock().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let st = state.clone();
+        tokio::spawn(async move {
+            for e in events {
+                if tx.send(Ok(Bytes::from(e))).await.is_err() {
+                    st.cancellations.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                tokio::time::sleep(gap).await;
+            }
+        });
+        return sse_response(rx);
+    }
+    let mut resp = full(status, &case.content_type(), case.body_bytes());
+    for h in [
+        "retry-after",
+        "x-request-id",
+        "openai-organization",
+        "anthropic-organization-id",
+        "x-ratelimit-limit-requests",
+        "request-id",
+    ] {
+        if let Some(v) = case.header(h) {
+            if let Ok(v) = v.parse() {
+                resp.headers_mut().insert(h, v);
+            }
+        }
+    }
+    if status == 429 && !resp.headers().contains_key("retry-after") {
+        resp.headers_mut()
+            .insert("retry-after", "7".parse().unwrap());
+    }
+    resp
+}
+
+fn chunk(i: usize) -> Bytes {
+    let v = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
+        "choices": [{"index": 0, "delta": {"content": format!("w{i} ")}, "finish_reason": null}]});
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn special_stream(state: Arc<State>, mode: &str, gap: Duration) -> Response<BoxBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mode = mode.to_string();
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(chunk(0))).await;
+        match mode.as_str() {
+            "stall" => {
+                // Silent until the gateway closes the stream.
+                tx.closed().await;
+                state.cancellations.fetch_add(1, Ordering::SeqCst);
+            }
+            "gated" => {
+                tokio::select! {
+                    _ = state.gate.notified() => {}
+                    _ = tx.closed() => { state.cancellations.fetch_add(1, Ordering::SeqCst); return; }
+                }
+                let _ = tx.send(Ok(chunk(1))).await;
+                let fin = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+                let _ = tx.send(Ok(Bytes::from(format!("data: {fin}\n\n")))).await;
+                let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+            }
+            "endless" => {
+                for i in 1..10_000 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if tx.send(Ok(chunk(i))).await.is_err() {
+                        state.cancellations.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+            "cut" => {
+                let _ = tx.send(Ok(chunk(1))).await;
+                tokio::time::sleep(gap).await;
+                let _ = tx
+                    .send(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "mock cut",
+                    )))
+                    .await;
+            }
+            _ => {}
+        }
+    });
+    sse_response(rx)
+}
