@@ -9,9 +9,17 @@ use bytes::Bytes;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::{Secret, Snapshot};
 
-use crate::providers::{adapter_for, CallContext, ProviderReply};
-use crate::request::{EgressRequest, EgressResponse, RequestStats, ResponseBody};
-use crate::stream::{openai_error_frame, translate_stream};
+use switchyard_llm::anthropic;
+use switchyard_llm::translate::{Chain, StreamTranslator};
+use switchyard_proto::ProviderKind;
+
+use crate::providers::raw::{self, RawBody};
+use crate::providers::{adapter_for, unsupported, CallContext, ProviderReply};
+use crate::request::{
+    EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody, EVENT_STREAM,
+    JSON,
+};
+use crate::stream::{anthropic_error_frame, openai_error_frame, raw_stream, translate_stream};
 
 /// The snapshot every component of a node reads; swapped whole on change.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -47,45 +55,107 @@ impl Egress {
         let provider = snap.providers.get(&req.target.provider).ok_or_else(|| {
             GatewayError::model_not_found(&format!("{}/{}", req.target.provider, req.target.model))
         })?;
-        let adapter = adapter_for(provider.kind).ok_or_else(|| {
+        let stats = Arc::new(RequestStats::default());
+        let key = self.pick_key(&provider.keys);
+        let timeout_error = || {
             GatewayError::new(
-                ErrorKind::InvalidRequest,
+                ErrorKind::Timeout,
                 format!(
-                    "Provider `{}` of kind {} cannot serve this request yet.",
+                    "The provider `{}` did not answer within {} ms.",
                     provider.name,
-                    provider.kind.as_str()
+                    snap.limits.upstream_timeout.as_millis()
                 ),
             )
-        })?;
-        let stats = Arc::new(RequestStats::default());
+        };
+
+        if let Operation::Raw(raw) = &req.op {
+            let ctx = CallContext {
+                client: &self.client,
+                provider,
+                key,
+                request: &req,
+                limits: &snap.limits,
+            };
+            let reply = tokio::time::timeout(snap.limits.upstream_timeout, raw::call(&ctx, raw))
+                .await
+                .map_err(|_| timeout_error())??;
+            let body = match reply.body {
+                RawBody::Full(b) => {
+                    stats.mark_first_byte(req.received_at);
+                    ResponseBody::Full(b)
+                }
+                RawBody::Stream(s) => ResponseBody::Stream(raw_stream(
+                    s,
+                    snap.limits.stream_idle_timeout,
+                    stats.clone(),
+                    req.received_at,
+                )),
+            };
+            return Ok(EgressResponse {
+                status: reply.status,
+                content_type: reply.content_type,
+                retry_after: reply.retry_after,
+                body,
+                stats,
+            });
+        }
+
+        let adapter = adapter_for(provider.kind);
+        // An Anthropic-protocol caller served by a provider that does not speak
+        // Anthropic goes through the hub: Anthropic → OpenAI → provider, and back.
+        let via_hub = match &req.op {
+            Operation::Messages { chat, .. } if provider.kind != ProviderKind::Anthropic => {
+                let mut chat = chat.clone();
+                chat.include_usage = true;
+                Some(chat)
+            }
+            Operation::CountTokens { .. } if provider.kind != ProviderKind::Anthropic => {
+                return Err(unsupported(provider, "count_tokens"));
+            }
+            _ => None,
+        };
+        let to_anthropic = via_hub.is_some();
+        let hub_req;
+        let call_req = match via_hub {
+            Some(chat) => {
+                hub_req = EgressRequest {
+                    op: Operation::Chat(chat),
+                    ..req.clone()
+                };
+                &hub_req
+            }
+            None => &req,
+        };
         let ctx = CallContext {
             client: &self.client,
             provider,
-            key: self.pick_key(&provider.keys),
-            request: &req,
+            key,
+            request: call_req,
             limits: &snap.limits,
         };
         let reply = tokio::time::timeout(snap.limits.upstream_timeout, adapter.call(ctx))
             .await
-            .map_err(|_| {
-                GatewayError::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "The provider `{}` did not answer within {} ms.",
-                        provider.name,
-                        snap.limits.upstream_timeout.as_millis()
-                    ),
-                )
-            })??;
+            .map_err(|_| timeout_error())??;
+        let model = &req.target.model;
         match reply {
             ProviderReply::Json { body, usage } => {
                 stats.mark_first_byte(req.received_at);
                 if let Some(u) = usage {
                     stats.set_usage(u);
                 }
+                let body = if to_anthropic {
+                    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                        GatewayError::new(ErrorKind::Internal, format!("hub response: {e}"))
+                    })?;
+                    Bytes::from(anthropic::openai_response_to_messages(&v, model).to_string())
+                } else {
+                    body
+                };
                 Ok(EgressResponse {
                     status: 200,
-                    body: ResponseBody::Json(body),
+                    content_type: JSON.to_string(),
+                    retry_after: None,
+                    body: ResponseBody::Full(body),
                     stats,
                 })
             }
@@ -93,25 +163,34 @@ impl Egress {
                 upstream,
                 translator,
             } => {
+                let translator: Box<dyn StreamTranslator> = if to_anthropic {
+                    Box::new(Chain::new(
+                        translator,
+                        Box::new(anthropic::MessagesStreamFromOpenAi::new(model)),
+                    ))
+                } else {
+                    translator
+                };
+                let framer = match req.inbound {
+                    Protocol::OpenAi => openai_error_frame,
+                    Protocol::Anthropic => anthropic_error_frame,
+                };
                 let frames = translate_stream(
                     upstream,
                     translator,
                     snap.limits.stream_idle_timeout,
                     stats.clone(),
                     req.received_at,
-                    openai_error_frame,
+                    framer,
                 );
                 Ok(EgressResponse {
                     status: 200,
-                    body: ResponseBody::Sse(frames),
+                    content_type: EVENT_STREAM.to_string(),
+                    retry_after: None,
+                    body: ResponseBody::Stream(frames),
                     stats,
                 })
             }
         }
     }
-}
-
-/// An empty JSON object, for answers that have no body of their own.
-pub fn empty_json() -> Bytes {
-    Bytes::from_static(b"{}")
 }

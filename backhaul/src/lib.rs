@@ -19,4 +19,6 @@ pub mod stream;
 pub mod upstream;
 
 pub use egress::{Egress, SharedSnapshot};
-pub use request::{EgressRequest, EgressResponse, Operation, RequestStats, ResponseBody};
+pub use request::{
+    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestStats, ResponseBody,
+};

@@ -6,18 +6,52 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use serde_json::{Map, Value};
 use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest, Usage};
 use switchyard_proto::RouteTarget;
+
+/// The API the caller speaks: answers and errors go back in its shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    OpenAi,
+    Anthropic,
+}
 
 #[derive(Debug, Clone)]
 pub enum Operation {
     Chat(ChatRequest),
     Embeddings(EmbeddingsRequest),
+    /// An Anthropic Messages request as the caller sent it; `chat` is its
+    /// translation to the hub shape, used when the provider is not Anthropic.
+    Messages {
+        body: Map<String, Value>,
+        chat: ChatRequest,
+    },
+    /// Anthropic `count_tokens`, proxied to Anthropic providers.
+    CountTokens {
+        body: Map<String, Value>,
+    },
+    /// Forwarded to the provider untouched (raw passthrough).
+    Raw(RawRequest),
+}
+
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    pub method: String,
+    /// Path (and query) below the provider's base URL, without leading `/`.
+    pub path: String,
+    /// Client headers worth forwarding (content type, API version/beta flags).
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
 }
 
 impl Operation {
     pub fn is_stream(&self) -> bool {
-        matches!(self, Operation::Chat(c) if c.stream)
+        match self {
+            Operation::Chat(c) => c.stream,
+            Operation::Messages { chat, .. } => chat.stream,
+            _ => false,
+        }
     }
 }
 
@@ -31,21 +65,32 @@ pub struct EgressRequest {
     /// simulated provider (ignored by every other provider).
     pub simulate: Option<String>,
     pub received_at: Instant,
+    pub inbound: Protocol,
+    /// Caller headers a same-protocol provider should see
+    /// (`anthropic-version`, `anthropic-beta`).
+    pub forward_headers: Vec<(String, String)>,
 }
 
 pub enum ResponseBody {
-    /// A complete JSON body.
-    Json(Bytes),
-    /// SSE frames, each ready to write. Errors after the first frame arrive
-    /// as an error frame inside the stream, since the status is already sent.
-    Sse(BoxStream<'static, Bytes>),
+    /// A complete body.
+    Full(Bytes),
+    /// Chunks, each ready to write (SSE frames, or raw bytes in passthrough).
+    /// Errors after the first chunk arrive as an error frame inside the
+    /// stream, since the status is already sent.
+    Stream(BoxStream<'static, Bytes>),
 }
 
 pub struct EgressResponse {
     pub status: u16,
+    pub content_type: String,
+    /// `retry-after` from the provider, kept for the caller.
+    pub retry_after: Option<String>,
     pub body: ResponseBody,
     pub stats: Arc<RequestStats>,
 }
+
+pub const JSON: &str = "application/json";
+pub const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
 
 /// Filled in while a response flows, read by the edge for its log line.
 #[derive(Debug, Default)]

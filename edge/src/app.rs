@@ -10,10 +10,13 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use serde_json::json;
-use switchyard_backhaul::{EgressRequest, EgressResponse, Operation, ResponseBody, SharedSnapshot};
-use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest};
+use switchyard_backhaul::{
+    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, ResponseBody, SharedSnapshot,
+};
+use switchyard_llm::anthropic;
+use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
 use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::{Snapshot, TenantSnapshot};
+use switchyard_proto::{ProviderKind, RouteTarget, Snapshot, TenantSnapshot};
 
 use crate::auth::authenticate;
 use crate::respond::{self, Common};
@@ -44,7 +47,6 @@ impl EdgeApp {
 }
 
 /// What one request did, for its access-log line.
-#[derive(Default)]
 struct Outcome {
     tenant: Option<String>,
     model: Option<String>,
@@ -54,15 +56,42 @@ struct Outcome {
     stats: Option<Arc<switchyard_backhaul::RequestStats>>,
     client_gone: bool,
     stream: bool,
+    protocol: Protocol,
 }
 
 enum Endpoint {
     Chat,
     Embeddings,
+    Messages,
+    CountTokens,
     Models,
     Model(String),
     Health,
+    /// `/passthrough/{provider}/{rest}`: raw, any method.
+    Passthrough {
+        provider: String,
+        rest: String,
+    },
 }
+
+impl Endpoint {
+    fn protocol(&self) -> Protocol {
+        match self {
+            Endpoint::Messages | Endpoint::CountTokens => Protocol::Anthropic,
+            _ => Protocol::OpenAi,
+        }
+    }
+}
+
+/// Client headers a provider of the caller's own protocol should receive.
+const FORWARDED_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta"];
+/// Client headers a raw passthrough forwards as they are.
+const RAW_HEADERS: &[&str] = &[
+    "content-type",
+    "accept",
+    "anthropic-version",
+    "anthropic-beta",
+];
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Client-supplied request ids are echoed only when short and printable.
@@ -80,12 +109,26 @@ fn request_id(session: &ServerSession) -> String {
     format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..))
 }
 
-fn route(
-    method: &http::Method,
-    path: &str,
-) -> Result<Endpoint, (GatewayError, Option<&'static str>)> {
+type Failure = (GatewayError, Option<&'static str>);
+
+fn route(method: &http::Method, path: &str, query: Option<&str>) -> Result<Endpoint, Failure> {
+    if let Some(rest) = path.strip_prefix("/passthrough/") {
+        let (provider, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        if provider.is_empty() {
+            let e = GatewayError::new(ErrorKind::NotFound, "Use /passthrough/{provider}/{path}.");
+            return Err((e.with_code("unknown_url"), None));
+        }
+        let rest = match query {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_string(),
+        };
+        let provider = provider.to_string();
+        return Ok(Endpoint::Passthrough { provider, rest });
+    }
     let path = path.trim_end_matches('/');
     let (endpoint, allowed) = match path {
+        "/v1/messages" => (Endpoint::Messages, "POST"),
+        "/v1/messages/count_tokens" => (Endpoint::CountTokens, "POST"),
         "/v1/chat/completions" | "/chat/completions" => (Endpoint::Chat, "POST"),
         "/v1/embeddings" | "/embeddings" => (Endpoint::Embeddings, "POST"),
         "/v1/models" | "/models" => (Endpoint::Models, "GET"),
@@ -160,11 +203,12 @@ impl EdgeApp {
         request_id: &str,
         received_at: Instant,
         out: &mut Outcome,
-    ) -> Result<(), (GatewayError, Option<&'static str>)> {
+    ) -> Result<(), Failure> {
         let endpoint = {
             let req = session.req_header();
-            route(&req.method, req.uri.path())?
+            route(&req.method, req.uri.path(), req.uri.query())?
         };
+        out.protocol = endpoint.protocol();
         let snap = self.snapshot.load_full();
         let common = Common { request_id };
         if let Endpoint::Health = endpoint {
@@ -175,7 +219,12 @@ impl EdgeApp {
         }
         let tenant = authenticate(session, &snap).map_err(|e| (e, None))?;
         out.tenant = Some(tenant.id.clone());
-        let op = match endpoint {
+        let limit = snap.limits.max_body_bytes;
+        let raw_header = session
+            .get_header("x-switchyard-raw")
+            .is_some_and(|v| v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let (op, target) = match endpoint {
+            Endpoint::Health => unreachable!("answered above"),
             Endpoint::Models => {
                 out.status = 200;
                 let body = models_list(&snap, &tenant);
@@ -192,27 +241,94 @@ impl EdgeApp {
                 respond::json(session, 200, body, &common, &[]).await;
                 return Ok(());
             }
-            Endpoint::Chat => {
-                let body = read_body(session, snap.limits.max_body_bytes)
-                    .await
-                    .map_err(|e| (e, None))?;
-                Operation::Chat(ChatRequest::parse(&body).map_err(|e| (e, None))?)
+            Endpoint::Passthrough { provider, rest } => {
+                if !snap.providers.contains_key(&provider) {
+                    return Err((
+                        GatewayError::new(
+                            ErrorKind::NotFound,
+                            format!("Unknown provider `{provider}`."),
+                        )
+                        .with_code("provider_not_found"),
+                        None,
+                    ));
+                }
+                let wildcard = format!("{provider}/*");
+                if !tenant.may_use(&wildcard) {
+                    return Err((
+                        GatewayError::new(
+                            ErrorKind::Forbidden,
+                            format!("Your key may not use raw passthrough to `{provider}`."),
+                        )
+                        .with_code("model_not_allowed"),
+                        None,
+                    ));
+                }
+                let body = read_body(session, limit).await.map_err(|e| (e, None))?;
+                out.model = Some(wildcard);
+                let raw = RawRequest {
+                    method: session.req_header().method.to_string(),
+                    path: rest,
+                    headers: copy_headers(session, RAW_HEADERS),
+                    body,
+                };
+                (
+                    Operation::Raw(raw),
+                    RouteTarget {
+                        provider,
+                        model: String::new(),
+                    },
+                )
             }
-            Endpoint::Embeddings => {
-                let body = read_body(session, snap.limits.max_body_bytes)
-                    .await
-                    .map_err(|e| (e, None))?;
-                Operation::Embeddings(EmbeddingsRequest::parse(&body).map_err(|e| (e, None))?)
+            Endpoint::Chat | Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
+                let body = read_body(session, limit).await.map_err(|e| (e, None))?;
+                let op = match endpoint {
+                    Endpoint::Chat => {
+                        Operation::Chat(ChatRequest::parse(&body).map_err(|e| (e, None))?)
+                    }
+                    Endpoint::Embeddings => Operation::Embeddings(
+                        EmbeddingsRequest::parse(&body).map_err(|e| (e, None))?,
+                    ),
+                    Endpoint::Messages => {
+                        let map = parse_json_object(&body).map_err(|e| (e, None))?;
+                        let chat =
+                            anthropic::messages_to_openai(map.clone()).map_err(|e| (e, None))?;
+                        Operation::Messages { body: map, chat }
+                    }
+                    _ => {
+                        let map = parse_json_object(&body).map_err(|e| (e, None))?;
+                        if !map.get("model").is_some_and(|m| m.is_string()) {
+                            return Err((
+                                GatewayError::invalid("model: Field required").with_param("model"),
+                                None,
+                            ));
+                        }
+                        Operation::CountTokens { body: map }
+                    }
+                };
+                let requested = requested_model(&op).to_string();
+                out.model = Some(requested.clone());
+                out.stream = op.is_stream();
+                let target = plan(&snap, &tenant, &requested).map_err(|e| (e, None))?;
+                if raw_header {
+                    let kind = snap.providers.get(&target.provider).map(|p| p.kind);
+                    let path = raw_path(kind, endpoint_name(&op)).map_err(|e| (e, None))?;
+                    let mut map = parse_json_object(&body).map_err(|e| (e, None))?;
+                    map.insert(
+                        "model".into(),
+                        serde_json::Value::String(target.model.clone()),
+                    );
+                    let raw = RawRequest {
+                        method: "POST".into(),
+                        path,
+                        headers: copy_headers(session, RAW_HEADERS),
+                        body: Bytes::from(serde_json::to_vec(&map).unwrap_or_default()),
+                    };
+                    (Operation::Raw(raw), target)
+                } else {
+                    (op, target)
+                }
             }
-            Endpoint::Health => unreachable!("answered above"),
         };
-        let requested = match &op {
-            Operation::Chat(c) => &c.model,
-            Operation::Embeddings(e) => &e.model,
-        };
-        out.model = Some(requested.clone());
-        out.stream = op.is_stream();
-        let target = plan(&snap, &tenant, requested).map_err(|e| (e, None))?;
         out.provider = Some(target.provider.clone());
         let simulate = session
             .get_header("x-switchyard-simulate")
@@ -225,6 +341,8 @@ impl EdgeApp {
             op,
             simulate,
             received_at,
+            inbound: out.protocol,
+            forward_headers: copy_headers(session, FORWARDED_HEADERS),
         };
         // A client that hangs up while we wait for the provider cancels the
         // provider call: dropping the future closes the upstream request.
@@ -232,7 +350,6 @@ impl EdgeApp {
             r = self.upstream.execute(egress_req) => r.map_err(|e| (e, None))?,
             _ = session.read_body_or_idle(true) => {
                 out.client_gone = true;
-                out.status = 499;
                 return Ok(());
             }
         };
@@ -249,13 +366,21 @@ impl EdgeApp {
         out: &mut Outcome,
     ) {
         out.status = response.status;
+        let mut extra = vec![("content-type", response.content_type)];
+        if let Some(ra) = response.retry_after {
+            extra.push(("retry-after", ra));
+        }
         match response.body {
-            ResponseBody::Json(body) => {
-                respond::json(session, response.status, body, common, &[]).await;
+            ResponseBody::Full(body) => {
+                if !respond::full(session, response.status, body, common, &extra).await {
+                    out.client_gone = true;
+                }
             }
-            ResponseBody::Sse(mut frames) => {
+            ResponseBody::Stream(mut chunks) => {
                 let mut h = respond::header(response.status, common);
-                let _ = h.insert_header("content-type", "text/event-stream; charset=utf-8");
+                for (k, v) in &extra {
+                    let _ = h.insert_header(*k, v.as_str());
+                }
                 let _ = h.insert_header("cache-control", "no-cache");
                 if !session.is_http2() {
                     let _ = h.insert_header("transfer-encoding", "chunked");
@@ -267,15 +392,15 @@ impl EdgeApp {
                 loop {
                     // Waiting on the client too means a hang-up is noticed
                     // even while the provider is silent.
-                    let frame = tokio::select! {
-                        f = frames.next() => f,
+                    let chunk = tokio::select! {
+                        c = chunks.next() => c,
                         _ = session.read_body_or_idle(true) => {
                             out.client_gone = true;
                             return;
                         }
                     };
-                    let Some(frame) = frame else { break };
-                    if session.write_response_body(frame, false).await.is_err() {
+                    let Some(chunk) = chunk else { break };
+                    if session.write_response_body(chunk, false).await.is_err() {
                         out.client_gone = true;
                         return;
                     }
@@ -286,6 +411,51 @@ impl EdgeApp {
             }
         }
     }
+}
+
+fn requested_model(op: &Operation) -> &str {
+    match op {
+        Operation::Chat(c) => &c.model,
+        Operation::Embeddings(e) => &e.model,
+        Operation::Messages { chat, .. } => &chat.model,
+        Operation::CountTokens { body } => body.get("model").and_then(|m| m.as_str()).unwrap_or(""),
+        Operation::Raw(_) => "",
+    }
+}
+
+fn endpoint_name(op: &Operation) -> &'static str {
+    match op {
+        Operation::Chat(_) => "chat/completions",
+        Operation::Embeddings(_) => "embeddings",
+        Operation::Messages { .. } => "messages",
+        Operation::CountTokens { .. } => "messages/count_tokens",
+        Operation::Raw(_) => "",
+    }
+}
+
+/// Where `x-switchyard-raw` sends a normal route: the provider's own
+/// endpoint for it, which only exists when the protocols match.
+fn raw_path(kind: Option<ProviderKind>, endpoint: &str) -> Result<String, GatewayError> {
+    match (kind, endpoint) {
+        (Some(ProviderKind::OpenAi | ProviderKind::OpenAiCompatible), "chat/completions" | "embeddings") => {
+            Ok(endpoint.to_string())
+        }
+        (Some(ProviderKind::Anthropic), "messages" | "messages/count_tokens") => Ok(format!("v1/{endpoint}")),
+        _ => Err(GatewayError::invalid(
+            "x-switchyard-raw needs a provider that speaks this endpoint's protocol; use /passthrough/{provider}/{path} for anything else.",
+        )
+        .with_code("raw_protocol_mismatch")),
+    }
+}
+
+fn copy_headers(session: &ServerSession, names: &[&str]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let v = session.get_header(*n)?.to_str().ok()?;
+            Some((n.to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 /// Resolves the requested model to a target the tenant may use.
@@ -340,7 +510,17 @@ impl HttpServerApp for EdgeApp {
         // EOF as abort so the provider call is cancelled, not left running.
         session.set_abort_on_close(true);
         let request_id = request_id(&session);
-        let mut out = Outcome::default();
+        let mut out = Outcome {
+            tenant: None,
+            model: None,
+            provider: None,
+            status: 0,
+            error: None,
+            stats: None,
+            client_gone: false,
+            stream: false,
+            protocol: Protocol::OpenAi,
+        };
         let mut reusable = true;
         if let Err((e, allow)) = self
             .handle(&mut session, &request_id, received_at, &mut out)
@@ -359,7 +539,7 @@ impl HttpServerApp for EdgeApp {
                 reusable = false;
                 session.set_keepalive(None);
             }
-            respond::error(&mut session, &e, &common, extra).await;
+            respond::error(&mut session, &e, out.protocol, &common, extra).await;
         }
         log_request(&request_id, &session, &out, received_at);
         if out.client_gone {

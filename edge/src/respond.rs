@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
+use switchyard_backhaul::Protocol;
 use switchyard_llm::GatewayError;
 
 /// Response headers every answer carries.
@@ -24,8 +25,20 @@ pub async fn json(
     common: &Common<'_>,
     extra: &[(&'static str, String)],
 ) -> bool {
+    let mut all = vec![("content-type", "application/json".to_string())];
+    all.extend(extra.iter().cloned());
+    full(session, status, body, common, &all).await
+}
+
+/// A complete body; `extra` must include its content type.
+pub async fn full(
+    session: &mut ServerSession,
+    status: u16,
+    body: Bytes,
+    common: &Common<'_>,
+    extra: &[(&'static str, String)],
+) -> bool {
     let mut h = header(status, common);
-    let _ = h.insert_header("content-type", "application/json");
     let _ = h.insert_header("content-length", body.len().to_string());
     for (k, v) in extra {
         let _ = h.insert_header(*k, v.as_str());
@@ -39,12 +52,17 @@ pub async fn json(
 pub async fn error(
     session: &mut ServerSession,
     e: &GatewayError,
+    protocol: Protocol,
     common: &Common<'_>,
     mut extra: Vec<(&'static str, String)>,
 ) -> bool {
     if let Some(ra) = &e.retry_after {
         extra.push(("retry-after", ra.clone()));
     }
-    let body = Bytes::from(e.to_openai_json().to_string());
+    let body = match protocol {
+        Protocol::OpenAi => e.to_openai_json(),
+        Protocol::Anthropic => e.to_anthropic_json(),
+    };
+    let body = Bytes::from(body.to_string());
     json(session, e.status(), body, common, &extra).await
 }

@@ -173,10 +173,19 @@ pub struct TenantSnapshot {
 }
 
 impl TenantSnapshot {
+    /// `allowed_models` entries are exact names, `*`, or `provider/*`.
     pub fn may_use(&self, requested: &str) -> bool {
         match &self.allowed_models {
             None => true,
-            Some(list) => list.iter().any(|m| m == requested || m == "*"),
+            Some(list) => list.iter().any(|m| {
+                m == requested
+                    || m == "*"
+                    || m.strip_suffix("/*").is_some_and(|p| {
+                        requested
+                            .strip_prefix(p)
+                            .is_some_and(|r| r.starts_with('/'))
+                    })
+            }),
         }
     }
 }

@@ -16,7 +16,10 @@ use switchyard_proto::{LimitsSnapshot, ProviderKind, ProviderSnapshot, Secret};
 use crate::request::EgressRequest;
 use crate::stream::UpstreamBytes;
 
+pub mod anthropic;
+pub mod gemini;
 pub mod openai;
+pub mod raw;
 pub mod simulated;
 
 pub struct CallContext<'a> {
@@ -45,12 +48,84 @@ pub trait Provider: Send + Sync {
     async fn call(&self, ctx: CallContext<'_>) -> Result<ProviderReply, GatewayError>;
 }
 
-pub fn adapter_for(kind: ProviderKind) -> Option<&'static dyn Provider> {
+pub fn adapter_for(kind: ProviderKind) -> &'static dyn Provider {
     match kind {
-        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => Some(&openai::OpenAiAdapter),
-        ProviderKind::Simulated => Some(&simulated::SimulatedAdapter),
-        ProviderKind::Anthropic | ProviderKind::Gemini => None,
+        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => &openai::OpenAiAdapter,
+        ProviderKind::Simulated => &simulated::SimulatedAdapter,
+        ProviderKind::Anthropic => &anthropic::AnthropicAdapter,
+        ProviderKind::Gemini => &gemini::GeminiAdapter,
     }
+}
+
+pub(crate) fn unsupported(provider: &ProviderSnapshot, what: &str) -> GatewayError {
+    GatewayError::invalid(format!(
+        "The provider `{}` ({}) does not support {what}.",
+        provider.name,
+        provider.kind.as_str()
+    ))
+}
+
+/// POSTs a JSON body and returns the response if it is a success; a failure
+/// status becomes the adapter's error (via `map_error`) with every provider
+/// key scrubbed from its message.
+pub(crate) async fn post_json(
+    ctx: &CallContext<'_>,
+    url: String,
+    body: &impl serde::Serialize,
+    headers: &[(&'static str, &str)],
+    stream: bool,
+    map_error: impl FnOnce(u16, &[u8], Option<String>) -> GatewayError,
+) -> Result<reqwest::Response, GatewayError> {
+    let payload = serde_json::to_vec(body)
+        .map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?;
+    let mut req = ctx
+        .client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(payload);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if stream {
+        req = req.header(reqwest::header::ACCEPT, "text/event-stream");
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| transport_error(&ctx.provider.name, &e))?;
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let (status, retry_after, body) = read_error(resp).await;
+    let mut err = map_error(status, &body, retry_after);
+    err.message = scrub(&err.message, &ctx.provider.keys).into_owned();
+    Ok(Err(err)?)
+}
+
+/// The upstream body as a stream of chunks for the SSE translator.
+pub(crate) fn byte_stream(resp: reqwest::Response, provider: &str) -> UpstreamBytes {
+    use futures::StreamExt;
+    let provider = provider.to_string();
+    resp.bytes_stream()
+        .map(move |r| r.map_err(|e| transport_error(&provider, &e)))
+        .boxed()
+}
+
+pub(crate) async fn full_body(
+    resp: reqwest::Response,
+    provider: &str,
+) -> Result<(Bytes, serde_json::Value), GatewayError> {
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| transport_error(provider, &e))?;
+    let v = serde_json::from_slice(&body).map_err(|_| {
+        GatewayError::new(
+            ErrorKind::Upstream,
+            format!("The provider `{provider}` answered with a body that is not JSON."),
+        )
+    })?;
+    Ok((body, v))
 }
 
 /// Largest upstream error body we read; error bodies are small and an
@@ -100,7 +175,13 @@ pub(crate) fn transport_error(provider: &str, e: &reqwest::Error) -> GatewayErro
 }
 
 /// Removes every provider key from text we are about to show a client.
-pub(crate) fn scrub(text: &str, keys: &[Secret]) -> String {
+pub(crate) fn scrub<'a>(text: &'a str, keys: &[Secret]) -> std::borrow::Cow<'a, str> {
+    if !keys
+        .iter()
+        .any(|k| k.expose().len() >= 4 && text.contains(k.expose()))
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
     let mut out = text.to_string();
     for k in keys {
         let k = k.expose();
@@ -108,5 +189,5 @@ pub(crate) fn scrub(text: &str, keys: &[Secret]) -> String {
             out = out.replace(k, "[redacted]");
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }

@@ -2,14 +2,15 @@
 //! passes through with only `model` rewritten.
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use serde_json::{json, Value};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::passthrough::OpenAiPassthrough;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::Secret;
 
-use super::{read_error, scrub, transport_error, CallContext, Provider, ProviderReply};
+use super::{
+    byte_stream, full_body, post_json, scrub, unsupported, CallContext, Provider, ProviderReply,
+};
 use crate::request::Operation;
 
 pub struct OpenAiAdapter;
@@ -26,6 +27,7 @@ impl Provider for OpenAiAdapter {
                 chat.include_usage,
             ),
             Operation::Embeddings(e) => ("embeddings", e.body.clone(), false, false),
+            _ => return Err(unsupported(ctx.provider, "this endpoint")),
         };
         body.insert("model".into(), Value::String(target.model.clone()));
         if stream {
@@ -37,51 +39,26 @@ impl Provider for OpenAiAdapter {
             }
         }
         let url = format!("{}/{path}", ctx.provider.base_url);
-        let payload = serde_json::to_vec(&body)
-            .map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?;
-        let mut req = ctx
-            .client
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(payload);
-        if let Some(key) = ctx.key {
-            req = req.bearer_auth(key.expose());
-        }
+        let auth = ctx.key.map(|k| format!("Bearer {}", k.expose()));
+        let headers: Vec<(&'static str, &str)> = auth
+            .as_deref()
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        let provider = &ctx.provider.name;
+        let keys = &ctx.provider.keys;
+        let resp = post_json(&ctx, url, &body, &headers, stream, |status, body, ra| {
+            error_from_upstream(provider, status, body, ra, keys)
+        })
+        .await?;
         if stream {
-            req = req.header(reqwest::header::ACCEPT, "text/event-stream");
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| transport_error(&ctx.provider.name, &e))?;
-        if !resp.status().is_success() {
-            let (status, retry_after, body) = read_error(resp).await;
-            return Err(error_from_upstream(
-                &ctx.provider.name,
-                status,
-                &body,
-                retry_after,
-                &ctx.provider.keys,
-            ));
-        }
-        if stream {
-            let provider = ctx.provider.name.clone();
-            let upstream = resp
-                .bytes_stream()
-                .map(move |r| r.map_err(|e| transport_error(&provider, &e)))
-                .boxed();
             return Ok(ProviderReply::Stream {
-                upstream,
+                upstream: byte_stream(resp, provider),
                 translator: Box::new(OpenAiPassthrough::new(caller_wants_usage)),
             });
         }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| transport_error(&ctx.provider.name, &e))?;
-        let usage = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v.get("usage").and_then(Usage::from_openai));
+        let (body, v) = full_body(resp, provider).await?;
+        let usage = v.get("usage").and_then(Usage::from_openai);
         Ok(ProviderReply::Json { body, usage })
     }
 }

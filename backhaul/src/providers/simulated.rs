@@ -219,6 +219,9 @@ impl Provider for SimulatedAdapter {
             }
         }
         match &ctx.request.op {
+            Operation::Messages { .. } | Operation::CountTokens { .. } | Operation::Raw(_) => {
+                Err(super::unsupported(ctx.provider, "this endpoint"))
+            }
             Operation::Embeddings(e) => {
                 tokio::time::sleep(profile.ttft).await;
                 Ok(ProviderReply::Json {

@@ -1,0 +1,88 @@
+//! Google Gemini (`generativelanguage.googleapis.com`) providers.
+
+use async_trait::async_trait;
+use serde_json::Value;
+use switchyard_llm::gemini;
+use switchyard_llm::GatewayError;
+
+use super::{byte_stream, full_body, post_json, unsupported, CallContext, Provider, ProviderReply};
+use crate::request::Operation;
+
+pub struct GeminiAdapter;
+
+/// Rough token estimate for embeddings, which Gemini does not count for us.
+fn estimate_tokens(texts: &[String]) -> u64 {
+    texts
+        .iter()
+        .map(|t| (t.chars().count() as u64).div_ceil(4))
+        .sum()
+}
+
+#[async_trait]
+impl Provider for GeminiAdapter {
+    async fn call(&self, ctx: CallContext<'_>) -> Result<ProviderReply, GatewayError> {
+        let model = &ctx.request.target.model;
+        let provider = ctx.provider.name.as_str();
+        let base = &ctx.provider.base_url;
+        let headers: Vec<(&'static str, &str)> = ctx
+            .key
+            .map(|k| ("x-goog-api-key", k.expose()))
+            .into_iter()
+            .collect();
+        match &ctx.request.op {
+            Operation::Chat(chat) => {
+                let body = gemini::chat_request(chat, model)?;
+                let url = if chat.stream {
+                    format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
+                } else {
+                    format!("{base}/v1beta/models/{model}:generateContent")
+                };
+                let resp = post_json(
+                    &ctx,
+                    url,
+                    &body,
+                    &headers,
+                    chat.stream,
+                    gemini::error_from_upstream,
+                )
+                .await?;
+                if chat.stream {
+                    return Ok(ProviderReply::Stream {
+                        upstream: byte_stream(resp, provider),
+                        translator: Box::new(gemini::ChatStream::new(model, chat.include_usage)),
+                    });
+                }
+                let (_, v) = full_body(resp, provider).await?;
+                let (openai, usage) = gemini::chat_response(&v, model)?;
+                Ok(ProviderReply::Json {
+                    body: bytes::Bytes::from(openai.to_string()),
+                    usage: Some(usage),
+                })
+            }
+            Operation::Embeddings(e) => {
+                let body: Value = gemini::embed_request(e, model);
+                let url = format!("{base}/v1beta/models/{model}:batchEmbedContents");
+                let resp = post_json(
+                    &ctx,
+                    url,
+                    &body,
+                    &headers,
+                    false,
+                    gemini::error_from_upstream,
+                )
+                .await?;
+                let (_, v) = full_body(resp, provider).await?;
+                let prompt_tokens = estimate_tokens(&e.inputs());
+                let openai = gemini::embed_response(&v, model, prompt_tokens)?;
+                Ok(ProviderReply::Json {
+                    body: bytes::Bytes::from(openai.to_string()),
+                    usage: Some(switchyard_llm::openai::Usage {
+                        prompt_tokens,
+                        ..Default::default()
+                    }),
+                })
+            }
+            _ => Err(unsupported(ctx.provider, "this endpoint")),
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Raw passthrough: the caller's request goes to the provider as it is (only
+//! the pool's key is added) and the answer comes back as it is, for
+//! provider-specific features the unified API does not model.
+
+use bytes::Bytes;
+use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_proto::ProviderKind;
+
+use super::{byte_stream, read_error, scrub, transport_error, unsupported, CallContext};
+use crate::request::RawRequest;
+use crate::stream::UpstreamBytes;
+
+pub struct RawReply {
+    pub status: u16,
+    pub content_type: String,
+    pub retry_after: Option<String>,
+    pub body: RawBody,
+}
+
+pub enum RawBody {
+    Full(Bytes),
+    Stream(UpstreamBytes),
+}
+
+pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, GatewayError> {
+    let provider = ctx.provider;
+    let method = reqwest::Method::from_bytes(raw.method.as_bytes())
+        .map_err(|_| GatewayError::invalid(format!("Unsupported method {}", raw.method)))?;
+    let url = format!("{}/{}", provider.base_url, raw.path.trim_start_matches('/'));
+    let mut req = ctx.client.request(method, url).body(raw.body.clone());
+    for (k, v) in &raw.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    if let Some(key) = ctx.key {
+        req = match provider.kind {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => req.bearer_auth(key.expose()),
+            ProviderKind::Anthropic => req.header("x-api-key", key.expose()),
+            ProviderKind::Gemini => req.header("x-goog-api-key", key.expose()),
+            ProviderKind::Simulated => return Err(unsupported(provider, "raw passthrough")),
+        };
+    }
+    if provider.kind == ProviderKind::Simulated {
+        return Err(unsupported(provider, "raw passthrough"));
+    }
+    if provider.kind == ProviderKind::Anthropic
+        && !raw.headers.iter().any(|(k, _)| k == "anthropic-version")
+    {
+        req = req.header(
+            "anthropic-version",
+            switchyard_llm::anthropic::DEFAULT_VERSION,
+        );
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| transport_error(&provider.name, &e))?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_string();
+    if status == 401 || status == 403 {
+        // Even raw answers must not carry (parts of) the gateway's key.
+        return Err(GatewayError::new(
+            ErrorKind::Upstream,
+            format!(
+                "The provider `{}` rejected the gateway's credentials (HTTP {status}).",
+                provider.name
+            ),
+        )
+        .with_code("upstream_auth_failed"));
+    }
+    if status >= 400 {
+        let (status, retry_after, body) = read_error(resp).await;
+        let text = String::from_utf8_lossy(&body);
+        let clean = scrub(&text, &provider.keys);
+        return Ok(RawReply {
+            status,
+            content_type,
+            retry_after,
+            body: RawBody::Full(Bytes::from(clean.into_owned())),
+        });
+    }
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok(RawReply {
+        status,
+        content_type,
+        retry_after,
+        body: RawBody::Stream(byte_stream(resp, &provider.name)),
+    })
+}
