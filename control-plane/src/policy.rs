@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use switchyard_proto::{
-    FaultMode, KeyHash, LimitsSnapshot, ProviderKind, ProviderSnapshot, RouteTarget, Secret,
-    SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, TenantSnapshot,
+    FaultMode, KeyHash, LimitsSnapshot, ProviderKind, ProviderSnapshot, RegionSnapshot,
+    RouteTarget, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot,
+    TenantSnapshot,
 };
 
 #[derive(Debug, Default, Deserialize)]
@@ -28,6 +29,19 @@ pub struct PolicyDocument {
     pub aliases: BTreeMap<String, String>,
     #[serde(default)]
     pub tenants: Vec<TenantDoc>,
+    /// Region name → region.
+    #[serde(default)]
+    pub regions: BTreeMap<String, RegionDoc>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionDoc {
+    /// Jurisdiction tag (e.g. `eu`, `us`) for residency rules.
+    pub jurisdiction: Option<String>,
+    /// Egress node addresses (`host:port`) serving this region.
+    #[serde(default)]
+    pub egress: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +86,8 @@ pub struct ProviderDoc {
     pub models: Vec<String>,
     /// Only for `kind: simulated`.
     pub simulated: Option<SimulatedDoc>,
+    /// Region (key of `regions`) whose egress nodes call this provider.
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -308,6 +324,14 @@ pub fn compile(
         } else {
             p.models.clone()
         };
+        if let Some(region) = &p.region {
+            if !doc.regions.contains_key(region) {
+                err(
+                    format!("{path}.region"),
+                    format!("unknown region {region:?}"),
+                );
+            }
+        }
         status.push((name.clone(), live_note(kind, &base_url, keys.len())));
         providers.insert(
             name.clone(),
@@ -318,6 +342,7 @@ pub fn compile(
                 keys,
                 models,
                 simulated,
+                region: p.region.clone(),
             }),
         );
     }
@@ -357,6 +382,7 @@ pub fn compile(
                     .map(|m| m.to_string())
                     .collect(),
                 simulated: None,
+                region: None,
             }),
         );
     }
@@ -380,6 +406,7 @@ pub fn compile(
                     .map(|m| m.to_string())
                     .collect(),
                 simulated: Some(SimulatedSettings::default()),
+                region: None,
             }),
         );
     }
@@ -480,6 +507,29 @@ pub fn compile(
         );
     }
 
+    let mut regions = HashMap::new();
+    for (name, r) in &doc.regions {
+        for (i, addr) in r.egress.iter().enumerate() {
+            let valid = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                err(
+                    format!("regions.{name}.egress[{i}]"),
+                    format!("expected host:port, got {addr:?}"),
+                );
+            }
+        }
+        regions.insert(
+            name.clone(),
+            RegionSnapshot {
+                name: name.clone(),
+                jurisdiction: r.jurisdiction.clone(),
+                egress: r.egress.clone(),
+            },
+        );
+    }
+
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -490,6 +540,7 @@ pub fn compile(
             aliases,
             tenants,
             limits,
+            regions,
         },
         provider_status: status,
     })

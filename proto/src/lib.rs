@@ -144,6 +144,18 @@ pub struct ProviderSnapshot {
     pub models: Vec<String>,
     /// Only for [`ProviderKind::Simulated`]: default behaviour and per-model overrides.
     pub simulated: Option<SimulatedSettings>,
+    /// Region whose egress nodes call this provider; `None` = any egress.
+    pub region: Option<String>,
+}
+
+/// A region of the fleet: where its egress nodes listen.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegionSnapshot {
+    pub name: String,
+    /// Jurisdiction tag (e.g. `eu`, `us`) used by residency rules.
+    pub jurisdiction: Option<String>,
+    /// Egress node addresses (`host:port`), resolved by the edge.
+    pub egress: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -219,6 +231,7 @@ pub struct Snapshot {
     pub aliases: HashMap<String, RouteTarget>,
     pub tenants: HashMap<KeyHash, Arc<TenantSnapshot>>,
     pub limits: LimitsSnapshot,
+    pub regions: HashMap<String, RegionSnapshot>,
 }
 
 impl Snapshot {
@@ -291,6 +304,7 @@ mod tests {
                 keys: vec![],
                 models: vec!["gpt-4o-mini".into()],
                 simulated: None,
+                region: None,
             }),
         );
         snap.aliases.insert(
