@@ -22,3 +22,23 @@ pub use egress::{Egress, SharedSnapshot};
 pub use request::{
     EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestStats, ResponseBody,
 };
+
+/// Where the edge sends a planned request: the in-process [`Egress`] in
+/// single-node mode, a QUIC tunnel to a regional egress node otherwise.
+#[async_trait::async_trait]
+pub trait Upstream: Send + Sync + 'static {
+    async fn execute(
+        &self,
+        req: EgressRequest,
+    ) -> Result<EgressResponse, switchyard_llm::GatewayError>;
+}
+
+#[async_trait::async_trait]
+impl Upstream for Egress {
+    async fn execute(
+        &self,
+        req: EgressRequest,
+    ) -> Result<EgressResponse, switchyard_llm::GatewayError> {
+        Egress::execute(self, req).await
+    }
+}

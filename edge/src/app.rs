@@ -12,6 +12,7 @@ use pingora::server::ShutdownWatch;
 use serde_json::json;
 use switchyard_backhaul::{
     EgressRequest, EgressResponse, Operation, Protocol, RawRequest, ResponseBody, SharedSnapshot,
+    Upstream,
 };
 use switchyard_llm::anthropic;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
@@ -20,20 +21,6 @@ use switchyard_proto::{ProviderKind, RouteTarget, Snapshot, TenantSnapshot};
 
 use crate::auth::authenticate;
 use crate::respond::{self, Common};
-
-/// Where the edge sends a planned request: the in-process egress in
-/// single-node mode, a QUIC tunnel to a regional egress otherwise.
-#[async_trait]
-pub trait Upstream: Send + Sync + 'static {
-    async fn execute(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError>;
-}
-
-#[async_trait]
-impl Upstream for switchyard_backhaul::Egress {
-    async fn execute(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError> {
-        switchyard_backhaul::Egress::execute(self, req).await
-    }
-}
 
 pub struct EdgeApp {
     snapshot: SharedSnapshot,

@@ -15,4 +15,5 @@ pub mod auth;
 pub mod respond;
 pub mod service;
 
-pub use app::{EdgeApp, Upstream};
+pub use app::EdgeApp;
+pub use switchyard_backhaul::Upstream;
