@@ -121,7 +121,7 @@ fn route(method: &http::Method, path: &str, query: Option<&str>) -> Result<Endpo
         "/v1/models" | "/models" => (Endpoint::Models, "GET"),
         "/health" | "/healthz" => (Endpoint::Health, "GET"),
         p => match p.strip_prefix("/v1/models/") {
-            Some(id) if !id.is_empty() => (Endpoint::Model(id.to_string()), "GET"),
+            Some(id) if !id.is_empty() => (Endpoint::Model(percent_decode(id)), "GET"),
             _ => {
                 return Err((
                     GatewayError::new(
@@ -398,6 +398,26 @@ impl EdgeApp {
             }
         }
     }
+}
+
+/// SDKs percent-encode the `/` of `provider/model` in path segments.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn requested_model(op: &Operation) -> &str {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test: unit, fixture conformance, end-to-end (real binary, real
+# sockets, mock providers), and the official OpenAI/Anthropic Python SDKs.
+# Installs what the tests need on a fresh machine first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SWITCHYARD_NEED_PYTHON=1 bash scripts/setup.sh
+
+if ! .venv/bin/python -c 'import openai, anthropic, pytest' >/dev/null 2>&1; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
+fi
+export SWITCHYARD_PYTHON="$PWD/.venv/bin/python"
+export SWITCHYARD_REQUIRE_SDK=1
+
+cargo test --workspace "$@"
