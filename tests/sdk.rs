@@ -75,3 +75,8 @@ async fn run_pytest(file: &str) {
 async fn openai_sdk() {
     run_pytest("test_openai_sdk.py").await;
 }
+
+#[tokio::test]
+async fn translation_through_sdks() {
+    run_pytest("test_translation_sdk.py").await;
+}

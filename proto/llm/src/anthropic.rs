@@ -644,6 +644,9 @@ pub struct ChatStream {
     role_sent: bool,
     blocks: HashMap<u64, Block>,
     next_tool: u64,
+    /// Tool calls that received argument text; a tool without parameters
+    /// streams only empty `partial_json`, and OpenAI clients expect `{}`.
+    tools_with_args: std::collections::HashSet<u64>,
     next_thinking: u64,
     usage: Option<Usage>,
     cache_write: u64,
@@ -662,6 +665,7 @@ impl ChatStream {
             role_sent: false,
             blocks: HashMap::new(),
             next_tool: 0,
+            tools_with_args: Default::default(),
             next_thinking: 0,
             usage: None,
             cache_write: 0,
@@ -812,7 +816,10 @@ impl StreamTranslator for ChatStream {
                     }),
                     (Some("input_json_delta"), Block::Tool(n)) => str_field(&d, "partial_json")
                         .filter(|p| !p.is_empty())
-                        .map(|p| json!({"tool_calls": [{"index": n, "function": {"arguments": p}}]})),
+                        .map(|p| {
+                            self.tools_with_args.insert(n);
+                            json!({"tool_calls": [{"index": n, "function": {"arguments": p}}]})
+                        }),
                     (Some("input_json_delta"), Block::JsonTool) => str_field(&d, "partial_json")
                         .filter(|p| !p.is_empty())
                         .map(|p| json!({"content": p})),
@@ -831,12 +838,23 @@ impl StreamTranslator for ChatStream {
                     self.emit(out, json!({}), Some(finish));
                 }
             }
+            "content_block_stop" => {
+                let index = u64_field(Some(&data), "index");
+                if let Some(Block::Tool(n)) = self.blocks.get(&index).copied() {
+                    if !self.tools_with_args.contains(&n) {
+                        let delta =
+                            json!({"tool_calls": [{"index": n, "function": {"arguments": "{}"}}]});
+                        self.emit(out, delta, None);
+                    }
+                }
+            }
             "message_stop" => self.stopped = true,
             "error" => {
                 // Status 0: a mid-stream error has only its type to go by.
-                let err = error_from_value(0, &data, None);
-                out.push(frame(&err.to_openai_json()));
+                // Returned, not framed here: the stream layer renders it in
+                // the caller's protocol and records the failure.
                 self.failed = true;
+                return Err(error_from_value(0, &data, None));
             }
             // ping, content_block_stop and future event types carry nothing
             // an OpenAI client needs.
@@ -1553,10 +1571,8 @@ impl StreamTranslator for MessagesStreamFromOpenAi {
                 .and_then(kind_for_error_type)
                 .unwrap_or(ErrorKind::Upstream);
             let message = str_field(err, "message").unwrap_or("The upstream stream failed.");
-            let e = GatewayError::new(kind, short(message));
-            Self::send(out, "error", e.to_anthropic_json());
             self.ended = true;
-            return Ok(());
+            return Err(GatewayError::new(kind, short(message)));
         }
         self.start(str_field(&v, "id"), out);
         if let Some(u) = v.get("usage").and_then(Usage::from_openai) {

@@ -575,9 +575,8 @@ impl StreamTranslator for ChatStream {
             return Ok(());
         };
         if v.get("error").is_some() {
-            out.push(frame(&error_from_value(0, &v, None).to_openai_json()));
             self.failed = true;
-            return Ok(());
+            return Err(error_from_value(0, &v, None));
         }
         if let Some(id) = str_field(&v, "responseId") {
             self.id = format!("chatcmpl-{id}");

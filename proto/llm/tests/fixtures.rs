@@ -117,19 +117,44 @@ fn decode(wire: &[u8], chunk: usize) -> Vec<SseEvent> {
 /// Feeds `wire` through the decoder in `chunk`-byte pieces and the
 /// translator, returning the translator's output decoded again.
 fn run_stream(t: &mut dyn StreamTranslator, wire: &[u8], chunk: usize) -> Vec<SseEvent> {
+    run_stream_with(t, wire, chunk, |e| {
+        switchyard_llm::sse::encode_event(None, &e.to_openai_json().to_string())
+    })
+}
+
+/// Like the gateway's stream layer: an error a translator returns is
+/// rendered in the caller's protocol by `render` and ends the stream.
+fn run_stream_with(
+    t: &mut dyn StreamTranslator,
+    wire: &[u8],
+    chunk: usize,
+    render: fn(&switchyard_llm::GatewayError) -> bytes::Bytes,
+) -> Vec<SseEvent> {
     let mut d = SseDecoder::new();
     let mut out = Vec::new();
     let mut evs = Vec::new();
-    for piece in wire.chunks(chunk.max(1)) {
+    let mut failed = false;
+    'feed: for piece in wire.chunks(chunk.max(1)) {
         d.push(piece, &mut evs).unwrap();
         for ev in evs.drain(..) {
-            t.on_event(&ev, &mut out).unwrap();
+            if let Err(e) = t.on_event(&ev, &mut out) {
+                out.push(render(&e));
+                failed = true;
+                break 'feed;
+            }
         }
     }
-    if let Some(ev) = d.finish() {
-        t.on_event(&ev, &mut out).unwrap();
+    if !failed {
+        if let Some(ev) = d.finish() {
+            if let Err(e) = t.on_event(&ev, &mut out) {
+                out.push(render(&e));
+                failed = true;
+            }
+        }
     }
-    t.finish(&mut out);
+    if !failed {
+        t.finish(&mut out);
+    }
     let bytes: Vec<u8> = out.iter().flat_map(|b| b.to_vec()).collect();
     decode(&bytes, bytes.len())
 }
@@ -1162,7 +1187,9 @@ fn openai_error_frame_becomes_anthropic_error_event() {
     let wire = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n\
 data: {\"error\":{\"message\":\"Rate limit reached\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":null}}\n\n";
     let mut t = anthropic::MessagesStreamFromOpenAi::new("m");
-    let evs = run_stream(&mut t, wire.as_bytes(), 4);
+    let evs = run_stream_with(&mut t, wire.as_bytes(), 4, |e| {
+        switchyard_llm::sse::encode_event(Some("error"), &e.to_anthropic_json().to_string())
+    });
     let last = evs.last().unwrap();
     assert_eq!(last.event.as_deref(), Some("error"));
     let v: Value = serde_json::from_str(&last.data).unwrap();
@@ -2003,5 +2030,19 @@ fn no_translator_panics_on_any_recorded_body() {
             }
             t.finish(&mut out);
         }
+    }
+}
+
+#[test]
+fn anthropic_tool_without_parameters_streams_an_empty_object() {
+    // Recorded: tools with no parameters stream only empty `partial_json`.
+    let case = Case::load("anthropic", "tools-stream-haiku-1-tool-use");
+    let wire = case.response["body_sse"].as_str().unwrap();
+    let mut t = anthropic::ChatStream::new("m", false);
+    let a = assemble(&run_stream(&mut t, wire.as_bytes(), 7));
+    assert!(!a.tool_calls.is_empty());
+    for call in a.tool_calls.values() {
+        let args: Value = serde_json::from_str(&call.2).expect("arguments are JSON");
+        assert!(args.is_object());
     }
 }

@@ -246,6 +246,16 @@ async fn handle(
     };
     let _ = query;
 
+    if path.ends_with("/messages/count_tokens") {
+        // No recording of this endpoint exists in the fixtures; its answer
+        // is the documented `{"input_tokens": N}`.
+        let n = body["messages"].to_string().len() / 4 + 1;
+        return Ok(full(
+            200,
+            "application/json",
+            json!({ "input_tokens": n }).to_string(),
+        ));
+    }
     if let Some(case) = model.strip_prefix("case-") {
         return Ok(replay(&state, provider, case).await);
     }
@@ -264,6 +274,9 @@ async fn handle(
             let body = json!({"error": {"message": format!("Incorrect API key provided: {key}."), "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
             return Ok(full(401, "application/json", body.to_string()));
         }
+        "midstream-overloaded" if provider == Provider::Anthropic => {
+            return Ok(anthropic_overloaded_midstream());
+        }
         "stall" | "gated" | "endless" | "cut" => {
             return Ok(special_stream(state.clone(), &model, gap));
         }
@@ -277,8 +290,13 @@ fn default_case(provider: Provider, path: &str, body: &Value, stream: bool) -> &
     let has_tools = body.get("tools").is_some();
     let last_is_tool_result = body["messages"]
         .as_array()
+        .or_else(|| body["contents"].as_array())
         .and_then(|m| m.last())
-        .map(|m| m["role"] == "tool" || m["content"].to_string().contains("tool_result"))
+        .map(|m| {
+            m["role"] == "tool"
+                || m["content"].to_string().contains("tool_result")
+                || m["parts"].to_string().contains("functionResponse")
+        })
         .unwrap_or(false);
     match provider {
         Provider::OpenAi if path.ends_with("/embeddings") => {
@@ -307,7 +325,7 @@ fn default_case(provider: Provider, path: &str, body: &Value, stream: bool) -> &
         Provider::Gemini
             if path.contains("embedContent") || path.contains("batchEmbedContents") =>
         {
-            "embed-batch"
+            "embeddings-batch-multi"
         }
         Provider::Gemini => match (stream, has_tools, last_is_tool_result) {
             (true, _, true) => "tools-parallel-stream-2-function-response",
@@ -412,6 +430,26 @@ fn special_stream(state: Arc<State>, mode: &str, gap: Duration) -> Response<BoxB
                     .await;
             }
             _ => {}
+        }
+    });
+    sse_response(rx)
+}
+
+/// Anthropic's documented mid-stream failure: an `error` event after content
+/// has started (HTTP status already 200).
+fn anthropic_overloaded_midstream() -> Response<BoxBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let events = [
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_mock\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-mock\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Partial\"}}\n\n",
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+    ];
+    tokio::spawn(async move {
+        for e in events {
+            if tx.send(Ok(Bytes::from_static(e.as_bytes()))).await.is_err() {
+                return;
+            }
         }
     });
     sse_response(rx)
