@@ -595,3 +595,76 @@ fn log_request(request_id: &str, session: &ServerSession, out: &Outcome, receive
         "request"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(method: &str, path: &str) -> Endpoint {
+        let m = http::Method::from_bytes(method.as_bytes()).unwrap();
+        route(&m, path, None).unwrap_or_else(|(e, _)| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn routes_and_methods() {
+        assert!(matches!(ok("POST", "/v1/chat/completions"), Endpoint::Chat));
+        assert!(matches!(
+            ok("POST", "/v1/chat/completions/"),
+            Endpoint::Chat
+        ));
+        assert!(matches!(ok("POST", "/v1/messages"), Endpoint::Messages));
+        assert!(matches!(
+            ok("POST", "/v1/messages/count_tokens"),
+            Endpoint::CountTokens
+        ));
+        assert!(matches!(ok("GET", "/v1/models"), Endpoint::Models));
+        match ok("GET", "/v1/models/openai%2Fgpt-4o") {
+            Endpoint::Model(id) => assert_eq!(id, "openai/gpt-4o"),
+            _ => panic!("model route"),
+        }
+        let m = http::Method::GET;
+        let (e, allow) = route(&m, "/v1/chat/completions", None).err().unwrap();
+        assert_eq!((e.status(), allow), (405, Some("POST")));
+        let (e, _) = route(&m, "/v2/anything", None).err().unwrap();
+        assert_eq!(e.status(), 404);
+        match route(
+            &http::Method::PUT,
+            "/passthrough/gemini/v1beta/files",
+            Some("a=1"),
+        )
+        .ok()
+        .unwrap()
+        {
+            Endpoint::Passthrough { provider, rest } => {
+                assert_eq!(
+                    (provider.as_str(), rest.as_str()),
+                    ("gemini", "v1beta/files?a=1")
+                )
+            }
+            _ => panic!("passthrough route"),
+        }
+        assert!(route(&m, "/passthrough/", None).is_err());
+    }
+
+    #[test]
+    fn percent_decoding_is_lenient() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%2"), "%zz%2");
+    }
+
+    #[test]
+    fn raw_mode_needs_matching_protocols() {
+        assert_eq!(
+            raw_path(Some(ProviderKind::OpenAi), "chat/completions").unwrap(),
+            "chat/completions"
+        );
+        assert_eq!(
+            raw_path(Some(ProviderKind::Anthropic), "messages").unwrap(),
+            "v1/messages"
+        );
+        assert!(raw_path(Some(ProviderKind::Anthropic), "chat/completions").is_err());
+        assert!(raw_path(Some(ProviderKind::Gemini), "chat/completions").is_err());
+        assert!(raw_path(Some(ProviderKind::Simulated), "chat/completions").is_err());
+    }
+}

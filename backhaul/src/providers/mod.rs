@@ -99,7 +99,7 @@ pub(crate) async fn post_json(
     let (status, retry_after, body) = read_error(resp).await;
     let mut err = map_error(status, &body, retry_after);
     err.message = scrub(&err.message, &ctx.provider.keys).into_owned();
-    Ok(Err(err)?)
+    Err(err)
 }
 
 /// The upstream body as a stream of chunks for the SSE translator.
