@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use switchyard_backhaul::Egress;
 use switchyard_control::{compile, parse_policy, CompileOptions, PolicyDocument};
-use switchyard_edge::service::{edge_service, TlsFiles};
+use switchyard_edge::service::{edge_service, metrics_service, TlsFiles};
 use switchyard_edge::EdgeApp;
 use switchyard_proto::{KeyHash, TenantSnapshot};
 
@@ -33,6 +33,9 @@ pub struct DevArgs {
     /// Where the dev key and the generated certificate are kept.
     #[arg(long, default_value = ".switchyard")]
     state_dir: PathBuf,
+    /// Prometheus metrics listener (`GET /metrics`).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_listen: String,
     /// Worker threads of the edge.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -148,6 +151,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let egress = Egress::new(shared.clone()).map_err(|e| anyhow::anyhow!("egress: {e}"))?;
     let app = EdgeApp::new(shared, Arc::new(egress));
+    let metrics = app.metrics();
 
     let conf = ServerConf {
         threads: args.threads,
@@ -166,6 +170,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("edge: {e}"))?;
     server.add_service(service);
+    server.add_service(metrics_service(metrics, &args.metrics_listen));
 
     println!("switchyard dev");
     println!("  OpenAI base URL:  http://{}/v1", args.listen);
@@ -179,6 +184,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             ""
         }
     );
+    println!("  metrics:          http://{}/metrics", args.metrics_listen);
     println!("  virtual key:      {key}");
     println!("  providers:");
     for (name, status) in &compiled.provider_status {

@@ -127,6 +127,21 @@ async fn chat_passthrough_rewrites_only_the_model() {
     assert!(entry["completion_tokens"].as_u64().unwrap() > 0);
     assert!(entry["latency_ms"].as_f64().is_some() && entry["ttft_ms"].as_f64().is_some());
     assert_no_secrets(&gw, &v.to_string());
+
+    let metrics = client()
+        .get(format!("http://{}/metrics", gw.metrics_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"switchyard_requests_total{endpoint="chat",provider="openai",status="200"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"switchyard_tokens_total{kind="prompt",model="fast",provider="openai"}"#));
+    assert!(!metrics.contains(PROVIDER_KEY));
 }
 
 #[tokio::test]

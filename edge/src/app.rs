@@ -20,16 +20,27 @@ use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::{ProviderKind, RouteTarget, Snapshot, TenantSnapshot};
 
 use crate::auth::authenticate;
+use crate::metrics::{EdgeMetrics, Observation};
 use crate::respond::{self, Common};
 
 pub struct EdgeApp {
     snapshot: SharedSnapshot,
     upstream: Arc<dyn Upstream>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 impl EdgeApp {
     pub fn new(snapshot: SharedSnapshot, upstream: Arc<dyn Upstream>) -> Self {
-        EdgeApp { snapshot, upstream }
+        EdgeApp {
+            snapshot,
+            upstream,
+            metrics: Arc::new(EdgeMetrics::new()),
+        }
+    }
+
+    /// The edge's Prometheus metrics, for a [`crate::metrics::MetricsApp`] listener.
+    pub fn metrics(&self) -> Arc<EdgeMetrics> {
+        self.metrics.clone()
     }
 }
 
@@ -44,6 +55,9 @@ struct Outcome {
     client_gone: bool,
     stream: bool,
     protocol: Protocol,
+    endpoint: &'static str,
+    /// The requested model when the policy knows it (bounded metric label).
+    model_label: Option<String>,
 }
 
 enum Endpoint {
@@ -62,6 +76,18 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "count_tokens",
+            Endpoint::Models | Endpoint::Model(_) => "models",
+            Endpoint::Health => "health",
+            Endpoint::Passthrough { .. } => "passthrough",
+        }
+    }
+
     fn protocol(&self) -> Protocol {
         match self {
             Endpoint::Messages | Endpoint::CountTokens => Protocol::Anthropic,
@@ -196,6 +222,7 @@ impl EdgeApp {
             route(&req.method, req.uri.path(), req.uri.query())?
         };
         out.protocol = endpoint.protocol();
+        out.endpoint = endpoint.label();
         let snap = self.snapshot.load_full();
         let common = Common { request_id };
         if let Endpoint::Health = endpoint {
@@ -296,6 +323,13 @@ impl EdgeApp {
                 out.model = Some(requested.clone());
                 out.stream = op.is_stream();
                 let target = plan(&snap, &tenant, &requested).map_err(|e| (e, None))?;
+                let advertised = snap
+                    .providers
+                    .get(&target.provider)
+                    .is_some_and(|p| p.models.iter().any(|m| *m == target.model));
+                if advertised || snap.aliases.contains_key(&requested) {
+                    out.model_label = Some(requested.clone());
+                }
                 if raw_header {
                     let kind = snap.providers.get(&target.provider).map(|p| p.kind);
                     let path = raw_path(kind, endpoint_name(&op)).map_err(|e| (e, None))?;
@@ -527,6 +561,8 @@ impl HttpServerApp for EdgeApp {
             client_gone: false,
             stream: false,
             protocol: Protocol::OpenAi,
+            endpoint: "other",
+            model_label: None,
         };
         let mut reusable = true;
         if let Err((e, allow)) = self
@@ -549,6 +585,7 @@ impl HttpServerApp for EdgeApp {
             respond::error(&mut session, &e, out.protocol, &common, extra).await;
         }
         log_request(&request_id, &session, &out, received_at);
+        self.observe(&out, received_at);
         if out.client_gone {
             return None;
         }
@@ -562,6 +599,25 @@ impl HttpServerApp for EdgeApp {
             }
             _ => None,
         }
+    }
+}
+
+impl EdgeApp {
+    fn observe(&self, out: &Outcome, received_at: Instant) {
+        let stats = out.stats.as_deref();
+        let usage = stats.and_then(|s| s.usage()).unwrap_or_default();
+        self.metrics.observe(&Observation {
+            endpoint: out.endpoint,
+            provider: out.provider.as_deref().unwrap_or("none"),
+            model: out.model_label.as_deref().unwrap_or("other"),
+            status: if out.client_gone { 499 } else { out.status },
+            latency: received_at.elapsed(),
+            ttft: stats.and_then(|s| s.ttft_us()).map(Duration::from_micros),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            stream_failed: stats.is_some_and(|s| s.stream_failed()),
+            client_gone: out.client_gone,
+        });
     }
 }
 

@@ -31,3 +31,17 @@ pub fn edge_service(
     service.threads = Some(threads);
     Ok(service)
 }
+
+/// The Prometheus listener (`GET /metrics`), separate from client traffic.
+pub fn metrics_service(
+    metrics: std::sync::Arc<crate::metrics::EdgeMetrics>,
+    addr: &str,
+) -> Service<crate::metrics::MetricsApp> {
+    let mut service = Service::new(
+        "switchyard-metrics".to_string(),
+        crate::metrics::MetricsApp(metrics),
+    );
+    service.add_tcp(addr);
+    service.threads = Some(1);
+    service
+}

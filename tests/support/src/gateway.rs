@@ -54,6 +54,7 @@ pub struct Gateway {
     child: Child,
     pub http_addr: SocketAddr,
     pub https_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub key: String,
     pub state_dir: PathBuf,
     logs: Arc<Mutex<String>>,
@@ -102,12 +103,15 @@ impl Gateway {
         for _ in 0..3 {
             let http_addr = free_port();
             let https_addr = free_port();
+            let metrics_addr = free_port();
             let mut cmd = Command::new(&opts.binary);
             cmd.arg("dev")
                 .arg("--listen")
                 .arg(http_addr.to_string())
                 .arg("--tls-listen")
                 .arg(https_addr.to_string())
+                .arg("--metrics-listen")
+                .arg(metrics_addr.to_string())
                 .arg("--config")
                 .arg(&policy_path)
                 .arg("--state-dir")
@@ -139,6 +143,7 @@ impl Gateway {
                         child,
                         http_addr,
                         https_addr,
+                        metrics_addr,
                         key: TEST_KEY.to_string(),
                         state_dir,
                         logs,
