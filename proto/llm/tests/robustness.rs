@@ -32,11 +32,17 @@ fn corpus() -> Vec<Vec<u8>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let mut out = Vec::new();
     for provider in ["openai", "anthropic", "gemini"] {
-        let Ok(dir) = std::fs::read_dir(root.join(provider)) else { continue };
+        let Ok(dir) = std::fs::read_dir(root.join(provider)) else {
+            continue;
+        };
         for case in dir.flatten() {
             for file in ["response.json", "request.json"] {
-                let Ok(text) = std::fs::read_to_string(case.path().join(file)) else { continue };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                let Ok(text) = std::fs::read_to_string(case.path().join(file)) else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
                 if let Some(sse) = v["body_sse"].as_str() {
                     out.push(sse.as_bytes().to_vec());
                 }
