@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod dev;
+mod node;
 
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "Multi-region LLM API gateway")]
@@ -28,6 +29,15 @@ enum Command {
     /// Run every role in one process: edge on HTTP and HTTPS, in-process
     /// egress, providers from the environment plus the simulated provider.
     Dev(dev::DevArgs),
+    /// Run an edge node: client-facing HTTP(S), requests sent over the QUIC
+    /// backhaul to egress nodes. Holds no provider keys.
+    Edge(node::EdgeArgs),
+    /// Run an egress node: accepts backhaul connections from edges (mTLS)
+    /// and calls providers with the keys from its environment.
+    Egress(node::EgressArgs),
+    /// Write a throwaway CA and a node certificate signed by it, for the
+    /// backhaul's mutual TLS in development and tests.
+    GenCerts(node::GenCertsArgs),
     /// Print the SHA-256 of a virtual key, for `tenants[].key_sha256` in policy YAML.
     HashKey {
         /// The virtual key to hash.
@@ -66,6 +76,9 @@ fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Dev(args) => dev::run(args),
+        Command::Edge(args) => node::run_edge(args),
+        Command::Egress(args) => node::run_egress(args),
+        Command::GenCerts(args) => node::run_gen_certs(args),
         Command::HashKey { key } => {
             println!("{}", switchyard_proto::KeyHash::of(&key).to_hex());
             Ok(())

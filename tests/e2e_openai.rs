@@ -137,10 +137,13 @@ async fn chat_passthrough_rewrites_only_the_model() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(r#"switchyard_requests_total{endpoint="chat",provider="openai",status="200"} 1"#),
+        metrics.contains(
+            r#"switchyard_requests_total{endpoint="chat",provider="openai",status="200"} 1"#
+        ),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"switchyard_tokens_total{kind="prompt",model="fast",provider="openai"}"#));
+    assert!(metrics
+        .contains(r#"switchyard_tokens_total{kind="prompt",model="fast",provider="openai"}"#));
     assert!(!metrics.contains(PROVIDER_KEY));
 }
 

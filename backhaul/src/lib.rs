@@ -7,15 +7,53 @@
 //! where offered, hickory DNS, `TCP_NODELAY`), and returns the response as a
 //! complete body or a stream of ready-to-write SSE frames with accounting.
 //!
-//! In single-node mode (`switchyard dev`) the edge calls `execute` directly;
-//! the QUIC tunnel that carries the same request between processes lives in
-//! this crate too once the backhaul lands.
+//! In single-node mode (`switchyard dev`) the edge calls `execute` directly.
+//! Between processes the same request crosses the QUIC backhaul in
+//! [`tunnel`]: the edge's [`tunnel::TunnelRouter`] is an [`Upstream`] that
+//! sends it over a warm, mutually authenticated quinn connection to a
+//! [`tunnel::EgressServer`] in the target's region, which runs `execute` and
+//! streams the answer back (`switchyard edge` / `switchyard egress`).
+//!
+//! # Why a framed protocol, not Pingora's custom L4 connector
+//!
+//! Two ways to carry a request over a QUIC stream were evaluated:
+//!
+//! 1. **Pingora's custom L4 connector** (`PeerOptions.custom_l4` returning a
+//!    virtual socket over a quinn stream): the edge would proxy plain HTTP/1.1
+//!    to the egress through `ProxyHttp`, metadata in headers. A prototype of
+//!    it worked here.
+//! 2. **An explicit framed protocol** on one bidirectional stream per request
+//!    (`proto/backhaul.proto`): a length-prefixed protobuf request header,
+//!    the body, then response header, data frames and a trailer.
+//!
+//! We chose (2), because:
+//!
+//! - The edge is not a byte proxy. It must parse and validate the whole body
+//!   anyway (model → route plan, residency, limits), so it holds a typed
+//!   [`EgressRequest`] — sending that as protobuf plus the body is simpler
+//!   and stricter than re-rendering it as an HTTP request for Pingora to
+//!   re-parse on both sides, and the edge keeps its own `HttpServerApp`.
+//! - Accounting needs data that only exists at the end of a stream (usage,
+//!   stream failure, chosen target). The trailer frame carries it typed; over
+//!   HTTP/1.1 through Pingora it would need chunked trailers, which Pingora's
+//!   upstream path does not surface, or a sentinel inside the body.
+//! - Pingora 0.9.1 does not reuse pooled virtual-socket sessions (upstream
+//!   issue cloudflare/pingora#883), so (1) gives no connection reuse benefit
+//!   over one stream per request — which (2) does by design, at no round trip.
+//! - Failure semantics are explicit: the edge knows whether the egress
+//!   acknowledged the request (retry on another egress is safe before, never
+//!   after), and cancellation is a QUIC `STOP_SENDING`/reset that the egress
+//!   turns into dropping the provider call.
+//!
+//! The cost is one small protocol of our own (versioned, with round-trip
+//! unit tests in `tunnel::frame`) instead of HTTP on both ends.
 
 pub mod dns;
 pub mod egress;
 pub mod providers;
 pub mod request;
 pub mod stream;
+pub mod tunnel;
 pub mod upstream;
 
 pub use egress::{Egress, SharedSnapshot};

@@ -326,7 +326,7 @@ impl EdgeApp {
                 let advertised = snap
                     .providers
                     .get(&target.provider)
-                    .is_some_and(|p| p.models.iter().any(|m| *m == target.model));
+                    .is_some_and(|p| p.models.contains(&target.model));
                 if advertised || snap.aliases.contains_key(&requested) {
                     out.model_label = Some(requested.clone());
                 }

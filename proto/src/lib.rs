@@ -14,6 +14,11 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+/// The edge ↔ egress framing's messages (`backhaul.proto`).
+pub mod backhaul {
+    tonic::include_proto!("switchyard.backhaul");
+}
+
 /// A provider credential. It never prints: `Debug` and `Display` show a
 /// redaction marker, so a stray `{:?}` cannot leak it into logs.
 #[derive(Clone, PartialEq, Eq)]

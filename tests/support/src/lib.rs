@@ -7,7 +7,11 @@
 //! - [`gateway::Gateway`]: starts the real `switchyard` binary on free
 //!   loopback ports with a given policy and environment, captures its logs,
 //!   and kills it when dropped.
+//! - [`cluster`]: the same for `switchyard edge` / `switchyard egress`
+//!   processes joined by the QUIC backhaul, with certificates from
+//!   `switchyard gen-certs`.
 
+pub mod cluster;
 pub mod fixtures;
 pub mod gateway;
 pub mod mock;

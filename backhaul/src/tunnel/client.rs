@@ -1,0 +1,760 @@
+//! The edge end of the backhaul: warm connections to every egress node and
+//! the [`Upstream`] that sends each request over one new stream.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_proto::backhaul as wire;
+use switchyard_proto::Snapshot;
+use tokio::sync::{watch, Notify};
+
+use super::frame::{self, FrameError, FrameKind};
+use super::tls::NodeTls;
+use super::TunnelError;
+use crate::dns::HickoryResolver;
+use crate::egress::SharedSnapshot;
+use crate::request::{
+    EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody,
+};
+use crate::stream::{anthropic_error_frame, openai_error_frame, ErrorFramer};
+use crate::Upstream;
+
+/// Where the egress nodes of each region are. The static implementation
+/// reads the policy and command-line flags; the control plane will provide
+/// one fed by its snapshots, and hand it to [`TunnelRouter::reconcile`].
+pub trait EgressDirectory: Send + Sync {
+    /// Region name → egress addresses (`host:port`).
+    fn regions(&self) -> BTreeMap<String, Vec<String>>;
+}
+
+/// Egress addresses from the policy's `regions.R.egress` and `--egress` flags.
+#[derive(Debug, Clone, Default)]
+pub struct StaticDirectory {
+    regions: BTreeMap<String, Vec<String>>,
+}
+
+impl StaticDirectory {
+    pub fn from_snapshot(snap: &Snapshot) -> Self {
+        let mut d = StaticDirectory::default();
+        for (name, r) in &snap.regions {
+            for addr in &r.egress {
+                d.add(name, addr);
+            }
+        }
+        d
+    }
+
+    pub fn add(&mut self, region: &str, addr: &str) {
+        let list = self.regions.entry(region.to_string()).or_default();
+        if !list.iter().any(|a| a == addr) {
+            list.push(addr.to_string());
+        }
+    }
+
+    /// Parses a `REGION=HOST:PORT` flag.
+    pub fn parse_flag(flag: &str) -> Result<(String, String), String> {
+        let (region, addr) = flag
+            .split_once('=')
+            .ok_or_else(|| format!("expected REGION=HOST:PORT, got {flag:?}"))?;
+        split_host_port(addr)?;
+        if region.is_empty() {
+            return Err(format!("empty region in {flag:?}"));
+        }
+        Ok((region.to_string(), addr.to_string()))
+    }
+}
+
+impl EgressDirectory for StaticDirectory {
+    fn regions(&self) -> BTreeMap<String, Vec<String>> {
+        self.regions.clone()
+    }
+}
+
+fn split_host_port(addr: &str) -> Result<(&str, u16), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("expected host:port, got {addr:?}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse().map_err(|_| format!("bad port in {addr:?}"))?;
+    if host.is_empty() {
+        return Err(format!("empty host in {addr:?}"));
+    }
+    Ok((host, port))
+}
+
+/// How long a connection must have lived for its loss to reset the backoff;
+/// a peer that accepts and then drops us at once (a refused client
+/// certificate) must not be redialled in a tight loop.
+const STABLE_AFTER: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request for a region whose egress nodes are all (re)connecting waits
+/// this long for one to come up before it fails.
+const WAIT_FOR_EGRESS: Duration = Duration::from_secs(2);
+/// Egress nodes tried per request before giving up.
+const MAX_ATTEMPTS: usize = 3;
+/// Added to the provider deadline and stream idle timeout: the egress
+/// enforces those itself and answers with an error; this bound only catches
+/// an egress that went silent.
+const SLACK: Duration = Duration::from_secs(5);
+/// Stream stop code: the client went away.
+const STOP_CANCELLED: u32 = 0;
+
+struct Node {
+    region: String,
+    addr: String,
+    conn: ArcSwapOption<quinn::Connection>,
+    in_flight: AtomicUsize,
+    removed: AtomicBool,
+    remove: Notify,
+}
+
+impl Node {
+    fn connection(&self) -> Option<quinn::Connection> {
+        let c = self.conn.load();
+        c.as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .map(|c| (**c).clone())
+    }
+
+    /// Lower is better: RTT scaled by the requests already in flight.
+    fn score(&self, conn: &quinn::Connection) -> u128 {
+        let rtt = conn.rtt().as_micros().max(1);
+        rtt * (1 + self.in_flight.load(Ordering::Relaxed) as u128)
+    }
+}
+
+/// Counts a request against its egress node for as long as it lives.
+struct InFlight(Arc<Node>);
+
+impl InFlight {
+    fn new(node: Arc<Node>) -> Self {
+        node.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(node)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct TunnelConfig {
+    /// The edge's own region: preferred for providers without a region.
+    pub region: String,
+    pub tls: NodeTls,
+}
+
+/// The edge's [`Upstream`] in multi-node mode.
+pub struct TunnelRouter {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    resolver: Option<HickoryResolver>,
+    region: String,
+    snapshot: SharedSnapshot,
+    nodes: ArcSwap<Vec<Arc<Node>>>,
+    /// Bumped on every connection change, for requests waiting for a node.
+    changed: watch::Sender<u64>,
+    runtime: tokio::runtime::Handle,
+}
+
+fn bind_client() -> Result<quinn::Endpoint, TunnelError> {
+    // Dual-stack when the host has IPv6, else IPv4 only.
+    let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+    let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+    quinn::Endpoint::client(v6)
+        .or_else(|_| quinn::Endpoint::client(v4))
+        .map_err(|e| TunnelError::Bind("client endpoint".into(), e))
+}
+
+impl TunnelRouter {
+    /// Binds the client endpoint and starts dialling every egress node of
+    /// `directory`. Call it inside the runtime that is to drive the tunnel
+    /// (not a Pingora service runtime); requests may come from any runtime.
+    pub fn start(
+        config: TunnelConfig,
+        directory: &dyn EgressDirectory,
+        snapshot: SharedSnapshot,
+    ) -> Result<Arc<Self>, TunnelError> {
+        let endpoint = bind_client()?;
+        let resolver = match HickoryResolver::from_system() {
+            Ok(r) => Some(r),
+            Err(error) => {
+                tracing::warn!(target: "switchyard::backhaul", %error, "no DNS resolver; egress addresses must be IP literals");
+                None
+            }
+        };
+        let router = Arc::new(TunnelRouter {
+            endpoint,
+            client: config.tls.client_config()?,
+            resolver,
+            region: config.region,
+            snapshot,
+            nodes: ArcSwap::from_pointee(Vec::new()),
+            changed: watch::channel(0).0,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        router.reconcile(directory);
+        Ok(router)
+    }
+
+    /// Brings the node set in line with `directory`: new addresses are
+    /// dialled, removed ones closed, unchanged ones keep their connection.
+    pub fn reconcile(&self, directory: &dyn EgressDirectory) {
+        let wanted = directory.regions();
+        let current = self.nodes.load_full();
+        let mut next = Vec::new();
+        for (region, addrs) in &wanted {
+            for addr in addrs {
+                if let Some(n) = current
+                    .iter()
+                    .find(|n| &n.region == region && &n.addr == addr)
+                {
+                    next.push(n.clone());
+                    continue;
+                }
+                let node = Arc::new(Node {
+                    region: region.clone(),
+                    addr: addr.clone(),
+                    conn: ArcSwapOption::empty(),
+                    in_flight: AtomicUsize::new(0),
+                    removed: AtomicBool::new(false),
+                    remove: Notify::new(),
+                });
+                self.runtime.spawn(maintain(
+                    node.clone(),
+                    self.endpoint.clone(),
+                    self.client.clone(),
+                    self.resolver.clone(),
+                    self.changed.clone(),
+                ));
+                next.push(node);
+            }
+        }
+        for old in current.iter() {
+            if !next.iter().any(|n| Arc::ptr_eq(n, old)) {
+                old.removed.store(true, Ordering::Relaxed);
+                old.remove.notify_one();
+            }
+        }
+        self.nodes.store(Arc::new(next));
+    }
+
+    /// Waits until every egress node is connected, or `timeout`; returns
+    /// how many are. The edge calls it before it starts listening, so the
+    /// first request finds warm connections.
+    pub async fn wait_connected(&self, timeout: Duration) -> (usize, usize) {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let nodes = self.nodes.load();
+            let up = nodes.iter().filter(|n| n.connection().is_some()).count();
+            if up == nodes.len() {
+                return (up, nodes.len());
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return (up, nodes.len());
+            }
+        }
+    }
+
+    /// Connected nodes a request for `region` may use, best first.
+    fn candidates(
+        &self,
+        region: Option<&str>,
+        tried: &[Arc<Node>],
+    ) -> Vec<(Arc<Node>, quinn::Connection)> {
+        let nodes = self.nodes.load();
+        let usable = |n: &&Arc<Node>| !tried.iter().any(|t| Arc::ptr_eq(t, n));
+        let mut out: Vec<(Arc<Node>, quinn::Connection)> = match region {
+            Some(r) => nodes
+                .iter()
+                .filter(|n| n.region == r)
+                .filter(usable)
+                .filter_map(|n| n.connection().map(|c| (n.clone(), c)))
+                .collect(),
+            None => {
+                let up: Vec<_> = nodes
+                    .iter()
+                    .filter(usable)
+                    .filter_map(|n| n.connection().map(|c| (n.clone(), c)))
+                    .collect();
+                let local: Vec<_> = up
+                    .iter()
+                    .filter(|(n, _)| n.region == self.region)
+                    .cloned()
+                    .collect();
+                if local.is_empty() {
+                    up
+                } else {
+                    local
+                }
+            }
+        };
+        out.sort_by_key(|(n, c)| n.score(c));
+        out
+    }
+
+    fn has_nodes(&self, region: Option<&str>) -> bool {
+        let nodes = self.nodes.load();
+        match region {
+            Some(r) => nodes.iter().any(|n| n.region == r),
+            None => !nodes.is_empty(),
+        }
+    }
+
+    /// The best connected node, waiting (bounded) for one to come up.
+    async fn pick(
+        &self,
+        region: Option<&str>,
+        tried: &[Arc<Node>],
+        wait_until: tokio::time::Instant,
+    ) -> Option<(Arc<Node>, quinn::Connection)> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if let Some(best) = self.candidates(region, tried).into_iter().next() {
+                return Some(best);
+            }
+            if tokio::time::timeout_at(wait_until, rx.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+}
+
+/// Keeps one node connected: dial, hold until lost, redial with backoff.
+async fn maintain(
+    node: Arc<Node>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    resolver: Option<HickoryResolver>,
+    changed: watch::Sender<u64>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let bump = || changed.send_modify(|v| *v = v.wrapping_add(1));
+    while !node.removed.load(Ordering::Relaxed) {
+        let dial = tokio::select! {
+            r = dial(&endpoint, &client, resolver.as_ref(), &node.addr) => r,
+            _ = node.remove.notified() => return,
+        };
+        match dial {
+            Ok(conn) => {
+                let since = Instant::now();
+                tracing::info!(target: "switchyard::backhaul", region = %node.region, egress = %node.addr,
+                    rtt_ms = conn.rtt().as_secs_f64() * 1000.0, "backhaul connected");
+                node.conn.store(Some(Arc::new(conn.clone())));
+                bump();
+                let reason = tokio::select! {
+                    r = conn.closed() => r,
+                    _ = node.remove.notified() => {
+                        conn.close(0u32.into(), b"egress removed");
+                        node.conn.store(None);
+                        bump();
+                        return;
+                    }
+                };
+                node.conn.store(None);
+                bump();
+                tracing::warn!(target: "switchyard::backhaul", region = %node.region, egress = %node.addr,
+                    reason = %reason, "backhaul connection lost");
+                if since.elapsed() >= STABLE_AFTER {
+                    backoff = BACKOFF_MIN;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(target: "switchyard::backhaul", region = %node.region, egress = %node.addr,
+                    %error, retry_ms = backoff.as_millis() as u64, "backhaul connect failed");
+            }
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = node.remove.notified() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    resolver: Option<&HickoryResolver>,
+    addr: &str,
+) -> Result<quinn::Connection, String> {
+    let (host, port) = split_host_port(addr)?;
+    let ip = match host.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => {
+            let resolver = resolver.ok_or("no DNS resolver")?;
+            let ips = resolver.lookup(host).await?;
+            // An IPv4 address works whether or not the endpoint is dual-stack.
+            ips.iter()
+                .find(|ip| ip.is_ipv4())
+                .or(ips.first())
+                .copied()
+                .ok_or_else(|| format!("{host} has no address"))?
+        }
+    };
+    let connecting = endpoint
+        .connect_with(client.clone(), SocketAddr::new(ip, port), host)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no handshake within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// How one attempt on one node ended, when it did not produce a response.
+enum AttemptError {
+    /// The egress cannot have started the request: try another node.
+    NotAccepted(String),
+    /// It may have: report, never resend a non-idempotent call.
+    Failed(GatewayError),
+}
+
+fn backhaul_failed(detail: &str) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::Upstream,
+        format!("The egress node failed while handling the request ({detail})."),
+    )
+    .with_code("backhaul_failed")
+}
+
+fn is_connection_loss(e: &FrameError) -> bool {
+    matches!(e, FrameError::Connection(_) | FrameError::Closed)
+}
+
+#[async_trait::async_trait]
+impl Upstream for TunnelRouter {
+    async fn execute(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError> {
+        let snap = self.snapshot.load_full();
+        let region = snap
+            .providers
+            .get(&req.target.provider)
+            .and_then(|p| p.region.clone());
+        let region = region.as_deref();
+        if !self.has_nodes(region) {
+            return Err(GatewayError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "No egress node is configured for region `{}`.",
+                    region.unwrap_or("any")
+                ),
+            )
+            .with_code("no_egress"));
+        }
+        let budget = snap
+            .limits
+            .upstream_timeout
+            .saturating_sub(req.received_at.elapsed());
+        let (header, body) = frame::request_to_wire(&req, budget, "");
+        let header = frame::encode_message(FrameKind::RequestHeader, &header);
+        let framer: Option<ErrorFramer> = match (&req.op, req.inbound) {
+            (Operation::Raw(_), _) => None,
+            (_, Protocol::OpenAi) => Some(openai_error_frame),
+            (_, Protocol::Anthropic) => Some(anthropic_error_frame),
+        };
+        let idle = snap.limits.stream_idle_timeout + SLACK;
+        let wait_until = tokio::time::Instant::now() + WAIT_FOR_EGRESS;
+        let mut tried: Vec<Arc<Node>> = Vec::new();
+        let mut last = String::from("no egress node connected");
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((node, conn)) = self.pick(region, &tried, wait_until).await else {
+                break;
+            };
+            tried.push(node.clone());
+            let guard = InFlight::new(node.clone());
+            let attempt = Attempt {
+                conn: &conn,
+                header: &header,
+                body: &body,
+                budget: budget + SLACK,
+                received_at: req.received_at,
+            };
+            match attempt.run().await {
+                Ok((head, recv)) => {
+                    return respond(
+                        head,
+                        recv,
+                        guard,
+                        framer,
+                        idle,
+                        req.received_at,
+                        budget + SLACK,
+                    )
+                    .await;
+                }
+                Err(AttemptError::NotAccepted(why)) => {
+                    tracing::warn!(target: "switchyard::backhaul", request_id = %req.request_id,
+                        egress = %node.addr, region = %node.region, error = %why,
+                        "backhaul attempt failed before the egress took the request; trying another egress");
+                    last = why;
+                }
+                Err(AttemptError::Failed(e)) => {
+                    tracing::warn!(target: "switchyard::backhaul", request_id = %req.request_id,
+                        egress = %node.addr, region = %node.region, error = %e.message,
+                        "backhaul request failed after the egress took it");
+                    return Err(e);
+                }
+            }
+        }
+        Err(GatewayError::new(
+            if tried.is_empty() {
+                ErrorKind::Overloaded
+            } else {
+                ErrorKind::Upstream
+            },
+            format!(
+                "No egress node of region `{}` could take the request ({last}).",
+                region.unwrap_or("any")
+            ),
+        )
+        .with_code("no_egress"))
+    }
+}
+
+struct Attempt<'a> {
+    conn: &'a quinn::Connection,
+    header: &'a Bytes,
+    body: &'a Bytes,
+    budget: Duration,
+    received_at: Instant,
+}
+
+impl Attempt<'_> {
+    /// Opens a stream, sends the request and waits for the response header.
+    async fn run(&self) -> Result<(wire::ResponseHeader, quinn::RecvStream), AttemptError> {
+        let not_accepted = |e: &dyn std::fmt::Display| AttemptError::NotAccepted(e.to_string());
+        let send_request = async {
+            let (mut send, recv) = self.conn.open_bi().await.map_err(|e| not_accepted(&e))?;
+            send.write_chunk(self.header.clone())
+                .await
+                .map_err(|e| not_accepted(&e))?;
+            if !self.body.is_empty() {
+                send.write_chunk(self.body.clone())
+                    .await
+                    .map_err(|e| not_accepted(&e))?;
+            }
+            send.finish().map_err(|e| not_accepted(&e))?;
+            Ok::<_, AttemptError>((send, recv))
+        };
+        // Opening a stream costs no round trip; this only waits when flow
+        // control or the stream limit holds us back.
+        let (send, mut recv) = match tokio::time::timeout(self.budget, send_request).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(AttemptError::NotAccepted(
+                    "the request could not be sent in time".into(),
+                ))
+            }
+        };
+        // The egress acknowledging every request byte is the point of no
+        // return: before it, a lost connection means the egress never had
+        // the whole request (it only starts once the body is complete).
+        let mut acked = false;
+        let head = {
+            let stopped = send.stopped();
+            tokio::pin!(stopped);
+            let mut stop_seen = false;
+            let head_wait = tokio::time::timeout_at(
+                (self.received_at + self.budget).into(),
+                frame::read_message::<wire::ResponseHeader>(&mut recv, FrameKind::ResponseHeader),
+            );
+            tokio::pin!(head_wait);
+            loop {
+                tokio::select! {
+                    r = &mut stopped, if !stop_seen => {
+                        stop_seen = true;
+                        // Ok(None): all bytes acknowledged. Ok(Some): the egress
+                        // stopped reading, so it saw the request.
+                        acked = r.is_ok();
+                    }
+                    r = &mut head_wait => break r,
+                }
+            }
+        };
+        drop(send);
+        match head {
+            Ok(Ok(h)) => Ok((h, recv)),
+            Ok(Err(e)) if !acked && is_connection_loss(&e) => {
+                Err(AttemptError::NotAccepted(e.to_string()))
+            }
+            Ok(Err(e)) => Err(AttemptError::Failed(backhaul_failed(&e.to_string()))),
+            Err(_) => {
+                let _ = recv.stop(STOP_CANCELLED.into());
+                Err(AttemptError::Failed(
+                    GatewayError::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "The egress node did not answer within {} ms.",
+                            self.budget.as_millis()
+                        ),
+                    )
+                    .with_code("backhaul_timeout"),
+                ))
+            }
+        }
+    }
+}
+
+async fn respond(
+    head: wire::ResponseHeader,
+    mut recv: quinn::RecvStream,
+    guard: InFlight,
+    framer: Option<ErrorFramer>,
+    idle: Duration,
+    received_at: Instant,
+    budget: Duration,
+) -> Result<EgressResponse, GatewayError> {
+    if let Some(e) = head.error {
+        return Err(frame::error_from_wire(e));
+    }
+    let stats = Arc::new(RequestStats::default());
+    let status = u16::try_from(head.status).unwrap_or(502);
+    if head.streaming {
+        let body = stream_frames(StreamState {
+            recv,
+            _guard: guard,
+            stats: stats.clone(),
+            framer,
+            idle,
+            received_at,
+            done: false,
+        });
+        return Ok(EgressResponse {
+            status,
+            content_type: head.content_type,
+            retry_after: head.retry_after,
+            body: ResponseBody::Stream(body),
+            stats,
+        });
+    }
+    let read_all = async {
+        let mut parts: Vec<Bytes> = Vec::new();
+        loop {
+            let (kind, payload) = frame::read_frame(&mut recv, frame::MAX_DATA_FRAME).await?;
+            match kind {
+                FrameKind::Data => parts.push(payload),
+                FrameKind::Trailer => {
+                    let t: wire::Trailer = frame::decode(kind, &payload)?;
+                    frame::apply_trailer(&t, &stats);
+                    return Ok::<_, FrameError>(parts);
+                }
+                other => {
+                    return Err(FrameError::Unexpected {
+                        expected: FrameKind::Trailer,
+                        got: other,
+                    })
+                }
+            }
+        }
+    };
+    let parts = match tokio::time::timeout(budget.max(idle), read_all).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return Err(backhaul_failed(&e.to_string())),
+        Err(_) => return Err(backhaul_failed("the response body did not arrive in time")),
+    };
+    stats.mark_first_byte(received_at);
+    let body = match parts.len() {
+        1 => parts.into_iter().next().unwrap_or_default(),
+        _ => Bytes::from(parts.concat()),
+    };
+    drop(guard);
+    Ok(EgressResponse {
+        status,
+        content_type: head.content_type,
+        retry_after: head.retry_after,
+        body: ResponseBody::Full(body),
+        stats,
+    })
+}
+
+struct StreamState {
+    recv: quinn::RecvStream,
+    _guard: InFlight,
+    stats: Arc<RequestStats>,
+    framer: Option<ErrorFramer>,
+    idle: Duration,
+    received_at: Instant,
+    done: bool,
+}
+
+impl StreamState {
+    /// Ends the stream after a backhaul failure, with one error frame in the
+    /// caller's protocol (raw passthrough has none: its body just ends).
+    fn fail(&mut self, error: GatewayError) -> Option<Bytes> {
+        self.done = true;
+        self.stats.mark_stream_failed();
+        let _ = self.recv.stop(STOP_CANCELLED.into());
+        self.framer.map(|f| f(&error))
+    }
+}
+
+/// Data frames as they arrive: never buffered, one frame per chunk. The
+/// trailer fills the stats before the stream reports its end, so the edge's
+/// access-log line (written after the end) has the usage.
+fn stream_frames(state: StreamState) -> BoxStream<'static, Bytes> {
+    futures::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let next = tokio::time::timeout(st.idle, frame::read_frame(&mut st.recv, frame::MAX_DATA_FRAME)).await;
+        let out = match next {
+            Ok(Ok((FrameKind::Data, payload))) => {
+                st.stats.mark_first_byte(st.received_at);
+                Some(payload)
+            }
+            Ok(Ok((FrameKind::Trailer, payload))) => {
+                st.done = true;
+                match frame::decode::<wire::Trailer>(FrameKind::Trailer, &payload) {
+                    Ok(t) => {
+                        frame::apply_trailer(&t, &st.stats);
+                        None
+                    }
+                    Err(e) => st.fail(backhaul_failed(&e.to_string())),
+                }
+            }
+            Ok(Ok((kind, _))) => st.fail(backhaul_failed(&format!("unexpected {kind:?} frame"))),
+            Ok(Err(e)) => {
+                let e = if is_connection_loss(&e) || matches!(e, FrameError::Reset(_) | FrameError::Eof | FrameError::Truncated) {
+                    GatewayError::new(
+                        ErrorKind::Upstream,
+                        "The connection to the egress node was lost mid-stream; the response is incomplete.",
+                    )
+                    .with_code("backhaul_lost")
+                } else {
+                    backhaul_failed(&e.to_string())
+                };
+                st.fail(e)
+            }
+            Err(_) => st.fail(
+                GatewayError::new(
+                    ErrorKind::Timeout,
+                    format!("The egress node sent nothing for {} ms; the stream was ended.", st.idle.as_millis()),
+                )
+                .with_code("backhaul_timeout"),
+            ),
+        };
+        out.map(|chunk| (chunk, st))
+    })
+    .boxed()
+}

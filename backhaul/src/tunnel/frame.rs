@@ -1,0 +1,500 @@
+//! Frames on a backhaul stream, and the conversions between the wire
+//! messages of `proto/backhaul.proto` and the egress's domain types.
+//!
+//! A frame is `[kind: u8][length: u32 big-endian][payload]`. The length
+//! prefix lets the reader allocate exactly once per frame and refuse
+//! oversized frames before reading them.
+
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use switchyard_llm::anthropic;
+use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest, Usage};
+use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_proto::backhaul as wire;
+use switchyard_proto::RouteTarget;
+
+use crate::request::{EgressRequest, Operation, Protocol, RawRequest, RequestStats};
+
+/// Protocol version carried in every request header.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Header frames hold metadata only; a larger one is a bug or an attack.
+pub const MAX_HEADER_FRAME: usize = 1 << 20;
+/// Data frames are provider chunks; a whole non-streamed body is split.
+pub const MAX_DATA_FRAME: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    RequestHeader = 1,
+    ResponseHeader = 2,
+    Data = 3,
+    Trailer = 4,
+}
+
+impl FrameKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => FrameKind::RequestHeader,
+            2 => FrameKind::ResponseHeader,
+            3 => FrameKind::Data,
+            4 => FrameKind::Trailer,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer finished the stream cleanly where a frame could start.
+    #[error("the stream ended")]
+    Eof,
+    #[error("the stream was reset by the peer (code {0})")]
+    Reset(u64),
+    #[error("the connection was lost: {0}")]
+    Connection(quinn::ConnectionError),
+    #[error("the stream ended inside a frame")]
+    Truncated,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("a {kind:?} frame of {len} bytes is over the limit of {limit}")]
+    TooLarge {
+        kind: FrameKind,
+        len: usize,
+        limit: usize,
+    },
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    Unexpected { expected: FrameKind, got: FrameKind },
+    #[error("malformed {0:?} frame: {1}")]
+    Decode(FrameKind, prost::DecodeError),
+    #[error("the stream is closed")]
+    Closed,
+}
+
+pub fn encode(kind: FrameKind, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + payload.len());
+    buf.put_u8(kind as u8);
+    buf.put_u32(payload.len() as u32);
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+pub fn encode_message(kind: FrameKind, msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(kind as u8);
+    buf.put_u32(len as u32);
+    // Encoding into a buffer with enough capacity cannot fail.
+    let _ = msg.encode(&mut buf);
+    buf.freeze()
+}
+
+/// Only the 5-byte prefix of a data frame, so a chunk is written without
+/// being copied into a new buffer.
+pub fn data_prefix(len: usize) -> [u8; 5] {
+    let mut p = [0u8; 5];
+    p[0] = FrameKind::Data as u8;
+    p[1..].copy_from_slice(&(len as u32).to_be_bytes());
+    p
+}
+
+fn map_read(e: quinn::ReadError) -> FrameError {
+    match e {
+        quinn::ReadError::Reset(code) => FrameError::Reset(code.into_inner()),
+        quinn::ReadError::ConnectionLost(c) => FrameError::Connection(c),
+        quinn::ReadError::ClosedStream => FrameError::Closed,
+        quinn::ReadError::ZeroRttRejected => FrameError::Closed,
+        quinn::ReadError::IllegalOrderedRead => FrameError::Closed,
+    }
+}
+
+fn map_exact(e: quinn::ReadExactError, started: bool) -> FrameError {
+    match e {
+        quinn::ReadExactError::FinishedEarly(0) if !started => FrameError::Eof,
+        quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
+        quinn::ReadExactError::ReadError(e) => map_read(e),
+    }
+}
+
+/// Reads the next frame; `max` bounds its payload.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<(FrameKind, Bytes), FrameError> {
+    let mut head = [0u8; 5];
+    recv.read_exact(&mut head)
+        .await
+        .map_err(|e| map_exact(e, false))?;
+    let kind = FrameKind::from_u8(head[0]).ok_or(FrameError::UnknownKind(head[0]))?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge {
+            kind,
+            len,
+            limit: max,
+        });
+    }
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| map_exact(e, true))?;
+    Ok((kind, Bytes::from(payload)))
+}
+
+pub fn decode<M: Message + Default>(kind: FrameKind, payload: &[u8]) -> Result<M, FrameError> {
+    M::decode(payload).map_err(|e| FrameError::Decode(kind, e))
+}
+
+/// Reads one frame that must be of `expected` kind.
+pub async fn read_message<M: Message + Default>(
+    recv: &mut quinn::RecvStream,
+    expected: FrameKind,
+) -> Result<M, FrameError> {
+    let (kind, payload) = read_frame(recv, MAX_HEADER_FRAME).await?;
+    if kind != expected {
+        return Err(FrameError::Unexpected {
+            expected,
+            got: kind,
+        });
+    }
+    decode(kind, &payload)
+}
+
+fn fields(v: &[(String, String)]) -> Vec<wire::HeaderField> {
+    v.iter()
+        .map(|(name, value)| wire::HeaderField {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+fn pairs(v: Vec<wire::HeaderField>) -> Vec<(String, String)> {
+    v.into_iter().map(|f| (f.name, f.value)).collect()
+}
+
+fn json_body(map: &serde_json::Map<String, serde_json::Value>) -> Bytes {
+    // Serialising a map of JSON values cannot fail.
+    Bytes::from(serde_json::to_vec(map).unwrap_or_default())
+}
+
+/// The request header and body bytes that carry `req` to an egress.
+pub fn request_to_wire(
+    req: &EgressRequest,
+    deadline: Duration,
+    residency: &str,
+) -> (wire::RequestHeader, Bytes) {
+    let mut header = wire::RequestHeader {
+        version: PROTOCOL_VERSION,
+        request_id: req.request_id.clone(),
+        tenant: req.tenant.clone(),
+        provider: req.target.provider.clone(),
+        upstream_model: req.target.model.clone(),
+        simulate: req.simulate.clone(),
+        forward_headers: fields(&req.forward_headers),
+        deadline_ms: deadline.as_millis() as u64,
+        residency: residency.to_string(),
+        ..Default::default()
+    };
+    header.set_inbound(match req.inbound {
+        Protocol::OpenAi => wire::InboundProtocol::Openai,
+        Protocol::Anthropic => wire::InboundProtocol::Anthropic,
+    });
+    let (kind, body) = match &req.op {
+        Operation::Chat(c) => (wire::OperationKind::Chat, json_body(&c.body)),
+        Operation::Embeddings(e) => (wire::OperationKind::Embeddings, json_body(&e.body)),
+        Operation::Messages { body, .. } => (wire::OperationKind::Messages, json_body(body)),
+        Operation::CountTokens { body } => (wire::OperationKind::CountTokens, json_body(body)),
+        Operation::Raw(raw) => {
+            header.raw_method = raw.method.clone();
+            header.raw_path = raw.path.clone();
+            header.raw_headers = fields(&raw.headers);
+            (wire::OperationKind::Raw, raw.body.clone())
+        }
+    };
+    header.set_operation(kind);
+    (header, body)
+}
+
+/// What the egress learns from a request header besides the request itself.
+pub struct RequestMeta {
+    pub deadline: Duration,
+    pub residency: String,
+}
+
+/// Rebuilds the request on the egress. The body is validated again: the
+/// egress trusts the edge's identity (mTLS), not its parsing.
+pub fn request_from_wire(
+    header: wire::RequestHeader,
+    body: Bytes,
+    received_at: Instant,
+) -> Result<(EgressRequest, RequestMeta), GatewayError> {
+    if header.version != PROTOCOL_VERSION {
+        return Err(GatewayError::new(
+            ErrorKind::Internal,
+            format!(
+                "The egress speaks backhaul protocol {PROTOCOL_VERSION}, the edge sent {}.",
+                header.version
+            ),
+        ));
+    }
+    let op = match header.operation() {
+        wire::OperationKind::Chat => Operation::Chat(ChatRequest::parse(&body)?),
+        wire::OperationKind::Embeddings => Operation::Embeddings(EmbeddingsRequest::parse(&body)?),
+        wire::OperationKind::Messages => {
+            let map = parse_json_object(&body)?;
+            let chat = anthropic::messages_to_openai(map.clone())?;
+            Operation::Messages { body: map, chat }
+        }
+        wire::OperationKind::CountTokens => Operation::CountTokens {
+            body: parse_json_object(&body)?,
+        },
+        wire::OperationKind::Raw => Operation::Raw(RawRequest {
+            method: header.raw_method.clone(),
+            path: header.raw_path.clone(),
+            headers: pairs(header.raw_headers.clone()),
+            body,
+        }),
+        wire::OperationKind::Unspecified => {
+            return Err(GatewayError::new(
+                ErrorKind::Internal,
+                "The backhaul request names no operation.",
+            ))
+        }
+    };
+    let inbound = match header.inbound() {
+        wire::InboundProtocol::Openai => Protocol::OpenAi,
+        wire::InboundProtocol::Anthropic => Protocol::Anthropic,
+    };
+    let meta = RequestMeta {
+        deadline: Duration::from_millis(header.deadline_ms),
+        residency: header.residency,
+    };
+    let req = EgressRequest {
+        request_id: header.request_id,
+        tenant: header.tenant,
+        target: RouteTarget {
+            provider: header.provider,
+            model: header.upstream_model,
+        },
+        op,
+        simulate: header.simulate,
+        received_at,
+        inbound,
+        forward_headers: pairs(header.forward_headers),
+    };
+    Ok((req, meta))
+}
+
+pub fn error_to_wire(e: &GatewayError) -> wire::Error {
+    let kind = match e.kind {
+        ErrorKind::InvalidRequest => wire::ErrorKind::InvalidRequest,
+        ErrorKind::Unauthorized => wire::ErrorKind::Unauthorized,
+        ErrorKind::Forbidden => wire::ErrorKind::Forbidden,
+        ErrorKind::ModelNotFound => wire::ErrorKind::ModelNotFound,
+        ErrorKind::NotFound => wire::ErrorKind::NotFound,
+        ErrorKind::MethodNotAllowed => wire::ErrorKind::MethodNotAllowed,
+        ErrorKind::PayloadTooLarge => wire::ErrorKind::PayloadTooLarge,
+        ErrorKind::RateLimited => wire::ErrorKind::RateLimited,
+        ErrorKind::Upstream => wire::ErrorKind::Upstream,
+        ErrorKind::Overloaded => wire::ErrorKind::Overloaded,
+        ErrorKind::Timeout => wire::ErrorKind::Timeout,
+        ErrorKind::Internal => wire::ErrorKind::Internal,
+    };
+    let mut w = wire::Error {
+        message: e.message.clone(),
+        code: e.code.map(str::to_string),
+        param: e.param.clone(),
+        retry_after: e.retry_after.clone(),
+        ..Default::default()
+    };
+    w.set_kind(kind);
+    w
+}
+
+pub fn error_from_wire(w: wire::Error) -> GatewayError {
+    let kind = match w.kind() {
+        wire::ErrorKind::InvalidRequest => ErrorKind::InvalidRequest,
+        wire::ErrorKind::Unauthorized => ErrorKind::Unauthorized,
+        wire::ErrorKind::Forbidden => ErrorKind::Forbidden,
+        wire::ErrorKind::ModelNotFound => ErrorKind::ModelNotFound,
+        wire::ErrorKind::NotFound => ErrorKind::NotFound,
+        wire::ErrorKind::MethodNotAllowed => ErrorKind::MethodNotAllowed,
+        wire::ErrorKind::PayloadTooLarge => ErrorKind::PayloadTooLarge,
+        wire::ErrorKind::RateLimited => ErrorKind::RateLimited,
+        wire::ErrorKind::Upstream => ErrorKind::Upstream,
+        wire::ErrorKind::Overloaded => ErrorKind::Overloaded,
+        wire::ErrorKind::Timeout => ErrorKind::Timeout,
+        wire::ErrorKind::Internal | wire::ErrorKind::Unspecified => ErrorKind::Internal,
+    };
+    let mut e = GatewayError::new(kind, w.message).with_retry_after(w.retry_after);
+    e.code = w.code.as_deref().and_then(intern_code);
+    e.param = w.param;
+    e
+}
+
+/// Error codes are a small fixed vocabulary, but `GatewayError` holds them
+/// as `&'static str`: each distinct code is leaked once, and a peer sending
+/// ever new codes is cut off after a bound instead of growing memory.
+fn intern_code(code: &str) -> Option<&'static str> {
+    const MAX_CODES: usize = 256;
+    static CODES: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();
+    let mut codes = CODES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = codes.iter().find(|c| **c == code) {
+        return Some(c);
+    }
+    if codes.len() >= MAX_CODES || code.len() > 64 {
+        return None;
+    }
+    let leaked: &'static str = Box::leak(code.to_string().into_boxed_str());
+    codes.push(leaked);
+    Some(leaked)
+}
+
+pub fn trailer_from_stats(
+    stats: &RequestStats,
+    target: &RouteTarget,
+    region: &str,
+) -> wire::Trailer {
+    let usage = stats.usage();
+    wire::Trailer {
+        has_usage: usage.is_some(),
+        prompt_tokens: usage.map_or(0, |u| u.prompt_tokens),
+        completion_tokens: usage.map_or(0, |u| u.completion_tokens),
+        cached_tokens: usage.map_or(0, |u| u.cached_tokens),
+        ttft_us: stats.ttft_us().unwrap_or(0),
+        stream_failed: stats.stream_failed(),
+        provider: target.provider.clone(),
+        model: target.model.clone(),
+        egress_region: region.to_string(),
+    }
+}
+
+/// Copies what the trailer reports into the edge's stats. TTFT is not
+/// copied: the edge measures its own, which includes the backhaul.
+pub fn apply_trailer(t: &wire::Trailer, stats: &RequestStats) {
+    if t.has_usage {
+        stats.set_usage(Usage {
+            prompt_tokens: t.prompt_tokens,
+            completion_tokens: t.completion_tokens,
+            cached_tokens: t.cached_tokens,
+        });
+    }
+    if t.stream_failed {
+        stats.mark_stream_failed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chat_request() -> EgressRequest {
+        let body = json!({"model": "fast", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+        EgressRequest {
+            request_id: "req_1".into(),
+            tenant: "t".into(),
+            target: RouteTarget {
+                provider: "openai".into(),
+                model: "gpt-4o-mini".into(),
+            },
+            op: Operation::Chat(ChatRequest::parse(body.to_string().as_bytes()).unwrap()),
+            simulate: Some("ttft_ms=5".into()),
+            received_at: Instant::now(),
+            inbound: Protocol::Anthropic,
+            forward_headers: vec![("anthropic-version".into(), "2023-06-01".into())],
+        }
+    }
+
+    #[test]
+    fn request_round_trips() {
+        let req = chat_request();
+        let (header, body) = request_to_wire(&req, Duration::from_millis(1500), "eu");
+        let bytes = encode_message(FrameKind::RequestHeader, &header);
+        assert_eq!(bytes[0], FrameKind::RequestHeader as u8);
+        let decoded: wire::RequestHeader = decode(FrameKind::RequestHeader, &bytes[5..]).unwrap();
+        let (back, meta) = request_from_wire(decoded, body, Instant::now()).unwrap();
+        assert_eq!(meta.deadline, Duration::from_millis(1500));
+        assert_eq!(meta.residency, "eu");
+        assert_eq!(back.target, req.target);
+        assert_eq!(back.inbound, Protocol::Anthropic);
+        assert_eq!(back.simulate, req.simulate);
+        assert_eq!(back.forward_headers, req.forward_headers);
+        match (back.op, req.op) {
+            (Operation::Chat(a), Operation::Chat(b)) => {
+                assert_eq!(a.body, b.body);
+                assert!(a.stream);
+            }
+            _ => panic!("operation changed"),
+        }
+    }
+
+    #[test]
+    fn raw_request_keeps_method_path_headers() {
+        let mut req = chat_request();
+        req.op = Operation::Raw(RawRequest {
+            method: "GET".into(),
+            path: "models?x=1".into(),
+            headers: vec![("accept".into(), "*/*".into())],
+            body: Bytes::from_static(b"\x00\x01"),
+        });
+        let (header, body) = request_to_wire(&req, Duration::ZERO, "");
+        let (back, _) = request_from_wire(header, body, Instant::now()).unwrap();
+        let Operation::Raw(raw) = back.op else {
+            panic!("not raw")
+        };
+        assert_eq!(
+            (raw.method.as_str(), raw.path.as_str()),
+            ("GET", "models?x=1")
+        );
+        assert_eq!(raw.body.as_ref(), b"\x00\x01");
+        assert_eq!(raw.headers.len(), 1);
+    }
+
+    #[test]
+    fn unknown_version_is_refused() {
+        let (mut header, body) = request_to_wire(&chat_request(), Duration::ZERO, "");
+        header.version = 9;
+        assert!(request_from_wire(header, body, Instant::now()).is_err());
+    }
+
+    #[test]
+    fn errors_round_trip_with_code() {
+        let e = GatewayError::model_not_found("x/y").with_retry_after(Some("3".into()));
+        let back = error_from_wire(error_to_wire(&e));
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn trailer_carries_usage_and_failure() {
+        let stats = RequestStats::default();
+        stats.set_usage(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cached_tokens: 1,
+        });
+        stats.mark_stream_failed();
+        let target = RouteTarget {
+            provider: "p".into(),
+            model: "m".into(),
+        };
+        let t = trailer_from_stats(&stats, &target, "eu");
+        let edge = RequestStats::default();
+        apply_trailer(&t, &edge);
+        assert_eq!(edge.usage().unwrap().completion_tokens, 4);
+        assert!(edge.stream_failed());
+        assert_eq!(t.egress_region, "eu");
+    }
+
+    #[test]
+    fn data_prefix_matches_encode() {
+        let framed = encode(FrameKind::Data, b"abc");
+        assert_eq!(&framed[..5], &data_prefix(3));
+    }
+}

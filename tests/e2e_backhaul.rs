@@ -1,0 +1,416 @@
+//! End to end over the QUIC backhaul: real `switchyard edge` and
+//! `switchyard egress` processes on 127.0.0.1, mutual TLS from
+//! `switchyard gen-certs`, and the fixture-replaying mock as the provider.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use switchyard_testkit::cluster::{gen_certs, EdgeNode, EgressNode, NodeCerts};
+use switchyard_testkit::gateway::temp_dir;
+use switchyard_testkit::mock::MockUpstream;
+
+const PROVIDER_KEY: &str = "sk-test-BACKHAUL-9c8b7a6d5e4f";
+const PROMPT: &str = "What is 4200 + 42? (prompt-marker-5519)";
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+struct Fleet {
+    dir: PathBuf,
+    policy: PathBuf,
+    edge_certs: NodeCerts,
+    egress_certs: NodeCerts,
+    mock: MockUpstream,
+}
+
+impl Fleet {
+    /// A mock provider `openai` in region `eu`; `egress_in_policy` lists
+    /// egress addresses in the policy itself (otherwise they come as flags).
+    async fn new(egress_in_policy: &[String]) -> Fleet {
+        let mock = MockUpstream::start().await;
+        let dir = temp_dir("backhaul");
+        let edge_certs = gen_certs(binary(), &dir.join("pki"), "edge");
+        let egress_certs = gen_certs(binary(), &dir.join("pki"), "egress");
+        let egress_list = egress_in_policy
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let policy = format!(
+            r#"
+limits: {{ upstream_timeout_ms: 4000, stream_idle_timeout_ms: 3000 }}
+regions:
+  eu: {{ jurisdiction: eu, egress: [{egress_list}] }}
+providers:
+  openai:
+    kind: openai
+    base_url: "{}/v1"
+    region: eu
+"#,
+            mock.url()
+        );
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, policy).unwrap();
+        Fleet {
+            dir,
+            policy: path,
+            edge_certs,
+            egress_certs,
+            mock,
+        }
+    }
+
+    fn egress_env() -> Vec<(String, String)> {
+        vec![("OPENAI_API_KEY".into(), PROVIDER_KEY.into())]
+    }
+
+    fn egress(&self, addr: Option<std::net::SocketAddr>) -> EgressNode {
+        EgressNode::start(
+            binary(),
+            "eu",
+            addr,
+            &self.policy,
+            &self.egress_certs,
+            &Self::egress_env(),
+        )
+    }
+
+    fn edge(&self, egress: &[&EgressNode]) -> EdgeNode {
+        self.edge_with(&self.edge_certs, egress)
+    }
+
+    fn edge_with(&self, certs: &NodeCerts, egress: &[&EgressNode]) -> EdgeNode {
+        let flags: Vec<String> = egress.iter().map(|e| format!("eu={}", e.addr)).collect();
+        EdgeNode::start(binary(), "eu", &self.policy, certs, &flags, &[])
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+fn chat(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": PROMPT}]})
+}
+
+async fn post(edge: &EdgeNode, body: &Value) -> reqwest::Response {
+    client()
+        .post(format!("{}/chat/completions", edge.base_url()))
+        .bearer_auth(&edge.key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// SSE `data:` payloads until the stream ends or `limit` passes.
+async fn sse_data(resp: reqwest::Response, limit: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut body = resp.bytes_stream();
+    let deadline = Instant::now() + limit;
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(i) = buf.find("\n\n") {
+            let event: String = buf.drain(..i + 2).collect();
+            for line in event.lines() {
+                if let Some(d) = line.strip_prefix("data: ") {
+                    out.push(d.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn access_line(logs: &str, status: u16) -> Value {
+    let line = logs
+        .lines()
+        .find(|l| l.contains("switchyard::access") && l.contains(&format!("\"status\":{status}")))
+        .unwrap_or_else(|| panic!("no access line with status {status}: {logs}"));
+    serde_json::from_str(line).unwrap()
+}
+
+fn count(haystack: &str, needles: &[&str]) -> usize {
+    haystack
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+#[tokio::test]
+async fn request_and_stream_cross_the_backhaul_and_the_edge_holds_no_keys() {
+    let egress_addr = switchyard_testkit::cluster::free_udp_port();
+    let fleet = Fleet::new(&[egress_addr.to_string()]).await;
+    let egress = fleet.egress(Some(egress_addr));
+    // The egress address comes from the policy here, not from a flag.
+    let edge = EdgeNode::start(binary(), "eu", &fleet.policy, &fleet.edge_certs, &[], &[]);
+
+    let resp = post(&edge, &chat("openai/gpt-4o-mini", false)).await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("4242"));
+    let seen = fleet.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body["model"], "gpt-4o-mini");
+    assert_eq!(seen[0].body["messages"][0]["content"], PROMPT);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {PROVIDER_KEY}").as_str())
+    );
+    // Usage crossed back in the trailer and reached the edge's access log.
+    assert!(edge
+        .process
+        .wait_for_logs(Duration::from_secs(5), |l| l.contains("\"status\":200")));
+    let entry = access_line(&edge.process.logs(), 200);
+    assert_eq!(entry["provider"], "openai");
+    assert!(entry["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!(entry["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(entry["ttft_ms"].as_f64().is_some());
+
+    // A stream is forwarded event by event: the first event arrives while
+    // the provider still holds the rest back.
+    let resp = post(&edge, &chat("openai/gated", true)).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.next())
+        .await
+        .expect("first event before the gate opened")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("w0"));
+    fleet.mock.open_gate();
+    let mut rest = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(Ok(c))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
+        rest.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(
+        rest.contains("w1") && rest.ends_with("data: [DONE]\n\n"),
+        "{rest}"
+    );
+
+    // Provider errors come back in the caller's shape, key scrubbed.
+    let resp = post(&edge, &chat("openai/echo-key-401", false)).await;
+    assert_eq!(resp.status(), 502);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("\"error\"") && !text.contains(PROVIDER_KEY),
+        "{text}"
+    );
+
+    // The edge never had the provider key: not in its environment, not in
+    // its snapshot (its banner lists keys per provider), not in its logs.
+    assert!(
+        edge.process
+            .stdout()
+            .contains("provider openai region=eu keys=0"),
+        "{}",
+        edge.process.stdout()
+    );
+    assert!(egress
+        .process
+        .stdout()
+        .contains("provider openai region=eu keys=1"));
+    assert!(!edge.process.logs().contains(PROVIDER_KEY));
+    assert!(!edge.process.stdout().contains(PROVIDER_KEY));
+    assert!(!egress.process.logs().contains(PROVIDER_KEY));
+    assert!(!edge.process.logs().contains("prompt-marker-5519"));
+    assert!(!egress.process.logs().contains("prompt-marker-5519"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_streams_share_one_connection() {
+    let fleet = Fleet::new(&[]).await;
+    let egress = fleet.egress(None);
+    let edge = fleet.edge(&[&egress]);
+    fleet.mock.set_event_gap(Duration::from_millis(5));
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let url = format!("{}/chat/completions", edge.base_url());
+            let key = edge.key.clone();
+            tokio::spawn(async move {
+                let resp = client()
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&chat("openai/gpt-4o-mini", true))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                sse_data(resp, Duration::from_secs(15)).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let events = t.await.unwrap();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        assert!(
+            events.iter().all(|e| !e.contains("\"error\"")),
+            "{events:?}"
+        );
+    }
+    assert_eq!(fleet.mock.requests().len(), 50);
+    assert_eq!(
+        count(&egress.process.logs(), &["edge connected"]),
+        1,
+        "all streams must ride one connection"
+    );
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_provider_call() {
+    let fleet = Fleet::new(&[]).await;
+    let egress = fleet.egress(None);
+    let edge = fleet.edge(&[&egress]);
+    let resp = post(&edge, &chat("openai/endless", true)).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(5), body.next())
+            .await
+            .unwrap();
+    }
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.mock.cancellations() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        fleet.mock.cancellations(),
+        1,
+        "the provider never saw the cancel"
+    );
+    assert!(egress.process.wait_for_logs(Duration::from_secs(2), |l| l
+        .contains("cancelled by the edge")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_an_egress_fails_over_then_it_reconnects() {
+    let fleet = Fleet::new(&[]).await;
+    let mut a = fleet.egress(None);
+    let b_addr = switchyard_testkit::cluster::free_udp_port();
+    // B is not up yet, so the first stream can only go to A.
+    let edge = EdgeNode::start(
+        binary(),
+        "eu",
+        &fleet.policy,
+        &fleet.edge_certs,
+        &[format!("eu={}", a.addr), format!("eu={b_addr}")],
+        &[],
+    );
+    let a_tag = format!("\"egress\":\"{}\"", a.addr);
+    let b_tag = format!("\"egress\":\"{b_addr}\"");
+    let in_flight = post(&edge, &chat("openai/endless", true)).await;
+    assert_eq!(in_flight.status(), 200);
+    let reader = tokio::spawn(sse_data(in_flight, Duration::from_secs(20)));
+
+    let mut b = fleet.egress(Some(b_addr));
+    assert!(
+        edge.process
+            .wait_for_logs(Duration::from_secs(10), |l| count(
+                l,
+                &["backhaul connected", &b_tag]
+            ) == 1),
+        "edge never connected to B: {}",
+        edge.process.logs()
+    );
+
+    let killed_at = Instant::now();
+    a.process.kill();
+    // New requests go to B, including those sent while the edge has not yet
+    // noticed A is gone (they are retried on B before A took them).
+    for _ in 0..5 {
+        let resp = post(&edge, &chat("openai/gpt-4o-mini", false)).await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
+    // The stream A was carrying ends with a clear error, not a hang.
+    let events = reader.await.unwrap();
+    let last = events.last().cloned().unwrap_or_default();
+    assert!(last.contains("backhaul_lost"), "{events:?}");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "loss detected too late"
+    );
+
+    // A comes back on the same port; the edge redials it on its own.
+    a = fleet.egress(Some(a.addr));
+    assert!(
+        edge.process
+            .wait_for_logs(Duration::from_secs(15), |l| count(
+                l,
+                &["backhaul connected", &a_tag]
+            ) == 2),
+        "edge never reconnected to A: {}",
+        edge.process.logs()
+    );
+    b.process.kill();
+    let resp = post(&edge, &chat("openai/gpt-4o-mini", true)).await;
+    assert_eq!(resp.status(), 200);
+    let events = sse_data(resp, Duration::from_secs(15)).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    drop(a);
+}
+
+#[tokio::test]
+async fn mtls_rejects_nodes_from_another_ca() {
+    let fleet = Fleet::new(&[]).await;
+    let rogue = gen_certs(binary(), &fleet.dir.join("rogue-pki"), "rogue");
+
+    // An edge whose certificate is from another CA (it trusts ours, so only
+    // the egress's check can stop it).
+    let egress = fleet.egress(None);
+    let sneaky = NodeCerts {
+        ca: fleet.edge_certs.ca.clone(),
+        ..rogue.clone()
+    };
+    let edge = fleet.edge_with(&sneaky, &[&egress]);
+    let resp = post(&edge, &chat("openai/gpt-4o-mini", false)).await;
+    assert!(
+        resp.status() == 502 || resp.status() == 503,
+        "{}",
+        resp.status()
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "no_egress");
+    assert!(egress
+        .process
+        .wait_for_logs(Duration::from_secs(5), |l| l.contains("handshake refused")));
+    assert!(fleet.mock.requests().is_empty());
+    drop(edge);
+
+    // An egress with a certificate from another CA: our edge refuses it.
+    let rogue_egress = EgressNode::start(
+        binary(),
+        "eu",
+        None,
+        &fleet.policy,
+        &rogue,
+        &Fleet::egress_env(),
+    );
+    let edge = fleet.edge(&[&rogue_egress]);
+    let resp = post(&edge, &chat("openai/gpt-4o-mini", false)).await;
+    assert_eq!(resp.status(), 503);
+    assert!(
+        edge.process.logs().contains("backhaul connect failed"),
+        "{}",
+        edge.process.logs()
+    );
+    assert!(fleet.mock.requests().is_empty());
+}

@@ -1,0 +1,266 @@
+//! Starts `switchyard edge` and `switchyard egress` processes for a test or a
+//! benchmark, with certificates from `switchyard gen-certs`, and kills them
+//! when dropped.
+
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::gateway::TEST_KEY;
+
+/// Variables that would leak the developer's machine into a node.
+const SCRUBBED_ENV: &[&str] = &[
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "GEMINI_API_KEY",
+    "GEMINI_BASE_URL",
+    "SWITCHYARD_DEV_KEY",
+    "SWITCHYARD_LOG",
+    "SWITCHYARD_LOG_FORMAT",
+];
+
+/// A node identity written by `switchyard gen-certs`.
+#[derive(Debug, Clone)]
+pub struct NodeCerts {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// Runs `switchyard gen-certs --out dir --name name` (creating the CA in
+/// `dir` on first use).
+pub fn gen_certs(binary: &Path, dir: &Path, name: &str) -> NodeCerts {
+    let out = Command::new(binary)
+        .args(["gen-certs", "--out"])
+        .arg(dir)
+        .args(["--name", name])
+        .output()
+        .expect("run switchyard gen-certs");
+    assert!(
+        out.status.success(),
+        "gen-certs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    NodeCerts {
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+        ca: dir.join("ca.pem"),
+    }
+}
+
+pub fn free_tcp_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    l.local_addr().expect("probe addr")
+}
+
+pub fn free_udp_port() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind probe");
+    s.local_addr().expect("probe addr")
+}
+
+/// One running node process with its captured output.
+pub struct NodeProcess {
+    child: Option<Child>,
+    logs: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
+}
+
+fn capture(mut from: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+}
+
+impl NodeProcess {
+    fn spawn(binary: &Path, args: &[String], env: &[(String, String)]) -> NodeProcess {
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for k in SCRUBBED_ENV {
+            cmd.env_remove(k);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn switchyard node");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        capture(child.stderr.take().unwrap(), logs.clone());
+        capture(child.stdout.take().unwrap(), stdout.clone());
+        NodeProcess {
+            child: Some(child),
+            logs,
+            stdout,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until `pred` holds for the logs.
+    pub fn wait_for_logs(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if pred(&self.logs()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pred(&self.logs())
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => Some(format!("exited with {status}: {}", self.logs())),
+            _ => None,
+        }
+    }
+
+    /// SIGKILL: the node vanishes without a goodbye, like a crashed host.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct EgressNode {
+    pub process: NodeProcess,
+    pub addr: SocketAddr,
+}
+
+impl EgressNode {
+    /// Starts `switchyard egress` on `addr` (a free UDP port when `None`)
+    /// and waits until it listens.
+    pub fn start(
+        binary: &Path,
+        region: &str,
+        addr: Option<SocketAddr>,
+        policy: &Path,
+        certs: &NodeCerts,
+        env: &[(String, String)],
+    ) -> EgressNode {
+        let addr = addr.unwrap_or_else(free_udp_port);
+        let args: Vec<String> = vec![
+            "egress".into(),
+            "--region".into(),
+            region.into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--config".into(),
+            policy.display().to_string(),
+            "--cert".into(),
+            certs.cert.display().to_string(),
+            "--key".into(),
+            certs.key.display().to_string(),
+            "--ca".into(),
+            certs.ca.display().to_string(),
+        ];
+        let mut process = NodeProcess::spawn(binary, &args, env);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !process.stdout().contains("listening on") {
+            if let Some(why) = process.exited() {
+                panic!("egress failed to start: {why}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "egress did not start: {}",
+                process.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        EgressNode { process, addr }
+    }
+}
+
+pub struct EdgeNode {
+    pub process: NodeProcess,
+    pub http_addr: SocketAddr,
+    pub key: String,
+}
+
+impl EdgeNode {
+    /// Starts `switchyard edge` with `egress` flags (`REGION=HOST:PORT`) and
+    /// waits until its HTTP port accepts connections. The virtual key is
+    /// [`TEST_KEY`].
+    pub fn start(
+        binary: &Path,
+        region: &str,
+        policy: &Path,
+        certs: &NodeCerts,
+        egress: &[String],
+        env: &[(String, String)],
+    ) -> EdgeNode {
+        let http_addr = free_tcp_port();
+        let mut args: Vec<String> = vec![
+            "edge".into(),
+            "--region".into(),
+            region.into(),
+            "--listen".into(),
+            http_addr.to_string(),
+            "--config".into(),
+            policy.display().to_string(),
+            "--cert".into(),
+            certs.cert.display().to_string(),
+            "--key".into(),
+            certs.key.display().to_string(),
+            "--ca".into(),
+            certs.ca.display().to_string(),
+        ];
+        for e in egress {
+            args.push("--egress".into());
+            args.push(e.clone());
+        }
+        let mut env = env.to_vec();
+        env.push(("SWITCHYARD_DEV_KEY".into(), TEST_KEY.into()));
+        let mut process = NodeProcess::spawn(binary, &args, &env);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(http_addr).is_err() {
+            if let Some(why) = process.exited() {
+                panic!("edge failed to start: {why}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edge did not start: {}",
+                process.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        EdgeNode {
+            process,
+            http_addr,
+            key: TEST_KEY.to_string(),
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.http_addr)
+    }
+}
