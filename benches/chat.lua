@@ -5,13 +5,15 @@
 --   BENCH_MODEL  model name to send (default "openai/gpt-4o-mini")
 --   BENCH_KEY    bearer key (default "x")
 --   BENCH_TAG    label printed on the result line (default "run")
+--   BENCH_STREAM "1" to request an SSE stream (the whole stream is timed)
 
 local model = os.getenv("BENCH_MODEL") or "openai/gpt-4o-mini"
 local key = os.getenv("BENCH_KEY") or "x"
 
 wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
-wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"hi"}]}'
+local stream = os.getenv("BENCH_STREAM") == "1" and "true" or "false"
+wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"hi"}],"stream":' .. stream .. '}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. key
 

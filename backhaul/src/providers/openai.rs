@@ -8,9 +8,7 @@ use switchyard_llm::passthrough::OpenAiPassthrough;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::Secret;
 
-use super::{
-    byte_stream, full_body, post_json, scrub, unsupported, CallContext, Provider, ProviderReply,
-};
+use super::{byte_stream, post_json, scrub, unsupported, CallContext, Provider, ProviderReply};
 use crate::request::Operation;
 
 pub struct OpenAiAdapter;
@@ -57,8 +55,20 @@ impl Provider for OpenAiAdapter {
                 translator: Box::new(OpenAiPassthrough::new(caller_wants_usage)),
             });
         }
-        let (body, v) = full_body(resp, provider).await?;
-        let usage = v.get("usage").and_then(Usage::from_openai);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| super::transport_error(provider, &e))?;
+        // Only `usage` is needed; a typed view skips the rest of the body
+        // instead of building a whole JSON tree.
+        #[derive(serde::Deserialize)]
+        struct UsageOnly {
+            usage: Option<Value>,
+        }
+        let usage = serde_json::from_slice::<UsageOnly>(&body)
+            .ok()
+            .and_then(|u| u.usage)
+            .and_then(|u| Usage::from_openai(&u));
         Ok(ProviderReply::Json { body, usage })
     }
 }

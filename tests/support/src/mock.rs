@@ -52,6 +52,10 @@ impl Recorded {
 
 #[derive(Default)]
 struct State {
+    /// Off for benchmarks, where millions of requests would pile up here.
+    not_recording: std::sync::atomic::AtomicBool,
+    /// Parsed fixtures, so a replay does not re-read files per request.
+    cases: Mutex<std::collections::HashMap<String, Arc<Case>>>,
     requests: Mutex<Vec<Recorded>>,
     cancellations: AtomicUsize,
     gate: Notify,
@@ -127,6 +131,11 @@ impl MockUpstream {
 
     pub fn set_event_gap(&self, gap: Duration) {
         *self.state.event_gap.lock().unwrap() = gap;
+    }
+
+    /// Stop keeping a log of requests (benchmarks).
+    pub fn set_recording(&self, on: bool) {
+        self.state.not_recording.store(!on, Ordering::Relaxed);
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -213,7 +222,9 @@ async fn handle(
         headers,
         body: body.clone(),
     };
-    state.requests.lock().unwrap().push(rec.clone());
+    if !state.not_recording.load(Ordering::Relaxed) {
+        state.requests.lock().unwrap().push(rec.clone());
+    }
     let latency = *state.latency.lock().unwrap();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -338,8 +349,18 @@ fn default_case(provider: Provider, path: &str, body: &Value, stream: bool) -> &
     }
 }
 
+fn cached_case(state: &State, provider: Provider, case_name: &str) -> Option<Arc<Case>> {
+    let key = format!("{}/{case_name}", provider.dir());
+    if let Some(c) = state.cases.lock().unwrap().get(&key) {
+        return Some(c.clone());
+    }
+    let case = Arc::new(Case::load(provider.dir(), case_name)?);
+    state.cases.lock().unwrap().insert(key, case.clone());
+    Some(case)
+}
+
 async fn replay(state: &Arc<State>, provider: Provider, case_name: &str) -> Response<BoxBody> {
-    let Some(case) = Case::load(provider.dir(), case_name) else {
+    let Some(case) = cached_case(state, provider, case_name) else {
         let body = json!({"error": {"message": format!("mock: no fixture {}/{case_name}", provider.dir())}});
         return full(500, "application/json", body.to_string());
     };
@@ -355,7 +376,10 @@ async fn replay(state: &Arc<State>, provider: Provider, case_name: &str) -> Resp
                     st.cancellations.fetch_add(1, Ordering::SeqCst);
                     return;
                 }
-                tokio::time::sleep(gap).await;
+                // A zero sleep still waits for the next timer tick (~1 ms).
+                if !gap.is_zero() {
+                    tokio::time::sleep(gap).await;
+                }
             }
         });
         return sse_response(rx);
