@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod control;
+mod ctl;
 mod dev;
 mod node;
 
@@ -38,6 +40,11 @@ enum Command {
     /// Write a throwaway CA and a node certificate signed by it, for the
     /// backhaul's mutual TLS in development and tests.
     GenCerts(node::GenCertsArgs),
+    /// Run a control-plane replica: policy versions in SQLite or PostgreSQL,
+    /// snapshots pushed to every node over gRPC, operator API (gRPC + HTTP/JSON).
+    ControlPlane(control::ControlPlaneArgs),
+    /// Operate the control plane: apply, get, rollback, nodes, keys rotate.
+    Ctl(ctl::CtlArgs),
     /// Print the SHA-256 of a virtual key, for `tenants[].key_sha256` in policy YAML.
     HashKey {
         /// The virtual key to hash.
@@ -76,6 +83,8 @@ fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Dev(args) => dev::run(args),
+        Command::ControlPlane(args) => control::run(args),
+        Command::Ctl(args) => ctl::run(args),
         Command::Edge(args) => node::run_edge(args),
         Command::Egress(args) => node::run_egress(args),
         Command::GenCerts(args) => node::run_gen_certs(args),

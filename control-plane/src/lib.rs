@@ -1,12 +1,38 @@
 //! Switchyard control plane.
 //!
-//! Today this crate owns the policy document: its typed YAML form
-//! ([`policy::PolicyDocument`]), strict parsing that reports every error with
-//! its path, and compilation into the [`switchyard_proto::Snapshot`] that the
-//! data plane serves from. `switchyard dev` compiles the dev policy
-//! (`deploy/dev/switchyard.yaml`) with it; the gRPC services that push
-//! snapshots to remote nodes build on the same compiler.
+//! - [`policy`]: the policy document (strict YAML), its validation (every
+//!   error with its path, residency included) and compilation into the
+//!   [`switchyard_proto::Snapshot`] nodes serve from. `switchyard dev` uses
+//!   [`compile`]; the control plane uses [`compile_policy`].
+//! - [`secrets`]: keys sealed at rest with AES-256-GCM under a master key.
+//! - [`store`]: policy versions and the node registry in SQLite (default) or
+//!   PostgreSQL (several replicas), one SQL layer, embedded migrations.
+//! - [`server`]: the tonic `Operator` and `Node` services, tailoring each
+//!   node's snapshot (edges get no keys, egresses only their region's), and
+//!   [`http`], the same operator operations as HTTP/JSON.
+//! - [`telemetry`]: the aggregator nodes record into, the report sender, and
+//!   the control plane's sliding-window latency scores.
+//! - [`node_client`]: what an edge or egress process calls to follow the
+//!   control plane: [`node_client::NodeAgent::start`].
+//! - [`client`]: the operator client behind `switchyard ctl`.
+//!
+//! `tests/e2e_control.rs` (root package) runs all of it in-process on real
+//! sockets; `docs/control-plane.md` is the operator's guide.
 
+pub mod client;
+pub mod diff;
+pub mod http;
+pub mod node_client;
 pub mod policy;
+pub mod secrets;
+pub mod server;
+pub mod store;
+pub mod telemetry;
 
-pub use policy::{compile, parse_policy, CompileOptions, Compiled, PolicyDocument, PolicyError};
+pub use policy::{
+    compile, compile_policy, parse_policy, CompileOptions, Compiled, PolicyDocument, PolicyError,
+    PolicyOptions,
+};
+pub use switchyard_proto::control as pb;
+/// The tonic version the services and clients are built with.
+pub use tonic;

@@ -3,6 +3,14 @@
 //! Parsing is strict (`deny_unknown_fields`) so a typo is an error, not a
 //! silently ignored setting. Validation is pure and reports every problem at
 //! once, each with the path to the offending field.
+//!
+//! Two compilers share one validator:
+//! - [`compile_policy`] is what the control plane runs: key references stay
+//!   references (they are resolved on the egress that uses them) and every
+//!   declared provider is kept.
+//! - [`compile`] is what `switchyard dev` runs: the single process is also
+//!   the egress, so references are resolved here and providers without keys
+//!   are left out, as before.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -11,10 +19,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use switchyard_proto::{
-    FaultMode, KeyHash, LimitsSnapshot, ProviderKind, ProviderSnapshot, RegionSnapshot,
-    RouteTarget, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot,
-    TenantSnapshot,
+    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PlanError,
+    ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, Secret,
+    SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy, TenantPolicy,
+    TenantSnapshot, WeightedTarget,
 };
+
+use crate::secrets::{MasterKeys, MASTER_KEY_ENV};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +38,10 @@ pub struct PolicyDocument {
     /// Alias → `provider/model`.
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
+    /// Route name → ordered targets, fallbacks and strategy. Clients name a
+    /// route in `model` like an alias.
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteDoc>,
     #[serde(default)]
     pub tenants: Vec<TenantDoc>,
     /// Region name → region.
@@ -80,14 +95,59 @@ pub struct ProviderDoc {
     pub kind: ProviderKindDoc,
     /// Overrides the kind's default endpoint (and the `*_BASE_URL` variable).
     pub base_url: Option<String>,
-    /// Environment variable holding the key; several comma-separated keys form a pool.
+    /// Environment variable holding the key; several comma-separated keys
+    /// form a pool. Shorthand for one `key_pools` entry with `env:`.
     pub api_key_env: Option<String>,
+    /// Keys per region, by reference or encrypted.
+    #[serde(default)]
+    pub key_pools: Vec<KeyPoolDoc>,
     #[serde(default)]
     pub models: Vec<String>,
+    /// Model → price per million tokens.
+    #[serde(default)]
+    pub pricing: BTreeMap<String, PriceDoc>,
     /// Only for `kind: simulated`.
     pub simulated: Option<SimulatedDoc>,
     /// Region (key of `regions`) whose egress nodes call this provider.
     pub region: Option<String>,
+    /// Where the provider processes data; defaults to the region's.
+    pub jurisdiction: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceDoc {
+    /// USD per million input tokens.
+    pub input: f64,
+    /// USD per million output tokens.
+    pub output: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPoolDoc {
+    /// Defaults to `pool-N`.
+    pub name: Option<String>,
+    /// Region whose egress nodes receive these keys; defaults to the provider's.
+    pub region: Option<String>,
+    /// Jurisdictions whose egress nodes may hold these keys; defaults to the
+    /// provider's jurisdiction.
+    pub jurisdictions: Option<Vec<String>>,
+    pub keys: Vec<KeyDoc>,
+}
+
+/// Exactly one of the fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyDoc {
+    /// Environment variable on the egress (comma-separated values = several keys).
+    pub env: Option<String>,
+    /// File on the egress holding the key.
+    pub file: Option<String>,
+    /// Sealed by the control plane (`v1:...`).
+    pub encrypted: Option<String>,
+    /// Plain key: `ctl apply` seals it before storing; never stored as is.
+    pub value: Option<Secret>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +181,36 @@ pub struct FaultDoc {
     pub drop_after: Option<u32>,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyDoc {
+    #[default]
+    Priority,
+    Latency,
+    Cost,
+    Weighted,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteDoc {
+    #[serde(default)]
+    pub strategy: StrategyDoc,
+    pub targets: Vec<TargetDoc>,
+    /// Routes tried (after every target of this one) in order.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetDoc {
+    pub provider: String,
+    pub model: String,
+    /// For `strategy: weighted`; default 1.
+    pub weight: Option<u32>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantDoc {
@@ -129,6 +219,26 @@ pub struct TenantDoc {
     pub key_sha256: String,
     /// Model names (as clients write them) the tenant may use; absent = all.
     pub allowed_models: Option<Vec<String>>,
+    #[serde(default)]
+    pub limits: TenantLimitsDoc,
+    pub budget: Option<BudgetDoc>,
+    /// Jurisdictions the tenant's requests may be processed in; absent = any.
+    pub residency: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimitsDoc {
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens per minute.
+    pub tpm: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetDoc {
+    pub monthly_usd: f64,
 }
 
 /// One problem in a policy document, located by path.
@@ -165,12 +275,25 @@ pub fn parse_policy(yaml: &str) -> Result<PolicyDocument, PolicyError> {
     })
 }
 
+/// Options of [`compile`] (single-process mode).
 pub struct CompileOptions<'a> {
     /// Reads the environment; injected so compilation stays pure in tests.
     pub env: &'a dyn Fn(&str) -> Option<String>,
     /// Add the built-in `simulated` provider when the document has none.
     pub include_simulated: bool,
     pub version: u64,
+}
+
+/// Options of [`compile_policy`] (the control plane's compiler).
+pub struct PolicyOptions<'a> {
+    /// Reads `*_BASE_URL` defaults and, with `env_providers`, provider keys.
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    pub include_simulated: bool,
+    /// Add OpenAI/Anthropic/Gemini when their key variable is set in `env`.
+    pub env_providers: bool,
+    pub version: u64,
+    /// Opens `encrypted:` keys; without it they are an error.
+    pub master_keys: Option<&'a MasterKeys>,
 }
 
 #[derive(Debug)]
@@ -227,14 +350,57 @@ const ENV_PROVIDERS: &[(&str, ProviderKind, &str, &str, &str)] = &[
     ),
 ];
 
-/// Validates the document and builds a snapshot, or lists every error.
-pub fn compile(
+/// Validates the document and builds the control plane's snapshot (key
+/// references unresolved, every declared provider kept), or lists every error.
+pub fn compile_policy(
     doc: &PolicyDocument,
-    opts: &CompileOptions<'_>,
+    opts: &PolicyOptions<'_>,
 ) -> Result<Compiled, Vec<PolicyError>> {
     let mut errors = Vec::new();
     let mut err = |path: String, message: String| errors.push(PolicyError { path, message });
     let env = |name: &str| (opts.env)(name).filter(|v| !v.trim().is_empty());
+
+    // Regions first: providers and pools refer to them.
+    let mut regions = HashMap::new();
+    for (name, r) in &doc.regions {
+        for (i, addr) in r.egress.iter().enumerate() {
+            let valid = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                err(
+                    format!("regions.{name}.egress[{i}]"),
+                    format!("expected host:port, got {addr:?}"),
+                );
+            }
+        }
+        if r.jurisdiction.as_deref().is_some_and(|j| !is_tag(j)) {
+            err(
+                format!("regions.{name}.jurisdiction"),
+                "must be a lowercase tag such as eu or us".into(),
+            );
+        }
+        regions.insert(
+            name.clone(),
+            RegionSnapshot {
+                name: name.clone(),
+                jurisdiction: r.jurisdiction.clone(),
+                egress: r.egress.clone(),
+            },
+        );
+    }
+    let region_jurisdiction =
+        |r: &str| -> Option<String> { doc.regions.get(r).and_then(|r| r.jurisdiction.clone()) };
+    let mut jurisdictions: HashSet<String> = doc
+        .regions
+        .values()
+        .filter_map(|r| r.jurisdiction.clone())
+        .collect();
+    jurisdictions.extend(
+        doc.providers
+            .values()
+            .filter_map(|p| p.jurisdiction.clone()),
+    );
 
     let mut providers: HashMap<String, Arc<ProviderSnapshot>> = HashMap::new();
     let mut status = Vec::new();
@@ -288,28 +454,144 @@ pub fn compile(
                 "only valid for kind simulated".into(),
             );
         }
+        if let Some(region) = &p.region {
+            if !doc.regions.contains_key(region) {
+                err(
+                    format!("{path}.region"),
+                    format!("unknown region {region:?}"),
+                );
+            }
+        }
+        if p.jurisdiction.as_deref().is_some_and(|j| !is_tag(j)) {
+            err(
+                format!("{path}.jurisdiction"),
+                "must be a lowercase tag such as eu or us".into(),
+            );
+        }
+        let jurisdiction = p
+            .jurisdiction
+            .clone()
+            .or_else(|| p.region.as_deref().and_then(region_jurisdiction));
+
+        let mut pricing = HashMap::new();
+        for (model, price) in &p.pricing {
+            let ok = |x: f64| x.is_finite() && x >= 0.0;
+            if !ok(price.input) || !ok(price.output) {
+                err(
+                    format!("{path}.pricing.{model}"),
+                    "input and output must be non-negative numbers (USD per million tokens)".into(),
+                );
+                continue;
+            }
+            pricing.insert(
+                model.clone(),
+                ModelPrice {
+                    input_per_million: price.input,
+                    output_per_million: price.output,
+                },
+            );
+        }
+
+        let mut key_pools = Vec::new();
         let key_var = p
             .api_key_env
             .clone()
             .or_else(|| env_default.map(|e| e.2.to_string()));
-        let keys: Vec<Secret> = match &key_var {
-            Some(var) => env(var)
-                .map(|v| {
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|k| !k.is_empty())
-                        .map(Secret::new)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
         if let Some(var) = &key_var {
-            if keys.is_empty() && kind != ProviderKind::OpenAiCompatible {
-                status.push((name.clone(), format!("not live: ${var} is not set")));
-                continue;
-            }
+            key_pools.push(KeyPoolSnapshot {
+                name: "default".into(),
+                region: p.region.clone(),
+                jurisdictions: Vec::new(),
+                keys: vec![KeySource::Env(var.clone())],
+            });
         }
+        for (i, pool) in p.key_pools.iter().enumerate() {
+            let ppath = format!("{path}.key_pools[{i}]");
+            let region = pool.region.clone().or_else(|| p.region.clone());
+            if let Some(r) = &pool.region {
+                if !doc.regions.contains_key(r) {
+                    err(format!("{ppath}.region"), format!("unknown region {r:?}"));
+                }
+            }
+            let allowed: Vec<String> = pool.jurisdictions.clone().unwrap_or_default();
+            for (j, tag) in allowed.iter().enumerate() {
+                if !jurisdictions.contains(tag) {
+                    err(
+                        format!("{ppath}.jurisdictions[{j}]"),
+                        format!("unknown jurisdiction {tag:?} (no region or provider declares it)"),
+                    );
+                }
+            }
+            // A pool whose own region may not hold it could never be used:
+            // almost certainly a mistake, so refuse it.
+            let pool_allowed = if allowed.is_empty() {
+                jurisdiction.clone().into_iter().collect()
+            } else {
+                allowed.clone()
+            };
+            if let Some(r) = &region {
+                if let Some(rj) = region_jurisdiction(r) {
+                    if !pool_allowed.is_empty() && !pool_allowed.contains(&rj) {
+                        err(
+                            format!("{ppath}.jurisdictions"),
+                            format!(
+                                "region {r:?} (jurisdiction {rj}) may not hold this pool's keys (allowed: {})",
+                                pool_allowed.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+            if pool.keys.is_empty() {
+                err(
+                    format!("{ppath}.keys"),
+                    "a pool needs at least one key".into(),
+                );
+            }
+            let mut keys = Vec::new();
+            for (k, key) in pool.keys.iter().enumerate() {
+                let kpath = format!("{ppath}.keys[{k}]");
+                let set = [
+                    key.env.is_some(),
+                    key.file.is_some(),
+                    key.encrypted.is_some(),
+                    key.value.is_some(),
+                ]
+                .iter()
+                .filter(|b| **b)
+                .count();
+                if set != 1 {
+                    err(
+                        kpath,
+                        "set exactly one of env, file, encrypted, value".into(),
+                    );
+                    continue;
+                }
+                if let Some(v) = &key.env {
+                    keys.push(KeySource::Env(v.clone()));
+                } else if let Some(f) = &key.file {
+                    keys.push(KeySource::File(f.clone()));
+                } else if let Some(v) = &key.value {
+                    keys.push(KeySource::Inline(v.clone()));
+                } else if let Some(blob) = &key.encrypted {
+                    match opts.master_keys.map(|m| m.open(blob)) {
+                        Some(Ok(secret)) => keys.push(KeySource::Inline(secret)),
+                        Some(Err(e)) => err(format!("{kpath}.encrypted"), e.to_string()),
+                        None => err(
+                            format!("{kpath}.encrypted"),
+                            format!("${MASTER_KEY_ENV} is not set"),
+                        ),
+                    }
+                }
+            }
+            key_pools.push(KeyPoolSnapshot {
+                name: pool.name.clone().unwrap_or_else(|| format!("pool-{i}")),
+                region,
+                jurisdictions: allowed,
+                keys,
+            });
+        }
+
         let simulated = if kind == ProviderKind::Simulated {
             Some(simulated_settings(
                 p.simulated.as_ref(),
@@ -324,67 +606,65 @@ pub fn compile(
         } else {
             p.models.clone()
         };
-        if let Some(region) = &p.region {
-            if !doc.regions.contains_key(region) {
-                err(
-                    format!("{path}.region"),
-                    format!("unknown region {region:?}"),
-                );
-            }
-        }
-        status.push((name.clone(), live_note(kind, &base_url, keys.len())));
+        status.push((name.clone(), live_note(kind, &base_url, key_pools.len())));
         providers.insert(
             name.clone(),
             Arc::new(ProviderSnapshot {
                 name: name.clone(),
                 kind,
                 base_url: base_url.trim_end_matches('/').to_string(),
-                keys,
+                keys: Vec::new(),
                 models,
                 simulated,
                 region: p.region.clone(),
+                jurisdiction,
+                pricing,
+                key_pools,
             }),
         );
     }
 
-    for (name, kind, key_var, url_var, default_url) in ENV_PROVIDERS {
-        if doc.providers.contains_key(*name) {
-            continue;
-        }
-        let Some(key) = env(key_var) else {
-            status.push((name.to_string(), format!("not live: ${key_var} is not set")));
-            continue;
-        };
-        let base_url = env(url_var).unwrap_or_else(|| default_url.to_string());
-        if !is_http_url(&base_url) {
-            err(
-                format!("${url_var}"),
-                format!("must be an http:// or https:// URL, got {base_url:?}"),
+    if opts.env_providers {
+        for (name, kind, key_var, url_var, default_url) in ENV_PROVIDERS {
+            if doc.providers.contains_key(*name) {
+                continue;
+            }
+            if env(key_var).is_none() {
+                status.push((name.to_string(), format!("not live: ${key_var} is not set")));
+                continue;
+            }
+            let base_url = env(url_var).unwrap_or_else(|| default_url.to_string());
+            if !is_http_url(&base_url) {
+                err(
+                    format!("${url_var}"),
+                    format!("must be an http:// or https:// URL, got {base_url:?}"),
+                );
+                continue;
+            }
+            providers.insert(
+                name.to_string(),
+                Arc::new(ProviderSnapshot {
+                    name: name.to_string(),
+                    kind: *kind,
+                    base_url: base_url.trim_end_matches('/').to_string(),
+                    keys: Vec::new(),
+                    models: default_models(*kind)
+                        .iter()
+                        .map(|m| m.to_string())
+                        .collect(),
+                    simulated: None,
+                    region: None,
+                    jurisdiction: None,
+                    pricing: HashMap::new(),
+                    key_pools: vec![KeyPoolSnapshot {
+                        name: "default".into(),
+                        region: None,
+                        jurisdictions: Vec::new(),
+                        keys: vec![KeySource::Env(key_var.to_string())],
+                    }],
+                }),
             );
-            continue;
         }
-        let keys: Vec<Secret> = key
-            .split(',')
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(Secret::new)
-            .collect();
-        status.push((name.to_string(), live_note(*kind, &base_url, keys.len())));
-        providers.insert(
-            name.to_string(),
-            Arc::new(ProviderSnapshot {
-                name: name.to_string(),
-                kind: *kind,
-                base_url: base_url.trim_end_matches('/').to_string(),
-                keys,
-                models: default_models(*kind)
-                    .iter()
-                    .map(|m| m.to_string())
-                    .collect(),
-                simulated: None,
-                region: None,
-            }),
-        );
     }
 
     if opts.include_simulated
@@ -407,9 +687,20 @@ pub fn compile(
                     .collect(),
                 simulated: Some(SimulatedSettings::default()),
                 region: None,
+                jurisdiction: None,
+                pricing: HashMap::new(),
+                key_pools: Vec::new(),
             }),
         );
     }
+
+    // Names a target may use: declared providers, the environment ones
+    // (present or not: a missing key is not a policy error), the built-in.
+    let declared = |provider: &str| {
+        doc.providers.contains_key(provider)
+            || ENV_PROVIDERS.iter().any(|e| e.0 == provider)
+            || (provider == "simulated" && opts.include_simulated)
+    };
 
     let mut aliases = HashMap::new();
     for (alias, target) in &doc.aliases {
@@ -422,10 +713,7 @@ pub fn compile(
         }
         match target.split_once('/') {
             Some((provider, model)) if !provider.is_empty() && !model.is_empty() => {
-                let declared = doc.providers.contains_key(provider)
-                    || ENV_PROVIDERS.iter().any(|e| e.0 == provider)
-                    || (provider == "simulated" && opts.include_simulated);
-                if !declared {
+                if !declared(provider) {
                     err(path, format!("unknown provider {provider:?}"));
                 } else if providers.contains_key(provider) {
                     aliases.insert(
@@ -441,7 +729,83 @@ pub fn compile(
         }
     }
 
+    let mut routes = HashMap::new();
+    for (name, r) in &doc.routes {
+        let path = format!("routes.{name}");
+        if name.is_empty() || name.contains('/') {
+            err(
+                path.clone(),
+                "a route name must be non-empty and contain no '/'".into(),
+            );
+        }
+        if doc.aliases.contains_key(name) {
+            err(path.clone(), format!("{name:?} is also an alias"));
+        }
+        if r.targets.is_empty() {
+            err(
+                format!("{path}.targets"),
+                "a route needs at least one target".into(),
+            );
+        }
+        let mut targets = Vec::new();
+        for (i, t) in r.targets.iter().enumerate() {
+            let tpath = format!("{path}.targets[{i}]");
+            if !declared(&t.provider) {
+                err(
+                    format!("{tpath}.provider"),
+                    format!("unknown provider {:?}", t.provider),
+                );
+                continue;
+            }
+            if t.model.is_empty() {
+                err(format!("{tpath}.model"), "must not be empty".into());
+            }
+            let weight = t.weight.unwrap_or(1);
+            if r.strategy == StrategyDoc::Weighted && weight == 0 {
+                err(
+                    format!("{tpath}.weight"),
+                    "must be greater than 0 for strategy weighted".into(),
+                );
+            }
+            if providers.contains_key(&t.provider) {
+                targets.push(WeightedTarget {
+                    provider: t.provider.clone(),
+                    model: t.model.clone(),
+                    weight,
+                });
+            }
+        }
+        for (i, f) in r.fallbacks.iter().enumerate() {
+            if !doc.routes.contains_key(f) {
+                err(
+                    format!("{path}.fallbacks[{i}]"),
+                    format!("unknown route {f:?}"),
+                );
+            } else if reaches(doc, f, name) {
+                err(
+                    format!("{path}.fallbacks[{i}]"),
+                    format!("fallback cycle: {f:?} leads back to {name:?}"),
+                );
+            }
+        }
+        routes.insert(
+            name.clone(),
+            Arc::new(RouteSnapshot {
+                name: name.clone(),
+                strategy: match r.strategy {
+                    StrategyDoc::Priority => Strategy::Priority,
+                    StrategyDoc::Latency => Strategy::Latency,
+                    StrategyDoc::Cost => Strategy::Cost,
+                    StrategyDoc::Weighted => Strategy::Weighted,
+                },
+                targets,
+                fallbacks: r.fallbacks.clone(),
+            }),
+        );
+    }
+
     let mut tenants = HashMap::new();
+    let mut tenant_policies = HashMap::new();
     let mut seen_ids = HashSet::new();
     for (i, t) in doc.tenants.iter().enumerate() {
         let path = format!("tenants[{i}]");
@@ -472,6 +836,52 @@ pub fn compile(
                 "must be 64 hex characters (SHA-256 of the virtual key)".into(),
             ),
         }
+        if t.limits.rpm == Some(0) {
+            err(
+                format!("{path}.limits.rpm"),
+                "must be greater than 0".into(),
+            );
+        }
+        if t.limits.tpm == Some(0) {
+            err(
+                format!("{path}.limits.tpm"),
+                "must be greater than 0".into(),
+            );
+        }
+        if let Some(b) = &t.budget {
+            if !(b.monthly_usd.is_finite() && b.monthly_usd > 0.0) {
+                err(
+                    format!("{path}.budget.monthly_usd"),
+                    "must be a positive number".into(),
+                );
+            }
+        }
+        if let Some(res) = &t.residency {
+            if res.is_empty() {
+                err(
+                    format!("{path}.residency"),
+                    "an empty list allows nothing; omit it to allow every jurisdiction".into(),
+                );
+            }
+            for (j, tag) in res.iter().enumerate() {
+                if !jurisdictions.contains(tag) {
+                    err(
+                        format!("{path}.residency[{j}]"),
+                        format!("unknown jurisdiction {tag:?} (no region or provider declares it)"),
+                    );
+                }
+            }
+        }
+        tenant_policies.insert(
+            t.id.clone(),
+            Arc::new(TenantPolicy {
+                id: t.id.clone(),
+                rpm: t.limits.rpm,
+                tpm: t.limits.tpm,
+                monthly_budget_usd: t.budget.as_ref().map(|b| b.monthly_usd),
+                residency: t.residency.clone(),
+            }),
+        );
     }
 
     let defaults = LimitsSnapshot::default();
@@ -507,43 +917,217 @@ pub fn compile(
         );
     }
 
-    let mut regions = HashMap::new();
-    for (name, r) in &doc.regions {
-        for (i, addr) in r.egress.iter().enumerate() {
-            let valid = addr
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
+    let snapshot = Snapshot {
+        version: opts.version,
+        providers,
+        aliases,
+        tenants,
+        limits,
+        regions,
+        routes,
+        tenant_policies,
+        scores: Default::default(),
+    };
+
+    // Residency: a tenant restricted to some jurisdictions must have, for
+    // every model it is allowed, at least one target inside them.
+    for (i, t) in doc.tenants.iter().enumerate() {
+        let (Some(res), Some(allowed)) = (&t.residency, &t.allowed_models) else {
+            continue;
+        };
+        if res.is_empty() {
+            continue;
+        }
+        for (k, model) in allowed.iter().enumerate() {
+            let path = format!("tenants[{i}].allowed_models[{k}]");
+            if model == "*" {
+                continue;
+            }
+            if let Some(provider) = model.strip_suffix("/*") {
+                let j = snapshot
+                    .providers
+                    .get(provider)
+                    .and_then(|p| p.jurisdiction.clone());
+                if snapshot.providers.contains_key(provider)
+                    && !j.as_ref().is_some_and(|j| res.contains(j))
+                {
+                    err(
+                        path,
+                        format!(
+                            "provider {provider:?} is in jurisdiction {}, outside the tenant's residency ({})",
+                            j.as_deref().unwrap_or("unknown"),
+                            res.join(", ")
+                        ),
+                    );
+                }
+                continue;
+            }
+            if let Err(PlanError::Residency { blocked, .. }) = snapshot.plan(model, Some(res)) {
+                let outside: Vec<String> = blocked
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}/{} ({})",
+                            b.target.provider,
+                            b.target.model,
+                            b.jurisdiction.as_deref().unwrap_or("unknown jurisdiction")
+                        )
+                    })
+                    .collect();
                 err(
-                    format!("regions.{name}.egress[{i}]"),
-                    format!("expected host:port, got {addr:?}"),
+                    path,
+                    format!(
+                        "every route to {model:?} leaves the tenant's residency ({}): {}",
+                        res.join(", "),
+                        outside.join(", ")
+                    ),
                 );
             }
         }
-        regions.insert(
-            name.clone(),
-            RegionSnapshot {
-                name: name.clone(),
-                jurisdiction: r.jurisdiction.clone(),
-                egress: r.egress.clone(),
-            },
-        );
     }
 
     if !errors.is_empty() {
         return Err(errors);
     }
     Ok(Compiled {
-        snapshot: Snapshot {
-            version: opts.version,
-            providers,
-            aliases,
-            tenants,
-            limits,
-            regions,
-        },
+        snapshot,
         provider_status: status,
     })
+}
+
+fn reaches(doc: &PolicyDocument, from: &str, target: &str) -> bool {
+    let mut stack = vec![from];
+    let mut seen = HashSet::new();
+    while let Some(r) = stack.pop() {
+        if r == target {
+            return true;
+        }
+        if !seen.insert(r) {
+            continue;
+        }
+        if let Some(route) = doc.routes.get(r) {
+            stack.extend(route.fallbacks.iter().map(String::as_str));
+        }
+    }
+    false
+}
+
+fn is_tag(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Validates the document and builds a snapshot for a single process that
+/// is its own egress: key references are resolved here (env through
+/// `opts.env`, files from disk) and providers left without keys are not live.
+pub fn compile(
+    doc: &PolicyDocument,
+    opts: &CompileOptions<'_>,
+) -> Result<Compiled, Vec<PolicyError>> {
+    let master = MasterKeys::from_env(opts.env).map_err(|e| {
+        vec![PolicyError {
+            path: format!("${MASTER_KEY_ENV}"),
+            message: e.to_string(),
+        }]
+    })?;
+    let mut compiled = compile_policy(
+        doc,
+        &PolicyOptions {
+            env: opts.env,
+            include_simulated: opts.include_simulated,
+            env_providers: true,
+            version: opts.version,
+            master_keys: Some(&master),
+        },
+    )?;
+    let read_file = |p: &str| std::fs::read_to_string(p);
+    let snapshot = &mut compiled.snapshot;
+    let mut dropped = HashSet::new();
+    let mut status: HashMap<String, String> = compiled.provider_status.into_iter().collect();
+    for (name, provider) in snapshot.providers.iter_mut() {
+        let (keys, problems) = resolve_provider_keys(provider, None, opts.env, &read_file);
+        let p = Arc::make_mut(provider);
+        p.keys = keys;
+        let needs_keys = !p.key_pools.is_empty()
+            && !matches!(
+                p.kind,
+                ProviderKind::OpenAiCompatible | ProviderKind::Simulated
+            );
+        if needs_keys && p.keys.is_empty() {
+            let why = problems
+                .first()
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| "no keys".into());
+            status.insert(name.clone(), format!("not live: {why}"));
+            dropped.insert(name.clone());
+        } else {
+            status.insert(name.clone(), live_note(p.kind, &p.base_url, p.keys.len()));
+        }
+    }
+    snapshot.providers.retain(|n, _| !dropped.contains(n));
+    snapshot
+        .aliases
+        .retain(|_, t| !dropped.contains(&t.provider));
+    for route in snapshot.routes.values_mut() {
+        Arc::make_mut(route)
+            .targets
+            .retain(|t| !dropped.contains(&t.provider));
+    }
+    let mut status: Vec<_> = status.into_iter().collect();
+    status.sort();
+    compiled.provider_status = status;
+    Ok(compiled)
+}
+
+/// Resolves the key references of the pools `region` may hold (`None` =
+/// every pool, for single-process mode). Returns the keys found and one
+/// error per reference that could not be read; never the values in errors.
+pub fn resolve_provider_keys(
+    provider: &ProviderSnapshot,
+    region: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+    read_file: &dyn Fn(&str) -> std::io::Result<String>,
+) -> (Vec<Secret>, Vec<PolicyError>) {
+    let mut keys = Vec::new();
+    let mut errors = Vec::new();
+    for (i, pool) in provider.key_pools.iter().enumerate() {
+        if let (Some(want), Some(have)) = (region, pool.region.as_deref()) {
+            if want != have {
+                continue;
+            }
+        }
+        for (k, key) in pool.keys.iter().enumerate() {
+            let path = format!("providers.{}.key_pools[{i}].keys[{k}]", provider.name);
+            match key {
+                KeySource::Inline(s) => keys.push(s.clone()),
+                KeySource::Env(var) => match env(var).filter(|v| !v.trim().is_empty()) {
+                    Some(v) => keys.extend(
+                        v.split(',')
+                            .map(str::trim)
+                            .filter(|k| !k.is_empty())
+                            .map(Secret::new),
+                    ),
+                    None => errors.push(PolicyError {
+                        path,
+                        message: format!("${var} is not set"),
+                    }),
+                },
+                KeySource::File(f) => match read_file(f) {
+                    Ok(v) if !v.trim().is_empty() => keys.push(Secret::new(v.trim())),
+                    Ok(_) => errors.push(PolicyError {
+                        path,
+                        message: format!("key file {f} is empty"),
+                    }),
+                    Err(e) => errors.push(PolicyError {
+                        path,
+                        message: format!("cannot read key file {f}: {}", e.kind()),
+                    }),
+                },
+            }
+        }
+    }
+    (keys, errors)
 }
 
 fn live_note(kind: ProviderKind, base_url: &str, keys: usize) -> String {
@@ -801,5 +1385,192 @@ tenants:
         assert!(e[0].message.contains("base_ur"), "{}", e[0].message);
         let e = compile_with("providers:\n  x:\n    kind: openia\n", &[]).unwrap_err();
         assert_eq!(e[0].path, "providers.x.kind");
+    }
+}
+
+#[cfg(test)]
+mod control_plane_tests {
+    use super::*;
+    use crate::secrets::{MasterKey, MasterKeys};
+
+    const EXAMPLE: &str = include_str!("../../deploy/examples/multi-region.yaml");
+    const DEV: &str = include_str!("../../deploy/dev/switchyard.yaml");
+
+    fn policy(yaml: &str, master: Option<&MasterKeys>) -> Result<Compiled, Vec<PolicyError>> {
+        let doc = parse_policy(yaml).map_err(|e| vec![e])?;
+        let no_env = |_: &str| None;
+        compile_policy(
+            &doc,
+            &PolicyOptions {
+                env: &no_env,
+                include_simulated: false,
+                env_providers: false,
+                version: 3,
+                master_keys: master,
+            },
+        )
+    }
+
+    #[test]
+    fn example_and_dev_policies_compile() {
+        let c = policy(EXAMPLE, None).unwrap();
+        let s = &c.snapshot;
+        assert_eq!(s.providers["openai-us"].jurisdiction.as_deref(), Some("us"));
+        assert_eq!(s.providers["openai-us"].key_pools[0].keys.len(), 2);
+        assert!(
+            s.providers["openai-us"].keys.is_empty(),
+            "references stay references"
+        );
+        assert_eq!(
+            s.providers["azure-eu"].pricing["gpt-4o"].output_per_million,
+            11.0
+        );
+        let acme = s.tenant_policy("acme-eu").unwrap();
+        assert_eq!(acme.rpm, Some(600));
+        let eu = vec!["eu".to_string()];
+        let plan = s.plan("chat-default", Some(&eu)).unwrap();
+        assert!(plan.iter().all(|t| t.jurisdiction.as_deref() == Some("eu")));
+        assert!(policy(DEV, None).is_ok());
+    }
+
+    #[test]
+    fn extended_errors_all_have_paths() {
+        let yaml = r#"
+regions:
+  eu-west: { jurisdiction: eu }
+  us-east: { jurisdiction: us }
+providers:
+  openai:
+    kind: openai
+    region: us-east
+    pricing:
+      gpt-4o: { input: -1, output: 2 }
+    key_pools:
+      - region: mars
+        keys: [ { env: A, file: B } ]
+      - region: eu-west
+        keys: [ { encrypted: "v1:xx:yy" } ]
+  anthropic:
+    kind: anthropic
+    region: eu-west
+routes:
+  chat-default:
+    targets:
+      - { provider: anthropic, model: claude }
+      - { provider: openai, model: gpt-4o }
+      - { provider: antropic, model: claude }
+    fallbacks: [loop, nope]
+  loop:
+    strategy: weighted
+    targets: [ { provider: openai, model: gpt-4o, weight: 0 } ]
+    fallbacks: [chat-default]
+  us-only:
+    targets: [ { provider: openai, model: gpt-4o } ]
+tenants:
+  - id: eu-only
+    key_sha256: "0000000000000000000000000000000000000000000000000000000000000001"
+    allowed_models: [us-only, openai/*, chat-default]
+    residency: [eu, atlantis]
+    limits: { rpm: 0 }
+    budget: { monthly_usd: -5 }
+"#;
+        let errs = policy(yaml, None).unwrap_err();
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "providers.openai.pricing.gpt-4o",
+            "providers.openai.key_pools[0].region",
+            "providers.openai.key_pools[0].keys[0]",
+            "providers.openai.key_pools[1].jurisdictions",
+            "providers.openai.key_pools[1].keys[0].encrypted",
+            "routes.chat-default.targets[2].provider",
+            "routes.chat-default.fallbacks[0]",
+            "routes.chat-default.fallbacks[1]",
+            "routes.loop.targets[0].weight",
+            "tenants[0].residency[1]",
+            "tenants[0].limits.rpm",
+            "tenants[0].budget.monthly_usd",
+            "tenants[0].allowed_models[0]",
+            "tenants[0].allowed_models[1]",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {errs:#?}");
+        }
+        let e = errs
+            .iter()
+            .find(|e| e.path == "routes.chat-default.targets[2].provider")
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "routes.chat-default.targets[2].provider: unknown provider \"antropic\""
+        );
+        let residency = errs
+            .iter()
+            .find(|e| e.path == "tenants[0].allowed_models[0]")
+            .unwrap();
+        assert!(
+            residency.message.contains("leaves the tenant's residency"),
+            "{residency}"
+        );
+        // chat-default has an EU target, so it is allowed.
+        assert!(!paths.contains(&"tenants[0].allowed_models[2]"));
+    }
+
+    #[test]
+    fn encrypted_keys_open_with_the_master_key_only() {
+        let keys = MasterKeys {
+            current: Some(
+                MasterKey::from_hex(&"ab".repeat(32), crate::secrets::MASTER_KEY_ENV).unwrap(),
+            ),
+            previous: None,
+        };
+        let blob = keys.seal("sk-sealed").unwrap();
+        let yaml = format!(
+            "providers:\n  p:\n    kind: openai\n    key_pools:\n      - keys: [ {{ encrypted: \"{blob}\" }} ]\n"
+        );
+        let c = policy(&yaml, Some(&keys)).unwrap();
+        match &c.snapshot.providers["p"].key_pools[0].keys[0] {
+            KeySource::Inline(s) => assert_eq!(s.expose(), "sk-sealed"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(!format!("{:?}", c.snapshot).contains("sk-sealed"));
+        let e = policy(&yaml, None).unwrap_err();
+        assert_eq!(e[0].path, "providers.p.key_pools[0].keys[0].encrypted");
+    }
+
+    #[test]
+    fn dev_compile_resolves_files_and_envs() {
+        let dir = std::env::temp_dir().join(format!("sy-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("k");
+        std::fs::write(&file, "sk-from-file\n").unwrap();
+        let yaml = format!(
+            "providers:\n  p:\n    kind: openai\n    key_pools:\n      - keys: [ {{ file: \"{}\" }}, {{ env: K }} ]\n  q:\n    kind: anthropic\n    api_key_env: MISSING\naliases:\n  a: q/x\n",
+            file.display()
+        );
+        let doc = parse_policy(&yaml).unwrap();
+        let env = |k: &str| (k == "K").then(|| "sk-env-1,sk-env-2".to_string());
+        let c = compile(
+            &doc,
+            &CompileOptions {
+                env: &env,
+                include_simulated: true,
+                version: 1,
+            },
+        )
+        .unwrap();
+        let keys: Vec<_> = c.snapshot.providers["p"]
+            .keys
+            .iter()
+            .map(|k| k.expose().to_string())
+            .collect();
+        assert_eq!(keys, ["sk-from-file", "sk-env-1", "sk-env-2"]);
+        assert!(!c.snapshot.providers.contains_key("q"));
+        assert!(c.snapshot.aliases.is_empty());
+        let status: HashMap<_, _> = c.provider_status.into_iter().collect();
+        assert!(
+            status["q"].contains("$MISSING is not set"),
+            "{}",
+            status["q"]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

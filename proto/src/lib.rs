@@ -5,7 +5,9 @@
 //! a whole new one in when policy changes, so the request path reads it
 //! without locks. The control plane (`switchyard-control`) builds snapshots
 //! from the operator's policy document; later the same types travel to remote
-//! nodes as protobuf messages compiled from this folder's `.proto` files.
+//! nodes as protobuf messages compiled from this folder's `.proto` files
+//! ([`control`]); [`wire`] converts those messages into the domain types
+//! with `TryFrom`, rejecting malformed input with [`wire::InvalidSnapshot`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,6 +15,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+
+/// Control-plane services and snapshot messages (`control.proto`).
+pub mod control {
+    tonic::include_proto!("switchyard.control.v1");
+}
+
+pub mod plan;
+pub mod wire;
+
+pub use plan::{PlanError, PlannedTarget};
 
 /// The edge ↔ egress framing's messages (`backhaul.proto`).
 pub mod backhaul {
@@ -38,6 +50,14 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Policy documents carry keys in `value:` fields; reading one must not
+/// require a plain `String` that could end up in a `Debug` print.
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
     }
 }
 
@@ -151,6 +171,51 @@ pub struct ProviderSnapshot {
     pub simulated: Option<SimulatedSettings>,
     /// Region whose egress nodes call this provider; `None` = any egress.
     pub region: Option<String>,
+    /// Jurisdiction the provider's traffic stays in (defaults to its
+    /// region's); `None` = unknown, which no residency rule accepts.
+    pub jurisdiction: Option<String>,
+    /// Model → price; models not listed have no known cost.
+    pub pricing: HashMap<String, ModelPrice>,
+    /// Where `keys` come from, per region. Egress nodes receive only the
+    /// pools of their own region; edges receive none.
+    pub key_pools: Vec<KeyPoolSnapshot>,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ModelPrice {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+}
+
+impl ModelPrice {
+    pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.input_per_million
+            + output_tokens as f64 * self.output_per_million)
+            / 1_000_000.0
+    }
+}
+
+/// Where one provider key is read. References are resolved on the egress
+/// node that uses them, so the control plane never sees those values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Env(String),
+    File(String),
+    /// Decrypted by the control plane from its encrypted store.
+    Inline(Secret),
+}
+
+/// The keys of one provider in one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPoolSnapshot {
+    pub name: String,
+    /// Region whose egress nodes may hold these keys; `None` = any region.
+    pub region: Option<String>,
+    /// Jurisdictions whose egress nodes may hold these keys; empty = the
+    /// pool's region's jurisdiction only.
+    pub jurisdictions: Vec<String>,
+    pub keys: Vec<KeySource>,
 }
 
 /// A region of the fleet: where its egress nodes listen.
@@ -176,7 +241,7 @@ impl SimulatedSettings {
 }
 
 /// Where a model name leads: one provider and the model name it knows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RouteTarget {
     pub provider: String,
     pub model: String,
@@ -187,6 +252,85 @@ pub struct TenantSnapshot {
     pub id: String,
     /// `None` allows every model.
     pub allowed_models: Option<Vec<String>>,
+}
+
+/// The parts of a tenant's policy beyond authentication, looked up by
+/// tenant id. Kept apart from [`TenantSnapshot`] so existing constructors of
+/// that struct keep compiling; a tenant without an entry has no limits, no
+/// budget and no residency restriction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantPolicy {
+    pub id: String,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens (input + output) per minute.
+    pub tpm: Option<u64>,
+    pub monthly_budget_usd: Option<f64>,
+    /// Jurisdictions the tenant's requests may be processed in; `None` = any.
+    pub residency: Option<Vec<String>>,
+}
+
+/// How a route orders its targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// As written.
+    #[default]
+    Priority,
+    /// Lowest p50 TTFT from the pushed scores first.
+    Latency,
+    /// Cheapest (input + output price) first.
+    Cost,
+    /// Highest weight first; the data plane may randomise by weight.
+    Weighted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightedTarget {
+    pub provider: String,
+    pub model: String,
+    pub weight: u32,
+}
+
+/// A named route: ordered targets, then the routes to fall back to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSnapshot {
+    pub name: String,
+    pub strategy: Strategy,
+    pub targets: Vec<WeightedTarget>,
+    pub fallbacks: Vec<String>,
+}
+
+/// Latency and error scores the control plane folds from every node's
+/// telemetry over a sliding window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scores {
+    pub targets: HashMap<ScoreKey, TargetScore>,
+    /// (edge region, egress region) → backhaul round-trip time.
+    pub backhaul: HashMap<(String, String), RttScore>,
+    pub computed_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScoreKey {
+    pub provider: String,
+    pub model: String,
+    pub region: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TargetScore {
+    pub requests: u64,
+    pub error_rate: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p95_ms: f64,
+    pub ttft_p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RttScore {
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
 }
 
 impl TenantSnapshot {
@@ -237,14 +381,28 @@ pub struct Snapshot {
     pub tenants: HashMap<KeyHash, Arc<TenantSnapshot>>,
     pub limits: LimitsSnapshot,
     pub regions: HashMap<String, RegionSnapshot>,
+    /// Route name → route (ordered targets with fallbacks).
+    pub routes: HashMap<String, Arc<RouteSnapshot>>,
+    /// Tenant id → limits, budget and residency.
+    pub tenant_policies: HashMap<String, Arc<TenantPolicy>>,
+    /// Shared so a score refresh does not copy the policy and vice versa.
+    pub scores: Arc<Scores>,
 }
 
 impl Snapshot {
-    /// Resolves what a client wrote in `model`: an alias first, then
-    /// `provider/model`. Unknown providers resolve to nothing.
+    /// Resolves what a client wrote in `model`: an alias first, then a
+    /// route (its first target as written), then `provider/model`. Unknown
+    /// providers resolve to nothing. [`Snapshot::plan`] gives the whole
+    /// ordered, residency-filtered list.
     pub fn resolve(&self, requested: &str) -> Option<RouteTarget> {
         if let Some(target) = self.aliases.get(requested) {
             return Some(target.clone());
+        }
+        if let Some(t) = self.routes.get(requested).and_then(|r| r.targets.first()) {
+            return Some(RouteTarget {
+                provider: t.provider.clone(),
+                model: t.model.clone(),
+            });
         }
         let (provider, model) = requested.split_once('/')?;
         if model.is_empty() || !self.providers.contains_key(provider) {
@@ -258,6 +416,10 @@ impl Snapshot {
 
     pub fn tenant_for_key(&self, key: &str) -> Option<&Arc<TenantSnapshot>> {
         self.tenants.get(&KeyHash::of(key))
+    }
+
+    pub fn tenant_policy(&self, tenant_id: &str) -> Option<&Arc<TenantPolicy>> {
+        self.tenant_policies.get(tenant_id)
     }
 
     /// Every name `/v1/models` lists: `provider/model` for advertised models, then aliases.
@@ -274,6 +436,13 @@ impl Snapshot {
         aliases.sort_by(|a, b| a.0.cmp(b.0));
         for (alias, target) in aliases {
             out.push((alias.clone(), target.provider.clone()));
+        }
+        let mut routes: Vec<_> = self.routes.values().collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        for r in routes {
+            if let Some(first) = r.targets.first() {
+                out.push((r.name.clone(), first.provider.clone()));
+            }
         }
         out
     }
@@ -310,6 +479,9 @@ mod tests {
                 models: vec!["gpt-4o-mini".into()],
                 simulated: None,
                 region: None,
+                jurisdiction: None,
+                pricing: HashMap::new(),
+                key_pools: vec![],
             }),
         );
         snap.aliases.insert(

@@ -1,0 +1,133 @@
+//! A semantic diff between two compiled policies, for `ctl apply --dry-run`
+//! and apply answers. It describes compiled snapshots rather than YAML text
+//! so reordering or reformatting shows no change, and key pools appear only
+//! as reference kinds and counts: never key material.
+
+use std::collections::BTreeMap;
+
+use switchyard_proto::{KeySource, Snapshot};
+
+/// One line per entity: `path` → description.
+pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for r in s.regions.values() {
+        out.insert(
+            format!("regions.{}", r.name),
+            format!(
+                "jurisdiction={} egress=[{}]",
+                r.jurisdiction.as_deref().unwrap_or("-"),
+                r.egress.join(", ")
+            ),
+        );
+    }
+    for p in s.providers.values() {
+        let mut pricing: Vec<_> = p
+            .pricing
+            .iter()
+            .map(|(m, pr)| format!("{m}:{}/{}", pr.input_per_million, pr.output_per_million))
+            .collect();
+        pricing.sort();
+        out.insert(
+            format!("providers.{}", p.name),
+            format!(
+                "kind={} url={} region={} jurisdiction={} models=[{}] pricing=[{}]",
+                p.kind.as_str(),
+                p.base_url,
+                p.region.as_deref().unwrap_or("-"),
+                p.jurisdiction.as_deref().unwrap_or("-"),
+                p.models.join(", "),
+                pricing.join(", ")
+            ),
+        );
+        for pool in &p.key_pools {
+            let refs: Vec<String> = pool
+                .keys
+                .iter()
+                .map(|k| match k {
+                    KeySource::Env(v) => format!("env:{v}"),
+                    KeySource::File(f) => format!("file:{f}"),
+                    KeySource::Inline(_) => "encrypted".into(),
+                })
+                .collect();
+            out.insert(
+                format!("providers.{}.key_pools.{}", p.name, pool.name),
+                format!(
+                    "region={} jurisdictions=[{}] keys=[{}]",
+                    pool.region.as_deref().unwrap_or("any"),
+                    pool.jurisdictions.join(", "),
+                    refs.join(", ")
+                ),
+            );
+        }
+    }
+    for (a, t) in &s.aliases {
+        out.insert(
+            format!("aliases.{a}"),
+            format!("{}/{}", t.provider, t.model),
+        );
+    }
+    for r in s.routes.values() {
+        let targets: Vec<String> = r
+            .targets
+            .iter()
+            .map(|t| format!("{}/{}*{}", t.provider, t.model, t.weight))
+            .collect();
+        out.insert(
+            format!("routes.{}", r.name),
+            format!(
+                "strategy={:?} targets=[{}] fallbacks=[{}]",
+                r.strategy,
+                targets.join(", "),
+                r.fallbacks.join(", ")
+            ),
+        );
+    }
+    for (hash, t) in &s.tenants {
+        let p = s.tenant_policies.get(&t.id);
+        out.insert(
+            format!("tenants.{}", t.id),
+            format!(
+                "key={:?} models={} rpm={} tpm={} budget={} residency={}",
+                hash,
+                t.allowed_models
+                    .as_ref()
+                    .map(|m| format!("[{}]", m.join(", ")))
+                    .unwrap_or_else(|| "*".into()),
+                p.and_then(|p| p.rpm).map_or("-".into(), |v| v.to_string()),
+                p.and_then(|p| p.tpm).map_or("-".into(), |v| v.to_string()),
+                p.and_then(|p| p.monthly_budget_usd)
+                    .map_or("-".into(), |v| v.to_string()),
+                p.and_then(|p| p.residency.as_ref())
+                    .map_or("*".into(), |r| r.join(", ")),
+            ),
+        );
+    }
+    out.insert(
+        "limits".into(),
+        format!(
+            "max_body_bytes={} upstream_timeout={:?} stream_idle_timeout={:?}",
+            s.limits.max_body_bytes, s.limits.upstream_timeout, s.limits.stream_idle_timeout
+        ),
+    );
+    out
+}
+
+/// `+ added`, `- removed`, `~ changed` lines; empty when equal.
+pub fn diff(old: Option<&Snapshot>, new: &Snapshot) -> String {
+    let before = old.map(describe).unwrap_or_default();
+    let after = describe(new);
+    let mut out = String::new();
+    for (k, v) in &after {
+        match before.get(k) {
+            None => out.push_str(&format!("+ {k}: {v}\n")),
+            Some(old) if old != v => out.push_str(&format!("~ {k}: {old}\n    → {v}\n")),
+            _ => {}
+        }
+    }
+    for (k, v) in &before {
+        if !after.contains_key(k) {
+            out.push_str(&format!("- {k}: {v}\n"));
+        }
+    }
+    out
+}

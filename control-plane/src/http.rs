@@ -1,0 +1,214 @@
+//! The operator API as HTTP/JSON, for curl users: a thin mapping onto the
+//! same [`ControlPlane`] methods the gRPC `Operator` service calls.
+//!
+//! | method and path                  | gRPC            | body / answer |
+//! |----------------------------------|-----------------|---------------|
+//! | `POST /v1/policy[?dry_run=1]`    | ApplyPolicy     | YAML in, `{version, applied, diff, errors}` |
+//! | `GET /v1/policy[?version=N]`     | GetPolicy       | `{version, yaml, author, created_at_ms, comment, history}` |
+//! | `POST /v1/rollback/N`            | Rollback        | as apply |
+//! | `GET /v1/nodes`                  | ListNodes       | `{current_version, nodes: [...]}` |
+//! | `POST /v1/keys/rotate`           | RotateKeys      | as apply |
+//!
+//! Authentication: `authorization: Bearer <admin token>`. The listener is
+//! plain HTTP; bind it to loopback or put it behind a TLS proxy.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::pb;
+use crate::server::{ApplyOutcome, ControlError, ControlPlane};
+
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    cp: Arc<ControlPlane>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "HTTP accept failed");
+                        continue;
+                    }
+                },
+            };
+            let cp = cp.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let cp = cp.clone();
+                    async move { Ok::<_, Infallible>(handle(&cp, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((local, task))
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    reply(
+        status,
+        json!({ "error": { "message": message.to_string() } }),
+    )
+}
+
+fn control_error(e: ControlError) -> Response<Full<Bytes>> {
+    let status = match &e {
+        ControlError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ControlError::NoSuchVersion(_) | ControlError::NoPolicy => StatusCode::NOT_FOUND,
+        ControlError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    error(status, e)
+}
+
+fn outcome(o: ApplyOutcome) -> Response<Full<Bytes>> {
+    let status = if o.errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    reply(
+        status,
+        json!({
+            "version": o.version,
+            "applied": o.applied,
+            "diff": o.diff,
+            "errors": o.errors.iter().map(|e| json!({"path": e.path, "message": e.message})).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+fn version_json(v: &pb::PolicyVersionMsg, with_yaml: bool) -> Value {
+    let mut o = json!({
+        "version": v.version,
+        "author": v.author,
+        "created_at_ms": v.created_at_ms,
+        "comment": v.comment,
+    });
+    if with_yaml {
+        o["yaml"] = Value::String(v.yaml.clone());
+    }
+    o
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+async fn handle(cp: &ControlPlane, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let auth = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !cp.http_authorized(auth) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "present authorization: Bearer <admin token>",
+        );
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let query = query.as_deref();
+    let author = query_param(query, "author").unwrap_or("http").to_string();
+    match (method, path.as_str()) {
+        (Method::POST, "/v1/policy") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+            };
+            let Ok(yaml) = std::str::from_utf8(&body) else {
+                return error(StatusCode::BAD_REQUEST, "the body must be UTF-8 YAML");
+            };
+            let dry_run = matches!(query_param(query, "dry_run"), Some("" | "1" | "true"));
+            let comment = query_param(query, "comment").unwrap_or("");
+            match cp.apply(yaml, dry_run, &author, comment).await {
+                Ok(o) => outcome(o),
+                Err(e) => control_error(e),
+            }
+        }
+        (Method::GET, "/v1/policy") => {
+            let version = match query_param(query, "version").map(str::parse::<u64>) {
+                None => 0,
+                Some(Ok(v)) => v,
+                Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "version must be a number"),
+            };
+            match cp.get_policy(version).await {
+                Ok(r) => {
+                    let mut body = r
+                        .policy
+                        .as_ref()
+                        .map(|p| version_json(p, true))
+                        .unwrap_or_else(|| json!({}));
+                    body["history"] =
+                        Value::Array(r.history.iter().map(|h| version_json(h, false)).collect());
+                    reply(StatusCode::OK, body)
+                }
+                Err(e) => control_error(e),
+            }
+        }
+        (Method::POST, p) if p.starts_with("/v1/rollback/") => {
+            let Ok(version) = p["/v1/rollback/".len()..].parse::<u64>() else {
+                return error(StatusCode::BAD_REQUEST, "expected /v1/rollback/<version>");
+            };
+            match cp.rollback(version, &author).await {
+                Ok(o) => outcome(o),
+                Err(e) => control_error(e),
+            }
+        }
+        (Method::GET, "/v1/nodes") => match cp.list_nodes().await {
+            Ok(r) => reply(
+                StatusCode::OK,
+                json!({
+                    "current_version": r.current_version,
+                    "nodes": r.nodes.iter().map(|n| json!({
+                        "id": n.id, "role": n.role, "region": n.region, "build": n.build,
+                        "acked_version": n.acked_version, "nacked_version": n.nacked_version,
+                        "nack_reason": n.nack_reason, "last_seen_ms": n.last_seen_ms,
+                        "health": n.health, "replica": n.replica,
+                    })).collect::<Vec<_>>(),
+                }),
+            ),
+            Err(e) => control_error(e),
+        },
+        (Method::POST, "/v1/keys/rotate") => match cp.rotate_keys(&author).await {
+            Ok(o) => outcome(o),
+            Err(e) => control_error(e),
+        },
+        _ => error(StatusCode::NOT_FOUND, format!("no route for {path}")),
+    }
+}

@@ -1,0 +1,909 @@
+//! The control plane process: the `Operator` and `Node` gRPC services, the
+//! publishing of versions to watching nodes, and the replica's follow loop
+//! (a version stored by another replica is picked up from the database).
+//!
+//! State flows one way: store → [`Published`] (compiled once per version)
+//! → a `watch` channel → one task per connected node, which tailors the
+//! snapshot to that node before sending it. Nothing here is on the data
+//! plane's request path.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use switchyard_proto::{Secret, Snapshot};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use crate::pb;
+use crate::pb::node_server::{Node, NodeServer};
+use crate::pb::operator_server::{Operator, OperatorServer};
+use crate::policy::{compile_policy, parse_policy, Compiled, PolicyError, PolicyOptions};
+use crate::secrets::{seal_document, MasterKeys};
+use crate::store::{now_ms, NodeRecord, Store, StoreError};
+use crate::telemetry::ScoreBoard;
+
+/// PEM files of the gRPC listener.
+#[derive(Clone)]
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Secret,
+    /// CA that signs node (and operator) client certificates. When set,
+    /// `Node` calls require a client certificate.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` or `postgres://...`.
+    pub store_url: String,
+    pub tls: Option<TlsPem>,
+    /// Bearer token operators present; `None` with no operator certificates
+    /// leaves the operator API open (local development only).
+    pub admin_token: Option<Secret>,
+    /// SHA-256 (hex) of client certificates allowed to act as operators.
+    pub operator_cert_sha256: Vec<String>,
+    /// Plain-HTTP JSON form of the operator API.
+    pub http_listen: Option<SocketAddr>,
+    /// Names this replica in the node registry.
+    pub replica_id: String,
+    pub master_keys: MasterKeys,
+    /// How often the store is polled for versions another replica stored
+    /// (PostgreSQL also wakes replicas with NOTIFY).
+    pub poll_interval: Duration,
+    pub score_interval: Duration,
+    pub score_window: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, store_url: impl Into<String>) -> Self {
+        ServerConfig {
+            listen,
+            store_url: store_url.into(),
+            tls: None,
+            admin_token: None,
+            operator_cert_sha256: Vec::new(),
+            http_listen: None,
+            replica_id: format!("cp-{}", std::process::id()),
+            master_keys: MasterKeys::default(),
+            poll_interval: Duration::from_secs(1),
+            score_interval: Duration::from_secs(5),
+            score_window: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] tonic::transport::Error),
+    #[error("stored policy version {version} no longer compiles: {errors}")]
+    StoredPolicy { version: u64, errors: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("policy version {0} does not exist")]
+    NoSuchVersion(u64),
+    #[error("no policy has been applied yet")]
+    NoPolicy,
+    #[error("{}", join_errors(.0))]
+    Invalid(Vec<PolicyError>),
+}
+
+fn join_errors(errors: &[PolicyError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<ControlError> for Status {
+    fn from(e: ControlError) -> Self {
+        match &e {
+            ControlError::Store(_) => {
+                tracing::error!(error = %e, "store failure");
+                Status::unavailable(e.to_string())
+            }
+            ControlError::NoSuchVersion(_) | ControlError::NoPolicy => {
+                Status::not_found(e.to_string())
+            }
+            ControlError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+/// One stored version, compiled. `wire` holds every key pool; each node
+/// receives a tailored copy.
+pub struct Published {
+    pub version: u64,
+    pub yaml: String,
+    pub snapshot: Snapshot,
+    pub wire: pb::SnapshotMsg,
+}
+
+/// What an apply (or rollback, or rotation) did.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOutcome {
+    pub version: u64,
+    pub applied: bool,
+    pub diff: String,
+    pub errors: Vec<PolicyError>,
+}
+
+impl From<ApplyOutcome> for pb::ApplyPolicyResponse {
+    fn from(o: ApplyOutcome) -> Self {
+        pb::ApplyPolicyResponse {
+            version: o.version,
+            applied: o.applied,
+            diff: o.diff,
+            errors: o
+                .errors
+                .into_iter()
+                .map(|e| pb::PolicyErrorMsg {
+                    path: e.path,
+                    message: e.message,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A node's ACK or NACK, as seen by this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckEvent {
+    pub node_id: String,
+    pub version: u64,
+    pub ok: bool,
+    pub reason: String,
+}
+
+/// The shared state of one control-plane replica.
+pub struct ControlPlane {
+    store: Store,
+    replica: String,
+    master: MasterKeys,
+    admin_token: Option<Secret>,
+    operator_certs: Vec<String>,
+    require_node_cert: bool,
+    current: watch::Sender<Option<Arc<Published>>>,
+    scores: watch::Sender<(u64, Arc<pb::ScoresMsg>)>,
+    board: Mutex<ScoreBoard>,
+    acks: broadcast::Sender<AckEvent>,
+    /// Serialises applies within the replica so diffs are against the
+    /// version they will follow.
+    apply_lock: tokio::sync::Mutex<()>,
+    /// Set on shutdown: ends node streams so the server's graceful stop
+    /// does not wait for them forever.
+    stopping: watch::Receiver<bool>,
+}
+
+impl ControlPlane {
+    fn compile_yaml(&self, yaml: &str, version: u64) -> Result<Compiled, Vec<PolicyError>> {
+        let doc = parse_policy(yaml).map_err(|e| vec![e])?;
+        // The control plane's own environment must not leak into policy:
+        // key references are resolved on the egress nodes.
+        let no_env = |_: &str| None;
+        compile_policy(
+            &doc,
+            &PolicyOptions {
+                env: &no_env,
+                include_simulated: false,
+                env_providers: false,
+                version,
+                master_keys: Some(&self.master),
+            },
+        )
+    }
+
+    pub fn current(&self) -> Option<Arc<Published>> {
+        self.current.borrow().clone()
+    }
+
+    pub fn current_version(&self) -> u64 {
+        self.current().map_or(0, |p| p.version)
+    }
+
+    /// ACKs and NACKs as they arrive (for tests, benchmarks, operators).
+    pub fn subscribe_acks(&self) -> broadcast::Receiver<AckEvent> {
+        self.acks.subscribe()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn publish(&self, version: u64, yaml: String) -> Result<(), Vec<PolicyError>> {
+        let compiled = self.compile_yaml(&yaml, version)?;
+        let wire = pb::SnapshotMsg::from(&compiled.snapshot);
+        let published = Arc::new(Published {
+            version,
+            yaml,
+            snapshot: compiled.snapshot,
+            wire,
+        });
+        self.current.send_if_modified(|cur| {
+            if cur.as_ref().is_some_and(|c| c.version >= version) {
+                return false;
+            }
+            *cur = Some(published);
+            true
+        });
+        tracing::info!(version, replica = %self.replica, "policy version published");
+        Ok(())
+    }
+
+    /// Publishes the store's latest version when it is newer than ours.
+    pub async fn sync_from_store(&self) -> Result<(), ServeError> {
+        let latest = self.store.latest_version().await?;
+        if latest <= self.current_version() {
+            return Ok(());
+        }
+        let Some(v) = self.store.get(latest).await? else {
+            return Ok(());
+        };
+        self.publish(v.version, v.yaml)
+            .map_err(|errors| ServeError::StoredPolicy {
+                version: v.version,
+                errors: join_errors(&errors),
+            })
+    }
+
+    /// Validates `yaml`; unless `dry_run` or invalid, stores and publishes
+    /// it as a new version. Invalid documents change nothing.
+    pub async fn apply(
+        &self,
+        yaml: &str,
+        dry_run: bool,
+        author: &str,
+        comment: &str,
+    ) -> Result<ApplyOutcome, ControlError> {
+        let _guard = self.apply_lock.lock().await;
+        // Another replica may have applied since we last looked.
+        let _ = self.sync_from_store().await;
+        let current = self.current();
+        let current_version = current.as_ref().map_or(0, |c| c.version);
+        let rejected = |errors| ApplyOutcome {
+            version: current_version,
+            applied: false,
+            diff: String::new(),
+            errors,
+        };
+        let sealed = match seal_document(yaml, &self.master, false) {
+            Ok(s) => s,
+            Err(errors) => return Ok(rejected(errors)),
+        };
+        let stored = sealed.yaml.unwrap_or_else(|| yaml.to_string());
+        let compiled = match self.compile_yaml(&stored, current_version + 1) {
+            Ok(c) => c,
+            Err(errors) => return Ok(rejected(errors)),
+        };
+        let diff = crate::diff::diff(current.as_ref().map(|c| &c.snapshot), &compiled.snapshot);
+        if dry_run {
+            return Ok(ApplyOutcome {
+                version: current_version,
+                applied: false,
+                diff,
+                errors: Vec::new(),
+            });
+        }
+        self.store_and_publish(&stored, author, comment, diff).await
+    }
+
+    async fn store_and_publish(
+        &self,
+        yaml: &str,
+        author: &str,
+        comment: &str,
+        diff: String,
+    ) -> Result<ApplyOutcome, ControlError> {
+        let version = self.store.insert_version(yaml, author, comment).await?;
+        self.publish(version, yaml.to_string())
+            .map_err(ControlError::Invalid)?;
+        tracing::info!(version, author, "policy applied");
+        Ok(ApplyOutcome {
+            version,
+            applied: true,
+            diff,
+            errors: Vec::new(),
+        })
+    }
+
+    /// Makes `version`'s document current again, as a new version.
+    pub async fn rollback(&self, version: u64, author: &str) -> Result<ApplyOutcome, ControlError> {
+        let _guard = self.apply_lock.lock().await;
+        let _ = self.sync_from_store().await;
+        let old = self
+            .store
+            .get(version)
+            .await?
+            .filter(|_| version > 0)
+            .ok_or(ControlError::NoSuchVersion(version))?;
+        let current = self.current();
+        let compiled = self
+            .compile_yaml(&old.yaml, 0)
+            .map_err(ControlError::Invalid)?;
+        let diff = crate::diff::diff(current.as_ref().map(|c| &c.snapshot), &compiled.snapshot);
+        self.store_and_publish(
+            &old.yaml,
+            author,
+            &format!("rollback to version {version}"),
+            diff,
+        )
+        .await
+    }
+
+    /// Re-seals stored keys under the current master key and publishes the
+    /// result as a new version, which also makes every egress re-read its
+    /// env/file key references.
+    pub async fn rotate_keys(&self, author: &str) -> Result<ApplyOutcome, ControlError> {
+        let _guard = self.apply_lock.lock().await;
+        let _ = self.sync_from_store().await;
+        let current = self.current().ok_or(ControlError::NoPolicy)?;
+        let sealed =
+            seal_document(&current.yaml, &self.master, true).map_err(ControlError::Invalid)?;
+        let yaml = sealed.yaml.unwrap_or_else(|| current.yaml.clone());
+        self.store_and_publish(
+            &yaml,
+            author,
+            &format!(
+                "keys rotated ({} sealed key(s) re-encrypted)",
+                sealed.resealed
+            ),
+            String::new(),
+        )
+        .await
+    }
+
+    pub async fn get_policy(&self, version: u64) -> Result<pb::GetPolicyResponse, ControlError> {
+        let v = self.store.get(version).await?.ok_or(if version == 0 {
+            ControlError::NoPolicy
+        } else {
+            ControlError::NoSuchVersion(version)
+        })?;
+        let history = self.store.history(100).await?;
+        let msg = |v: crate::store::PolicyVersion| pb::PolicyVersionMsg {
+            version: v.version,
+            yaml: v.yaml,
+            author: v.author,
+            created_at_ms: v.created_at_ms,
+            comment: v.comment,
+        };
+        Ok(pb::GetPolicyResponse {
+            policy: Some(msg(v)),
+            history: history.into_iter().map(msg).collect(),
+        })
+    }
+
+    pub async fn list_nodes(&self) -> Result<pb::ListNodesResponse, ControlError> {
+        // The latest stored version, not only ours: nodes of another
+        // replica are judged against the same number.
+        let current = self.store.latest_version().await?;
+        let nodes = self.store.nodes().await?;
+        Ok(pb::ListNodesResponse {
+            current_version: current,
+            nodes: nodes
+                .into_iter()
+                .map(|n| pb::NodeStatusMsg {
+                    health: health(&n, current).into(),
+                    id: n.id,
+                    role: n.role,
+                    region: n.region,
+                    build: n.build,
+                    acked_version: n.acked_version,
+                    nacked_version: n.nacked_version,
+                    nack_reason: n.nack_reason,
+                    last_seen_ms: n.last_seen_ms,
+                    replica: n.replica,
+                })
+                .collect(),
+        })
+    }
+
+    fn operator_principal<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        if let Some(token) = &self.admin_token {
+            let presented = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if let Some(p) = presented {
+                if constant_time_eq(p.as_bytes(), token.expose().as_bytes()) {
+                    return Ok("token".into());
+                }
+            }
+        }
+        if let Some(certs) = req.peer_certs() {
+            if let Some(leaf) = certs.first() {
+                let fp = hex::encode(ring::digest::digest(&ring::digest::SHA256, leaf.as_ref()));
+                if self
+                    .operator_certs
+                    .iter()
+                    .any(|c| c.eq_ignore_ascii_case(&fp))
+                {
+                    return Ok(format!("cert:{}", &fp[..16]));
+                }
+            }
+        }
+        if self.admin_token.is_none() && self.operator_certs.is_empty() {
+            return Ok("anonymous".into());
+        }
+        Err(Status::unauthenticated(
+            "operator API: present `authorization: Bearer <admin token>` or an operator certificate",
+        ))
+    }
+
+    /// Checks an HTTP bearer token the way the gRPC API does.
+    pub fn http_authorized(&self, authorization: Option<&str>) -> bool {
+        match &self.admin_token {
+            None => self.operator_certs.is_empty(),
+            Some(token) => authorization
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes())),
+        }
+    }
+
+    fn authorize_node<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.require_node_cert && req.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "node API requires a client certificate",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn health(n: &NodeRecord, current: u64) -> &'static str {
+    if !n.connected {
+        "disconnected"
+    } else if n.nacked_version >= current && n.nacked_version > n.acked_version {
+        "rejected"
+    } else if n.acked_version < current {
+        "behind"
+    } else {
+        "ok"
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What a node with this hello may receive: edges no key material at all;
+/// an egress only the pools of its own region, and only when the region's
+/// jurisdiction is allowed for the pool.
+pub fn tailor(
+    full: &pb::SnapshotMsg,
+    snapshot: &Snapshot,
+    role: pb::NodeRole,
+    region: &str,
+) -> pb::SnapshotMsg {
+    let mut msg = full.clone();
+    let region_jurisdiction = snapshot
+        .regions
+        .get(region)
+        .and_then(|r| r.jurisdiction.clone());
+    for p in msg.providers.values_mut() {
+        if role != pb::NodeRole::Egress {
+            p.key_pools.clear();
+            continue;
+        }
+        let provider_jurisdiction = p.jurisdiction.clone();
+        p.key_pools.retain(|pool| {
+            let region_ok = pool.region.is_empty() || pool.region == region;
+            let allowed: Vec<String> = if pool.jurisdictions.is_empty() {
+                (!provider_jurisdiction.is_empty())
+                    .then(|| provider_jurisdiction.clone())
+                    .into_iter()
+                    .collect()
+            } else {
+                pool.jurisdictions.clone()
+            };
+            let jurisdiction_ok = allowed.is_empty()
+                || region_jurisdiction
+                    .as_ref()
+                    .is_some_and(|j| allowed.contains(j));
+            region_ok && jurisdiction_ok
+        });
+    }
+    msg
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotMsg, Status>> + Send>>;
+
+#[derive(Clone)]
+struct Services(Arc<ControlPlane>);
+
+#[tonic::async_trait]
+impl Operator for Services {
+    async fn apply_policy(
+        &self,
+        req: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        let who = self.0.operator_principal(&req)?;
+        let r = req.into_inner();
+        let author = if r.author.is_empty() { who } else { r.author };
+        let out = self
+            .0
+            .apply(&r.yaml, r.dry_run, &author, &r.comment)
+            .await?;
+        Ok(Response::new(out.into()))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        self.0.operator_principal(&req)?;
+        Ok(Response::new(
+            self.0.get_policy(req.into_inner().version).await?,
+        ))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        let who = self.0.operator_principal(&req)?;
+        let r = req.into_inner();
+        let author = if r.author.is_empty() { who } else { r.author };
+        Ok(Response::new(
+            self.0.rollback(r.version, &author).await?.into(),
+        ))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.0.operator_principal(&req)?;
+        Ok(Response::new(self.0.list_nodes().await?))
+    }
+
+    async fn rotate_keys(
+        &self,
+        req: Request<pb::RotateKeysRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        let who = self.0.operator_principal(&req)?;
+        let r = req.into_inner();
+        let author = if r.author.is_empty() { who } else { r.author };
+        Ok(Response::new(self.0.rotate_keys(&author).await?.into()))
+    }
+}
+
+#[tonic::async_trait]
+impl Node for Services {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::Hello>) -> Result<Response<WatchStream>, Status> {
+        self.0.authorize_node(&req)?;
+        let hello = req.into_inner();
+        if hello.id.is_empty() || hello.id.len() > 128 {
+            return Err(Status::invalid_argument("hello.id: 1 to 128 characters"));
+        }
+        let role = match pb::NodeRole::try_from(hello.role) {
+            Ok(r @ (pb::NodeRole::Edge | pb::NodeRole::Egress)) => r,
+            _ => return Err(Status::invalid_argument("hello.role: edge or egress")),
+        };
+        if role == pb::NodeRole::Egress && hello.region.is_empty() {
+            return Err(Status::invalid_argument(
+                "hello.region: required for an egress",
+            ));
+        }
+        let cp = self.0.clone();
+        cp.store
+            .upsert_node(&NodeRecord {
+                id: hello.id.clone(),
+                role: role
+                    .as_str_name()
+                    .trim_start_matches("NODE_ROLE_")
+                    .to_lowercase(),
+                region: hello.region.clone(),
+                build: hello.build.clone(),
+                last_seen_ms: now_ms(),
+                connected: true,
+                replica: cp.replica.clone(),
+                ..NodeRecord::default()
+            })
+            .await
+            .map_err(ControlError::from)?;
+        tracing::info!(node = %hello.id, role = ?role, region = %hello.region, have = hello.have_version, "node connected");
+        let (tx, rx) = mpsc::channel::<Result<pb::SnapshotMsg, Status>>(4);
+        tokio::spawn(async move {
+            let mut stopping = cp.stopping.clone();
+            let mut policy = cp.current.subscribe();
+            let mut scores = cp.scores.subscribe();
+            let mut sent = (0u64, 0u64);
+            loop {
+                let published = policy.borrow_and_update().clone();
+                let (generation, score_msg) = scores.borrow_and_update().clone();
+                if let Some(p) = published {
+                    if (p.version, generation) != sent {
+                        let mut msg = tailor(&p.wire, &p.snapshot, role, &hello.region);
+                        msg.scores = Some((*score_msg).clone());
+                        msg.scores_generation = generation;
+                        if tx.send(Ok(msg)).await.is_err() {
+                            break;
+                        }
+                        sent = (p.version, generation);
+                    }
+                }
+                tokio::select! {
+                    r = policy.changed() => if r.is_err() { break },
+                    r = scores.changed() => if r.is_err() { break },
+                    _ = tx.closed() => break,
+                    _ = stopping.wait_for(|s| *s) => break,
+                }
+            }
+            tracing::info!(node = %hello.id, "node disconnected");
+            if let Err(e) = cp.store.set_connected(&hello.id, false, &cp.replica).await {
+                tracing::warn!(error = %e, node = %hello.id, "cannot record disconnect");
+            }
+        });
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        self.0.authorize_node(&req)?;
+        let a = req.into_inner();
+        // A NACK reason comes from the node; bound it before storing.
+        let reason: String = a.reason.chars().take(1000).collect();
+        if a.ok {
+            tracing::debug!(node = %a.node_id, version = a.version, "ack");
+        } else {
+            tracing::warn!(node = %a.node_id, version = a.version, reason = %reason, "nack");
+        }
+        // Announced before the registry write: watchers of propagation
+        // should not wait on the store's fsync.
+        let _ = self.0.acks.send(AckEvent {
+            node_id: a.node_id.clone(),
+            version: a.version,
+            ok: a.ok,
+            reason: reason.clone(),
+        });
+        self.0
+            .store
+            .record_ack(&a.node_id, a.version, a.ok, &reason)
+            .await
+            .map_err(ControlError::from)?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn report(
+        &self,
+        req: Request<tonic::Streaming<pb::TelemetryBatch>>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        self.0.authorize_node(&req)?;
+        let mut stream = req.into_inner();
+        let mut stopping = self.0.stopping.clone();
+        loop {
+            let batch = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(b) => b,
+                    None => break,
+                },
+                _ = stopping.wait_for(|s| *s) => break,
+            };
+            let now = Instant::now();
+            self.0
+                .board
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ingest(&batch, now);
+        }
+        Ok(Response::new(pb::ReportResponse {}))
+    }
+}
+
+/// A running replica; dropping it does not stop it, [`Self::shutdown`] does.
+pub struct RunningControlPlane {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    pub state: Arc<ControlPlane>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningControlPlane {
+    /// Stops listening and closes every node stream.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for mut t in self.tasks {
+            // Node streams end on the signal, so the graceful stop is quick;
+            // the timeout only guards against a stuck peer.
+            if tokio::time::timeout(Duration::from_secs(5), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+                let _ = t.await;
+            }
+        }
+        self.state.store.close().await;
+    }
+}
+
+/// Opens the store, publishes its latest version and starts serving.
+pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeError> {
+    let store = Store::open(&config.store_url).await?;
+    let (current, _) = watch::channel(None);
+    let (scores, _) = watch::channel((0, Arc::new(pb::ScoresMsg::default())));
+    let (acks, _) = broadcast::channel(4096);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(ControlPlane {
+        store,
+        replica: config.replica_id.clone(),
+        master: config.master_keys,
+        admin_token: config.admin_token.clone(),
+        operator_certs: config.operator_cert_sha256.clone(),
+        require_node_cert: config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        current,
+        scores,
+        board: Mutex::new(ScoreBoard::new(config.score_window)),
+        acks,
+        apply_lock: tokio::sync::Mutex::new(()),
+        stopping: shutdown_rx.clone(),
+    });
+    state.sync_from_store().await?;
+    if !state.require_node_cert {
+        tracing::warn!("no client CA: nodes are not authenticated (use --tls-cert/--tls-key/--client-ca outside development)");
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = &config.tls {
+        let mut t =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, tls.key.expose()));
+        if let Some(ca) = &tls.client_ca {
+            // Optional at the TLS layer so operators may use a token; the
+            // Node service insists on a certificate itself.
+            t = t
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
+        builder = builder.tls_config(t)?;
+    }
+    let services = Services(state.clone());
+    let mut stop = shutdown_rx.clone();
+    let router = builder
+        .add_service(OperatorServer::new(services.clone()))
+        .add_service(NodeServer::new(services));
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(async move {
+        // Without TCP_NODELAY a pushed snapshot waits on Nagle + delayed
+        // ACK (~40 ms per hop on Linux).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let http_addr = match config.http_listen {
+        Some(addr) => {
+            let (addr, task) = crate::http::serve(addr, state.clone(), shutdown_rx.clone())
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            tasks.push(task);
+            Some(addr)
+        }
+        None => None,
+    };
+
+    tasks.push(tokio::spawn(follow_store(
+        state.clone(),
+        config.poll_interval,
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(refresh_scores(
+        state.clone(),
+        config.score_interval,
+        shutdown_rx,
+    )));
+    tracing::info!(%grpc_addr, ?http_addr, replica = %config.replica_id, version = state.current_version(), "control plane listening");
+    Ok(RunningControlPlane {
+        grpc_addr,
+        http_addr,
+        state,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Picks up versions stored by other replicas: PostgreSQL NOTIFY when
+/// available, polling always (a missed notification costs one interval).
+async fn follow_store(cp: Arc<ControlPlane>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut listener = match cp.store.postgres_pool() {
+        Some(pool) => match sqlx::postgres::PgListener::connect_with(pool).await {
+            Ok(mut l) => match l.listen("switchyard_policy").await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN failed; polling only");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN connection failed; polling only");
+                None
+            }
+        },
+        None => None,
+    };
+    loop {
+        let notified = async {
+            match listener.as_mut() {
+                Some(l) => {
+                    if l.recv().await.is_err() {
+                        tokio::time::sleep(every).await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(every) => {}
+            _ = notified => {}
+        }
+        if let Err(e) = cp.sync_from_store().await {
+            tracing::warn!(error = %e, "cannot sync from the store");
+        }
+    }
+}
+
+/// Recomputes the scores and publishes them when they changed.
+async fn refresh_scores(cp: Arc<ControlPlane>, every: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let scores = cp
+            .board
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .scores(Instant::now());
+        let mut msg = pb::ScoresMsg::from(&scores);
+        cp.scores.send_if_modified(|(generation, old)| {
+            // The timestamp alone changing is not news for the nodes.
+            msg.computed_at_ms = old.computed_at_ms;
+            if **old == msg {
+                return false;
+            }
+            msg.computed_at_ms = scores.computed_at_ms;
+            *generation += 1;
+            *old = Arc::new(std::mem::take(&mut msg));
+            true
+        });
+    }
+}

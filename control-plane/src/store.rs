@@ -1,0 +1,489 @@
+//! Where policy versions and the node registry live: SQLite (one file,
+//! created on first start) or PostgreSQL (several control-plane replicas).
+//!
+//! One SQL text serves both: `$N` placeholders (SQLite accepts them too),
+//! `BIGINT`/`TEXT` columns only, and `INSERT ... RETURNING`. Each method
+//! runs the same query on whichever pool is open, so there is no second
+//! implementation to drift. Migrations are embedded and run by sqlx's
+//! migrator (PostgreSQL takes an advisory lock, so two replicas starting at
+//! once do not race).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{Row, SqlSafeStr};
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "policy versions and node registry",
+    "CREATE TABLE policy_versions (
+        version BIGINT PRIMARY KEY,
+        yaml TEXT NOT NULL,
+        author TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        comment TEXT NOT NULL
+    );
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        region TEXT NOT NULL,
+        build TEXT NOT NULL,
+        acked_version BIGINT NOT NULL DEFAULT 0,
+        nacked_version BIGINT NOT NULL DEFAULT 0,
+        nack_reason TEXT NOT NULL DEFAULT '',
+        last_seen_ms BIGINT NOT NULL,
+        connected BIGINT NOT NULL DEFAULT 0,
+        replica TEXT NOT NULL DEFAULT ''
+    );",
+)];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported store URL {0:?} (expected sqlite://PATH or postgres://...)")]
+    UnsupportedUrl(String),
+    #[error("store: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("store migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyVersion {
+    pub version: u64,
+    /// Empty in [`Store::history`] listings.
+    pub yaml: String,
+    pub author: String,
+    pub created_at_ms: i64,
+    pub comment: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeRecord {
+    pub id: String,
+    pub role: String,
+    pub region: String,
+    pub build: String,
+    pub acked_version: u64,
+    pub nacked_version: u64,
+    pub nack_reason: String,
+    pub last_seen_ms: i64,
+    pub connected: bool,
+    pub replica: String,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A cheap-to-clone handle on the open database.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+}
+
+macro_rules! on_pool {
+    ($self:expr, |$pool:ident| $body:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating when needed) the database and runs migrations.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let backend = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5));
+            if let Some(dir) = opts.get_filename().parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir)?;
+                }
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await?;
+            Backend::Sqlite(pool)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?;
+            Backend::Postgres(pool)
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_string()));
+        };
+        let migrator = Migrator::with_migrations(
+            MIGRATIONS
+                .iter()
+                .map(|(v, desc, sql)| {
+                    Migration::new(
+                        *v,
+                        (*desc).into(),
+                        MigrationType::Simple,
+                        sql.into_sql_str(),
+                        false,
+                    )
+                })
+                .collect(),
+        );
+        let store = Store { backend };
+        on_pool!(store, |pool| migrator.run(pool).await)?;
+        Ok(store)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// The PostgreSQL pool, for LISTEN/NOTIFY.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.backend {
+            Backend::Postgres(p) => Some(p),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    pub async fn latest_version(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = on_pool!(self, |pool| {
+            sqlx::query("SELECT MAX(version) AS v FROM policy_versions")
+                .fetch_one(pool)
+                .await?
+                .try_get("v")?
+        });
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    /// `version = 0` means the latest.
+    pub async fn get(&self, version: u64) -> Result<Option<PolicyVersion>, StoreError> {
+        let version = if version == 0 {
+            self.latest_version().await?
+        } else {
+            version
+        };
+        if version == 0 {
+            return Ok(None);
+        }
+        let row = on_pool!(self, |pool| {
+            match sqlx::query(
+                "SELECT version, yaml, author, created_at_ms, comment FROM policy_versions WHERE version = $1",
+            )
+            .bind(version as i64)
+            .fetch_optional(pool)
+            .await?
+            {
+                None => None,
+                Some(r) => Some(PolicyVersion {
+                    version: r.try_get::<i64, _>("version")? as u64,
+                    yaml: r.try_get("yaml")?,
+                    author: r.try_get("author")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                    comment: r.try_get("comment")?,
+                }),
+            }
+        });
+        Ok(row)
+    }
+
+    /// Every version, newest first, without the YAML.
+    pub async fn history(&self, limit: u32) -> Result<Vec<PolicyVersion>, StoreError> {
+        let out = on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT version, author, created_at_ms, comment FROM policy_versions ORDER BY version DESC LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push(PolicyVersion {
+                    version: r.try_get::<i64, _>("version")? as u64,
+                    yaml: String::new(),
+                    author: r.try_get("author")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                    comment: r.try_get("comment")?,
+                });
+            }
+            out
+        });
+        Ok(out)
+    }
+
+    /// Stores a new version numbered after the latest. Two replicas racing
+    /// for the same number: the loser's insert fails on the primary key and
+    /// it retries with the next number.
+    pub async fn insert_version(
+        &self,
+        yaml: &str,
+        author: &str,
+        comment: &str,
+    ) -> Result<u64, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let result: Result<i64, sqlx::Error> = on_pool!(self, |pool| {
+                sqlx::query(
+                    "INSERT INTO policy_versions (version, yaml, author, created_at_ms, comment)
+                     SELECT COALESCE(MAX(version), 0) + 1, $1, $2, $3, $4 FROM policy_versions
+                     RETURNING version",
+                )
+                .bind(yaml)
+                .bind(author)
+                .bind(now_ms())
+                .bind(comment)
+                .fetch_one(pool)
+                .await
+                .and_then(|r| r.try_get::<i64, _>("version"))
+            });
+            match result {
+                Ok(v) => {
+                    if let Backend::Postgres(pool) = &self.backend {
+                        // Wakes the other replicas now instead of at their next poll.
+                        let _ = sqlx::query("SELECT pg_notify('switchyard_policy', $1)")
+                            .bind(v.to_string())
+                            .execute(pool)
+                            .await;
+                    }
+                    return Ok(v as u64);
+                }
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 5 => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Records a node's hello (or a heartbeat): identity, liveness, replica.
+    pub async fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO nodes (id, role, region, build, last_seen_ms, connected, replica)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (id) DO UPDATE SET role = $2, region = $3, build = $4,
+                   last_seen_ms = $5, connected = $6, replica = $7",
+            )
+            .bind(&n.id)
+            .bind(&n.role)
+            .bind(&n.region)
+            .bind(&n.build)
+            .bind(n.last_seen_ms)
+            .bind(i64::from(n.connected))
+            .bind(&n.replica)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    pub async fn set_connected(
+        &self,
+        id: &str,
+        connected: bool,
+        replica: &str,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            // Only the replica holding the stream may mark it gone: the node
+            // may already have reconnected through another one.
+            sqlx::query(
+                "UPDATE nodes SET connected = $2, last_seen_ms = $3 WHERE id = $1 AND (replica = $4 OR $2 = 1)",
+            )
+            .bind(id)
+            .bind(i64::from(connected))
+            .bind(now_ms())
+            .bind(replica)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    pub async fn record_ack(
+        &self,
+        id: &str,
+        version: u64,
+        ok: bool,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let sql = if ok {
+            "UPDATE nodes SET acked_version = $2, last_seen_ms = $4 WHERE id = $1 AND $3 = $3"
+        } else {
+            "UPDATE nodes SET nacked_version = $2, nack_reason = $3, last_seen_ms = $4 WHERE id = $1"
+        };
+        on_pool!(self, |pool| {
+            sqlx::query(sql)
+                .bind(id)
+                .bind(version as i64)
+                .bind(reason)
+                .bind(now_ms())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let out = on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT id, role, region, build, acked_version, nacked_version, nack_reason,
+                        last_seen_ms, connected, replica FROM nodes ORDER BY id",
+            )
+            .fetch_all(pool)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push(NodeRecord {
+                    id: r.try_get("id")?,
+                    role: r.try_get("role")?,
+                    region: r.try_get("region")?,
+                    build: r.try_get("build")?,
+                    acked_version: r.try_get::<i64, _>("acked_version")? as u64,
+                    nacked_version: r.try_get::<i64, _>("nacked_version")? as u64,
+                    nack_reason: r.try_get("nack_reason")?,
+                    last_seen_ms: r.try_get("last_seen_ms")?,
+                    connected: r.try_get::<i64, _>("connected")? != 0,
+                    replica: r.try_get("replica")?,
+                });
+            }
+            out
+        });
+        Ok(out)
+    }
+
+    /// Test helper: creates an empty database next to the one `admin_url`
+    /// names and returns its URL, so tests sharing a server never collide.
+    pub async fn fresh_postgres_database_for_tests(admin_url: &str) -> Result<String, StoreError> {
+        fresh_postgres_database(admin_url).await
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
+    }
+}
+
+async fn fresh_postgres_database(admin_url: &str) -> Result<String, StoreError> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "sy_test_{}_{}_{}",
+        std::process::id(),
+        now_ms(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin_url)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    let (base, query) = match admin_url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (admin_url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    Ok(format!("{base}/{name}{query}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn exercise(store: &Store) {
+        assert_eq!(store.latest_version().await.unwrap(), 0);
+        assert!(store.get(0).await.unwrap().is_none());
+        let v1 = store
+            .insert_version("a: 1", "alice", "first")
+            .await
+            .unwrap();
+        let v2 = store.insert_version("a: 2", "bob", "").await.unwrap();
+        assert_eq!((v1, v2), (1, 2));
+        assert_eq!(store.get(0).await.unwrap().unwrap().yaml, "a: 2");
+        assert_eq!(store.get(1).await.unwrap().unwrap().author, "alice");
+        let h = store.history(10).await.unwrap();
+        assert_eq!(h.iter().map(|v| v.version).collect::<Vec<_>>(), [2, 1]);
+        let mut n = NodeRecord {
+            id: "edge-1".into(),
+            role: "edge".into(),
+            region: "eu-west".into(),
+            build: "t".into(),
+            last_seen_ms: now_ms(),
+            connected: true,
+            replica: "r1".into(),
+            ..NodeRecord::default()
+        };
+        store.upsert_node(&n).await.unwrap();
+        n.build = "t2".into();
+        store.upsert_node(&n).await.unwrap();
+        store.record_ack("edge-1", 2, true, "").await.unwrap();
+        store.record_ack("edge-1", 3, false, "bad").await.unwrap();
+        store.set_connected("edge-1", false, "r2").await.unwrap();
+        let nodes = store.nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        let got = &nodes[0];
+        assert_eq!((got.acked_version, got.nacked_version), (2, 3));
+        assert_eq!(
+            (got.build.as_str(), got.nack_reason.as_str()),
+            ("t2", "bad")
+        );
+        assert!(got.connected, "another replica cannot disconnect it");
+        store.set_connected("edge-1", false, "r1").await.unwrap();
+        assert!(!store.nodes().await.unwrap()[0].connected);
+    }
+
+    #[tokio::test]
+    async fn sqlite_store_round_trip() {
+        let dir = std::env::temp_dir().join(format!("sy-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("sqlite://{}/sub/cp.db", dir.display());
+        let store = Store::open(&url).await.unwrap();
+        exercise(&store).await;
+        store.close().await;
+        // Reopening runs migrations again without harm and keeps the data.
+        let again = Store::open(&url).await.unwrap();
+        assert_eq!(again.latest_version().await.unwrap(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn postgres_store_round_trip() {
+        let Ok(url) = std::env::var("SWITCHYARD_TEST_PG_URL") else {
+            eprintln!("skipped: SWITCHYARD_TEST_PG_URL is not set (run tests/pg.sh)");
+            return;
+        };
+        let url = fresh_postgres_database(&url).await.unwrap();
+        let store = Store::open(&url).await.unwrap();
+        exercise(&store).await;
+    }
+
+    #[tokio::test]
+    async fn rejects_unknown_urls() {
+        assert!(matches!(
+            Store::open("mysql://x").await,
+            Err(StoreError::UnsupportedUrl(_))
+        ));
+    }
+}

@@ -1,0 +1,304 @@
+//! Route planning: what a requested model name leads to, in order, inside
+//! the request's jurisdictions. Pure and allocation-light enough for the
+//! request path; the data plane adds circuit-breaker state on top.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::{ProviderSnapshot, RouteSnapshot, RouteTarget, ScoreKey, Snapshot, Strategy};
+
+/// One step of a route plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedTarget {
+    pub target: RouteTarget,
+    /// Region whose egress calls the provider; `None` = any egress.
+    pub region: Option<String>,
+    pub jurisdiction: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    /// Not an alias, route or `provider/model` of a known provider.
+    UnknownModel(String),
+    /// Every target lies outside the request's jurisdictions; the request
+    /// must be refused with a residency error, never sent elsewhere.
+    Residency {
+        model: String,
+        allowed: Vec<String>,
+        blocked: Vec<PlannedTarget>,
+    },
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlanError::UnknownModel(m) => write!(f, "unknown model {m:?}"),
+            PlanError::Residency { model, allowed, .. } => write!(
+                f,
+                "residency: no target for {model:?} inside jurisdiction(s) {}",
+                allowed.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+/// The jurisdictions a request may use: the tenant's, narrowed (never
+/// widened) by the comma-separated `x-switchyard-residency` header.
+/// `None` = unrestricted. An empty list means nothing is allowed.
+pub fn narrow_residency(tenant: Option<&[String]>, header: Option<&str>) -> Option<Vec<String>> {
+    let asked: Option<Vec<String>> = header.map(|h| {
+        h.split(',')
+            .map(|j| j.trim().to_ascii_lowercase())
+            .filter(|j| !j.is_empty())
+            .collect()
+    });
+    match (tenant, asked) {
+        (None, None) => None,
+        (Some(t), None) => Some(t.to_vec()),
+        (None, Some(a)) => Some(a),
+        (Some(t), Some(a)) => Some(a.into_iter().filter(|j| t.contains(j)).collect()),
+    }
+}
+
+impl Snapshot {
+    /// Every target `requested` may go to, best first: the route's targets
+    /// ordered by its strategy, then its fallbacks' (depth first, each
+    /// target once). `jurisdictions = None` means unrestricted; otherwise a
+    /// target is kept only when its provider's jurisdiction is listed.
+    pub fn plan(
+        &self,
+        requested: &str,
+        jurisdictions: Option<&[String]>,
+    ) -> Result<Vec<PlannedTarget>, PlanError> {
+        let mut all = Vec::new();
+        if let Some(route) = self.routes.get(requested) {
+            let mut seen_routes = HashSet::new();
+            self.expand_route(route, &mut seen_routes, &mut all);
+        } else if let Some(t) = self.resolve(requested) {
+            all.push(self.planned(t.provider, t.model));
+        } else {
+            return Err(PlanError::UnknownModel(requested.to_string()));
+        }
+        let mut seen = HashSet::new();
+        all.retain(|t| seen.insert(t.target.clone()));
+        let Some(allowed) = jurisdictions else {
+            return Ok(all);
+        };
+        let (kept, blocked): (Vec<_>, Vec<_>) = all.into_iter().partition(|t| {
+            t.jurisdiction
+                .as_ref()
+                .is_some_and(|j| allowed.iter().any(|a| a == j))
+        });
+        if kept.is_empty() {
+            return Err(PlanError::Residency {
+                model: requested.to_string(),
+                allowed: allowed.to_vec(),
+                blocked,
+            });
+        }
+        Ok(kept)
+    }
+
+    fn planned(&self, provider: String, model: String) -> PlannedTarget {
+        let p: Option<&ProviderSnapshot> = self.providers.get(&provider).map(|p| &**p);
+        PlannedTarget {
+            region: p.and_then(|p| p.region.clone()),
+            jurisdiction: p.and_then(|p| p.jurisdiction.clone()),
+            target: RouteTarget { provider, model },
+        }
+    }
+
+    fn expand_route<'a>(
+        &'a self,
+        route: &'a RouteSnapshot,
+        seen_routes: &mut HashSet<&'a str>,
+        out: &mut Vec<PlannedTarget>,
+    ) {
+        if !seen_routes.insert(route.name.as_str()) {
+            return;
+        }
+        let mut targets: Vec<_> = route
+            .targets
+            .iter()
+            .filter(|t| self.providers.contains_key(&t.provider))
+            .collect();
+        match route.strategy {
+            Strategy::Priority => {}
+            Strategy::Weighted => targets.sort_by_key(|t| std::cmp::Reverse(t.weight)),
+            Strategy::Cost => targets.sort_by(|a, b| {
+                let price = |t: &crate::WeightedTarget| {
+                    self.providers
+                        .get(&t.provider)
+                        .and_then(|p| p.pricing.get(&t.model))
+                        .map(|p| p.input_per_million + p.output_per_million)
+                        .unwrap_or(f64::INFINITY)
+                };
+                price(a).total_cmp(&price(b))
+            }),
+            Strategy::Latency => targets.sort_by(|a, b| {
+                let ttft = |t: &crate::WeightedTarget| {
+                    let region = self
+                        .providers
+                        .get(&t.provider)
+                        .and_then(|p| p.region.clone())
+                        .unwrap_or_default();
+                    self.scores
+                        .targets
+                        .get(&ScoreKey {
+                            provider: t.provider.clone(),
+                            model: t.model.clone(),
+                            region,
+                        })
+                        .filter(|s| s.requests > 0)
+                        .map(|s| s.ttft_p50_ms)
+                        .unwrap_or(f64::INFINITY)
+                };
+                ttft(a).total_cmp(&ttft(b))
+            }),
+        }
+        for t in targets {
+            out.push(self.planned(t.provider.clone(), t.model.clone()));
+        }
+        for f in &route.fallbacks {
+            if let Some(next) = self.routes.get(f) {
+                self.expand_route(next, seen_routes, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{ModelPrice, ProviderKind, Scores, TargetScore, WeightedTarget};
+
+    fn provider(name: &str, region: &str, jurisdiction: &str) -> Arc<ProviderSnapshot> {
+        Arc::new(ProviderSnapshot {
+            name: name.into(),
+            kind: ProviderKind::OpenAi,
+            base_url: "http://x".into(),
+            keys: vec![],
+            models: vec![],
+            simulated: None,
+            region: Some(region.into()),
+            jurisdiction: Some(jurisdiction.into()),
+            pricing: HashMap::from([(
+                "m".to_string(),
+                ModelPrice {
+                    input_per_million: if name == "us" { 1.0 } else { 5.0 },
+                    output_per_million: 1.0,
+                },
+            )]),
+            key_pools: vec![],
+        })
+    }
+
+    fn snapshot(strategy: Strategy) -> Snapshot {
+        let mut s = Snapshot::default();
+        s.providers
+            .insert("eu".into(), provider("eu", "eu-west", "eu"));
+        s.providers
+            .insert("us".into(), provider("us", "us-east", "us"));
+        let t = |p: &str, w| WeightedTarget {
+            provider: p.into(),
+            model: "m".into(),
+            weight: w,
+        };
+        s.routes.insert(
+            "chat".into(),
+            Arc::new(RouteSnapshot {
+                name: "chat".into(),
+                strategy,
+                targets: vec![t("eu", 1), t("us", 9)],
+                fallbacks: vec!["backup".into()],
+            }),
+        );
+        s.routes.insert(
+            "backup".into(),
+            Arc::new(RouteSnapshot {
+                name: "backup".into(),
+                strategy: Strategy::Priority,
+                targets: vec![t("us", 1)],
+                fallbacks: vec!["chat".into()],
+            }),
+        );
+        s.routes.insert(
+            "us-only".into(),
+            Arc::new(RouteSnapshot {
+                name: "us-only".into(),
+                strategy: Strategy::Priority,
+                targets: vec![t("us", 1)],
+                fallbacks: vec![],
+            }),
+        );
+        s
+    }
+
+    fn providers(plan: &[PlannedTarget]) -> Vec<&str> {
+        plan.iter().map(|t| t.target.provider.as_str()).collect()
+    }
+
+    #[test]
+    fn strategies_order_targets_and_fallbacks_follow() {
+        let s = snapshot(Strategy::Priority);
+        assert_eq!(providers(&s.plan("chat", None).unwrap()), ["eu", "us"]);
+        assert_eq!(
+            providers(&snapshot(Strategy::Cost).plan("chat", None).unwrap()),
+            ["us", "eu"]
+        );
+        assert_eq!(
+            providers(&snapshot(Strategy::Weighted).plan("chat", None).unwrap()),
+            ["us", "eu"]
+        );
+        let mut s = snapshot(Strategy::Latency);
+        let mut scores = Scores::default();
+        for (p, region, ms) in [("eu", "eu-west", 300.0), ("us", "us-east", 100.0)] {
+            scores.targets.insert(
+                ScoreKey {
+                    provider: p.into(),
+                    model: "m".into(),
+                    region: region.into(),
+                },
+                TargetScore {
+                    requests: 10,
+                    ttft_p50_ms: ms,
+                    ..TargetScore::default()
+                },
+            );
+        }
+        s.scores = Arc::new(scores);
+        assert_eq!(providers(&s.plan("chat", None).unwrap()), ["us", "eu"]);
+    }
+
+    #[test]
+    fn residency_filters_fallbacks_too_and_never_widens() {
+        let s = snapshot(Strategy::Priority);
+        let eu = vec!["eu".to_string()];
+        assert_eq!(providers(&s.plan("chat", Some(&eu)).unwrap()), ["eu"]);
+        // backup's own target is in the US, its fallback (a cycle back to
+        // chat) reaches the EU one.
+        assert_eq!(providers(&s.plan("backup", None).unwrap()), ["us", "eu"]);
+        assert_eq!(providers(&s.plan("backup", Some(&eu)).unwrap()), ["eu"]);
+        let err = s.plan("us-only", Some(&eu)).unwrap_err();
+        assert!(matches!(&err, PlanError::Residency { blocked, .. } if blocked.len() == 1));
+        assert!(err.to_string().contains("residency"));
+        assert!(matches!(
+            s.plan("us/m", Some(&eu)),
+            Err(PlanError::Residency { .. })
+        ));
+        assert!(matches!(
+            s.plan("nope", None),
+            Err(PlanError::UnknownModel(_))
+        ));
+
+        let tenant = vec!["eu".to_string()];
+        assert_eq!(narrow_residency(Some(&tenant), Some("us")), Some(vec![]));
+        assert_eq!(narrow_residency(Some(&tenant), Some("EU, us")), Some(eu));
+        assert_eq!(narrow_residency(None, None), None);
+    }
+}

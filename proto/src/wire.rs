@@ -1,0 +1,743 @@
+//! Wire ↔ domain conversions for snapshots.
+//!
+//! Domain → wire is infallible. Wire → domain (`TryFrom`) validates what a
+//! node must be able to rely on: enum values it knows, well-formed key
+//! hashes, routes that only name providers of the same snapshot, non-zero
+//! limits. A node that cannot convert a snapshot NACKs it and keeps the
+//! previous one. Key references stay references here; resolving them (env,
+//! file) is I/O and happens when the node prepares the snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::control as pb;
+use crate::{
+    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, ProviderKind,
+    ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey, Scores,
+    Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy, TargetScore,
+    TenantPolicy, TenantSnapshot, WeightedTarget,
+};
+
+/// Why a snapshot message cannot become a [`Snapshot`]; `path` names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvalidSnapshot {
+    MissingField { path: String },
+    InvalidEnum { path: String, value: i32 },
+    InvalidValue { path: String, message: String },
+}
+
+impl fmt::Display for InvalidSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidSnapshot::MissingField { path } => write!(f, "{path}: missing"),
+            InvalidSnapshot::InvalidEnum { path, value } => {
+                write!(f, "{path}: unknown enum value {value}")
+            }
+            InvalidSnapshot::InvalidValue { path, message } => write!(f, "{path}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for InvalidSnapshot {}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> InvalidSnapshot {
+    InvalidSnapshot::InvalidValue {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn sorted<K: Ord + Clone, V>(m: &HashMap<K, V>) -> Vec<(&K, &V)> {
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v
+}
+
+impl From<ProviderKind> for pb::ProviderKindMsg {
+    fn from(k: ProviderKind) -> Self {
+        match k {
+            ProviderKind::OpenAi => pb::ProviderKindMsg::ProviderKindOpenai,
+            ProviderKind::OpenAiCompatible => pb::ProviderKindMsg::ProviderKindOpenaiCompatible,
+            ProviderKind::Anthropic => pb::ProviderKindMsg::ProviderKindAnthropic,
+            ProviderKind::Gemini => pb::ProviderKindMsg::ProviderKindGemini,
+            ProviderKind::Simulated => pb::ProviderKindMsg::ProviderKindSimulated,
+        }
+    }
+}
+
+impl From<Strategy> for pb::StrategyMsg {
+    fn from(s: Strategy) -> Self {
+        match s {
+            Strategy::Priority => pb::StrategyMsg::StrategyPriority,
+            Strategy::Latency => pb::StrategyMsg::StrategyLatency,
+            Strategy::Cost => pb::StrategyMsg::StrategyCost,
+            Strategy::Weighted => pb::StrategyMsg::StrategyWeighted,
+        }
+    }
+}
+
+fn profile_to_wire(p: &SimulatedProfile) -> pb::ProfileMsg {
+    pb::ProfileMsg {
+        ttft_ms: p.ttft.as_millis() as u64,
+        tokens_per_second: p.tokens_per_second,
+        output_tokens: p.output_tokens,
+        fault: p.fault.as_ref().map(|f| pb::FaultMsg {
+            rate: f.rate,
+            mode: Some(match &f.mode {
+                FaultMode::Status {
+                    status,
+                    retry_after,
+                } => pb::fault_msg::Mode::Status(pb::StatusFault {
+                    status: u32::from(*status),
+                    retry_after: retry_after.unwrap_or(0),
+                }),
+                FaultMode::Hang => pb::fault_msg::Mode::Hang(true),
+                FaultMode::DropAfter { chunks } => pb::fault_msg::Mode::DropAfter(*chunks),
+            }),
+        }),
+    }
+}
+
+fn key_to_wire(k: &KeySource) -> pb::KeyRefMsg {
+    pb::KeyRefMsg {
+        source: Some(match k {
+            KeySource::Env(v) => pb::key_ref_msg::Source::Env(v.clone()),
+            KeySource::File(p) => pb::key_ref_msg::Source::File(p.clone()),
+            KeySource::Inline(s) => pb::key_ref_msg::Source::Value(s.expose().to_string()),
+        }),
+    }
+}
+
+impl From<&Scores> for pb::ScoresMsg {
+    fn from(s: &Scores) -> Self {
+        let mut targets: Vec<_> = s
+            .targets
+            .iter()
+            .map(|(k, v)| pb::TargetScoreMsg {
+                provider: k.provider.clone(),
+                model: k.model.clone(),
+                region: k.region.clone(),
+                requests: v.requests,
+                error_rate: v.error_rate,
+                ttft_p50_ms: v.ttft_p50_ms,
+                ttft_p95_ms: v.ttft_p95_ms,
+                ttft_p99_ms: v.ttft_p99_ms,
+            })
+            .collect();
+        targets.sort_by(|a, b| {
+            (&a.provider, &a.model, &a.region).cmp(&(&b.provider, &b.model, &b.region))
+        });
+        let mut backhaul: Vec<_> = s
+            .backhaul
+            .iter()
+            .map(|((e, g), v)| pb::RttScoreMsg {
+                edge_region: e.clone(),
+                egress_region: g.clone(),
+                p50_ms: v.p50_ms,
+                p95_ms: v.p95_ms,
+                p99_ms: v.p99_ms,
+            })
+            .collect();
+        backhaul.sort_by(|a, b| {
+            (&a.edge_region, &a.egress_region).cmp(&(&b.edge_region, &b.egress_region))
+        });
+        pb::ScoresMsg {
+            targets,
+            backhaul,
+            computed_at_ms: s.computed_at_ms,
+        }
+    }
+}
+
+/// Every key pool with its key references or (decrypted) values: the
+/// control plane strips what a given node must not receive before sending.
+impl From<&Snapshot> for pb::SnapshotMsg {
+    fn from(s: &Snapshot) -> Self {
+        let providers = s
+            .providers
+            .iter()
+            .map(|(name, p)| {
+                let msg = pb::ProviderMsg {
+                    name: p.name.clone(),
+                    kind: pb::ProviderKindMsg::from(p.kind) as i32,
+                    base_url: p.base_url.clone(),
+                    models: p.models.clone(),
+                    region: p.region.clone().unwrap_or_default(),
+                    jurisdiction: p.jurisdiction.clone().unwrap_or_default(),
+                    pricing: p
+                        .pricing
+                        .iter()
+                        .map(|(m, price)| {
+                            (
+                                m.clone(),
+                                pb::PriceMsg {
+                                    input_per_million: price.input_per_million,
+                                    output_per_million: price.output_per_million,
+                                },
+                            )
+                        })
+                        .collect(),
+                    key_pools: p
+                        .key_pools
+                        .iter()
+                        .map(|pool| pb::KeyPoolMsg {
+                            name: pool.name.clone(),
+                            region: pool.region.clone().unwrap_or_default(),
+                            jurisdictions: pool.jurisdictions.clone(),
+                            keys: pool.keys.iter().map(key_to_wire).collect(),
+                        })
+                        .collect(),
+                    simulated: p.simulated.as_ref().map(|sim| pb::SimulatedMsg {
+                        default_profile: Some(profile_to_wire(&sim.default_profile)),
+                        models: sim
+                            .models
+                            .iter()
+                            .map(|(m, prof)| (m.clone(), profile_to_wire(prof)))
+                            .collect(),
+                    }),
+                };
+                (name.clone(), msg)
+            })
+            .collect();
+        let mut tenants: Vec<_> = s
+            .tenants
+            .iter()
+            .map(|(hash, t)| {
+                let policy = s.tenant_policies.get(&t.id);
+                pb::TenantMsg {
+                    id: t.id.clone(),
+                    key_sha256: hash.0.to_vec(),
+                    allowed_models: t
+                        .allowed_models
+                        .as_ref()
+                        .map(|m| pb::AllowedModels { models: m.clone() }),
+                    rpm: policy.and_then(|p| p.rpm).unwrap_or(0),
+                    tpm: policy.and_then(|p| p.tpm).unwrap_or(0),
+                    monthly_budget_usd: policy.and_then(|p| p.monthly_budget_usd).unwrap_or(0.0),
+                    residency: policy.and_then(|p| p.residency.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        tenants.sort_by(|a, b| a.id.cmp(&b.id));
+        pb::SnapshotMsg {
+            version: s.version,
+            providers,
+            aliases: sorted(&s.aliases)
+                .into_iter()
+                .map(|(a, t)| {
+                    (
+                        a.clone(),
+                        pb::RouteTargetMsg {
+                            provider: t.provider.clone(),
+                            model: t.model.clone(),
+                            weight: 0,
+                        },
+                    )
+                })
+                .collect(),
+            routes: s
+                .routes
+                .iter()
+                .map(|(name, r)| {
+                    (
+                        name.clone(),
+                        pb::RouteMsg {
+                            name: r.name.clone(),
+                            strategy: pb::StrategyMsg::from(r.strategy) as i32,
+                            targets: r
+                                .targets
+                                .iter()
+                                .map(|t| pb::RouteTargetMsg {
+                                    provider: t.provider.clone(),
+                                    model: t.model.clone(),
+                                    weight: t.weight,
+                                })
+                                .collect(),
+                            fallbacks: r.fallbacks.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            tenants,
+            limits: Some(pb::LimitsMsg {
+                max_body_bytes: s.limits.max_body_bytes as u64,
+                upstream_timeout_ms: s.limits.upstream_timeout.as_millis() as u64,
+                stream_idle_timeout_ms: s.limits.stream_idle_timeout.as_millis() as u64,
+            }),
+            regions: s
+                .regions
+                .iter()
+                .map(|(name, r)| {
+                    (
+                        name.clone(),
+                        pb::RegionMsg {
+                            name: r.name.clone(),
+                            jurisdiction: r.jurisdiction.clone().unwrap_or_default(),
+                            egress: r.egress.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            scores: Some(pb::ScoresMsg::from(&*s.scores)),
+            scores_generation: 0,
+        }
+    }
+}
+
+fn profile_from_wire(p: &pb::ProfileMsg, path: &str) -> Result<SimulatedProfile, InvalidSnapshot> {
+    if !(p.tokens_per_second > 0.0 && p.tokens_per_second.is_finite()) {
+        return Err(invalid(
+            format!("{path}.tokens_per_second"),
+            "must be a positive number",
+        ));
+    }
+    let fault = match &p.fault {
+        None => None,
+        Some(f) => {
+            if !(0.0..=1.0).contains(&f.rate) {
+                return Err(invalid(format!("{path}.fault.rate"), "must be in [0, 1]"));
+            }
+            let mode = match &f.mode {
+                None => {
+                    return Err(InvalidSnapshot::MissingField {
+                        path: format!("{path}.fault.mode"),
+                    })
+                }
+                Some(pb::fault_msg::Mode::Status(s)) => FaultMode::Status {
+                    status: u16::try_from(s.status)
+                        .ok()
+                        .filter(|s| (400..=599).contains(s))
+                        .ok_or_else(|| {
+                            invalid(format!("{path}.fault.status"), "must be 400-599")
+                        })?,
+                    retry_after: (s.retry_after > 0).then_some(s.retry_after),
+                },
+                Some(pb::fault_msg::Mode::Hang(_)) => FaultMode::Hang,
+                Some(pb::fault_msg::Mode::DropAfter(n)) => FaultMode::DropAfter { chunks: *n },
+            };
+            Some(SimulatedFault { rate: f.rate, mode })
+        }
+    };
+    Ok(SimulatedProfile {
+        ttft: Duration::from_millis(p.ttft_ms),
+        tokens_per_second: p.tokens_per_second,
+        output_tokens: p.output_tokens,
+        fault,
+    })
+}
+
+fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot, InvalidSnapshot> {
+    let path = format!("providers.{name}");
+    if p.name != name {
+        return Err(invalid(
+            format!("{path}.name"),
+            format!("does not match its key ({:?})", p.name),
+        ));
+    }
+    let kind = match pb::ProviderKindMsg::try_from(p.kind) {
+        Ok(pb::ProviderKindMsg::ProviderKindOpenai) => ProviderKind::OpenAi,
+        Ok(pb::ProviderKindMsg::ProviderKindOpenaiCompatible) => ProviderKind::OpenAiCompatible,
+        Ok(pb::ProviderKindMsg::ProviderKindAnthropic) => ProviderKind::Anthropic,
+        Ok(pb::ProviderKindMsg::ProviderKindGemini) => ProviderKind::Gemini,
+        Ok(pb::ProviderKindMsg::ProviderKindSimulated) => ProviderKind::Simulated,
+        Ok(pb::ProviderKindMsg::ProviderKindUnspecified) | Err(_) => {
+            return Err(InvalidSnapshot::InvalidEnum {
+                path: format!("{path}.kind"),
+                value: p.kind,
+            })
+        }
+    };
+    if kind != ProviderKind::Simulated
+        && !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://"))
+    {
+        return Err(invalid(
+            format!("{path}.base_url"),
+            "must be an http(s) URL",
+        ));
+    }
+    let mut pricing = HashMap::new();
+    for (model, price) in p.pricing {
+        if [price.input_per_million, price.output_per_million]
+            .iter()
+            .any(|p| p.is_nan() || *p < 0.0)
+        {
+            return Err(invalid(
+                format!("{path}.pricing.{model}"),
+                "prices must be non-negative numbers",
+            ));
+        }
+        pricing.insert(
+            model,
+            ModelPrice {
+                input_per_million: price.input_per_million,
+                output_per_million: price.output_per_million,
+            },
+        );
+    }
+    let mut key_pools = Vec::new();
+    for (i, pool) in p.key_pools.into_iter().enumerate() {
+        let mut keys = Vec::new();
+        for (k, key) in pool.keys.into_iter().enumerate() {
+            let kpath = format!("{path}.key_pools[{i}].keys[{k}]");
+            keys.push(match key.source {
+                Some(pb::key_ref_msg::Source::Env(v)) if !v.is_empty() => KeySource::Env(v),
+                Some(pb::key_ref_msg::Source::File(f)) if !f.is_empty() => KeySource::File(f),
+                Some(pb::key_ref_msg::Source::Value(v)) if !v.is_empty() => {
+                    KeySource::Inline(Secret::new(v))
+                }
+                Some(_) => return Err(invalid(kpath, "empty key reference")),
+                None => return Err(InvalidSnapshot::MissingField { path: kpath }),
+            });
+        }
+        key_pools.push(KeyPoolSnapshot {
+            name: pool.name,
+            region: opt(&pool.region),
+            jurisdictions: pool.jurisdictions,
+            keys,
+        });
+    }
+    let simulated = match p.simulated {
+        None if kind == ProviderKind::Simulated => Some(SimulatedSettings::default()),
+        None => None,
+        Some(sim) => {
+            let default_profile = match &sim.default_profile {
+                Some(d) => profile_from_wire(d, &format!("{path}.simulated"))?,
+                None => SimulatedProfile::default(),
+            };
+            let mut models = HashMap::new();
+            for (m, prof) in &sim.models {
+                models.insert(
+                    m.clone(),
+                    profile_from_wire(prof, &format!("{path}.simulated.models.{m}"))?,
+                );
+            }
+            Some(SimulatedSettings {
+                default_profile,
+                models,
+            })
+        }
+    };
+    Ok(ProviderSnapshot {
+        name: p.name,
+        kind,
+        base_url: p.base_url,
+        keys: Vec::new(),
+        models: p.models,
+        simulated,
+        region: opt(&p.region),
+        jurisdiction: opt(&p.jurisdiction),
+        pricing,
+        key_pools,
+    })
+}
+
+impl TryFrom<pb::SnapshotMsg> for Snapshot {
+    type Error = InvalidSnapshot;
+
+    fn try_from(msg: pb::SnapshotMsg) -> Result<Self, Self::Error> {
+        if msg.version == 0 {
+            return Err(invalid("version", "must be greater than 0"));
+        }
+        let mut providers = HashMap::new();
+        for (name, p) in msg.providers {
+            let provider = provider_from_wire(&name, p)?;
+            providers.insert(name, Arc::new(provider));
+        }
+        let known = |path: String, provider: &str| {
+            if providers.contains_key(provider) {
+                Ok(())
+            } else {
+                Err(invalid(path, format!("unknown provider {provider:?}")))
+            }
+        };
+        let mut aliases = HashMap::new();
+        for (alias, t) in msg.aliases {
+            known(format!("aliases.{alias}.provider"), &t.provider)?;
+            aliases.insert(
+                alias,
+                RouteTarget {
+                    provider: t.provider,
+                    model: t.model,
+                },
+            );
+        }
+        let mut routes = HashMap::new();
+        for (name, r) in &msg.routes {
+            let path = format!("routes.{name}");
+            let strategy = match pb::StrategyMsg::try_from(r.strategy) {
+                Ok(pb::StrategyMsg::StrategyPriority) => Strategy::Priority,
+                Ok(pb::StrategyMsg::StrategyLatency) => Strategy::Latency,
+                Ok(pb::StrategyMsg::StrategyCost) => Strategy::Cost,
+                Ok(pb::StrategyMsg::StrategyWeighted) => Strategy::Weighted,
+                Err(_) => {
+                    return Err(InvalidSnapshot::InvalidEnum {
+                        path: format!("{path}.strategy"),
+                        value: r.strategy,
+                    })
+                }
+            };
+            let mut targets = Vec::new();
+            for (i, t) in r.targets.iter().enumerate() {
+                known(format!("{path}.targets[{i}].provider"), &t.provider)?;
+                targets.push(WeightedTarget {
+                    provider: t.provider.clone(),
+                    model: t.model.clone(),
+                    weight: t.weight,
+                });
+            }
+            for (i, f) in r.fallbacks.iter().enumerate() {
+                if !msg.routes.contains_key(f) {
+                    return Err(invalid(
+                        format!("{path}.fallbacks[{i}]"),
+                        format!("unknown route {f:?}"),
+                    ));
+                }
+            }
+            routes.insert(
+                name.clone(),
+                Arc::new(RouteSnapshot {
+                    name: name.clone(),
+                    strategy,
+                    targets,
+                    fallbacks: r.fallbacks.clone(),
+                }),
+            );
+        }
+        let mut tenants = HashMap::new();
+        let mut tenant_policies = HashMap::new();
+        let mut ids = HashSet::new();
+        for (i, t) in msg.tenants.into_iter().enumerate() {
+            let path = format!("tenants[{i}]");
+            let hash: [u8; 32] = t
+                .key_sha256
+                .as_slice()
+                .try_into()
+                .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
+            if !ids.insert(t.id.clone()) {
+                return Err(invalid(format!("{path}.id"), "duplicate tenant id"));
+            }
+            if t.monthly_budget_usd.is_nan() || t.monthly_budget_usd < 0.0 {
+                return Err(invalid(
+                    format!("{path}.monthly_budget_usd"),
+                    "must be non-negative",
+                ));
+            }
+            tenant_policies.insert(
+                t.id.clone(),
+                Arc::new(TenantPolicy {
+                    id: t.id.clone(),
+                    rpm: (t.rpm > 0).then_some(t.rpm),
+                    tpm: (t.tpm > 0).then_some(t.tpm),
+                    monthly_budget_usd: (t.monthly_budget_usd > 0.0)
+                        .then_some(t.monthly_budget_usd),
+                    residency: (!t.residency.is_empty()).then_some(t.residency),
+                }),
+            );
+            tenants.insert(
+                KeyHash(hash),
+                Arc::new(TenantSnapshot {
+                    id: t.id,
+                    allowed_models: t.allowed_models.map(|a| a.models),
+                }),
+            );
+        }
+        let l = msg.limits.ok_or_else(|| InvalidSnapshot::MissingField {
+            path: "limits".into(),
+        })?;
+        for (field, v) in [
+            ("max_body_bytes", l.max_body_bytes),
+            ("upstream_timeout_ms", l.upstream_timeout_ms),
+            ("stream_idle_timeout_ms", l.stream_idle_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("limits.{field}"), "must be greater than 0"));
+            }
+        }
+        let limits = LimitsSnapshot {
+            max_body_bytes: usize::try_from(l.max_body_bytes)
+                .map_err(|_| invalid("limits.max_body_bytes", "too large"))?,
+            upstream_timeout: Duration::from_millis(l.upstream_timeout_ms),
+            stream_idle_timeout: Duration::from_millis(l.stream_idle_timeout_ms),
+        };
+        let regions = msg
+            .regions
+            .into_iter()
+            .map(|(name, r)| {
+                (
+                    name.clone(),
+                    RegionSnapshot {
+                        name,
+                        jurisdiction: opt(&r.jurisdiction),
+                        egress: r.egress,
+                    },
+                )
+            })
+            .collect();
+        let scores = msg.scores.map(Scores::from).unwrap_or_default();
+        Ok(Snapshot {
+            version: msg.version,
+            providers,
+            aliases,
+            tenants,
+            limits,
+            regions,
+            routes,
+            tenant_policies,
+            scores: Arc::new(scores),
+        })
+    }
+}
+
+/// Scores carry no invariants a node relies on, so this cannot fail;
+/// non-finite numbers are dropped rather than trusted.
+impl From<pb::ScoresMsg> for Scores {
+    fn from(m: pb::ScoresMsg) -> Self {
+        let finite = |x: f64| if x.is_finite() { x } else { 0.0 };
+        Scores {
+            targets: m
+                .targets
+                .into_iter()
+                .map(|t| {
+                    (
+                        ScoreKey {
+                            provider: t.provider,
+                            model: t.model,
+                            region: t.region,
+                        },
+                        TargetScore {
+                            requests: t.requests,
+                            error_rate: finite(t.error_rate),
+                            ttft_p50_ms: finite(t.ttft_p50_ms),
+                            ttft_p95_ms: finite(t.ttft_p95_ms),
+                            ttft_p99_ms: finite(t.ttft_p99_ms),
+                        },
+                    )
+                })
+                .collect(),
+            backhaul: m
+                .backhaul
+                .into_iter()
+                .map(|r| {
+                    (
+                        (r.edge_region, r.egress_region),
+                        RttScore {
+                            p50_ms: finite(r.p50_ms),
+                            p95_ms: finite(r.p95_ms),
+                            p99_ms: finite(r.p99_ms),
+                        },
+                    )
+                })
+                .collect(),
+            computed_at_ms: m.computed_at_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        let mut s = Snapshot {
+            version: 7,
+            ..Snapshot::default()
+        };
+        s.providers.insert(
+            "p".into(),
+            Arc::new(ProviderSnapshot {
+                name: "p".into(),
+                kind: ProviderKind::Anthropic,
+                base_url: "https://a".into(),
+                keys: vec![Secret::new("resolved-never-sent")],
+                models: vec!["m".into()],
+                simulated: None,
+                region: Some("eu-west".into()),
+                jurisdiction: Some("eu".into()),
+                pricing: HashMap::from([("m".into(), ModelPrice::default())]),
+                key_pools: vec![KeyPoolSnapshot {
+                    name: "main".into(),
+                    region: Some("eu-west".into()),
+                    jurisdictions: vec![],
+                    keys: vec![
+                        KeySource::Env("K".into()),
+                        KeySource::Inline(Secret::new("v")),
+                    ],
+                }],
+            }),
+        );
+        s.tenants.insert(
+            KeyHash::of("k"),
+            Arc::new(TenantSnapshot {
+                id: "t".into(),
+                allowed_models: Some(vec!["p/m".into()]),
+            }),
+        );
+        s.tenant_policies.insert(
+            "t".into(),
+            Arc::new(TenantPolicy {
+                id: "t".into(),
+                rpm: Some(5),
+                tpm: None,
+                monthly_budget_usd: Some(10.0),
+                residency: Some(vec!["eu".into()]),
+            }),
+        );
+        s
+    }
+
+    #[test]
+    fn round_trips_without_resolved_keys() {
+        let msg = pb::SnapshotMsg::from(&sample());
+        let back = Snapshot::try_from(msg).unwrap();
+        let p = &back.providers["p"];
+        assert!(p.keys.is_empty(), "resolved keys never travel");
+        assert_eq!(p.key_pools, sample().providers["p"].key_pools);
+        assert_eq!(back.tenant_policy("t").unwrap().rpm, Some(5));
+        assert!(back.tenant_for_key("k").unwrap().may_use("p/m"));
+    }
+
+    #[test]
+    fn malformed_messages_name_the_field() {
+        let mut msg = pb::SnapshotMsg::from(&sample());
+        msg.providers.get_mut("p").unwrap().kind = 99;
+        let e = Snapshot::try_from(msg).unwrap_err();
+        assert_eq!(
+            e,
+            InvalidSnapshot::InvalidEnum {
+                path: "providers.p.kind".into(),
+                value: 99
+            }
+        );
+        let mut msg = pb::SnapshotMsg::from(&sample());
+        msg.routes.insert(
+            "r".into(),
+            pb::RouteMsg {
+                name: "r".into(),
+                strategy: 0,
+                targets: vec![pb::RouteTargetMsg {
+                    provider: "ghost".into(),
+                    model: "m".into(),
+                    weight: 1,
+                }],
+                fallbacks: vec![],
+            },
+        );
+        let e = Snapshot::try_from(msg).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "routes.r.targets[0].provider: unknown provider \"ghost\""
+        );
+        let mut msg = pb::SnapshotMsg::from(&sample());
+        msg.tenants[0].key_sha256 = vec![1, 2];
+        assert!(Snapshot::try_from(msg)
+            .unwrap_err()
+            .to_string()
+            .starts_with("tenants[0].key_sha256"));
+    }
+}

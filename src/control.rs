@@ -1,0 +1,115 @@
+//! `switchyard control-plane`: runs one control-plane replica until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use switchyard_control::secrets::MasterKeys;
+use switchyard_control::server::{self, ServerConfig, TlsPem};
+use switchyard_proto::Secret;
+
+#[derive(clap::Args)]
+pub struct ControlPlaneArgs {
+    /// gRPC listen address (Operator and Node services).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: SocketAddr,
+    /// `sqlite://PATH` (created on first start) or `postgres://...`.
+    #[arg(long, default_value = "sqlite://.switchyard/control.db")]
+    store: String,
+    /// Server certificate chain (PEM); enables TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) signing node client certificates; nodes must then present one.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Environment variable holding the operators' bearer token.
+    #[arg(long)]
+    admin_token_env: Option<String>,
+    /// SHA-256 (hex) of a client certificate allowed to act as operator; repeatable.
+    #[arg(long = "operator-cert-sha256")]
+    operator_cert_sha256: Vec<String>,
+    /// Also serve the operator API as HTTP/JSON here (plain HTTP).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// Name of this replica in `ctl nodes` (default: cp-<pid>).
+    #[arg(long)]
+    replica_id: Option<String>,
+    /// Seconds between polls of the store for versions applied through another replica.
+    #[arg(long, default_value_t = 1.0)]
+    poll_seconds: f64,
+    /// Seconds between latency-score refreshes pushed to nodes (at most 10).
+    #[arg(long, default_value_t = 5.0)]
+    score_seconds: f64,
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+pub fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    let env = |k: &str| std::env::var(k).ok();
+    let master_keys = MasterKeys::from_env(&env)?;
+    let admin_token = match &args.admin_token_env {
+        Some(var) => {
+            let v = std::env::var(var)
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .with_context(|| format!("--admin-token-env: ${var} is not set"))?;
+            Some(Secret::new(v.trim()))
+        }
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsPem {
+            cert: read(cert)?,
+            key: Secret::new(String::from_utf8(read(key)?).context("--tls-key is not PEM text")?),
+            client_ca: args.client_ca.as_ref().map(read).transpose()?,
+        }),
+        _ => None,
+    };
+    let mut config = ServerConfig::new(args.listen, args.store);
+    config.tls = tls;
+    config.admin_token = admin_token;
+    config.operator_cert_sha256 = args.operator_cert_sha256;
+    config.http_listen = args.http_listen;
+    config.master_keys = master_keys;
+    if let Some(id) = args.replica_id {
+        config.replica_id = id;
+    }
+    config.poll_interval = std::time::Duration::from_secs_f64(args.poll_seconds.max(0.05));
+    config.score_interval = std::time::Duration::from_secs_f64(args.score_seconds.clamp(0.1, 10.0));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let running = server::start(config).await?;
+        println!("switchyard control-plane");
+        println!("  gRPC:     {}", running.grpc_addr);
+        if let Some(http) = running.http_addr {
+            println!("  HTTP:     http://{http}/v1/policy");
+        }
+        println!("  version:  {}", running.state.current_version());
+        shutdown_signal().await;
+        running.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
