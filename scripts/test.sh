@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit, fixture conformance, end-to-end (real binary, real
-# sockets, mock providers), and the official OpenAI/Anthropic Python SDKs.
+# sockets, mock providers, QUIC backhaul, control plane on SQLite and
+# PostgreSQL), and the official OpenAI/Anthropic Python SDKs.
 # Installs what the tests need on a fresh machine first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +13,11 @@ if ! .venv/bin/python -c 'import openai, anthropic, pytest' >/dev/null 2>&1; the
 fi
 export SWITCHYARD_PYTHON="$PWD/.venv/bin/python"
 export SWITCHYARD_REQUIRE_SDK=1
+
+# A throwaway PostgreSQL (installed from Debian's packages when missing) for
+# the control plane's PostgreSQL store and two-replica tests.
+SWITCHYARD_TEST_PG_URL=$(bash tests/pg.sh)
+export SWITCHYARD_TEST_PG_URL
+trap 'bash tests/pg.sh stop' EXIT
 
 cargo test --workspace "$@"
