@@ -13,10 +13,13 @@ use switchyard_backhaul::tunnel::{
     generate_node_cert, EgressServer, NodeTls, StaticDirectory, TunnelConfig, TunnelRouter,
 };
 use switchyard_backhaul::Egress;
+use switchyard_backhaul::{RequestObserver, RequestReport};
+use switchyard_control::node_client::{self, NodeAgent, NodeConfig, Role};
+use switchyard_control::telemetry::{RequestRecord, TelemetryHandle};
 use switchyard_control::{compile, parse_policy, CompileOptions, PolicyDocument};
 use switchyard_edge::service::{edge_service, TlsFiles};
 use switchyard_edge::EdgeApp;
-use switchyard_proto::{KeyHash, Snapshot, TenantSnapshot};
+use switchyard_proto::{KeyHash, Secret, Snapshot, TenantSnapshot};
 
 #[derive(clap::Args)]
 pub struct NodeTlsArgs {
@@ -35,6 +38,108 @@ impl NodeTlsArgs {
     fn load(&self) -> anyhow::Result<NodeTls> {
         Ok(NodeTls::from_files(&self.cert, &self.key, &self.ca)?)
     }
+
+    /// The same node identity, for the control plane's mutual TLS.
+    fn control_plane_tls(&self) -> anyhow::Result<node_client::NodeTls> {
+        let read =
+            |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let key = String::from_utf8(read(&self.key)?).context("node key is not PEM text")?;
+        Ok(node_client::NodeTls {
+            ca: read(&self.ca)?,
+            cert: read(&self.cert)?,
+            key: Secret::new(key),
+            domain: None,
+        })
+    }
+}
+
+/// Following a control plane instead of (or after) a static policy file.
+#[derive(clap::Args)]
+pub struct ControlPlaneArgs {
+    /// Control plane gRPC URL (e.g. https://cp.example:7000). The node then
+    /// serves the snapshots it pushes, and keeps serving the last one when
+    /// it is unreachable.
+    #[arg(long = "control-plane")]
+    control_plane: Option<String>,
+    /// Node id reported to the control plane (default: ROLE-REGION-PID).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Where the last applied snapshot is kept, to start without the control plane.
+    #[arg(long, default_value = ".switchyard/node")]
+    state_dir: PathBuf,
+}
+
+impl ControlPlaneArgs {
+    /// Starts the node agent (it loads the cached snapshot into `shared`
+    /// before returning). Call inside a runtime the node owns.
+    fn start_agent(
+        &self,
+        role: Role,
+        region: &str,
+        tls: &NodeTlsArgs,
+        shared: &Arc<ArcSwap<Snapshot>>,
+    ) -> anyhow::Result<Option<NodeAgent>> {
+        let Some(url) = &self.control_plane else {
+            return Ok(None);
+        };
+        let role_name = match role {
+            Role::Edge => "edge",
+            Role::Egress => "egress",
+        };
+        let id = self
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{role_name}-{region}-{}", std::process::id()));
+        std::fs::create_dir_all(&self.state_dir)
+            .with_context(|| format!("cannot create {}", self.state_dir.display()))?;
+        let cache = self
+            .state_dir
+            .join(format!("{role_name}-{region}.snapshot"));
+        let config = NodeConfig::new(url.clone(), id, role, region)
+            .tls(tls.control_plane_tls()?)
+            .cache_path(cache);
+        let agent = NodeAgent::start(config, shared.clone())
+            .map_err(|e| anyhow::anyhow!("control plane agent: {e}"))?;
+        Ok(Some(agent))
+    }
+}
+
+/// Waits (bounded) for the first snapshot when the node has nothing to serve.
+async fn wait_for_first_snapshot(shared: &Arc<ArcSwap<Snapshot>>, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while shared.load().version == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Feeds the edge's per-request reports to the control plane's telemetry.
+struct TelemetryObserver {
+    handle: TelemetryHandle,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl RequestObserver for TelemetryObserver {
+    fn observe(&self, r: RequestReport) {
+        let cost_usd = self
+            .snapshot
+            .load()
+            .providers
+            .get(&r.provider)
+            .and_then(|p| p.pricing.get(&r.model))
+            .map(|price| price.cost(r.prompt_tokens, r.completion_tokens))
+            .unwrap_or(0.0);
+        self.handle.record(RequestRecord {
+            provider: r.provider,
+            model: r.model,
+            region: r.region,
+            ttft: r.ttft,
+            latency: r.latency,
+            error_class: r.error_class.map(str::to_string),
+            input_tokens: r.prompt_tokens,
+            output_tokens: r.completion_tokens,
+            cost_usd,
+        });
+    }
 }
 
 #[derive(clap::Args)]
@@ -48,9 +153,12 @@ pub struct EdgeArgs {
     /// HTTPS listen address.
     #[arg(long)]
     tls_listen: Option<String>,
-    /// Policy YAML (providers, regions, tenants). Provider keys are never read here.
-    #[arg(long, short = 'c')]
-    config: PathBuf,
+    /// Policy YAML (providers, regions, tenants). Provider keys are never read
+    /// here. Optional with --control-plane.
+    #[arg(long, short = 'c', required_unless_present = "control_plane")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    cp: ControlPlaneArgs,
     #[command(flatten)]
     node_tls: NodeTlsArgs,
     /// Client-facing HTTPS certificate (PEM); defaults to the node certificate.
@@ -77,8 +185,11 @@ pub struct EgressArgs {
     #[arg(long, default_value = "127.0.0.1:4433")]
     listen: String,
     /// Policy YAML; provider keys come from this process's environment.
-    #[arg(long, short = 'c')]
-    config: PathBuf,
+    /// Optional with --control-plane.
+    #[arg(long, short = 'c', required_unless_present = "control_plane")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    cp: ControlPlaneArgs,
     #[command(flatten)]
     node_tls: NodeTlsArgs,
     /// Worker threads.
@@ -184,9 +295,14 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
     use pingora::server::configuration::ServerConf;
     use pingora::server::{RunArgs, Server};
 
-    let doc = load_policy(&args.config)?;
-    let env = edge_env(&doc);
-    let mut snapshot = compile_policy(&doc, &args.config, &env)?;
+    let mut snapshot = match &args.config {
+        Some(path) => {
+            let doc = load_policy(path)?;
+            let env = edge_env(&doc);
+            compile_policy(&doc, path, &env)?
+        }
+        None => Snapshot::default(),
+    };
     strip_keys(&mut snapshot, |_| false);
     if let Ok(k) = std::env::var("SWITCHYARD_DEV_KEY") {
         if !k.trim().is_empty() {
@@ -199,17 +315,33 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let mut directory = StaticDirectory::from_snapshot(&snapshot);
+    let mut flags = Vec::new();
     for flag in &args.egress {
-        let (region, addr) = StaticDirectory::parse_flag(flag).map_err(|e| anyhow::anyhow!(e))?;
-        directory.add(&region, &addr);
+        flags.push(StaticDirectory::parse_flag(flag).map_err(|e| anyhow::anyhow!(e))?);
     }
+    let directory_of = move |snap: &Snapshot| {
+        let mut d = StaticDirectory::from_snapshot(snap);
+        for (region, addr) in &flags {
+            d.add(region, addr);
+        }
+        d
+    };
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let tls = args.node_tls.load()?;
 
-    // quinn's drivers live on a runtime of our own: Pingora's service
-    // runtimes come and go with its services.
+    // quinn's drivers (and the control-plane agent) live on a runtime of
+    // our own: Pingora's service runtimes come and go with its services.
     let backhaul_rt = runtime("backhaul", 2)?;
+    let agent = backhaul_rt.block_on(async {
+        let agent = args
+            .cp
+            .start_agent(Role::Edge, &args.region, &args.node_tls, &shared)?;
+        if agent.is_some() {
+            wait_for_first_snapshot(&shared, Duration::from_secs(10)).await;
+        }
+        Ok::<_, anyhow::Error>(agent)
+    })?;
+    let directory = directory_of(&shared.load());
     let router = backhaul_rt.block_on(async {
         let router = TunnelRouter::start(
             TunnelConfig {
@@ -224,7 +356,37 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(router)
     })?;
 
-    let app = EdgeApp::new(shared.clone(), router);
+    // New snapshots may move egress nodes; the router follows them, and the
+    // measured backhaul RTTs flow to the control plane's latency scores.
+    {
+        let shared = shared.clone();
+        let router = router.clone();
+        let telemetry = agent.as_ref().map(|a| a.telemetry());
+        backhaul_rt.spawn(async move {
+            let mut seen = shared.load().version;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let snap = shared.load_full();
+                if snap.version != seen {
+                    seen = snap.version;
+                    router.reconcile(&directory_of(&snap));
+                }
+                if let Some(t) = &telemetry {
+                    for (region, addr, rtt) in router.rtts() {
+                        t.record_rtt(&region, &addr, rtt);
+                    }
+                }
+            }
+        });
+    }
+    let mut app = EdgeApp::new(shared.clone(), router.clone()).with_region(args.region.clone());
+    if let Some(a) = &agent {
+        app = app.with_observer(Arc::new(TelemetryObserver {
+            handle: a.telemetry(),
+            snapshot: shared.clone(),
+        }));
+    }
     let conf = ServerConf {
         threads: args.threads,
         grace_period_seconds: Some(0),
@@ -277,6 +439,7 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         );
     }
     server.run(RunArgs::default());
+    drop(agent);
     drop(backhaul_rt);
     Ok(())
 }
@@ -289,9 +452,14 @@ fn resolve_listen(addr: &str) -> anyhow::Result<SocketAddr> {
 }
 
 pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
-    let doc = load_policy(&args.config)?;
-    let env = |k: &str| std::env::var(k).ok();
-    let mut snapshot = compile_policy(&doc, &args.config, &env)?;
+    let mut snapshot = match &args.config {
+        Some(path) => {
+            let doc = load_policy(path)?;
+            let env = |k: &str| std::env::var(k).ok();
+            compile_policy(&doc, path, &env)?
+        }
+        None => Snapshot::default(),
+    };
     if !snapshot.regions.is_empty() && !snapshot.regions.contains_key(&args.region) {
         bail!(
             "region {:?} is not in the policy's regions ({})",
@@ -313,6 +481,11 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let rt = runtime("egress", args.threads)?;
     rt.block_on(async move {
+        // The control plane sends this egress only its own region's keys.
+        let agent = args.cp.start_agent(Role::Egress, &args.region, &args.node_tls, &shared)?;
+        if agent.is_some() {
+            wait_for_first_snapshot(&shared, Duration::from_secs(10)).await;
+        }
         let egress = Egress::new(shared.clone()).map_err(|e| anyhow::anyhow!("egress: {e}"))?;
         let server = EgressServer::bind(listen, &tls, egress, shared.clone(), &args.region)?;
         let bound = server.local_addr()?;
@@ -336,6 +509,9 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
         endpoint.close(0u32.into(), b"egress shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         serve.abort();
+        if let Some(a) = agent {
+            a.shutdown().await;
+        }
         Ok(())
     })
 }

@@ -55,6 +55,24 @@ impl Egress {
         let provider = snap.providers.get(&req.target.provider).ok_or_else(|| {
             GatewayError::model_not_found(&format!("{}/{}", req.target.provider, req.target.model))
         })?;
+        if !req.residency.is_empty()
+            && !provider
+                .jurisdiction
+                .as_ref()
+                .is_some_and(|j| req.residency.contains(j))
+        {
+            // Defence in depth: the edge never plans such a target.
+            return Err(GatewayError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "Residency rule: this request must stay in jurisdiction(s) {}; provider `{}` is in {}.",
+                    req.residency.join(", "),
+                    provider.name,
+                    provider.jurisdiction.as_deref().unwrap_or("no known jurisdiction")
+                ),
+            )
+            .with_code("residency_violation"));
+        }
         let stats = Arc::new(RequestStats::default());
         let key = self.pick_key(&provider.keys);
         let timeout_error = || {

@@ -58,7 +58,8 @@ pub mod upstream;
 
 pub use egress::{Egress, SharedSnapshot};
 pub use request::{
-    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestStats, ResponseBody,
+    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestObserver, RequestReport,
+    RequestStats, ResponseBody,
 };
 
 /// Where the edge sends a planned request: the in-process [`Egress`] in

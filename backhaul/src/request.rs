@@ -69,6 +69,9 @@ pub struct EgressRequest {
     /// Caller headers a same-protocol provider should see
     /// (`anthropic-version`, `anthropic-beta`).
     pub forward_headers: Vec<(String, String)>,
+    /// Jurisdictions the request may be processed in; empty = unrestricted.
+    /// The egress re-checks it against the provider (defence in depth).
+    pub residency: Vec<String>,
 }
 
 pub enum ResponseBody {
@@ -91,6 +94,26 @@ pub struct EgressResponse {
 
 pub const JSON: &str = "application/json";
 pub const EVENT_STREAM: &str = "text/event-stream; charset=utf-8";
+
+/// One finished request as a node saw it, for whoever aggregates telemetry
+/// (the control plane's reporter in multi-node mode).
+#[derive(Debug, Clone)]
+pub struct RequestReport {
+    pub provider: String,
+    pub model: String,
+    pub region: String,
+    pub ttft: Option<std::time::Duration>,
+    pub latency: std::time::Duration,
+    /// Low-cardinality error class, e.g. `rate_limit_error`.
+    pub error_class: Option<&'static str>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// Receives a [`RequestReport`] per finished request; must not block.
+pub trait RequestObserver: Send + Sync + 'static {
+    fn observe(&self, report: RequestReport);
+}
 
 /// Filled in while a response flows, read by the edge for its log line.
 #[derive(Debug, Default)]

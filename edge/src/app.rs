@@ -11,13 +11,16 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use serde_json::json;
 use switchyard_backhaul::{
-    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, ResponseBody, SharedSnapshot,
-    Upstream,
+    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestObserver, RequestReport,
+    ResponseBody, SharedSnapshot, Upstream,
 };
 use switchyard_llm::anthropic;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
 use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::{ProviderKind, RouteTarget, Snapshot, TenantSnapshot};
+use switchyard_proto::plan::narrow_residency;
+use switchyard_proto::{
+    PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, TenantSnapshot,
+};
 
 use crate::auth::authenticate;
 use crate::metrics::{EdgeMetrics, Observation};
@@ -27,6 +30,9 @@ pub struct EdgeApp {
     snapshot: SharedSnapshot,
     upstream: Arc<dyn Upstream>,
     metrics: Arc<EdgeMetrics>,
+    /// Where this edge runs; stated on answers it gives itself.
+    region: String,
+    observer: Option<Arc<dyn RequestObserver>>,
 }
 
 impl EdgeApp {
@@ -35,7 +41,27 @@ impl EdgeApp {
             snapshot,
             upstream,
             metrics: Arc::new(EdgeMetrics::new()),
+            region: "local".to_string(),
+            observer: None,
         }
+    }
+
+    /// Reports every proxied request (e.g. to the control plane's scores).
+    pub fn with_observer(mut self, observer: Arc<dyn RequestObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    pub fn with_region(mut self, region: impl Into<String>) -> Self {
+        self.region = region.into();
+        self
+    }
+
+    fn jurisdiction(&self, snap: &Snapshot) -> String {
+        snap.regions
+            .get(&self.region)
+            .and_then(|r| r.jurisdiction.clone())
+            .unwrap_or_else(|| "unspecified".to_string())
     }
 
     /// The edge's Prometheus metrics, for a [`crate::metrics::MetricsApp`] listener.
@@ -58,6 +84,8 @@ struct Outcome {
     endpoint: &'static str,
     /// The requested model when the policy knows it (bounded metric label).
     model_label: Option<String>,
+    /// The target that answered (or failed last).
+    served: Option<PlannedTarget>,
 }
 
 enum Endpoint {
@@ -224,7 +252,12 @@ impl EdgeApp {
         out.protocol = endpoint.protocol();
         out.endpoint = endpoint.label();
         let snap = self.snapshot.load_full();
-        let common = Common { request_id };
+        let jurisdiction = self.jurisdiction(&snap);
+        let common = Common {
+            request_id,
+            region: &self.region,
+            jurisdiction: &jurisdiction,
+        };
         if let Endpoint::Health = endpoint {
             let body = Bytes::from(json!({"status": "ok", "version": snap.version}).to_string());
             out.status = 200;
@@ -233,11 +266,19 @@ impl EdgeApp {
         }
         let tenant = authenticate(session, &snap).map_err(|e| (e, None))?;
         out.tenant = Some(tenant.id.clone());
+        // The tenant's jurisdictions, narrowed (never widened) by the header.
+        let residency = narrow_residency(
+            snap.tenant_policy(&tenant.id)
+                .and_then(|p| p.residency.as_deref()),
+            session
+                .get_header("x-switchyard-residency")
+                .and_then(|v| v.to_str().ok()),
+        );
         let limit = snap.limits.max_body_bytes;
         let raw_header = session
             .get_header("x-switchyard-raw")
             .is_some_and(|v| v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true"));
-        let (op, target) = match endpoint {
+        let (op, plan) = match endpoint {
             Endpoint::Health => unreachable!("answered above"),
             Endpoint::Models => {
                 out.status = 200;
@@ -277,6 +318,21 @@ impl EdgeApp {
                         None,
                     ));
                 }
+                let p = &snap.providers[&provider];
+                if let Some(allowed) = &residency {
+                    if !p.jurisdiction.as_ref().is_some_and(|j| allowed.contains(j)) {
+                        let e = residency_error(&tenant.id, allowed, &provider, "was");
+                        return Err((e, None));
+                    }
+                }
+                let planned = PlannedTarget {
+                    target: RouteTarget {
+                        provider,
+                        model: String::new(),
+                    },
+                    region: p.region.clone(),
+                    jurisdiction: p.jurisdiction.clone(),
+                };
                 let body = read_body(session, limit).await.map_err(|e| (e, None))?;
                 out.model = Some(wildcard);
                 let raw = RawRequest {
@@ -285,13 +341,11 @@ impl EdgeApp {
                     headers: copy_headers(session, RAW_HEADERS),
                     body,
                 };
-                (
-                    Operation::Raw(raw),
-                    RouteTarget {
-                        provider,
-                        model: String::new(),
-                    },
-                )
+                let plan = Plan {
+                    targets: vec![planned],
+                    excluded: 0,
+                };
+                (Operation::Raw(raw), plan)
             }
             Endpoint::Chat | Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
                 let body = read_body(session, limit).await.map_err(|e| (e, None))?;
@@ -322,7 +376,9 @@ impl EdgeApp {
                 let requested = requested_model(&op).to_string();
                 out.model = Some(requested.clone());
                 out.stream = op.is_stream();
-                let target = plan(&snap, &tenant, &requested).map_err(|e| (e, None))?;
+                let plan = plan(&snap, &tenant, &requested, residency.as_deref())
+                    .map_err(|e| (e, None))?;
+                let target = &plan.targets[0].target;
                 let advertised = snap
                     .providers
                     .get(&target.provider)
@@ -344,39 +400,104 @@ impl EdgeApp {
                         headers: copy_headers(session, RAW_HEADERS),
                         body: Bytes::from(serde_json::to_vec(&map).unwrap_or_default()),
                     };
-                    (Operation::Raw(raw), target)
+                    // Raw mode talks to one provider as it is: no fallbacks.
+                    let plan = Plan {
+                        targets: plan.targets.into_iter().take(1).collect(),
+                        excluded: 0,
+                    };
+                    (Operation::Raw(raw), plan)
                 } else {
-                    (op, target)
+                    (op, plan)
                 }
             }
         };
-        out.provider = Some(target.provider.clone());
         let simulate = session
             .get_header("x-switchyard-simulate")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let egress_req = EgressRequest {
-            request_id: request_id.to_string(),
-            tenant: tenant.id.clone(),
-            target,
-            op,
-            simulate,
-            received_at,
-            inbound: out.protocol,
-            forward_headers: copy_headers(session, FORWARDED_HEADERS),
-        };
-        // A client that hangs up while we wait for the provider cancels the
-        // provider call: dropping the future closes the upstream request.
-        let response = tokio::select! {
-            r = self.upstream.execute(egress_req) => r.map_err(|e| (e, None))?,
-            _ = session.read_body_or_idle(true) => {
-                out.client_gone = true;
-                return Ok(());
+        let forward_headers = copy_headers(session, FORWARDED_HEADERS);
+        let attempts = plan.targets.len();
+        let mut op = Some(op);
+        let mut last_error = None;
+        for (i, planned) in plan.targets.iter().enumerate() {
+            let is_last = i + 1 == attempts;
+            // Only a request that may still fail over needs a copy.
+            let this_op = if is_last { op.take() } else { op.clone() };
+            let Some(this_op) = this_op else { break };
+            out.provider = Some(planned.target.provider.clone());
+            out.served = Some(planned.clone());
+            let egress_req = EgressRequest {
+                request_id: request_id.to_string(),
+                tenant: tenant.id.clone(),
+                target: planned.target.clone(),
+                op: this_op,
+                simulate: simulate.clone(),
+                received_at,
+                inbound: out.protocol,
+                forward_headers: forward_headers.clone(),
+                residency: residency.clone().unwrap_or_default(),
+            };
+            // A client that hangs up while we wait for the provider cancels
+            // the provider call: dropping the future closes the request.
+            let result = tokio::select! {
+                r = self.upstream.execute(egress_req) => r,
+                _ = session.read_body_or_idle(true) => {
+                    out.client_gone = true;
+                    return Ok(());
+                }
+            };
+            match result {
+                Ok(response) => {
+                    out.stats = Some(response.stats.clone());
+                    let served = Common {
+                        request_id,
+                        region: planned.region.as_deref().unwrap_or(&self.region),
+                        jurisdiction: planned.jurisdiction.as_deref().unwrap_or("unspecified"),
+                    };
+                    self.write_response(session, response, &served, out).await;
+                    return Ok(());
+                }
+                // Nothing has reached the client yet, so a retryable failure
+                // moves on to the next target of the plan.
+                Err(e) if !is_last && is_retryable(&e) => {
+                    tracing::warn!(
+                        target: "switchyard::failover",
+                        request_id,
+                        from = %planned.target.provider,
+                        to = %plan.targets[i + 1].target.provider,
+                        error = e.kind.label(),
+                        "failover"
+                    );
+                    last_error = Some(e);
+                }
+                Err(e) => {
+                    last_error = Some(e);
+                    break;
+                }
             }
-        };
-        out.stats = Some(response.stats.clone());
-        self.write_response(session, response, &common, out).await;
-        Ok(())
+        }
+        let error = last_error.unwrap_or_else(|| {
+            GatewayError::new(ErrorKind::Internal, "The route plan had no target.")
+        });
+        // Every permitted target failed; the ones left are outside the
+        // request's jurisdictions and are never tried.
+        if plan.excluded > 0 && is_retryable(&error) {
+            if let Some(allowed) = &residency {
+                let e = GatewayError::new(
+                    ErrorKind::Forbidden,
+                    format!(
+                        "Residency rule: tenant `{}` may only be served in {}; every target inside failed (last: {}) and {} target(s) outside were not tried.",
+                        tenant.id,
+                        allowed.join(", "),
+                        error.message,
+                        plan.excluded
+                    ),
+                )
+                .with_code("residency_blocked");
+                return Err((e, None));
+            }
+        }
+        Err((error, None))
     }
 
     async fn write_response(
@@ -500,23 +621,93 @@ fn copy_headers(session: &ServerSession, names: &[&str]) -> Vec<(String, String)
 }
 
 /// Resolves the requested model to a target the tenant may use.
+/// Ordered targets for one request, and how many residency took away.
+struct Plan {
+    targets: Vec<PlannedTarget>,
+    excluded: usize,
+}
+
+/// Resolves the requested model to the ordered targets the tenant may use
+/// inside the request's jurisdictions (fallbacks included).
 fn plan(
     snap: &Snapshot,
     tenant: &TenantSnapshot,
     requested: &str,
-) -> Result<switchyard_proto::RouteTarget, GatewayError> {
-    let target = snap
-        .resolve(requested)
-        .ok_or_else(|| GatewayError::model_not_found(requested))?;
+    residency: Option<&[String]>,
+) -> Result<Plan, GatewayError> {
     if !tenant.may_use(requested) {
-        return Err(GatewayError::new(
-            ErrorKind::Forbidden,
-            format!("Your key is not allowed to use the model `{requested}`."),
-        )
-        .with_code("model_not_allowed")
-        .with_param("model"));
+        // Checked first so an unknown model does not reveal the catalogue.
+        if snap.resolve(requested).is_some() {
+            return Err(GatewayError::new(
+                ErrorKind::Forbidden,
+                format!("Your key is not allowed to use the model `{requested}`."),
+            )
+            .with_code("model_not_allowed")
+            .with_param("model"));
+        }
+        return Err(GatewayError::model_not_found(requested));
     }
-    Ok(target)
+    let all = snap.plan(requested, None).map_err(|e| match e {
+        PlanError::UnknownModel(_) | PlanError::Residency { .. } => {
+            GatewayError::model_not_found(requested)
+        }
+    })?;
+    let Some(allowed) = residency else {
+        return Ok(Plan {
+            targets: all,
+            excluded: 0,
+        });
+    };
+    match snap.plan(requested, Some(allowed)) {
+        Ok(targets) => Ok(Plan {
+            excluded: all.len() - targets.len(),
+            targets,
+        }),
+        Err(PlanError::Residency { blocked, .. }) => {
+            let where_ = blocked
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{}/{} in {}",
+                        t.target.provider,
+                        t.target.model,
+                        t.jurisdiction.as_deref().unwrap_or("no jurisdiction")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            Err(GatewayError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "Residency rule: tenant `{}` may only be served in {}; no target of `{requested}` is ({where_}).",
+                    tenant.id,
+                    if allowed.is_empty() { "no jurisdiction (the x-switchyard-residency header left none)".to_string() } else { allowed.join(", ") },
+                ),
+            )
+            .with_code("residency_blocked"))
+        }
+        Err(PlanError::UnknownModel(_)) => Err(GatewayError::model_not_found(requested)),
+    }
+}
+
+fn residency_error(tenant: &str, allowed: &[String], provider: &str, verb: &str) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::Forbidden,
+        format!(
+            "Residency rule: tenant `{tenant}` may only be served in {}; provider `{provider}` {verb} outside.",
+            allowed.join(", ")
+        ),
+    )
+    .with_code("residency_blocked")
+}
+
+/// Failures that say nothing about the request itself, so another target
+/// may well succeed.
+fn is_retryable(e: &GatewayError) -> bool {
+    matches!(
+        e.kind,
+        ErrorKind::RateLimited | ErrorKind::Upstream | ErrorKind::Overloaded | ErrorKind::Timeout
+    )
 }
 
 fn model_object(id: &str, owner: &str) -> serde_json::Value {
@@ -563,6 +754,7 @@ impl HttpServerApp for EdgeApp {
             protocol: Protocol::OpenAi,
             endpoint: "other",
             model_label: None,
+            served: None,
         };
         let mut reusable = true;
         if let Err((e, allow)) = self
@@ -571,8 +763,11 @@ impl HttpServerApp for EdgeApp {
         {
             out.status = e.status();
             out.error = Some(e.kind.label());
+            let jurisdiction = self.jurisdiction(&self.snapshot.load());
             let common = Common {
                 request_id: &request_id,
+                region: &self.region,
+                jurisdiction: &jurisdiction,
             };
             let extra = allow
                 .map(|a| vec![("allow", a.to_string())])
@@ -606,6 +801,25 @@ impl EdgeApp {
     fn observe(&self, out: &Outcome, received_at: Instant) {
         let stats = out.stats.as_deref();
         let usage = stats.and_then(|s| s.usage()).unwrap_or_default();
+        if let (Some(observer), Some(served)) = (&self.observer, &out.served) {
+            if !out.client_gone && !served.target.model.is_empty() {
+                let failed = stats.is_some_and(|s| s.stream_failed());
+                observer.observe(RequestReport {
+                    provider: served.target.provider.clone(),
+                    model: served.target.model.clone(),
+                    region: served.region.clone().unwrap_or_default(),
+                    ttft: stats.and_then(|s| s.ttft_us()).map(Duration::from_micros),
+                    latency: received_at.elapsed(),
+                    error_class: if failed {
+                        Some("stream_failed")
+                    } else {
+                        out.error
+                    },
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                });
+            }
+        }
         self.metrics.observe(&Observation {
             endpoint: out.endpoint,
             provider: out.provider.as_deref().unwrap_or("none"),

@@ -9,11 +9,17 @@ use switchyard_llm::GatewayError;
 /// Response headers every answer carries.
 pub struct Common<'a> {
     pub request_id: &'a str,
+    /// The region and jurisdiction that processed the request (residency
+    /// made visible on every answer).
+    pub region: &'a str,
+    pub jurisdiction: &'a str,
 }
 
 pub fn header(status: u16, common: &Common<'_>) -> Box<ResponseHeader> {
-    let mut h = ResponseHeader::build(status, Some(6)).expect("valid status");
+    let mut h = ResponseHeader::build(status, Some(8)).expect("valid status");
     let _ = h.insert_header("x-request-id", common.request_id);
+    let _ = h.insert_header("x-switchyard-region", common.region);
+    let _ = h.insert_header("x-switchyard-jurisdiction", common.jurisdiction);
     let _ = h.insert_header("server", "switchyard");
     Box::new(h)
 }

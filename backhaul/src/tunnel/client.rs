@@ -250,6 +250,19 @@ impl TunnelRouter {
         self.nodes.store(Arc::new(next));
     }
 
+    /// The measured backhaul round trip to every connected egress node:
+    /// (region, address, RTT), for telemetry and latency scores.
+    pub fn rtts(&self) -> Vec<(String, String, Duration)> {
+        self.nodes
+            .load()
+            .iter()
+            .filter_map(|n| {
+                let c = n.connection()?;
+                Some((n.region.clone(), n.addr.clone(), c.rtt()))
+            })
+            .collect()
+    }
+
     /// Waits until every egress node is connected, or `timeout`; returns
     /// how many are. The edge calls it before it starts listening, so the
     /// first request finds warm connections.
@@ -466,7 +479,7 @@ impl Upstream for TunnelRouter {
             .limits
             .upstream_timeout
             .saturating_sub(req.received_at.elapsed());
-        let (header, body) = frame::request_to_wire(&req, budget, "");
+        let (header, body) = frame::request_to_wire(&req, budget);
         let header = frame::encode_message(FrameKind::RequestHeader, &header);
         let framer: Option<ErrorFramer> = match (&req.op, req.inbound) {
             (Operation::Raw(_), _) => None,

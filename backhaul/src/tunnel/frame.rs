@@ -181,11 +181,7 @@ fn json_body(map: &serde_json::Map<String, serde_json::Value>) -> Bytes {
 }
 
 /// The request header and body bytes that carry `req` to an egress.
-pub fn request_to_wire(
-    req: &EgressRequest,
-    deadline: Duration,
-    residency: &str,
-) -> (wire::RequestHeader, Bytes) {
+pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::RequestHeader, Bytes) {
     let mut header = wire::RequestHeader {
         version: PROTOCOL_VERSION,
         request_id: req.request_id.clone(),
@@ -195,7 +191,7 @@ pub fn request_to_wire(
         simulate: req.simulate.clone(),
         forward_headers: fields(&req.forward_headers),
         deadline_ms: deadline.as_millis() as u64,
-        residency: residency.to_string(),
+        residency: req.residency.join(","),
         ..Default::default()
     };
     header.set_inbound(match req.inbound {
@@ -284,8 +280,18 @@ pub fn request_from_wire(
         received_at,
         inbound,
         forward_headers: pairs(header.forward_headers),
+        residency: split_residency(&meta.residency),
     };
     Ok((req, meta))
+}
+
+/// The wire carries the jurisdiction set comma-separated.
+pub fn split_residency(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|j| !j.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 pub fn error_to_wire(e: &GatewayError) -> wire::Error {
@@ -409,19 +415,21 @@ mod tests {
             received_at: Instant::now(),
             inbound: Protocol::Anthropic,
             forward_headers: vec![("anthropic-version".into(), "2023-06-01".into())],
+            residency: vec!["eu".into(), "ch".into()],
         }
     }
 
     #[test]
     fn request_round_trips() {
         let req = chat_request();
-        let (header, body) = request_to_wire(&req, Duration::from_millis(1500), "eu");
+        let (header, body) = request_to_wire(&req, Duration::from_millis(1500));
         let bytes = encode_message(FrameKind::RequestHeader, &header);
         assert_eq!(bytes[0], FrameKind::RequestHeader as u8);
         let decoded: wire::RequestHeader = decode(FrameKind::RequestHeader, &bytes[5..]).unwrap();
         let (back, meta) = request_from_wire(decoded, body, Instant::now()).unwrap();
         assert_eq!(meta.deadline, Duration::from_millis(1500));
-        assert_eq!(meta.residency, "eu");
+        assert_eq!(meta.residency, "eu,ch");
+        assert_eq!(back.residency, req.residency);
         assert_eq!(back.target, req.target);
         assert_eq!(back.inbound, Protocol::Anthropic);
         assert_eq!(back.simulate, req.simulate);
@@ -444,7 +452,7 @@ mod tests {
             headers: vec![("accept".into(), "*/*".into())],
             body: Bytes::from_static(b"\x00\x01"),
         });
-        let (header, body) = request_to_wire(&req, Duration::ZERO, "");
+        let (header, body) = request_to_wire(&req, Duration::ZERO);
         let (back, _) = request_from_wire(header, body, Instant::now()).unwrap();
         let Operation::Raw(raw) = back.op else {
             panic!("not raw")
@@ -459,7 +467,7 @@ mod tests {
 
     #[test]
     fn unknown_version_is_refused() {
-        let (mut header, body) = request_to_wire(&chat_request(), Duration::ZERO, "");
+        let (mut header, body) = request_to_wire(&chat_request(), Duration::ZERO);
         header.version = 9;
         assert!(request_from_wire(header, body, Instant::now()).is_err());
     }

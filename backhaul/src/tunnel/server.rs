@@ -156,7 +156,7 @@ async fn serve_stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quin
         }
     };
     let request_id = req.request_id.clone();
-    if let Err(e) = check_residency(&ctx, &snap, &meta.residency) {
+    if let Err(e) = check_residency(&ctx, &snap, &req.residency) {
         tracing::warn!(target: "switchyard::backhaul", %request_id, residency = %meta.residency, region = %ctx.region, "residency block");
         let _ = write_error(&mut send, &e).await;
         return;
@@ -268,7 +268,7 @@ async fn write_error(
 fn check_residency(
     ctx: &Ctx,
     snap: &switchyard_proto::Snapshot,
-    residency: &str,
+    residency: &[String],
 ) -> Result<(), GatewayError> {
     if residency.is_empty() {
         return Ok(());
@@ -277,14 +277,16 @@ fn check_residency(
         .regions
         .get(&ctx.region)
         .and_then(|r| r.jurisdiction.as_deref());
-    if here == Some(residency) {
+    if here.is_some_and(|h| residency.iter().any(|j| j == h)) {
         return Ok(());
     }
     Err(GatewayError::new(
         ErrorKind::Forbidden,
         format!(
-            "This request must stay in jurisdiction `{residency}`; the egress region `{}` is not in it.",
-            ctx.region
+            "Residency rule: this request must stay in jurisdiction(s) {}; the egress region `{}` is in {}.",
+            residency.join(", "),
+            ctx.region,
+            here.unwrap_or("no jurisdiction")
         ),
     )
     .with_code("residency_violation"))

@@ -167,22 +167,37 @@ impl EgressNode {
         certs: &NodeCerts,
         env: &[(String, String)],
     ) -> EgressNode {
+        let source = vec!["--config".to_string(), policy.display().to_string()];
+        Self::start_with(binary, region, addr, &source, certs, env)
+    }
+
+    /// Like [`EgressNode::start`], with the policy source given as flags
+    /// (`--config FILE` and/or `--control-plane URL ...`).
+    pub fn start_with(
+        binary: &Path,
+        region: &str,
+        addr: Option<SocketAddr>,
+        source: &[String],
+        certs: &NodeCerts,
+        env: &[(String, String)],
+    ) -> EgressNode {
         let addr = addr.unwrap_or_else(free_udp_port);
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "egress".into(),
             "--region".into(),
             region.into(),
             "--listen".into(),
             addr.to_string(),
-            "--config".into(),
-            policy.display().to_string(),
+        ];
+        args.extend(source.iter().cloned());
+        args.extend([
             "--cert".into(),
             certs.cert.display().to_string(),
             "--key".into(),
             certs.key.display().to_string(),
             "--ca".into(),
             certs.ca.display().to_string(),
-        ];
+        ]);
         let mut process = NodeProcess::spawn(binary, &args, env);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !process.stdout().contains("listening on") {
@@ -218,6 +233,19 @@ impl EdgeNode {
         egress: &[String],
         env: &[(String, String)],
     ) -> EdgeNode {
+        let source = vec!["--config".to_string(), policy.display().to_string()];
+        Self::start_with(binary, region, &source, certs, egress, env)
+    }
+
+    /// Like [`EdgeNode::start`], with the policy source given as flags.
+    pub fn start_with(
+        binary: &Path,
+        region: &str,
+        source: &[String],
+        certs: &NodeCerts,
+        egress: &[String],
+        env: &[(String, String)],
+    ) -> EdgeNode {
         let http_addr = free_tcp_port();
         let mut args: Vec<String> = vec![
             "edge".into(),
@@ -225,15 +253,16 @@ impl EdgeNode {
             region.into(),
             "--listen".into(),
             http_addr.to_string(),
-            "--config".into(),
-            policy.display().to_string(),
+        ];
+        args.extend(source.iter().cloned());
+        args.extend([
             "--cert".into(),
             certs.cert.display().to_string(),
             "--key".into(),
             certs.key.display().to_string(),
             "--ca".into(),
             certs.ca.display().to_string(),
-        ];
+        ]);
         for e in egress {
             args.push("--egress".into());
             args.push(e.clone());
@@ -262,5 +291,70 @@ impl EdgeNode {
 
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.http_addr)
+    }
+}
+
+/// A `switchyard control-plane` process with TLS and node mTLS.
+pub struct ControlPlaneNode {
+    pub process: NodeProcess,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+impl ControlPlaneNode {
+    /// Starts it on free ports with `store` (e.g. `sqlite:///tmp/x/cp.db`)
+    /// and waits until it prints its addresses. `env` should hold the
+    /// admin token variable named by `token_env`.
+    pub fn start(
+        binary: &Path,
+        store: &str,
+        certs: &NodeCerts,
+        token_env: &str,
+        grpc_addr: Option<SocketAddr>,
+        env: &[(String, String)],
+    ) -> ControlPlaneNode {
+        let grpc_addr = grpc_addr.unwrap_or_else(free_tcp_port);
+        let http_addr = free_tcp_port();
+        let args: Vec<String> = vec![
+            "control-plane".into(),
+            "--listen".into(),
+            grpc_addr.to_string(),
+            "--http-listen".into(),
+            http_addr.to_string(),
+            "--store".into(),
+            store.into(),
+            "--tls-cert".into(),
+            certs.cert.display().to_string(),
+            "--tls-key".into(),
+            certs.key.display().to_string(),
+            "--client-ca".into(),
+            certs.ca.display().to_string(),
+            "--admin-token-env".into(),
+            token_env.into(),
+            "--score-seconds".into(),
+            "1".into(),
+        ];
+        let mut process = NodeProcess::spawn(binary, &args, env);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(process.stdout().contains("gRPC:") && TcpStream::connect(grpc_addr).is_ok()) {
+            if let Some(why) = process.exited() {
+                panic!("control plane failed to start: {why}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control plane did not start: {}",
+                process.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ControlPlaneNode {
+            process,
+            grpc_addr,
+            http_addr,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.grpc_addr.port())
     }
 }

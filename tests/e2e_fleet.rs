@@ -1,0 +1,430 @@
+//! The whole fleet as real processes: a control plane (TLS, node mTLS,
+//! SQLite store), two edges and two egress nodes in two jurisdictions, all
+//! following pushed snapshots, with fixture-replaying mock providers whose
+//! call logs prove where each request went.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use switchyard_testkit::cluster::{
+    free_udp_port, gen_certs, ControlPlaneNode, EdgeNode, EgressNode, NodeCerts,
+};
+use switchyard_testkit::gateway::temp_dir;
+use switchyard_testkit::mock::MockUpstream;
+
+const ADMIN_TOKEN: &str = "admin-token-for-tests-1234";
+const EU_KEY: &str = "sk-eu-SECRET-11aa22bb33cc";
+const US_INLINE_KEY: &str = "sk-us-INLINE-SECRET-44dd55ee";
+const MASTER_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+const EU_TENANT_KEY: &str = "sy-eu-tenant-key-0001";
+const GLOBAL_TENANT_KEY: &str = "sy-global-tenant-key-0002";
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+fn hash(key: &str) -> String {
+    let out = Command::new(binary())
+        .args(["hash-key", key])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `eu_model` is the model the EU target asks its provider for; a
+/// `case-error-...` name makes that provider fail.
+fn policy(
+    eu_addr: &str,
+    us_addr: &str,
+    eu: &MockUpstream,
+    us: &MockUpstream,
+    order: &str,
+    eu_model: &str,
+) -> String {
+    let (first, second) = if order == "eu-first" {
+        (
+            format!("eu-openai, model: {eu_model}"),
+            "us-openai, model: gpt-4o".to_string(),
+        )
+    } else {
+        (
+            "us-openai, model: gpt-4o".to_string(),
+            format!("eu-openai, model: {eu_model}"),
+        )
+    };
+    format!(
+        r#"
+regions:
+  eu: {{ jurisdiction: eu, egress: ["{eu_addr}"] }}
+  us: {{ jurisdiction: us, egress: ["{us_addr}"] }}
+limits: {{ upstream_timeout_ms: 5000 }}
+providers:
+  eu-openai:
+    kind: openai-compatible
+    base_url: {eu_url}/v1
+    region: eu
+    models: [gpt-4o]
+    key_pools:
+      - keys: [{{ env: EU_KEY }}]
+  us-openai:
+    kind: openai-compatible
+    base_url: {us_url}/v1
+    region: us
+    models: [gpt-4o]
+    key_pools:
+      - keys: [{{ value: "{US_INLINE_KEY}" }}]
+routes:
+  chat:
+    targets:
+      - {{ provider: {first} }}
+      - {{ provider: {second} }}
+tenants:
+  - id: eu-tenant
+    key_sha256: "{eu_hash}"
+    allowed_models: [chat]
+    residency: [eu]
+  - id: global
+    key_sha256: "{global_hash}"
+"#,
+        eu_url = eu.url(),
+        us_url = us.url(),
+        eu_hash = hash(EU_TENANT_KEY),
+        global_hash = hash(GLOBAL_TENANT_KEY),
+    )
+}
+
+struct ControlApi {
+    http: String,
+}
+
+impl ControlApi {
+    async fn apply(&self, yaml: &str) -> (u16, Value) {
+        let r = client()
+            .post(format!("{}/v1/policy?author=test", self.http))
+            .bearer_auth(ADMIN_TOKEN)
+            .body(yaml.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    async fn nodes(&self) -> Value {
+        client()
+            .get(format!("{}/v1/nodes", self.http))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (bounded) until `count` nodes acknowledged `version`.
+    async fn wait_acked(&self, version: u64, count: usize) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let nodes = self.nodes().await;
+            let acked = nodes["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["acked_version"].as_u64() == Some(version))
+                .count();
+            if acked >= count {
+                return nodes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {acked} of {count} nodes acked v{version}: {nodes}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn chat(
+    edge: &EdgeNode,
+    key: &str,
+    residency: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = client()
+        .post(format!("{}/chat/completions", edge.base_url()))
+        .bearer_auth(key)
+        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "What is 4200 + 42?"}]}));
+    if let Some(r) = residency {
+        req = req.header("x-switchyard-residency", r);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+fn cp_flags(cp_url: &str, state: &Path) -> Vec<String> {
+    vec![
+        "--control-plane".into(),
+        cp_url.into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ]
+}
+
+#[tokio::test]
+async fn control_plane_drives_a_two_jurisdiction_fleet() {
+    let dir = temp_dir("fleet");
+    let certs = |name: &str| gen_certs(binary(), &dir, name);
+    let cp_certs: NodeCerts = certs("control-plane");
+    let (edge_eu_certs, edge_us_certs) = (certs("edge-eu"), certs("edge-us"));
+    let (egress_eu_certs, egress_us_certs) = (certs("egress-eu"), certs("egress-us"));
+    let eu_mock = MockUpstream::start().await;
+    let us_mock = MockUpstream::start().await;
+    let (eu_addr, us_addr) = (free_udp_port(), free_udp_port());
+
+    let cp_env = vec![
+        ("SY_ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string()),
+        ("SWITCHYARD_MASTER_KEY".to_string(), MASTER_KEY.to_string()),
+    ];
+    let store = format!("sqlite://{}", dir.join("cp.db").display());
+    let mut cp =
+        ControlPlaneNode::start(binary(), &store, &cp_certs, "SY_ADMIN_TOKEN", None, &cp_env);
+    let api = ControlApi {
+        http: format!("http://{}", cp.http_addr),
+    };
+
+    // An invalid policy is refused with every error and its path; nothing changes.
+    let (status, body) = api
+        .apply("providers:\n  x: { kind: openai-compatible }\nroutes:\n  r: { targets: [{ provider: antropic, model: m }] }\n")
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let paths: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&"providers.x.base_url"), "{paths:?}");
+    assert!(
+        paths.iter().any(|p| p.starts_with("routes.r.targets[0]")),
+        "{paths:?}"
+    );
+
+    let v1 = policy(
+        &eu_addr.to_string(),
+        &us_addr.to_string(),
+        &eu_mock,
+        &us_mock,
+        "eu-first",
+        "gpt-4o",
+    );
+    let (status, body) = api.apply(&v1).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 1);
+
+    let cp_url = cp.url();
+    let state = |name: &str| dir.join("state").join(name);
+    let egress_eu = EgressNode::start_with(
+        binary(),
+        "eu",
+        Some(eu_addr),
+        &cp_flags(&cp_url, &state("egress-eu")),
+        &egress_eu_certs,
+        &[("EU_KEY".into(), EU_KEY.into())],
+    );
+    let egress_us = EgressNode::start_with(
+        binary(),
+        "us",
+        Some(us_addr),
+        &cp_flags(&cp_url, &state("egress-us")),
+        &egress_us_certs,
+        &[],
+    );
+    let edge_eu = EdgeNode::start_with(
+        binary(),
+        "eu",
+        &cp_flags(&cp_url, &state("edge-eu")),
+        &edge_eu_certs,
+        &[],
+        &[],
+    );
+    let edge_us = EdgeNode::start_with(
+        binary(),
+        "us",
+        &cp_flags(&cp_url, &state("edge-us")),
+        &edge_us_certs,
+        &[],
+        &[],
+    );
+    let nodes = api.wait_acked(1, 4).await;
+    let roles: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles.iter().filter(|r| **r == "edge").count(), 2, "{nodes}");
+
+    // v1 routes EU first.
+    let (status, headers, body) = chat(&edge_us, GLOBAL_TENANT_KEY, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-switchyard-region"], "eu");
+    assert_eq!(headers["x-switchyard-jurisdiction"], "eu");
+    assert_eq!(eu_mock.requests().len(), 1);
+    assert_eq!(
+        eu_mock.requests()[0].header("authorization"),
+        Some(format!("Bearer {EU_KEY}").as_str())
+    );
+
+    // v2 puts the US target first: every node acks it and routes by it.
+    let v2 = policy(
+        &eu_addr.to_string(),
+        &us_addr.to_string(),
+        &eu_mock,
+        &us_mock,
+        "us-first",
+        "gpt-4o",
+    );
+    let (status, body) = api.apply(&v2).await;
+    assert_eq!((status, body["version"].as_u64()), (200, Some(2)), "{body}");
+    api.wait_acked(2, 4).await;
+    let (status, headers, _) = chat(&edge_eu, GLOBAL_TENANT_KEY, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-switchyard-jurisdiction"], "us");
+    assert_eq!(us_mock.requests().len(), 1);
+    // The inline key reached the US egress, sealed at rest, never elsewhere.
+    assert_eq!(
+        us_mock.requests()[0].header("authorization"),
+        Some(format!("Bearer {US_INLINE_KEY}").as_str())
+    );
+    // The EU tenant stays in the EU even when the US target is first.
+    let (status, headers, _) = chat(&edge_us, EU_TENANT_KEY, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-switchyard-jurisdiction"], "eu");
+    assert_eq!(
+        us_mock.requests().len(),
+        1,
+        "an EU request reached the US provider"
+    );
+    // The header narrows a tenant's residency, never widens it.
+    let (status, _, body) = chat(&edge_us, GLOBAL_TENANT_KEY, Some("eu")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(us_mock.requests().len(), 1);
+    let (status, _, body) = chat(&edge_us, EU_TENANT_KEY, Some("us")).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "residency_blocked");
+
+    // v3: the EU provider fails. Global traffic fails over to the US; EU
+    // traffic gets the residency error and the US provider never sees it.
+    let v3 = policy(
+        &eu_addr.to_string(),
+        &us_addr.to_string(),
+        &eu_mock,
+        &us_mock,
+        "eu-first",
+        "case-error-503-upstream-reset-text-plain",
+    );
+    assert_eq!(api.apply(&v3).await.0, 200);
+    api.wait_acked(3, 4).await;
+    let us_before = us_mock.requests().len();
+    let (status, _, body) = chat(&edge_eu, EU_TENANT_KEY, None).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "residency_blocked");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Residency rule"),
+        "{body}"
+    );
+    assert_eq!(
+        us_mock.requests().len(),
+        us_before,
+        "an EU request reached the US provider"
+    );
+    let (status, headers, body) = chat(&edge_eu, GLOBAL_TENANT_KEY, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-switchyard-jurisdiction"], "us");
+    assert_eq!(us_mock.requests().len(), us_before + 1);
+
+    // Key material is in no edge, no API answer, no log line, no edge cache.
+    let policy_answer = client()
+        .get(format!("{}/v1/policy", api.http))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let nodes_answer = api.nodes().await.to_string();
+    for secret in [EU_KEY, US_INLINE_KEY] {
+        assert!(!policy_answer.contains(secret), "key in GET /v1/policy");
+        assert!(!nodes_answer.contains(secret), "key in GET /v1/nodes");
+        for (name, logs) in [
+            ("control plane", cp.process.logs() + &cp.process.stdout()),
+            (
+                "edge eu",
+                edge_eu.process.logs() + &edge_eu.process.stdout(),
+            ),
+            (
+                "edge us",
+                edge_us.process.logs() + &edge_us.process.stdout(),
+            ),
+            ("egress eu", egress_eu.process.logs()),
+            ("egress us", egress_us.process.logs()),
+        ] {
+            assert!(!logs.contains(secret), "key in the {name} output");
+        }
+        for cache in ["edge-eu/edge-eu.snapshot", "edge-us/edge-us.snapshot"] {
+            let bytes = std::fs::read(dir.join("state").join(cache)).unwrap();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(secret),
+                "key in {cache}"
+            );
+        }
+    }
+    let eu_egress_cache = std::fs::read(state("egress-eu").join("egress-eu.snapshot")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&eu_egress_cache).contains(US_INLINE_KEY),
+        "US key on the EU egress"
+    );
+
+    // Control plane gone: traffic continues, and a restarted edge serves
+    // from its on-disk snapshot.
+    cp.process.kill();
+    let (status, _, body) = chat(&edge_eu, GLOBAL_TENANT_KEY, None).await;
+    assert_eq!(status, 200, "{body}");
+    let mut edge_eu = edge_eu;
+    edge_eu.process.kill();
+    let edge_eu = EdgeNode::start_with(
+        binary(),
+        "eu",
+        &cp_flags(&cp_url, &state("edge-eu")),
+        &edge_eu_certs,
+        &[],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _, body) = chat(&edge_eu, GLOBAL_TENANT_KEY, None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted edge never served: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((edge_eu, edge_us, egress_eu, egress_us));
+    let _ = std::fs::remove_dir_all(PathBuf::from(&dir));
+}
