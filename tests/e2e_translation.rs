@@ -412,6 +412,29 @@ async fn raw_passthrough() {
     assert_eq!(up.body["model"], "gpt-4o");
     assert!(up.body.get("stream_options").is_none());
 
+    // OpenAI's Responses API is not normalised; it is reachable raw.
+    let case = Case::load("openai", "responses-basic").unwrap();
+    let mut body = case.request["body"].clone();
+    body["model"] = json!("case-responses-basic");
+    let r = client()
+        .post(format!(
+            "http://{}/passthrough/openai/responses",
+            gw.http_addr
+        ))
+        .bearer_auth(&gw.key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), case.response["body"]);
+    let up = mock.requests().pop().unwrap();
+    assert_eq!(up.path, "/v1/responses");
+    assert_eq!(
+        up.header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+
     let r = client()
         .post(format!("http://{}/passthrough/nobody/x", gw.http_addr))
         .bearer_auth(&gw.key)

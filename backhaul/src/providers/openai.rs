@@ -2,7 +2,7 @@
 //! passes through with only `model` rewritten.
 
 use async_trait::async_trait;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::passthrough::OpenAiPassthrough;
 use switchyard_llm::{ErrorKind, GatewayError};
@@ -17,25 +17,21 @@ pub struct OpenAiAdapter;
 impl Provider for OpenAiAdapter {
     async fn call(&self, ctx: CallContext<'_>) -> Result<ProviderReply, GatewayError> {
         let target = &ctx.request.target;
-        let (path, mut body, stream, caller_wants_usage) = match &ctx.request.op {
+        let (path, body, stream, caller_wants_usage) = match &ctx.request.op {
             Operation::Chat(chat) => (
                 "chat/completions",
-                chat.body.clone(),
+                &chat.body,
                 chat.stream,
                 chat.include_usage,
             ),
-            Operation::Embeddings(e) => ("embeddings", e.body.clone(), false, false),
+            Operation::Embeddings(e) => ("embeddings", &e.body, false, false),
             _ => return Err(unsupported(ctx.provider, "this endpoint")),
         };
-        body.insert("model".into(), Value::String(target.model.clone()));
-        if stream {
-            // Always ask for usage so the request can be accounted; the
-            // pass-through withholds that chunk if the caller did not ask.
-            let opts = body.entry("stream_options").or_insert_with(|| json!({}));
-            if let Value::Object(o) = opts {
-                o.insert("include_usage".into(), Value::Bool(true));
-            }
-        }
+        let body = Rewritten {
+            body,
+            model: &target.model,
+            force_usage: stream,
+        };
         let url = format!("{}/{path}", ctx.provider.base_url);
         let auth = ctx.key.map(|k| format!("Bearer {}", k.expose()));
         let headers: Vec<(&'static str, &str)> = auth
@@ -70,6 +66,42 @@ impl Provider for OpenAiAdapter {
             .and_then(|u| u.usage)
             .and_then(|u| Usage::from_openai(&u));
         Ok(ProviderReply::Json { body, usage })
+    }
+}
+
+/// The caller's body with only `model` replaced (and, for streams, usage
+/// asked for), serialised straight from the borrowed map: the hot path never
+/// deep-copies a request to change one field.
+struct Rewritten<'a> {
+    body: &'a Map<String, Value>,
+    model: &'a str,
+    /// Always ask for usage so the request can be accounted; the
+    /// pass-through withholds that chunk if the caller did not ask.
+    force_usage: bool,
+}
+
+impl serde::Serialize for Rewritten<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("model", self.model)?;
+        let mut wrote_options = false;
+        for (k, v) in self.body {
+            match k.as_str() {
+                "model" => {}
+                "stream_options" if self.force_usage => {
+                    let mut opts = v.as_object().cloned().unwrap_or_default();
+                    opts.insert("include_usage".into(), Value::Bool(true));
+                    map.serialize_entry(k, &opts)?;
+                    wrote_options = true;
+                }
+                _ => map.serialize_entry(k, v)?,
+            }
+        }
+        if self.force_usage && !wrote_options {
+            map.serialize_entry("stream_options", &json!({ "include_usage": true }))?;
+        }
+        map.end()
     }
 }
 
@@ -121,6 +153,36 @@ pub fn error_from_upstream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rewrite_changes_only_model_and_usage_flag() {
+        let body: Map<String, Value> = serde_json::from_value(json!({
+            "model": "fast", "x_vendor": {"a": [1, 2]}, "stream": true,
+            "stream_options": {"include_usage": false, "other": 1}
+        }))
+        .unwrap();
+        let out = serde_json::to_value(Rewritten {
+            body: &body,
+            model: "gpt-4o",
+            force_usage: true,
+        })
+        .unwrap();
+        assert_eq!(out["model"], "gpt-4o");
+        assert_eq!(out["x_vendor"], json!({"a": [1, 2]}));
+        assert_eq!(
+            out["stream_options"],
+            json!({"include_usage": true, "other": 1})
+        );
+        let plain: Map<String, Value> =
+            serde_json::from_value(json!({"model": "m", "input": "x"})).unwrap();
+        let out = serde_json::to_value(Rewritten {
+            body: &plain,
+            model: "e",
+            force_usage: false,
+        })
+        .unwrap();
+        assert_eq!(out, json!({"model": "e", "input": "x"}));
+    }
 
     #[test]
     fn upstream_errors_map_and_scrub() {
