@@ -400,6 +400,7 @@ async fn handle_snapshot(
                 .unwrap_or_default();
             let mut next = (**shared.load()).clone();
             next.scores = Arc::new(scores);
+            next.compile_residency_plans();
             shared.store(Arc::new(next));
             status.send_modify(|s| s.scores_generation = generation);
             if let Some(path) = &config.cache_path {

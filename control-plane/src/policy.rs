@@ -917,7 +917,7 @@ pub fn compile_policy(
         );
     }
 
-    let snapshot = Snapshot {
+    let mut snapshot = Snapshot {
         version: opts.version,
         providers,
         aliases,
@@ -927,7 +927,9 @@ pub fn compile_policy(
         routes,
         tenant_policies,
         scores: Default::default(),
+        residency_plans: Default::default(),
     };
+    snapshot.compile_residency_plans();
 
     // Residency: a tenant restricted to some jurisdictions must have, for
     // every model it is allowed, at least one target inside them.

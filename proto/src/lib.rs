@@ -387,7 +387,15 @@ pub struct Snapshot {
     pub tenant_policies: HashMap<String, Arc<TenantPolicy>>,
     /// Shared so a score refresh does not copy the policy and vice versa.
     pub scores: Arc<Scores>,
+    /// Per-jurisdiction route tables: for every tenant's jurisdiction set,
+    /// the residency-filtered plan of every route and alias, compiled when
+    /// the snapshot (or its scores) changes so requests only look them up.
+    pub residency_plans: Arc<ResidencyPlans>,
 }
+
+/// Sorted jurisdiction set → model name → its plan.
+pub type ResidencyPlans =
+    HashMap<Vec<String>, HashMap<String, Result<Vec<PlannedTarget>, PlanError>>>;
 
 impl Snapshot {
     /// Resolves what a client wrote in `model`: an alias first, then a

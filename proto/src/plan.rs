@@ -62,12 +62,61 @@ pub fn narrow_residency(tenant: Option<&[String]>, header: Option<&str>) -> Opti
     }
 }
 
+/// Order-insensitive key of a jurisdiction set.
+fn jurisdiction_key(set: &[String]) -> Vec<String> {
+    let mut key = set.to_vec();
+    key.sort();
+    key.dedup();
+    key
+}
+
 impl Snapshot {
     /// Every target `requested` may go to, best first: the route's targets
     /// ordered by its strategy, then its fallbacks' (depth first, each
     /// target once). `jurisdictions = None` means unrestricted; otherwise a
     /// target is kept only when its provider's jurisdiction is listed.
     pub fn plan(
+        &self,
+        requested: &str,
+        jurisdictions: Option<&[String]>,
+    ) -> Result<Vec<PlannedTarget>, PlanError> {
+        if let Some(allowed) = jurisdictions {
+            let key = jurisdiction_key(allowed);
+            if let Some(compiled) = self
+                .residency_plans
+                .get(&key)
+                .and_then(|table| table.get(requested))
+            {
+                return compiled.clone();
+            }
+        }
+        self.plan_uncached(requested, jurisdictions)
+    }
+
+    /// Fills [`Snapshot::residency_plans`]: every tenant jurisdiction set ×
+    /// every route and alias. Call after building a snapshot or swapping
+    /// its scores (latency-ordered routes depend on them).
+    pub fn compile_residency_plans(&mut self) {
+        let mut sets: Vec<Vec<String>> = self
+            .tenant_policies
+            .values()
+            .filter_map(|t| t.residency.as_deref().map(jurisdiction_key))
+            .collect();
+        sets.sort();
+        sets.dedup();
+        let names: Vec<&String> = self.routes.keys().chain(self.aliases.keys()).collect();
+        let mut table = crate::ResidencyPlans::new();
+        for set in sets {
+            let per_model = names
+                .iter()
+                .map(|name| ((*name).clone(), self.plan_uncached(name, Some(&set))))
+                .collect();
+            table.insert(set, per_model);
+        }
+        self.residency_plans = std::sync::Arc::new(table);
+    }
+
+    fn plan_uncached(
         &self,
         requested: &str,
         jurisdictions: Option<&[String]>,
@@ -273,6 +322,30 @@ mod tests {
         }
         s.scores = Arc::new(scores);
         assert_eq!(providers(&s.plan("chat", None).unwrap()), ["us", "eu"]);
+    }
+
+    #[test]
+    fn per_jurisdiction_tables_are_compiled_and_used() {
+        let mut s = snapshot(Strategy::Priority);
+        s.tenant_policies.insert(
+            "t".into(),
+            Arc::new(crate::TenantPolicy {
+                id: "t".into(),
+                rpm: None,
+                tpm: None,
+                monthly_budget_usd: None,
+                residency: Some(vec!["eu".into()]),
+            }),
+        );
+        s.compile_residency_plans();
+        let eu = vec!["eu".to_string()];
+        let table = &s.residency_plans[&eu];
+        assert_eq!(table.len(), 3, "every route compiled");
+        assert_eq!(table["chat"], s.plan_uncached("chat", Some(&eu)));
+        assert!(matches!(table["us-only"], Err(PlanError::Residency { .. })));
+        // A set no tenant has (e.g. narrowed by a header) is computed.
+        let us = vec!["us".to_string()];
+        assert_eq!(providers(&s.plan("chat", Some(&us)).unwrap()), ["us"]);
     }
 
     #[test]

@@ -580,7 +580,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
             })
             .collect();
         let scores = msg.scores.map(Scores::from).unwrap_or_default();
-        Ok(Snapshot {
+        let mut snapshot = Snapshot {
             version: msg.version,
             providers,
             aliases,
@@ -590,7 +590,10 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
             routes,
             tenant_policies,
             scores: Arc::new(scores),
-        })
+            residency_plans: Default::default(),
+        };
+        snapshot.compile_residency_plans();
+        Ok(snapshot)
     }
 }
 
