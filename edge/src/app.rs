@@ -321,7 +321,7 @@ impl EdgeApp {
                 let p = &snap.providers[&provider];
                 if let Some(allowed) = &residency {
                     if !p.jurisdiction.as_ref().is_some_and(|j| allowed.contains(j)) {
-                        let e = residency_error(&tenant.id, allowed, &provider, "was");
+                        let e = residency_error(&tenant.id, allowed, &provider);
                         return Err((e, None));
                     }
                 }
@@ -690,11 +690,11 @@ fn plan(
     }
 }
 
-fn residency_error(tenant: &str, allowed: &[String], provider: &str, verb: &str) -> GatewayError {
+fn residency_error(tenant: &str, allowed: &[String], provider: &str) -> GatewayError {
     GatewayError::new(
         ErrorKind::Forbidden,
         format!(
-            "Residency rule: tenant `{tenant}` may only be served in {}; provider `{provider}` {verb} outside.",
+            "Residency rule: tenant `{tenant}` may only be served in {}; provider `{provider}` is outside.",
             allowed.join(", ")
         ),
     )

@@ -8,20 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::gateway::TEST_KEY;
-
-/// Variables that would leak the developer's machine into a node.
-const SCRUBBED_ENV: &[&str] = &[
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_BASE_URL",
-    "GEMINI_API_KEY",
-    "GEMINI_BASE_URL",
-    "SWITCHYARD_DEV_KEY",
-    "SWITCHYARD_LOG",
-    "SWITCHYARD_LOG_FORMAT",
-];
+use crate::gateway::{capture, SCRUBBED_ENV, TEST_KEY};
 
 /// A node identity written by `switchyard gen-certs`.
 #[derive(Debug, Clone)]
@@ -67,20 +54,6 @@ pub struct NodeProcess {
     child: Option<Child>,
     logs: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
-}
-
-fn capture(mut from: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            into.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
 }
 
 impl NodeProcess {

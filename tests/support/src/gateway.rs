@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Variables that would make a test depend on the developer's machine.
-const SCRUBBED_ENV: &[&str] = &[
+pub(crate) const SCRUBBED_ENV: &[&str] = &[
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",
     "ANTHROPIC_API_KEY",
@@ -78,7 +78,8 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-fn capture(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+/// Copies a child's output into `into` on a thread of its own.
+pub(crate) fn capture(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 8192];
         while let Ok(n) = from.read(&mut buf) {
