@@ -40,6 +40,12 @@ pub struct ControlPlaneArgs {
     /// Seconds between polls of the store for versions applied through another replica.
     #[arg(long, default_value_t = 1.0)]
     poll_seconds: f64,
+    /// Refuse node certificates not scoped to the role and region the node
+    /// claims (`switchyard gen-certs --role --region`); recommended with
+    /// --client-ca, since otherwise any fleet certificate can claim any
+    /// region and receive its egress keys.
+    #[arg(long, requires = "client_ca")]
+    require_node_scope: bool,
     /// Seconds between latency-score refreshes pushed to nodes (at most 10).
     #[arg(long, default_value_t = 5.0)]
     score_seconds: f64,
@@ -71,6 +77,7 @@ pub fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let mut config = ServerConfig::new(args.listen, args.store);
+    config.require_node_scope = args.require_node_scope;
     config.tls = tls;
     config.admin_token = admin_token;
     config.operator_cert_sha256 = args.operator_cert_sha256;

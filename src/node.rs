@@ -209,6 +209,14 @@ pub struct GenCertsArgs {
     /// Extra DNS names or IPs for the certificate (localhost, 127.0.0.1 and ::1 are always in).
     #[arg(long = "san", value_name = "NAME")]
     sans: Vec<String>,
+    /// Scope the certificate to a node role (`edge` or `egress`) in
+    /// --region: the control plane then lets it claim only that (and, with
+    /// --require-node-scope, refuses unscoped certificates).
+    #[arg(long, requires = "region", value_parser = ["edge", "egress"])]
+    role: Option<String>,
+    /// Region for --role.
+    #[arg(long, requires = "role")]
+    region: Option<String>,
 }
 
 fn load_policy(path: &Path) -> anyhow::Result<PolicyDocument> {
@@ -532,7 +540,11 @@ async fn shutdown_signal() {
 }
 
 pub fn run_gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {
-    let g = generate_node_cert(&args.out, &args.name, &args.sans)?;
+    let mut sans = args.sans.clone();
+    if let (Some(role), Some(region)) = (&args.role, &args.region) {
+        sans.push(switchyard_control::server::node_scope_name(role, region));
+    }
+    let g = generate_node_cert(&args.out, &args.name, &sans)?;
     if g.new_ca {
         println!("created CA      {}", g.ca_cert.display());
     } else {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard_testkit::cluster::{
-    free_udp_port, gen_certs, ControlPlaneNode, EdgeNode, EgressNode, NodeCerts,
+    free_udp_port, gen_certs, gen_scoped_certs, ControlPlaneNode, EdgeNode, EgressNode, NodeCerts,
 };
 use switchyard_testkit::gateway::temp_dir;
 use switchyard_testkit::mock::MockUpstream;
@@ -184,8 +184,17 @@ async fn control_plane_drives_a_two_jurisdiction_fleet() {
     let dir = temp_dir("fleet");
     let certs = |name: &str| gen_certs(binary(), &dir, name);
     let cp_certs: NodeCerts = certs("control-plane");
-    let (edge_eu_certs, edge_us_certs) = (certs("edge-eu"), certs("edge-us"));
-    let (egress_eu_certs, egress_us_certs) = (certs("egress-eu"), certs("egress-us"));
+    // Node certificates are scoped: each may claim only its role and region.
+    let scoped =
+        |name: &str, role: &str, region: &str| gen_scoped_certs(binary(), &dir, name, role, region);
+    let (edge_eu_certs, edge_us_certs) = (
+        scoped("edge-eu", "edge", "eu"),
+        scoped("edge-us", "edge", "us"),
+    );
+    let (egress_eu_certs, egress_us_certs) = (
+        scoped("egress-eu", "egress", "eu"),
+        scoped("egress-us", "egress", "us"),
+    );
     let eu_mock = MockUpstream::start().await;
     let us_mock = MockUpstream::start().await;
     let (eu_addr, us_addr) = (free_udp_port(), free_udp_port());
@@ -354,6 +363,48 @@ async fn control_plane_drives_a_two_jurisdiction_fleet() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["x-switchyard-jurisdiction"], "us");
     assert_eq!(us_mock.requests().len(), us_before + 1);
+
+    // A fleet certificate scoped to the US egress cannot claim the EU
+    // region (and so never receives EU keys); an unscoped one is refused too.
+    for (name, rogue) in [
+        ("us-claims-eu", egress_us_certs.clone()),
+        ("unscoped", certs("unscoped")),
+    ] {
+        let mut p = std::process::Command::new(binary())
+            .args([
+                "egress",
+                "--region",
+                "eu",
+                "--listen",
+                &free_udp_port().to_string(),
+            ])
+            .args(cp_flags(&cp_url, &state(name)))
+            .arg("--cert")
+            .arg(&rogue.cert)
+            .arg("--key")
+            .arg(&rogue.key)
+            .arg("--ca")
+            .arg(&rogue.ca)
+            .env("EU_KEY", EU_KEY)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let refusals = |logs: &str| logs.matches("node refused").count();
+        let before = refusals(&cp.process.logs());
+        while refusals(&cp.process.logs()) == before {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the control plane did not refuse it"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = p.kill();
+        let _ = p.wait();
+        let cache = state(name).join("egress-eu.snapshot");
+        assert!(!cache.exists(), "{name}: received a snapshot");
+    }
 
     // Key material is in no edge, no API answer, no log line, no edge cache.
     let policy_answer = client()

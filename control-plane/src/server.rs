@@ -57,6 +57,30 @@ pub struct ServerConfig {
     pub poll_interval: Duration,
     pub score_interval: Duration,
     pub score_window: Duration,
+    /// Refuse node certificates that are not scoped to the role and region
+    /// the node claims (see [`node_scope_name`]).
+    pub require_node_scope: bool,
+}
+
+/// The DNS name a node certificate carries when it is scoped to one role
+/// and region (`switchyard gen-certs --role --region` writes it). Without
+/// it any certificate of the fleet CA could claim any region and receive
+/// that region's egress keys.
+pub fn node_scope_name(role: &str, region: &str) -> String {
+    format!("{role}.{region}.node.switchyard")
+}
+
+/// Whether the leaf certificate is scoped to `role` in `region`.
+pub fn certificate_has_scope(
+    leaf: &tonic::transport::CertificateDer<'_>,
+    role: &str,
+    region: &str,
+) -> bool {
+    let Ok(name) = rustls::pki_types::ServerName::try_from(node_scope_name(role, region)) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(leaf)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
 impl ServerConfig {
@@ -73,6 +97,7 @@ impl ServerConfig {
             poll_interval: Duration::from_secs(1),
             score_interval: Duration::from_secs(5),
             score_window: Duration::from_secs(300),
+            require_node_scope: false,
         }
     }
 }
@@ -180,6 +205,7 @@ pub struct ControlPlane {
     admin_token: Option<Secret>,
     operator_certs: Vec<String>,
     require_node_cert: bool,
+    require_node_scope: bool,
     current: watch::Sender<Option<Arc<Published>>>,
     scores: watch::Sender<(u64, Arc<pb::ScoresMsg>)>,
     board: Mutex<ScoreBoard>,
@@ -591,6 +617,7 @@ impl Node for Services {
 
     async fn watch(&self, req: Request<pb::Hello>) -> Result<Response<WatchStream>, Status> {
         self.0.authorize_node(&req)?;
+        let peer = req.peer_certs();
         let hello = req.into_inner();
         if hello.id.is_empty() || hello.id.len() > 128 {
             return Err(Status::invalid_argument("hello.id: 1 to 128 characters"));
@@ -603,6 +630,24 @@ impl Node for Services {
             return Err(Status::invalid_argument(
                 "hello.region: required for an egress",
             ));
+        }
+        let role_name = if role == pb::NodeRole::Egress {
+            "egress"
+        } else {
+            "edge"
+        };
+        if let Some(leaf) = peer.as_ref().and_then(|c| c.first()) {
+            if !certificate_has_scope(leaf, role_name, &hello.region) {
+                if self.0.require_node_scope {
+                    tracing::warn!(node = %hello.id, role = role_name, region = %hello.region, "node refused: certificate not scoped to its claim");
+                    return Err(Status::permission_denied(format!(
+                        "this certificate is not scoped to {role_name} in region {:?} (it must carry the DNS name {})",
+                        hello.region,
+                        node_scope_name(role_name, &hello.region)
+                    )));
+                }
+                tracing::warn!(node = %hello.id, role = role_name, region = %hello.region, "node certificate not scoped to its claimed role and region");
+            }
         }
         let cp = self.0.clone();
         cp.store
@@ -753,6 +798,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         admin_token: config.admin_token.clone(),
         operator_certs: config.operator_cert_sha256.clone(),
         require_node_cert: config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        require_node_scope: config.require_node_scope,
         current,
         scores,
         board: Mutex::new(ScoreBoard::new(config.score_window)),
@@ -905,5 +951,28 @@ async fn refresh_scores(cp: Arc<ControlPlane>, every: Duration, mut stop: watch:
             *old = Arc::new(std::mem::take(&mut msg));
             true
         });
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+
+    fn cert_with(names: &[&str]) -> tonic::transport::CertificateDer<'static> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let ck = rcgen::generate_simple_self_signed(names).unwrap();
+        ck.cert.der().clone()
+    }
+
+    #[test]
+    fn node_certificates_are_scoped_by_role_and_region() {
+        let cert = cert_with(&["localhost", &node_scope_name("egress", "eu")]);
+        assert!(certificate_has_scope(&cert, "egress", "eu"));
+        assert!(!certificate_has_scope(&cert, "egress", "us"));
+        assert!(!certificate_has_scope(&cert, "edge", "eu"));
+        let unscoped = cert_with(&["localhost"]);
+        assert!(!certificate_has_scope(&unscoped, "egress", "eu"));
+        // A region that is not a DNS label can never match.
+        assert!(!certificate_has_scope(&cert, "egress", "e u"));
     }
 }

@@ -21,10 +21,27 @@ pub struct NodeCerts {
 /// Runs `switchyard gen-certs --out dir --name name` (creating the CA in
 /// `dir` on first use).
 pub fn gen_certs(binary: &Path, dir: &Path, name: &str) -> NodeCerts {
+    gen_certs_with(binary, dir, name, &[])
+}
+
+/// A certificate scoped to `role` in `region` (the control plane lets it
+/// claim only that).
+pub fn gen_scoped_certs(
+    binary: &Path,
+    dir: &Path,
+    name: &str,
+    role: &str,
+    region: &str,
+) -> NodeCerts {
+    gen_certs_with(binary, dir, name, &["--role", role, "--region", region])
+}
+
+fn gen_certs_with(binary: &Path, dir: &Path, name: &str, extra: &[&str]) -> NodeCerts {
     let out = Command::new(binary)
         .args(["gen-certs", "--out"])
         .arg(dir)
         .args(["--name", name])
+        .args(extra)
         .output()
         .expect("run switchyard gen-certs");
     assert!(
@@ -306,6 +323,7 @@ impl ControlPlaneNode {
             token_env.into(),
             "--score-seconds".into(),
             "1".into(),
+            "--require-node-scope".into(),
         ];
         let mut process = NodeProcess::spawn(binary, &args, env);
         let deadline = Instant::now() + Duration::from_secs(30);
