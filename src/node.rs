@@ -290,6 +290,20 @@ fn strip_keys(snapshot: &mut Snapshot, keep: impl Fn(Option<&str>) -> bool) {
     }
 }
 
+/// The start-up banner's provider lines (key counts, never keys).
+fn print_providers(snap: &Snapshot) {
+    let mut providers: Vec<_> = snap.providers.values().collect();
+    providers.sort_by(|a, b| a.name.cmp(&b.name));
+    for p in providers {
+        println!(
+            "  provider {} region={} keys={}",
+            p.name,
+            p.region.as_deref().unwrap_or("any"),
+            p.keys.len()
+        );
+    }
+}
+
 fn runtime(name: &str, threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -435,17 +449,7 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
     for (region, addrs) in directory.regions() {
         println!("  egress {region}: {}", addrs.join(", "));
     }
-    let snap = shared.load();
-    let mut names: Vec<_> = snap.providers.values().collect();
-    names.sort_by(|a, b| a.name.cmp(&b.name));
-    for p in names {
-        println!(
-            "  provider {} region={} keys={}",
-            p.name,
-            p.region.as_deref().unwrap_or("any"),
-            p.keys.len()
-        );
-    }
+    print_providers(&shared.load());
     server.run(RunArgs::default());
     drop(agent);
     drop(backhaul_rt);
@@ -499,17 +503,7 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
         let bound = server.local_addr()?;
         let endpoint = server.endpoint();
         println!("switchyard egress (region {}) listening on {bound} (QUIC)", args.region);
-        let snap = shared.load();
-        let mut names: Vec<_> = snap.providers.values().collect();
-        names.sort_by(|a, b| a.name.cmp(&b.name));
-        for p in names {
-            println!(
-                "  provider {} region={} keys={}",
-                p.name,
-                p.region.as_deref().unwrap_or("any"),
-                p.keys.len()
-            );
-        }
+        print_providers(&shared.load());
         tracing::info!(target: "switchyard::backhaul", %bound, region = %args.region, "egress listening");
         let serve = tokio::spawn(server.run());
         shutdown_signal().await;

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use switchyard_testkit::cluster::{gen_certs, EdgeNode, EgressNode, NodeCerts};
 use switchyard_testkit::gateway::temp_dir;
 use switchyard_testkit::mock::MockUpstream;
+use switchyard_testkit::sse::data as sse_data;
 
 const PROVIDER_KEY: &str = "sk-test-BACKHAUL-9c8b7a6d5e4f";
 const PROMPT: &str = "What is 4200 + 42? (prompt-marker-5519)";
@@ -114,26 +115,6 @@ async fn post(edge: &EdgeNode, body: &Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-/// SSE `data:` payloads until the stream ends or `limit` passes.
-async fn sse_data(resp: reqwest::Response, limit: Duration) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut buf = String::new();
-    let mut body = resp.bytes_stream();
-    let deadline = Instant::now() + limit;
-    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find("\n\n") {
-            let event: String = buf.drain(..i + 2).collect();
-            for line in event.lines() {
-                if let Some(d) = line.strip_prefix("data: ") {
-                    out.push(d.to_string());
-                }
-            }
-        }
-    }
-    out
 }
 
 fn access_line(logs: &str, status: u16) -> Value {

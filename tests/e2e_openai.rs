@@ -7,6 +7,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use switchyard_testkit::gateway::{Gateway, GatewayOptions};
 use switchyard_testkit::mock::MockUpstream;
+use switchyard_testkit::sse::data as sse_data;
 
 const PROVIDER_KEY: &str = "sk-test-SECRET-4f9a8b7c6d5e";
 const PROMPT: &str = "What is 4200 + 42? (prompt-marker-7731)";
@@ -45,26 +46,6 @@ async fn post(gw: &Gateway, path: &str, body: &Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-/// Reads SSE `data:` payloads until the stream ends (bounded by `limit`).
-async fn sse_data(resp: reqwest::Response, limit: Duration) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut buf = String::new();
-    let mut body = resp.bytes_stream();
-    let deadline = Instant::now() + limit;
-    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find("\n\n") {
-            let event: String = buf.drain(..i + 2).collect();
-            for line in event.lines() {
-                if let Some(d) = line.strip_prefix("data: ") {
-                    out.push(d.to_string());
-                }
-            }
-        }
-    }
-    out
 }
 
 fn assert_no_secrets(gw: &Gateway, text: &str) {

@@ -2,13 +2,13 @@
 //! providers, Anthropic callers (`/v1/messages`) reaching every kind, and raw
 //! passthrough — the real binary in front of mocks replaying recorded payloads.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{json, Value};
 use switchyard_testkit::fixtures::Case;
 use switchyard_testkit::gateway::{Gateway, GatewayOptions};
 use switchyard_testkit::mock::MockUpstream;
+use switchyard_testkit::sse;
 
 const ANTHROPIC_KEY: &str = "sk-ant-test-SECRET-91b2c3";
 const GEMINI_KEY: &str = "gm-test-SECRET-77aa11";
@@ -48,29 +48,9 @@ async fn post(gw: &Gateway, path: &str, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
-/// SSE events as (event name, data) until the stream ends (bounded).
+/// SSE events as (event name, data), bounded in time.
 async fn events(resp: reqwest::Response) -> Vec<(Option<String>, String)> {
-    let mut out = Vec::new();
-    let mut buf = String::new();
-    let mut body = resp.bytes_stream();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find("\n\n") {
-            let raw: String = buf.drain(..i + 2).collect();
-            let mut name = None;
-            let mut data = String::new();
-            for line in raw.lines() {
-                if let Some(n) = line.strip_prefix("event: ") {
-                    name = Some(n.to_string());
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push_str(d);
-                }
-            }
-            out.push((name, data));
-        }
-    }
-    out
+    sse::events(resp, Duration::from_secs(10)).await
 }
 
 fn openai_text(evs: &[(Option<String>, String)]) -> String {

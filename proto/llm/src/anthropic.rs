@@ -27,7 +27,7 @@ use serde_json::{json, Map, Value};
 
 use crate::convert::{
     chunk, content_text, done_frame, effort_budget, frame, image_url_of, insert_opt, is_http_url,
-    now_unix, parse_arguments, parse_data_url, short, stop_sequences, str_field, u64_field,
+    now_unix, parse_data_url, short, stop_sequences, str_field, tool_call_function, u64_field,
 };
 use crate::error::{ErrorKind, GatewayError};
 use crate::openai::{ChatRequest, Usage};
@@ -394,17 +394,7 @@ fn assistant_blocks(m: &Value, i: usize) -> Result<Vec<Value>, GatewayError> {
                 GatewayError::invalid(format!("Missing required parameter: '{param}.id'."))
                     .with_param(format!("{param}.id"))
             })?;
-            let f = call.get("function");
-            let name = f.and_then(|f| str_field(f, "name")).ok_or_else(|| {
-                GatewayError::invalid(format!(
-                    "Missing required parameter: '{param}.function.name'."
-                ))
-                .with_param(format!("{param}.function.name"))
-            })?;
-            let input = parse_arguments(
-                f.and_then(|f| f.get("arguments")),
-                &format!("{param}.function.arguments"),
-            )?;
+            let (name, input) = tool_call_function(call, &param)?;
             blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
         }
     }

@@ -69,6 +69,26 @@ pub(crate) fn stop_sequences(v: Option<&Value>) -> Option<Vec<Value>> {
 }
 
 /// Tool-call arguments arrive as a JSON string; providers want the object.
+/// The function name and parsed arguments of an OpenAI tool call at
+/// `param` (e.g. `messages[2].tool_calls[0]`), with errors naming the field.
+pub(crate) fn tool_call_function<'a>(
+    call: &'a Value,
+    param: &str,
+) -> Result<(&'a str, Value), GatewayError> {
+    let f = call.get("function");
+    let name = f.and_then(|f| str_field(f, "name")).ok_or_else(|| {
+        GatewayError::invalid(format!(
+            "Missing required parameter: '{param}.function.name'."
+        ))
+        .with_param(format!("{param}.function.name"))
+    })?;
+    let args = parse_arguments(
+        f.and_then(|f| f.get("arguments")),
+        &format!("{param}.function.arguments"),
+    )?;
+    Ok((name, args))
+}
+
 pub(crate) fn parse_arguments(args: Option<&Value>, param: &str) -> Result<Value, GatewayError> {
     match args {
         None | Some(Value::Null) => Ok(json!({})),

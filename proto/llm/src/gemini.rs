@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 
 use crate::convert::{
     chunk, content_text, done_frame, effort_budget, frame, image_url_of, insert_opt, is_http_url,
-    now_unix, parse_arguments, parse_data_url, short, stop_sequences, str_field, u64_field,
+    now_unix, parse_data_url, short, stop_sequences, str_field, tool_call_function, u64_field,
 };
 use crate::error::{ErrorKind, GatewayError};
 use crate::openai::{ChatRequest, EmbeddingsRequest, Usage};
@@ -293,17 +293,7 @@ fn model_parts(
         .enumerate()
     {
         let param = format!("messages[{i}].tool_calls[{j}]");
-        let f = call.get("function");
-        let name = f.and_then(|f| str_field(f, "name")).ok_or_else(|| {
-            GatewayError::invalid(format!(
-                "Missing required parameter: '{param}.function.name'."
-            ))
-            .with_param(format!("{param}.function.name"))
-        })?;
-        let args = parse_arguments(
-            f.and_then(|f| f.get("arguments")),
-            &format!("{param}.function.arguments"),
-        )?;
+        let (name, args) = tool_call_function(call, &param)?;
         if let Some(id) = str_field(call, "id") {
             call_names.insert(id.to_string(), name.to_string());
         }

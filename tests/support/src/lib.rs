@@ -15,3 +15,4 @@ pub mod cluster;
 pub mod fixtures;
 pub mod gateway;
 pub mod mock;
+pub mod sse;
