@@ -65,10 +65,8 @@ pub struct ServerConfig {
 /// The DNS name a node certificate carries when it is scoped to one role
 /// and region (`switchyard gen-certs --role --region` writes it). Without
 /// it any certificate of the fleet CA could claim any region and receive
-/// that region's egress keys.
-pub fn node_scope_name(role: &str, region: &str) -> String {
-    format!("{role}.{region}.node.switchyard")
-}
+/// that region's egress keys. The backhaul checks the same scopes.
+pub use switchyard_proto::scope::node_scope_name;
 
 /// Whether the leaf certificate is scoped to `role` in `region`.
 pub fn certificate_has_scope(
@@ -76,11 +74,7 @@ pub fn certificate_has_scope(
     role: &str,
     region: &str,
 ) -> bool {
-    let Ok(name) = rustls::pki_types::ServerName::try_from(node_scope_name(role, region)) else {
-        return false;
-    };
-    webpki::EndEntityCert::try_from(leaf)
-        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    switchyard_proto::scope::certificate_has_scope(leaf, role, region)
 }
 
 impl ServerConfig {

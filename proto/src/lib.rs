@@ -22,6 +22,7 @@ pub mod control {
 }
 
 pub mod plan;
+pub mod scope;
 pub mod wire;
 
 pub use plan::{PlanError, PlannedTarget};

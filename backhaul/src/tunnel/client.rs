@@ -158,7 +158,9 @@ pub struct TunnelConfig {
 /// The edge's [`Upstream`] in multi-node mode.
 pub struct TunnelRouter {
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// Client configurations are per egress region: each accepts only that
+    /// region's egress certificates.
+    tls: NodeTls,
     resolver: Option<HickoryResolver>,
     region: String,
     snapshot: SharedSnapshot,
@@ -194,9 +196,11 @@ impl TunnelRouter {
                 None
             }
         };
+        // Fails now, not per node later, when the identity is unusable.
+        config.tls.client_config(&config.region)?;
         let router = Arc::new(TunnelRouter {
             endpoint,
-            client: config.tls.client_config()?,
+            tls: config.tls,
             resolver,
             region: config.region,
             snapshot,
@@ -215,6 +219,7 @@ impl TunnelRouter {
         let current = self.nodes.load_full();
         let mut next = Vec::new();
         for (region, addrs) in &wanted {
+            let mut client = None;
             for addr in addrs {
                 if let Some(n) = current
                     .iter()
@@ -223,6 +228,16 @@ impl TunnelRouter {
                     next.push(n.clone());
                     continue;
                 }
+                if client.is_none() {
+                    match self.tls.client_config(region) {
+                        Ok(c) => client = Some(c),
+                        Err(error) => {
+                            tracing::error!(target: "switchyard::backhaul", %region, %error, "cannot dial this region's egress nodes");
+                            break;
+                        }
+                    }
+                }
+                let Some(client) = client.clone() else { break };
                 let node = Arc::new(Node {
                     region: region.clone(),
                     addr: addr.clone(),
@@ -234,7 +249,7 @@ impl TunnelRouter {
                 self.runtime.spawn(maintain(
                     node.clone(),
                     self.endpoint.clone(),
-                    self.client.clone(),
+                    client,
                     self.resolver.clone(),
                     self.changed.clone(),
                 ));

@@ -118,11 +118,12 @@ fn map_exact(e: quinn::ReadExactError, started: bool) -> FrameError {
     }
 }
 
-/// Reads the next frame; `max` bounds its payload.
-pub async fn read_frame(
+/// Reads the 5-byte prefix of the next frame: its kind and payload length,
+/// refused when over `max` before anything is allocated for it.
+pub async fn read_frame_prefix(
     recv: &mut quinn::RecvStream,
     max: usize,
-) -> Result<(FrameKind, Bytes), FrameError> {
+) -> Result<(FrameKind, usize), FrameError> {
     let mut head = [0u8; 5];
     recv.read_exact(&mut head)
         .await
@@ -136,11 +137,28 @@ pub async fn read_frame(
             limit: max,
         });
     }
+    Ok((kind, len))
+}
+
+/// Reads the `len`-byte payload of a frame whose prefix was read.
+pub async fn read_frame_payload(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+) -> Result<Bytes, FrameError> {
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload)
         .await
         .map_err(|e| map_exact(e, true))?;
-    Ok((kind, Bytes::from(payload)))
+    Ok(Bytes::from(payload))
+}
+
+/// Reads the next frame; `max` bounds its payload.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<(FrameKind, Bytes), FrameError> {
+    let (kind, len) = read_frame_prefix(recv, max).await?;
+    Ok((kind, read_frame_payload(recv, len).await?))
 }
 
 pub fn decode<M: Message + Default>(kind: FrameKind, payload: &[u8]) -> Result<M, FrameError> {

@@ -9,8 +9,10 @@
 //! - [`server::EgressServer`] is the egress end: it accepts streams, runs
 //!   [`Egress::execute`](crate::Egress::execute) for each, and writes the
 //!   answer back frame by frame with QUIC flow control as backpressure.
-//! - [`frame`] is the framing (`proto/backhaul.proto`), [`tls`] the mTLS and
-//!   transport settings and a throwaway-CA generator for development.
+//! - [`frame`] is the framing (`proto/backhaul.proto`), [`tls`] the mTLS
+//!   (with role and region scopes) and transport settings and a
+//!   throwaway-CA generator for development, [`admit`] what the egress
+//!   re-checks instead of trusting the edge.
 //!
 //! Failure rules: a request whose bytes the egress had not acknowledged when
 //! the connection failed is retried on another egress of the region; one
@@ -21,14 +23,15 @@
 //! `switchyard edge` and `switchyard egress` in the root crate run both ends;
 //! `tests/e2e_backhaul.rs` drives them as real processes.
 
+pub mod admit;
 pub mod client;
 pub mod frame;
 pub mod server;
 pub mod tls;
 
 pub use client::{EgressDirectory, StaticDirectory, TunnelConfig, TunnelRouter};
-pub use server::EgressServer;
-pub use tls::{generate_node_cert, NodeTls};
+pub use server::{ConnectionLimits, EgressServer};
+pub use tls::{generate_node_cert, CertScope, NodeTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {

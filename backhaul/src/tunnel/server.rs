@@ -1,17 +1,25 @@
 //! The egress end of the backhaul: accepts edge connections and runs each
 //! stream's request through [`Egress::execute`].
+//!
+//! Only edges get in (see [`super::tls`]); what they send is then held to
+//! what their tenants may do ([`super::admit`]), and each connection is
+//! bounded: [`ConnectionLimits`] caps its concurrent streams and the request
+//! bytes it may have buffered, so one edge cannot take the egress's memory.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::backhaul as wire;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::admit;
 use super::frame::{self, FrameKind};
-use super::tls::NodeTls;
+use super::tls::{NodeTls, DEFAULT_MAX_STREAMS};
 use super::TunnelError;
 use crate::egress::{Egress, SharedSnapshot};
 use crate::request::ResponseBody;
@@ -22,11 +30,34 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stream reset code: the request could not be read.
 const RESET_BAD_REQUEST: u32 = 1;
+/// Stream stop code: the request was refused before it was read whole.
+const STOP_REFUSED: u32 = 2;
+
+/// What one edge connection may hold at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Concurrent requests (one bidirectional stream each); an edge at the
+    /// limit waits for a stream to free up.
+    pub max_streams: u32,
+    /// Request bytes (headers and bodies) buffered for its open requests;
+    /// a request over it is refused with a 503 instead of being read.
+    pub max_request_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_request_bytes: 256 << 20,
+        }
+    }
+}
 
 struct Ctx {
     egress: Egress,
     snapshot: SharedSnapshot,
     region: String,
+    limits: ConnectionLimits,
 }
 
 pub struct EgressServer {
@@ -37,14 +68,33 @@ pub struct EgressServer {
 impl EgressServer {
     /// Binds the QUIC endpoint. Call it inside the tokio runtime that is to
     /// drive the endpoint: quinn spawns its I/O driver there.
+    ///
+    /// Edges of every region the snapshot names (and of this egress's own
+    /// region) are accepted: an edge in any region may route to any
+    /// provider, and the regions are the fleet's list of where nodes run.
     pub fn bind(
         addr: SocketAddr,
         tls: &NodeTls,
         egress: Egress,
         snapshot: SharedSnapshot,
         region: &str,
+        limits: ConnectionLimits,
     ) -> Result<Self, TunnelError> {
-        let endpoint = quinn::Endpoint::server(tls.server_config()?, addr)
+        let edge_regions = {
+            let snapshot = snapshot.clone();
+            let own = region.to_string();
+            Arc::new(move || {
+                let snap = snapshot.load();
+                let mut regions: Vec<String> = snap.regions.keys().cloned().collect();
+                if !regions.contains(&own) {
+                    regions.push(own.clone());
+                }
+                regions.sort();
+                regions
+            })
+        };
+        let config = tls.server_config(edge_regions, limits.max_streams)?;
+        let endpoint = quinn::Endpoint::server(config, addr)
             .map_err(|e| TunnelError::Bind(addr.to_string(), e))?;
         Ok(EgressServer {
             endpoint,
@@ -52,6 +102,7 @@ impl EgressServer {
                 egress,
                 snapshot,
                 region: region.to_string(),
+                limits,
             }),
         })
     }
@@ -81,7 +132,7 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            // A certificate from another CA ends here.
+            // A certificate from another CA, or not scoped to an edge, ends here.
             tracing::warn!(target: "switchyard::backhaul", %remote, error = %e, "backhaul handshake refused");
             return;
         }
@@ -91,10 +142,13 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
         }
     };
     tracing::info!(target: "switchyard::backhaul", %remote, region = %ctx.region, "edge connected");
+    let budget = Arc::new(Semaphore::new(
+        ctx.limits.max_request_bytes.min(Semaphore::MAX_PERMITS),
+    ));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(ctx.clone(), send, recv));
+                tokio::spawn(serve_stream(ctx.clone(), budget.clone(), send, recv));
             }
             Err(e) => {
                 tracing::info!(target: "switchyard::backhaul", %remote, reason = %e, "edge disconnected");
@@ -104,18 +158,71 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
     }
 }
 
+/// Why a request was not read.
+enum ReadFailed {
+    Unreadable(String),
+    /// The connection's request-byte budget is spent.
+    OverBudget,
+}
+
+/// Takes `n` bytes of the connection's budget into `held`.
+fn reserve(
+    budget: &Arc<Semaphore>,
+    held: &mut Option<OwnedSemaphorePermit>,
+    n: usize,
+) -> Result<(), ReadFailed> {
+    let n = u32::try_from(n).map_err(|_| ReadFailed::OverBudget)?;
+    let permit = budget
+        .clone()
+        .try_acquire_many_owned(n)
+        .map_err(|_| ReadFailed::OverBudget)?;
+    match held {
+        Some(h) => h.merge(permit),
+        None => *held = Some(permit),
+    }
+    Ok(())
+}
+
+/// Reads the request header and body, counting every byte against the
+/// connection's budget before it is buffered; the returned permit holds
+/// them until the request is over.
 async fn read_request(
     recv: &mut quinn::RecvStream,
     body_limit: usize,
-) -> Result<(wire::RequestHeader, Vec<u8>), String> {
-    let header: wire::RequestHeader = frame::read_message(recv, FrameKind::RequestHeader)
+    budget: &Arc<Semaphore>,
+) -> Result<(wire::RequestHeader, Bytes, Option<OwnedSemaphorePermit>), ReadFailed> {
+    let unreadable = |e: &dyn std::fmt::Display| ReadFailed::Unreadable(e.to_string());
+    let mut held = None;
+    let (kind, len) = frame::read_frame_prefix(recv, frame::MAX_HEADER_FRAME)
         .await
-        .map_err(|e| e.to_string())?;
-    let body = recv
-        .read_to_end(body_limit)
+        .map_err(|e| unreadable(&e))?;
+    if kind != FrameKind::RequestHeader {
+        return Err(ReadFailed::Unreadable(format!(
+            "expected a request header, got {kind:?}"
+        )));
+    }
+    reserve(budget, &mut held, len)?;
+    let payload = frame::read_frame_payload(recv, len)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok((header, body))
+        .map_err(|e| unreadable(&e))?;
+    let header: wire::RequestHeader =
+        frame::decode(kind, &payload).map_err(|e| unreadable(&e))?;
+    drop(payload);
+    let mut body = BytesMut::new();
+    while let Some(chunk) = recv
+        .read_chunk(usize::MAX, true)
+        .await
+        .map_err(|e| unreadable(&e))?
+    {
+        if body.len() + chunk.bytes.len() > body_limit {
+            return Err(ReadFailed::Unreadable(format!(
+                "the body is over the limit of {body_limit} bytes"
+            )));
+        }
+        reserve(budget, &mut held, chunk.bytes.len())?;
+        body.extend_from_slice(&chunk.bytes);
+    }
+    Ok((header, body.freeze(), held))
 }
 
 /// Why a stream ended early; only for the log line.
@@ -124,22 +231,40 @@ enum Ended {
     WriteFailed(quinn::WriteError),
 }
 
-async fn serve_stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_stream(
+    ctx: Arc<Ctx>,
+    budget: Arc<Semaphore>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let received_at = Instant::now();
     let snap = ctx.snapshot.load_full();
     // The edge enforced the limit on the client's bytes; the re-serialised
     // JSON may differ slightly in size, hence the margin.
     let body_limit = snap.limits.max_body_bytes.saturating_mul(2).max(64 * 1024);
-    let (header, body) = match tokio::time::timeout(
+    // `_held` keeps the request's bytes counted until the stream is done.
+    let (header, body, _held) = match tokio::time::timeout(
         REQUEST_READ_TIMEOUT,
-        read_request(&mut recv, body_limit),
+        read_request(&mut recv, body_limit, &budget),
     )
     .await
     {
         Ok(Ok(r)) => r,
-        Ok(Err(error)) => {
+        Ok(Err(ReadFailed::Unreadable(error))) => {
             tracing::warn!(target: "switchyard::backhaul", %error, "unreadable backhaul request");
             let _ = send.reset(RESET_BAD_REQUEST.into());
+            return;
+        }
+        Ok(Err(ReadFailed::OverBudget)) => {
+            tracing::warn!(target: "switchyard::backhaul", limit = ctx.limits.max_request_bytes,
+                "backhaul request refused: the connection's request bytes are over the limit");
+            let _ = recv.stop(STOP_REFUSED.into());
+            let e = GatewayError::new(
+                ErrorKind::Overloaded,
+                "The egress node holds too many request bytes from this edge; retry shortly.",
+            )
+            .with_code("egress_overloaded");
+            let _ = write_error(&mut send, &e).await;
             return;
         }
         Err(_) => {
@@ -148,7 +273,7 @@ async fn serve_stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quin
             return;
         }
     };
-    let (req, meta) = match frame::request_from_wire(header, Bytes::from(body), received_at) {
+    let (mut req, meta) = match frame::request_from_wire(header, body, received_at) {
         Ok(r) => r,
         Err(e) => {
             let _ = write_error(&mut send, &e).await;
@@ -156,8 +281,16 @@ async fn serve_stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quin
         }
     };
     let request_id = req.request_id.clone();
-    if let Err(e) = check_residency(&ctx, &snap, &req.residency) {
-        tracing::warn!(target: "switchyard::backhaul", %request_id, residency = %meta.residency, region = %ctx.region, "residency block");
+    if let Err(e) = admit::check_request(&req) {
+        tracing::warn!(target: "switchyard::backhaul", %request_id, tenant = %req.tenant, error = %e.message, "backhaul request refused");
+        let _ = write_error(&mut send, &e).await;
+        return;
+    }
+    let admitted = admit::derive_residency(&snap, &mut req)
+        .and_then(|()| check_residency(&ctx, &snap, &req.residency));
+    if let Err(e) = admitted {
+        tracing::warn!(target: "switchyard::backhaul", %request_id, tenant = %req.tenant, claimed = %meta.residency,
+            residency = %req.residency.join(","), region = %ctx.region, code = e.code.unwrap_or(""), "residency block");
         let _ = write_error(&mut send, &e).await;
         return;
     }
