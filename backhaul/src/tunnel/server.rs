@@ -424,3 +424,184 @@ fn check_residency(
     )
     .with_code("residency_violation"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use arc_swap::ArcSwap;
+    use futures::FutureExt;
+    use switchyard_proto::{RouteTarget, Snapshot};
+
+    use super::*;
+    use crate::request::{EgressRequest, Operation, Protocol, RawRequest};
+    use crate::tunnel::tls::{generate_node_cert, CertScope};
+
+    /// An egress server of region `eu` on 127.0.0.1 and an edge connected
+    /// to it, with real certificates.
+    struct Pair {
+        dir: PathBuf,
+        endpoint: quinn::Endpoint,
+        client: quinn::Endpoint,
+        conn: quinn::Connection,
+    }
+
+    impl Pair {
+        async fn start(tag: &str, limits: ConnectionLimits) -> Pair {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let dir = std::env::temp_dir().join(format!("sy-limits-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let tls = |name: &str, scope: CertScope| {
+                let g = generate_node_cert(&dir, name, &[], &scope).unwrap();
+                NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
+            };
+            let egress_tls = tls("egress", CertScope::Egress("eu".into()));
+            let edge_tls = tls("edge", CertScope::Edge("eu".into()));
+            let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+            let egress = Egress::new(snapshot.clone()).unwrap();
+            let server = EgressServer::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                &egress_tls,
+                egress,
+                snapshot,
+                "eu",
+                limits,
+            )
+            .unwrap();
+            let addr = server.local_addr().unwrap();
+            let endpoint = server.endpoint();
+            tokio::spawn(server.run());
+            let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let connecting = client
+                .connect_with(edge_tls.client_config("eu").unwrap(), addr, "localhost")
+                .unwrap();
+            let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+                .await
+                .unwrap()
+                .unwrap();
+            Pair {
+                dir,
+                endpoint,
+                client,
+                conn,
+            }
+        }
+    }
+
+    impl Drop for Pair {
+        fn drop(&mut self) {
+            self.conn.close(0u32.into(), b"");
+            self.client.close(0u32.into(), b"");
+            self.endpoint.close(0u32.into(), b"");
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// The framed header of a raw request from a tenant the egress does
+    /// not know: read whole, it is answered with `unknown_tenant`.
+    fn raw_header() -> Bytes {
+        let req = EgressRequest {
+            request_id: "r".into(),
+            tenant: "nobody".into(),
+            target: RouteTarget {
+                provider: "p".into(),
+                model: String::new(),
+            },
+            op: Operation::Raw(RawRequest {
+                method: "POST".into(),
+                path: "v1/x".into(),
+                headers: Vec::new(),
+                body: Bytes::new(),
+            }),
+            simulate: None,
+            received_at: Instant::now(),
+            inbound: Protocol::OpenAi,
+            forward_headers: Vec::new(),
+            residency: Vec::new(),
+        };
+        let (header, _) = frame::request_to_wire(&req, Duration::ZERO);
+        frame::encode_message(FrameKind::RequestHeader, &header)
+    }
+
+    /// The error code of the stream's response header.
+    async fn answer(recv: &mut quinn::RecvStream) -> String {
+        let head: wire::ResponseHeader = tokio::time::timeout(
+            Duration::from_secs(10),
+            frame::read_message(recv, FrameKind::ResponseHeader),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        head.error.and_then(|e| e.code).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_edge_connection_gets_only_its_streams() {
+        let pair = Pair::start(
+            "streams",
+            ConnectionLimits {
+                max_streams: 2,
+                ..ConnectionLimits::default()
+            },
+        )
+        .await;
+        let (mut send_a, mut recv_a) = pair.conn.open_bi().await.unwrap();
+        let _b = pair.conn.open_bi().await.unwrap();
+        assert!(
+            pair.conn.open_bi().now_or_never().is_none(),
+            "a third stream was opened over the limit of 2"
+        );
+        // A stream that ends gives its place back.
+        send_a.write_all(&raw_header()).await.unwrap();
+        send_a.finish().unwrap();
+        assert_eq!(answer(&mut recv_a).await, "unknown_tenant");
+        let _ = recv_a.read_to_end(1 << 16).await;
+        tokio::time::timeout(Duration::from_secs(10), pair.conn.open_bi())
+            .await
+            .expect("the freed stream never became available")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_edge_connection_gets_only_its_request_bytes() {
+        let pair = Pair::start(
+            "bytes",
+            ConnectionLimits {
+                max_request_bytes: 100_000,
+                ..ConnectionLimits::default()
+            },
+        )
+        .await;
+        let body = vec![b'x'; 80_000];
+        // Two unfinished requests of 80 kB each: the egress holds their bytes
+        // while it waits for the rest, so one of them must be refused.
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            let (mut send, recv) = pair.conn.open_bi().await.unwrap();
+            send.write_all(&raw_header()).await.unwrap();
+            send.write_all(&body).await.unwrap();
+            streams.push((send, recv));
+        }
+        let (mut first, mut second) = (streams.remove(0), streams.remove(0));
+        let refused_first = tokio::select! {
+            code = answer(&mut first.1) => { assert_eq!(code, "egress_overloaded"); true }
+            code = answer(&mut second.1) => { assert_eq!(code, "egress_overloaded"); false }
+        };
+        let (mut survivor, refused) = if refused_first {
+            (second, first)
+        } else {
+            (first, second)
+        };
+        drop(refused);
+        // The other one was kept and, once complete, is read whole.
+        survivor.0.finish().unwrap();
+        assert_eq!(answer(&mut survivor.1).await, "unknown_tenant");
+        drop(survivor);
+        // Bytes of finished requests are given back.
+        let (mut send, mut recv) = pair.conn.open_bi().await.unwrap();
+        send.write_all(&raw_header()).await.unwrap();
+        send.write_all(&body).await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(answer(&mut recv).await, "unknown_tenant");
+    }
+}
