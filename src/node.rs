@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use switchyard_backhaul::tunnel::{
-    generate_node_cert, EgressServer, NodeTls, StaticDirectory, TunnelConfig, TunnelRouter,
+    generate_node_cert, CertScope, ConnectionLimits, EgressServer, NodeTls, StaticDirectory,
+    TunnelConfig, TunnelRouter,
 };
 use switchyard_backhaul::Egress;
 use switchyard_backhaul::{RequestObserver, RequestReport};
@@ -19,7 +20,7 @@ use switchyard_control::telemetry::{RequestRecord, TelemetryHandle};
 use switchyard_control::{compile, parse_policy, CompileOptions, PolicyDocument};
 use switchyard_edge::service::{edge_service, TlsFiles};
 use switchyard_edge::EdgeApp;
-use switchyard_proto::{KeyHash, Secret, Snapshot, TenantSnapshot};
+use switchyard_proto::{Secret, Snapshot};
 
 #[derive(clap::Args)]
 pub struct NodeTlsArgs {
@@ -150,8 +151,9 @@ pub struct EdgeArgs {
     /// Plain-HTTP listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// HTTPS listen address.
-    #[arg(long)]
+    /// HTTPS listen address; needs --tls-cert (the node certificate is a
+    /// client identity for the backhaul, not a server certificate).
+    #[arg(long, requires = "tls_cert")]
     tls_listen: Option<String>,
     /// Policy YAML (providers, regions, tenants). Provider keys are never read
     /// here. Optional with --control-plane.
@@ -161,7 +163,7 @@ pub struct EdgeArgs {
     cp: ControlPlaneArgs,
     #[command(flatten)]
     node_tls: NodeTlsArgs,
-    /// Client-facing HTTPS certificate (PEM); defaults to the node certificate.
+    /// Client-facing HTTPS certificate (PEM).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// Private key for --tls-cert.
@@ -192,6 +194,14 @@ pub struct EgressArgs {
     cp: ControlPlaneArgs,
     #[command(flatten)]
     node_tls: NodeTlsArgs,
+    /// Concurrent requests one edge connection may have open; an edge at
+    /// the limit waits for one to finish.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_streams)]
+    max_streams_per_connection: u32,
+    /// Request bytes one edge connection may have buffered at once; a
+    /// request over it is answered 503.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_request_bytes)]
+    max_request_bytes_per_connection: usize,
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -211,7 +221,12 @@ pub struct GenCertsArgs {
     sans: Vec<String>,
     /// Scope the certificate to a node role (`edge` or `egress`) in
     /// --region: the control plane then lets it claim only that (and, with
-    /// --require-node-scope, refuses unscoped certificates).
+    /// --require-node-scope, refuses unscoped certificates), and the
+    /// backhaul accepts only edge certificates from edges and egress
+    /// certificates of the dialled region from egress nodes. An edge
+    /// certificate is for client authentication only; an egress one for
+    /// both; an unscoped one (control plane, operators) for both, and is
+    /// refused on the backhaul.
     #[arg(long, requires = "region", value_parser = ["edge", "egress"])]
     role: Option<String>,
     /// Region for --role.
@@ -326,16 +341,10 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         None => Snapshot::default(),
     };
     strip_keys(&mut snapshot, |_| false);
-    if let Ok(k) = std::env::var("SWITCHYARD_DEV_KEY") {
-        if !k.trim().is_empty() {
-            snapshot.tenants.insert(
-                KeyHash::of(k.trim()),
-                Arc::new(TenantSnapshot {
-                    id: "dev".into(),
-                    allowed_models: None,
-                }),
-            );
-        }
+    // The dev key is an all-models tenant: fine on a laptop (`switchyard
+    // dev`), a hole on an edge that faces clients. Tenants come from the policy.
+    if std::env::var_os("SWITCHYARD_DEV_KEY").is_some() {
+        tracing::warn!("SWITCHYARD_DEV_KEY is ignored by `switchyard edge` (only `switchyard dev` uses it); give tenants in the policy");
     }
     let mut flags = Vec::new();
     for flag in &args.egress {
@@ -417,26 +426,19 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let tls_files = TlsFiles {
-        cert_path: args
-            .tls_cert
-            .as_ref()
-            .unwrap_or(&args.node_tls.cert)
-            .display()
-            .to_string(),
-        key_path: args
-            .tls_key
-            .as_ref()
-            .unwrap_or(&args.node_tls.key)
-            .display()
-            .to_string(),
+    // clap makes --tls-listen require --tls-cert, and --tls-cert --tls-key.
+    let tls_files = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert_path: cert.display().to_string(),
+            key_path: key.display().to_string(),
+        }),
+        _ => None,
     };
-    let service = edge_service(
-        app,
-        Some(&args.listen),
-        args.tls_listen.as_deref().map(|a| (a, &tls_files)),
-        args.threads,
-    )
+    let https = match (args.tls_listen.as_deref(), &tls_files) {
+        (Some(addr), Some(files)) => Some((addr, files)),
+        _ => None,
+    };
+    let service = edge_service(app, Some(&args.listen), https, args.threads)
     .map_err(|e| anyhow::anyhow!("edge: {e}"))?;
     server.add_service(service);
 
@@ -499,7 +501,11 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
             wait_for_first_snapshot(&shared, Duration::from_secs(10)).await;
         }
         let egress = Egress::new(shared.clone()).map_err(|e| anyhow::anyhow!("egress: {e}"))?;
-        let server = EgressServer::bind(listen, &tls, egress, shared.clone(), &args.region)?;
+        let limits = ConnectionLimits {
+            max_streams: args.max_streams_per_connection,
+            max_request_bytes: args.max_request_bytes_per_connection,
+        };
+        let server = EgressServer::bind(listen, &tls, egress, shared.clone(), &args.region, limits)?;
         let bound = server.local_addr()?;
         let endpoint = server.endpoint();
         println!("switchyard egress (region {}) listening on {bound} (QUIC)", args.region);
@@ -534,11 +540,13 @@ async fn shutdown_signal() {
 }
 
 pub fn run_gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {
-    let mut sans = args.sans.clone();
-    if let (Some(role), Some(region)) = (&args.role, &args.region) {
-        sans.push(switchyard_control::server::node_scope_name(role, region));
-    }
-    let g = generate_node_cert(&args.out, &args.name, &sans)?;
+    let scope = match (args.role.as_deref(), &args.region) {
+        (Some("edge"), Some(region)) => CertScope::Edge(region.clone()),
+        (Some("egress"), Some(region)) => CertScope::Egress(region.clone()),
+        (None, None) => CertScope::Unscoped,
+        _ => bail!("--role edge|egress and --region go together"),
+    };
+    let g = generate_node_cert(&args.out, &args.name, &args.sans, &scope)?;
     if g.new_ca {
         println!("created CA      {}", g.ca_cert.display());
     } else {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use switchyard_testkit::cluster::{gen_certs, EdgeNode, EgressNode, NodeCerts};
+use switchyard_testkit::cluster::{
+    gen_scoped_certs, test_tenant_yaml, EdgeNode, EgressNode, NodeCerts,
+};
 use switchyard_testkit::gateway::temp_dir;
 use switchyard_testkit::mock::MockUpstream;
 use switchyard_testkit::sse::data as sse_data;
@@ -33,8 +35,8 @@ impl Fleet {
     async fn new(egress_in_policy: &[String]) -> Fleet {
         let mock = MockUpstream::start().await;
         let dir = temp_dir("backhaul");
-        let edge_certs = gen_certs(binary(), &dir.join("pki"), "edge");
-        let egress_certs = gen_certs(binary(), &dir.join("pki"), "egress");
+        let edge_certs = gen_scoped_certs(binary(), &dir.join("pki"), "edge", "edge", "eu");
+        let egress_certs = gen_scoped_certs(binary(), &dir.join("pki"), "egress", "egress", "eu");
         let egress_list = egress_in_policy
             .iter()
             .map(|a| format!("\"{a}\""))
@@ -50,8 +52,9 @@ providers:
     kind: openai
     base_url: "{}/v1"
     region: eu
-"#,
-            mock.url()
+{}"#,
+            mock.url(),
+            test_tenant_yaml(binary()),
         );
         let path = dir.join("policy.yaml");
         std::fs::write(&path, policy).unwrap();
@@ -352,7 +355,15 @@ async fn losing_an_egress_fails_over_then_it_reconnects() {
 #[tokio::test]
 async fn mtls_rejects_nodes_from_another_ca() {
     let fleet = Fleet::new(&[]).await;
-    let rogue = gen_certs(binary(), &fleet.dir.join("rogue-pki"), "rogue");
+    // Scoped like ours, so only the CA tells them apart.
+    let rogue = gen_scoped_certs(binary(), &fleet.dir.join("rogue-pki"), "rogue", "edge", "eu");
+    let rogue_egress_certs = gen_scoped_certs(
+        binary(),
+        &fleet.dir.join("rogue-pki"),
+        "rogue-egress",
+        "egress",
+        "eu",
+    );
 
     // An edge whose certificate is from another CA (it trusts ours, so only
     // the egress's check can stop it).
@@ -382,7 +393,7 @@ async fn mtls_rejects_nodes_from_another_ca() {
         "eu",
         None,
         &fleet.policy,
-        &rogue,
+        &rogue_egress_certs,
         &Fleet::egress_env(),
     );
     let edge = fleet.edge(&[&rogue_egress]);

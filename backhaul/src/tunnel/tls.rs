@@ -188,10 +188,17 @@ pub type EdgeRegions = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
 /// Why a peer certificate that chains to the CA is still refused; rustls
 /// puts it in the handshake error both ends log.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("the certificate is not scoped to {wanted}")]
 struct NotScoped {
     wanted: String,
+}
+
+// rustls shows the cause with `Debug`: make that the readable sentence.
+impl std::fmt::Debug for NotScoped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 fn not_scoped(wanted: String) -> rustls::Error {
@@ -233,9 +240,9 @@ impl ClientCertVerifier for EdgeVerifier {
         {
             Ok(verified)
         } else {
-            Err(not_scoped(format!(
-                "an edge of the fleet ({})",
-                node_scope_name(EDGE, &format!("{{{}}}", regions.join(",")))
+            Err(not_scoped(node_scope_name(
+                EDGE,
+                &format!("<{}>", regions.join("|")),
             )))
         }
     }

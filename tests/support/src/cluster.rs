@@ -24,8 +24,9 @@ pub fn gen_certs(binary: &Path, dir: &Path, name: &str) -> NodeCerts {
     gen_certs_with(binary, dir, name, &[])
 }
 
-/// A certificate scoped to `role` in `region` (the control plane lets it
-/// claim only that).
+/// A certificate scoped to `role` in `region`: the control plane lets it
+/// claim only that, and the backhaul accepts it only in that role (edges
+/// must use `edge` certificates, egress nodes `egress` ones).
 pub fn gen_scoped_certs(
     binary: &Path,
     dir: &Path,
@@ -54,6 +55,21 @@ fn gen_certs_with(binary: &Path, dir: &Path, name: &str, extra: &[&str]) -> Node
         key: dir.join(format!("{name}-key.pem")),
         ca: dir.join("ca.pem"),
     }
+}
+
+/// Policy YAML declaring the tenant whose virtual key is [`TEST_KEY`] (by
+/// its hash, from `switchyard hash-key`): edges accept only policy tenants.
+pub fn test_tenant_yaml(binary: &Path) -> String {
+    let out = Command::new(binary)
+        .args(["hash-key", TEST_KEY])
+        .output()
+        .expect("run switchyard hash-key");
+    assert!(out.status.success(), "hash-key failed");
+    let hash = String::from_utf8(out.stdout).expect("hash-key output");
+    format!(
+        "tenants:\n  - id: test\n    key_sha256: \"{}\"\n",
+        hash.trim()
+    )
 }
 
 pub fn free_tcp_port() -> SocketAddr {
@@ -213,8 +229,8 @@ pub struct EdgeNode {
 
 impl EdgeNode {
     /// Starts `switchyard edge` with `egress` flags (`REGION=HOST:PORT`) and
-    /// waits until its HTTP port accepts connections. The virtual key is
-    /// [`TEST_KEY`].
+    /// waits until its HTTP port accepts connections. `key` is [`TEST_KEY`],
+    /// which works when the policy holds [`test_tenant_yaml`].
     pub fn start(
         binary: &Path,
         region: &str,
@@ -257,9 +273,7 @@ impl EdgeNode {
             args.push("--egress".into());
             args.push(e.clone());
         }
-        let mut env = env.to_vec();
-        env.push(("SWITCHYARD_DEV_KEY".into(), TEST_KEY.into()));
-        let mut process = NodeProcess::spawn(binary, &args, &env);
+        let mut process = NodeProcess::spawn(binary, &args, env);
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(http_addr).is_err() {
             if let Some(why) = process.exited() {
