@@ -56,7 +56,13 @@ EDGE_HTTP=$(tcp_port); EDGE_HTTPS=$(tcp_port); LAN_TCP=$(tcp_port)
 EDGE2_HTTP=$(tcp_port); DEV_HTTP=$(tcp_port); DEV_HTTPS=$(tcp_port)
 KEY=sy-bench-key
 
-for n in provider edge egress; do "$BIN/switchyard" gen-certs --out "$WORK/pki" --name $n >/dev/null; done
+# Backhaul certificates are scoped to their role and region; `provider` (no
+# role) is the server certificate of the mock's TLS front and the edge's HTTPS.
+gen() { "$BIN/switchyard" gen-certs --out "$WORK/pki" "$@" >/dev/null; }
+gen --name provider
+gen --name edge --role edge --region eu
+gen --name edge-us --role edge --region us
+gen --name egress --role egress --region us
 PKI=$WORK/pki
 
 cat >"$WORK/policy.yaml" <<EOF
@@ -68,6 +74,9 @@ providers:
     kind: openai
     base_url: "http://127.0.0.1:$MOCK/v1"
     region: us
+tenants:
+  - id: bench
+    key_sha256: "$("$BIN/switchyard" hash-key $KEY)"
 EOF
 
 export SWITCHYARD_LOG=warn
@@ -83,8 +92,9 @@ start wan-tcp "$BIN/delay-relay" tcp "127.0.0.1:$WAN_TCP" "127.0.0.1:$TLSP" "$(h
 start wan-udp "$BIN/delay-relay" udp "127.0.0.1:$WAN_UDP" "127.0.0.1:$EGRESS" "$(half "$WAN_RTT_MS")"
 sleep 0.3
 # User region: the edge, 5 ms from the client.
-start edge env SWITCHYARD_DEV_KEY=$KEY "$BIN/switchyard" edge --region eu \
+start edge "$BIN/switchyard" edge --region eu \
   --listen "127.0.0.1:$EDGE_HTTP" --tls-listen "127.0.0.1:$EDGE_HTTPS" --config "$WORK/policy.yaml" \
+  --tls-cert "$PKI/provider.pem" --tls-key "$PKI/provider-key.pem" \
   --cert "$PKI/edge.pem" --key "$PKI/edge-key.pem" --ca "$PKI/ca.pem" --egress "us=127.0.0.1:$WAN_UDP"
 start lan-tcp "$BIN/delay-relay" tcp "127.0.0.1:$LAN_TCP" "127.0.0.1:$EDGE_HTTPS" "$(half "$LAN_RTT_MS")"
 wait_tcp "$EDGE_HTTPS"; wait_tcp "$WAN_TCP"; wait_tcp "$LAN_TCP"
@@ -104,9 +114,9 @@ print(f"    p50 {p50[0]:.1f} ms -> {p50[1]:.1f} ms: {100 * (1 - p50[1] / p50[0])
 EOF
 
 # Loopback comparison: a second edge straight at the egress (no delay), and dev mode.
-start edge2 env SWITCHYARD_DEV_KEY=$KEY "$BIN/switchyard" edge --region us \
+start edge2 "$BIN/switchyard" edge --region us \
   --listen "127.0.0.1:$EDGE2_HTTP" --config "$WORK/policy.yaml" \
-  --cert "$PKI/edge.pem" --key "$PKI/edge-key.pem" --ca "$PKI/ca.pem" --egress "us=127.0.0.1:$EGRESS"
+  --cert "$PKI/edge-us.pem" --key "$PKI/edge-us-key.pem" --ca "$PKI/ca.pem" --egress "us=127.0.0.1:$EGRESS"
 start dev env SWITCHYARD_DEV_KEY=$KEY OPENAI_API_KEY=sk-bench "$BIN/switchyard" dev \
   --listen "127.0.0.1:$DEV_HTTP" --tls-listen "127.0.0.1:$DEV_HTTPS" --config "$WORK/policy.yaml" --state-dir "$WORK/dev"
 wait_tcp "$EDGE2_HTTP"; wait_tcp "$DEV_HTTP"
