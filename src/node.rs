@@ -439,7 +439,7 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let service = edge_service(app, Some(&args.listen), https, args.threads)
-    .map_err(|e| anyhow::anyhow!("edge: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("edge: {e}"))?;
     server.add_service(service);
 
     println!("switchyard edge (region {})", args.region);

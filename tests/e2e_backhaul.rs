@@ -356,7 +356,13 @@ async fn losing_an_egress_fails_over_then_it_reconnects() {
 async fn mtls_rejects_nodes_from_another_ca() {
     let fleet = Fleet::new(&[]).await;
     // Scoped like ours, so only the CA tells them apart.
-    let rogue = gen_scoped_certs(binary(), &fleet.dir.join("rogue-pki"), "rogue", "edge", "eu");
+    let rogue = gen_scoped_certs(
+        binary(),
+        &fleet.dir.join("rogue-pki"),
+        "rogue",
+        "edge",
+        "eu",
+    );
     let rogue_egress_certs = gen_scoped_certs(
         binary(),
         &fleet.dir.join("rogue-pki"),

@@ -175,7 +175,11 @@ async fn a_rogue_edge_with_a_certificate_of_another_role_is_refused_at_the_hands
             egress.process.logs()
         );
     }
-    assert_eq!(fleet.mock.requests().len(), 0, "a rogue edge reached the provider");
+    assert_eq!(
+        fleet.mock.requests().len(),
+        0,
+        "a rogue edge reached the provider"
+    );
 
     // The same egress serves a genuine edge.
     let edge = fleet.edge(&fleet.edge_eu, &egress, &[]);
@@ -190,8 +194,16 @@ async fn an_edge_refuses_an_egress_that_is_not_one_of_the_dialled_region() {
     // An edge certificate cannot serve (client usage only, edge scope), and
     // the US egress's certificate cannot pass for the EU egress.
     for (what, certs, why) in [
-        ("an edge certificate", &fleet.edge_eu, "server authentication"),
-        ("the US egress certificate", &fleet.egress_us, "not scoped to egress.eu.node.switchyard"),
+        (
+            "an edge certificate",
+            &fleet.edge_eu,
+            "server authentication",
+        ),
+        (
+            "the US egress certificate",
+            &fleet.egress_us,
+            "not scoped to egress.eu.node.switchyard",
+        ),
     ] {
         let impostor = fleet.egress(certs);
         let edge = fleet.edge(&fleet.edge_eu, &impostor, &[]);
@@ -240,8 +252,8 @@ async fn an_edge_that_lies_in_its_frames_is_held_to_the_tenant_policy() {
     let egress = fleet.egress(&fleet.egress_eu);
     // A genuine edge identity driving the real tunnel client, with frames
     // no honest edge would send.
-    let tls = NodeTls::from_files(&fleet.edge_eu.cert, &fleet.edge_eu.key, &fleet.edge_eu.ca)
-        .unwrap();
+    let tls =
+        NodeTls::from_files(&fleet.edge_eu.cert, &fleet.edge_eu.key, &fleet.edge_eu.ca).unwrap();
     let mut directory = StaticDirectory::default();
     directory.add("eu", &egress.addr.to_string());
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
@@ -277,7 +289,13 @@ async fn an_edge_that_lies_in_its_frames_is_held_to_the_tenant_policy() {
     // Raw passthrough is held to what a client passthrough may send.
     let (code, _) = refused(raw_request("test", &[], "GET", "../../admin/x")).await;
     assert_eq!(code, "invalid_passthrough_path");
-    let (code, _) = refused(raw_request("test", &[], "DELETE", "files/%2e%2e/%2E%2E/admin")).await;
+    let (code, _) = refused(raw_request(
+        "test",
+        &[],
+        "DELETE",
+        "files/%2e%2e/%2E%2E/admin",
+    ))
+    .await;
     assert_eq!(code, "invalid_passthrough_path");
     let (_, kind) = refused(raw_request("test", &[], "TRACE", "chat/completions")).await;
     assert_eq!(format!("{kind:?}"), "MethodNotAllowed");
@@ -287,7 +305,11 @@ async fn an_edge_that_lies_in_its_frames_is_held_to_the_tenant_policy() {
             .push(("authorization".into(), "Bearer sk-attacker".into()));
     }
     refused(smuggled).await;
-    assert_eq!(fleet.mock.requests().len(), 0, "a lying frame reached the provider");
+    assert_eq!(
+        fleet.mock.requests().len(),
+        0,
+        "a lying frame reached the provider"
+    );
 
     // The same tunnel serves an honest frame.
     let ok = router

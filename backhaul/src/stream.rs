@@ -147,6 +147,38 @@ pub fn translate_stream(
     .boxed()
 }
 
+/// Raw passthrough bodies: chunks go out as they arrive. The protocol is
+/// unknown, so a stall or a cut simply ends the body (and is recorded).
+pub fn raw_stream(
+    upstream: UpstreamBytes,
+    idle_timeout: Duration,
+    stats: Arc<RequestStats>,
+    started: Instant,
+) -> BoxStream<'static, Bytes> {
+    futures::stream::unfold(Some(upstream), move |state| {
+        let stats = stats.clone();
+        async move {
+            let mut upstream = state?;
+            match tokio::time::timeout(idle_timeout, upstream.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    stats.mark_first_byte(started);
+                    Some((chunk, Some(upstream)))
+                }
+                Ok(None) => None,
+                Ok(Some(Err(_))) | Err(_) => {
+                    stats.mark_stream_failed();
+                    None
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+pub fn anthropic_error_frame(e: &GatewayError) -> Bytes {
+    switchyard_llm::sse::encode_event(Some("error"), &e.to_anthropic_json().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,36 +241,4 @@ mod tests {
         assert!(text.contains("upstream_stalled"), "{text}");
         assert!(stats.stream_failed());
     }
-}
-
-/// Raw passthrough bodies: chunks go out as they arrive. The protocol is
-/// unknown, so a stall or a cut simply ends the body (and is recorded).
-pub fn raw_stream(
-    upstream: UpstreamBytes,
-    idle_timeout: Duration,
-    stats: Arc<RequestStats>,
-    started: Instant,
-) -> BoxStream<'static, Bytes> {
-    futures::stream::unfold(Some(upstream), move |state| {
-        let stats = stats.clone();
-        async move {
-            let mut upstream = state?;
-            match tokio::time::timeout(idle_timeout, upstream.next()).await {
-                Ok(Some(Ok(chunk))) => {
-                    stats.mark_first_byte(started);
-                    Some((chunk, Some(upstream)))
-                }
-                Ok(None) => None,
-                Ok(Some(Err(_))) | Err(_) => {
-                    stats.mark_stream_failed();
-                    None
-                }
-            }
-        }
-    })
-    .boxed()
-}
-
-pub fn anthropic_error_frame(e: &GatewayError) -> Bytes {
-    switchyard_llm::sse::encode_event(Some("error"), &e.to_anthropic_json().to_string())
 }

@@ -51,6 +51,10 @@ mod tests {
         assert!(!certificate_has_scope(&cert, EDGE, "eu"));
         assert!(!certificate_has_scope(&cert, EGRESS, ""));
         assert!(!certificate_has_scope(&cert, EGRESS, "e u"));
-        assert!(!certificate_has_scope(&cert_with(&["localhost"]), EGRESS, "eu"));
+        assert!(!certificate_has_scope(
+            &cert_with(&["localhost"]),
+            EGRESS,
+            "eu"
+        ));
     }
 }

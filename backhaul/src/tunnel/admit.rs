@@ -140,7 +140,10 @@ mod tests {
 
     fn snapshot() -> Snapshot {
         let mut s = Snapshot::default();
-        for (id, residency) in [("eu-tenant", Some(vec!["eu".to_string()])), ("global", None)] {
+        for (id, residency) in [
+            ("eu-tenant", Some(vec!["eu".to_string()])),
+            ("global", None),
+        ] {
             s.tenant_policies.insert(
                 id.into(),
                 Arc::new(TenantPolicy {
@@ -224,11 +227,13 @@ mod tests {
         }
         let mut req = request("global", &[], raw("POST", "v1/x"));
         if let Operation::Raw(r) = &mut req.op {
-            r.headers.push(("authorization".into(), "Bearer other".into()));
+            r.headers
+                .push(("authorization".into(), "Bearer other".into()));
         }
         assert!(check_request(&req).is_err());
         let mut req = request("global", &[], raw("POST", "v1/x"));
-        req.forward_headers.push(("host".into(), "evil.example".into()));
+        req.forward_headers
+            .push(("host".into(), "evil.example".into()));
         assert!(check_request(&req).is_err());
     }
 }

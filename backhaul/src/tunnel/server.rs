@@ -205,8 +205,7 @@ async fn read_request(
     let payload = frame::read_frame_payload(recv, len)
         .await
         .map_err(|e| unreadable(&e))?;
-    let header: wire::RequestHeader =
-        frame::decode(kind, &payload).map_err(|e| unreadable(&e))?;
+    let header: wire::RequestHeader = frame::decode(kind, &payload).map_err(|e| unreadable(&e))?;
     drop(payload);
     let mut body = BytesMut::new();
     while let Some(chunk) = recv

@@ -552,7 +552,12 @@ mod tests {
         /// A real QUIC handshake on 127.0.0.1: `client` dials `server` as an
         /// egress of `dialled_region`; the server accepts edges of eu and us.
         /// Returns whether each side accepted the other.
-        async fn handshake(&self, client: &str, server: &str, dialled_region: &str) -> (bool, bool) {
+        async fn handshake(
+            &self,
+            client: &str,
+            server: &str,
+            dialled_region: &str,
+        ) -> (bool, bool) {
             let regions: EdgeRegions = Arc::new(|| vec!["eu".to_string(), "us".to_string()]);
             let server_config = self.tls(server).server_config(regions, 8).unwrap();
             let server_ep =
