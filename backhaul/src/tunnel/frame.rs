@@ -161,12 +161,12 @@ pub fn limit_for(kind: FrameKind) -> usize {
     }
 }
 
+/// A frame split off a buffer: its kind, its payload, the bytes after it.
+pub type SplitFrame<'a> = (FrameKind, &'a [u8], &'a [u8]);
+
 /// Splits the next frame off `buf`: its kind, its payload and the bytes
 /// after it; `None` when `buf` is empty. Borrows, never copies.
-pub fn split_frame(
-    buf: &[u8],
-    max: usize,
-) -> Result<Option<(FrameKind, &[u8], &[u8])>, FrameError> {
+pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<SplitFrame<'_>>, FrameError> {
     if buf.is_empty() {
         return Ok(None);
     }
