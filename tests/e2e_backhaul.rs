@@ -460,13 +460,15 @@ async fn a_stopped_egress_is_bypassed_long_before_the_idle_timeout() {
             .unwrap();
         (resp.status().as_u16(), started.elapsed())
     };
-    // Concurrent requests spread over both nodes (the edge weighs RTT by
-    // in-flight requests), so some are sent to the stopped one. Batches
+    // Concurrent requests spread over both nodes: the edge weighs RTT by
+    // in-flight requests, and the provider's latency keeps them in flight,
+    // so however noisy the RTTs, some are sent to the stopped node. Batches
     // until one was, all well inside the 3 s idle timeout.
+    fleet.mock.set_latency(Duration::from_millis(100));
     let mut times = Vec::new();
     let suspect = |l: &str| count(l, &["did not acknowledge", &a_tag]) >= 1;
-    for _ in 0..5 {
-        let batch: Vec<_> = (0..4)
+    for _ in 0..8 {
+        let batch: Vec<_> = (0..8)
             .map(|_| tokio::spawn(timed(edge.base_url(), edge.key.clone())))
             .collect();
         for t in batch {
