@@ -33,6 +33,15 @@ impl Fleet {
     /// A mock provider `openai` in region `eu`; `egress_in_policy` lists
     /// egress addresses in the policy itself (otherwise they come as flags).
     async fn new(egress_in_policy: &[String]) -> Fleet {
+        Self::with_limits(
+            egress_in_policy,
+            "{ upstream_timeout_ms: 4000, stream_idle_timeout_ms: 3000 }",
+        )
+        .await
+    }
+
+    /// Like [`Fleet::new`], with the policy's `limits` given.
+    async fn with_limits(egress_in_policy: &[String], limits: &str) -> Fleet {
         let mock = MockUpstream::start().await;
         let dir = temp_dir("backhaul");
         let edge_certs = gen_scoped_certs(binary(), &dir.join("pki"), "edge", "edge", "eu");
@@ -44,7 +53,7 @@ impl Fleet {
             .join(", ");
         let policy = format!(
             r#"
-limits: {{ upstream_timeout_ms: 4000, stream_idle_timeout_ms: 3000 }}
+limits: {limits}
 regions:
   eu: {{ jurisdiction: eu, egress: [{egress_list}] }}
 providers:
@@ -411,4 +420,147 @@ async fn mtls_rejects_nodes_from_another_ca() {
         edge.process.logs()
     );
     assert!(fleet.mock.requests().is_empty());
+}
+
+/// Waits (bounded) until the edge is connected to every egress in `tags`.
+fn wait_connected(edge: &EdgeNode, tags: &[String]) {
+    assert!(
+        edge.process.wait_for_logs(Duration::from_secs(15), |l| tags
+            .iter()
+            .all(|t| count(l, &["backhaul connected", t]) >= 1)),
+        "edge never connected to every egress: {}",
+        edge.process.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_egress_is_bypassed_long_before_the_idle_timeout() {
+    let fleet = Fleet::new(&[]).await;
+    let a = fleet.egress(None);
+    let b = fleet.egress(None);
+    let edge = fleet.edge(&[&a, &b]);
+    let a_tag = format!("\"egress\":\"{}\"", a.addr);
+    let b_tag = format!("\"egress\":\"{}\"", b.addr);
+    wait_connected(&edge, &[a_tag.clone(), b_tag]);
+    for _ in 0..4 {
+        let resp = post(&edge, &chat("openai/gpt-4o-mini", false)).await;
+        assert_eq!(resp.status(), 200);
+    }
+
+    // A keeps its connection but answers nothing, like a frozen host.
+    a.process.pause();
+    let timed = |edge_url: String, key: String| async move {
+        let started = Instant::now();
+        let resp = client()
+            .post(format!("{edge_url}/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat("openai/gpt-4o-mini", false))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), started.elapsed())
+    };
+    // Concurrent requests spread over both nodes: the edge weighs RTT by
+    // in-flight requests, and the provider's latency keeps them in flight,
+    // so however noisy the RTTs, some are sent to the stopped node. Batches
+    // until one was, all well inside the 3 s idle timeout.
+    fleet.mock.set_latency(Duration::from_millis(100));
+    let mut times = Vec::new();
+    let suspect = |l: &str| count(l, &["did not acknowledge", &a_tag]) >= 1;
+    for _ in 0..8 {
+        let batch: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(timed(edge.base_url(), edge.key.clone())))
+            .collect();
+        for t in batch {
+            let (status, took) = t.await.unwrap();
+            assert_eq!(status, 200, "a request failed while A was stopped");
+            times.push(took);
+        }
+        if suspect(&edge.process.logs()) {
+            break;
+        }
+    }
+    let first = times[0];
+    let slowest = times.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "stopped egress: first request {first:?}, slowest {slowest:?}, {} requests",
+        times.len()
+    );
+    assert!(
+        suspect(&edge.process.logs()),
+        "no request met the stopped egress: {}",
+        edge.process.logs()
+    );
+    // A generous bound: the mechanism gives up after at most 300 ms; the
+    // idle timeout it must beat is 3 s.
+    assert!(slowest < Duration::from_secs(2), "{times:?}");
+    // Once suspect, A is not tried again while it stays silent.
+    let waits_before = count(&edge.process.logs(), &["no acknowledgement within"]);
+    for _ in 0..3 {
+        let (status, took) = timed(edge.base_url(), edge.key.clone()).await;
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    assert_eq!(
+        count(&edge.process.logs(), &["no acknowledgement within"]),
+        waits_before,
+        "a suspect egress was tried again"
+    );
+    // Nothing was sent twice: one provider call per request.
+    assert_eq!(fleet.mock.requests().len(), 4 + times.len() + 3);
+    a.process.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_egress_took_is_never_sent_again() {
+    // A long deadline, so the egress losing the request is what ends it.
+    let fleet = Fleet::with_limits(
+        &[],
+        "{ upstream_timeout_ms: 20000, stream_idle_timeout_ms: 3000 }",
+    )
+    .await;
+    let mut a = fleet.egress(None);
+    let b_addr = switchyard_testkit::cluster::free_udp_port();
+    // B is not up yet, so the request can only go to A.
+    let edge = EdgeNode::start(
+        binary(),
+        "eu",
+        &fleet.policy,
+        &fleet.edge_certs,
+        &[format!("eu={}", a.addr), format!("eu={b_addr}")],
+        &[],
+    );
+    let url = format!("{}/chat/completions", edge.base_url());
+    let key = edge.key.clone();
+    let pending = tokio::spawn(async move {
+        client()
+            .post(url)
+            .bearer_auth(key)
+            .json(&chat("openai/hang", false))
+            .send()
+            .await
+            .unwrap()
+    });
+    // A took it and called the provider, which never answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.mock.requests().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fleet.mock.requests().len(), 1);
+    let b = fleet.egress(Some(b_addr));
+    wait_connected(&edge, &[format!("\"egress\":\"{b_addr}\"")]);
+
+    // A dies with the request; B is there, but the request is not resent.
+    a.process.kill();
+    let resp = pending.await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "backhaul_failed", "{v}");
+    assert_eq!(fleet.mock.requests().len(), 1, "the request was sent twice");
+    assert!(edge.process.logs().contains("not sent again"));
+    // B serves new requests.
+    let resp = post(&edge, &chat("openai/gpt-4o-mini", false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(fleet.mock.requests().len(), 2);
+    drop(b);
 }

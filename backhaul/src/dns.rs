@@ -10,6 +10,18 @@ use std::sync::Arc;
 use hickory_resolver::TokioResolver;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot read the system DNS configuration: {0}")]
+    Config(#[source] hickory_resolver::net::NetError),
+    #[error("cannot resolve {host}: {source}")]
+    Lookup {
+        host: String,
+        #[source]
+        source: hickory_resolver::net::NetError,
+    },
+}
+
 #[derive(Clone)]
 pub struct HickoryResolver {
     inner: Arc<TokioResolver>,
@@ -17,20 +29,23 @@ pub struct HickoryResolver {
 
 impl HickoryResolver {
     /// Uses the system configuration (`/etc/resolv.conf`, `/etc/hosts`).
-    pub fn from_system() -> Result<Self, String> {
-        let builder = TokioResolver::builder_tokio().map_err(|e| e.to_string())?;
-        let inner = builder.build().map_err(|e| e.to_string())?;
+    pub fn from_system() -> Result<Self, DnsError> {
+        let builder = TokioResolver::builder_tokio().map_err(DnsError::Config)?;
+        let inner = builder.build().map_err(DnsError::Config)?;
         Ok(HickoryResolver {
             inner: Arc::new(inner),
         })
     }
 
-    pub async fn lookup(&self, host: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    pub async fn lookup(&self, host: &str) -> Result<Vec<std::net::IpAddr>, DnsError> {
         let answer = self
             .inner
             .lookup_ip(host)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| DnsError::Lookup {
+                host: host.to_string(),
+                source,
+            })?;
         Ok(answer.iter().collect())
     }
 }

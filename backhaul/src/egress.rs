@@ -31,7 +31,7 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub fn new(snapshot: SharedSnapshot) -> Result<Self, String> {
+    pub fn new(snapshot: SharedSnapshot) -> Result<Self, crate::upstream::ClientError> {
         Ok(Egress {
             snapshot,
             client: crate::upstream::build_client()?,

@@ -56,11 +56,14 @@ pub mod stream;
 pub mod tunnel;
 pub mod upstream;
 
+pub use dns::DnsError;
 pub use egress::{Egress, SharedSnapshot};
 pub use request::{
     EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestObserver, RequestReport,
     RequestStats, ResponseBody,
 };
+pub use tunnel::client::{AddressError, DialError};
+pub use upstream::ClientError;
 
 /// Where the edge sends a planned request: the in-process [`Egress`] in
 /// single-node mode, a QUIC tunnel to a regional egress node otherwise.

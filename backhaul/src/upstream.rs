@@ -3,12 +3,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::dns::HickoryResolver;
+use crate::dns::{DnsError, HickoryResolver};
 
 /// One pooled client for the whole egress: connections to a provider are
 /// reused across requests and tenants (never a handshake per request), kept
 /// alive while idle, and negotiate HTTP/2 by ALPN where the provider offers it.
-pub fn build_client() -> Result<reqwest::Client, String> {
+/// Why the provider client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error("cannot build the HTTP client: {0}")]
+    Build(#[from] reqwest::Error),
+}
+
+pub fn build_client() -> Result<reqwest::Client, ClientError> {
     let resolver = HickoryResolver::from_system()?;
     reqwest::Client::builder()
         .dns_resolver(Arc::new(resolver))
@@ -27,5 +36,5 @@ pub fn build_client() -> Result<reqwest::Client, String> {
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(ClientError::Build)
 }

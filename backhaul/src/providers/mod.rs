@@ -99,6 +99,12 @@ pub(crate) async fn post_json(
     let (status, retry_after, body) = read_error(resp).await;
     let mut err = map_error(status, &body, retry_after);
     err.message = scrub(&err.message, &ctx.provider.keys).into_owned();
+    if status == 401 || status == 403 {
+        // The key was refused, not the request: another key may do.
+        err = err
+            .with_source(switchyard_llm::Source::Key)
+            .with_retry(switchyard_llm::Retry::AnotherKey);
+    }
     Err(err)
 }
 

@@ -70,7 +70,9 @@ pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, G
                 provider.name
             ),
         )
-        .with_code("upstream_auth_failed"));
+        .with_code("upstream_auth_failed")
+        .with_source(switchyard_llm::Source::Key)
+        .with_retry(switchyard_llm::Retry::AnotherKey));
     }
     if status >= 400 {
         let (status, retry_after, body) = read_error(resp).await;

@@ -11,15 +11,15 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
 use switchyard_proto::backhaul as wire;
 use switchyard_proto::Snapshot;
 use tokio::sync::{watch, Notify};
 
 use super::frame::{self, FrameError, FrameKind};
-use super::tls::NodeTls;
+use super::tls::{speaks_accepted, NodeTls};
 use super::TunnelError;
-use crate::dns::HickoryResolver;
+use crate::dns::{DnsError, HickoryResolver};
 use crate::egress::SharedSnapshot;
 use crate::request::{
     EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody,
@@ -60,13 +60,13 @@ impl StaticDirectory {
     }
 
     /// Parses a `REGION=HOST:PORT` flag.
-    pub fn parse_flag(flag: &str) -> Result<(String, String), String> {
+    pub fn parse_flag(flag: &str) -> Result<(String, String), AddressError> {
         let (region, addr) = flag
             .split_once('=')
-            .ok_or_else(|| format!("expected REGION=HOST:PORT, got {flag:?}"))?;
+            .ok_or_else(|| AddressError::NotRegionAddress(flag.to_string()))?;
         split_host_port(addr)?;
         if region.is_empty() {
-            return Err(format!("empty region in {flag:?}"));
+            return Err(AddressError::EmptyRegion(flag.to_string()));
         }
         Ok((region.to_string(), addr.to_string()))
     }
@@ -78,14 +78,50 @@ impl EgressDirectory for StaticDirectory {
     }
 }
 
-fn split_host_port(addr: &str) -> Result<(&str, u16), String> {
+/// Why an egress address (or `--egress` flag) is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("expected REGION=HOST:PORT, got {0:?}")]
+    NotRegionAddress(String),
+    #[error("empty region in {0:?}")]
+    EmptyRegion(String),
+    #[error("expected host:port, got {0:?}")]
+    NoPort(String),
+    #[error("bad port in {0:?}")]
+    BadPort(String),
+    #[error("empty host in {0:?}")]
+    EmptyHost(String),
+}
+
+/// Why dialling an egress node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    #[error("{0} is a name and there is no DNS resolver")]
+    NoResolver(String),
+    #[error(transparent)]
+    Resolve(#[from] DnsError),
+    #[error("{0} has no address")]
+    NoAddress(String),
+    #[error("cannot start the handshake: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] quinn::ConnectionError),
+    #[error("no handshake within {} s", .0.as_secs())]
+    HandshakeTimeout(Duration),
+}
+
+fn split_host_port(addr: &str) -> Result<(&str, u16), AddressError> {
     let (host, port) = addr
         .rsplit_once(':')
-        .ok_or_else(|| format!("expected host:port, got {addr:?}"))?;
+        .ok_or_else(|| AddressError::NoPort(addr.to_string()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = port.parse().map_err(|_| format!("bad port in {addr:?}"))?;
+    let port = port
+        .parse()
+        .map_err(|_| AddressError::BadPort(addr.to_string()))?;
     if host.is_empty() {
-        return Err(format!("empty host in {addr:?}"));
+        return Err(AddressError::EmptyHost(addr.to_string()));
     }
     Ok((host, port))
 }
@@ -108,12 +144,23 @@ const MAX_ATTEMPTS: usize = 3;
 const SLACK: Duration = Duration::from_secs(5);
 /// Stream stop code: the client went away.
 const STOP_CANCELLED: u32 = 0;
+/// Stream stop and reset code: the egress did not acknowledge the request
+/// in time and it went to another egress.
+const STOP_ABANDONED: u32 = 3;
+/// Bounds of [`ack_deadline`].
+const ACK_MIN: Duration = Duration::from_millis(100);
+const ACK_MAX: Duration = Duration::from_millis(300);
+/// How often a suspect connection is checked for signs of life.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
 
 struct Node {
     region: String,
     addr: String,
     conn: ArcSwapOption<quinn::Connection>,
     in_flight: AtomicUsize,
+    /// Missed an acknowledgement deadline and has sent nothing since: new
+    /// requests go elsewhere while any other node is healthy.
+    suspect: AtomicBool,
     removed: AtomicBool,
     remove: Notify,
 }
@@ -124,6 +171,10 @@ impl Node {
         c.as_ref()
             .filter(|c| c.close_reason().is_none())
             .map(|c| (**c).clone())
+    }
+
+    fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
     }
 
     /// Lower is better: RTT scaled by the requests already in flight.
@@ -243,6 +294,7 @@ impl TunnelRouter {
                     addr: addr.clone(),
                     conn: ArcSwapOption::empty(),
                     in_flight: AtomicUsize::new(0),
+                    suspect: AtomicBool::new(false),
                     removed: AtomicBool::new(false),
                     remove: Notify::new(),
                 });
@@ -332,8 +384,35 @@ impl TunnelRouter {
                 }
             }
         };
-        out.sort_by_key(|(n, c)| n.score(c));
+        out.sort_by_key(|(n, c)| (n.is_suspect(), n.score(c)));
         out
+    }
+
+    /// Marks `node` suspect until `conn` shows a sign of life (any packet
+    /// from the egress: a live one acknowledges the keep-alive within a
+    /// second) or is replaced by a new connection.
+    fn mark_suspect(&self, node: &Arc<Node>, conn: &quinn::Connection) {
+        if node.suspect.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(target: "switchyard::backhaul", region = %node.region, egress = %node.addr,
+            "egress did not acknowledge a request in time; new requests go elsewhere until it answers");
+        let (node, conn) = (node.clone(), conn.clone());
+        let baseline = conn.stats().udp_rx.datagrams;
+        self.runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = conn.closed() => return,
+                    _ = tokio::time::sleep(PROBE_EVERY) => {}
+                }
+                if conn.stats().udp_rx.datagrams > baseline {
+                    node.suspect.store(false, Ordering::Relaxed);
+                    tracing::info!(target: "switchyard::backhaul", region = %node.region, egress = %node.addr,
+                        "egress answers again");
+                    return;
+                }
+            }
+        });
     }
 
     fn has_nodes(&self, region: Option<&str>) -> bool {
@@ -387,6 +466,8 @@ async fn maintain(
                 tracing::info!(target: "switchyard::backhaul", region = %node.region, egress = %node.addr,
                     rtt_ms = conn.rtt().as_secs_f64() * 1000.0, "backhaul connected");
                 node.conn.store(Some(Arc::new(conn.clone())));
+                // A fresh handshake is proof of life.
+                node.suspect.store(false, Ordering::Relaxed);
                 bump();
                 let reason = tokio::select! {
                     r = conn.closed() => r,
@@ -424,30 +505,25 @@ async fn dial(
     client: &quinn::ClientConfig,
     resolver: Option<&HickoryResolver>,
     addr: &str,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, DialError> {
     let (host, port) = split_host_port(addr)?;
     let ip = match host.parse::<IpAddr>() {
         Ok(ip) => ip,
         Err(_) => {
-            let resolver = resolver.ok_or("no DNS resolver")?;
+            let resolver = resolver.ok_or_else(|| DialError::NoResolver(host.to_string()))?;
             let ips = resolver.lookup(host).await?;
             // An IPv4 address works whether or not the endpoint is dual-stack.
             ips.iter()
                 .find(|ip| ip.is_ipv4())
                 .or(ips.first())
                 .copied()
-                .ok_or_else(|| format!("{host} has no address"))?
+                .ok_or_else(|| DialError::NoAddress(host.to_string()))?
         }
     };
-    let connecting = endpoint
-        .connect_with(client.clone(), SocketAddr::new(ip, port), host)
-        .map_err(|e| e.to_string())?;
+    let connecting = endpoint.connect_with(client.clone(), SocketAddr::new(ip, port), host)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "no handshake within {} s",
-            CONNECT_TIMEOUT.as_secs()
-        )),
+        Ok(r) => Ok(r?),
+        Err(_) => Err(DialError::HandshakeTimeout(CONNECT_TIMEOUT)),
     }
 }
 
@@ -459,16 +535,28 @@ enum AttemptError {
     Failed(GatewayError),
 }
 
+/// A failure after the egress took the request: it may have reached the
+/// provider, so it is never sent again, here or to another target.
 fn backhaul_failed(detail: &str) -> GatewayError {
     GatewayError::new(
         ErrorKind::Upstream,
         format!("The egress node failed while handling the request ({detail})."),
     )
     .with_code("backhaul_failed")
+    .with_source(Source::Backhaul)
+    .with_retry(Retry::Never)
 }
 
 fn is_connection_loss(e: &FrameError) -> bool {
     matches!(e, FrameError::Connection(_) | FrameError::Closed)
+}
+
+/// How long an egress has to acknowledge a request header before it is
+/// presumed dead (a stopped process, dropped packets) and the request goes
+/// to another egress: a few round trips, never so short that scheduling
+/// noise trips it, never so long that the 500 ms promise is broken.
+pub fn ack_deadline(rtt: Duration) -> Duration {
+    (rtt * 4).clamp(ACK_MIN, ACK_MAX)
 }
 
 #[async_trait::async_trait]
@@ -488,14 +576,13 @@ impl Upstream for TunnelRouter {
                     region.unwrap_or("any")
                 ),
             )
-            .with_code("no_egress"));
+            .with_code("no_egress")
+            .with_source(Source::Backhaul)
+            .with_retry(Retry::AnotherTarget));
         }
-        let budget = snap
-            .limits
-            .upstream_timeout
-            .saturating_sub(req.received_at.elapsed());
-        let (header, body) = frame::request_to_wire(&req, budget);
-        let header = frame::encode_message(FrameKind::RequestHeader, &header);
+        // One deadline covers the whole request, every attempt included.
+        let deadline = req.received_at + snap.limits.upstream_timeout;
+        let (mut header, body) = frame::request_to_wire(&req, Duration::ZERO);
         let framer: Option<ErrorFramer> = match (&req.op, req.inbound) {
             (Operation::Raw(_), _) => None,
             (_, Protocol::OpenAi) => Some(openai_error_frame),
@@ -510,16 +597,41 @@ impl Upstream for TunnelRouter {
                 break;
             };
             tried.push(node.clone());
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(deadline_spent(snap.limits.upstream_timeout));
+            }
+            // The egress gets what is left now, so a second attempt carries
+            // less; at least 1 ms, as 0 would mean no deadline at all.
+            header.deadline_ms = (left.as_millis() as u64).max(1);
             let guard = InFlight::new(node.clone());
             let attempt = Attempt {
                 conn: &conn,
-                header: &header,
+                header: frame::encode_message(FrameKind::RequestHeader, &header),
                 body: &body,
-                budget: budget + SLACK,
-                received_at: req.received_at,
+                wait_until: (deadline + SLACK).into(),
+                ack_within: speaks_accepted(&conn).then(|| ack_deadline(conn.rtt())),
             };
-            match attempt.run().await {
+            let on_silence = || {
+                self.mark_suspect(&node, &conn);
+                // Wait on regardless when there is no healthy alternative:
+                // a slow egress is better than none.
+                self.candidates(region, &tried)
+                    .iter()
+                    .any(|(n, _)| !n.is_suspect())
+            };
+            match attempt.run(on_silence).await {
                 Ok((head, recv)) => {
+                    if let Some(e) = head.error.as_ref().filter(|_| tried.len() < MAX_ATTEMPTS) {
+                        let e = frame::error_from_wire(e.clone());
+                        if e.may_try_another_egress() {
+                            tracing::warn!(target: "switchyard::backhaul", request_id = %req.request_id,
+                                egress = %node.addr, region = %node.region, error = %e.message,
+                                "the egress refused the request before starting it; trying another egress");
+                            last = e.message;
+                            continue;
+                        }
+                    }
                     return respond(
                         head,
                         recv,
@@ -527,7 +639,7 @@ impl Upstream for TunnelRouter {
                         framer,
                         idle,
                         req.received_at,
-                        budget + SLACK,
+                        left + SLACK,
                     )
                     .await;
                 }
@@ -540,7 +652,7 @@ impl Upstream for TunnelRouter {
                 Err(AttemptError::Failed(e)) => {
                     tracing::warn!(target: "switchyard::backhaul", request_id = %req.request_id,
                         egress = %node.addr, region = %node.region, error = %e.message,
-                        "backhaul request failed after the egress took it");
+                        "backhaul request failed after the egress took it; not sent again");
                     return Err(e);
                 }
             }
@@ -556,21 +668,53 @@ impl Upstream for TunnelRouter {
                 region.unwrap_or("any")
             ),
         )
-        .with_code("no_egress"))
+        .with_code("no_egress")
+        .with_source(Source::Backhaul)
+        // No egress started it: it is safe to send anywhere else.
+        .with_retry(Retry::AnotherEgress))
     }
+}
+
+fn deadline_spent(total: Duration) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::Timeout,
+        format!(
+            "The request's deadline of {} ms passed before an egress node answered.",
+            total.as_millis()
+        ),
+    )
+    .with_code("backhaul_timeout")
+    .with_source(Source::Backhaul)
+    .with_retry(Retry::Never)
 }
 
 struct Attempt<'a> {
     conn: &'a quinn::Connection,
-    header: &'a Bytes,
+    header: Bytes,
     body: &'a Bytes,
-    budget: Duration,
-    received_at: Instant,
+    /// When the edge stops waiting for the response header.
+    wait_until: tokio::time::Instant,
+    /// How long the egress has to acknowledge the request, on connections
+    /// whose egress sends ACCEPTED frames.
+    ack_within: Option<Duration>,
+}
+
+/// How waiting for the response header ended.
+enum HeadWait {
+    Head(Result<wire::ResponseHeader, FrameError>),
+    /// No acknowledgement in time, and another egress can take the request.
+    Silent,
+    TimedOut,
 }
 
 impl Attempt<'_> {
     /// Opens a stream, sends the request and waits for the response header.
-    async fn run(&self) -> Result<(wire::ResponseHeader, quinn::RecvStream), AttemptError> {
+    /// `on_silence` is asked, once, when the egress has not acknowledged the
+    /// request in time: `true` abandons it for another egress.
+    async fn run(
+        &self,
+        on_silence: impl Fn() -> bool + Send + Sync,
+    ) -> Result<(wire::ResponseHeader, quinn::RecvStream), AttemptError> {
         let not_accepted = |e: &dyn std::fmt::Display| AttemptError::NotAccepted(e.to_string());
         let send_request = async {
             let (mut send, recv) = self.conn.open_bi().await.map_err(|e| not_accepted(&e))?;
@@ -587,57 +731,94 @@ impl Attempt<'_> {
         };
         // Opening a stream costs no round trip; this only waits when flow
         // control or the stream limit holds us back.
-        let (send, mut recv) = match tokio::time::timeout(self.budget, send_request).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(AttemptError::NotAccepted(
-                    "the request could not be sent in time".into(),
-                ))
-            }
-        };
-        // The egress acknowledging every request byte is the point of no
-        // return: before it, a lost connection means the egress never had
-        // the whole request (it only starts once the body is complete).
-        let mut acked = false;
-        let head = {
+        let (mut send, mut recv) =
+            match tokio::time::timeout_at(self.wait_until, send_request).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(AttemptError::NotAccepted(
+                        "the request could not be sent in time".into(),
+                    ))
+                }
+            };
+        // The point of no return is the first sign that the egress has the
+        // request: its ACCEPTED frame, or QUIC acknowledging every request
+        // byte, or the egress stopping its read. Before it, a lost or silent
+        // connection means the egress never started the request (it only
+        // starts once the body is complete), so another egress may take it.
+        let mut accepted = false;
+        let ack_at = self.ack_within.map(|d| tokio::time::Instant::now() + d);
+        let outcome = {
             let stopped = send.stopped();
             tokio::pin!(stopped);
             let mut stop_seen = false;
-            let head_wait = tokio::time::timeout_at(
-                (self.received_at + self.budget).into(),
-                frame::read_message::<wire::ResponseHeader>(&mut recv, FrameKind::ResponseHeader),
-            );
-            tokio::pin!(head_wait);
-            loop {
-                tokio::select! {
-                    r = &mut stopped, if !stop_seen => {
-                        stop_seen = true;
-                        // Ok(None): all bytes acknowledged. Ok(Some): the egress
-                        // stopped reading, so it saw the request.
-                        acked = r.is_ok();
+            let mut ack_pending = ack_at.is_some();
+            let ack_timer = tokio::time::sleep_until(ack_at.unwrap_or(self.wait_until));
+            tokio::pin!(ack_timer);
+            let give_up = tokio::time::sleep_until(self.wait_until);
+            tokio::pin!(give_up);
+            'frames: loop {
+                // Kept across the other branches: a frame half read stays so.
+                let read = frame::read_frame(&mut recv, frame::MAX_HEADER_FRAME);
+                tokio::pin!(read);
+                let got = loop {
+                    tokio::select! {
+                        r = &mut stopped, if !stop_seen => {
+                            stop_seen = true;
+                            // Ok(None): all bytes acknowledged. Ok(Some): the
+                            // egress stopped reading, so it saw the request.
+                            accepted |= r.is_ok();
+                        }
+                        () = &mut ack_timer, if ack_pending && !accepted => {
+                            ack_pending = false;
+                            if on_silence() {
+                                break 'frames HeadWait::Silent;
+                            }
+                        }
+                        () = &mut give_up => break 'frames HeadWait::TimedOut,
+                        r = &mut read => break r,
                     }
-                    r = &mut head_wait => break r,
+                };
+                match got {
+                    Ok((FrameKind::Accepted, _)) => accepted = true,
+                    Ok((FrameKind::ResponseHeader, payload)) => {
+                        break HeadWait::Head(frame::decode(FrameKind::ResponseHeader, &payload))
+                    }
+                    Ok((got, _)) => {
+                        break HeadWait::Head(Err(FrameError::Unexpected {
+                            expected: FrameKind::ResponseHeader,
+                            got,
+                        }))
+                    }
+                    Err(e) => break HeadWait::Head(Err(e)),
                 }
             }
         };
-        drop(send);
-        match head {
-            Ok(Ok(h)) => Ok((h, recv)),
-            Ok(Err(e)) if !acked && is_connection_loss(&e) => {
+        match outcome {
+            HeadWait::Head(Ok(h)) => Ok((h, recv)),
+            HeadWait::Head(Err(e)) if !accepted && is_connection_loss(&e) => {
                 Err(AttemptError::NotAccepted(e.to_string()))
             }
-            Ok(Err(e)) => Err(AttemptError::Failed(backhaul_failed(&e.to_string()))),
-            Err(_) => {
+            HeadWait::Head(Err(e)) => Err(AttemptError::Failed(backhaul_failed(&e.to_string()))),
+            HeadWait::Silent => {
+                // Should the egress wake up, it finds the request withdrawn
+                // and does not start it.
+                let _ = send.reset(STOP_ABANDONED.into());
+                let _ = recv.stop(STOP_ABANDONED.into());
+                Err(AttemptError::NotAccepted(format!(
+                    "no acknowledgement within {} ms",
+                    self.ack_within.unwrap_or_default().as_millis()
+                )))
+            }
+            HeadWait::TimedOut => {
                 let _ = recv.stop(STOP_CANCELLED.into());
                 Err(AttemptError::Failed(
                     GatewayError::new(
                         ErrorKind::Timeout,
-                        format!(
-                            "The egress node did not answer within {} ms.",
-                            self.budget.as_millis()
-                        ),
+                        "The egress node did not answer within the request's deadline.",
                     )
-                    .with_code("backhaul_timeout"),
+                    .with_code("backhaul_timeout")
+                    .with_source(Source::Backhaul)
+                    .with_retry(Retry::Never),
                 ))
             }
         }
@@ -769,6 +950,8 @@ fn stream_frames(state: StreamState) -> BoxStream<'static, Bytes> {
                         "The connection to the egress node was lost mid-stream; the response is incomplete.",
                     )
                     .with_code("backhaul_lost")
+                    .with_source(Source::Backhaul)
+                    .with_retry(Retry::Never)
                 } else {
                     backhaul_failed(&e.to_string())
                 };
@@ -779,10 +962,67 @@ fn stream_frames(state: StreamState) -> BoxStream<'static, Bytes> {
                     ErrorKind::Timeout,
                     format!("The egress node sent nothing for {} ms; the stream was ended.", st.idle.as_millis()),
                 )
-                .with_code("backhaul_timeout"),
+                .with_code("backhaul_timeout")
+                .with_source(Source::Backhaul)
+                .with_retry(Retry::Never),
             ),
         };
         out.map(|chunk| (chunk, st))
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_and_addresses_fail_with_their_reason() {
+        assert_eq!(
+            StaticDirectory::parse_flag("eu=10.0.0.1:4433").unwrap(),
+            ("eu".to_string(), "10.0.0.1:4433".to_string())
+        );
+        assert_eq!(
+            StaticDirectory::parse_flag("10.0.0.1:4433"),
+            Err(AddressError::NotRegionAddress("10.0.0.1:4433".into()))
+        );
+        assert_eq!(
+            StaticDirectory::parse_flag("=h:1"),
+            Err(AddressError::EmptyRegion("=h:1".into()))
+        );
+        assert_eq!(
+            StaticDirectory::parse_flag("eu=h"),
+            Err(AddressError::NoPort("h".into()))
+        );
+        assert_eq!(
+            StaticDirectory::parse_flag("eu=h:99999"),
+            Err(AddressError::BadPort("h:99999".into()))
+        );
+        assert_eq!(
+            StaticDirectory::parse_flag("eu=[]:1"),
+            Err(AddressError::EmptyHost("[]:1".into()))
+        );
+        assert_eq!(split_host_port("[::1]:7").unwrap(), ("::1", 7));
+    }
+
+    #[test]
+    fn the_ack_deadline_follows_the_rtt_within_bounds() {
+        assert_eq!(ack_deadline(Duration::from_micros(200)), ACK_MIN);
+        assert_eq!(
+            ack_deadline(Duration::from_millis(50)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(ack_deadline(Duration::from_secs(1)), ACK_MAX);
+        // The promise: a silent egress is left well within 500 ms.
+        assert!(ACK_MAX < Duration::from_millis(500));
+    }
+
+    #[test]
+    fn failures_after_acceptance_are_never_retried() {
+        let e = backhaul_failed("lost");
+        assert_eq!((e.source, e.retry), (Source::Backhaul, Retry::Never));
+        assert!(!e.may_try_another_target());
+        let e = deadline_spent(Duration::from_secs(1));
+        assert!(!e.is_retryable());
+    }
 }

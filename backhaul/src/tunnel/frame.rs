@@ -3,16 +3,17 @@
 //!
 //! A frame is `[kind: u8][length: u32 big-endian][payload]`. The length
 //! prefix lets the reader allocate exactly once per frame and refuse
-//! oversized frames before reading them.
+//! oversized frames before reading them. The same checks are available
+//! without a stream ([`split_frame`], [`inspect`]) for the fuzz target in
+//! `backhaul/fuzz` and the bounded mutation run in the test suite.
 
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use switchyard_llm::anthropic;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest, Usage};
-use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
 use switchyard_proto::backhaul as wire;
 use switchyard_proto::RouteTarget;
 
@@ -32,6 +33,9 @@ pub enum FrameKind {
     ResponseHeader = 2,
     Data = 3,
     Trailer = 4,
+    /// Egress → edge, empty: the request header was read. Sent only on
+    /// connections that negotiated [`super::tls::ALPN_V2`].
+    Accepted = 5,
 }
 
 impl FrameKind {
@@ -41,10 +45,14 @@ impl FrameKind {
             2 => FrameKind::ResponseHeader,
             3 => FrameKind::Data,
             4 => FrameKind::Trailer,
+            5 => FrameKind::Accepted,
             _ => return None,
         })
     }
 }
+
+/// The whole ACCEPTED frame: it has no payload.
+pub const ACCEPTED: [u8; 5] = [FrameKind::Accepted as u8, 0, 0, 0, 0];
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -118,16 +126,9 @@ fn map_exact(e: quinn::ReadExactError, started: bool) -> FrameError {
     }
 }
 
-/// Reads the 5-byte prefix of the next frame: its kind and payload length,
-/// refused when over `max` before anything is allocated for it.
-pub async fn read_frame_prefix(
-    recv: &mut quinn::RecvStream,
-    max: usize,
-) -> Result<(FrameKind, usize), FrameError> {
-    let mut head = [0u8; 5];
-    recv.read_exact(&mut head)
-        .await
-        .map_err(|e| map_exact(e, false))?;
+/// Parses a frame prefix: its kind and payload length, refused when over
+/// `max` before anything is allocated for it.
+pub fn parse_prefix(head: [u8; 5], max: usize) -> Result<(FrameKind, usize), FrameError> {
     let kind = FrameKind::from_u8(head[0]).ok_or(FrameError::UnknownKind(head[0]))?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     if len > max {
@@ -138,6 +139,104 @@ pub async fn read_frame_prefix(
         });
     }
     Ok((kind, len))
+}
+
+/// Reads the 5-byte prefix of the next frame (see [`parse_prefix`]).
+pub async fn read_frame_prefix(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<(FrameKind, usize), FrameError> {
+    let mut head = [0u8; 5];
+    recv.read_exact(&mut head)
+        .await
+        .map_err(|e| map_exact(e, false))?;
+    parse_prefix(head, max)
+}
+
+/// The limit a frame of `kind` is held to.
+pub fn limit_for(kind: FrameKind) -> usize {
+    match kind {
+        FrameKind::Data => MAX_DATA_FRAME,
+        _ => MAX_HEADER_FRAME,
+    }
+}
+
+/// A frame split off a buffer: its kind, its payload, the bytes after it.
+pub type SplitFrame<'a> = (FrameKind, &'a [u8], &'a [u8]);
+
+/// Splits the next frame off `buf`: its kind, its payload and the bytes
+/// after it; `None` when `buf` is empty. Borrows, never copies.
+pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<SplitFrame<'_>>, FrameError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let head: [u8; 5] = buf
+        .get(..5)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(FrameError::Truncated)?;
+    let (kind, len) = parse_prefix(head, max)?;
+    let rest = &buf[5..];
+    if rest.len() < len {
+        return Err(FrameError::Truncated);
+    }
+    let (payload, rest) = rest.split_at(len);
+    Ok(Some((kind, payload, rest)))
+}
+
+/// Decodes a whole stream of frames the way the receiving end would, from
+/// either direction: a request header (its body is everything after it,
+/// rebuilt and validated like the egress does), response headers (errors
+/// converted like the edge does), data frames, trailers (applied to fresh
+/// stats) and ACCEPTED frames. Returns the kinds seen. For fuzzing: any
+/// input must give `Ok` or a `FrameError`/`GatewayError`, never a panic, and
+/// nothing is allocated beyond what the input's own bytes justify.
+pub fn inspect(data: &[u8]) -> Result<Vec<FrameKind>, InspectError> {
+    let mut kinds = Vec::new();
+    let mut buf = data;
+    // The first prefix decides the limit, like the readers on each end do.
+    while let Some((kind, payload, rest)) = split_frame(buf, MAX_HEADER_FRAME.max(MAX_DATA_FRAME))?
+    {
+        if payload.len() > limit_for(kind) {
+            return Err(FrameError::TooLarge {
+                kind,
+                len: payload.len(),
+                limit: limit_for(kind),
+            }
+            .into());
+        }
+        kinds.push(kind);
+        match kind {
+            FrameKind::RequestHeader => {
+                let header: wire::RequestHeader = decode(kind, payload)?;
+                request_from_wire(header, Bytes::copy_from_slice(rest), Instant::now())?;
+                return Ok(kinds);
+            }
+            FrameKind::ResponseHeader => {
+                let head: wire::ResponseHeader = decode(kind, payload)?;
+                if let Some(e) = head.error {
+                    let e = error_from_wire(e);
+                    // Whatever came over the wire renders in both shapes.
+                    let _ = (e.to_openai_json(), e.to_anthropic_json(), e.status());
+                }
+            }
+            FrameKind::Trailer => {
+                let t: wire::Trailer = decode(kind, payload)?;
+                apply_trailer(&t, &RequestStats::default());
+            }
+            FrameKind::Data | FrameKind::Accepted => {}
+        }
+        buf = rest;
+    }
+    Ok(kinds)
+}
+
+/// Why [`inspect`] refused its input.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Request(#[from] GatewayError),
 }
 
 /// Reads the `len`-byte payload of a frame whose prefix was read.
@@ -252,7 +351,10 @@ pub fn request_from_wire(
                 "The egress speaks backhaul protocol {PROTOCOL_VERSION}, the edge sent {}.",
                 header.version
             ),
-        ));
+        )
+        // Nothing was started; an egress of the edge's version may take it.
+        .with_source(Source::Egress)
+        .with_retry(Retry::AnotherEgress));
     }
     let op = match header.operation() {
         wire::OperationKind::Chat => Operation::Chat(ChatRequest::parse(&body)?),
@@ -335,6 +437,22 @@ pub fn error_to_wire(e: &GatewayError) -> wire::Error {
         ..Default::default()
     };
     w.set_kind(kind);
+    w.set_source(match e.source {
+        Source::Client => wire::ErrorSource::Client,
+        Source::Policy => wire::ErrorSource::Policy,
+        Source::Edge => wire::ErrorSource::Edge,
+        Source::Backhaul => wire::ErrorSource::Backhaul,
+        Source::Egress => wire::ErrorSource::Egress,
+        Source::Provider => wire::ErrorSource::Provider,
+        Source::Key => wire::ErrorSource::Key,
+    });
+    w.set_retry(match e.retry {
+        Retry::Never => wire::RetryClass::Never,
+        Retry::SameTargetAfterDelay => wire::RetryClass::SameTargetAfterDelay,
+        Retry::AnotherKey => wire::RetryClass::AnotherKey,
+        Retry::AnotherTarget => wire::RetryClass::AnotherTarget,
+        Retry::AnotherEgress => wire::RetryClass::AnotherEgress,
+    });
     w
 }
 
@@ -353,31 +471,70 @@ pub fn error_from_wire(w: wire::Error) -> GatewayError {
         wire::ErrorKind::Timeout => ErrorKind::Timeout,
         wire::ErrorKind::Internal | wire::ErrorKind::Unspecified => ErrorKind::Internal,
     };
+    let (source, retry) = (w.source(), w.retry());
     let mut e = GatewayError::new(kind, w.message).with_retry_after(w.retry_after);
-    e.code = w.code.as_deref().and_then(intern_code);
+    // Unspecified (an older egress) keeps the defaults derived from the kind.
+    match source {
+        wire::ErrorSource::Unspecified => {}
+        wire::ErrorSource::Client => e.source = Source::Client,
+        wire::ErrorSource::Policy => e.source = Source::Policy,
+        wire::ErrorSource::Edge => e.source = Source::Edge,
+        wire::ErrorSource::Backhaul => e.source = Source::Backhaul,
+        wire::ErrorSource::Egress => e.source = Source::Egress,
+        wire::ErrorSource::Provider => e.source = Source::Provider,
+        wire::ErrorSource::Key => e.source = Source::Key,
+    }
+    match retry {
+        wire::RetryClass::Unspecified => {}
+        wire::RetryClass::Never => e.retry = Retry::Never,
+        wire::RetryClass::SameTargetAfterDelay => e.retry = Retry::SameTargetAfterDelay,
+        wire::RetryClass::AnotherKey => e.retry = Retry::AnotherKey,
+        wire::RetryClass::AnotherTarget => e.retry = Retry::AnotherTarget,
+        wire::RetryClass::AnotherEgress => e.retry = Retry::AnotherEgress,
+    }
+    e.code = w.code.as_deref().map(known_code);
     e.param = w.param;
     e
 }
 
-/// Error codes are a small fixed vocabulary, but `GatewayError` holds them
-/// as `&'static str`: each distinct code is leaked once, and a peer sending
-/// ever new codes is cut off after a bound instead of growing memory.
-fn intern_code(code: &str) -> Option<&'static str> {
-    const MAX_CODES: usize = 256;
-    static CODES: OnceLock<Mutex<Vec<&'static str>>> = OnceLock::new();
-    let mut codes = CODES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(c) = codes.iter().find(|c| **c == code) {
-        return Some(c);
-    }
-    if codes.len() >= MAX_CODES || code.len() > 64 {
-        return None;
-    }
-    let leaked: &'static str = Box::leak(code.to_string().into_boxed_str());
-    codes.push(leaked);
-    Some(leaked)
+/// Every error code an egress sends. `GatewayError` holds codes as
+/// `&'static str` (a small vocabulary, a metric label); a code that came
+/// over the wire is mapped onto this table instead of being allocated, so
+/// a peer cannot grow the edge's memory with ever new codes. A test checks
+/// that every code the egress's crates set is listed.
+pub const KNOWN_CODES: &[&str] = &[
+    "backhaul_failed",
+    "backhaul_lost",
+    "backhaul_timeout",
+    "egress_overloaded",
+    "invalid_api_key",
+    "invalid_passthrough_path",
+    "method_not_allowed",
+    "missing_api_key",
+    "model_not_allowed",
+    "model_not_found",
+    "no_egress",
+    "provider_not_found",
+    "raw_protocol_mismatch",
+    "request_too_large",
+    "residency_blocked",
+    "residency_violation",
+    "unknown_tenant",
+    "unknown_url",
+    "upstream_auth_failed",
+    "upstream_error",
+    "upstream_stalled",
+];
+
+/// What a code the table does not know becomes.
+pub const UNKNOWN_CODE: &str = "upstream_error";
+
+fn known_code(code: &str) -> &'static str {
+    KNOWN_CODES
+        .iter()
+        .copied()
+        .find(|c| *c == code)
+        .unwrap_or(UNKNOWN_CODE)
 }
 
 pub fn trailer_from_stats(
@@ -495,6 +652,136 @@ mod tests {
         let e = GatewayError::model_not_found("x/y").with_retry_after(Some("3".into()));
         let back = error_from_wire(error_to_wire(&e));
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn errors_round_trip_with_source_and_retry_class() {
+        let e = GatewayError::new(ErrorKind::Upstream, "key refused")
+            .with_code("upstream_auth_failed")
+            .with_source(Source::Key)
+            .with_retry(Retry::AnotherKey);
+        assert_eq!(error_from_wire(error_to_wire(&e)), e);
+        let e = GatewayError::new(ErrorKind::Overloaded, "busy")
+            .with_source(Source::Egress)
+            .with_retry(Retry::AnotherEgress);
+        assert_eq!(error_from_wire(error_to_wire(&e)), e);
+    }
+
+    #[test]
+    fn an_older_egress_error_gets_the_kind_defaults() {
+        let mut w = error_to_wire(&GatewayError::new(ErrorKind::Timeout, "slow"));
+        w.source = 0;
+        w.retry = 0;
+        let back = error_from_wire(w);
+        assert_eq!(back.source, Source::Provider);
+        assert_eq!(back.retry, Retry::AnotherTarget);
+    }
+
+    #[test]
+    fn unknown_codes_become_one_fixed_code() {
+        for i in 0..10_000 {
+            let w = wire::Error {
+                code: Some(format!("made_up_{i}")),
+                ..Default::default()
+            };
+            assert_eq!(error_from_wire(w).code, Some(UNKNOWN_CODE));
+        }
+        let w = wire::Error {
+            code: Some("unknown_tenant".into()),
+            ..Default::default()
+        };
+        assert_eq!(error_from_wire(w).code, Some("unknown_tenant"));
+    }
+
+    /// Every code set with a literal in the crates an egress runs is in
+    /// [`KNOWN_CODES`], so none is lost crossing the backhaul.
+    #[test]
+    fn every_code_the_egress_sets_is_known() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut missing = Vec::new();
+        let mut dirs = vec![
+            root.join("backhaul/src"),
+            root.join("proto/llm/src"),
+            root.join("proto/src"),
+        ];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|x| x != "rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for part in text.split("with_code(").skip(1) {
+                    let part = part.trim_start();
+                    let Some(lit) = part.strip_prefix('"') else {
+                        continue;
+                    };
+                    let code = lit.split('"').next().unwrap_or_default();
+                    let is_code = !code.is_empty()
+                        && code
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                    if is_code && !KNOWN_CODES.contains(&code) {
+                        missing.push(format!("{code} ({})", path.display()));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "add to KNOWN_CODES: {missing:?}");
+    }
+
+    #[test]
+    fn split_frame_refuses_a_huge_length_before_reading_it() {
+        let mut huge = vec![FrameKind::Data as u8];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            split_frame(&huge, MAX_DATA_FRAME),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            split_frame(&huge[..3], MAX_DATA_FRAME),
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            split_frame(&[9, 0, 0, 0, 0], 10),
+            Err(FrameError::UnknownKind(9))
+        ));
+    }
+
+    #[test]
+    fn inspect_reads_both_directions() {
+        let (header, body) = request_to_wire(&chat_request(), Duration::from_millis(5));
+        let mut up = encode_message(FrameKind::RequestHeader, &header).to_vec();
+        up.extend_from_slice(&body);
+        assert_eq!(inspect(&up).unwrap(), vec![FrameKind::RequestHeader]);
+
+        let mut down = ACCEPTED.to_vec();
+        down.extend_from_slice(&encode_message(
+            FrameKind::ResponseHeader,
+            &wire::ResponseHeader {
+                status: 200,
+                streaming: true,
+                ..Default::default()
+            },
+        ));
+        down.extend_from_slice(&encode(FrameKind::Data, b"data: {}\n\n"));
+        down.extend_from_slice(&encode_message(
+            FrameKind::Trailer,
+            &wire::Trailer::default(),
+        ));
+        assert_eq!(
+            inspect(&down).unwrap(),
+            vec![
+                FrameKind::Accepted,
+                FrameKind::ResponseHeader,
+                FrameKind::Data,
+                FrameKind::Trailer
+            ]
+        );
     }
 
     #[test]

@@ -14,11 +14,18 @@
 //!   throwaway-CA generator for development, [`admit`] what the egress
 //!   re-checks instead of trusting the edge.
 //!
-//! Failure rules: a request whose bytes the egress had not acknowledged when
-//! the connection failed is retried on another egress of the region; one
-//! the egress had is answered with a 502 (never sent twice: LLM calls are not
-//! idempotent); a stream that breaks after its first byte ends with one error
-//! frame in the caller's protocol. Every wait is bounded.
+//! Failure rules, in the terms of [`switchyard_llm::Retry`]: a request the
+//! egress has not acknowledged (no ACCEPTED frame, no QUIC acknowledgement
+//! of its bytes) when the connection fails or stays silent past
+//! [`client::ack_deadline`] is sent to another egress of the region, and the
+//! silent connection is marked suspect so new requests avoid it until it
+//! answers again (a stopped egress is left in a few hundred milliseconds, not
+//! at the 3 s idle timeout); one the egress had fails with
+//! `Retry::Never` (never sent twice, not even to another target: LLM calls
+//! are not idempotent); a stream that breaks after its first byte ends with
+//! one error frame in the caller's protocol. One deadline covers the
+//! request: each attempt tells the egress what is left of it. Every wait is
+//! bounded.
 //!
 //! `switchyard edge` and `switchyard egress` in the root crate run both ends;
 //! `tests/e2e_backhaul.rs` drives them as real processes.
@@ -29,7 +36,9 @@ pub mod frame;
 pub mod server;
 pub mod tls;
 
-pub use client::{EgressDirectory, StaticDirectory, TunnelConfig, TunnelRouter};
+pub use client::{
+    AddressError, DialError, EgressDirectory, StaticDirectory, TunnelConfig, TunnelRouter,
+};
 pub use server::{ConnectionLimits, EgressServer};
 pub use tls::{generate_node_cert, CertScope, NodeTls};
 

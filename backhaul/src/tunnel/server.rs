@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
 use switchyard_proto::backhaul as wire;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::admit;
 use super::frame::{self, FrameKind};
-use super::tls::{NodeTls, DEFAULT_MAX_STREAMS};
+use super::tls::{speaks_accepted, NodeTls, DEFAULT_MAX_STREAMS};
 use super::TunnelError;
 use crate::egress::{Egress, SharedSnapshot};
 use crate::request::ResponseBody;
@@ -141,14 +141,21 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
             return;
         }
     };
-    tracing::info!(target: "switchyard::backhaul", %remote, region = %ctx.region, "edge connected");
+    let accepts = speaks_accepted(&conn);
+    tracing::info!(target: "switchyard::backhaul", %remote, region = %ctx.region, accepted_frames = accepts, "edge connected");
     let budget = Arc::new(Semaphore::new(
         ctx.limits.max_request_bytes.min(Semaphore::MAX_PERMITS),
     ));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(ctx.clone(), budget.clone(), send, recv));
+                tokio::spawn(serve_stream(
+                    ctx.clone(),
+                    budget.clone(),
+                    accepts,
+                    send,
+                    recv,
+                ));
             }
             Err(e) => {
                 tracing::info!(target: "switchyard::backhaul", %remote, reason = %e, "edge disconnected");
@@ -185,9 +192,12 @@ fn reserve(
 
 /// Reads the request header and body, counting every byte against the
 /// connection's budget before it is buffered; the returned permit holds
-/// them until the request is over.
+/// them until the request is over. With `accepted`, the ACCEPTED frame goes
+/// out the moment the header is read: the edge's proof that this egress is
+/// alive, which it waits for only briefly before trying another egress.
 async fn read_request(
     recv: &mut quinn::RecvStream,
+    accepted: Option<&mut quinn::SendStream>,
     body_limit: usize,
     budget: &Arc<Semaphore>,
 ) -> Result<(wire::RequestHeader, Bytes, Option<OwnedSemaphorePermit>), ReadFailed> {
@@ -207,6 +217,11 @@ async fn read_request(
         .map_err(|e| unreadable(&e))?;
     let header: wire::RequestHeader = frame::decode(kind, &payload).map_err(|e| unreadable(&e))?;
     drop(payload);
+    if let Some(send) = accepted {
+        send.write_all(&frame::ACCEPTED)
+            .await
+            .map_err(|e| unreadable(&e))?;
+    }
     let mut body = BytesMut::new();
     while let Some(chunk) = recv
         .read_chunk(usize::MAX, true)
@@ -233,6 +248,7 @@ enum Ended {
 async fn serve_stream(
     ctx: Arc<Ctx>,
     budget: Arc<Semaphore>,
+    accepts: bool,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -244,7 +260,7 @@ async fn serve_stream(
     // `_held` keeps the request's bytes counted until the stream is done.
     let (header, body, _held) = match tokio::time::timeout(
         REQUEST_READ_TIMEOUT,
-        read_request(&mut recv, body_limit, &budget),
+        read_request(&mut recv, accepts.then_some(&mut send), body_limit, &budget),
     )
     .await
     {
@@ -262,7 +278,10 @@ async fn serve_stream(
                 ErrorKind::Overloaded,
                 "The egress node holds too many request bytes from this edge; retry shortly.",
             )
-            .with_code("egress_overloaded");
+            .with_code("egress_overloaded")
+            // Refused before it was read: another egress may take it.
+            .with_source(Source::Egress)
+            .with_retry(Retry::AnotherEgress);
             let _ = write_error(&mut send, &e).await;
             return;
         }
@@ -307,17 +326,23 @@ async fn serve_stream(
                         "The provider did not answer within the request's deadline of {} ms.",
                         meta.deadline.as_millis()
                     ),
-                ))
+                )
+                // The one deadline of the request is spent: nothing is left
+                // for another attempt.
+                .with_retry(Retry::Never))
             })
     };
     // The edge stops the stream when its client goes away: dropping the
     // execute future then closes the provider request.
+    // Biased: a request the edge already withdrew (it stopped waiting for
+    // an acknowledgement and sent it elsewhere) is never started.
     let result = tokio::select! {
-        r = execute => r,
+        biased;
         _ = send.stopped() => {
             tracing::info!(target: "switchyard::backhaul", %request_id, "request cancelled by the edge before the provider answered");
             return;
         }
+        r = execute => r,
     };
     let response = match result {
         Ok(r) => r,
@@ -522,16 +547,57 @@ mod tests {
         frame::encode_message(FrameKind::RequestHeader, &header)
     }
 
-    /// The error code of the stream's response header.
+    /// The error code of the stream's response header (after the ACCEPTED
+    /// frame, when the egress sent one).
     async fn answer(recv: &mut quinn::RecvStream) -> String {
-        let head: wire::ResponseHeader = tokio::time::timeout(
+        answer_and_accepted(recv).await.0
+    }
+
+    async fn answer_and_accepted(recv: &mut quinn::RecvStream) -> (String, bool) {
+        let read = async {
+            let mut accepted = false;
+            loop {
+                let (kind, payload) = frame::read_frame(recv, frame::MAX_HEADER_FRAME)
+                    .await
+                    .unwrap();
+                match kind {
+                    FrameKind::Accepted => accepted = true,
+                    FrameKind::ResponseHeader => {
+                        let head: wire::ResponseHeader = frame::decode(kind, &payload).unwrap();
+                        return (
+                            head.error.and_then(|e| e.code).unwrap_or_default(),
+                            accepted,
+                        );
+                    }
+                    other => panic!("unexpected {other:?} frame"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_egress_acknowledges_a_request_header_at_once() {
+        let pair = Pair::start("accepted", ConnectionLimits::default()).await;
+        assert!(speaks_accepted(&pair.conn), "version 2 was not negotiated");
+        let (mut send, mut recv) = pair.conn.open_bi().await.unwrap();
+        send.write_all(&raw_header()).await.unwrap();
+        // The body is still missing, yet the header is acknowledged.
+        let (kind, len) = tokio::time::timeout(
             Duration::from_secs(10),
-            frame::read_message(recv, FrameKind::ResponseHeader),
+            frame::read_frame_prefix(&mut recv, frame::MAX_HEADER_FRAME),
         )
         .await
         .unwrap()
         .unwrap();
-        head.error.and_then(|e| e.code).unwrap_or_default()
+        assert_eq!((kind, len), (FrameKind::Accepted, 0));
+        send.finish().unwrap();
+        assert_eq!(
+            answer_and_accepted(&mut recv).await,
+            ("unknown_tenant".to_string(), false)
+        );
     }
 
     #[tokio::test]

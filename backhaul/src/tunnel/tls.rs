@@ -27,8 +27,25 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use switchyard_proto::scope::{certificate_has_scope, node_scope_name, EDGE, EGRESS};
 
-/// ALPN of the backhaul; a peer speaking anything else fails the handshake.
+/// ALPN of the backhaul's first version; a peer speaking neither this nor
+/// [`ALPN_V2`] fails the handshake.
 pub const ALPN: &[u8] = b"switchyard-backhaul/1";
+/// Version 2 adds the ACCEPTED frame ([`super::frame::FrameKind::Accepted`]).
+/// Both ends offer it first and keep version 1, so nodes of both versions
+/// keep talking during a rolling deploy.
+pub const ALPN_V2: &[u8] = b"switchyard-backhaul/2";
+
+fn alpn_protocols() -> Vec<Vec<u8>> {
+    vec![ALPN_V2.to_vec(), ALPN.to_vec()]
+}
+
+/// Whether `conn` negotiated [`ALPN_V2`]: its egress sends ACCEPTED frames.
+pub fn speaks_accepted(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == ALPN_V2)
+}
 
 /// Keep-alives make an idle connection prove itself every second, so a dead
 /// egress is noticed after [`IDLE_TIMEOUT`] even when no request is flowing.
@@ -138,7 +155,7 @@ impl NodeTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(config_err)?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = alpn_protocols();
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(config_err)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut t = transport();
@@ -172,7 +189,7 @@ impl NodeTls {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(config_err)?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = alpn_protocols();
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(config_err)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut t = transport();

@@ -4,6 +4,14 @@
 //! status, its low-cardinality metric label, and how to render itself in the
 //! caller's protocol (OpenAI or Anthropic error shape). Nothing here logs; the
 //! layer that handles the error logs it once.
+//!
+//! Every error also says where it came from ([`Source`]) and what may be
+//! tried again ([`Retry`]), in the spirit of pingora-error's `ErrorSource`
+//! and `RetryType`: the egress rotates keys inside a target, the edge moves
+//! between targets and egress nodes, and nothing else retries. Constructors
+//! derive both from the [`ErrorKind`], so an error only states them when it
+//! knows better (a key the provider refused, a request the egress may
+//! already have started).
 
 use serde_json::{json, Value};
 
@@ -84,9 +92,115 @@ impl ErrorKind {
     }
 }
 
+/// Where a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The caller's request is at fault (malformed, unknown model, too big).
+    Client,
+    /// The policy refused it (tenant permissions, residency, limits).
+    Policy,
+    /// The edge itself.
+    Edge,
+    /// The QUIC backhaul between edge and egress.
+    Backhaul,
+    /// The egress node itself (overloaded, wrong protocol version).
+    Egress,
+    /// The provider answered with an error, or did not answer.
+    Provider,
+    /// The provider refused the key the egress used.
+    Key,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Client => "client",
+            Source::Policy => "policy",
+            Source::Edge => "edge",
+            Source::Backhaul => "backhaul",
+            Source::Egress => "egress",
+            Source::Provider => "provider",
+            Source::Key => "key",
+        }
+    }
+}
+
+/// What may be tried again after a failure, narrowest first. Every class
+/// but [`Retry::Never`] also allows moving on to another target: the
+/// request did not do anything a second attempt elsewhere could repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Retry {
+    /// Nothing: the request itself is at fault, or it may already have been
+    /// executed (LLM calls are not idempotent), or its deadline is spent.
+    Never,
+    /// The same target may succeed after a delay (`retry_after` when known).
+    SameTargetAfterDelay,
+    /// Another key of the same pool may succeed.
+    AnotherKey,
+    /// Another target may succeed.
+    AnotherTarget,
+    /// No egress started the request: the same target through another
+    /// egress node is safe, and so is anything else.
+    AnotherEgress,
+}
+
+impl Retry {
+    pub fn label(self) -> &'static str {
+        match self {
+            Retry::Never => "never",
+            Retry::SameTargetAfterDelay => "same_target_after_delay",
+            Retry::AnotherKey => "another_key",
+            Retry::AnotherTarget => "another_target",
+            Retry::AnotherEgress => "another_egress",
+        }
+    }
+}
+
+impl ErrorKind {
+    /// Where an error of this kind comes from unless its creator says.
+    pub fn default_source(self) -> Source {
+        match self {
+            ErrorKind::InvalidRequest
+            | ErrorKind::Unauthorized
+            | ErrorKind::ModelNotFound
+            | ErrorKind::NotFound
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::PayloadTooLarge => Source::Client,
+            ErrorKind::Forbidden => Source::Policy,
+            ErrorKind::RateLimited
+            | ErrorKind::Upstream
+            | ErrorKind::Overloaded
+            | ErrorKind::Timeout => Source::Provider,
+            ErrorKind::Internal => Source::Edge,
+        }
+    }
+
+    /// What may be retried after an error of this kind unless its creator
+    /// says: failures that say nothing about the request itself may succeed
+    /// elsewhere; the rest never will.
+    pub fn default_retry(self) -> Retry {
+        match self {
+            ErrorKind::RateLimited | ErrorKind::Overloaded => Retry::SameTargetAfterDelay,
+            ErrorKind::Upstream | ErrorKind::Timeout => Retry::AnotherTarget,
+            ErrorKind::InvalidRequest
+            | ErrorKind::Unauthorized
+            | ErrorKind::Forbidden
+            | ErrorKind::ModelNotFound
+            | ErrorKind::NotFound
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::PayloadTooLarge
+            | ErrorKind::Internal => Retry::Never,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GatewayError {
     pub kind: ErrorKind,
+    /// Where it came from; defaults from `kind`.
+    pub source: Source,
+    /// What may be tried again; defaults from `kind`.
+    pub retry: Retry,
     pub message: String,
     /// OpenAI `code`, e.g. `model_not_found`.
     pub code: Option<&'static str>,
@@ -108,6 +222,8 @@ impl GatewayError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         GatewayError {
             kind,
+            source: kind.default_source(),
+            retry: kind.default_retry(),
             message: message.into(),
             code: None,
             param: None,
@@ -128,6 +244,45 @@ impl GatewayError {
     pub fn with_retry_after(mut self, retry_after: Option<String>) -> Self {
         self.retry_after = retry_after;
         self
+    }
+
+    pub fn with_source(mut self, source: Source) -> Self {
+        self.source = source;
+        self
+    }
+
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Whether anything at all may be tried again.
+    pub fn is_retryable(&self) -> bool {
+        self.retry != Retry::Never
+    }
+
+    /// Whether the edge may move on to the next target of the plan.
+    pub fn may_try_another_target(&self) -> bool {
+        self.retry != Retry::Never
+    }
+
+    /// Whether the same target may be sent through another egress node:
+    /// only when no egress started the request.
+    pub fn may_try_another_egress(&self) -> bool {
+        self.retry == Retry::AnotherEgress
+    }
+
+    /// Whether the egress may retry the target with another key of its pool.
+    pub fn may_try_another_key(&self) -> bool {
+        self.retry == Retry::AnotherKey
+    }
+
+    /// Whether the same target may be tried again (after `retry_after`).
+    pub fn may_retry_same_target(&self) -> bool {
+        matches!(
+            self.retry,
+            Retry::SameTargetAfterDelay | Retry::AnotherEgress
+        )
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -203,6 +358,56 @@ mod tests {
         let v = GatewayError::new(ErrorKind::Overloaded, "busy").to_anthropic_json();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "overloaded_error");
+    }
+
+    #[test]
+    fn retry_defaults_keep_the_old_failover_rule() {
+        // Before the retry grammar the edge failed over on exactly these kinds.
+        let old = |k: ErrorKind| {
+            matches!(
+                k,
+                ErrorKind::RateLimited
+                    | ErrorKind::Upstream
+                    | ErrorKind::Overloaded
+                    | ErrorKind::Timeout
+            )
+        };
+        for kind in [
+            ErrorKind::InvalidRequest,
+            ErrorKind::Unauthorized,
+            ErrorKind::Forbidden,
+            ErrorKind::ModelNotFound,
+            ErrorKind::NotFound,
+            ErrorKind::MethodNotAllowed,
+            ErrorKind::PayloadTooLarge,
+            ErrorKind::RateLimited,
+            ErrorKind::Upstream,
+            ErrorKind::Overloaded,
+            ErrorKind::Timeout,
+            ErrorKind::Internal,
+        ] {
+            let e = GatewayError::new(kind, "x");
+            assert_eq!(e.may_try_another_target(), old(kind), "{kind:?}");
+            assert_eq!(e.is_retryable(), old(kind), "{kind:?}");
+            assert!(!e.may_try_another_egress(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn an_explicit_class_overrides_the_kind() {
+        let e = GatewayError::new(ErrorKind::Upstream, "taken, then lost")
+            .with_source(Source::Backhaul)
+            .with_retry(Retry::Never);
+        assert!(!e.may_try_another_target());
+        assert_eq!(e.source, Source::Backhaul);
+        let e = GatewayError::new(ErrorKind::Upstream, "never reached an egress")
+            .with_retry(Retry::AnotherEgress);
+        assert!(e.may_try_another_egress() && e.may_try_another_target());
+        assert!(e.may_retry_same_target());
+        let e = GatewayError::new(ErrorKind::Upstream, "key refused")
+            .with_source(Source::Key)
+            .with_retry(Retry::AnotherKey);
+        assert!(e.may_try_another_key() && !e.may_retry_same_target());
     }
 
     #[test]

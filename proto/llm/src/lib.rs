@@ -24,4 +24,4 @@ pub mod passthrough;
 pub mod sse;
 pub mod translate;
 
-pub use error::{ErrorKind, GatewayError};
+pub use error::{ErrorKind, GatewayError, Retry, Source};

@@ -142,6 +142,31 @@ impl NodeProcess {
         }
     }
 
+    /// The process id, while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP: the node stays connected but goes silent (no packets, no
+    /// acknowledgements), like a frozen host. Undo with [`Self::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let Some(pid) = self.pid() else { return };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// SIGKILL: the node vanishes without a goodbye, like a crashed host.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
