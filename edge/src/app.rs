@@ -11,8 +11,8 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use serde_json::json;
 use switchyard_backhaul::{
-    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestObserver, RequestReport,
-    ResponseBody, SharedSnapshot, Upstream,
+    check_model_name, EgressRequest, EgressResponse, Operation, Protocol, RawPath, RawRequest, RequestObserver,
+    RequestReport, ResponseBody, SharedSnapshot, Upstream,
 };
 use switchyard_llm::anthropic;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
@@ -163,6 +163,9 @@ fn route(method: &http::Method, path: &str, query: Option<&str>) -> Result<Endpo
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_string(),
         };
+        // Refused here, before authentication and before any body is read,
+        // so a traversal attempt never gets near the provider.
+        RawPath::parse(&rest).map_err(|e| (e, None))?;
         let provider = provider.to_string();
         return Ok(Endpoint::Passthrough { provider, rest });
     }
@@ -374,6 +377,7 @@ impl EdgeApp {
                     }
                 };
                 let requested = requested_model(&op).to_string();
+                check_model_name(&requested).map_err(|e| (e, None))?;
                 out.model = Some(requested.clone());
                 out.stream = op.is_stream();
                 let plan = plan(&snap, &tenant, &requested, residency.as_deref())
@@ -914,6 +918,15 @@ mod tests {
             _ => panic!("passthrough route"),
         }
         assert!(route(&m, "/passthrough/", None).is_err());
+        for evil in [
+            "/passthrough/p/../../admin/x",
+            "/passthrough/p/%2e%2e/admin",
+            "/passthrough/p/v1%2f..%2fadmin",
+            "/passthrough/p/v1%5cadmin",
+        ] {
+            let (e, _) = route(&m, evil, None).err().unwrap();
+            assert_eq!((e.status(), e.code), (400, Some("invalid_path")), "{evil}");
+        }
     }
 
     #[test]
