@@ -150,7 +150,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let (tls, generated) = tls_files(&args)?;
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let egress = Egress::new(shared.clone()).map_err(|e| anyhow::anyhow!("egress: {e}"))?;
-    let app = EdgeApp::new(shared, Arc::new(egress));
+    let app = EdgeApp::new(shared, Arc::new(egress)).with_simulate_header(true);
     let metrics = app.metrics();
 
     let conf = ServerConf {

@@ -58,8 +58,8 @@ pub mod upstream;
 
 pub use egress::{Egress, SharedSnapshot};
 pub use request::{
-    check_model_name, check_path_model, EgressRequest, EgressResponse, Operation, Protocol, RawPath,
-    RawRequest, RequestObserver, RequestReport, RequestStats, ResponseBody,
+    check_model_name, check_path_model, EgressRequest, EgressResponse, Operation, Protocol,
+    RawPath, RawRequest, RequestObserver, RequestReport, RequestStats, ResponseBody,
 };
 
 /// Where the edge sends a planned request: the in-process [`Egress`] in

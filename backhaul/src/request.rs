@@ -139,7 +139,9 @@ pub fn check_path_model(model: &str) -> Result<(), GatewayError> {
 /// A model name from a client, before any provider sees it: the checks every
 /// provider needs (a model name is never a path, a query or a control sequence).
 pub fn check_model_name(model: &str) -> Result<(), GatewayError> {
-    let bad = model.chars().any(|c| matches!(c, '\\' | '?' | '#' | '%') || c.is_control())
+    let bad = model
+        .chars()
+        .any(|c| matches!(c, '\\' | '?' | '#' | '%') || c.is_control())
         || model.split('/').any(|s| s == "." || s == "..");
     if bad {
         return Err(GatewayError::invalid(format!(
@@ -285,7 +287,10 @@ mod tests {
     #[test]
     fn raw_paths_stay_below_the_base() {
         let p = RawPath::parse("v1beta/models/gemini-pro:generateContent?alt=sse").unwrap();
-        assert_eq!(p.segments, ["v1beta", "models", "gemini-pro:generateContent"]);
+        assert_eq!(
+            p.segments,
+            ["v1beta", "models", "gemini-pro:generateContent"]
+        );
         assert_eq!(p.query, Some("alt=sse"));
         assert_eq!(
             RawPath::parse("v1/files/a%20b").unwrap().segments,

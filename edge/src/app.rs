@@ -11,8 +11,8 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use serde_json::json;
 use switchyard_backhaul::{
-    check_model_name, EgressRequest, EgressResponse, Operation, Protocol, RawPath, RawRequest, RequestObserver,
-    RequestReport, ResponseBody, SharedSnapshot, Upstream,
+    check_model_name, EgressRequest, EgressResponse, Operation, Protocol, RawPath, RawRequest,
+    RequestObserver, RequestReport, ResponseBody, SharedSnapshot, Upstream,
 };
 use switchyard_llm::anthropic;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
@@ -33,6 +33,9 @@ pub struct EdgeApp {
     /// Where this edge runs; stated on answers it gives itself.
     region: String,
     observer: Option<Arc<dyn RequestObserver>>,
+    /// Honour `x-switchyard-simulate` for every provider (`switchyard dev`);
+    /// otherwise only where the policy allows it per simulated provider.
+    simulate_header: bool,
 }
 
 impl EdgeApp {
@@ -43,12 +46,20 @@ impl EdgeApp {
             metrics: Arc::new(EdgeMetrics::new()),
             region: "local".to_string(),
             observer: None,
+            simulate_header: false,
         }
     }
 
     /// Reports every proxied request (e.g. to the control plane's scores).
     pub fn with_observer(mut self, observer: Arc<dyn RequestObserver>) -> Self {
         self.observer = Some(observer);
+        self
+    }
+
+    /// Honours `x-switchyard-simulate` whatever the policy says: for a
+    /// development gateway, never for an edge facing real clients.
+    pub fn with_simulate_header(mut self, on: bool) -> Self {
+        self.simulate_header = on;
         self
     }
 
@@ -135,6 +146,8 @@ const RAW_HEADERS: &[&str] = &[
 ];
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Fault and timing injection for the simulated provider (see its docs).
+const SIMULATE_HEADER: &str = "x-switchyard-simulate";
 /// Client-supplied request ids are echoed only when short and printable.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -415,10 +428,38 @@ impl EdgeApp {
                 }
             }
         };
-        let simulate = session
-            .get_header("x-switchyard-simulate")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let simulate_for = |t: &PlannedTarget| {
+            self.simulate_header
+                || snap
+                    .providers
+                    .get(&t.target.provider)
+                    .and_then(|p| p.simulated.as_ref())
+                    .is_some_and(|s| s.allow_header)
+        };
+        let simulate = match session.get_header(SIMULATE_HEADER) {
+            None => None,
+            // Refused rather than ignored: a caller testing its failure
+            // handling against an edge that would silently serve real
+            // answers would draw the wrong conclusions.
+            Some(_) if !plan.targets.iter().any(simulate_for) => {
+                return Err((
+                    GatewayError::invalid(
+                        "The x-switchyard-simulate header is honoured only by `switchyard dev`, or for simulated providers whose policy sets `simulated.allow_header: true`; remove it.",
+                    )
+                    .with_code("simulate_not_allowed"),
+                    None,
+                ))
+            }
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| {
+                        let e = GatewayError::invalid("The x-switchyard-simulate header is not ASCII.")
+                            .with_code("invalid_simulate_header");
+                        (e, None)
+                    })?
+                    .to_string(),
+            ),
+        };
         let forward_headers = copy_headers(session, FORWARDED_HEADERS);
         let attempts = plan.targets.len();
         let mut op = Some(op);
@@ -435,7 +476,7 @@ impl EdgeApp {
                 tenant: tenant.id.clone(),
                 target: planned.target.clone(),
                 op: this_op,
-                simulate: simulate.clone(),
+                simulate: simulate.clone().filter(|_| simulate_for(planned)),
                 received_at,
                 inbound: out.protocol,
                 forward_headers: forward_headers.clone(),
