@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use serde_json::json;
@@ -23,6 +23,7 @@ use switchyard_proto::{
 };
 
 use crate::auth::authenticate;
+use crate::guard::EdgeLimits;
 use crate::metrics::{EdgeMetrics, Observation};
 use crate::respond::{self, Common};
 
@@ -36,6 +37,8 @@ pub struct EdgeApp {
     /// Honour `x-switchyard-simulate` for every provider (`switchyard dev`);
     /// otherwise only where the policy allows it per simulated provider.
     simulate_header: bool,
+    limits: EdgeLimits,
+    server_options: HttpServerOptions,
 }
 
 impl EdgeApp {
@@ -47,6 +50,8 @@ impl EdgeApp {
             region: "local".to_string(),
             observer: None,
             simulate_header: false,
+            limits: EdgeLimits::default(),
+            server_options: server_options(&EdgeLimits::default()),
         }
     }
 
@@ -61,6 +66,16 @@ impl EdgeApp {
     pub fn with_simulate_header(mut self, on: bool) -> Self {
         self.simulate_header = on;
         self
+    }
+
+    pub fn with_limits(mut self, limits: EdgeLimits) -> Self {
+        self.server_options = server_options(&limits);
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &EdgeLimits {
+        &self.limits
     }
 
     pub fn with_region(mut self, region: impl Into<String>) -> Self {
@@ -79,6 +94,14 @@ impl EdgeApp {
     pub fn metrics(&self) -> Arc<EdgeMetrics> {
         self.metrics.clone()
     }
+}
+
+fn server_options(limits: &EdgeLimits) -> HttpServerOptions {
+    let mut o = HttpServerOptions::default();
+    // An HTTP/2 connection with no stream open is as idle as a kept-alive
+    // HTTP/1.1 one waiting for its next request.
+    o.h2_idle_timeout = Some(limits.header_timeout);
+    o
 }
 
 /// What one request did, for its access-log line.
@@ -217,8 +240,29 @@ fn route(method: &http::Method, path: &str, query: Option<&str>) -> Result<Endpo
     Ok(endpoint)
 }
 
+/// Reads the whole request body within `deadline` (a total, so a body
+/// trickled a byte at a time cannot hold the connection).
+async fn read_body(
+    session: &mut ServerSession,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, GatewayError> {
+    tokio::time::timeout(deadline, read_body_bytes(session, limit))
+        .await
+        .unwrap_or_else(|_| {
+            Err(GatewayError::new(
+                ErrorKind::RequestTimeout,
+                format!(
+                    "The request body did not arrive within {} ms.",
+                    deadline.as_millis()
+                ),
+            )
+            .with_code("request_timeout"))
+        })
+}
+
 /// Reads the whole request body, refusing more than `limit` bytes.
-async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Bytes, GatewayError> {
+async fn read_body_bytes(session: &mut ServerSession, limit: usize) -> Result<Bytes, GatewayError> {
     let too_large = || {
         GatewayError::new(
             ErrorKind::PayloadTooLarge,
@@ -349,7 +393,7 @@ impl EdgeApp {
                     region: p.region.clone(),
                     jurisdiction: p.jurisdiction.clone(),
                 };
-                let body = read_body(session, limit).await.map_err(|e| (e, None))?;
+                let body = read_body(session, limit, self.limits.body_timeout).await.map_err(|e| (e, None))?;
                 out.model = Some(wildcard);
                 let raw = RawRequest {
                     method: session.req_header().method.to_string(),
@@ -364,7 +408,7 @@ impl EdgeApp {
                 (Operation::Raw(raw), plan)
             }
             Endpoint::Chat | Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
-                let body = read_body(session, limit).await.map_err(|e| (e, None))?;
+                let body = read_body(session, limit, self.limits.body_timeout).await.map_err(|e| (e, None))?;
                 let op = match endpoint {
                     Endpoint::Chat => {
                         Operation::Chat(ChatRequest::parse(&body).map_err(|e| (e, None))?)
@@ -771,18 +815,27 @@ fn models_list(snap: &Snapshot, tenant: &TenantSnapshot) -> Bytes {
 
 #[async_trait]
 impl HttpServerApp for EdgeApp {
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.server_options)
+    }
+
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return None,
+        // Pingora's timeouts are per read; a client sending a byte now and
+        // then would never hit them, so the whole header gets one deadline.
+        match tokio::time::timeout(self.limits.header_timeout, session.read_request()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false) | Err(_)) | Err(_) => return None,
         }
         let received_at = Instant::now();
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(75) });
-        session.set_read_timeout(Some(Duration::from_secs(60)));
+        // The next request on this connection must start within the same
+        // deadline (0 would mean "forever" to Pingora).
+        let idle = self.limits.header_timeout.as_secs().max(1);
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(idle) });
+        session.set_read_timeout(Some(self.limits.body_timeout));
         // A client that closes its side mid-request has gone away: treat
         // EOF as abort so the provider call is cancelled, not left running.
         session.set_abort_on_close(true);
