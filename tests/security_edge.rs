@@ -79,14 +79,22 @@ async fn passthrough_traversal_is_refused_before_the_provider() {
         assert_eq!(body["error"]["type"], "invalid_request_error", "{path}");
     }
     // The Gemini adapter puts the model in the URL path.
-    let chat = json!({"model": "gemini/../../admin/x?", "messages": [{"role": "user", "content": "hi"}]})
-        .to_string();
+    let chat =
+        json!({"model": "gemini/../../admin/x?", "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
     let (status, body) = raw_request(gw.http_addr, post("/v1/chat/completions", "", &chat)).await;
-    assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_model")), "{body}");
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_model")),
+        "{body}"
+    );
     for model in ["gemini/..%2f..%2fadmin", "gemini/a#b", "gemini/%2e%2e"] {
         let chat = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
-        let (status, body) =
-            raw_request(gw.http_addr, post("/v1/chat/completions", "", &chat.to_string())).await;
+        let (status, body) = raw_request(
+            gw.http_addr,
+            post("/v1/chat/completions", "", &chat.to_string()),
+        )
+        .await;
         assert_eq!(status, 400, "{model}: {body}");
     }
     // Anthropic callers get Anthropic's error shape.
@@ -104,8 +112,11 @@ async fn passthrough_traversal_is_refused_before_the_provider() {
         mock.requests()
     );
     // The mock does count: a clean passthrough path reaches it, below the base.
-    let (status, _) =
-        raw_request(gw.http_addr, post("/passthrough/openai/responses", "", "{}")).await;
+    let (status, _) = raw_request(
+        gw.http_addr,
+        post("/passthrough/openai/responses", "", "{}"),
+    )
+    .await;
     assert!(status < 500, "{status}");
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
@@ -142,7 +153,10 @@ async fn simulate_header_values_are_finite_and_bounded() {
             );
             let (status, body) = raw_request(gw.http_addr, req).await;
             assert_eq!(status, 400, "{directive}: {body}");
-            assert_eq!(body["error"]["code"], "invalid_simulate_header", "{directive}");
+            assert_eq!(
+                body["error"]["code"], "invalid_simulate_header",
+                "{directive}"
+            );
         }
     }
     // Nothing panicked and the gateway still answers, with bounded values too.
@@ -192,8 +206,11 @@ async fn simulate_header_is_refused_on_an_edge_unless_the_policy_allows_it() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "simulate_not_allowed");
     // Without the header the same edge serves the request.
-    let (status, body) =
-        raw_request(edge.http_addr, post("/v1/chat/completions", "", &chat_body("hi"))).await;
+    let (status, body) = raw_request(
+        edge.http_addr,
+        post("/v1/chat/completions", "", &chat_body("hi")),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
 
     let edge = EdgeNode::start(Path::new(BIN), "eu", &open, &certs, &to_egress, &[]);
@@ -259,7 +276,10 @@ async fn trickling_clients_are_cut_at_the_deadlines() {
     // A header that never ends.
     let s = TcpStream::connect(gw.http_addr).await.unwrap();
     let (_, lived) = trickle(s, b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: ", b"a").await;
-    assert!(lived < BOUND, "header trickle held the connection {lived:?}");
+    assert!(
+        lived < BOUND,
+        "header trickle held the connection {lived:?}"
+    );
 
     // A complete header, then a body that never ends: 408 in OpenAI's shape.
     let s = TcpStream::connect(gw.http_addr).await.unwrap();
@@ -282,8 +302,11 @@ async fn trickling_clients_are_cut_at_the_deadlines() {
     assert!(lived < BOUND, "TLS trickle held the connection {lived:?}");
 
     // Honest clients are unaffected.
-    let (status, _) =
-        raw_request(gw.http_addr, post("/v1/chat/completions", "", &chat_body("hi"))).await;
+    let (status, _) = raw_request(
+        gw.http_addr,
+        post("/v1/chat/completions", "", &chat_body("hi")),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -337,9 +360,15 @@ async fn connection_limits_refuse_the_next_connection() {
     for flag in ["--max-connections-per-ip", "--max-connections"] {
         let gw = Gateway::start(GatewayOptions::new(BIN).arg(flag).arg("2"));
         let mut held = hold(gw.http_addr, 2).await;
-        assert!(refused(gw.http_addr).await, "{flag}: third connection served");
+        assert!(
+            refused(gw.http_addr).await,
+            "{flag}: third connection served"
+        );
         // The TLS port shares the count and refuses before any handshake.
-        assert!(refused(gw.https_addr).await, "{flag}: TLS connection served");
+        assert!(
+            refused(gw.https_addr).await,
+            "{flag}: TLS connection served"
+        );
         // A closed connection gives its slot back.
         drop(held.pop());
         let again = hold(gw.http_addr, 1).await;

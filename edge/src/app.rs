@@ -393,7 +393,9 @@ impl EdgeApp {
                     region: p.region.clone(),
                     jurisdiction: p.jurisdiction.clone(),
                 };
-                let body = read_body(session, limit, self.limits.body_timeout).await.map_err(|e| (e, None))?;
+                let body = read_body(session, limit, self.limits.body_timeout)
+                    .await
+                    .map_err(|e| (e, None))?;
                 out.model = Some(wildcard);
                 let raw = RawRequest {
                     method: session.req_header().method.to_string(),
@@ -408,7 +410,9 @@ impl EdgeApp {
                 (Operation::Raw(raw), plan)
             }
             Endpoint::Chat | Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
-                let body = read_body(session, limit, self.limits.body_timeout).await.map_err(|e| (e, None))?;
+                let body = read_body(session, limit, self.limits.body_timeout)
+                    .await
+                    .map_err(|e| (e, None))?;
                 let op = match endpoint {
                     Endpoint::Chat => {
                         Operation::Chat(ChatRequest::parse(&body).map_err(|e| (e, None))?)

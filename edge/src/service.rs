@@ -30,9 +30,8 @@ pub fn edge_service(
     let acceptor = match tls {
         None => None,
         Some((addr, files)) => {
-            let bad = |what: String| {
-                pingora::Error::explain(pingora::ErrorType::InternalError, what)
-            };
+            let bad =
+                |what: String| pingora::Error::explain(pingora::ErrorType::InternalError, what);
             let addr: SocketAddr = addr
                 .parse()
                 .map_err(|e| bad(format!("TLS listen address {addr}: {e}")))?;
