@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use switchyard_backhaul::Egress;
 use switchyard_control::{compile, parse_policy, CompileOptions, PolicyDocument};
 use switchyard_edge::service::{edge_service, metrics_service, TlsFiles};
-use switchyard_edge::EdgeApp;
+use switchyard_edge::{EdgeApp, EdgeLimits};
 use switchyard_proto::{KeyHash, TenantSnapshot};
 
 const DEFAULT_CONFIG: &str = "deploy/dev/switchyard.yaml";
@@ -39,6 +39,42 @@ pub struct DevArgs {
     /// Worker threads of the edge.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    #[command(flatten)]
+    limits: EdgeLimitArgs,
+}
+
+/// What one client may hold on the edge (`switchyard dev` and `switchyard edge`).
+#[derive(clap::Args)]
+pub struct EdgeLimitArgs {
+    /// Deadline for a request's whole header (and for the next request on a
+    /// kept-alive connection), in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_ms: u64,
+    /// Deadline for a request's whole body, in milliseconds.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout_ms: u64,
+    /// Deadline for the TLS handshake, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tls_handshake_timeout_ms: u64,
+    /// Open client connections on this edge; more are closed at once.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Open client connections from one IP address; more are closed at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections_per_ip: u64,
+}
+
+impl EdgeLimitArgs {
+    pub fn limits(&self) -> EdgeLimits {
+        use std::time::Duration;
+        EdgeLimits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+            max_connections: self.max_connections as usize,
+            max_connections_per_ip: self.max_connections_per_ip as usize,
+        }
+    }
 }
 
 fn load_policy(path: &Path) -> anyhow::Result<PolicyDocument> {
@@ -150,7 +186,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let (tls, generated) = tls_files(&args)?;
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let egress = Egress::new(shared.clone()).map_err(|e| anyhow::anyhow!("egress: {e}"))?;
-    let app = EdgeApp::new(shared, Arc::new(egress));
+    let app = EdgeApp::new(shared, Arc::new(egress))
+        .with_simulate_header(true)
+        .with_limits(args.limits.limits());
     let metrics = app.metrics();
 
     let conf = ServerConf {

@@ -175,6 +175,8 @@ pub struct EdgeArgs {
     /// Worker threads of the edge.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    #[command(flatten)]
+    limits: crate::dev::EdgeLimitArgs,
 }
 
 #[derive(clap::Args)]
@@ -411,7 +413,9 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let mut app = EdgeApp::new(shared.clone(), router.clone()).with_region(args.region.clone());
+    let mut app = EdgeApp::new(shared.clone(), router.clone())
+        .with_region(args.region.clone())
+        .with_limits(args.limits.limits());
     if let Some(a) = &agent {
         app = app.with_observer(Arc::new(TelemetryObserver {
             handle: a.telemetry(),

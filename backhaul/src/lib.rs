@@ -59,8 +59,8 @@ pub mod upstream;
 pub use dns::DnsError;
 pub use egress::{Egress, SharedSnapshot};
 pub use request::{
-    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestObserver, RequestReport,
-    RequestStats, ResponseBody,
+    check_model_name, check_path_model, EgressRequest, EgressResponse, Operation, Protocol,
+    RawPath, RawRequest, RequestObserver, RequestReport, RequestStats, ResponseBody,
 };
 pub use tunnel::client::{AddressError, DialError};
 pub use upstream::ClientError;

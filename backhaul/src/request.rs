@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde_json::{Map, Value};
 use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use switchyard_llm::GatewayError;
 use switchyard_proto::RouteTarget;
 
 /// The API the caller speaks: answers and errors go back in its shape.
@@ -43,6 +44,113 @@ pub struct RawRequest {
     /// Client headers worth forwarding (content type, API version/beta flags).
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+}
+
+/// A raw passthrough path split into decoded segments and a query, refused
+/// when it could leave the provider's `base_url` prefix: `.`/`..` segments
+/// (plain or percent-encoded), encoded slashes or backslashes, a literal `%`
+/// after decoding (a second decoding upstream could still make `..`), and
+/// control characters. The edge checks this to answer early; the egress
+/// checks again because it builds the URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawPath<'a> {
+    pub segments: Vec<String>,
+    pub query: Option<&'a str>,
+}
+
+impl<'a> RawPath<'a> {
+    pub fn parse(path_and_query: &'a str) -> Result<Self, GatewayError> {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let bad = |why: &str| {
+            GatewayError::invalid(format!("The passthrough path is not allowed: {why}."))
+                .with_code("invalid_path")
+        };
+        if query.is_some_and(|q| q.bytes().any(|b| b == b'#' || b.is_ascii_control())) {
+            return Err(bad("the query holds a fragment or control characters"));
+        }
+        let mut segments = Vec::new();
+        for raw in path.trim_start_matches('/').split('/') {
+            if raw.contains('\\') {
+                return Err(bad("backslashes are not allowed"));
+            }
+            let decoded = percent_decode_strict(raw)
+                .ok_or_else(|| bad("a segment is not valid percent-encoded UTF-8"))?;
+            if decoded == "." || decoded == ".." {
+                return Err(bad("`.` and `..` segments are not allowed"));
+            }
+            if decoded.contains(['/', '\\']) {
+                return Err(bad("encoded slashes are not allowed"));
+            }
+            if decoded.contains('%') {
+                return Err(bad("double percent-encoding is not allowed"));
+            }
+            if decoded.chars().any(char::is_control) {
+                return Err(bad("control characters are not allowed"));
+            }
+            segments.push(decoded);
+        }
+        Ok(RawPath { segments, query })
+    }
+}
+
+/// Percent-decoding that refuses malformed escapes instead of guessing.
+fn percent_decode_strict(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A model name that is safe to put in a URL path segment (Gemini puts it
+/// there): no separators, no `.`/`..`, nothing a URL parser or a provider's
+/// path normaliser would read as structure.
+pub fn check_path_model(model: &str) -> Result<(), GatewayError> {
+    let bad = model.is_empty()
+        || model == "."
+        || model == ".."
+        || model.starts_with("..")
+        || model
+            .chars()
+            .any(|c| matches!(c, '/' | '\\' | '?' | '#' | '%') || c.is_control() || c == ' ');
+    if bad {
+        return Err(GatewayError::invalid(format!(
+            "The model name {model:?} cannot be sent to this provider: it must not contain `/`, `\\`, `?`, `#`, `%`, spaces or control characters."
+        ))
+        .with_code("invalid_model")
+        .with_param("model"));
+    }
+    Ok(())
+}
+
+/// A model name from a client, before any provider sees it: the checks every
+/// provider needs (a model name is never a path, a query or a control sequence).
+pub fn check_model_name(model: &str) -> Result<(), GatewayError> {
+    let bad = model
+        .chars()
+        .any(|c| matches!(c, '\\' | '?' | '#' | '%') || c.is_control())
+        || model.split('/').any(|s| s == "." || s == "..");
+    if bad {
+        return Err(GatewayError::invalid(format!(
+            "The model name {model:?} is not valid: it must not contain `..` segments, `\\`, `?`, `#`, `%` or control characters."
+        ))
+        .with_code("invalid_model")
+        .with_param("model"));
+    }
+    Ok(())
 }
 
 impl Operation {
@@ -169,5 +277,57 @@ impl RequestStats {
 
     pub fn stream_failed(&self) -> bool {
         self.stream_failed.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_paths_stay_below_the_base() {
+        let p = RawPath::parse("v1beta/models/gemini-pro:generateContent?alt=sse").unwrap();
+        assert_eq!(
+            p.segments,
+            ["v1beta", "models", "gemini-pro:generateContent"]
+        );
+        assert_eq!(p.query, Some("alt=sse"));
+        assert_eq!(
+            RawPath::parse("v1/files/a%20b").unwrap().segments,
+            ["v1", "files", "a b"]
+        );
+        for evil in [
+            "../admin/x",
+            "v1/../../admin",
+            "v1/./x",
+            "%2e%2e/admin",
+            "%2E%2e/admin",
+            ".%2e/admin",
+            "v1%2f..%2fadmin",
+            "v1%2F..",
+            "v1%5c..%5cadmin",
+            "v1\\..\\admin",
+            "v1/%252e%252e/admin",
+            "v1/%00",
+            "v1/%0d%0aHost:x",
+            "v1/%zz",
+            "v1/%c3",
+            "v1?a#b",
+        ] {
+            assert!(RawPath::parse(evil).is_err(), "{evil} accepted");
+        }
+    }
+
+    #[test]
+    fn model_names_that_would_be_paths_are_refused() {
+        check_path_model("gemini-1.5-pro").unwrap();
+        check_model_name("meta-llama/Llama-3-8b").unwrap();
+        check_model_name("ft:gpt-4o-mini:org::id").unwrap();
+        for evil in ["../../admin/x?", "a/b", "a?b", "a#b", "..", "a%2fb", "a\nb"] {
+            assert!(check_path_model(evil).is_err(), "{evil}");
+        }
+        for evil in ["../../admin/x", "m/..", "a?b", "a#b", "a%2e", "a\r"] {
+            assert!(check_model_name(evil).is_err(), "{evil}");
+        }
     }
 }

@@ -158,6 +158,10 @@ pub struct SimulatedDoc {
     /// Per-model overrides of the defaults.
     #[serde(default)]
     pub models: BTreeMap<String, ProfileDoc>,
+    /// Honour the client's `x-switchyard-simulate` header for this provider
+    /// on edges other than `switchyard dev` (off: such edges refuse it).
+    #[serde(default)]
+    pub allow_header: bool,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -1168,6 +1172,7 @@ fn simulated_settings(
     SimulatedSettings {
         default_profile: base,
         models,
+        allow_header: doc.allow_header,
     }
 }
 

@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use serde_json::json;
 use switchyard_backhaul::{
-    EgressRequest, EgressResponse, Operation, Protocol, RawRequest, RequestObserver, RequestReport,
-    ResponseBody, SharedSnapshot, Upstream,
+    check_model_name, EgressRequest, EgressResponse, Operation, Protocol, RawPath, RawRequest,
+    RequestObserver, RequestReport, ResponseBody, SharedSnapshot, Upstream,
 };
 use switchyard_llm::anthropic;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
@@ -23,6 +23,7 @@ use switchyard_proto::{
 };
 
 use crate::auth::authenticate;
+use crate::guard::EdgeLimits;
 use crate::metrics::{EdgeMetrics, Observation};
 use crate::respond::{self, Common};
 
@@ -33,6 +34,11 @@ pub struct EdgeApp {
     /// Where this edge runs; stated on answers it gives itself.
     region: String,
     observer: Option<Arc<dyn RequestObserver>>,
+    /// Honour `x-switchyard-simulate` for every provider (`switchyard dev`);
+    /// otherwise only where the policy allows it per simulated provider.
+    simulate_header: bool,
+    limits: EdgeLimits,
+    server_options: HttpServerOptions,
 }
 
 impl EdgeApp {
@@ -43,6 +49,9 @@ impl EdgeApp {
             metrics: Arc::new(EdgeMetrics::new()),
             region: "local".to_string(),
             observer: None,
+            simulate_header: false,
+            limits: EdgeLimits::default(),
+            server_options: server_options(&EdgeLimits::default()),
         }
     }
 
@@ -50,6 +59,23 @@ impl EdgeApp {
     pub fn with_observer(mut self, observer: Arc<dyn RequestObserver>) -> Self {
         self.observer = Some(observer);
         self
+    }
+
+    /// Honours `x-switchyard-simulate` whatever the policy says: for a
+    /// development gateway, never for an edge facing real clients.
+    pub fn with_simulate_header(mut self, on: bool) -> Self {
+        self.simulate_header = on;
+        self
+    }
+
+    pub fn with_limits(mut self, limits: EdgeLimits) -> Self {
+        self.server_options = server_options(&limits);
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &EdgeLimits {
+        &self.limits
     }
 
     pub fn with_region(mut self, region: impl Into<String>) -> Self {
@@ -68,6 +94,14 @@ impl EdgeApp {
     pub fn metrics(&self) -> Arc<EdgeMetrics> {
         self.metrics.clone()
     }
+}
+
+fn server_options(limits: &EdgeLimits) -> HttpServerOptions {
+    let mut o = HttpServerOptions::default();
+    // An HTTP/2 connection with no stream open is as idle as a kept-alive
+    // HTTP/1.1 one waiting for its next request.
+    o.h2_idle_timeout = Some(limits.header_timeout);
+    o
 }
 
 /// What one request did, for its access-log line.
@@ -135,6 +169,8 @@ const RAW_HEADERS: &[&str] = &[
 ];
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Fault and timing injection for the simulated provider (see its docs).
+const SIMULATE_HEADER: &str = "x-switchyard-simulate";
 /// Client-supplied request ids are echoed only when short and printable.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -163,6 +199,9 @@ fn route(method: &http::Method, path: &str, query: Option<&str>) -> Result<Endpo
             Some(q) => format!("{rest}?{q}"),
             None => rest.to_string(),
         };
+        // Refused here, before authentication and before any body is read,
+        // so a traversal attempt never gets near the provider.
+        RawPath::parse(&rest).map_err(|e| (e, None))?;
         let provider = provider.to_string();
         return Ok(Endpoint::Passthrough { provider, rest });
     }
@@ -201,8 +240,29 @@ fn route(method: &http::Method, path: &str, query: Option<&str>) -> Result<Endpo
     Ok(endpoint)
 }
 
+/// Reads the whole request body within `deadline` (a total, so a body
+/// trickled a byte at a time cannot hold the connection).
+async fn read_body(
+    session: &mut ServerSession,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, GatewayError> {
+    tokio::time::timeout(deadline, read_body_bytes(session, limit))
+        .await
+        .unwrap_or_else(|_| {
+            Err(GatewayError::new(
+                ErrorKind::RequestTimeout,
+                format!(
+                    "The request body did not arrive within {} ms.",
+                    deadline.as_millis()
+                ),
+            )
+            .with_code("request_timeout"))
+        })
+}
+
 /// Reads the whole request body, refusing more than `limit` bytes.
-async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Bytes, GatewayError> {
+async fn read_body_bytes(session: &mut ServerSession, limit: usize) -> Result<Bytes, GatewayError> {
     let too_large = || {
         GatewayError::new(
             ErrorKind::PayloadTooLarge,
@@ -333,7 +393,9 @@ impl EdgeApp {
                     region: p.region.clone(),
                     jurisdiction: p.jurisdiction.clone(),
                 };
-                let body = read_body(session, limit).await.map_err(|e| (e, None))?;
+                let body = read_body(session, limit, self.limits.body_timeout)
+                    .await
+                    .map_err(|e| (e, None))?;
                 out.model = Some(wildcard);
                 let raw = RawRequest {
                     method: session.req_header().method.to_string(),
@@ -348,7 +410,9 @@ impl EdgeApp {
                 (Operation::Raw(raw), plan)
             }
             Endpoint::Chat | Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
-                let body = read_body(session, limit).await.map_err(|e| (e, None))?;
+                let body = read_body(session, limit, self.limits.body_timeout)
+                    .await
+                    .map_err(|e| (e, None))?;
                 let op = match endpoint {
                     Endpoint::Chat => {
                         Operation::Chat(ChatRequest::parse(&body).map_err(|e| (e, None))?)
@@ -374,6 +438,7 @@ impl EdgeApp {
                     }
                 };
                 let requested = requested_model(&op).to_string();
+                check_model_name(&requested).map_err(|e| (e, None))?;
                 out.model = Some(requested.clone());
                 out.stream = op.is_stream();
                 let plan = plan(&snap, &tenant, &requested, residency.as_deref())
@@ -411,10 +476,38 @@ impl EdgeApp {
                 }
             }
         };
-        let simulate = session
-            .get_header("x-switchyard-simulate")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let simulate_for = |t: &PlannedTarget| {
+            self.simulate_header
+                || snap
+                    .providers
+                    .get(&t.target.provider)
+                    .and_then(|p| p.simulated.as_ref())
+                    .is_some_and(|s| s.allow_header)
+        };
+        let simulate = match session.get_header(SIMULATE_HEADER) {
+            None => None,
+            // Refused rather than ignored: a caller testing its failure
+            // handling against an edge that would silently serve real
+            // answers would draw the wrong conclusions.
+            Some(_) if !plan.targets.iter().any(simulate_for) => {
+                return Err((
+                    GatewayError::invalid(
+                        "The x-switchyard-simulate header is honoured only by `switchyard dev`, or for simulated providers whose policy sets `simulated.allow_header: true`; remove it.",
+                    )
+                    .with_code("simulate_not_allowed"),
+                    None,
+                ))
+            }
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| {
+                        let e = GatewayError::invalid("The x-switchyard-simulate header is not ASCII.")
+                            .with_code("invalid_simulate_header");
+                        (e, None)
+                    })?
+                    .to_string(),
+            ),
+        };
         let forward_headers = copy_headers(session, FORWARDED_HEADERS);
         let attempts = plan.targets.len();
         let mut op = Some(op);
@@ -431,7 +524,7 @@ impl EdgeApp {
                 tenant: tenant.id.clone(),
                 target: planned.target.clone(),
                 op: this_op,
-                simulate: simulate.clone(),
+                simulate: simulate.clone().filter(|_| simulate_for(planned)),
                 received_at,
                 inbound: out.protocol,
                 forward_headers: forward_headers.clone(),
@@ -726,18 +819,27 @@ fn models_list(snap: &Snapshot, tenant: &TenantSnapshot) -> Bytes {
 
 #[async_trait]
 impl HttpServerApp for EdgeApp {
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.server_options)
+    }
+
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return None,
+        // Pingora's timeouts are per read; a client sending a byte now and
+        // then would never hit them, so the whole header gets one deadline.
+        match tokio::time::timeout(self.limits.header_timeout, session.read_request()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false) | Err(_)) | Err(_) => return None,
         }
         let received_at = Instant::now();
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(75) });
-        session.set_read_timeout(Some(Duration::from_secs(60)));
+        // The next request on this connection must start within the same
+        // deadline (0 would mean "forever" to Pingora).
+        let idle = self.limits.header_timeout.as_secs().max(1);
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(idle) });
+        session.set_read_timeout(Some(self.limits.body_timeout));
         // A client that closes its side mid-request has gone away: treat
         // EOF as abort so the provider call is cancelled, not left running.
         session.set_abort_on_close(true);
@@ -914,6 +1016,15 @@ mod tests {
             _ => panic!("passthrough route"),
         }
         assert!(route(&m, "/passthrough/", None).is_err());
+        for evil in [
+            "/passthrough/p/../../admin/x",
+            "/passthrough/p/%2e%2e/admin",
+            "/passthrough/p/v1%2f..%2fadmin",
+            "/passthrough/p/v1%5cadmin",
+        ] {
+            let (e, _) = route(&m, evil, None).err().unwrap();
+            assert_eq!((e.status(), e.code), (400, Some("invalid_path")), "{evil}");
+        }
     }
 
     #[test]

@@ -12,9 +12,11 @@
 
 pub mod app;
 pub mod auth;
+pub mod guard;
 pub mod metrics;
 pub mod respond;
 pub mod service;
 
 pub use app::EdgeApp;
+pub use guard::EdgeLimits;
 pub use switchyard_backhaul::Upstream;

@@ -233,6 +233,9 @@ pub struct RegionSnapshot {
 pub struct SimulatedSettings {
     pub default_profile: SimulatedProfile,
     pub models: HashMap<String, SimulatedProfile>,
+    /// Edges other than `switchyard dev` honour the client's
+    /// `x-switchyard-simulate` header for this provider only when set.
+    pub allow_header: bool,
 }
 
 impl SimulatedSettings {

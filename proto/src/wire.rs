@@ -200,6 +200,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                             .iter()
                             .map(|(m, prof)| (m.clone(), profile_to_wire(prof)))
                             .collect(),
+                        allow_header: sim.allow_header,
                     }),
                 };
                 (name.clone(), msg)
@@ -420,6 +421,7 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
             Some(SimulatedSettings {
                 default_profile,
                 models,
+                allow_header: sim.allow_header,
             })
         }
     };

@@ -5,8 +5,11 @@ use serde_json::Value;
 use switchyard_llm::gemini;
 use switchyard_llm::GatewayError;
 
-use super::{byte_stream, full_body, post_json, unsupported, CallContext, Provider, ProviderReply};
-use crate::request::Operation;
+use super::{
+    byte_stream, endpoint_url, full_body, post_json, unsupported, CallContext, Provider,
+    ProviderReply,
+};
+use crate::request::{check_path_model, Operation};
 
 pub struct GeminiAdapter;
 
@@ -23,7 +26,12 @@ impl Provider for GeminiAdapter {
     async fn call(&self, ctx: CallContext<'_>) -> Result<ProviderReply, GatewayError> {
         let model = &ctx.request.target.model;
         let provider = ctx.provider.name.as_str();
-        let base = &ctx.provider.base_url;
+        // The model goes into the URL path: it must stay one segment.
+        check_path_model(model)?;
+        let url = |method: &str, query: Option<&str>| {
+            let segment = format!("{model}:{method}");
+            endpoint_url(ctx.provider, &["v1beta", "models", &segment], query)
+        };
         let headers: Vec<(&'static str, &str)> = ctx
             .key
             .map(|k| ("x-goog-api-key", k.expose()))
@@ -33,9 +41,9 @@ impl Provider for GeminiAdapter {
             Operation::Chat(chat) => {
                 let body = gemini::chat_request(chat, model)?;
                 let url = if chat.stream {
-                    format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
+                    url("streamGenerateContent", Some("alt=sse"))?
                 } else {
-                    format!("{base}/v1beta/models/{model}:generateContent")
+                    url("generateContent", None)?
                 };
                 let resp = post_json(
                     &ctx,
@@ -61,7 +69,7 @@ impl Provider for GeminiAdapter {
             }
             Operation::Embeddings(e) => {
                 let body: Value = gemini::embed_request(e, model);
-                let url = format!("{base}/v1beta/models/{model}:batchEmbedContents");
+                let url = url("batchEmbedContents", None)?;
                 let resp = post_json(
                     &ctx,
                     url,

@@ -65,12 +65,34 @@ pub(crate) fn unsupported(provider: &ProviderSnapshot, what: &str) -> GatewayErr
     ))
 }
 
+/// The provider's `base_url` with `segments` appended as path segments
+/// (each percent-encoded, so none can add a `/` or climb above the base).
+pub(crate) fn endpoint_url(
+    provider: &ProviderSnapshot,
+    segments: &[&str],
+    query: Option<&str>,
+) -> Result<reqwest::Url, GatewayError> {
+    let bad_base = || {
+        GatewayError::new(
+            ErrorKind::Internal,
+            format!("The provider `{}` has an unusable base URL.", provider.name),
+        )
+    };
+    let mut url = reqwest::Url::parse(&provider.base_url).map_err(|_| bad_base())?;
+    url.path_segments_mut()
+        .map_err(|_| bad_base())?
+        .pop_if_empty()
+        .extend(segments);
+    url.set_query(query);
+    Ok(url)
+}
+
 /// POSTs a JSON body and returns the response if it is a success; a failure
 /// status becomes the adapter's error (via `map_error`) with every provider
 /// key scrubbed from its message.
 pub(crate) async fn post_json(
     ctx: &CallContext<'_>,
-    url: String,
+    url: impl reqwest::IntoUrl,
     body: &impl serde::Serialize,
     headers: &[(&'static str, &str)],
     stream: bool,

@@ -6,8 +6,10 @@ use bytes::Bytes;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::ProviderKind;
 
-use super::{byte_stream, read_error, scrub, transport_error, unsupported, CallContext};
-use crate::request::RawRequest;
+use super::{
+    byte_stream, endpoint_url, read_error, scrub, transport_error, unsupported, CallContext,
+};
+use crate::request::{RawPath, RawRequest};
 use crate::stream::UpstreamBytes;
 
 pub struct RawReply {
@@ -26,7 +28,10 @@ pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, G
     let provider = ctx.provider;
     let method = reqwest::Method::from_bytes(raw.method.as_bytes())
         .map_err(|_| GatewayError::invalid(format!("Unsupported method {}", raw.method)))?;
-    let url = format!("{}/{}", provider.base_url, raw.path.trim_start_matches('/'));
+    // Checked again here, where the URL is built: the path crossed the backhaul.
+    let path = RawPath::parse(&raw.path)?;
+    let segments: Vec<&str> = path.segments.iter().map(String::as_str).collect();
+    let url = endpoint_url(provider, &segments, path.query)?;
     let mut req = ctx.client.request(method, url).body(raw.body.clone());
     for (k, v) in &raw.headers {
         req = req.header(k.as_str(), v.as_str());

@@ -8,7 +8,10 @@
 //!
 //! Per-request behaviour comes from the `x-switchyard-simulate` header, a
 //! comma-separated list such as `status=429,retry_after=2`, `hang`,
-//! `drop_after=3`, `ttft_ms=100`, `tps=50`, `tokens=12`, `rate=0.5`.
+//! `drop_after=3`, `ttft_ms=100`, `tps=50`, `tokens=12`, `rate=0.5`. Every
+//! value must be a finite number within bounds (see [`MAX_TOKENS`]); the edge
+//! forwards the header only in `switchyard dev` or where the policy sets
+//! `simulated.allow_header`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -102,32 +105,58 @@ struct Directives {
     fault: Option<SimulatedFault>,
 }
 
+/// Bounds of every `x-switchyard-simulate` value: a directive outside them
+/// is refused, so one header cannot make the gateway build a huge answer,
+/// sleep for days or divide by zero.
+pub const MAX_TOKENS: u32 = 8192;
+const MAX_TTFT_MS: u64 = 60_000;
+const MIN_TPS: f64 = 0.1;
+const MAX_TPS: f64 = 100_000.0;
+const MAX_RETRY_AFTER: u32 = 3600;
+/// The header is refused above this length before any parsing.
+const MAX_HEADER_LEN: usize = 256;
+
 fn parse_directives(header: &str) -> Result<Directives, GatewayError> {
     let mut d = Directives::default();
     let mut rate = 1.0;
     let mut mode = None;
     let mut retry_after = None;
-    let bad = |item: &str| {
+    let bad = |item: &str, why: &str| {
         GatewayError::invalid(format!(
-            "Invalid x-switchyard-simulate directive {item:?}; expected e.g. status=429,retry_after=2 | hang | drop_after=3 | ttft_ms=100 | tps=50 | tokens=12 | rate=0.5"
+            "Invalid x-switchyard-simulate directive {item:?}: {why}; expected e.g. status=429,retry_after=2 | hang | drop_after=3 | ttft_ms=100 | tps=50 | tokens=12 | rate=0.5"
         ))
+        .with_code("invalid_simulate_header")
     };
+    if header.len() > MAX_HEADER_LEN {
+        return Err(bad("…", "the header is too long"));
+    }
     for item in header
         .split([',', ';'])
         .map(str::trim)
         .filter(|s| !s.is_empty())
     {
         let (k, v) = item.split_once('=').unwrap_or((item, ""));
-        let num = |v: &str| v.trim().parse::<f64>().map_err(|_| bad(item));
-        match k.trim() {
-            "status" => {
-                let status = num(v)? as u16;
-                if !(400..=599).contains(&status) {
-                    return Err(bad(item));
-                }
-                mode = Some(status);
+        // Finite, within [min, max]; NaN and infinities never get through.
+        let num = |min: f64, max: f64| {
+            let n = v
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| bad(item, "not a number"))?;
+            if !n.is_finite() || n < min || n > max {
+                return Err(bad(item, &format!("must be a number from {min} to {max}")));
             }
-            "retry_after" => retry_after = Some(num(v)? as u32),
+            Ok(n)
+        };
+        let int = |min: u64, max: u64| {
+            v.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| bad(item, &format!("must be a whole number from {min} to {max}")))
+        };
+        match k.trim() {
+            "status" => mode = Some(int(400, 599)? as u16),
+            "retry_after" => retry_after = Some(int(0, MAX_RETRY_AFTER as u64)? as u32),
             "hang" => {
                 d.fault = Some(SimulatedFault {
                     rate: 1.0,
@@ -138,26 +167,15 @@ fn parse_directives(header: &str) -> Result<Directives, GatewayError> {
                 d.fault = Some(SimulatedFault {
                     rate: 1.0,
                     mode: FaultMode::DropAfter {
-                        chunks: num(v)? as u32,
+                        chunks: int(0, MAX_TOKENS as u64)? as u32,
                     },
                 })
             }
-            "ttft_ms" => d.ttft_ms = Some(num(v)? as u64),
-            "tps" => {
-                let tps = num(v)?;
-                if tps <= 0.0 {
-                    return Err(bad(item));
-                }
-                d.tps = Some(tps);
-            }
-            "tokens" => d.tokens = Some(num(v)? as u32),
-            "rate" => {
-                rate = num(v)?;
-                if !(0.0..=1.0).contains(&rate) {
-                    return Err(bad(item));
-                }
-            }
-            _ => return Err(bad(item)),
+            "ttft_ms" => d.ttft_ms = Some(int(0, MAX_TTFT_MS)?),
+            "tps" => d.tps = Some(num(MIN_TPS, MAX_TPS)?),
+            "tokens" => d.tokens = Some(int(0, MAX_TOKENS as u64)? as u32),
+            "rate" => rate = num(0.0, 1.0)?,
+            _ => return Err(bad(item, "unknown directive")),
         }
     }
     if let Some(status) = mode {
@@ -174,6 +192,17 @@ fn parse_directives(header: &str) -> Result<Directives, GatewayError> {
     Ok(d)
 }
 
+/// Time between two streamed tokens; also bounds what a policy can ask for
+/// (a rate so small that its inverse is not a `Duration` would panic).
+fn token_gap(tokens_per_second: f64) -> Duration {
+    let tps = if tokens_per_second.is_nan() {
+        MIN_TPS
+    } else {
+        tokens_per_second.clamp(MIN_TPS, MAX_TPS)
+    };
+    Duration::from_secs_f64(1.0 / tps)
+}
+
 fn effective_profile(base: &SimulatedProfile, d: &Directives) -> SimulatedProfile {
     let mut p = base.clone();
     if let Some(ms) = d.ttft_ms {
@@ -185,6 +214,10 @@ fn effective_profile(base: &SimulatedProfile, d: &Directives) -> SimulatedProfil
     if let Some(n) = d.tokens {
         p.output_tokens = n;
     }
+    // A policy is trusted more than a header, but a typo there must not
+    // build an answer without bound either.
+    p.output_tokens = p.output_tokens.min(MAX_TOKENS);
+    p.ttft = p.ttft.min(Duration::from_millis(MAX_TTFT_MS));
     if d.fault.is_some() {
         p.fault = d.fault.clone();
     }
@@ -243,8 +276,8 @@ impl Provider for SimulatedAdapter {
                         translator: Box::new(OpenAiPassthrough::new(chat.include_usage)),
                     })
                 } else {
-                    let gen_time = plan.tokens as f64 / profile.tokens_per_second;
-                    tokio::time::sleep(profile.ttft + Duration::from_secs_f64(gen_time)).await;
+                    let gen_time = token_gap(profile.tokens_per_second) * plan.tokens as u32;
+                    tokio::time::sleep(profile.ttft + gen_time).await;
                     let body = plan.to_completion();
                     Ok(ProviderReply::Json {
                         body: Bytes::from(body.to_string()),
@@ -597,7 +630,7 @@ fn stream_completion(
         frames: plan.frames().into_iter(),
         index: 0,
         ttft: profile.ttft,
-        gap: Duration::from_secs_f64(1.0 / profile.tokens_per_second),
+        gap: token_gap(profile.tokens_per_second),
         // Frame 0 is the role chunk; `drop_after` counts content frames.
         cut_at: drop_after.map(|n| n as usize + 1),
         cut: false,
@@ -694,6 +727,45 @@ mod tests {
         assert_eq!(d.ttft_ms, Some(5));
         assert!(parse_directives("status=200").is_err());
         assert!(parse_directives("explode").is_err());
+        for bad in [
+            "tps=NaN",
+            "tps=nan",
+            "tps=inf",
+            "tps=-inf",
+            "tps=-5",
+            "tps=0",
+            "tps=1e-300",
+            "tokens=20000000",
+            "tokens=-1",
+            "tokens=1.5",
+            "ttft_ms=99999999999",
+            "retry_after=1e12",
+            "drop_after=-3",
+            "rate=NaN",
+            "rate=2",
+            "status=429.5",
+        ] {
+            let e = parse_directives(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert_eq!(e.status(), 400, "{bad}");
+        }
+        assert!(parse_directives(&"hang,".repeat(100)).is_err());
+        let d = parse_directives("tokens=8192,tps=100000").unwrap();
+        assert_eq!((d.tokens, d.tps), (Some(MAX_TOKENS), Some(MAX_TPS)));
+    }
+
+    #[test]
+    fn profiles_cannot_ask_for_unbounded_answers() {
+        let base = SimulatedProfile {
+            output_tokens: u32::MAX,
+            tokens_per_second: f64::MIN_POSITIVE,
+            ..Default::default()
+        };
+        let p = effective_profile(&base, &Directives::default());
+        assert_eq!(p.output_tokens, MAX_TOKENS);
+        assert!(token_gap(p.tokens_per_second) <= Duration::from_secs(10));
+        assert!(token_gap(f64::NAN) <= Duration::from_secs(10));
     }
 
     #[test]

@@ -416,7 +416,8 @@ pub fn split_residency(text: &str) -> Vec<String> {
 
 pub fn error_to_wire(e: &GatewayError) -> wire::Error {
     let kind = match e.kind {
-        ErrorKind::InvalidRequest => wire::ErrorKind::InvalidRequest,
+        // Raised by the edge about its own client; never crosses the backhaul.
+        ErrorKind::InvalidRequest | ErrorKind::RequestTimeout => wire::ErrorKind::InvalidRequest,
         ErrorKind::Unauthorized => wire::ErrorKind::Unauthorized,
         ErrorKind::Forbidden => wire::ErrorKind::Forbidden,
         ErrorKind::ModelNotFound => wire::ErrorKind::ModelNotFound,

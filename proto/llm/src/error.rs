@@ -29,6 +29,8 @@ pub enum ErrorKind {
     NotFound,
     /// Known path, wrong method (405).
     MethodNotAllowed,
+    /// The client did not send its request in time (408).
+    RequestTimeout,
     /// Request body over the configured limit (413).
     PayloadTooLarge,
     /// Rate limited, by us or by the upstream (429).
@@ -51,6 +53,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => 403,
             ErrorKind::ModelNotFound | ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::RateLimited => 429,
             ErrorKind::Upstream => 502,
@@ -68,6 +71,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => "permission_error",
             ErrorKind::ModelNotFound | ErrorKind::NotFound => "not_found_error",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::PayloadTooLarge => "request_too_large",
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::Upstream => "upstream_error",
@@ -80,7 +84,9 @@ impl ErrorKind {
     /// Anthropic's `error.type` vocabulary.
     fn anthropic_type(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest | ErrorKind::MethodNotAllowed => "invalid_request_error",
+            ErrorKind::InvalidRequest | ErrorKind::MethodNotAllowed | ErrorKind::RequestTimeout => {
+                "invalid_request_error"
+            }
             ErrorKind::Unauthorized => "authentication_error",
             ErrorKind::Forbidden => "permission_error",
             ErrorKind::ModelNotFound | ErrorKind::NotFound => "not_found_error",

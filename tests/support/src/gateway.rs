@@ -28,6 +28,8 @@ pub struct GatewayOptions {
     pub env: Vec<(String, String)>,
     /// Policy YAML; `None` starts with an empty policy (env providers + simulated).
     pub policy: Option<String>,
+    /// Extra `switchyard dev` flags (e.g. `--header-timeout-ms 1000`).
+    pub args: Vec<String>,
 }
 
 impl GatewayOptions {
@@ -36,11 +38,17 @@ impl GatewayOptions {
             binary: binary.into(),
             env: Vec::new(),
             policy: None,
+            args: Vec::new(),
         }
     }
 
     pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
         self.env.push((k.to_string(), v.into()));
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
         self
     }
 
@@ -117,6 +125,7 @@ impl Gateway {
                 .arg(&policy_path)
                 .arg("--state-dir")
                 .arg(&state_dir)
+                .args(&opts.args)
                 .env("SWITCHYARD_DEV_KEY", TEST_KEY)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())

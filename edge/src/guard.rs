@@ -1,0 +1,234 @@
+//! Limits on what a client connection may cost before it has sent a request:
+//! connection counts (global and per peer IP) and the TLS handshake deadline.
+//!
+//! Pingora's listener gives a TLS handshake 60 s and counts nothing, so the
+//! edge's TLS port is a plain TCP listener and [`GuardedEdge`] does the
+//! handshake itself, after taking a connection slot and under its own
+//! deadline. The header and body deadlines live in [`crate::EdgeApp`], which
+//! reads the request.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+
+use crate::app::EdgeApp;
+
+/// How long and how many: what one client may hold on the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeLimits {
+    /// From the first read of a request to its last header byte (and the
+    /// longest a kept-alive connection may wait for its next request).
+    pub header_timeout: Duration,
+    /// The whole request body, however it trickles in.
+    pub body_timeout: Duration,
+    /// The TLS handshake, from TCP accept.
+    pub handshake_timeout: Duration,
+    /// Open client connections on this edge.
+    pub max_connections: usize,
+    /// Open client connections from one IP address.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        EdgeLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+        }
+    }
+}
+
+const SHARDS: usize = 16;
+
+/// Live connections, counted globally and per IP. Per-IP counts are split
+/// over shards so accepts on different threads rarely meet on one lock, and
+/// no lock is held across an await.
+#[derive(Debug)]
+pub struct ConnectionCounter {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    shards: [Mutex<HashMap<IpAddr, usize>>; SHARDS],
+}
+
+/// One counted connection; the slot is released when it is dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    counter: Arc<ConnectionCounter>,
+    ip: Option<IpAddr>,
+}
+
+impl ConnectionCounter {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Self {
+        ConnectionCounter {
+            max_total,
+            max_per_ip,
+            total: AtomicUsize::new(0),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, usize>> {
+        let n = match ip {
+            IpAddr::V4(a) => a.octets().iter().fold(0usize, |h, b| h * 31 + *b as usize),
+            IpAddr::V6(a) => a.octets().iter().fold(0usize, |h, b| h * 31 + *b as usize),
+        };
+        &self.shards[n % SHARDS]
+    }
+
+    /// A slot for a connection from `ip`, or `None` when a limit is reached.
+    pub fn acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Option<ConnectionSlot> {
+        let total = self.total.fetch_add(1, Ordering::AcqRel);
+        if total >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        if let Some(ip) = ip {
+            let mut shard = self.shard(&ip).lock().unwrap_or_else(|e| e.into_inner());
+            let n = shard.entry(ip).or_insert(0);
+            if *n >= self.max_per_ip {
+                drop(shard);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
+            *n += 1;
+        }
+        Some(ConnectionSlot {
+            counter: self.clone(),
+            ip,
+        })
+    }
+
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut shard = self
+                .counter
+                .shard(&ip)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = shard.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    shard.remove(&ip);
+                }
+            }
+        }
+        self.counter.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The edge as Pingora runs it: counts each connection, does the TLS
+/// handshake for the TLS port under a deadline, then hands over to
+/// [`EdgeApp`] for HTTP/1.1 or HTTP/2.
+pub struct GuardedEdge {
+    app: Arc<EdgeApp>,
+    counter: Arc<ConnectionCounter>,
+    /// The TLS listen address and its acceptor.
+    tls: Option<(SocketAddr, Acceptor)>,
+    handshake_timeout: Duration,
+}
+
+impl GuardedEdge {
+    pub fn new(app: EdgeApp, tls: Option<(SocketAddr, Acceptor)>) -> Self {
+        let limits = *app.limits();
+        GuardedEdge {
+            app: Arc::new(app),
+            counter: Arc::new(ConnectionCounter::new(
+                limits.max_connections,
+                limits.max_connections_per_ip,
+            )),
+            tls,
+            handshake_timeout: limits.handshake_timeout,
+        }
+    }
+
+    fn is_tls(&self, local: Option<SocketAddr>) -> Option<&Acceptor> {
+        let (addr, acceptor) = self.tls.as_ref()?;
+        let local = local?;
+        let same_ip = addr.ip().is_unspecified() || addr.ip() == local.ip();
+        (same_ip && addr.port() == local.port()).then_some(acceptor)
+    }
+}
+
+#[async_trait]
+impl ServerApp for GuardedEdge {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let digest = stream.get_socket_digest();
+        let inet = |a: Option<&pingora::protocols::l4::socket::SocketAddr>| {
+            a.and_then(|a| a.as_inet()).copied()
+        };
+        let peer = digest.as_ref().and_then(|d| inet(d.peer_addr()));
+        let local = digest.as_ref().and_then(|d| inet(d.local_addr()));
+        // Refused before any handshake or read: an over-limit client costs
+        // one accept and one close.
+        let Some(_slot) = self.counter.acquire(peer.map(|a| a.ip())) else {
+            tracing::debug!(target: "switchyard::edge", peer = ?peer, "connection limit reached");
+            return None;
+        };
+        let stream = match self.is_tls(local) {
+            None => stream,
+            Some(acceptor) => {
+                let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                match tokio::time::timeout(self.handshake_timeout, acceptor.tls_handshake(*l4))
+                    .await
+                {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Err(e)) => {
+                        tracing::debug!(target: "switchyard::edge", peer = ?peer, error = %e, "TLS handshake failed");
+                        return None;
+                    }
+                    Err(_) => {
+                        tracing::debug!(target: "switchyard::edge", peer = ?peer, "TLS handshake timed out");
+                        return None;
+                    }
+                }
+            }
+        };
+        // HTTP apps keep the connection until it is done (keep-alive
+        // included) and return nothing, so the slot covers its whole life.
+        self.app.process_new(stream, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_per_ip_and_globally_and_releases() {
+        let c = Arc::new(ConnectionCounter::new(3, 2));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = c.acquire(Some(a)).unwrap();
+        let _a2 = c.acquire(Some(a)).unwrap();
+        assert!(c.acquire(Some(a)).is_none(), "per-IP limit");
+        let _b1 = c.acquire(Some(b)).unwrap();
+        assert!(c.acquire(Some(b)).is_none(), "global limit");
+        assert_eq!(c.open(), 3);
+        drop(a1);
+        assert_eq!(c.open(), 2);
+        assert!(c.acquire(Some(a)).is_some());
+    }
+}
