@@ -171,7 +171,8 @@ impl ErrorKind {
             | ErrorKind::ModelNotFound
             | ErrorKind::NotFound
             | ErrorKind::MethodNotAllowed
-            | ErrorKind::PayloadTooLarge => Source::Client,
+            | ErrorKind::PayloadTooLarge
+            | ErrorKind::RequestTimeout => Source::Client,
             ErrorKind::Forbidden => Source::Policy,
             ErrorKind::RateLimited
             | ErrorKind::Upstream
@@ -195,6 +196,7 @@ impl ErrorKind {
             | ErrorKind::NotFound
             | ErrorKind::MethodNotAllowed
             | ErrorKind::PayloadTooLarge
+            | ErrorKind::RequestTimeout
             | ErrorKind::Internal => Retry::Never,
         }
     }
