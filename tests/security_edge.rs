@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use switchyard_testkit::cluster::{gen_certs, EdgeNode, EgressNode};
+use switchyard_testkit::cluster::{gen_scoped_certs, EdgeNode, EgressNode};
 use switchyard_testkit::gateway::{temp_dir, Gateway, GatewayOptions, TEST_KEY};
 use switchyard_testkit::mock::MockUpstream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -190,13 +190,14 @@ tenants:\n  - id: t\n    key_sha256: \"{}\"\n",
 #[tokio::test(flavor = "multi_thread")]
 async fn simulate_header_is_refused_on_an_edge_unless_the_policy_allows_it() {
     let dir = temp_dir("sec-sim");
-    let certs = gen_certs(Path::new(BIN), &dir, "node");
+    let edge_certs = gen_scoped_certs(Path::new(BIN), &dir, "edge", "edge", "eu");
+    let egress_certs = gen_scoped_certs(Path::new(BIN), &dir, "egress", "egress", "eu");
     let closed = write_policy(&dir, "closed.yaml", false);
     let open = write_policy(&dir, "open.yaml", true);
-    let egress = EgressNode::start(Path::new(BIN), "eu", None, &open, &certs, &[]);
+    let egress = EgressNode::start(Path::new(BIN), "eu", None, &open, &egress_certs, &[]);
     let to_egress = [format!("eu={}", egress.addr)];
 
-    let edge = EdgeNode::start(Path::new(BIN), "eu", &closed, &certs, &to_egress, &[]);
+    let edge = EdgeNode::start(Path::new(BIN), "eu", &closed, &edge_certs, &to_egress, &[]);
     let req = post(
         "/v1/chat/completions",
         "x-switchyard-simulate: tokens=20000000\r\n",
@@ -213,7 +214,7 @@ async fn simulate_header_is_refused_on_an_edge_unless_the_policy_allows_it() {
     .await;
     assert_eq!(status, 200, "{body}");
 
-    let edge = EdgeNode::start(Path::new(BIN), "eu", &open, &certs, &to_egress, &[]);
+    let edge = EdgeNode::start(Path::new(BIN), "eu", &open, &edge_certs, &to_egress, &[]);
     let req = post(
         "/v1/chat/completions",
         "x-switchyard-simulate: tokens=3\r\n",
