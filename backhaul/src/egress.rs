@@ -1,20 +1,30 @@
 //! The egress node's request executor: key choice, provider call with
 //! deadlines, and the response stream with accounting.
+//!
+//! Every attempt feeds the node's health board ([`Health`]): the target's
+//! and the key's outcome and latency, and keys in flight. The key for an
+//! attempt is chosen from the board ([`pick_key`]); a key the provider
+//! refuses (401/403) or rate-limits (429) is set aside and, when the pool
+//! has another usable key, the same request is tried with it: the provider
+//! rejected it, so it was not executed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::{Secret, Snapshot};
+use futures::stream::{BoxStream, StreamExt};
+use switchyard_llm::{ErrorKind, GatewayError, Source};
+use switchyard_proto::health::{self, Entry, InFlight, Outcome};
+use switchyard_proto::{Health, ProviderSnapshot, ResolvedKey, Snapshot};
 
 use switchyard_llm::anthropic;
 use switchyard_llm::translate::{Chain, StreamTranslator};
 use switchyard_proto::ProviderKind;
 
 use crate::providers::raw::{self, RawBody};
-use crate::providers::{adapter_for, unsupported, CallContext, ProviderReply};
+use crate::providers::{adapter_for, pick_key, unsupported, CallContext, ProviderReply};
 use crate::request::{
     EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody, EVENT_STREAM,
     JSON,
@@ -27,24 +37,93 @@ pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 pub struct Egress {
     snapshot: SharedSnapshot,
     client: reqwest::Client,
+    /// Where ties between equally loaded keys start, so an idle pool rotates.
     key_cursor: AtomicUsize,
+    health: Arc<Health>,
+}
+
+/// The key chosen for one attempt, counted in flight while it is held.
+struct KeyAttempt<'a> {
+    index: usize,
+    key: &'a ResolvedKey,
+    entry: Option<Arc<Entry>>,
+    guard: Option<InFlight>,
 }
 
 impl Egress {
     pub fn new(snapshot: SharedSnapshot) -> Result<Self, crate::upstream::ClientError> {
+        Self::with_health(snapshot, Arc::new(Health::new()))
+    }
+
+    /// An egress that records into (and picks keys from) a board shared
+    /// with the rest of the node.
+    pub fn with_health(
+        snapshot: SharedSnapshot,
+        health: Arc<Health>,
+    ) -> Result<Self, crate::upstream::ClientError> {
         Ok(Egress {
             snapshot,
             client: crate::upstream::build_client()?,
             key_cursor: AtomicUsize::new(0),
+            health,
         })
     }
 
-    fn pick_key<'a>(&self, keys: &'a [Secret]) -> Option<&'a Secret> {
-        if keys.is_empty() {
-            return None;
+    /// The node's health board as this egress feeds it.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    fn choose_key<'a>(
+        &self,
+        provider: &'a ProviderSnapshot,
+        start: usize,
+        tried: &[usize],
+    ) -> Option<KeyAttempt<'a>> {
+        let index = pick_key(
+            &provider.keys,
+            &self.health,
+            &provider.name,
+            start,
+            tried,
+            Instant::now(),
+        )?;
+        let key = &provider.keys[index];
+        let entry = self.health.key(&key.health_id(&provider.name));
+        let guard = entry.as_ref().map(|e| e.start());
+        Some(KeyAttempt {
+            index,
+            key,
+            entry,
+            guard,
+        })
+    }
+
+    /// Books a failed attempt on its key; true when the pool may serve the
+    /// same request with another key.
+    fn key_failed(&self, attempt: &KeyAttempt<'_>, e: &GatewayError) -> bool {
+        let Some(entry) = &attempt.entry else {
+            return e.may_try_another_key();
+        };
+        let now = Instant::now();
+        if e.source == Source::Key {
+            self.health.refuse(entry, attempt.key.fingerprint);
+            self.health.record(entry, Outcome::Failure, now);
+            return e.may_try_another_key();
         }
-        let i = self.key_cursor.fetch_add(1, Ordering::Relaxed);
-        keys.get(i % keys.len())
+        if e.kind == ErrorKind::RateLimited {
+            self.rate_limited(entry, e.retry_after.as_deref(), now);
+            return true;
+        }
+        false
+    }
+
+    fn rate_limited(&self, entry: &Entry, retry_after: Option<&str>, now: Instant) {
+        let wait = retry_after
+            .and_then(health::parse_retry_after)
+            .unwrap_or(health::DEFAULT_KEY_COOLDOWN);
+        self.health.cool_down(entry, wait, now);
+        self.health.record(entry, Outcome::Failure, now);
     }
 
     /// Runs one request against its target. The future may be dropped at any
@@ -74,7 +153,33 @@ impl Egress {
             .with_code("residency_violation"));
         }
         let stats = Arc::new(RequestStats::default());
-        let key = self.pick_key(&provider.keys);
+        let start = self.key_cursor.fetch_add(1, Ordering::Relaxed);
+        let target_entry = self.health.target(&health::target_id(
+            &provider.name,
+            &req.target.model,
+            provider.region.as_deref(),
+        ));
+        let target_guard = target_entry.as_ref().map(|e| e.start());
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + snap.limits.upstream_timeout);
+        let record_target = |outcome: Result<(), &GatewayError>| {
+            let Some(entry) = &target_entry else { return };
+            let now = Instant::now();
+            match outcome {
+                Ok(()) => self.health.record(
+                    entry,
+                    Outcome::Success {
+                        latency: now.saturating_duration_since(started),
+                    },
+                    now,
+                ),
+                // Only failures that say something about the target count.
+                Err(e) if matches!(e.source, Source::Provider | Source::Key) => {
+                    self.health.record(entry, Outcome::Failure, now)
+                }
+                Err(_) => {}
+            }
+        };
         let timeout_error = || {
             GatewayError::new(
                 ErrorKind::Timeout,
@@ -87,26 +192,57 @@ impl Egress {
         };
 
         if let Operation::Raw(raw) = &req.op {
+            // Raw answers pass through as the provider sent them, so a
+            // refused or limited key is booked but the request not retried.
+            let attempt = self.choose_key(provider, start, &[]);
             let ctx = CallContext {
                 client: &self.client,
                 provider,
-                key,
+                key: attempt.as_ref().map(|a| &a.key.secret),
                 request: &req,
                 limits: &snap.limits,
             };
-            let reply = tokio::time::timeout(snap.limits.upstream_timeout, raw::call(&ctx, raw))
-                .await
-                .map_err(|_| timeout_error())??;
+            let reply = match tokio::time::timeout_at(deadline, raw::call(&ctx, raw)).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => {
+                    if let Some(a) = &attempt {
+                        self.key_failed(a, &e);
+                    }
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+                Err(_) => {
+                    let e = timeout_error();
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+            };
+            if let Some(entry) = attempt.as_ref().and_then(|a| a.entry.as_ref()) {
+                let now = Instant::now();
+                if reply.status == 429 {
+                    self.rate_limited(entry, reply.retry_after.as_deref(), now);
+                } else if reply.status < 400 {
+                    let latency = now.saturating_duration_since(started);
+                    self.health.record(entry, Outcome::Success { latency }, now);
+                }
+            }
+            if reply.status < 400 {
+                record_target(Ok(()));
+            }
+            let held = (target_guard, attempt.and_then(|a| a.guard));
             let body = match reply.body {
                 RawBody::Full(b) => {
                     stats.mark_first_byte(req.received_at);
                     ResponseBody::Full(b)
                 }
-                RawBody::Stream(s) => ResponseBody::Stream(raw_stream(
-                    s,
-                    snap.limits.stream_idle_timeout,
-                    stats.clone(),
-                    req.received_at,
+                RawBody::Stream(s) => ResponseBody::Stream(hold(
+                    raw_stream(
+                        s,
+                        snap.limits.stream_idle_timeout,
+                        stats.clone(),
+                        req.received_at,
+                    ),
+                    held,
                 )),
             };
             return Ok(EgressResponse {
@@ -144,16 +280,51 @@ impl Egress {
             }
             None => &req,
         };
-        let ctx = CallContext {
-            client: &self.client,
-            provider,
-            key,
-            request: call_req,
-            limits: &snap.limits,
+        // Each key at most once; the deadline covers every attempt.
+        let mut tried: Vec<usize> = Vec::new();
+        let (reply, attempt) = loop {
+            let attempt = self.choose_key(provider, start, &tried);
+            let ctx = CallContext {
+                client: &self.client,
+                provider,
+                key: attempt.as_ref().map(|a| &a.key.secret),
+                request: call_req,
+                limits: &snap.limits,
+            };
+            match tokio::time::timeout_at(deadline, adapter.call(ctx)).await {
+                Ok(Ok(reply)) => break (reply, attempt),
+                Ok(Err(e)) => {
+                    let another = attempt.as_ref().is_some_and(|a| {
+                        tried.push(a.index);
+                        self.key_failed(a, &e)
+                    });
+                    let untried = provider.keys.len() > tried.len();
+                    if another && untried {
+                        tracing::info!(
+                            provider = %provider.name,
+                            key = attempt.as_ref().map_or("", |a| &*a.key.id),
+                            source = e.source.label(),
+                            "provider refused the key; trying another key of the pool"
+                        );
+                        continue;
+                    }
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+                Err(_) => {
+                    let e = timeout_error();
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+            }
         };
-        let reply = tokio::time::timeout(snap.limits.upstream_timeout, adapter.call(ctx))
-            .await
-            .map_err(|_| timeout_error())??;
+        record_target(Ok(()));
+        if let Some(entry) = attempt.as_ref().and_then(|a| a.entry.as_ref()) {
+            let now = Instant::now();
+            let latency = now.saturating_duration_since(started);
+            self.health.record(entry, Outcome::Success { latency }, now);
+        }
+        let held = (target_guard, attempt.and_then(|a| a.guard));
         let model = &req.target.model;
         match reply {
             ProviderReply::Json { body, usage } => {
@@ -205,10 +376,25 @@ impl Egress {
                     status: 200,
                     content_type: EVENT_STREAM.to_string(),
                     retry_after: None,
-                    body: ResponseBody::Stream(frames),
+                    body: ResponseBody::Stream(hold(frames, held)),
                     stats,
                 })
             }
         }
     }
+}
+
+/// Keeps `guard` (attempts counted in flight) alive as long as the stream:
+/// a streamed answer occupies its target and key until it ends or is
+/// dropped.
+fn hold<G: Send + 'static>(
+    stream: BoxStream<'static, Bytes>,
+    guard: G,
+) -> BoxStream<'static, Bytes> {
+    stream
+        .map(move |chunk| {
+            let _held = &guard;
+            chunk
+        })
+        .boxed()
 }

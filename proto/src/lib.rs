@@ -295,6 +295,19 @@ impl ResolvedKey {
     }
 }
 
+/// Lets code that scrubs keys from text take resolved keys or bare secrets.
+impl AsRef<Secret> for ResolvedKey {
+    fn as_ref(&self) -> &Secret {
+        &self.secret
+    }
+}
+
+impl AsRef<Secret> for Secret {
+    fn as_ref(&self) -> &Secret {
+        self
+    }
+}
+
 impl fmt::Debug for ResolvedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResolvedKey")
