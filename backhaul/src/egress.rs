@@ -398,3 +398,152 @@ fn hold<G: Send + 'static>(
         })
         .boxed()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use switchyard_llm::openai::ChatRequest;
+    use switchyard_proto::{KeySource, PoolKey, ProviderKind, RouteTarget, Secret};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// An OpenAI-compatible mock on 127.0.0.1: refuses `sk-bad` with 401,
+    /// answers every other key, and counts calls per key.
+    async fn mock() -> (String, Arc<Mutex<HashMap<String, u32>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let seen = calls.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Headers, then the body by content-length.
+                    loop {
+                        let Ok(n) = sock.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else { continue };
+                        let len: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + len {
+                            continue;
+                        }
+                        let key = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("authorization: bearer ")
+                                    .map(str::to_string)
+                            })
+                            .unwrap_or_default();
+                        *seen.lock().unwrap().entry(key.clone()).or_default() += 1;
+                        let (status, body) = if key == "sk-bad" {
+                            ("401 Unauthorized", r#"{"error":{"message":"bad key sk-bad"}}"#)
+                        } else {
+                            ("200 OK", r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#)
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = sock.write_all(resp.as_bytes()).await;
+                        buf.clear();
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}/v1"), calls)
+    }
+
+    fn snapshot(base_url: String) -> Snapshot {
+        let key = |id: &str, value: &str| {
+            ResolvedKey::new(
+                "main",
+                id,
+                &PoolKey::new(0, KeySource::Env("K".into())),
+                Secret::new(value),
+            )
+        };
+        let mut s = Snapshot::default();
+        s.providers.insert(
+            "p".into(),
+            Arc::new(ProviderSnapshot {
+                name: "p".into(),
+                kind: ProviderKind::OpenAiCompatible,
+                base_url,
+                keys: vec![key("bad", "sk-bad"), key("good", "sk-good")],
+                models: vec![],
+                simulated: None,
+                region: None,
+                jurisdiction: None,
+                pricing: HashMap::new(),
+                key_pools: vec![],
+            }),
+        );
+        s
+    }
+
+    fn request() -> EgressRequest {
+        let chat =
+            ChatRequest::parse(br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#)
+                .unwrap();
+        EgressRequest {
+            request_id: "r".into(),
+            tenant: "t".into(),
+            target: RouteTarget {
+                provider: "p".into(),
+                model: "m".into(),
+            },
+            op: Operation::Chat(chat),
+            simulate: None,
+            received_at: std::time::Instant::now(),
+            inbound: Protocol::OpenAi,
+            forward_headers: Vec::new(),
+            residency: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_key_is_retried_with_another_then_left_out() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (url, calls) = mock().await;
+        let shared: SharedSnapshot = Arc::new(ArcSwap::from_pointee(snapshot(url)));
+        let egress = Egress::new(shared).unwrap();
+        for _ in 0..4 {
+            let resp = tokio::time::timeout(Duration::from_secs(10), egress.execute(request()))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(resp.status, 200);
+        }
+        let calls = calls.lock().unwrap().clone();
+        // The bad key is met at most once (rotation may start on it), then
+        // the board keeps it out; every request succeeds on the good key.
+        assert_eq!(calls.get("sk-bad").copied().unwrap_or(0), 1, "{calls:?}");
+        assert_eq!(calls.get("sk-good").copied(), Some(4), "{calls:?}");
+        let h = egress.health();
+        let bad = h.peek_key(&health::key_id("p", "main", "bad")).unwrap();
+        let good = h.peek_key(&health::key_id("p", "main", "good")).unwrap();
+        assert_eq!((bad.failures(), good.successes()), (1, 4));
+        assert_eq!((bad.in_flight(), good.in_flight()), (0, 0));
+        let target = h.peek_target(&health::target_id("p", "m", None)).unwrap();
+        assert_eq!((target.successes(), target.failures()), (4, 0));
+        assert!(target.latency().is_some());
+    }
+}
