@@ -426,13 +426,17 @@ mod tests {
                     let mut chunk = [0u8; 4096];
                     // Headers, then the body by content-length.
                     loop {
-                        let Ok(n) = sock.read(&mut chunk).await else { return };
+                        let Ok(n) = sock.read(&mut chunk).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
                         buf.extend_from_slice(&chunk[..n]);
                         let text = String::from_utf8_lossy(&buf).to_string();
-                        let Some(end) = text.find("\r\n\r\n") else { continue };
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
                         let len: usize = text[..end]
                             .lines()
                             .find_map(|l| {
@@ -454,9 +458,15 @@ mod tests {
                             .unwrap_or_default();
                         *seen.lock().unwrap().entry(key.clone()).or_default() += 1;
                         let (status, body) = if key == "sk-bad" {
-                            ("401 Unauthorized", r#"{"error":{"message":"bad key sk-bad"}}"#)
+                            (
+                                "401 Unauthorized",
+                                r#"{"error":{"message":"bad key sk-bad"}}"#,
+                            )
                         } else {
-                            ("200 OK", r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#)
+                            (
+                                "200 OK",
+                                r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+                            )
                         };
                         let resp = format!(
                             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",

@@ -52,7 +52,12 @@ pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
                     };
                     // Identity and limits only when set, so a pool written
                     // without them diffs as before.
-                    if *k == (PoolKey { source: k.source.clone(), ..PoolKey::new(i, KeySource::Env(String::new())) }) {
+                    if *k
+                        == (PoolKey {
+                            source: k.source.clone(),
+                            ..PoolKey::new(i, KeySource::Env(String::new()))
+                        })
+                    {
                         return source;
                     }
                     format!(

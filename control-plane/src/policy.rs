@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use switchyard_proto::{
-    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PlanError,
-    PoolKey, ProviderKind, ProviderSnapshot, RegionSnapshot, ResolvedKey, RouteSnapshot,
-    RouteTarget, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy,
-    TenantPolicy, TenantSnapshot, WeightedTarget,
+    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PlanError, PoolKey,
+    ProviderKind, ProviderSnapshot, RegionSnapshot, ResolvedKey, RouteSnapshot, RouteTarget,
+    Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy, TenantPolicy,
+    TenantSnapshot, WeightedTarget,
 };
 
 use crate::secrets::{MasterKeys, MASTER_KEY_ENV};
@@ -572,7 +572,10 @@ fn compile_unplanned(
                 );
             }
             let pool_name = pool.name.clone().unwrap_or_else(|| format!("pool-{i}"));
-            if key_pools.iter().any(|p: &KeyPoolSnapshot| p.name == pool_name) {
+            if key_pools
+                .iter()
+                .any(|p: &KeyPoolSnapshot| p.name == pool_name)
+            {
                 err(
                     format!("{ppath}.name"),
                     format!("another pool of this provider is named {pool_name:?} (`api_key_env` makes one named \"default\")"),
@@ -1083,8 +1086,7 @@ fn reaches(doc: &PolicyDocument, from: &str, target: &str) -> bool {
 
 fn is_key_id(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
@@ -1183,8 +1185,11 @@ pub fn resolve_provider_keys(
                 KeySource::Inline(s) => keys.push(resolved(&key.id, s.clone())),
                 KeySource::Env(var) => match env(var).filter(|v| !v.trim().is_empty()) {
                     Some(v) => {
-                        let values: Vec<&str> =
-                            v.split(',').map(str::trim).filter(|k| !k.is_empty()).collect();
+                        let values: Vec<&str> = v
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|k| !k.is_empty())
+                            .collect();
                         // Several values in one variable are several keys;
                         // each needs its own id on the health board.
                         let many = values.len() > 1;
@@ -1688,7 +1693,12 @@ tenants:
         let p = &c.snapshot.providers["p"];
         let pool = &p.key_pools[0];
         assert_eq!(
-            (pool.keys[0].id.as_str(), pool.keys[0].weight, pool.keys[0].rpm, pool.keys[0].tpm),
+            (
+                pool.keys[0].id.as_str(),
+                pool.keys[0].weight,
+                pool.keys[0].rpm,
+                pool.keys[0].tpm
+            ),
             ("primary", 3, Some(500), Some(90_000))
         );
         assert_eq!((pool.keys[1].id.as_str(), pool.keys[1].weight), ("k1", 1));
@@ -1756,7 +1766,10 @@ tenants:
         // The control plane's compiler keeps every provider and plans them.
         let cp = policy(yaml, None).unwrap();
         assert_eq!(
-            cp.snapshot.residency_plans[&eu]["chat"].as_ref().unwrap().len(),
+            cp.snapshot.residency_plans[&eu]["chat"]
+                .as_ref()
+                .unwrap()
+                .len(),
             2
         );
     }

@@ -169,12 +169,7 @@ pub fn compile_residency_plans(snapshot: &Snapshot) -> ResidencyPlans {
     for set in sets {
         let per_model = names
             .iter()
-            .map(|name| {
-                (
-                    (*name).clone(),
-                    plan_uncached(snapshot, name, Some(&set)),
-                )
-            })
+            .map(|name| ((*name).clone(), plan_uncached(snapshot, name, Some(&set))))
             .collect();
         table.insert(set, per_model);
     }

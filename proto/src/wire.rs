@@ -15,9 +15,9 @@ use std::time::Duration;
 use crate::control as pb;
 use crate::{
     FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
-    ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey, Scores,
-    Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy, TargetScore,
-    TenantPolicy, TenantSnapshot, WeightedTarget,
+    ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
+    Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy,
+    TargetScore, TenantPolicy, TenantSnapshot, WeightedTarget,
 };
 
 /// Why a snapshot message cannot become a [`Snapshot`]; `path` names the field.
@@ -411,7 +411,10 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
                 pool_key.id = key.id;
             }
             if !ids.insert(pool_key.id.clone()) {
-                return Err(invalid(format!("{kpath}.id"), "duplicate key id in the pool"));
+                return Err(invalid(
+                    format!("{kpath}.id"),
+                    "duplicate key id in the pool",
+                ));
             }
             pool_key.weight = key.weight.max(1);
             pool_key.rpm = (key.rpm > 0).then_some(key.rpm);
@@ -744,14 +747,20 @@ mod tests {
     fn key_identity_travels_and_defaults_for_older_senders() {
         let mut msg = pb::SnapshotMsg::from(&sample());
         let keys = &msg.providers["p"].key_pools[0].keys;
-        assert_eq!((keys[1].id.as_str(), keys[1].weight, keys[1].rpm), ("backup", 3, 60));
+        assert_eq!(
+            (keys[1].id.as_str(), keys[1].weight, keys[1].rpm),
+            ("backup", 3, 60)
+        );
         // A control plane that predates key identity sends none of it.
         for k in &mut msg.providers.get_mut("p").unwrap().key_pools[0].keys {
             (k.id, k.weight, k.rpm, k.tpm) = (String::new(), 0, 0, 0);
         }
         let back = Snapshot::try_from(msg.clone()).unwrap();
         let keys = &back.providers["p"].key_pools[0].keys;
-        assert_eq!((keys[1].id.as_str(), keys[1].weight, keys[1].rpm), ("k1", 1, None));
+        assert_eq!(
+            (keys[1].id.as_str(), keys[1].weight, keys[1].rpm),
+            ("k1", 1, None)
+        );
 
         msg.providers.get_mut("p").unwrap().key_pools[0].keys[1].id = "k0".into();
         assert_eq!(

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use switchyard_llm::openai::Usage;
 use switchyard_llm::translate::StreamTranslator;
 use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::{Health, LimitsSnapshot, ProviderKind, ProviderSnapshot, ResolvedKey, Secret};
+use switchyard_proto::{
+    Health, LimitsSnapshot, ProviderKind, ProviderSnapshot, ResolvedKey, Secret,
+};
 
 use crate::request::EgressRequest;
 use crate::stream::UpstreamBytes;
@@ -273,7 +275,11 @@ mod key_choice_tests {
     }
 
     fn pool() -> Vec<ResolvedKey> {
-        vec![key("a", 1, "sk-a"), key("b", 1, "sk-b"), key("c", 1, "sk-c")]
+        vec![
+            key("a", 1, "sk-a"),
+            key("b", 1, "sk-b"),
+            key("c", 1, "sk-c"),
+        ]
     }
 
     #[test]
