@@ -1,20 +1,30 @@
 //! The egress node's request executor: key choice, provider call with
 //! deadlines, and the response stream with accounting.
+//!
+//! Every attempt feeds the node's health board ([`Health`]): the target's
+//! and the key's outcome and latency, and keys in flight. The key for an
+//! attempt is chosen from the board ([`pick_key`]); a key the provider
+//! refuses (401/403) or rate-limits (429) is set aside and, when the pool
+//! has another usable key, the same request is tried with it: the provider
+//! rejected it, so it was not executed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::{Secret, Snapshot};
+use futures::stream::{BoxStream, StreamExt};
+use switchyard_llm::{ErrorKind, GatewayError, Source};
+use switchyard_proto::health::{self, Entry, InFlight, Outcome};
+use switchyard_proto::{Health, ProviderSnapshot, ResolvedKey, Snapshot};
 
 use switchyard_llm::anthropic;
 use switchyard_llm::translate::{Chain, StreamTranslator};
 use switchyard_proto::ProviderKind;
 
 use crate::providers::raw::{self, RawBody};
-use crate::providers::{adapter_for, unsupported, CallContext, ProviderReply};
+use crate::providers::{adapter_for, pick_key, unsupported, CallContext, ProviderReply};
 use crate::request::{
     EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody, EVENT_STREAM,
     JSON,
@@ -27,24 +37,93 @@ pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 pub struct Egress {
     snapshot: SharedSnapshot,
     client: reqwest::Client,
+    /// Where ties between equally loaded keys start, so an idle pool rotates.
     key_cursor: AtomicUsize,
+    health: Arc<Health>,
+}
+
+/// The key chosen for one attempt, counted in flight while it is held.
+struct KeyAttempt<'a> {
+    index: usize,
+    key: &'a ResolvedKey,
+    entry: Option<Arc<Entry>>,
+    guard: Option<InFlight>,
 }
 
 impl Egress {
     pub fn new(snapshot: SharedSnapshot) -> Result<Self, crate::upstream::ClientError> {
+        Self::with_health(snapshot, Arc::new(Health::new()))
+    }
+
+    /// An egress that records into (and picks keys from) a board shared
+    /// with the rest of the node.
+    pub fn with_health(
+        snapshot: SharedSnapshot,
+        health: Arc<Health>,
+    ) -> Result<Self, crate::upstream::ClientError> {
         Ok(Egress {
             snapshot,
             client: crate::upstream::build_client()?,
             key_cursor: AtomicUsize::new(0),
+            health,
         })
     }
 
-    fn pick_key<'a>(&self, keys: &'a [Secret]) -> Option<&'a Secret> {
-        if keys.is_empty() {
-            return None;
+    /// The node's health board as this egress feeds it.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    fn choose_key<'a>(
+        &self,
+        provider: &'a ProviderSnapshot,
+        start: usize,
+        tried: &[usize],
+    ) -> Option<KeyAttempt<'a>> {
+        let index = pick_key(
+            &provider.keys,
+            &self.health,
+            &provider.name,
+            start,
+            tried,
+            Instant::now(),
+        )?;
+        let key = &provider.keys[index];
+        let entry = self.health.key(&key.health_id(&provider.name));
+        let guard = entry.as_ref().map(|e| e.start());
+        Some(KeyAttempt {
+            index,
+            key,
+            entry,
+            guard,
+        })
+    }
+
+    /// Books a failed attempt on its key; true when the pool may serve the
+    /// same request with another key.
+    fn key_failed(&self, attempt: &KeyAttempt<'_>, e: &GatewayError) -> bool {
+        let Some(entry) = &attempt.entry else {
+            return e.may_try_another_key();
+        };
+        let now = Instant::now();
+        if e.source == Source::Key {
+            self.health.refuse(entry, attempt.key.fingerprint);
+            self.health.record(entry, Outcome::Failure, now);
+            return e.may_try_another_key();
         }
-        let i = self.key_cursor.fetch_add(1, Ordering::Relaxed);
-        keys.get(i % keys.len())
+        if e.kind == ErrorKind::RateLimited {
+            self.rate_limited(entry, e.retry_after.as_deref(), now);
+            return true;
+        }
+        false
+    }
+
+    fn rate_limited(&self, entry: &Entry, retry_after: Option<&str>, now: Instant) {
+        let wait = retry_after
+            .and_then(health::parse_retry_after)
+            .unwrap_or(health::DEFAULT_KEY_COOLDOWN);
+        self.health.cool_down(entry, wait, now);
+        self.health.record(entry, Outcome::Failure, now);
     }
 
     /// Runs one request against its target. The future may be dropped at any
@@ -74,7 +153,33 @@ impl Egress {
             .with_code("residency_violation"));
         }
         let stats = Arc::new(RequestStats::default());
-        let key = self.pick_key(&provider.keys);
+        let start = self.key_cursor.fetch_add(1, Ordering::Relaxed);
+        let target_entry = self.health.target(&health::target_id(
+            &provider.name,
+            &req.target.model,
+            provider.region.as_deref(),
+        ));
+        let target_guard = target_entry.as_ref().map(|e| e.start());
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + snap.limits.upstream_timeout);
+        let record_target = |outcome: Result<(), &GatewayError>| {
+            let Some(entry) = &target_entry else { return };
+            let now = Instant::now();
+            match outcome {
+                Ok(()) => self.health.record(
+                    entry,
+                    Outcome::Success {
+                        latency: now.saturating_duration_since(started),
+                    },
+                    now,
+                ),
+                // Only failures that say something about the target count.
+                Err(e) if matches!(e.source, Source::Provider | Source::Key) => {
+                    self.health.record(entry, Outcome::Failure, now)
+                }
+                Err(_) => {}
+            }
+        };
         let timeout_error = || {
             GatewayError::new(
                 ErrorKind::Timeout,
@@ -87,26 +192,57 @@ impl Egress {
         };
 
         if let Operation::Raw(raw) = &req.op {
+            // Raw answers pass through as the provider sent them, so a
+            // refused or limited key is booked but the request not retried.
+            let attempt = self.choose_key(provider, start, &[]);
             let ctx = CallContext {
                 client: &self.client,
                 provider,
-                key,
+                key: attempt.as_ref().map(|a| &a.key.secret),
                 request: &req,
                 limits: &snap.limits,
             };
-            let reply = tokio::time::timeout(snap.limits.upstream_timeout, raw::call(&ctx, raw))
-                .await
-                .map_err(|_| timeout_error())??;
+            let reply = match tokio::time::timeout_at(deadline, raw::call(&ctx, raw)).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => {
+                    if let Some(a) = &attempt {
+                        self.key_failed(a, &e);
+                    }
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+                Err(_) => {
+                    let e = timeout_error();
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+            };
+            if let Some(entry) = attempt.as_ref().and_then(|a| a.entry.as_ref()) {
+                let now = Instant::now();
+                if reply.status == 429 {
+                    self.rate_limited(entry, reply.retry_after.as_deref(), now);
+                } else if reply.status < 400 {
+                    let latency = now.saturating_duration_since(started);
+                    self.health.record(entry, Outcome::Success { latency }, now);
+                }
+            }
+            if reply.status < 400 {
+                record_target(Ok(()));
+            }
+            let held = (target_guard, attempt.and_then(|a| a.guard));
             let body = match reply.body {
                 RawBody::Full(b) => {
                     stats.mark_first_byte(req.received_at);
                     ResponseBody::Full(b)
                 }
-                RawBody::Stream(s) => ResponseBody::Stream(raw_stream(
-                    s,
-                    snap.limits.stream_idle_timeout,
-                    stats.clone(),
-                    req.received_at,
+                RawBody::Stream(s) => ResponseBody::Stream(hold(
+                    raw_stream(
+                        s,
+                        snap.limits.stream_idle_timeout,
+                        stats.clone(),
+                        req.received_at,
+                    ),
+                    held,
                 )),
             };
             return Ok(EgressResponse {
@@ -144,16 +280,51 @@ impl Egress {
             }
             None => &req,
         };
-        let ctx = CallContext {
-            client: &self.client,
-            provider,
-            key,
-            request: call_req,
-            limits: &snap.limits,
+        // Each key at most once; the deadline covers every attempt.
+        let mut tried: Vec<usize> = Vec::new();
+        let (reply, attempt) = loop {
+            let attempt = self.choose_key(provider, start, &tried);
+            let ctx = CallContext {
+                client: &self.client,
+                provider,
+                key: attempt.as_ref().map(|a| &a.key.secret),
+                request: call_req,
+                limits: &snap.limits,
+            };
+            match tokio::time::timeout_at(deadline, adapter.call(ctx)).await {
+                Ok(Ok(reply)) => break (reply, attempt),
+                Ok(Err(e)) => {
+                    let another = attempt.as_ref().is_some_and(|a| {
+                        tried.push(a.index);
+                        self.key_failed(a, &e)
+                    });
+                    let untried = provider.keys.len() > tried.len();
+                    if another && untried {
+                        tracing::info!(
+                            provider = %provider.name,
+                            key = attempt.as_ref().map_or("", |a| &*a.key.id),
+                            source = e.source.label(),
+                            "provider refused the key; trying another key of the pool"
+                        );
+                        continue;
+                    }
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+                Err(_) => {
+                    let e = timeout_error();
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+            }
         };
-        let reply = tokio::time::timeout(snap.limits.upstream_timeout, adapter.call(ctx))
-            .await
-            .map_err(|_| timeout_error())??;
+        record_target(Ok(()));
+        if let Some(entry) = attempt.as_ref().and_then(|a| a.entry.as_ref()) {
+            let now = Instant::now();
+            let latency = now.saturating_duration_since(started);
+            self.health.record(entry, Outcome::Success { latency }, now);
+        }
+        let held = (target_guard, attempt.and_then(|a| a.guard));
         let model = &req.target.model;
         match reply {
             ProviderReply::Json { body, usage } => {
@@ -205,10 +376,184 @@ impl Egress {
                     status: 200,
                     content_type: EVENT_STREAM.to_string(),
                     retry_after: None,
-                    body: ResponseBody::Stream(frames),
+                    body: ResponseBody::Stream(hold(frames, held)),
                     stats,
                 })
             }
         }
+    }
+}
+
+/// Keeps `guard` (attempts counted in flight) alive as long as the stream:
+/// a streamed answer occupies its target and key until it ends or is
+/// dropped.
+fn hold<G: Send + 'static>(
+    stream: BoxStream<'static, Bytes>,
+    guard: G,
+) -> BoxStream<'static, Bytes> {
+    stream
+        .map(move |chunk| {
+            let _held = &guard;
+            chunk
+        })
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use switchyard_llm::openai::ChatRequest;
+    use switchyard_proto::{KeySource, PoolKey, ProviderKind, RouteTarget, Secret};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// An OpenAI-compatible mock on 127.0.0.1: refuses `sk-bad` with 401,
+    /// answers every other key, and counts calls per key.
+    async fn mock() -> (String, Arc<Mutex<HashMap<String, u32>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let seen = calls.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Headers, then the body by content-length.
+                    loop {
+                        let Ok(n) = sock.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + len {
+                            continue;
+                        }
+                        let key = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("authorization: bearer ")
+                                    .map(str::to_string)
+                            })
+                            .unwrap_or_default();
+                        *seen.lock().unwrap().entry(key.clone()).or_default() += 1;
+                        let (status, body) = if key == "sk-bad" {
+                            (
+                                "401 Unauthorized",
+                                r#"{"error":{"message":"bad key sk-bad"}}"#,
+                            )
+                        } else {
+                            (
+                                "200 OK",
+                                r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+                            )
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = sock.write_all(resp.as_bytes()).await;
+                        buf.clear();
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}/v1"), calls)
+    }
+
+    fn snapshot(base_url: String) -> Snapshot {
+        let key = |id: &str, value: &str| {
+            ResolvedKey::new(
+                "main",
+                id,
+                &PoolKey::new(0, KeySource::Env("K".into())),
+                Secret::new(value),
+            )
+        };
+        let mut s = Snapshot::default();
+        s.providers.insert(
+            "p".into(),
+            Arc::new(ProviderSnapshot {
+                name: "p".into(),
+                kind: ProviderKind::OpenAiCompatible,
+                base_url,
+                keys: vec![key("bad", "sk-bad"), key("good", "sk-good")],
+                models: vec![],
+                simulated: None,
+                region: None,
+                jurisdiction: None,
+                pricing: HashMap::new(),
+                key_pools: vec![],
+            }),
+        );
+        s
+    }
+
+    fn request() -> EgressRequest {
+        let chat =
+            ChatRequest::parse(br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#)
+                .unwrap();
+        EgressRequest {
+            request_id: "r".into(),
+            tenant: "t".into(),
+            target: RouteTarget {
+                provider: "p".into(),
+                model: "m".into(),
+            },
+            op: Operation::Chat(chat),
+            simulate: None,
+            received_at: std::time::Instant::now(),
+            inbound: Protocol::OpenAi,
+            forward_headers: Vec::new(),
+            residency: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_key_is_retried_with_another_then_left_out() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (url, calls) = mock().await;
+        let shared: SharedSnapshot = Arc::new(ArcSwap::from_pointee(snapshot(url)));
+        let egress = Egress::new(shared).unwrap();
+        for _ in 0..4 {
+            let resp = tokio::time::timeout(Duration::from_secs(10), egress.execute(request()))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(resp.status, 200);
+        }
+        let calls = calls.lock().unwrap().clone();
+        // The bad key is met at most once (rotation may start on it), then
+        // the board keeps it out; every request succeeds on the good key.
+        assert_eq!(calls.get("sk-bad").copied().unwrap_or(0), 1, "{calls:?}");
+        assert_eq!(calls.get("sk-good").copied(), Some(4), "{calls:?}");
+        let h = egress.health();
+        let bad = h.peek_key(&health::key_id("p", "main", "bad")).unwrap();
+        let good = h.peek_key(&health::key_id("p", "main", "good")).unwrap();
+        assert_eq!((bad.failures(), good.successes()), (1, 4));
+        assert_eq!((bad.in_flight(), good.in_flight()), (0, 0));
+        let target = h.peek_target(&health::target_id("p", "m", None)).unwrap();
+        assert_eq!((target.successes(), target.failures()), (4, 0));
+        assert!(target.latency().is_some());
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use switchyard_proto::{KeySource, Snapshot};
+use switchyard_proto::{KeySource, PoolKey, Snapshot};
 
 /// One line per entity: `path` → description.
 pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
@@ -43,10 +43,30 @@ pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
             let refs: Vec<String> = pool
                 .keys
                 .iter()
-                .map(|k| match k {
-                    KeySource::Env(v) => format!("env:{v}"),
-                    KeySource::File(f) => format!("file:{f}"),
-                    KeySource::Inline(_) => "encrypted".into(),
+                .enumerate()
+                .map(|(i, k)| {
+                    let source = match &k.source {
+                        KeySource::Env(v) => format!("env:{v}"),
+                        KeySource::File(f) => format!("file:{f}"),
+                        KeySource::Inline(_) => "encrypted".into(),
+                    };
+                    // Identity and limits only when set, so a pool written
+                    // without them diffs as before.
+                    if *k
+                        == (PoolKey {
+                            source: k.source.clone(),
+                            ..PoolKey::new(i, KeySource::Env(String::new()))
+                        })
+                    {
+                        return source;
+                    }
+                    format!(
+                        "{source} (id={} weight={} rpm={} tpm={})",
+                        k.id,
+                        k.weight,
+                        k.rpm.map_or("-".into(), |r| r.to_string()),
+                        k.tpm.map_or("-".into(), |t| t.to_string())
+                    )
                 })
                 .collect();
             out.insert(

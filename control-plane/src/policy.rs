@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use switchyard_proto::{
-    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PlanError,
-    ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, Secret,
-    SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy, TenantPolicy,
+    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PlanError, PoolKey,
+    ProviderKind, ProviderSnapshot, RegionSnapshot, ResolvedKey, RouteSnapshot, RouteTarget,
+    Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy, TenantPolicy,
     TenantSnapshot, WeightedTarget,
 };
 
@@ -136,10 +136,21 @@ pub struct KeyPoolDoc {
     pub keys: Vec<KeyDoc>,
 }
 
-/// Exactly one of the fields.
+/// Exactly one of `env`, `file`, `encrypted`, `value`; the rest is the
+/// key's identity and limits.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyDoc {
+    /// Stable id, unique in the pool (letters, digits, `.`, `_`, `-`);
+    /// defaults to `k<index>`. Runtime health (cooldowns, refusals) is
+    /// kept per id, so keep it when rotating the value.
+    pub id: Option<String>,
+    /// Share of traffic among the pool's keys; default 1.
+    pub weight: Option<u32>,
+    /// The provider's requests-per-minute limit for this key.
+    pub rpm: Option<u32>,
+    /// The provider's tokens-per-minute limit for this key.
+    pub tpm: Option<u64>,
     /// Environment variable on the egress (comma-separated values = several keys).
     pub env: Option<String>,
     /// File on the egress holding the key.
@@ -360,6 +371,18 @@ pub fn compile_policy(
     doc: &PolicyDocument,
     opts: &PolicyOptions<'_>,
 ) -> Result<Compiled, Vec<PolicyError>> {
+    let mut compiled = compile_unplanned(doc, opts)?;
+    compiled.snapshot.compile_residency_plans();
+    Ok(compiled)
+}
+
+/// [`compile_policy`] without the residency tables: callers that still
+/// prune providers or targets compile those last, so the tables never name
+/// a target the served snapshot does not have.
+fn compile_unplanned(
+    doc: &PolicyDocument,
+    opts: &PolicyOptions<'_>,
+) -> Result<Compiled, Vec<PolicyError>> {
     let mut errors = Vec::new();
     let mut err = |path: String, message: String| errors.push(PolicyError { path, message });
     let env = |name: &str| (opts.env)(name).filter(|v| !v.trim().is_empty());
@@ -506,7 +529,7 @@ pub fn compile_policy(
                 name: "default".into(),
                 region: p.region.clone(),
                 jurisdictions: Vec::new(),
-                keys: vec![KeySource::Env(var.clone())],
+                keys: vec![PoolKey::new(0, KeySource::Env(var.clone()))],
             });
         }
         for (i, pool) in p.key_pools.iter().enumerate() {
@@ -552,9 +575,55 @@ pub fn compile_policy(
                     "a pool needs at least one key".into(),
                 );
             }
+            let pool_name = pool.name.clone().unwrap_or_else(|| format!("pool-{i}"));
+            if key_pools
+                .iter()
+                .any(|p: &KeyPoolSnapshot| p.name == pool_name)
+            {
+                err(
+                    format!("{ppath}.name"),
+                    format!("another pool of this provider is named {pool_name:?} (`api_key_env` makes one named \"default\")"),
+                );
+            }
             let mut keys = Vec::new();
+            let mut key_ids = HashSet::new();
             for (k, key) in pool.keys.iter().enumerate() {
                 let kpath = format!("{ppath}.keys[{k}]");
+                let mut identity = PoolKey::new(k, KeySource::Env(String::new()));
+                if let Some(id) = &key.id {
+                    if !is_key_id(id) {
+                        err(
+                            format!("{kpath}.id"),
+                            "must be 1-64 letters, digits, '.', '_' or '-'".into(),
+                        );
+                    }
+                    identity.id = id.clone();
+                }
+                if !key_ids.insert(identity.id.clone()) {
+                    err(
+                        format!("{kpath}.id"),
+                        format!("duplicate key id {:?} in this pool", identity.id),
+                    );
+                }
+                match key.weight {
+                    Some(0) => err(format!("{kpath}.weight"), "must be greater than 0".into()),
+                    Some(w) => identity.weight = w,
+                    None => {}
+                }
+                if key.rpm == Some(0) {
+                    err(format!("{kpath}.rpm"), "must be greater than 0".into());
+                }
+                if key.tpm == Some(0) {
+                    err(format!("{kpath}.tpm"), "must be greater than 0".into());
+                }
+                identity.rpm = key.rpm;
+                identity.tpm = key.tpm;
+                let mut push = |source| {
+                    keys.push(PoolKey {
+                        source,
+                        ..identity.clone()
+                    })
+                };
                 let set = [
                     key.env.is_some(),
                     key.file.is_some(),
@@ -572,14 +641,14 @@ pub fn compile_policy(
                     continue;
                 }
                 if let Some(v) = &key.env {
-                    keys.push(KeySource::Env(v.clone()));
+                    push(KeySource::Env(v.clone()));
                 } else if let Some(f) = &key.file {
-                    keys.push(KeySource::File(f.clone()));
+                    push(KeySource::File(f.clone()));
                 } else if let Some(v) = &key.value {
-                    keys.push(KeySource::Inline(v.clone()));
+                    push(KeySource::Inline(v.clone()));
                 } else if let Some(blob) = &key.encrypted {
                     match opts.master_keys.map(|m| m.open(blob)) {
-                        Some(Ok(secret)) => keys.push(KeySource::Inline(secret)),
+                        Some(Ok(secret)) => push(KeySource::Inline(secret)),
                         Some(Err(e)) => err(format!("{kpath}.encrypted"), e.to_string()),
                         None => err(
                             format!("{kpath}.encrypted"),
@@ -589,7 +658,7 @@ pub fn compile_policy(
                 }
             }
             key_pools.push(KeyPoolSnapshot {
-                name: pool.name.clone().unwrap_or_else(|| format!("pool-{i}")),
+                name: pool_name,
                 region,
                 jurisdictions: allowed,
                 keys,
@@ -664,7 +733,7 @@ pub fn compile_policy(
                         name: "default".into(),
                         region: None,
                         jurisdictions: Vec::new(),
-                        keys: vec![KeySource::Env(key_var.to_string())],
+                        keys: vec![PoolKey::new(0, KeySource::Env(key_var.to_string()))],
                     }],
                 }),
             );
@@ -921,7 +990,9 @@ pub fn compile_policy(
         );
     }
 
-    let mut snapshot = Snapshot {
+    // Residency tables are compiled by the callers, once the snapshot is
+    // final; the check below plans without them.
+    let snapshot = Snapshot {
         version: opts.version,
         providers,
         aliases,
@@ -933,7 +1004,6 @@ pub fn compile_policy(
         scores: Default::default(),
         residency_plans: Default::default(),
     };
-    snapshot.compile_residency_plans();
 
     // Residency: a tenant restricted to some jurisdictions must have, for
     // every model it is allowed, at least one target inside them.
@@ -1018,6 +1088,12 @@ fn reaches(doc: &PolicyDocument, from: &str, target: &str) -> bool {
     false
 }
 
+fn is_key_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 fn is_tag(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
@@ -1037,7 +1113,7 @@ pub fn compile(
             message: e.to_string(),
         }]
     })?;
-    let mut compiled = compile_policy(
+    let mut compiled = compile_unplanned(
         doc,
         &PolicyOptions {
             env: opts.env,
@@ -1080,6 +1156,9 @@ pub fn compile(
             .targets
             .retain(|t| !dropped.contains(&t.provider));
     }
+    // Only now is the snapshot final: tables compiled before the pruning
+    // above would still plan the dropped providers.
+    snapshot.compile_residency_plans();
     let mut status: Vec<_> = status.into_iter().collect();
     status.sort();
     compiled.provider_status = status;
@@ -1094,7 +1173,7 @@ pub fn resolve_provider_keys(
     region: Option<&str>,
     env: &dyn Fn(&str) -> Option<String>,
     read_file: &dyn Fn(&str) -> std::io::Result<String>,
-) -> (Vec<Secret>, Vec<PolicyError>) {
+) -> (Vec<ResolvedKey>, Vec<PolicyError>) {
     let mut keys = Vec::new();
     let mut errors = Vec::new();
     for (i, pool) in provider.key_pools.iter().enumerate() {
@@ -1105,22 +1184,37 @@ pub fn resolve_provider_keys(
         }
         for (k, key) in pool.keys.iter().enumerate() {
             let path = format!("providers.{}.key_pools[{i}].keys[{k}]", provider.name);
-            match key {
-                KeySource::Inline(s) => keys.push(s.clone()),
+            let resolved = |id: &str, secret| ResolvedKey::new(&pool.name, id, key, secret);
+            match &key.source {
+                KeySource::Inline(s) => keys.push(resolved(&key.id, s.clone())),
                 KeySource::Env(var) => match env(var).filter(|v| !v.trim().is_empty()) {
-                    Some(v) => keys.extend(
-                        v.split(',')
+                    Some(v) => {
+                        let values: Vec<&str> = v
+                            .split(',')
                             .map(str::trim)
                             .filter(|k| !k.is_empty())
-                            .map(Secret::new),
-                    ),
+                            .collect();
+                        // Several values in one variable are several keys;
+                        // each needs its own id on the health board.
+                        let many = values.len() > 1;
+                        for (n, value) in values.into_iter().enumerate() {
+                            let id = if many {
+                                format!("{}.{n}", key.id)
+                            } else {
+                                key.id.clone()
+                            };
+                            keys.push(resolved(&id, Secret::new(value)));
+                        }
+                    }
                     None => errors.push(PolicyError {
                         path,
                         message: format!("${var} is not set"),
                     }),
                 },
                 KeySource::File(f) => match read_file(f) {
-                    Ok(v) if !v.trim().is_empty() => keys.push(Secret::new(v.trim())),
+                    Ok(v) if !v.trim().is_empty() => {
+                        keys.push(resolved(&key.id, Secret::new(v.trim())))
+                    }
                     Ok(_) => errors.push(PolicyError {
                         path,
                         message: format!("key file {f} is empty"),
@@ -1534,7 +1628,7 @@ tenants:
             "providers:\n  p:\n    kind: openai\n    key_pools:\n      - keys: [ {{ encrypted: \"{blob}\" }} ]\n"
         );
         let c = policy(&yaml, Some(&keys)).unwrap();
-        match &c.snapshot.providers["p"].key_pools[0].keys[0] {
+        match &c.snapshot.providers["p"].key_pools[0].keys[0].source {
             KeySource::Inline(s) => assert_eq!(s.expose(), "sk-sealed"),
             other => panic!("unexpected {other:?}"),
         }
@@ -1570,6 +1664,12 @@ tenants:
             .map(|k| k.expose().to_string())
             .collect();
         assert_eq!(keys, ["sk-from-file", "sk-env-1", "sk-env-2"]);
+        let ids: Vec<_> = c.snapshot.providers["p"]
+            .keys
+            .iter()
+            .map(|k| format!("{}/{}", k.pool, k.id))
+            .collect();
+        assert_eq!(ids, ["pool-0/k0", "pool-0/k1.0", "pool-0/k1.1"]);
         assert!(!c.snapshot.providers.contains_key("q"));
         assert!(c.snapshot.aliases.is_empty());
         let status: HashMap<_, _> = c.provider_status.into_iter().collect();
@@ -1579,5 +1679,103 @@ tenants:
             status["q"]
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn key_pools_keep_identity_weight_and_limits() {
+        let yaml = "providers:\n  p:\n    kind: openai\n    key_pools:\n      - name: main\n        keys:\n          - { env: A, id: primary, weight: 3, rpm: 500, tpm: 90000 }\n          - { env: B }\n";
+        let doc = parse_policy(yaml).unwrap();
+        let env = |k: &str| matches!(k, "A" | "B").then(|| format!("sk-{k}"));
+        let c = compile(
+            &doc,
+            &CompileOptions {
+                env: &env,
+                include_simulated: false,
+                version: 1,
+            },
+        )
+        .unwrap();
+        let p = &c.snapshot.providers["p"];
+        let pool = &p.key_pools[0];
+        assert_eq!(
+            (
+                pool.keys[0].id.as_str(),
+                pool.keys[0].weight,
+                pool.keys[0].rpm,
+                pool.keys[0].tpm
+            ),
+            ("primary", 3, Some(500), Some(90_000))
+        );
+        assert_eq!((pool.keys[1].id.as_str(), pool.keys[1].weight), ("k1", 1));
+        let resolved: Vec<_> = p
+            .keys
+            .iter()
+            .map(|k| (&*k.pool, &*k.id, k.weight, k.rpm))
+            .collect();
+        assert_eq!(
+            resolved,
+            [("main", "primary", 3, Some(500)), ("main", "k1", 1, None)]
+        );
+        assert!(!format!("{:?}", p.keys).contains("sk-"), "keys never print");
+
+        let bad = "providers:\n  p:\n    kind: openai\n    api_key_env: X\n    key_pools:\n      - name: default\n        keys:\n          - { env: A, id: a, weight: 0, rpm: 0, tpm: 0 }\n          - { env: B, id: a }\n          - { env: C, id: \"no/slash\" }\n";
+        let e = policy(bad, None).unwrap_err();
+        let paths: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "providers.p.key_pools[0].name",
+                "providers.p.key_pools[0].keys[0].weight",
+                "providers.p.key_pools[0].keys[0].rpm",
+                "providers.p.key_pools[0].keys[0].tpm",
+                "providers.p.key_pools[0].keys[1].id",
+                "providers.p.key_pools[0].keys[2].id",
+            ],
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn residency_plans_are_compiled_after_pruning() {
+        // `q` has no key in this environment, so single-process compile
+        // drops it (and the alias to it) after validation; the residency
+        // tables must not still plan it.
+        let yaml = "regions:\n  eu-west: { jurisdiction: eu }\nproviders:\n  p:\n    kind: openai\n    region: eu-west\n    api_key_env: P_KEY\n  q:\n    kind: anthropic\n    region: eu-west\n    api_key_env: MISSING\naliases:\n  gone: q/m\nroutes:\n  chat:\n    targets:\n      - { provider: q, model: m }\n      - { provider: p, model: m }\ntenants:\n  - id: t\n    key_sha256: \"0000000000000000000000000000000000000000000000000000000000000000\"\n    residency: [eu]\n";
+        let doc = parse_policy(yaml).unwrap();
+        let env = |k: &str| (k == "P_KEY").then(|| "sk-p".to_string());
+        let c = compile(
+            &doc,
+            &CompileOptions {
+                env: &env,
+                include_simulated: false,
+                version: 1,
+            },
+        )
+        .unwrap();
+        let s = &c.snapshot;
+        assert!(!s.providers.contains_key("q"));
+        let eu = vec!["eu".to_string()];
+        let table = &s.residency_plans[&eu];
+        let chat: Vec<_> = table["chat"]
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|t| t.target.provider.as_str())
+            .collect();
+        assert_eq!(chat, ["p"], "the pruned provider is not planned");
+        assert!(!table.contains_key("gone"), "the pruned alias has no plan");
+        assert!(matches!(
+            s.plan("gone", Some(&eu)),
+            Err(PlanError::UnknownModel(_))
+        ));
+        // The control plane's compiler keeps every provider and plans them.
+        let cp = policy(yaml, None).unwrap();
+        assert_eq!(
+            cp.snapshot.residency_plans[&eu]["chat"]
+                .as_ref()
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

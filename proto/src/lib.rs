@@ -21,10 +21,12 @@ pub mod control {
     tonic::include_proto!("switchyard.control.v1");
 }
 
+pub mod health;
 pub mod plan;
 pub mod scope;
 pub mod wire;
 
+pub use health::Health;
 pub use plan::{PlanError, PlannedTarget};
 
 /// The edge ↔ egress framing's messages (`backhaul.proto`).
@@ -165,7 +167,9 @@ pub struct ProviderSnapshot {
     /// For OpenAI-style providers this includes the version path (`.../v1`);
     /// Anthropic and Gemini take the host root.
     pub base_url: String,
-    pub keys: Vec<Secret>,
+    /// The keys this node resolved from `key_pools` (only on an egress, or
+    /// in single-process mode), each with its pool and id.
+    pub keys: Vec<ResolvedKey>,
     /// Models advertised in `/v1/models`; requests may name others.
     pub models: Vec<String>,
     /// Only for [`ProviderKind::Simulated`]: default behaviour and per-model overrides.
@@ -216,7 +220,104 @@ pub struct KeyPoolSnapshot {
     /// Jurisdictions whose egress nodes may hold these keys; empty = the
     /// pool's region's jurisdiction only.
     pub jurisdictions: Vec<String>,
-    pub keys: Vec<KeySource>,
+    pub keys: Vec<PoolKey>,
+}
+
+/// One key of a pool: its stable identity and limits, and where its value
+/// is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolKey {
+    /// Unique in its pool and stable across policy versions (the health
+    /// board keys on it); defaults to `k<index>`.
+    pub id: String,
+    /// Share of traffic relative to the pool's other keys; at least 1.
+    pub weight: u32,
+    /// The provider's requests-per-minute limit for this key, if known.
+    pub rpm: Option<u32>,
+    /// The provider's tokens-per-minute limit for this key, if known.
+    pub tpm: Option<u64>,
+    pub source: KeySource,
+}
+
+impl PoolKey {
+    /// A key with default identity (`k<index>`), weight 1 and no limits.
+    pub fn new(index: usize, source: KeySource) -> Self {
+        PoolKey {
+            id: format!("k{index}"),
+            weight: 1,
+            rpm: None,
+            tpm: None,
+            source,
+        }
+    }
+}
+
+/// A key value read on this node, with the identity of the pool key it
+/// came from. An `env:` reference holding several comma-separated values
+/// yields one resolved key per value (`<id>.<n>`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResolvedKey {
+    pub pool: Arc<str>,
+    pub id: Arc<str>,
+    pub weight: u32,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub secret: Secret,
+    /// Tells values apart without holding them twice: the health board
+    /// remembers a refused key by it.
+    pub fingerprint: u64,
+}
+
+impl ResolvedKey {
+    pub fn new(pool: &str, id: &str, key: &PoolKey, secret: Secret) -> Self {
+        let digest = Sha256::digest(secret.expose().as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        ResolvedKey {
+            pool: pool.into(),
+            id: id.into(),
+            weight: key.weight.max(1),
+            rpm: key.rpm,
+            tpm: key.tpm,
+            secret,
+            fingerprint: u64::from_le_bytes(first),
+        }
+    }
+
+    /// The value; see [`Secret::expose`].
+    pub fn expose(&self) -> &str {
+        self.secret.expose()
+    }
+
+    /// This key's id on the health board.
+    pub fn health_id(&self, provider: &str) -> String {
+        health::key_id(provider, &self.pool, &self.id)
+    }
+}
+
+/// Lets code that scrubs keys from text take resolved keys or bare secrets.
+impl AsRef<Secret> for ResolvedKey {
+    fn as_ref(&self) -> &Secret {
+        &self.secret
+    }
+}
+
+impl AsRef<Secret> for Secret {
+    fn as_ref(&self) -> &Secret {
+        self
+    }
+}
+
+impl fmt::Debug for ResolvedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolvedKey")
+            .field("pool", &self.pool)
+            .field("id", &self.id)
+            .field("weight", &self.weight)
+            .field("rpm", &self.rpm)
+            .field("tpm", &self.tpm)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A region of the fleet: where its egress nodes listen.

@@ -1,11 +1,18 @@
 //! Route planning: what a requested model name leads to, in order, inside
-//! the request's jurisdictions. Pure and allocation-light enough for the
-//! request path; the data plane adds circuit-breaker state on top.
+//! the request's jurisdictions. [`plan`] reads `(&Snapshot, &Health)`: the
+//! snapshot gives the policy's order (precompiled per tenant jurisdiction
+//! set where it can), the runtime health board moves targets that fail
+//! lately behind the others. Pure and allocation-light enough for the
+//! request path.
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 
-use crate::{ProviderSnapshot, RouteSnapshot, RouteTarget, ScoreKey, Snapshot, Strategy};
+use crate::health::{self, Health};
+use crate::{
+    ProviderSnapshot, ResidencyPlans, RouteSnapshot, RouteTarget, ScoreKey, Snapshot, Strategy,
+};
 
 /// One step of a route plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,150 +77,221 @@ fn jurisdiction_key(set: &[String]) -> Vec<String> {
     key
 }
 
+/// Every target `requested` may go to, best first, for one request: the
+/// snapshot's order ([`static_plan`]) with targets the health board has
+/// seen failing lately moved behind the others. Demoted targets are kept,
+/// in their order: a doubtful target is still better than none.
+///
+/// This is the one planning entry point of the data plane; breakers and
+/// other runtime rules are added here.
+pub fn plan(
+    snapshot: &Snapshot,
+    health: &Health,
+    requested: &str,
+    jurisdictions: Option<&[String]>,
+) -> Result<Vec<PlannedTarget>, PlanError> {
+    let mut targets = static_plan(snapshot, requested, jurisdictions)?;
+    demote_degraded(&mut targets, health);
+    Ok(targets)
+}
+
+/// Stable partition: healthy targets first, each group in plan order.
+fn demote_degraded(targets: &mut Vec<PlannedTarget>, health: &Health) {
+    if targets.len() < 2 || !health.has_targets() {
+        return;
+    }
+    let degraded: Vec<bool> = targets
+        .iter()
+        .map(|t| {
+            let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
+            health
+                .peek_target(&id)
+                .is_some_and(|e| health.is_degraded(&e))
+        })
+        .collect();
+    if !degraded.iter().any(|d| *d) {
+        return;
+    }
+    let all = std::mem::take(targets);
+    let (mut ok, mut bad) = (Vec::with_capacity(all.len()), Vec::new());
+    for (t, d) in all.into_iter().zip(degraded) {
+        if d {
+            bad.push(t);
+        } else {
+            ok.push(t);
+        }
+    }
+    ok.extend(bad);
+    *targets = ok;
+}
+
+/// The snapshot's own order for `requested`, without runtime health: the
+/// route's targets ordered by its strategy, then its fallbacks' (depth
+/// first, each target once). `jurisdictions = None` means unrestricted;
+/// otherwise a target is kept only when its provider's jurisdiction is
+/// listed. Jurisdiction sets some tenant has are looked up in the
+/// snapshot's precompiled [`Snapshot::residency_plans`].
+pub fn static_plan(
+    snapshot: &Snapshot,
+    requested: &str,
+    jurisdictions: Option<&[String]>,
+) -> Result<Vec<PlannedTarget>, PlanError> {
+    if let Some(allowed) = jurisdictions {
+        let key = jurisdiction_key(allowed);
+        if let Some(compiled) = snapshot
+            .residency_plans
+            .get(&key)
+            .and_then(|table| table.get(requested))
+        {
+            return compiled.clone();
+        }
+    }
+    plan_uncached(snapshot, requested, jurisdictions)
+}
+
+/// Every tenant jurisdiction set × every route and alias of `snapshot`.
+/// Must run on the snapshot as it will be served: after providers, aliases
+/// and route targets are final, or the tables name targets that are gone.
+pub fn compile_residency_plans(snapshot: &Snapshot) -> ResidencyPlans {
+    let mut sets: Vec<Vec<String>> = snapshot
+        .tenant_policies
+        .values()
+        .filter_map(|t| t.residency.as_deref().map(jurisdiction_key))
+        .collect();
+    sets.sort();
+    sets.dedup();
+    let names: Vec<&String> = snapshot
+        .routes
+        .keys()
+        .chain(snapshot.aliases.keys())
+        .collect();
+    let mut table = ResidencyPlans::new();
+    for set in sets {
+        let per_model = names
+            .iter()
+            .map(|name| ((*name).clone(), plan_uncached(snapshot, name, Some(&set))))
+            .collect();
+        table.insert(set, per_model);
+    }
+    table
+}
+
 impl Snapshot {
-    /// Every target `requested` may go to, best first: the route's targets
-    /// ordered by its strategy, then its fallbacks' (depth first, each
-    /// target once). `jurisdictions = None` means unrestricted; otherwise a
-    /// target is kept only when its provider's jurisdiction is listed.
+    /// [`static_plan`]: the snapshot's order without runtime health. The
+    /// data plane uses [`plan`] instead.
     pub fn plan(
         &self,
         requested: &str,
         jurisdictions: Option<&[String]>,
     ) -> Result<Vec<PlannedTarget>, PlanError> {
-        if let Some(allowed) = jurisdictions {
-            let key = jurisdiction_key(allowed);
-            if let Some(compiled) = self
-                .residency_plans
-                .get(&key)
-                .and_then(|table| table.get(requested))
-            {
-                return compiled.clone();
-            }
-        }
-        self.plan_uncached(requested, jurisdictions)
+        static_plan(self, requested, jurisdictions)
     }
 
-    /// Fills [`Snapshot::residency_plans`]: every tenant jurisdiction set ×
-    /// every route and alias. Call after building a snapshot or swapping
-    /// its scores (latency-ordered routes depend on them).
+    /// Fills [`Snapshot::residency_plans`] ([`compile_residency_plans`]).
+    /// Call once the snapshot's providers, aliases and routes are final, and
+    /// after swapping its scores (latency-ordered routes depend on them).
     pub fn compile_residency_plans(&mut self) {
-        let mut sets: Vec<Vec<String>> = self
-            .tenant_policies
-            .values()
-            .filter_map(|t| t.residency.as_deref().map(jurisdiction_key))
-            .collect();
-        sets.sort();
-        sets.dedup();
-        let names: Vec<&String> = self.routes.keys().chain(self.aliases.keys()).collect();
-        let mut table = crate::ResidencyPlans::new();
-        for set in sets {
-            let per_model = names
-                .iter()
-                .map(|name| ((*name).clone(), self.plan_uncached(name, Some(&set))))
-                .collect();
-            table.insert(set, per_model);
-        }
-        self.residency_plans = std::sync::Arc::new(table);
+        self.residency_plans = Arc::new(compile_residency_plans(self));
     }
+}
 
-    fn plan_uncached(
-        &self,
-        requested: &str,
-        jurisdictions: Option<&[String]>,
-    ) -> Result<Vec<PlannedTarget>, PlanError> {
-        let mut all = Vec::new();
-        if let Some(route) = self.routes.get(requested) {
-            let mut seen_routes = HashSet::new();
-            self.expand_route(route, &mut seen_routes, &mut all);
-        } else if let Some(t) = self.resolve(requested) {
-            all.push(self.planned(t.provider, t.model));
-        } else {
-            return Err(PlanError::UnknownModel(requested.to_string()));
-        }
-        let mut seen = HashSet::new();
-        all.retain(|t| seen.insert(t.target.clone()));
-        let Some(allowed) = jurisdictions else {
-            return Ok(all);
-        };
-        let (kept, blocked): (Vec<_>, Vec<_>) = all.into_iter().partition(|t| {
-            t.jurisdiction
-                .as_ref()
-                .is_some_and(|j| allowed.iter().any(|a| a == j))
+fn plan_uncached(
+    snap: &Snapshot,
+    requested: &str,
+    jurisdictions: Option<&[String]>,
+) -> Result<Vec<PlannedTarget>, PlanError> {
+    let mut all = Vec::new();
+    if let Some(route) = snap.routes.get(requested) {
+        let mut seen_routes = HashSet::new();
+        expand_route(snap, route, &mut seen_routes, &mut all);
+    } else if let Some(t) = snap.resolve(requested) {
+        all.push(planned(snap, t.provider, t.model));
+    } else {
+        return Err(PlanError::UnknownModel(requested.to_string()));
+    }
+    let mut seen = HashSet::new();
+    all.retain(|t| seen.insert(t.target.clone()));
+    let Some(allowed) = jurisdictions else {
+        return Ok(all);
+    };
+    let (kept, blocked): (Vec<_>, Vec<_>) = all.into_iter().partition(|t| {
+        t.jurisdiction
+            .as_ref()
+            .is_some_and(|j| allowed.iter().any(|a| a == j))
+    });
+    if kept.is_empty() {
+        return Err(PlanError::Residency {
+            model: requested.to_string(),
+            allowed: allowed.to_vec(),
+            blocked,
         });
-        if kept.is_empty() {
-            return Err(PlanError::Residency {
-                model: requested.to_string(),
-                allowed: allowed.to_vec(),
-                blocked,
-            });
-        }
-        Ok(kept)
     }
+    Ok(kept)
+}
 
-    fn planned(&self, provider: String, model: String) -> PlannedTarget {
-        let p: Option<&ProviderSnapshot> = self.providers.get(&provider).map(|p| &**p);
-        PlannedTarget {
-            region: p.and_then(|p| p.region.clone()),
-            jurisdiction: p.and_then(|p| p.jurisdiction.clone()),
-            target: RouteTarget { provider, model },
-        }
+fn planned(snap: &Snapshot, provider: String, model: String) -> PlannedTarget {
+    let p: Option<&ProviderSnapshot> = snap.providers.get(&provider).map(|p| &**p);
+    PlannedTarget {
+        region: p.and_then(|p| p.region.clone()),
+        jurisdiction: p.and_then(|p| p.jurisdiction.clone()),
+        target: RouteTarget { provider, model },
     }
+}
 
-    fn expand_route<'a>(
-        &'a self,
-        route: &'a RouteSnapshot,
-        seen_routes: &mut HashSet<&'a str>,
-        out: &mut Vec<PlannedTarget>,
-    ) {
-        if !seen_routes.insert(route.name.as_str()) {
-            return;
-        }
-        let mut targets: Vec<_> = route
-            .targets
-            .iter()
-            .filter(|t| self.providers.contains_key(&t.provider))
-            .collect();
-        match route.strategy {
-            Strategy::Priority => {}
-            Strategy::Weighted => targets.sort_by_key(|t| std::cmp::Reverse(t.weight)),
-            Strategy::Cost => targets.sort_by(|a, b| {
-                let price = |t: &crate::WeightedTarget| {
-                    self.providers
-                        .get(&t.provider)
-                        .and_then(|p| p.pricing.get(&t.model))
-                        .map(|p| p.input_per_million + p.output_per_million)
-                        .unwrap_or(f64::INFINITY)
-                };
-                price(a).total_cmp(&price(b))
-            }),
-            Strategy::Latency => targets.sort_by(|a, b| {
-                let ttft = |t: &crate::WeightedTarget| {
-                    let region = self
-                        .providers
-                        .get(&t.provider)
-                        .and_then(|p| p.region.clone())
-                        .unwrap_or_default();
-                    self.scores
-                        .targets
-                        .get(&ScoreKey {
-                            provider: t.provider.clone(),
-                            model: t.model.clone(),
-                            region,
-                        })
-                        .filter(|s| s.requests > 0)
-                        .map(|s| s.ttft_p50_ms)
-                        .unwrap_or(f64::INFINITY)
-                };
-                ttft(a).total_cmp(&ttft(b))
-            }),
-        }
-        for t in targets {
-            out.push(self.planned(t.provider.clone(), t.model.clone()));
-        }
-        for f in &route.fallbacks {
-            if let Some(next) = self.routes.get(f) {
-                self.expand_route(next, seen_routes, out);
-            }
+fn expand_route<'a>(
+    snap: &'a Snapshot,
+    route: &'a RouteSnapshot,
+    seen_routes: &mut HashSet<&'a str>,
+    out: &mut Vec<PlannedTarget>,
+) {
+    if !seen_routes.insert(route.name.as_str()) {
+        return;
+    }
+    let mut targets: Vec<_> = route
+        .targets
+        .iter()
+        .filter(|t| snap.providers.contains_key(&t.provider))
+        .collect();
+    match route.strategy {
+        Strategy::Priority => {}
+        Strategy::Weighted => targets.sort_by_key(|t| std::cmp::Reverse(t.weight)),
+        Strategy::Cost => targets.sort_by(|a, b| {
+            let price = |t: &crate::WeightedTarget| {
+                snap.providers
+                    .get(&t.provider)
+                    .and_then(|p| p.pricing.get(&t.model))
+                    .map(|p| p.input_per_million + p.output_per_million)
+                    .unwrap_or(f64::INFINITY)
+            };
+            price(a).total_cmp(&price(b))
+        }),
+        Strategy::Latency => targets.sort_by(|a, b| {
+            let ttft = |t: &crate::WeightedTarget| {
+                let region = snap
+                    .providers
+                    .get(&t.provider)
+                    .and_then(|p| p.region.clone())
+                    .unwrap_or_default();
+                snap.scores
+                    .targets
+                    .get(&ScoreKey {
+                        provider: t.provider.clone(),
+                        model: t.model.clone(),
+                        region,
+                    })
+                    .filter(|s| s.requests > 0)
+                    .map(|s| s.ttft_p50_ms)
+                    .unwrap_or(f64::INFINITY)
+            };
+            ttft(a).total_cmp(&ttft(b))
+        }),
+    }
+    for t in targets {
+        out.push(planned(snap, t.provider.clone(), t.model.clone()));
+    }
+    for f in &route.fallbacks {
+        if let Some(next) = snap.routes.get(f) {
+            expand_route(snap, next, seen_routes, out);
         }
     }
 }
@@ -341,11 +419,61 @@ mod tests {
         let eu = vec!["eu".to_string()];
         let table = &s.residency_plans[&eu];
         assert_eq!(table.len(), 3, "every route compiled");
-        assert_eq!(table["chat"], s.plan_uncached("chat", Some(&eu)));
+        assert_eq!(table["chat"], plan_uncached(&s, "chat", Some(&eu)));
         assert!(matches!(table["us-only"], Err(PlanError::Residency { .. })));
         // A set no tenant has (e.g. narrowed by a header) is computed.
         let us = vec!["us".to_string()];
         assert_eq!(providers(&s.plan("chat", Some(&us)).unwrap()), ["us"]);
+    }
+
+    #[test]
+    fn health_demotes_failing_targets_keeping_order_and_residency() {
+        let s = snapshot(Strategy::Priority);
+        let health = Health::new();
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", None).unwrap()),
+            ["eu", "us"]
+        );
+        let now = std::time::Instant::now();
+        let eu = health
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
+        // Too few attempts to judge: the order stays.
+        for _ in 0..crate::health::DEMOTE_MIN_SAMPLES - 1 {
+            health.record(&eu, crate::health::Outcome::Failure, now);
+        }
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", None).unwrap()),
+            ["eu", "us"]
+        );
+        health.record(&eu, crate::health::Outcome::Failure, now);
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", None).unwrap()),
+            ["us", "eu"],
+            "a failing target goes last, not away"
+        );
+        // Health never widens residency: the only EU target stays the plan.
+        let only_eu = vec!["eu".to_string()];
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", Some(&only_eu)).unwrap()),
+            ["eu"]
+        );
+        // The snapshot's own order is untouched.
+        assert_eq!(providers(&s.plan("chat", None).unwrap()), ["eu", "us"]);
+        for _ in 0..10 {
+            health.record(
+                &eu,
+                crate::health::Outcome::Success {
+                    latency: std::time::Duration::from_millis(5),
+                },
+                now,
+            );
+        }
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", None).unwrap()),
+            ["eu", "us"],
+            "a healed target is back in its place"
+        );
     }
 
     #[test]

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use crate::control as pb;
 use crate::{
-    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, ProviderKind,
-    ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey, Scores,
-    Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy, TargetScore,
-    TenantPolicy, TenantSnapshot, WeightedTarget,
+    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
+    ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
+    Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy,
+    TargetScore, TenantPolicy, TenantSnapshot, WeightedTarget,
 };
 
 /// Why a snapshot message cannot become a [`Snapshot`]; `path` names the field.
@@ -104,13 +104,17 @@ fn profile_to_wire(p: &SimulatedProfile) -> pb::ProfileMsg {
     }
 }
 
-fn key_to_wire(k: &KeySource) -> pb::KeyRefMsg {
+fn key_to_wire(k: &PoolKey) -> pb::KeyRefMsg {
     pb::KeyRefMsg {
-        source: Some(match k {
+        source: Some(match &k.source {
             KeySource::Env(v) => pb::key_ref_msg::Source::Env(v.clone()),
             KeySource::File(p) => pb::key_ref_msg::Source::File(p.clone()),
             KeySource::Inline(s) => pb::key_ref_msg::Source::Value(s.expose().to_string()),
         }),
+        id: k.id.clone(),
+        weight: k.weight,
+        rpm: k.rpm.unwrap_or(0),
+        tpm: k.tpm.unwrap_or(0),
     }
 }
 
@@ -382,11 +386,19 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
         );
     }
     let mut key_pools = Vec::new();
+    let mut pool_names = HashSet::new();
     for (i, pool) in p.key_pools.into_iter().enumerate() {
+        if !pool_names.insert(pool.name.clone()) {
+            return Err(invalid(
+                format!("{path}.key_pools[{i}].name"),
+                "duplicate pool name",
+            ));
+        }
         let mut keys = Vec::new();
+        let mut ids = HashSet::new();
         for (k, key) in pool.keys.into_iter().enumerate() {
             let kpath = format!("{path}.key_pools[{i}].keys[{k}]");
-            keys.push(match key.source {
+            let source = match key.source {
                 Some(pb::key_ref_msg::Source::Env(v)) if !v.is_empty() => KeySource::Env(v),
                 Some(pb::key_ref_msg::Source::File(f)) if !f.is_empty() => KeySource::File(f),
                 Some(pb::key_ref_msg::Source::Value(v)) if !v.is_empty() => {
@@ -394,7 +406,21 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
                 }
                 Some(_) => return Err(invalid(kpath, "empty key reference")),
                 None => return Err(InvalidSnapshot::MissingField { path: kpath }),
-            });
+            };
+            let mut pool_key = PoolKey::new(k, source);
+            if !key.id.is_empty() {
+                pool_key.id = key.id;
+            }
+            if !ids.insert(pool_key.id.clone()) {
+                return Err(invalid(
+                    format!("{kpath}.id"),
+                    "duplicate key id in the pool",
+                ));
+            }
+            pool_key.weight = key.weight.max(1);
+            pool_key.rpm = (key.rpm > 0).then_some(key.rpm);
+            pool_key.tpm = (key.tpm > 0).then_some(key.tpm);
+            keys.push(pool_key);
         }
         key_pools.push(KeyPoolSnapshot {
             name: pool.name,
@@ -647,6 +673,7 @@ impl From<pb::ScoresMsg> for Scores {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ResolvedKey;
 
     fn sample() -> Snapshot {
         let mut s = Snapshot {
@@ -659,7 +686,12 @@ mod tests {
                 name: "p".into(),
                 kind: ProviderKind::Anthropic,
                 base_url: "https://a".into(),
-                keys: vec![Secret::new("resolved-never-sent")],
+                keys: vec![ResolvedKey::new(
+                    "main",
+                    "k0",
+                    &PoolKey::new(0, KeySource::Env("K".into())),
+                    Secret::new("resolved-never-sent"),
+                )],
                 models: vec!["m".into()],
                 simulated: None,
                 region: Some("eu-west".into()),
@@ -670,8 +702,14 @@ mod tests {
                     region: Some("eu-west".into()),
                     jurisdictions: vec![],
                     keys: vec![
-                        KeySource::Env("K".into()),
-                        KeySource::Inline(Secret::new("v")),
+                        PoolKey::new(0, KeySource::Env("K".into())),
+                        PoolKey {
+                            id: "backup".into(),
+                            weight: 3,
+                            rpm: Some(60),
+                            tpm: Some(100_000),
+                            source: KeySource::Inline(Secret::new("v")),
+                        },
                     ],
                 }],
             }),
@@ -705,6 +743,39 @@ mod tests {
         assert_eq!(p.key_pools, sample().providers["p"].key_pools);
         assert_eq!(back.tenant_policy("t").unwrap().rpm, Some(5));
         assert!(back.tenant_for_key("k").unwrap().may_use("p/m"));
+    }
+
+    #[test]
+    fn key_identity_travels_and_defaults_for_older_senders() {
+        let mut msg = pb::SnapshotMsg::from(&sample());
+        let keys = &msg.providers["p"].key_pools[0].keys;
+        assert_eq!(
+            (keys[1].id.as_str(), keys[1].weight, keys[1].rpm),
+            ("backup", 3, 60)
+        );
+        // A control plane that predates key identity sends none of it.
+        for k in &mut msg.providers.get_mut("p").unwrap().key_pools[0].keys {
+            (k.id, k.weight, k.rpm, k.tpm) = (String::new(), 0, 0, 0);
+        }
+        let back = Snapshot::try_from(msg.clone()).unwrap();
+        let keys = &back.providers["p"].key_pools[0].keys;
+        assert_eq!(
+            (keys[1].id.as_str(), keys[1].weight, keys[1].rpm),
+            ("k1", 1, None)
+        );
+
+        msg.providers.get_mut("p").unwrap().key_pools[0].keys[1].id = "k0".into();
+        assert_eq!(
+            Snapshot::try_from(msg.clone()).unwrap_err().to_string(),
+            "providers.p.key_pools[0].keys[1].id: duplicate key id in the pool"
+        );
+        let pools = &mut msg.providers.get_mut("p").unwrap().key_pools;
+        pools[0].keys[1].id = "k1".into();
+        pools.push(pools[0].clone());
+        assert_eq!(
+            Snapshot::try_from(msg).unwrap_err().to_string(),
+            "providers.p.key_pools[1].name: duplicate pool name"
+        );
     }
 
     #[test]

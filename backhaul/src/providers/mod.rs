@@ -11,7 +11,9 @@ use bytes::Bytes;
 use switchyard_llm::openai::Usage;
 use switchyard_llm::translate::StreamTranslator;
 use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::{LimitsSnapshot, ProviderKind, ProviderSnapshot, Secret};
+use switchyard_proto::{
+    Health, LimitsSnapshot, ProviderKind, ProviderSnapshot, ResolvedKey, Secret,
+};
 
 use crate::request::EgressRequest;
 use crate::stream::UpstreamBytes;
@@ -202,20 +204,157 @@ pub(crate) fn transport_error(provider: &str, e: &reqwest::Error) -> GatewayErro
     }
 }
 
+/// Chooses the key for the next attempt among `keys` (a provider's
+/// resolved keys on this egress), leaving out the indexes in `skip` (keys
+/// this request already tried). Returns an index into `keys`.
+///
+/// Usable keys come first: neither cooling down after a 429 nor refused
+/// (401/403) with their current value. Among them the one with the fewest
+/// attempts in flight relative to its weight wins; ties go to the first
+/// met from `start` on, so an idle pool still rotates. When no key is
+/// usable the pool fails open: the key whose cooldown ends first, then a
+/// refused one, so the provider still decides (a single-key pool behaves
+/// as without a board).
+pub fn pick_key(
+    keys: &[ResolvedKey],
+    health: &Health,
+    provider: &str,
+    start: usize,
+    skip: &[usize],
+    now: std::time::Instant,
+) -> Option<usize> {
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    enum State {
+        Usable,
+        Cooling(std::time::Instant),
+        Refused,
+    }
+    let n = keys.len();
+    let mut best: Option<(usize, State, u64, u64)> = None;
+    for offset in 0..n {
+        let i = (start % n + offset) % n;
+        if skip.contains(&i) {
+            continue;
+        }
+        let key = &keys[i];
+        let entry = health.peek_key(&key.health_id(provider));
+        let (state, in_flight) = match &entry {
+            None => (State::Usable, 0),
+            Some(e) if health.is_refused(e, key.fingerprint) => (State::Refused, e.in_flight()),
+            Some(e) => match health.cooling_until(e, now) {
+                Some(until) => (State::Cooling(until), e.in_flight()),
+                None => (State::Usable, e.in_flight()),
+            },
+        };
+        let weight = u64::from(key.weight.max(1));
+        let better = match &best {
+            None => true,
+            Some((_, b_state, b_flight, b_weight)) => {
+                state < *b_state
+                    || (state == *b_state
+                        && state == State::Usable
+                        // in_flight / weight, compared without division.
+                        && u64::from(in_flight) * b_weight < b_flight * weight)
+            }
+        };
+        if better {
+            best = Some((i, state, u64::from(in_flight), weight));
+        }
+    }
+    best.map(|(i, ..)| i)
+}
+
 /// Removes every provider key from text we are about to show a client.
-pub(crate) fn scrub<'a>(text: &'a str, keys: &[Secret]) -> std::borrow::Cow<'a, str> {
+pub(crate) fn scrub<'a>(text: &'a str, keys: &[impl AsRef<Secret>]) -> std::borrow::Cow<'a, str> {
     if !keys
         .iter()
-        .any(|k| k.expose().len() >= 4 && text.contains(k.expose()))
+        .any(|k| k.as_ref().expose().len() >= 4 && text.contains(k.as_ref().expose()))
     {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = text.to_string();
     for k in keys {
-        let k = k.expose();
+        let k = k.as_ref().expose();
         if k.len() >= 4 && out.contains(k) {
             out = out.replace(k, "[redacted]");
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod key_choice_tests {
+    use std::time::{Duration, Instant};
+
+    use switchyard_proto::{Health, KeySource, PoolKey, ResolvedKey, Secret};
+
+    use super::pick_key;
+
+    fn key(id: &str, weight: u32, value: &str) -> ResolvedKey {
+        let mut k = PoolKey::new(0, KeySource::Env("K".into()));
+        k.weight = weight;
+        ResolvedKey::new("main", id, &k, Secret::new(value))
+    }
+
+    fn pool() -> Vec<ResolvedKey> {
+        vec![
+            key("a", 1, "sk-a"),
+            key("b", 1, "sk-b"),
+            key("c", 1, "sk-c"),
+        ]
+    }
+
+    #[test]
+    fn an_idle_pool_rotates_and_nothing_is_picked_from_nothing() {
+        let (keys, h, now) = (pool(), Health::new(), Instant::now());
+        let picks: Vec<_> = (0..4)
+            .map(|start| pick_key(&keys, &h, "p", start, &[], now).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0]);
+        assert_eq!(pick_key(&[], &h, "p", 0, &[], now), None);
+        assert_eq!(pick_key(&keys, &h, "p", 0, &[0, 1, 2], now), None);
+        assert_eq!(pick_key(&keys, &h, "p", 0, &[0], now), Some(1));
+    }
+
+    #[test]
+    fn fewest_in_flight_relative_to_weight_wins() {
+        let keys = vec![key("a", 1, "sk-a"), key("b", 3, "sk-b")];
+        let (h, now) = (Health::new(), Instant::now());
+        let a = h.key(&keys[0].health_id("p")).unwrap();
+        let b = h.key(&keys[1].health_id("p")).unwrap();
+        let _a1 = a.start();
+        let (_b1, _b2) = (b.start(), b.start());
+        // a: 1 of weight 1; b: 2 of weight 3 → b is less loaded.
+        assert_eq!(pick_key(&keys, &h, "p", 0, &[], now), Some(1));
+        let _b3 = b.start();
+        let _b4 = b.start();
+        // b: 4/3 > 1/1 → a.
+        assert_eq!(pick_key(&keys, &h, "p", 1, &[], now), Some(0));
+    }
+
+    #[test]
+    fn cooling_and_refused_keys_are_skipped_then_used_as_a_last_resort() {
+        let (mut keys, h, now) = (pool(), Health::new(), Instant::now());
+        let entry = |i: usize, keys: &[ResolvedKey]| h.key(&keys[i].health_id("p")).unwrap();
+        h.cool_down(&entry(0, &keys), Duration::from_secs(30), now);
+        h.refuse(&entry(1, &keys), keys[1].fingerprint);
+        for start in 0..3 {
+            assert_eq!(pick_key(&keys, &h, "p", start, &[], now), Some(2));
+        }
+        // Every key out: the one cooling the shortest, refused ones last.
+        h.cool_down(&entry(2, &keys), Duration::from_secs(5), now);
+        assert_eq!(pick_key(&keys, &h, "p", 0, &[], now), Some(2));
+        assert_eq!(pick_key(&keys, &h, "p", 0, &[2], now), Some(0));
+        assert_eq!(pick_key(&keys, &h, "p", 0, &[0, 2], now), Some(1));
+        // Cooldowns end; a refused key comes back when its value changes.
+        let later = now + Duration::from_secs(31);
+        assert_eq!(pick_key(&keys, &h, "p", 0, &[], later), Some(0));
+        assert_eq!(pick_key(&keys, &h, "p", 1, &[0, 2], later), Some(1));
+        keys[1] = key("b", 1, "sk-b-rotated");
+        h.cool_down(&entry(0, &keys), Duration::from_secs(300), later);
+        h.cool_down(&entry(2, &keys), Duration::from_secs(300), later);
+        assert_eq!(pick_key(&keys, &h, "p", 0, &[], later), Some(1));
+        // The same key id under another provider is another key.
+        assert_eq!(pick_key(&keys, &h, "q", 0, &[], later), Some(0));
+    }
 }

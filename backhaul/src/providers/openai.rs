@@ -111,7 +111,7 @@ pub fn error_from_upstream(
     status: u16,
     body: &[u8],
     retry_after: Option<String>,
-    keys: &[Secret],
+    keys: &[impl AsRef<Secret>],
 ) -> GatewayError {
     let kind = GatewayError::kind_for_upstream_status(status);
     if status == 401 || status == 403 {
