@@ -610,11 +610,15 @@ fn compile_unplanned(
                     Some(w) => identity.weight = w,
                     None => {}
                 }
-                if key.rpm == Some(0) {
-                    err(format!("{kpath}.rpm"), "must be greater than 0".into());
-                }
-                if key.tpm == Some(0) {
-                    err(format!("{kpath}.tpm"), "must be greater than 0".into());
+                // Carried in the snapshot for the adaptive key pools, but a
+                // limit the egress does not enforce yet must not be trusted.
+                for (field, set) in [("rpm", key.rpm.is_some()), ("tpm", key.tpm.is_some())] {
+                    if set {
+                        err(
+                            format!("{kpath}.{field}"),
+                            "per-key rate limits are not enforced yet; remove this field (the egress already steers away from keys the provider rate-limits)".into(),
+                        );
+                    }
                 }
                 identity.rpm = key.rpm;
                 identity.tpm = key.tpm;
@@ -1683,7 +1687,7 @@ tenants:
 
     #[test]
     fn key_pools_keep_identity_weight_and_limits() {
-        let yaml = "providers:\n  p:\n    kind: openai\n    key_pools:\n      - name: main\n        keys:\n          - { env: A, id: primary, weight: 3, rpm: 500, tpm: 90000 }\n          - { env: B }\n";
+        let yaml = "providers:\n  p:\n    kind: openai\n    key_pools:\n      - name: main\n        keys:\n          - { env: A, id: primary, weight: 3 }\n          - { env: B }\n";
         let doc = parse_policy(yaml).unwrap();
         let env = |k: &str| matches!(k, "A" | "B").then(|| format!("sk-{k}"));
         let c = compile(
@@ -1704,7 +1708,7 @@ tenants:
                 pool.keys[0].rpm,
                 pool.keys[0].tpm
             ),
-            ("primary", 3, Some(500), Some(90_000))
+            ("primary", 3, None, None)
         );
         assert_eq!((pool.keys[1].id.as_str(), pool.keys[1].weight), ("k1", 1));
         let resolved: Vec<_> = p
@@ -1714,7 +1718,7 @@ tenants:
             .collect();
         assert_eq!(
             resolved,
-            [("main", "primary", 3, Some(500)), ("main", "k1", 1, None)]
+            [("main", "primary", 3, None), ("main", "k1", 1, None)]
         );
         assert!(!format!("{:?}", p.keys).contains("sk-"), "keys never print");
 
