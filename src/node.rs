@@ -210,8 +210,8 @@ pub struct GenCertsArgs {
     #[arg(long = "san", value_name = "NAME")]
     sans: Vec<String>,
     /// Scope the certificate to a node role (`edge` or `egress`) in
-    /// --region: the control plane then lets it claim only that (and, with
-    /// --require-node-scope, refuses unscoped certificates).
+    /// --region: the control plane then lets it claim only that (and refuses
+    /// unscoped certificates unless --insecure-allow-unscoped-node-certs).
     #[arg(long, requires = "region", value_parser = ["edge", "egress"])]
     role: Option<String>,
     /// Region for --role.

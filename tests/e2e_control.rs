@@ -744,7 +744,7 @@ fn pki() -> Pki {
     Pki {
         ca_pem: ca.pem(),
         server: leaf(vec!["localhost".into()]),
-        node: leaf(vec!["egress-eu".into()]),
+        node: leaf(vec![server::node_scope_name("egress", "eu-west")]),
     }
 }
 

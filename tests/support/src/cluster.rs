@@ -323,7 +323,6 @@ impl ControlPlaneNode {
             token_env.into(),
             "--score-seconds".into(),
             "1".into(),
-            "--require-node-scope".into(),
         ];
         let mut process = NodeProcess::spawn(binary, &args, env);
         let deadline = Instant::now() + Duration::from_secs(30);
