@@ -1047,8 +1047,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         .add_service(OperatorServer::new(services.clone()))
         .add_service(NodeServer::new(services));
     let mut tasks = Vec::new();
-    let limiter = ConnLimiter::new(&config.limits);
-    let grpc_limiter = limiter.clone();
+    let grpc_limiter = ConnLimiter::new(&config.limits);
     tasks.push(tokio::spawn(async move {
         let incoming = crate::limits::incoming(listener, grpc_limiter);
         let signal = async move {
@@ -1065,7 +1064,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
                 addr,
                 state.clone(),
                 config.limits.clone(),
-                limiter,
+                ConnLimiter::new(&config.limits),
                 shutdown_rx.clone(),
             )
                 .await
