@@ -153,10 +153,18 @@ fn operator_api_refuses_to_start_open_or_with_a_plaintext_token() {
 
     let token = [("SY_ADMIN", TOKEN)];
     let exposed = run_control_plane(
-        &["--admin-token-env", "SY_ADMIN", "--http-listen", "0.0.0.0:0"],
+        &[
+            "--admin-token-env",
+            "SY_ADMIN",
+            "--http-listen",
+            "0.0.0.0:0",
+        ],
         &token,
     );
-    assert!(!exposed.status.success(), "token over plaintext off loopback");
+    assert!(
+        !exposed.status.success(),
+        "token over plaintext off loopback"
+    );
     let err = String::from_utf8_lossy(&exposed.stderr);
     assert!(err.contains("plaintext"), "{err}");
 }
@@ -182,7 +190,10 @@ fn numeric_inline_key_is_sealed_and_the_author_is_the_principal() {
 
     let (status, body) = http(&fleet, "GET", "/v1/policy", "");
     assert_eq!(status, 200, "{body}");
-    assert!(!body.contains(NUMERIC_KEY), "inline key stored plain: {body}");
+    assert!(
+        !body.contains(NUMERIC_KEY),
+        "inline key stored plain: {body}"
+    );
     assert!(body.contains("encrypted: v1:"), "{body}");
     assert!(
         body.contains("admin-token (claims mallory)"),
@@ -316,7 +327,8 @@ fn a_trickled_request_head_is_cut_at_the_deadline() {
     let mut s = TcpStream::connect(fleet.cp.http_addr).unwrap();
     // The read timeout paces the trickle: one byte, then wait for the
     // server for a while, and again.
-    s.set_read_timeout(Some(Duration::from_millis(250))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(250)))
+        .unwrap();
     let head = b"GET /v1/nodes HTTP/1.1\r\nhost: cp\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     let started = Instant::now();
     let mut cut = false;
@@ -379,7 +391,10 @@ fn connections_over_the_per_ip_limit_are_closed() {
         if closed {
             break;
         }
-        assert!(Instant::now() < deadline, "the third connection was kept open");
+        assert!(
+            Instant::now() < deadline,
+            "the third connection was kept open"
+        );
     }
     drop(held);
 }

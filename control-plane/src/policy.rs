@@ -1578,7 +1578,11 @@ tenants:
     fn encrypted_keys_open_with_the_master_key_only() {
         let keys = MasterKeys {
             current: Some(
-                MasterKey::from_hex("3c1f9a0e7b52d4686e0b9c27f1a3d5e4902b7c6a18f4e3d25c9b0a7e6f1d2c38", crate::secrets::MASTER_KEY_ENV).unwrap(),
+                MasterKey::from_hex(
+                    "3c1f9a0e7b52d4686e0b9c27f1a3d5e4902b7c6a18f4e3d25c9b0a7e6f1d2c38",
+                    crate::secrets::MASTER_KEY_ENV,
+                )
+                .unwrap(),
             ),
             previous: None,
         };
@@ -1636,10 +1640,7 @@ tenants:
 
     #[test]
     fn anchors_aliases_and_oversized_documents_are_refused() {
-        let bomb = format!(
-            "aliases:\n  a: &big \"{}\"\n  b: *big\n",
-            "x".repeat(1000)
-        );
+        let bomb = format!("aliases:\n  a: &big \"{}\"\n  b: *big\n", "x".repeat(1000));
         let e = parse_policy(&bomb).unwrap_err();
         assert!(e.message.contains("anchors"), "{e}");
         let alias_only = "aliases: {a: *nowhere}\n";

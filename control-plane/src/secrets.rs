@@ -57,10 +57,7 @@ impl MasterKey {
         }
         // 32 random bytes have about 30 distinct values; fewer than 12 means
         // a placeholder (all zeros, a repeated pattern), not a key.
-        let distinct = bytes
-            .iter()
-            .collect::<std::collections::HashSet<_>>()
-            .len();
+        let distinct = bytes.iter().collect::<std::collections::HashSet<_>>().len();
         if distinct < MIN_DISTINCT_KEY_BYTES {
             return Err(SecretError::DegenerateMasterKey(var));
         }
@@ -226,7 +223,9 @@ pub fn seal_document(
                         let Some(plain) = plain else {
                             errors.push(crate::PolicyError {
                                 path: format!("{path}.value"),
-                                message: "cannot store this key encrypted: write it as a quoted string".into(),
+                                message:
+                                    "cannot store this key encrypted: write it as a quoted string"
+                                        .into(),
                             });
                             continue;
                         };
@@ -283,17 +282,20 @@ pub fn seal_document(
         .providers
         .iter()
         .flat_map(|(p, prov)| {
-            prov.key_pools.iter().enumerate().flat_map(move |(i, pool)| {
-                pool.keys
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, key)| key.value.is_some())
-                    .map(move |(k, _)| crate::PolicyError {
-                        path: format!("providers.{p}.key_pools[{i}].keys[{k}].value"),
-                        message: "this key could not be sealed; write it as a quoted string"
-                            .into(),
-                    })
-            })
+            prov.key_pools
+                .iter()
+                .enumerate()
+                .flat_map(move |(i, pool)| {
+                    pool.keys
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, key)| key.value.is_some())
+                        .map(move |(k, _)| crate::PolicyError {
+                            path: format!("providers.{p}.key_pools[{i}].keys[{k}].value"),
+                            message: "this key could not be sealed; write it as a quoted string"
+                                .into(),
+                        })
+                })
         })
         .collect();
     if !left.is_empty() {
@@ -403,7 +405,11 @@ mod tests {
             current: Some(MasterKey::from_hex(K1, MASTER_KEY_ENV).unwrap()),
             previous: None,
         };
-        for value in ["12345678901234", "!!str 98765432109876", "!custom sk-tagged-555"] {
+        for value in [
+            "12345678901234",
+            "!!str 98765432109876",
+            "!custom sk-tagged-555",
+        ] {
             let yaml = format!(
                 "providers:\n  p:\n    kind: openai\n    key_pools:\n      - keys:\n          - value: {value}\n"
             );

@@ -547,11 +547,13 @@ impl ControlPlane {
             return Ok(None);
         };
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let session = sessions.entry(id.to_string()).or_insert_with(|| NodeSession {
-            fingerprint: fingerprint.clone(),
-            region: region.to_string(),
-            streams: 0,
-        });
+        let session = sessions
+            .entry(id.to_string())
+            .or_insert_with(|| NodeSession {
+                fingerprint: fingerprint.clone(),
+                region: region.to_string(),
+                streams: 0,
+            });
         if session.fingerprint != fingerprint || session.region != region {
             tracing::warn!(node = %id, "node refused: its id is held by another certificate");
             return Err(Status::already_exists(format!(
@@ -589,8 +591,7 @@ impl ControlPlane {
         let region_ok = |r: &str| r.is_empty() || snap.regions.contains_key(r);
         batch.targets.retain(|t| {
             snap.providers.get(&t.provider).is_some_and(|prov| {
-                t.model.len() <= 256
-                    && (prov.models.is_empty() || prov.models.contains(&t.model))
+                t.model.len() <= 256 && (prov.models.is_empty() || prov.models.contains(&t.model))
             }) && region_ok(&t.region)
         });
         if !region_ok(&batch.region) {
@@ -1067,8 +1068,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
                 ConnLimiter::new(&config.limits),
                 shutdown_rx.clone(),
             )
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })?;
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
             tasks.push(task);
             Some(addr)
         }

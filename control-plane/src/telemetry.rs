@@ -281,15 +281,12 @@ impl ScoreBoard {
             if self.rtt.len() >= MAX_SCORE_KEYS && !self.rtt.contains_key(&key) {
                 continue;
             }
-            self.rtt
-                .entry(key)
-                .or_default()
-                .push_back(Slot {
-                    at: now,
-                    requests: r.rtt_buckets.iter().sum(),
-                    errors: 0,
-                    buckets: r.rtt_buckets.clone(),
-                });
+            self.rtt.entry(key).or_default().push_back(Slot {
+                at: now,
+                requests: r.rtt_buckets.iter().sum(),
+                errors: 0,
+                buckets: r.rtt_buckets.clone(),
+            });
         }
     }
 
