@@ -139,9 +139,23 @@ fn run_control_plane(args: &[&str], env: &[(&str, &str)]) -> std::process::Outpu
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // Each of these configurations is refused before anything is served,
-    // so the process exits on its own.
-    cmd.output().unwrap()
+    // Each of these configurations must be refused before anything is
+    // served, so the process exits on its own; one that keeps running is
+    // killed after a generous bound and reported as started.
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 #[test]
