@@ -40,12 +40,30 @@ pub struct ControlPlaneArgs {
     /// Seconds between polls of the store for versions applied through another replica.
     #[arg(long, default_value_t = 1.0)]
     poll_seconds: f64,
-    /// Refuse node certificates not scoped to the role and region the node
-    /// claims (`switchyard gen-certs --role --region`); recommended with
-    /// --client-ca, since otherwise any fleet certificate can claim any
-    /// region and receive its egress keys.
+    /// INSECURE, development only: accept node certificates that are not
+    /// scoped to the role and region the node claims (by default they are
+    /// refused: otherwise any fleet certificate can claim any region and
+    /// receive its egress keys).
     #[arg(long, requires = "client_ca")]
-    require_node_scope: bool,
+    insecure_allow_unscoped_node_certs: bool,
+    /// INSECURE, development only: start with no operator authentication
+    /// (no --admin-token-env, no --operator-cert-sha256), or with the admin
+    /// token sent over plaintext on a non-loopback address.
+    #[arg(long)]
+    insecure_open_operator_api: bool,
+    /// Seconds a client has to send an HTTP request head (and to finish the
+    /// TLS handshake on gRPC); idle keep-alive connections close after it too.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout_seconds: f64,
+    /// Seconds a client has to send an HTTP request body.
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout_seconds: f64,
+    /// Open connections accepted on each listener, in all.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Open connections accepted on each listener from one IP address.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_ip: usize,
     /// Seconds between latency-score refreshes pushed to nodes (at most 10).
     #[arg(long, default_value_t = 5.0)]
     score_seconds: f64,
@@ -77,7 +95,13 @@ pub fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let mut config = ServerConfig::new(args.listen, args.store);
-    config.require_node_scope = args.require_node_scope;
+    config.require_node_scope = !args.insecure_allow_unscoped_node_certs;
+    config.insecure_open_operator_api = args.insecure_open_operator_api;
+    let seconds = |s: f64| std::time::Duration::from_secs_f64(s.clamp(0.1, 3600.0));
+    config.limits.header_timeout = seconds(args.header_timeout_seconds);
+    config.limits.body_timeout = seconds(args.body_timeout_seconds);
+    config.limits.max_connections = args.max_connections;
+    config.limits.max_connections_per_ip = args.max_connections_per_ip;
     config.tls = tls;
     config.admin_token = admin_token;
     config.operator_cert_sha256 = args.operator_cert_sha256;

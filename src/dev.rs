@@ -106,14 +106,40 @@ fn dev_key(state_dir: &Path) -> anyhow::Result<String> {
         }
     }
     let path = state_dir.join("dev-key");
+    #[cfg(unix)]
+    {
+        // Kept from an earlier version that wrote it world-readable.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        let tls_key = state_dir.join("tls").join("key.pem");
+        let _ = std::fs::set_permissions(tls_key, std::fs::Permissions::from_mode(0o600));
+    }
     if let Ok(k) = std::fs::read_to_string(&path) {
         if !k.trim().is_empty() {
             return Ok(k.trim().to_string());
         }
     }
     let key = format!("sy-dev-{}", random_hex(16)?);
-    std::fs::write(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    write_private(&path, key.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(key)
+}
+
+/// Writes a file only its owner can read (the dev key, the TLS key).
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        // `mode` applies only when the file is created.
+        if path.exists() {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    options.open(path)?.write_all(contents)
 }
 
 fn tls_files(args: &DevArgs) -> anyhow::Result<(TlsFiles, bool)> {
@@ -139,7 +165,7 @@ fn tls_files(args: &DevArgs) -> anyhow::Result<(TlsFiles, bool)> {
         ];
         let ck = rcgen::generate_simple_self_signed(names).context("generating certificate")?;
         std::fs::write(&cert, ck.cert.pem())?;
-        std::fs::write(&key, ck.signing_key.serialize_pem())?;
+        write_private(&key, ck.signing_key.serialize_pem().as_bytes())?;
     }
     Ok((
         TlsFiles {

@@ -222,9 +222,9 @@ pub struct GenCertsArgs {
     #[arg(long = "san", value_name = "NAME")]
     sans: Vec<String>,
     /// Scope the certificate to a node role (`edge` or `egress`) in
-    /// --region: the control plane then lets it claim only that (and, with
-    /// --require-node-scope, refuses unscoped certificates), and the
-    /// backhaul accepts only edge certificates from edges and egress
+    /// --region: the control plane then lets it claim only that (and refuses
+    /// unscoped certificates unless --insecure-allow-unscoped-node-certs),
+    /// and the backhaul accepts only edge certificates from edges and egress
     /// certificates of the dialled region from egress nodes. An edge
     /// certificate is for client authentication only; an egress one for
     /// both; an unscoped one (control plane, operators) for both, and is

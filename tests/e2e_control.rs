@@ -22,7 +22,7 @@ use switchyard_control::tonic;
 use switchyard_proto::{KeyHash, Secret, Snapshot};
 
 const WAIT: Duration = Duration::from_secs(15);
-const MASTER: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+const MASTER: &str = "3c1f9a0e7b52d4686e0b9c27f1a3d5e4902b7c6a18f4e3d25c9b0a7e6f1d2c38";
 const SEALED_KEY: &str = "sk-inline-7f3a9c-never-printed";
 const EU_ENV_KEY: &str = "sk-eu-env-41d2-never-printed";
 const US_ENV_KEY: &str = "sk-us-env-88b1-never-printed";
@@ -744,7 +744,7 @@ fn pki() -> Pki {
     Pki {
         ca_pem: ca.pem(),
         server: leaf(vec!["localhost".into()]),
-        node: leaf(vec!["egress-eu".into()]),
+        node: leaf(vec![server::node_scope_name("egress", "eu-west")]),
     }
 }
 

@@ -15,25 +15,29 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::limits::{ConnLimiter, ListenerLimits};
 use crate::pb;
 use crate::server::{ApplyOutcome, ControlError, ControlPlane};
 
-const MAX_BODY: usize = 4 * 1024 * 1024;
+const MAX_BODY: usize = crate::policy::MAX_POLICY_BYTES;
 
 pub(crate) async fn serve(
     addr: SocketAddr,
     cp: Arc<ControlPlane>,
+    limits: ListenerLimits,
+    limiter: ConnLimiter,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -41,24 +45,32 @@ pub(crate) async fn serve(
     let task = tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
-                r = listener.accept() => match r {
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                r = crate::limits::accept(&listener, &limiter) => match r {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
             };
             let cp = cp.clone();
+            let limits = limits.clone();
             tokio::spawn(async move {
+                let body_timeout = limits.body_timeout;
                 let svc = service_fn(move |req| {
                     let cp = cp.clone();
-                    async move { Ok::<_, Infallible>(handle(&cp, req).await) }
+                    async move { Ok::<_, Infallible>(handle(&cp, req, body_timeout).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                // The head deadline also closes idle keep-alive connections:
+                // hyper arms it while waiting for the next request.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout)
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(limits.http_connection_lifetime, conn).await;
             });
         }
     });
@@ -129,27 +141,38 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn handle(cp: &ControlPlane, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    cp: &ControlPlane,
+    req: Request<Incoming>,
+    body_timeout: Duration,
+) -> Response<Full<Bytes>> {
     let auth = req
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if !cp.http_authorized(auth) {
+    let Some(principal) = cp.http_principal(auth) else {
         return error(
             StatusCode::UNAUTHORIZED,
             "present authorization: Bearer <admin token>",
         );
-    }
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let query = query.as_deref();
-    let author = query_param(query, "author").unwrap_or("http").to_string();
+    let author = crate::server::audit_author(principal, query_param(query, "author").unwrap_or(""));
     match (method, path.as_str()) {
         (Method::POST, "/v1/policy") => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+            let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+            let body = match tokio::time::timeout(body_timeout, collect).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(e)) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+                Err(_) => {
+                    return error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body did not arrive in time",
+                    )
+                }
             };
             let Ok(yaml) = std::str::from_utf8(&body) else {
                 return error(StatusCode::BAD_REQUEST, "the body must be UTF-8 YAML");

@@ -43,6 +43,13 @@ use crate::pb::node_client::NodeClient;
 use crate::policy::resolve_provider_keys;
 use crate::telemetry::{self, Aggregator, TelemetryHandle};
 
+/// The largest snapshot message a node decodes (tonic's default, stated so
+/// the control plane can refuse to publish anything larger).
+pub const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024;
+/// The share of [`MAX_SNAPSHOT_BYTES`] kept for the latency scores pushed
+/// with each snapshot.
+pub const MAX_SCORES_BYTES: usize = 512 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Edge,
@@ -342,7 +349,7 @@ async fn watch_loop(
     shared: Arc<ArcSwap<Snapshot>>,
     status: watch::Sender<AgentStatus>,
 ) {
-    let mut client = NodeClient::new(channel);
+    let mut client = NodeClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
     let mut attempt = 0u32;
     loop {
         let hello = pb::Hello {

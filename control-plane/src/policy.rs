@@ -275,11 +275,69 @@ impl fmt::Display for PolicyError {
 
 impl std::error::Error for PolicyError {}
 
+/// The largest policy document accepted, in bytes. Real policies are a few
+/// kilobytes; the cap bounds what one apply can make the control plane hold.
+pub const MAX_POLICY_BYTES: usize = 2 * 1024 * 1024;
+
+/// Refuses documents the strict parser must never see: oversized ones, and
+/// any anchor or alias. serde_norway expands aliases silently, so one large
+/// scalar referenced a few hundred times becomes hundreds of megabytes in
+/// memory and in every answer; policy documents do not need them.
+pub fn check_document(yaml: &str) -> Result<(), PolicyError> {
+    use saphyr_parser::{Event, Parser};
+    if yaml.len() > MAX_POLICY_BYTES {
+        return Err(PolicyError {
+            path: String::new(),
+            message: format!(
+                "the document is {} bytes; the limit is {MAX_POLICY_BYTES}",
+                yaml.len()
+            ),
+        });
+    }
+    let at = |line: usize, col: usize, what: &str| PolicyError {
+        path: String::new(),
+        message: format!("line {line} column {}: {what}", col + 1),
+    };
+    for event in Parser::new_from_str(yaml) {
+        let (event, span) = event.map_err(|e| {
+            at(
+                e.marker().line(),
+                e.marker().col(),
+                &format!("invalid YAML: {}", e.info()),
+            )
+        })?;
+        let anchored = match &event {
+            Event::Alias(_) => {
+                return Err(at(
+                    span.start.line(),
+                    span.start.col(),
+                    "YAML aliases (*name) are not allowed in a policy; write the value out",
+                ))
+            }
+            Event::Scalar(_, _, anchor, _)
+            | Event::SequenceStart(anchor, _)
+            | Event::MappingStart(anchor, _) => *anchor != 0,
+            _ => false,
+        };
+        if anchored {
+            return Err(at(
+                span.start.line(),
+                span.start.col(),
+                "YAML anchors (&name) are not allowed in a policy; write the value out",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses YAML strictly. A syntax or type error is reported with its path.
+/// Anchors, aliases and documents over [`MAX_POLICY_BYTES`] are refused
+/// before parsing (see [`check_document`]).
 pub fn parse_policy(yaml: &str) -> Result<PolicyDocument, PolicyError> {
     if yaml.trim().is_empty() {
         return Ok(PolicyDocument::default());
     }
+    check_document(yaml)?;
     let de = serde_norway::Deserializer::from_str(yaml);
     serde_path_to_error::deserialize(de).map_err(|e| PolicyError {
         path: match e.path().to_string().as_str() {
@@ -1623,7 +1681,11 @@ tenants:
     fn encrypted_keys_open_with_the_master_key_only() {
         let keys = MasterKeys {
             current: Some(
-                MasterKey::from_hex(&"ab".repeat(32), crate::secrets::MASTER_KEY_ENV).unwrap(),
+                MasterKey::from_hex(
+                    "3c1f9a0e7b52d4686e0b9c27f1a3d5e4902b7c6a18f4e3d25c9b0a7e6f1d2c38",
+                    crate::secrets::MASTER_KEY_ENV,
+                )
+                .unwrap(),
             ),
             previous: None,
         };
@@ -1781,5 +1843,19 @@ tenants:
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn anchors_aliases_and_oversized_documents_are_refused() {
+        let bomb = format!("aliases:\n  a: &big \"{}\"\n  b: *big\n", "x".repeat(1000));
+        let e = parse_policy(&bomb).unwrap_err();
+        assert!(e.message.contains("anchors"), "{e}");
+        let alias_only = "aliases: {a: *nowhere}\n";
+        assert!(parse_policy(alias_only).is_err());
+        // `&` and `*` inside scalars are not anchors.
+        let fine = "aliases:\n  a: \"x*y&z\"\n  b: p/m*x\n  c: https://h/?a=1&b=2\n";
+        assert!(parse_policy(fine).is_ok(), "{:?}", parse_policy(fine).err());
+        let huge = format!("aliases:\n  a: \"{}\"\n", "x".repeat(MAX_POLICY_BYTES));
+        assert!(parse_policy(&huge).unwrap_err().message.contains("limit"));
     }
 }

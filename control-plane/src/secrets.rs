@@ -17,6 +17,7 @@ use switchyard_proto::Secret;
 pub const MASTER_KEY_ENV: &str = "SWITCHYARD_MASTER_KEY";
 pub const PREVIOUS_MASTER_KEY_ENV: &str = "SWITCHYARD_MASTER_KEY_PREVIOUS";
 const AAD: &[u8] = b"switchyard-secret-v1";
+const MIN_DISTINCT_KEY_BYTES: usize = 12;
 
 /// One AES-256-GCM key. `Debug` shows only its id.
 pub struct MasterKey {
@@ -34,6 +35,8 @@ impl fmt::Debug for MasterKey {
 pub enum SecretError {
     #[error("${0} must be 64 hex characters (32 bytes)")]
     InvalidMasterKey(&'static str),
+    #[error("${0} is not a random key (too few distinct bytes); generate one with `openssl rand -hex 32`")]
+    DegenerateMasterKey(&'static str),
     #[error("${MASTER_KEY_ENV} is not set on the control plane")]
     NoMasterKey,
     #[error("not a v1 encrypted secret")]
@@ -51,6 +54,12 @@ impl MasterKey {
         let bytes = hex::decode(text.trim()).map_err(|_| SecretError::InvalidMasterKey(var))?;
         if bytes.len() != 32 {
             return Err(SecretError::InvalidMasterKey(var));
+        }
+        // 32 random bytes have about 30 distinct values; fewer than 12 means
+        // a placeholder (all zeros, a repeated pattern), not a key.
+        let distinct = bytes.iter().collect::<std::collections::HashSet<_>>().len();
+        if distinct < MIN_DISTINCT_KEY_BYTES {
+            return Err(SecretError::DegenerateMasterKey(var));
         }
         let id = hex::encode(&ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()[..4]);
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
@@ -170,22 +179,29 @@ pub struct Sealed {
 /// Replaces every `value:` key of `providers.*.key_pools[*].keys[*]` by an
 /// `encrypted:` blob under the current master key, and (with `reseal`)
 /// re-seals blobs made under another key. Errors name the key's path.
+///
+/// The plaintext is taken from the typed document, not from the YAML value:
+/// a key written as a number or with a tag (`value: 12345`, `value: !x k`)
+/// is still a key, and the result is checked to hold no `value:` at all.
 pub fn seal_document(
     yaml: &str,
     keys: &MasterKeys,
     reseal: bool,
 ) -> Result<Sealed, Vec<crate::PolicyError>> {
     use serde_norway::Value;
-    let mut doc: Value = match serde_norway::from_str(yaml) {
-        Ok(v) => v,
-        // Syntax errors are reported by the strict parser with their path.
-        Err(_) => return Ok(Sealed::default()),
+    crate::policy::check_document(yaml).map_err(|e| vec![e])?;
+    // Syntax and type errors are reported by the strict parser with their path.
+    let Ok(typed) = crate::parse_policy(yaml) else {
+        return Ok(Sealed::default());
+    };
+    let Ok(mut doc) = serde_norway::from_str::<Value>(yaml) else {
+        return Ok(Sealed::default());
     };
     let mut out = Sealed::default();
     let mut errors = Vec::new();
     if let Some(Value::Mapping(providers)) = doc.get_mut("providers") {
         for (pname, provider) in providers.iter_mut() {
-            let pname = pname.as_str().unwrap_or("?").to_string();
+            let pname = scalar_text(pname);
             let Some(Value::Sequence(pools)) = provider.get_mut("key_pools") else {
                 continue;
             };
@@ -195,9 +211,25 @@ pub fn seal_document(
                 };
                 for (k, key) in pool_keys.iter_mut().enumerate() {
                     let Value::Mapping(m) = key else { continue };
-                    let path = format!("providers.{pname}.key_pools[{i}].keys[{k}]");
-                    if let Some(Value::String(plain)) = m.get("value") {
-                        match keys.seal(plain) {
+                    let name = pname.as_deref().unwrap_or("?");
+                    let path = format!("providers.{name}.key_pools[{i}].keys[{k}]");
+                    if m.get("value").is_some_and(|v| !v.is_null()) {
+                        let plain = pname
+                            .as_ref()
+                            .and_then(|p| typed.providers.get(p))
+                            .and_then(|p| p.key_pools.get(i))
+                            .and_then(|pool| pool.keys.get(k))
+                            .and_then(|key| key.value.as_ref());
+                        let Some(plain) = plain else {
+                            errors.push(crate::PolicyError {
+                                path: format!("{path}.value"),
+                                message:
+                                    "cannot store this key encrypted: write it as a quoted string"
+                                        .into(),
+                            });
+                            continue;
+                        };
+                        match keys.seal(plain.expose()) {
                             Ok(blob) => {
                                 m.remove("value");
                                 m.insert("encrypted".into(), Value::String(blob));
@@ -241,7 +273,46 @@ pub fn seal_document(
             "# Keys given as `value:` were sealed by the control plane; comments are not kept.\n{text}"
         ));
     }
+    // Whatever shape the document had, nothing plain may be stored.
+    let stored = match &out.yaml {
+        Some(text) => crate::parse_policy(text).map_err(|e| vec![e])?,
+        None => typed,
+    };
+    let left: Vec<crate::PolicyError> = stored
+        .providers
+        .iter()
+        .flat_map(|(p, prov)| {
+            prov.key_pools
+                .iter()
+                .enumerate()
+                .flat_map(move |(i, pool)| {
+                    pool.keys
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, key)| key.value.is_some())
+                        .map(move |(k, _)| crate::PolicyError {
+                            path: format!("providers.{p}.key_pools[{i}].keys[{k}].value"),
+                            message: "this key could not be sealed; write it as a quoted string"
+                                .into(),
+                        })
+                })
+        })
+        .collect();
+    if !left.is_empty() {
+        return Err(left);
+    }
     Ok(out)
+}
+
+/// A mapping key as the typed parser reads it (`123:` is the name "123").
+fn scalar_text(v: &serde_norway::Value) -> Option<String> {
+    use serde_norway::Value;
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 fn parse_blob(blob: &str) -> Result<(&str, Vec<u8>), SecretError> {
@@ -326,5 +397,49 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!(k2.open(&blob).unwrap().expose(), "sk-plain-1");
+    }
+
+    #[test]
+    fn keys_that_are_not_plain_strings_are_sealed_too() {
+        let k1 = MasterKeys {
+            current: Some(MasterKey::from_hex(K1, MASTER_KEY_ENV).unwrap()),
+            previous: None,
+        };
+        for value in [
+            "12345678901234",
+            "!!str 98765432109876",
+            "!custom sk-tagged-555",
+        ] {
+            let yaml = format!(
+                "providers:\n  p:\n    kind: openai\n    key_pools:\n      - keys:\n          - value: {value}\n"
+            );
+            match seal_document(&yaml, &k1, false) {
+                Ok(sealed) => {
+                    let text = sealed.yaml.expect("sealed");
+                    let digits = value.rsplit(' ').next().unwrap();
+                    assert!(!text.contains(digits), "{value} left in {text}");
+                    assert!(text.contains("encrypted: v1:"));
+                }
+                // Refusing is fine too: what matters is that nothing plain is stored.
+                Err(e) => assert!(e[0].path.ends_with(".value"), "{e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn degenerate_master_keys_are_refused() {
+        for bad in [
+            "00".repeat(32),
+            "5a".repeat(32),
+            "0001".repeat(16),
+            "deadbeef".repeat(8),
+        ] {
+            assert_eq!(
+                MasterKey::from_hex(&bad, MASTER_KEY_ENV).unwrap_err(),
+                SecretError::DegenerateMasterKey(MASTER_KEY_ENV),
+                "{bad}"
+            );
+        }
+        assert!(MasterKey::from_hex(K1, MASTER_KEY_ENV).is_ok());
     }
 }

@@ -7,6 +7,7 @@
 //! snapshot to that node before sending it. Nothing here is on the data
 //! plane's request path.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
+use crate::limits::{ConnLimiter, ListenerLimits};
+use crate::node_client::{MAX_SCORES_BYTES, MAX_SNAPSHOT_BYTES};
 use crate::pb;
 use crate::pb::node_server::{Node, NodeServer};
 use crate::pb::operator_server::{Operator, OperatorServer};
@@ -42,8 +45,9 @@ pub struct ServerConfig {
     /// `sqlite://PATH` or `postgres://...`.
     pub store_url: String,
     pub tls: Option<TlsPem>,
-    /// Bearer token operators present; `None` with no operator certificates
-    /// leaves the operator API open (local development only).
+    /// Bearer token operators present. Without it and without operator
+    /// certificates the control plane refuses to start, unless
+    /// `insecure_open_operator_api`.
     pub admin_token: Option<Secret>,
     /// SHA-256 (hex) of client certificates allowed to act as operators.
     pub operator_cert_sha256: Vec<String>,
@@ -58,8 +62,13 @@ pub struct ServerConfig {
     pub score_interval: Duration,
     pub score_window: Duration,
     /// Refuse node certificates that are not scoped to the role and region
-    /// the node claims (see [`node_scope_name`]).
+    /// the node claims (see [`node_scope_name`]). On by default: without it
+    /// any fleet certificate could claim a region and receive its keys.
     pub require_node_scope: bool,
+    /// Development only: serve the operator API with no authentication, or
+    /// with a bearer token over plaintext on a non-loopback address.
+    pub insecure_open_operator_api: bool,
+    pub limits: ListenerLimits,
 }
 
 /// The DNS name a node certificate carries when it is scoped to one role
@@ -91,7 +100,9 @@ impl ServerConfig {
             poll_interval: Duration::from_secs(1),
             score_interval: Duration::from_secs(5),
             score_window: Duration::from_secs(300),
-            require_node_scope: false,
+            require_node_scope: true,
+            insecure_open_operator_api: false,
+            limits: ListenerLimits::default(),
         }
     }
 }
@@ -109,6 +120,10 @@ pub enum ServeError {
     Tls(#[from] tonic::transport::Error),
     #[error("stored policy version {version} no longer compiles: {errors}")]
     StoredPolicy { version: u64, errors: String },
+    #[error("the operator API would be open to anyone who reaches it: set --admin-token-env or --operator-cert-sha256 (or, for local development only, --insecure-open-operator-api)")]
+    OpenOperatorApi,
+    #[error("the admin token would travel in plaintext on {addr}: serve gRPC with --tls-cert/--tls-key and bind --http-listen to loopback (or, for development only, --insecure-open-operator-api)")]
+    PlaintextToken { addr: SocketAddr },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +215,11 @@ pub struct ControlPlane {
     operator_certs: Vec<String>,
     require_node_cert: bool,
     require_node_scope: bool,
+    /// No operator authentication configured, and the operator chose that.
+    open_operator_api: bool,
+    /// Node id → the certificate holding it while connected, so another
+    /// certificate cannot take the id, ACK or report for it.
+    sessions: Mutex<HashMap<String, NodeSession>>,
     current: watch::Sender<Option<Arc<Published>>>,
     scores: watch::Sender<(u64, Arc<pb::ScoresMsg>)>,
     board: Mutex<ScoreBoard>,
@@ -218,7 +238,7 @@ impl ControlPlane {
         // The control plane's own environment must not leak into policy:
         // key references are resolved on the egress nodes.
         let no_env = |_: &str| None;
-        compile_policy(
+        let compiled = compile_policy(
             &doc,
             &PolicyOptions {
                 env: &no_env,
@@ -227,7 +247,20 @@ impl ControlPlane {
                 version,
                 master_keys: Some(&self.master),
             },
-        )
+        )?;
+        // A snapshot nodes cannot decode would freeze every node on the old
+        // version while the registry says they are behind: refuse it here.
+        let size = prost::Message::encoded_len(&pb::SnapshotMsg::from(&compiled.snapshot));
+        let limit = MAX_SNAPSHOT_BYTES - MAX_SCORES_BYTES;
+        if size > limit {
+            return Err(vec![PolicyError {
+                path: String::new(),
+                message: format!(
+                    "the compiled snapshot is {size} bytes; nodes accept at most {limit}"
+                ),
+            }]);
+        }
+        Ok(compiled)
     }
 
     pub fn current(&self) -> Option<Arc<Published>> {
@@ -443,7 +476,7 @@ impl ControlPlane {
                 .and_then(|v| v.strip_prefix("Bearer "));
             if let Some(p) = presented {
                 if constant_time_eq(p.as_bytes(), token.expose().as_bytes()) {
-                    return Ok("token".into());
+                    return Ok("admin-token".into());
                 }
             }
         }
@@ -459,7 +492,7 @@ impl ControlPlane {
                 }
             }
         }
-        if self.admin_token.is_none() && self.operator_certs.is_empty() {
+        if self.open_operator_api {
             return Ok("anonymous".into());
         }
         Err(Status::unauthenticated(
@@ -467,23 +500,139 @@ impl ControlPlane {
         ))
     }
 
-    /// Checks an HTTP bearer token the way the gRPC API does.
-    pub fn http_authorized(&self, authorization: Option<&str>) -> bool {
-        match &self.admin_token {
-            None => self.operator_certs.is_empty(),
-            Some(token) => authorization
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes())),
+    /// Checks an HTTP bearer token the way the gRPC API does; the
+    /// authenticated principal, or `None`.
+    pub fn http_principal(&self, authorization: Option<&str>) -> Option<String> {
+        if let Some(token) = &self.admin_token {
+            let presented = authorization.and_then(|v| v.strip_prefix("Bearer "));
+            if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
+            {
+                return Some("admin-token".into());
+            }
+        }
+        self.open_operator_api.then(|| "anonymous".into())
+    }
+
+    /// The SHA-256 of the node's certificate when node certificates are
+    /// required (the identity the node's id is bound to).
+    fn authorize_node<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        let leaf = req.peer_certs().and_then(|c| c.first().cloned());
+        match leaf {
+            Some(leaf) if self.require_node_cert => Ok(Some(hex::encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                leaf.as_ref(),
+            )))),
+            None if self.require_node_cert => Err(Status::unauthenticated(
+                "node API requires a client certificate",
+            )),
+            _ => Ok(None),
         }
     }
 
-    fn authorize_node<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if self.require_node_cert && req.peer_certs().is_none_or(|c| c.is_empty()) {
-            return Err(Status::unauthenticated(
-                "node API requires a client certificate",
-            ));
+    /// Takes `id` for this certificate while its stream lasts; refused when
+    /// another certificate holds it.
+    fn bind_node(
+        self: &Arc<Self>,
+        id: &str,
+        fingerprint: Option<String>,
+        region: &str,
+    ) -> Result<Option<SessionGuard>, Status> {
+        let Some(fingerprint) = fingerprint else {
+            return Ok(None);
+        };
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let session = sessions
+            .entry(id.to_string())
+            .or_insert_with(|| NodeSession {
+                fingerprint: fingerprint.clone(),
+                region: region.to_string(),
+                streams: 0,
+            });
+        if session.fingerprint != fingerprint || session.region != region {
+            tracing::warn!(node = %id, "node refused: its id is held by another certificate");
+            return Err(Status::already_exists(format!(
+                "node id {id:?} is held by another connected certificate"
+            )));
         }
-        Ok(())
+        session.streams += 1;
+        Ok(Some(SessionGuard {
+            cp: self.clone(),
+            id: id.to_string(),
+        }))
+    }
+
+    /// The region of the session `id` holds under this certificate; an ACK
+    /// or a report for an id the caller does not hold is refused.
+    fn bound_region(&self, id: &str, fingerprint: &str) -> Result<String, Status> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        match sessions.get(id) {
+            Some(s) if s.fingerprint == fingerprint => Ok(s.region.clone()),
+            _ => Err(Status::permission_denied(format!(
+                "node id {id:?} is not held by this certificate (open a Watch first)"
+            ))),
+        }
+    }
+
+    /// Keeps only scores of targets and regions the current policy has: a
+    /// node must not grow the score table pushed to every node.
+    fn known_scores(&self, batch: &mut pb::TelemetryBatch) {
+        let Some(p) = self.current() else {
+            batch.targets.clear();
+            batch.backhaul.clear();
+            return;
+        };
+        let snap = &p.snapshot;
+        let region_ok = |r: &str| r.is_empty() || snap.regions.contains_key(r);
+        batch.targets.retain(|t| {
+            snap.providers.get(&t.provider).is_some_and(|prov| {
+                t.model.len() <= 256 && (prov.models.is_empty() || prov.models.contains(&t.model))
+            }) && region_ok(&t.region)
+        });
+        if !region_ok(&batch.region) {
+            batch.backhaul.clear();
+        }
+        batch
+            .backhaul
+            .retain(|r| snap.regions.contains_key(&r.egress_region));
+    }
+}
+
+struct NodeSession {
+    fingerprint: String,
+    region: String,
+    streams: usize,
+}
+
+/// Releases a node id when the last stream holding it ends.
+struct SessionGuard {
+    cp: Arc<ControlPlane>,
+    id: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut sessions = self.cp.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = sessions.get_mut(&self.id) {
+            s.streams = s.streams.saturating_sub(1);
+            if s.streams == 0 {
+                sessions.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// The author recorded with a version: who authenticated, with what the
+/// caller claims to be only as a label (it is not verified).
+pub(crate) fn audit_author(principal: String, claimed: &str) -> String {
+    let claimed: String = claimed
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    if claimed.is_empty() || claimed == principal {
+        principal
+    } else {
+        format!("{principal} (claims {claimed})")
     }
 }
 
@@ -556,7 +705,7 @@ impl Operator for Services {
     ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
         let who = self.0.operator_principal(&req)?;
         let r = req.into_inner();
-        let author = if r.author.is_empty() { who } else { r.author };
+        let author = audit_author(who, &r.author);
         let out = self
             .0
             .apply(&r.yaml, r.dry_run, &author, &r.comment)
@@ -580,7 +729,7 @@ impl Operator for Services {
     ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
         let who = self.0.operator_principal(&req)?;
         let r = req.into_inner();
-        let author = if r.author.is_empty() { who } else { r.author };
+        let author = audit_author(who, &r.author);
         Ok(Response::new(
             self.0.rollback(r.version, &author).await?.into(),
         ))
@@ -600,7 +749,7 @@ impl Operator for Services {
     ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
         let who = self.0.operator_principal(&req)?;
         let r = req.into_inner();
-        let author = if r.author.is_empty() { who } else { r.author };
+        let author = audit_author(who, &r.author);
         Ok(Response::new(self.0.rotate_keys(&author).await?.into()))
     }
 }
@@ -610,7 +759,7 @@ impl Node for Services {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::Hello>) -> Result<Response<WatchStream>, Status> {
-        self.0.authorize_node(&req)?;
+        let fingerprint = self.0.authorize_node(&req)?;
         let peer = req.peer_certs();
         let hello = req.into_inner();
         if hello.id.is_empty() || hello.id.len() > 128 {
@@ -640,9 +789,10 @@ impl Node for Services {
                         node_scope_name(role_name, &hello.region)
                     )));
                 }
-                tracing::warn!(node = %hello.id, role = role_name, region = %hello.region, "node certificate not scoped to its claimed role and region");
+                tracing::warn!(node = %hello.id, role = role_name, region = %hello.region, "INSECURE: node certificate not scoped to its claimed role and region (--insecure-allow-unscoped-node-certs)");
             }
         }
+        let session = self.0.bind_node(&hello.id, fingerprint, &hello.region)?;
         let cp = self.0.clone();
         cp.store
             .upsert_node(&NodeRecord {
@@ -663,6 +813,7 @@ impl Node for Services {
         tracing::info!(node = %hello.id, role = ?role, region = %hello.region, have = hello.have_version, "node connected");
         let (tx, rx) = mpsc::channel::<Result<pb::SnapshotMsg, Status>>(4);
         tokio::spawn(async move {
+            let _session = session;
             let mut stopping = cp.stopping.clone();
             let mut policy = cp.current.subscribe();
             let mut scores = cp.scores.subscribe();
@@ -699,8 +850,11 @@ impl Node for Services {
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
-        self.0.authorize_node(&req)?;
+        let fingerprint = self.0.authorize_node(&req)?;
         let a = req.into_inner();
+        if let Some(fp) = &fingerprint {
+            self.0.bound_region(&a.node_id, fp)?;
+        }
         // A NACK reason comes from the node; bound it before storing.
         let reason: String = a.reason.chars().take(1000).collect();
         if a.ok {
@@ -728,17 +882,23 @@ impl Node for Services {
         &self,
         req: Request<tonic::Streaming<pb::TelemetryBatch>>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
-        self.0.authorize_node(&req)?;
+        let fingerprint = self.0.authorize_node(&req)?;
         let mut stream = req.into_inner();
         let mut stopping = self.0.stopping.clone();
         loop {
-            let batch = tokio::select! {
+            let mut batch = tokio::select! {
                 m = stream.message() => match m? {
                     Some(b) => b,
                     None => break,
                 },
                 _ = stopping.wait_for(|s| *s) => break,
             };
+            if let Some(fp) = &fingerprint {
+                // The region comes from the bound (scope-checked) session,
+                // not from what the batch says.
+                batch.region = self.0.bound_region(&batch.node_id, fp)?;
+            }
+            self.0.known_scores(&mut batch);
             let now = Instant::now();
             self.0
                 .board
@@ -778,8 +938,44 @@ impl RunningControlPlane {
     }
 }
 
+/// Refuses configurations that leave the operator API open or send its
+/// token in the clear, unless the operator asked for that explicitly.
+fn check_operator_auth(config: &ServerConfig) -> Result<bool, ServeError> {
+    let authenticated = config.admin_token.is_some() || !config.operator_cert_sha256.is_empty();
+    if !authenticated {
+        if !config.insecure_open_operator_api {
+            return Err(ServeError::OpenOperatorApi);
+        }
+        tracing::warn!("INSECURE: the operator API is open to anyone who reaches it (--insecure-open-operator-api); development only");
+        return Ok(true);
+    }
+    if config.admin_token.is_some() {
+        let plaintext = config
+            .tls
+            .is_none()
+            .then_some(config.listen)
+            .into_iter()
+            .chain(config.http_listen);
+        for addr in plaintext {
+            if addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the admin token travels in plaintext on this loopback listener");
+            } else if config.insecure_open_operator_api {
+                tracing::warn!(%addr, "INSECURE: the admin token travels in plaintext on a non-loopback listener (--insecure-open-operator-api)");
+            } else {
+                return Err(ServeError::PlaintextToken { addr });
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Opens the store, publishes its latest version and starts serving.
 pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeError> {
+    let open_operator_api = check_operator_auth(&config)?;
+    let require_node_cert = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if require_node_cert && !config.require_node_scope {
+        tracing::warn!("INSECURE: node certificates are not checked against the role and region nodes claim (--insecure-allow-unscoped-node-certs): any fleet certificate can receive any region's keys");
+    }
     let store = Store::open(&config.store_url).await?;
     let (current, _) = watch::channel(None);
     let (scores, _) = watch::channel((0, Arc::new(pb::ScoresMsg::default())));
@@ -791,8 +987,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         master: config.master_keys,
         admin_token: config.admin_token.clone(),
         operator_certs: config.operator_cert_sha256.clone(),
-        require_node_cert: config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        require_node_cert,
         require_node_scope: config.require_node_scope,
+        open_operator_api,
+        sessions: Mutex::new(HashMap::new()),
         current,
         scores,
         board: Mutex::new(ScoreBoard::new(config.score_window)),
@@ -815,12 +1013,20 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         addr: config.listen,
         source,
     })?;
+    // Watch and Report streams live as long as the node, so there is no
+    // per-request timeout; dead peers are found by keepalive, and the
+    // number of connections and streams is bounded.
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(Some(64))
+        .concurrency_limit_per_connection(64)
+        .http2_max_header_list_size(Some(16 * 1024));
     if let Some(tls) = &config.tls {
-        let mut t =
-            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, tls.key.expose()));
+        let mut t = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.cert, tls.key.expose()))
+            .timeout(config.limits.header_timeout);
         if let Some(ca) = &tls.client_ca {
             // Optional at the TLS layer so operators may use a token; the
             // Node service insists on a certificate itself.
@@ -836,11 +1042,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         .add_service(OperatorServer::new(services.clone()))
         .add_service(NodeServer::new(services));
     let mut tasks = Vec::new();
+    let grpc_limiter = ConnLimiter::new(&config.limits);
     tasks.push(tokio::spawn(async move {
-        // Without TCP_NODELAY a pushed snapshot waits on Nagle + delayed
-        // ACK (~40 ms per hop on Linux).
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = crate::limits::incoming(listener, grpc_limiter);
         let signal = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
@@ -851,9 +1055,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
 
     let http_addr = match config.http_listen {
         Some(addr) => {
-            let (addr, task) = crate::http::serve(addr, state.clone(), shutdown_rx.clone())
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })?;
+            let (addr, task) = crate::http::serve(
+                addr,
+                state.clone(),
+                config.limits.clone(),
+                ConnLimiter::new(&config.limits),
+                shutdown_rx.clone(),
+            )
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
             tasks.push(task);
             Some(addr)
         }
@@ -934,6 +1144,15 @@ async fn refresh_scores(cp: Arc<ControlPlane>, every: Duration, mut stop: watch:
             .unwrap_or_else(|e| e.into_inner())
             .scores(Instant::now());
         let mut msg = pb::ScoresMsg::from(&scores);
+        let size = prost::Message::encoded_len(&msg);
+        if size > MAX_SCORES_BYTES {
+            tracing::warn!(
+                size,
+                limit = MAX_SCORES_BYTES,
+                "scores too large to push; keeping the previous ones"
+            );
+            continue;
+        }
         cp.scores.send_if_modified(|(generation, old)| {
             // The timestamp alone changing is not news for the nodes.
             msg.computed_at_ms = old.computed_at_ms;

@@ -104,6 +104,32 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The database holds sealed keys and the audit trail: only the owner may
+/// read it. SQLite gives the -wal and -shm files the database file's mode,
+/// so creating the database 0600 covers them; existing files are narrowed.
+fn restrict_database_files(file: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(file)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = file.as_os_str().to_owned();
+            name.push(suffix);
+            let path = std::path::PathBuf::from(name);
+            if path.exists() {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating when needed) the database and runs migrations.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
@@ -112,10 +138,14 @@ impl Store {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(5));
-            if let Some(dir) = opts.get_filename().parent() {
+            let file = opts.get_filename().to_path_buf();
+            if let Some(dir) = file.parent() {
                 if !dir.as_os_str().is_empty() {
                     std::fs::create_dir_all(dir)?;
                 }
+            }
+            if file != std::path::Path::new(":memory:") && !url.contains("mode=memory") {
+                restrict_database_files(&file)?;
             }
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)

@@ -230,6 +230,9 @@ struct Slot {
 }
 
 /// The control plane's sliding window over every node's reports.
+/// At most this many targets (and region pairs) are scored.
+pub const MAX_SCORE_KEYS: usize = 2048;
+
 pub struct ScoreBoard {
     window: Duration,
     targets: HashMap<ScoreKey, VecDeque<Slot>>,
@@ -258,6 +261,11 @@ impl ScoreBoard {
                 model: t.model.clone(),
                 region: t.region.clone(),
             };
+            // Everything here is pushed to every node: bound it whatever
+            // the nodes report.
+            if self.targets.len() >= MAX_SCORE_KEYS && !self.targets.contains_key(&key) {
+                continue;
+            }
             self.targets.entry(key).or_default().push_back(Slot {
                 at: now,
                 requests: t.requests,
@@ -269,15 +277,16 @@ impl ScoreBoard {
             if r.rtt_buckets.len() != n {
                 continue;
             }
-            self.rtt
-                .entry((batch.region.clone(), r.egress_region.clone()))
-                .or_default()
-                .push_back(Slot {
-                    at: now,
-                    requests: r.rtt_buckets.iter().sum(),
-                    errors: 0,
-                    buckets: r.rtt_buckets.clone(),
-                });
+            let key = (batch.region.clone(), r.egress_region.clone());
+            if self.rtt.len() >= MAX_SCORE_KEYS && !self.rtt.contains_key(&key) {
+                continue;
+            }
+            self.rtt.entry(key).or_default().push_back(Slot {
+                at: now,
+                requests: r.rtt_buckets.iter().sum(),
+                errors: 0,
+                buckets: r.rtt_buckets.clone(),
+            });
         }
     }
 

@@ -342,9 +342,22 @@ impl ControlPlaneNode {
         grpc_addr: Option<SocketAddr>,
         env: &[(String, String)],
     ) -> ControlPlaneNode {
+        Self::start_with_flags(binary, store, certs, token_env, grpc_addr, env, &[])
+    }
+
+    /// Like [`ControlPlaneNode::start`], with `extra` flags appended.
+    pub fn start_with_flags(
+        binary: &Path,
+        store: &str,
+        certs: &NodeCerts,
+        token_env: &str,
+        grpc_addr: Option<SocketAddr>,
+        env: &[(String, String)],
+        extra: &[&str],
+    ) -> ControlPlaneNode {
         let grpc_addr = grpc_addr.unwrap_or_else(free_tcp_port);
         let http_addr = free_tcp_port();
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "control-plane".into(),
             "--listen".into(),
             grpc_addr.to_string(),
@@ -362,8 +375,8 @@ impl ControlPlaneNode {
             token_env.into(),
             "--score-seconds".into(),
             "1".into(),
-            "--require-node-scope".into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut process = NodeProcess::spawn(binary, &args, env);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(process.stdout().contains("gRPC:") && TcpStream::connect(grpc_addr).is_ok()) {
