@@ -24,7 +24,7 @@ use switchyard_llm::translate::{Chain, StreamTranslator};
 use switchyard_proto::ProviderKind;
 
 use crate::providers::raw::{self, RawBody};
-use crate::providers::{adapter_for, pick_key, unsupported, CallContext, ProviderReply};
+use crate::providers::{adapter_for, faults, pick_key, unsupported, CallContext, ProviderReply};
 use crate::request::{
     EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody, EVENT_STREAM,
     JSON,
@@ -291,7 +291,7 @@ impl Egress {
                 request: call_req,
                 limits: &snap.limits,
             };
-            match tokio::time::timeout_at(deadline, adapter.call(ctx)).await {
+            match tokio::time::timeout_at(deadline, faults::call(adapter, ctx)).await {
                 Ok(Ok(reply)) => break (reply, attempt),
                 Ok(Err(e)) => {
                     let another = attempt.as_ref().is_some_and(|a| {

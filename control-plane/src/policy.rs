@@ -108,6 +108,12 @@ pub struct ProviderDoc {
     pub pricing: BTreeMap<String, PriceDoc>,
     /// Only for `kind: simulated`.
     pub simulated: Option<SimulatedDoc>,
+    /// Fault injection in front of this (real) provider, for development
+    /// and resilience tests: `ttft_ms` (added first-token delay), `fault`,
+    /// per-model overrides under `models`, and `allow_header` to let
+    /// clients' `x-switchyard-simulate` header drive it. Not for
+    /// `kind: simulated`, which takes the same settings under `simulated`.
+    pub faults: Option<SimulatedDoc>,
     /// Region (key of `regions`) whose egress nodes call this provider.
     pub region: Option<String>,
     /// Where the provider processes data; defaults to the region's.
@@ -536,7 +542,13 @@ fn compile_unplanned(
         if kind != ProviderKind::Simulated && p.simulated.is_some() {
             err(
                 format!("{path}.simulated"),
-                "only valid for kind simulated".into(),
+                "only valid for kind simulated (use `faults` to inject faults in front of a real provider)".into(),
+            );
+        }
+        if kind == ProviderKind::Simulated && p.faults.is_some() {
+            err(
+                format!("{path}.faults"),
+                "the simulated provider takes its faults under `simulated`".into(),
             );
         }
         if let Some(region) = &p.region {
@@ -734,7 +746,9 @@ fn compile_unplanned(
                 &mut err,
             ))
         } else {
-            None
+            p.faults
+                .as_ref()
+                .map(|f| fault_layer_settings(f, &format!("{path}.faults"), &mut err))
         };
         let models = if p.models.is_empty() {
             default_models(kind).iter().map(|m| m.to_string()).collect()
@@ -1315,6 +1329,54 @@ fn simulated_settings(
         return SimulatedSettings::default();
     };
     let base = profile(&SimulatedProfile::default(), &doc.defaults, path, err);
+    let models = doc
+        .models
+        .iter()
+        .map(|(m, p)| {
+            (
+                m.clone(),
+                profile(&base, p, &format!("{path}.models.{m}"), err),
+            )
+        })
+        .collect();
+    SimulatedSettings {
+        default_profile: base,
+        models,
+        allow_header: doc.allow_header,
+    }
+}
+
+/// `faults` of a real provider: the simulated profile's fault and delay
+/// fields, with no delay unless one is asked for; the fields that shape a
+/// simulated answer are refused, as a real provider writes its own.
+fn fault_layer_settings(
+    doc: &SimulatedDoc,
+    path: &str,
+    err: &mut impl FnMut(String, String),
+) -> SimulatedSettings {
+    let answer_only = |p: &ProfileDoc, at: &str, err: &mut dyn FnMut(String, String)| {
+        for (field, set) in [
+            ("tokens_per_second", p.tokens_per_second.is_some()),
+            ("output_tokens", p.output_tokens.is_some()),
+        ] {
+            if set {
+                err(
+                    format!("{at}.{field}"),
+                    "only the simulated provider shapes answers; faults take ttft_ms and fault"
+                        .into(),
+                );
+            }
+        }
+    };
+    answer_only(&doc.defaults, path, &mut *err);
+    for (m, p) in &doc.models {
+        answer_only(p, &format!("{path}.models.{m}"), &mut *err);
+    }
+    let no_delay = SimulatedProfile {
+        ttft: Duration::ZERO,
+        ..SimulatedProfile::default()
+    };
+    let base = profile(&no_delay, &doc.defaults, path, err);
     let models = doc
         .models
         .iter()

@@ -492,7 +492,7 @@ impl EdgeApp {
             Some(_) if !plan.targets.iter().any(simulate_for) => {
                 return Err((
                     GatewayError::invalid(
-                        "The x-switchyard-simulate header is honoured only by `switchyard dev`, or for simulated providers whose policy sets `simulated.allow_header: true`; remove it.",
+                        "The x-switchyard-simulate header is honoured only by `switchyard dev`, or for providers whose policy sets `simulated.allow_header: true` (or `faults.allow_header: true`); remove it.",
                     )
                     .with_code("simulate_not_allowed"),
                     None,

@@ -19,6 +19,7 @@ use crate::request::EgressRequest;
 use crate::stream::UpstreamBytes;
 
 pub mod anthropic;
+pub(crate) mod faults;
 pub mod gemini;
 pub mod openai;
 pub mod raw;

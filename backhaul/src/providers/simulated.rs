@@ -98,11 +98,11 @@ const WORDS: &[&str] = &[
 ];
 
 #[derive(Debug, Default, Clone)]
-struct Directives {
-    ttft_ms: Option<u64>,
+pub(crate) struct Directives {
+    pub(crate) ttft_ms: Option<u64>,
     tps: Option<f64>,
     tokens: Option<u32>,
-    fault: Option<SimulatedFault>,
+    pub(crate) fault: Option<SimulatedFault>,
 }
 
 /// Bounds of every `x-switchyard-simulate` value: a directive outside them
@@ -116,7 +116,7 @@ const MAX_RETRY_AFTER: u32 = 3600;
 /// The header is refused above this length before any parsing.
 const MAX_HEADER_LEN: usize = 256;
 
-fn parse_directives(header: &str) -> Result<Directives, GatewayError> {
+pub(crate) fn parse_directives(header: &str) -> Result<Directives, GatewayError> {
     let mut d = Directives::default();
     let mut rate = 1.0;
     let mut mode = None;
@@ -243,7 +243,7 @@ impl Provider for SimulatedAdapter {
                         retry_after,
                     } => {
                         tokio::time::sleep(profile.ttft).await;
-                        return Err(injected_error(*status, *retry_after));
+                        return Err(injected_error("simulated", *status, *retry_after));
                     }
                     // The egress's upstream timeout ends this, as it would a real hang.
                     FaultMode::Hang => futures::future::pending::<()>().await,
@@ -289,11 +289,15 @@ impl Provider for SimulatedAdapter {
     }
 }
 
-fn injected_error(status: u16, retry_after: Option<u32>) -> GatewayError {
+pub(crate) fn injected_error(
+    provider: &str,
+    status: u16,
+    retry_after: Option<u32>,
+) -> GatewayError {
     let kind = GatewayError::kind_for_upstream_status(status);
     let mut e = GatewayError::new(
         kind,
-        format!("The provider `simulated` answered HTTP {status} (injected fault)."),
+        format!("The provider `{provider}` answered HTTP {status} (injected fault)."),
     );
     if kind == ErrorKind::ModelNotFound {
         e = e.with_code("model_not_found");
