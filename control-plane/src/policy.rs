@@ -65,6 +65,9 @@ pub struct LimitsDoc {
     pub max_body_bytes: Option<usize>,
     pub upstream_timeout_ms: Option<u64>,
     pub stream_idle_timeout_ms: Option<u64>,
+    /// Default deadline for a streamed answer's first event, per attempt;
+    /// past it the edge tries the route's next target. Unset = none.
+    pub first_token_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -204,6 +207,9 @@ pub struct RouteDoc {
     /// Routes tried (after every target of this one) in order.
     #[serde(default)]
     pub fallbacks: Vec<String>,
+    /// Deadline for a streamed answer's first event, per attempt; past it
+    /// the next target is tried. Unset = `limits.first_token_timeout_ms`.
+    pub first_token_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -779,6 +785,12 @@ pub fn compile_policy(
                 });
             }
         }
+        if r.first_token_timeout_ms == Some(0) {
+            err(
+                format!("{path}.first_token_timeout_ms"),
+                "must be greater than 0".into(),
+            );
+        }
         for (i, f) in r.fallbacks.iter().enumerate() {
             if !doc.routes.contains_key(f) {
                 err(
@@ -804,6 +816,7 @@ pub fn compile_policy(
                 },
                 targets,
                 fallbacks: r.fallbacks.clone(),
+                first_token_timeout: r.first_token_timeout_ms.map(Duration::from_millis),
             }),
         );
     }
@@ -901,7 +914,17 @@ pub fn compile_policy(
             .stream_idle_timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(defaults.stream_idle_timeout),
+        first_token_timeout: doc
+            .limits
+            .first_token_timeout_ms
+            .map(Duration::from_millis),
     };
+    if limits.first_token_timeout.is_some_and(|d| d.is_zero()) {
+        err(
+            "limits.first_token_timeout_ms".into(),
+            "must be greater than 0".into(),
+        );
+    }
     if limits.max_body_bytes == 0 {
         err(
             "limits.max_body_bytes".into(),
