@@ -126,11 +126,14 @@ fn chat(model: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
 }
 
+/// A usage record with the error label of each attempt.
+type Recorded = (UsageRecord, Vec<Option<&'static str>>);
+
 /// Records every phase hook call, and each request's attempts.
 #[derive(Default)]
 struct Trace {
     calls: Mutex<Vec<String>>,
-    records: Mutex<Vec<(UsageRecord, Vec<Option<&'static str>>)>>,
+    records: Mutex<Vec<Recorded>>,
 }
 
 impl Trace {
@@ -140,7 +143,7 @@ impl Trace {
 
     /// Waits (bounded) for `n` usage records: `record` runs after the
     /// answer is written, so the client may be done first.
-    async fn records(&self, n: usize) -> Vec<(UsageRecord, Vec<Option<&'static str>>)> {
+    async fn records(&self, n: usize) -> Vec<Recorded> {
         let deadline = Instant::now() + WAIT;
         while self.records.lock().unwrap().len() < n && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -236,10 +239,7 @@ async fn each_phase_hook_runs_once_per_request_in_order() {
     let resp = post(&edge, chat("nope/unknown", false)).await;
     assert_eq!(resp.status(), 404);
     trace.records(2).await;
-    assert_eq!(
-        trace.calls.lock().unwrap().clone(),
-        ["admit", "record:404"]
-    );
+    assert_eq!(trace.calls.lock().unwrap().clone(), ["admit", "record:404"]);
 }
 
 #[tokio::test]
@@ -252,7 +252,10 @@ async fn a_stream_that_fails_before_its_first_event_fails_over() {
     assert_eq!(resp.status(), 200);
     let events = sse_data(resp, WAIT).await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    assert!(events.iter().all(|e| !e.contains("\"error\"")), "{events:?}");
+    assert!(
+        events.iter().all(|e| !e.contains("\"error\"")),
+        "{events:?}"
+    );
     let models: Vec<_> = mock
         .requests()
         .iter()
@@ -262,10 +265,19 @@ async fn a_stream_that_fails_before_its_first_event_fails_over() {
     let records = trace.records(1).await;
     let (record, attempts) = &records[0];
     assert_eq!(attempts.len(), 2);
-    assert!(attempts[0].is_some() && attempts[1].is_none(), "{attempts:?}");
+    assert!(
+        attempts[0].is_some() && attempts[1].is_none(),
+        "{attempts:?}"
+    );
     assert!(!record.stream_failed);
     // Committed once, to the second target's stream.
-    let commits = trace.calls.lock().unwrap().iter().filter(|c| c.starts_with("commit")).count();
+    let commits = trace
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.starts_with("commit"))
+        .count();
     assert_eq!(commits, 1);
 }
 
@@ -332,10 +344,12 @@ async fn fake_edge(answer: fn(&str) -> Result<EgressResponse, GatewayError>) -> 
 async fn failover_follows_the_errors_retry_class() {
     // Accepted by an egress, then lost: it may have run, so never again.
     let (edge, fake) = fake_edge(|model| match model {
-        "first" => Err(GatewayError::new(ErrorKind::Upstream, "lost after acceptance")
-            .with_code("backhaul_failed")
-            .with_source(Source::Backhaul)
-            .with_retry(Retry::Never)),
+        "first" => Err(
+            GatewayError::new(ErrorKind::Upstream, "lost after acceptance")
+                .with_code("backhaul_failed")
+                .with_source(Source::Backhaul)
+                .with_retry(Retry::Never),
+        ),
         _ => ok_json(200),
     })
     .await;

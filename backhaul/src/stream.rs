@@ -291,11 +291,13 @@ mod tests {
         let late = futures::stream::iter(chunks(&[
             "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
         ]))
-        .chain(futures::stream::iter(vec![Err(GatewayError::new(ErrorKind::Upstream, "cut"))]));
+        .chain(futures::stream::iter(vec![Err(GatewayError::new(
+            ErrorKind::Upstream,
+            "cut",
+        ))]));
         let stats = Arc::new(RequestStats::default());
         let frames = first_frame(translated(late.boxed(), &stats), &stats)
             .await
-            .ok()
             .expect("committed after the first event");
         let text = String::from_utf8(frames.collect::<Vec<_>>().await.concat()).unwrap();
         assert!(text.starts_with("data: {\"choices\""), "{text}");

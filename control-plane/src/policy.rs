@@ -914,10 +914,7 @@ pub fn compile_policy(
             .stream_idle_timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(defaults.stream_idle_timeout),
-        first_token_timeout: doc
-            .limits
-            .first_token_timeout_ms
-            .map(Duration::from_millis),
+        first_token_timeout: doc.limits.first_token_timeout_ms.map(Duration::from_millis),
     };
     if limits.first_token_timeout.is_some_and(|d| d.is_zero()) {
         err(
@@ -1402,6 +1399,52 @@ tenants:
         }
         let fast = errs.iter().find(|e| e.path == "aliases.fast").unwrap();
         assert!(fast.to_string().contains("unknown provider \"antropic\""));
+    }
+
+    #[test]
+    fn first_token_deadlines_per_route_and_by_default() {
+        let yaml = r#"
+limits: { first_token_timeout_ms: 4000 }
+routes:
+  quick:
+    first_token_timeout_ms: 500
+    targets: [{ provider: simulated, model: sim-small }]
+  plain:
+    targets: [{ provider: simulated, model: sim-small }]
+"#;
+        let snap = compile_with(yaml, &[]).unwrap().snapshot;
+        assert_eq!(
+            snap.routes["quick"].first_token_timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(snap.routes["plain"].first_token_timeout, None);
+        assert_eq!(
+            snap.limits.first_token_timeout,
+            Some(Duration::from_secs(4))
+        );
+        // It travels to remote nodes.
+        let back = Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap();
+        assert_eq!(
+            back.routes["quick"].first_token_timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(back.routes["plain"].first_token_timeout, None);
+        assert_eq!(
+            back.limits.first_token_timeout,
+            Some(Duration::from_secs(4))
+        );
+
+        let yaml = "limits: { first_token_timeout_ms: 0 }\nroutes:\n  r:\n    first_token_timeout_ms: 0\n    targets: [{ provider: simulated, model: m }]\n";
+        let errs = compile_with(yaml, &[]).unwrap_err();
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert!(
+            paths.contains(&"limits.first_token_timeout_ms"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"routes.r.first_token_timeout_ms"),
+            "{paths:?}"
+        );
     }
 
     #[test]

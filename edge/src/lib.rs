@@ -26,7 +26,7 @@ pub mod service;
 
 pub use app::EdgeApp;
 pub use ctx::{Attempt, RequestCtx};
+pub use guard::EdgeLimits;
 pub use hooks::{AdmitHook, PlanHook, RecordHook, ResponseObserver, UsageRecord};
 pub use phases::plan::{route_plan, Plan};
-pub use guard::EdgeLimits;
 pub use switchyard_backhaul::Upstream;

@@ -74,7 +74,11 @@ pub(crate) async fn dispatch(
         ctx.served = Some(planned.clone());
         let req = EgressRequest {
             request_id: ctx.request_id.clone(),
-            tenant: ctx.tenant.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
+            tenant: ctx
+                .tenant
+                .as_ref()
+                .map(|t| t.id.clone())
+                .unwrap_or_default(),
             target: planned.target.clone(),
             op: this_op,
             simulate: simulate
@@ -96,7 +100,10 @@ pub(crate) async fn dispatch(
                 return Ok(None);
             }
         };
-        let error = result.as_ref().err().map(|e| e.code.unwrap_or(e.kind.label()));
+        let error = result
+            .as_ref()
+            .err()
+            .map(|e| e.code.unwrap_or(e.kind.label()));
         ctx.attempts.push(Attempt {
             target: i,
             elapsed: started.elapsed(),
@@ -124,9 +131,8 @@ pub(crate) async fn dispatch(
             }
         }
     }
-    let error = last_error.unwrap_or_else(|| {
-        GatewayError::new(ErrorKind::Internal, "The route plan had no target.")
-    });
+    let error = last_error
+        .unwrap_or_else(|| GatewayError::new(ErrorKind::Internal, "The route plan had no target."));
     // Every permitted target failed; the ones left are outside the
     // request's jurisdictions and are never tried.
     if plan.excluded > 0 && error.may_try_another_target() {

@@ -61,13 +61,13 @@ pub(crate) fn plan(
             (plan, Operation::Raw(raw))
         }
         Request::Api { op, raw_body } => {
-            let tenant = ctx
-                .tenant
-                .as_deref()
-                .ok_or_else(|| fail(no_tenant()))?;
+            let tenant = ctx.tenant.as_deref().ok_or_else(|| fail(no_tenant()))?;
             let requested = requested_model(&op);
             let mut plan = route_plan(snap, tenant, requested, residency).map_err(fail)?;
-            let first = plan.targets.first().ok_or_else(|| fail(empty_plan(requested)))?;
+            let first = plan
+                .targets
+                .first()
+                .ok_or_else(|| fail(empty_plan(requested)))?;
             let target = &first.target;
             let advertised = snap
                 .providers
@@ -139,7 +139,10 @@ fn simulate_header(
 }
 
 fn no_tenant() -> GatewayError {
-    GatewayError::new(ErrorKind::Internal, "The request reached planning unauthenticated.")
+    GatewayError::new(
+        ErrorKind::Internal,
+        "The request reached planning unauthenticated.",
+    )
 }
 
 fn empty_plan(requested: &str) -> GatewayError {
@@ -152,10 +155,17 @@ fn empty_plan(requested: &str) -> GatewayError {
 }
 
 /// `/passthrough/{provider}`: one target, inside the request's jurisdictions.
-fn passthrough_plan(snap: &Snapshot, ctx: &RequestCtx, provider: &str) -> Result<Plan, GatewayError> {
+fn passthrough_plan(
+    snap: &Snapshot,
+    ctx: &RequestCtx,
+    provider: &str,
+) -> Result<Plan, GatewayError> {
     let p = snap.providers.get(provider).ok_or_else(|| {
-        GatewayError::new(ErrorKind::NotFound, format!("Unknown provider `{provider}`."))
-            .with_code("provider_not_found")
+        GatewayError::new(
+            ErrorKind::NotFound,
+            format!("Unknown provider `{provider}`."),
+        )
+        .with_code("provider_not_found")
     })?;
     if let Some(allowed) = &ctx.residency {
         if !p.jurisdiction.as_ref().is_some_and(|j| allowed.contains(j)) {
@@ -292,7 +302,9 @@ pub fn route_plan(
                 )
                 .with_code("residency_blocked"));
             }
-            Err(PlanError::UnknownModel(_)) => return Err(GatewayError::model_not_found(requested)),
+            Err(PlanError::UnknownModel(_)) => {
+                return Err(GatewayError::model_not_found(requested))
+            }
         },
     };
     if plan.targets.is_empty() {
@@ -353,7 +365,8 @@ mod tests {
             model: "m".into(),
             weight: 1,
         };
-        snap.routes.insert("r".into(), route("r", vec![ghost], None));
+        snap.routes
+            .insert("r".into(), route("r", vec![ghost], None));
         let tenant = TenantSnapshot {
             id: "t".into(),
             allowed_models: None,
@@ -386,14 +399,20 @@ mod tests {
             model: "m".into(),
             weight: 1,
         };
-        snap.routes.insert("own".into(), route("own", vec![t()], Some(250)));
-        snap.routes.insert("dflt".into(), route("dflt", vec![t()], None));
+        snap.routes
+            .insert("own".into(), route("own", vec![t()], Some(250)));
+        snap.routes
+            .insert("dflt".into(), route("dflt", vec![t()], None));
         snap.limits.first_token_timeout = Some(Duration::from_secs(3));
         let tenant = TenantSnapshot {
             id: "t".into(),
             allowed_models: None,
         };
-        let ftt = |m: &str| route_plan(&snap, &tenant, m, None).unwrap().first_token_timeout;
+        let ftt = |m: &str| {
+            route_plan(&snap, &tenant, m, None)
+                .unwrap()
+                .first_token_timeout
+        };
         assert_eq!(ftt("own"), Some(Duration::from_millis(250)));
         assert_eq!(ftt("dflt"), Some(Duration::from_secs(3)));
         assert_eq!(ftt("p/m"), Some(Duration::from_secs(3)));
