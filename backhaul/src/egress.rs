@@ -29,7 +29,9 @@ use crate::request::{
     EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody, EVENT_STREAM,
     JSON,
 };
-use crate::stream::{anthropic_error_frame, openai_error_frame, raw_stream, translate_stream};
+use crate::stream::{
+    anthropic_error_frame, first_frame, openai_error_frame, raw_stream, translate_stream,
+};
 
 /// The snapshot every component of a node reads; swapped whole on change.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -372,6 +374,7 @@ impl Egress {
                     req.received_at,
                     framer,
                 );
+                let frames = first_frame(frames, &stats).await?;
                 Ok(EgressResponse {
                     status: 200,
                     content_type: EVENT_STREAM.to_string(),

@@ -233,6 +233,8 @@ pub struct RequestStats {
     /// The stream ended with an error frame (stall, upstream cut, ...).
     stream_failed: AtomicBool,
     has_usage: AtomicBool,
+    /// Why the stream failed when it did so before its first frame.
+    failed_before_first_frame: std::sync::OnceLock<GatewayError>,
 }
 
 impl RequestStats {
@@ -277,6 +279,17 @@ impl RequestStats {
 
     pub fn stream_failed(&self) -> bool {
         self.stream_failed.load(Ordering::Relaxed)
+    }
+
+    /// Records that the stream failed before it produced any frame, so
+    /// whoever waits for the first frame can report the error itself.
+    pub fn mark_failed_before_first_frame(&self, error: &GatewayError) {
+        self.mark_stream_failed();
+        let _ = self.failed_before_first_frame.set(error.clone());
+    }
+
+    pub fn failed_before_first_frame(&self) -> Option<&GatewayError> {
+        self.failed_before_first_frame.get()
     }
 }
 

@@ -39,26 +39,38 @@ struct State {
     started: Instant,
     framer: ErrorFramer,
     done: bool,
+    /// A frame has gone out: from then on a failure can only be a frame.
+    yielded: bool,
 }
 
 impl State {
     fn fail(&mut self, error: GatewayError) {
-        self.stats.mark_stream_failed();
+        if !self.yielded && self.pending.is_empty() {
+            self.stats.mark_failed_before_first_frame(&error);
+        } else {
+            self.stats.mark_stream_failed();
+        }
         self.pending.push_back((self.framer)(&error));
         self.done = true;
     }
 
     fn translate_events(&mut self) {
-        for ev in self.events.drain(..) {
-            if let Err(e) = self.translator.on_event(&ev, &mut self.frames) {
-                self.pending.extend(self.frames.drain(..));
-                self.stats.mark_stream_failed();
-                self.pending.push_back((self.framer)(&e));
-                self.done = true;
-                return;
+        // Taken out so a failure can call `fail`; put back to keep its allocation.
+        let mut events = std::mem::take(&mut self.events);
+        let mut failed = None;
+        for ev in &events {
+            if let Err(e) = self.translator.on_event(ev, &mut self.frames) {
+                failed = Some(e);
+                break;
             }
         }
+        events.clear();
+        self.events = events;
         self.pending.extend(self.frames.drain(..));
+        if let Some(e) = failed {
+            self.fail(e);
+            return;
+        }
         if let Some(u) = self.translator.usage() {
             self.stats.set_usage(u);
         }
@@ -131,10 +143,12 @@ pub fn translate_stream(
         started,
         framer,
         done: false,
+        yielded: false,
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
             if let Some(frame) = st.pending.pop_front() {
+                st.yielded = true;
                 st.stats.mark_first_byte(st.started);
                 return Some((frame, st));
             }
@@ -145,6 +159,27 @@ pub fn translate_stream(
         }
     })
     .boxed()
+}
+
+/// Commit after the first event: waits for the first frame of a stream
+/// made by [`translate_stream`]. A stream that fails before it (an error
+/// event, a cut, a stall past the idle timeout) is returned as that error
+/// instead of a 200 carrying one error frame, so nothing is committed and
+/// the edge may still try another target.
+pub async fn first_frame(
+    mut frames: BoxStream<'static, Bytes>,
+    stats: &RequestStats,
+) -> Result<BoxStream<'static, Bytes>, GatewayError> {
+    let first = frames.next().await;
+    if let Some(e) = stats.failed_before_first_frame() {
+        return Err(e.clone());
+    }
+    Ok(match first {
+        Some(frame) => futures::stream::once(async move { frame })
+            .chain(frames)
+            .boxed(),
+        None => frames,
+    })
 }
 
 /// Raw passthrough bodies: chunks go out as they arrive. The protocol is
@@ -229,6 +264,45 @@ mod tests {
         let (text, stats) = collect(up, Duration::from_secs(5)).await;
         assert!(text.contains("\"error\""), "{text}");
         assert!(stats.stream_failed());
+    }
+
+    fn translated(upstream: UpstreamBytes, stats: &Arc<RequestStats>) -> BoxStream<'static, Bytes> {
+        translate_stream(
+            upstream,
+            Box::new(OpenAiPassthrough::new(true)),
+            Duration::from_secs(5),
+            stats.clone(),
+            Instant::now(),
+            openai_error_frame,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stream_failing_before_its_first_frame_is_an_error() {
+        let cut = futures::stream::iter(vec![Err(GatewayError::new(ErrorKind::Upstream, "cut"))]);
+        let stats = Arc::new(RequestStats::default());
+        let e = first_frame(translated(cut.boxed(), &stats), &stats)
+            .await
+            .err()
+            .expect("an error, not a stream");
+        assert_eq!(e.kind, ErrorKind::Upstream);
+        assert!(e.may_try_another_target());
+
+        let late = futures::stream::iter(chunks(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+        ]))
+        .chain(futures::stream::iter(vec![Err(GatewayError::new(
+            ErrorKind::Upstream,
+            "cut",
+        ))]));
+        let stats = Arc::new(RequestStats::default());
+        let frames = first_frame(translated(late.boxed(), &stats), &stats)
+            .await
+            .expect("committed after the first event");
+        let text = String::from_utf8(frames.collect::<Vec<_>>().await.concat()).unwrap();
+        assert!(text.starts_with("data: {\"choices\""), "{text}");
+        assert!(text.contains("\"error\""), "{text}");
+        assert!(stats.stream_failed() && stats.failed_before_first_frame().is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -65,6 +65,9 @@ pub struct LimitsDoc {
     pub max_body_bytes: Option<usize>,
     pub upstream_timeout_ms: Option<u64>,
     pub stream_idle_timeout_ms: Option<u64>,
+    /// Default deadline for a streamed answer's first event, per attempt;
+    /// past it the edge tries the route's next target. Unset = none.
+    pub first_token_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -221,6 +224,9 @@ pub struct RouteDoc {
     /// Routes tried (after every target of this one) in order.
     #[serde(default)]
     pub fallbacks: Vec<String>,
+    /// Deadline for a streamed answer's first event, per attempt; past it
+    /// the next target is tried. Unset = `limits.first_token_timeout_ms`.
+    pub first_token_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -924,6 +930,12 @@ fn compile_unplanned(
                 });
             }
         }
+        if r.first_token_timeout_ms == Some(0) {
+            err(
+                format!("{path}.first_token_timeout_ms"),
+                "must be greater than 0".into(),
+            );
+        }
         for (i, f) in r.fallbacks.iter().enumerate() {
             if !doc.routes.contains_key(f) {
                 err(
@@ -949,6 +961,7 @@ fn compile_unplanned(
                 },
                 targets,
                 fallbacks: r.fallbacks.clone(),
+                first_token_timeout: r.first_token_timeout_ms.map(Duration::from_millis),
             }),
         );
     }
@@ -1046,7 +1059,14 @@ fn compile_unplanned(
             .stream_idle_timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(defaults.stream_idle_timeout),
+        first_token_timeout: doc.limits.first_token_timeout_ms.map(Duration::from_millis),
     };
+    if limits.first_token_timeout.is_some_and(|d| d.is_zero()) {
+        err(
+            "limits.first_token_timeout_ms".into(),
+            "must be greater than 0".into(),
+        );
+    }
     if limits.max_body_bytes == 0 {
         err(
             "limits.max_body_bytes".into(),
@@ -1597,6 +1617,52 @@ tenants:
         }
         let fast = errs.iter().find(|e| e.path == "aliases.fast").unwrap();
         assert!(fast.to_string().contains("unknown provider \"antropic\""));
+    }
+
+    #[test]
+    fn first_token_deadlines_per_route_and_by_default() {
+        let yaml = r#"
+limits: { first_token_timeout_ms: 4000 }
+routes:
+  quick:
+    first_token_timeout_ms: 500
+    targets: [{ provider: simulated, model: sim-small }]
+  plain:
+    targets: [{ provider: simulated, model: sim-small }]
+"#;
+        let snap = compile_with(yaml, &[]).unwrap().snapshot;
+        assert_eq!(
+            snap.routes["quick"].first_token_timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(snap.routes["plain"].first_token_timeout, None);
+        assert_eq!(
+            snap.limits.first_token_timeout,
+            Some(Duration::from_secs(4))
+        );
+        // It travels to remote nodes.
+        let back = Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap();
+        assert_eq!(
+            back.routes["quick"].first_token_timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(back.routes["plain"].first_token_timeout, None);
+        assert_eq!(
+            back.limits.first_token_timeout,
+            Some(Duration::from_secs(4))
+        );
+
+        let yaml = "limits: { first_token_timeout_ms: 0 }\nroutes:\n  r:\n    first_token_timeout_ms: 0\n    targets: [{ provider: simulated, model: m }]\n";
+        let errs = compile_with(yaml, &[]).unwrap_err();
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert!(
+            paths.contains(&"limits.first_token_timeout_ms"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"routes.r.first_token_timeout_ms"),
+            "{paths:?}"
+        );
     }
 
     #[test]

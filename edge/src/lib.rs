@@ -1,22 +1,32 @@
 //! Switchyard edge node: the Pingora service clients talk to.
 //!
-//! [`EdgeApp`] is a Pingora `HttpServerApp`: it owns each client session,
-//! authenticates the virtual key, validates the request in the caller's
-//! protocol, resolves the model to a target, hands the request to an
-//! [`Upstream`] (the in-process egress in single-node mode) and writes the
-//! answer back, streaming SSE frames as they arrive. Errors are always in the
-//! caller's protocol shape. One access-log line is written per request.
+//! [`EdgeApp`] is a Pingora `HttpServerApp`: it owns each client session and
+//! runs every request through explicit phases over one [`RequestCtx`], as
+//! pingora's `ProxyHttp` does: `admit` (route, authenticate, tenant, read
+//! and validate the body in the caller's protocol), `plan` (the ordered
+//! targets), `dispatch` (the attempts, handed to an [`Upstream`]: the
+//! in-process egress in single-node mode), `respond` (commit on the first
+//! event, then stream SSE frames as they arrive) and `record` (one usage
+//! record: access log, metrics, telemetry). Errors are always in the
+//! caller's protocol shape. Later features plug into a phase through the
+//! small traits of [`hooks`], registered with `EdgeApp::with_*` builders.
 //!
 //! Build a server with [`service::edge_service`]; `switchyard dev` in the
 //! root crate is the runnable example.
 
 pub mod app;
 pub mod auth;
+pub mod ctx;
 pub mod guard;
+pub mod hooks;
 pub mod metrics;
+pub(crate) mod phases;
 pub mod respond;
 pub mod service;
 
 pub use app::EdgeApp;
+pub use ctx::{Attempt, RequestCtx};
 pub use guard::EdgeLimits;
+pub use hooks::{AdmitHook, PlanHook, RecordHook, ResponseObserver, UsageRecord};
+pub use phases::plan::{route_plan, Plan};
 pub use switchyard_backhaul::Upstream;

@@ -1,6 +1,10 @@
 //! Writing answers to the client.
+//!
+//! Statuses here are [`StatusCode`]s: a number that came over the wire is
+//! checked where it enters (`dispatch`), so writing never fails on one.
 
 use bytes::Bytes;
+use http::StatusCode;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use switchyard_backhaul::Protocol;
@@ -15,8 +19,14 @@ pub struct Common<'a> {
     pub jurisdiction: &'a str,
 }
 
-pub fn header(status: u16, common: &Common<'_>) -> Box<ResponseHeader> {
-    let mut h = ResponseHeader::build(status, Some(8)).expect("valid status");
+pub fn header(status: StatusCode, common: &Common<'_>) -> Box<ResponseHeader> {
+    // `build` only fails converting the status, which a `StatusCode`
+    // already is; the fallback keeps that a non-event rather than a panic.
+    let mut h = ResponseHeader::build(status, Some(8)).unwrap_or_else(|_| {
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = status;
+        ResponseHeader::from(parts)
+    });
     let _ = h.insert_header("x-request-id", common.request_id);
     let _ = h.insert_header("x-switchyard-region", common.region);
     let _ = h.insert_header("x-switchyard-jurisdiction", common.jurisdiction);
@@ -26,7 +36,7 @@ pub fn header(status: u16, common: &Common<'_>) -> Box<ResponseHeader> {
 
 pub async fn json(
     session: &mut ServerSession,
-    status: u16,
+    status: StatusCode,
     body: Bytes,
     common: &Common<'_>,
     extra: &[(&'static str, String)],
@@ -39,7 +49,7 @@ pub async fn json(
 /// A complete body; `extra` must include its content type.
 pub async fn full(
     session: &mut ServerSession,
-    status: u16,
+    status: StatusCode,
     body: Bytes,
     common: &Common<'_>,
     extra: &[(&'static str, String)],
@@ -53,6 +63,11 @@ pub async fn full(
         return false;
     }
     session.write_response_body(body, true).await.is_ok()
+}
+
+/// The status an error is answered with.
+pub fn error_status(e: &GatewayError) -> StatusCode {
+    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 pub async fn error(
@@ -70,5 +85,5 @@ pub async fn error(
         Protocol::Anthropic => e.to_anthropic_json(),
     };
     let body = Bytes::from(body.to_string());
-    json(session, e.status(), body, common, &extra).await
+    json(session, error_status(e), body, common, &extra).await
 }

@@ -403,6 +403,9 @@ pub struct RouteSnapshot {
     pub strategy: Strategy,
     pub targets: Vec<WeightedTarget>,
     pub fallbacks: Vec<String>,
+    /// How long each attempt may take to its first streamed event before
+    /// the edge moves on to the next target; `None` = the limits' default.
+    pub first_token_timeout: Option<Duration>,
 }
 
 /// Latency and error scores the control plane folds from every node's
@@ -464,6 +467,9 @@ pub struct LimitsSnapshot {
     pub upstream_timeout: Duration,
     /// Longest silence tolerated between two streamed events.
     pub stream_idle_timeout: Duration,
+    /// Default first-event deadline of a streamed answer, per attempt
+    /// (routes may set their own); `None` = only the other deadlines.
+    pub first_token_timeout: Option<Duration>,
 }
 
 impl Default for LimitsSnapshot {
@@ -472,6 +478,7 @@ impl Default for LimitsSnapshot {
             max_body_bytes: 32 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(120),
             stream_idle_timeout: Duration::from_secs(60),
+            first_token_timeout: None,
         }
     }
 }

@@ -343,6 +343,7 @@ mod tests {
                 strategy,
                 targets: vec![t("eu", 1), t("us", 9)],
                 fallbacks: vec!["backup".into()],
+                first_token_timeout: None,
             }),
         );
         s.routes.insert(
@@ -352,6 +353,7 @@ mod tests {
                 strategy: Strategy::Priority,
                 targets: vec![t("us", 1)],
                 fallbacks: vec!["chat".into()],
+                first_token_timeout: None,
             }),
         );
         s.routes.insert(
@@ -361,6 +363,7 @@ mod tests {
                 strategy: Strategy::Priority,
                 targets: vec![t("us", 1)],
                 fallbacks: vec![],
+                first_token_timeout: None,
             }),
         );
         s

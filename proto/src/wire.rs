@@ -161,6 +161,11 @@ impl From<&Scores> for pb::ScoresMsg {
 
 /// Every key pool with its key references or (decrypted) values: the
 /// control plane strips what a given node must not receive before sending.
+/// A duration as wire milliseconds, 0 for none.
+fn millis(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| (d.as_millis() as u64).max(1))
+}
+
 impl From<&Snapshot> for pb::SnapshotMsg {
     fn from(s: &Snapshot) -> Self {
         let providers = s
@@ -265,6 +270,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                 })
                                 .collect(),
                             fallbacks: r.fallbacks.clone(),
+                            first_token_timeout_ms: millis(r.first_token_timeout),
                         },
                     )
                 })
@@ -274,6 +280,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 max_body_bytes: s.limits.max_body_bytes as u64,
                 upstream_timeout_ms: s.limits.upstream_timeout.as_millis() as u64,
                 stream_idle_timeout_ms: s.limits.stream_idle_timeout.as_millis() as u64,
+                first_token_timeout_ms: millis(s.limits.first_token_timeout),
             }),
             regions: s
                 .regions
@@ -534,6 +541,8 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     strategy,
                     targets,
                     fallbacks: r.fallbacks.clone(),
+                    first_token_timeout: (r.first_token_timeout_ms > 0)
+                        .then(|| Duration::from_millis(r.first_token_timeout_ms)),
                 }),
             );
         }
@@ -592,6 +601,8 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                 .map_err(|_| invalid("limits.max_body_bytes", "too large"))?,
             upstream_timeout: Duration::from_millis(l.upstream_timeout_ms),
             stream_idle_timeout: Duration::from_millis(l.stream_idle_timeout_ms),
+            first_token_timeout: (l.first_token_timeout_ms > 0)
+                .then(|| Duration::from_millis(l.first_token_timeout_ms)),
         };
         let regions = msg
             .regions
@@ -802,6 +813,7 @@ mod tests {
                     weight: 1,
                 }],
                 fallbacks: vec![],
+                first_token_timeout_ms: 0,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();

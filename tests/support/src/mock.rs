@@ -9,6 +9,9 @@
 //! - `endless`: stream an event every 10 ms until the client goes away,
 //!   which is counted in [`MockUpstream::cancellations`].
 //! - `cut`: stream two events, then drop the connection mid-stream.
+//! - `cut-before-first` / `stall-before-first`: answer 200 with an event
+//!   stream, then drop the connection / go silent before its first event
+//!   (a silence the gateway ends is counted as a cancellation).
 //! - `echo-key-401`: a 401 whose message quotes the bearer key it received.
 //! - anything else: a realistic default case for the endpoint.
 //!
@@ -288,7 +291,7 @@ async fn handle(
         "midstream-overloaded" if provider == Provider::Anthropic => {
             return Ok(anthropic_overloaded_midstream());
         }
-        "stall" | "gated" | "endless" | "cut" => {
+        "stall" | "gated" | "endless" | "cut" | "cut-before-first" | "stall-before-first" => {
             return Ok(special_stream(state.clone(), &model, gap));
         }
         _ => {}
@@ -416,6 +419,23 @@ fn special_stream(state: Arc<State>, mode: &str, gap: Duration) -> Response<BoxB
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mode = mode.to_string();
     tokio::spawn(async move {
+        match mode.as_str() {
+            "cut-before-first" => {
+                let _ = tx
+                    .send(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "mock cut before the first event",
+                    )))
+                    .await;
+                return;
+            }
+            "stall-before-first" => {
+                tx.closed().await;
+                state.cancellations.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            _ => {}
+        }
         let _ = tx.send(Ok(chunk(0))).await;
         match mode.as_str() {
             "stall" => {

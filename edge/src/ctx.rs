@@ -1,0 +1,94 @@
+//! What the edge knows about one request, filled in phase by phase.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard_backhaul::{Protocol, RequestStats};
+use switchyard_proto::{PlannedTarget, TenantSnapshot};
+
+/// Per-request state every phase reads and fills, in the spirit of
+/// pingora's `ProxyHttp::CTX`. Hooks see it read-only.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub received_at: Instant,
+    /// The caller's protocol: errors and streams are shaped in it.
+    pub protocol: Protocol,
+    /// Bounded endpoint label (`chat`, `messages`, `models`, ...).
+    pub endpoint: &'static str,
+    /// Set by `admit` once the virtual key is known.
+    pub tenant: Option<Arc<TenantSnapshot>>,
+    /// Jurisdictions the request may be served in: the tenant's, narrowed
+    /// by `x-switchyard-residency`; `None` = anywhere.
+    pub residency: Option<Vec<String>>,
+    /// The model the caller named (`provider/*` for raw passthrough).
+    pub model: Option<String>,
+    /// The requested model when the policy knows it (bounded metric label).
+    pub model_label: Option<String>,
+    pub stream: bool,
+    /// Every attempt `dispatch` made, in order.
+    pub attempts: Vec<Attempt>,
+    /// The target that answered (or failed last).
+    pub served: Option<PlannedTarget>,
+    /// When the answer was committed (its status line written).
+    pub committed_at: Option<Instant>,
+    /// The status the client was given (0 until then).
+    pub status: u16,
+    /// Low-cardinality error label of a failed request.
+    pub error: Option<&'static str>,
+    /// Usage and first-token time of the answer, filled while it flows.
+    pub stats: Option<Arc<RequestStats>>,
+    pub client_gone: bool,
+}
+
+/// One try of one target of the plan.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// Index into the plan's targets.
+    pub target: usize,
+    pub elapsed: Duration,
+    /// Error label when it failed; `None` when it produced the answer.
+    pub error: Option<&'static str>,
+}
+
+impl RequestCtx {
+    pub fn new(request_id: String, received_at: Instant) -> Self {
+        RequestCtx {
+            request_id,
+            received_at,
+            protocol: Protocol::OpenAi,
+            endpoint: "other",
+            tenant: None,
+            residency: None,
+            model: None,
+            model_label: None,
+            stream: false,
+            attempts: Vec::new(),
+            served: None,
+            committed_at: None,
+            status: 0,
+            error: None,
+            stats: None,
+            client_gone: false,
+        }
+    }
+
+    /// The status as recorded: 499 for a client that went away.
+    pub fn final_status(&self) -> u16 {
+        if self.client_gone {
+            499
+        } else {
+            self.status
+        }
+    }
+
+    /// The error as recorded: a stream that ended with an error frame
+    /// counts as failed even though its status was 200.
+    pub fn final_error(&self) -> Option<&'static str> {
+        if self.stats.as_ref().is_some_and(|s| s.stream_failed()) {
+            Some("stream_failed")
+        } else {
+            self.error
+        }
+    }
+}

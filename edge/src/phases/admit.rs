@@ -1,0 +1,480 @@
+//! `admit`: who is asking, for what, and is the request well formed.
+//!
+//! Everything here happens before a target is chosen: the URL is routed
+//! (path checks refuse traversal before any body is read), the virtual key
+//! authenticated, the tenant and its jurisdictions resolved, the body read
+//! under its size limit and deadline and parsed in the caller's protocol.
+//! Health and model-list requests are answered here, like pingora's
+//! `request_filter` answering early.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use pingora::protocols::http::ServerSession;
+use serde_json::json;
+use switchyard_backhaul::{check_model_name, Operation, Protocol, RawPath, RawRequest};
+use switchyard_llm::anthropic;
+use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
+use switchyard_llm::{ErrorKind, GatewayError};
+use switchyard_proto::plan::narrow_residency;
+use switchyard_proto::{Snapshot, TenantSnapshot};
+
+use super::{fail, Failure};
+use crate::app::EdgeApp;
+use crate::auth::authenticate;
+use crate::ctx::RequestCtx;
+use crate::respond;
+
+/// What `admit` hands on.
+pub(crate) enum Admitted {
+    /// Answered by the edge itself (health, models).
+    Answered,
+    /// A request for a target.
+    Proxy(Request),
+}
+
+pub(crate) enum Request {
+    /// `/passthrough/{provider}/...`: raw, to that provider only.
+    Passthrough { provider: String, raw: RawRequest },
+    /// A parsed API call. `raw_body` is kept when `x-switchyard-raw` asks
+    /// for the provider's own endpoint instead of translation.
+    Api {
+        op: Operation,
+        raw_body: Option<Bytes>,
+    },
+}
+
+pub(crate) enum Endpoint {
+    Chat,
+    Embeddings,
+    Messages,
+    CountTokens,
+    Models,
+    Model(String),
+    Health,
+    /// `/passthrough/{provider}/{rest}`: raw, any method.
+    Passthrough {
+        provider: String,
+        rest: String,
+    },
+}
+
+impl Endpoint {
+    fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "count_tokens",
+            Endpoint::Models | Endpoint::Model(_) => "models",
+            Endpoint::Health => "health",
+            Endpoint::Passthrough { .. } => "passthrough",
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        match self {
+            Endpoint::Messages | Endpoint::CountTokens => Protocol::Anthropic,
+            _ => Protocol::OpenAi,
+        }
+    }
+}
+
+/// Client headers a raw passthrough forwards as they are.
+pub(crate) const RAW_HEADERS: &[&str] = &[
+    "content-type",
+    "accept",
+    "anthropic-version",
+    "anthropic-beta",
+];
+
+const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Client-supplied request ids are echoed only when short and printable.
+const MAX_REQUEST_ID: usize = 128;
+
+pub(crate) fn request_id(session: &ServerSession) -> String {
+    if let Some(id) = session
+        .get_header(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+        .filter(|v| v.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return id.to_string();
+    }
+    format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..))
+}
+
+pub(crate) async fn admit(
+    app: &EdgeApp,
+    session: &mut ServerSession,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+) -> Result<Admitted, Failure> {
+    let endpoint = {
+        let req = session.req_header();
+        route(&req.method, req.uri.path(), req.uri.query())?
+    };
+    ctx.protocol = endpoint.protocol();
+    ctx.endpoint = endpoint.label();
+    if let Endpoint::Health = endpoint {
+        let body = Bytes::from(json!({"status": "ok", "version": snap.version}).to_string());
+        answer(app, session, snap, ctx, body).await;
+        return Ok(Admitted::Answered);
+    }
+    let tenant = authenticate(session, snap).map_err(fail)?;
+    ctx.tenant = Some(tenant.clone());
+    // The tenant's jurisdictions, narrowed (never widened) by the header.
+    ctx.residency = narrow_residency(
+        snap.tenant_policy(&tenant.id)
+            .and_then(|p| p.residency.as_deref()),
+        session
+            .get_header("x-switchyard-residency")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let limit = snap.limits.max_body_bytes;
+    let body_timeout = app.limits.body_timeout;
+    let request = match endpoint {
+        Endpoint::Health => return Ok(Admitted::Answered),
+        Endpoint::Models => {
+            run_hooks(app, ctx)?;
+            let body = models_list(snap, &tenant);
+            answer(app, session, snap, ctx, body).await;
+            return Ok(Admitted::Answered);
+        }
+        Endpoint::Model(id) => {
+            let known = snap.model_names().into_iter().find(|(m, _)| *m == id);
+            let Some((name, owner)) = known.filter(|(m, _)| tenant.may_use(m)) else {
+                return Err(fail(GatewayError::model_not_found(&id)));
+            };
+            run_hooks(app, ctx)?;
+            let body = Bytes::from(model_object(&name, &owner).to_string());
+            answer(app, session, snap, ctx, body).await;
+            return Ok(Admitted::Answered);
+        }
+        Endpoint::Passthrough { provider, rest } => {
+            if !snap.providers.contains_key(&provider) {
+                return Err(fail(
+                    GatewayError::new(
+                        ErrorKind::NotFound,
+                        format!("Unknown provider `{provider}`."),
+                    )
+                    .with_code("provider_not_found"),
+                ));
+            }
+            let wildcard = format!("{provider}/*");
+            if !tenant.may_use(&wildcard) {
+                return Err(fail(
+                    GatewayError::new(
+                        ErrorKind::Forbidden,
+                        format!("Your key may not use raw passthrough to `{provider}`."),
+                    )
+                    .with_code("model_not_allowed"),
+                ));
+            }
+            let body = read_body(session, limit, body_timeout)
+                .await
+                .map_err(fail)?;
+            ctx.model = Some(wildcard);
+            let raw = RawRequest {
+                method: session.req_header().method.to_string(),
+                path: rest,
+                headers: copy_headers(session, RAW_HEADERS),
+                body,
+            };
+            Request::Passthrough { provider, raw }
+        }
+        Endpoint::Chat | Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
+            let raw_header = session.get_header("x-switchyard-raw").is_some_and(|v| {
+                v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true")
+            });
+            let body = read_body(session, limit, body_timeout)
+                .await
+                .map_err(fail)?;
+            let op = parse_operation(&endpoint, &body).map_err(fail)?;
+            let requested = requested_model(&op);
+            check_model_name(requested).map_err(fail)?;
+            ctx.model = Some(requested.to_string());
+            ctx.stream = op.is_stream();
+            Request::Api {
+                op,
+                raw_body: raw_header.then_some(body),
+            }
+        }
+    };
+    run_hooks(app, ctx)?;
+    Ok(Admitted::Proxy(request))
+}
+
+fn run_hooks(app: &EdgeApp, ctx: &RequestCtx) -> Result<(), Failure> {
+    for hook in &app.hooks.admit {
+        hook.on_admit(ctx).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// A 200 JSON answer the edge gives itself.
+async fn answer(
+    app: &EdgeApp,
+    session: &mut ServerSession,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+    body: Bytes,
+) {
+    ctx.status = 200;
+    let jurisdiction = app.jurisdiction(snap);
+    let common = app.common(&ctx.request_id, &jurisdiction);
+    respond::json(session, StatusCode::OK, body, &common, &[]).await;
+}
+
+fn parse_operation(endpoint: &Endpoint, body: &Bytes) -> Result<Operation, GatewayError> {
+    Ok(match endpoint {
+        Endpoint::Chat => Operation::Chat(ChatRequest::parse(body)?),
+        Endpoint::Embeddings => Operation::Embeddings(EmbeddingsRequest::parse(body)?),
+        Endpoint::Messages => {
+            let map = parse_json_object(body)?;
+            let chat = anthropic::messages_to_openai(map.clone())?;
+            Operation::Messages { body: map, chat }
+        }
+        _ => {
+            let map = parse_json_object(body)?;
+            if !map.get("model").is_some_and(|m| m.is_string()) {
+                return Err(GatewayError::invalid("model: Field required").with_param("model"));
+            }
+            Operation::CountTokens { body: map }
+        }
+    })
+}
+
+pub(crate) fn route(
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Endpoint, Failure> {
+    if let Some(rest) = path.strip_prefix("/passthrough/") {
+        let (provider, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        if provider.is_empty() {
+            let e = GatewayError::new(ErrorKind::NotFound, "Use /passthrough/{provider}/{path}.");
+            return Err((e.with_code("unknown_url"), None));
+        }
+        let rest = match query {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_string(),
+        };
+        // Refused here, before authentication and before any body is read,
+        // so a traversal attempt never gets near the provider.
+        RawPath::parse(&rest).map_err(fail)?;
+        let provider = provider.to_string();
+        return Ok(Endpoint::Passthrough { provider, rest });
+    }
+    let path = path.trim_end_matches('/');
+    let (endpoint, allowed) = match path {
+        "/v1/messages" => (Endpoint::Messages, "POST"),
+        "/v1/messages/count_tokens" => (Endpoint::CountTokens, "POST"),
+        "/v1/chat/completions" | "/chat/completions" => (Endpoint::Chat, "POST"),
+        "/v1/embeddings" | "/embeddings" => (Endpoint::Embeddings, "POST"),
+        "/v1/models" | "/models" => (Endpoint::Models, "GET"),
+        "/health" | "/healthz" => (Endpoint::Health, "GET"),
+        p => match p.strip_prefix("/v1/models/") {
+            Some(id) if !id.is_empty() => (Endpoint::Model(percent_decode(id)), "GET"),
+            _ => {
+                return Err(fail(
+                    GatewayError::new(
+                        ErrorKind::NotFound,
+                        format!("Unknown request URL: {method} {path}."),
+                    )
+                    .with_code("unknown_url"),
+                ))
+            }
+        },
+    };
+    if method.as_str() != allowed {
+        return Err((
+            GatewayError::new(
+                ErrorKind::MethodNotAllowed,
+                format!("Method {method} is not allowed on {path}; use {allowed}."),
+            )
+            .with_code("method_not_allowed"),
+            Some(allowed),
+        ));
+    }
+    Ok(endpoint)
+}
+
+/// Reads the whole request body within `deadline` (a total, so a body
+/// trickled a byte at a time cannot hold the connection).
+async fn read_body(
+    session: &mut ServerSession,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, GatewayError> {
+    tokio::time::timeout(deadline, read_body_bytes(session, limit))
+        .await
+        .unwrap_or_else(|_| {
+            Err(GatewayError::new(
+                ErrorKind::RequestTimeout,
+                format!(
+                    "The request body did not arrive within {} ms.",
+                    deadline.as_millis()
+                ),
+            )
+            .with_code("request_timeout"))
+        })
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes.
+async fn read_body_bytes(session: &mut ServerSession, limit: usize) -> Result<Bytes, GatewayError> {
+    let too_large = || {
+        GatewayError::new(
+            ErrorKind::PayloadTooLarge,
+            format!("The request body is larger than the limit of {limit} bytes."),
+        )
+        .with_code("request_too_large")
+    };
+    let declared = session
+        .get_header(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => {
+                return Err(GatewayError::invalid(format!(
+                    "The request body could not be read: {}",
+                    e.etype().as_str()
+                )))
+            }
+        }
+    }
+}
+
+/// SDKs percent-encode the `/` of `provider/model` in path segments.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub(crate) fn requested_model(op: &Operation) -> &str {
+    match op {
+        Operation::Chat(c) => &c.model,
+        Operation::Embeddings(e) => &e.model,
+        Operation::Messages { chat, .. } => &chat.model,
+        Operation::CountTokens { body } => body.get("model").and_then(|m| m.as_str()).unwrap_or(""),
+        Operation::Raw(_) => "",
+    }
+}
+
+pub(crate) fn copy_headers(session: &ServerSession, names: &[&str]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let v = session.get_header(*n)?.to_str().ok()?;
+            Some((n.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn model_object(id: &str, owner: &str) -> serde_json::Value {
+    json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
+}
+
+fn models_list(snap: &Snapshot, tenant: &TenantSnapshot) -> Bytes {
+    let data: Vec<_> = snap
+        .model_names()
+        .into_iter()
+        .filter(|(m, _)| tenant.may_use(m))
+        .map(|(m, owner)| model_object(&m, &owner))
+        .collect();
+    Bytes::from(json!({ "object": "list", "data": data }).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(method: &str, path: &str) -> Endpoint {
+        let m = http::Method::from_bytes(method.as_bytes()).unwrap();
+        route(&m, path, None).unwrap_or_else(|(e, _)| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn routes_and_methods() {
+        assert!(matches!(ok("POST", "/v1/chat/completions"), Endpoint::Chat));
+        assert!(matches!(
+            ok("POST", "/v1/chat/completions/"),
+            Endpoint::Chat
+        ));
+        assert!(matches!(ok("POST", "/v1/messages"), Endpoint::Messages));
+        assert!(matches!(
+            ok("POST", "/v1/messages/count_tokens"),
+            Endpoint::CountTokens
+        ));
+        assert!(matches!(ok("GET", "/v1/models"), Endpoint::Models));
+        match ok("GET", "/v1/models/openai%2Fgpt-4o") {
+            Endpoint::Model(id) => assert_eq!(id, "openai/gpt-4o"),
+            _ => panic!("model route"),
+        }
+        let m = http::Method::GET;
+        let (e, allow) = route(&m, "/v1/chat/completions", None).err().unwrap();
+        assert_eq!((e.status(), allow), (405, Some("POST")));
+        let (e, _) = route(&m, "/v2/anything", None).err().unwrap();
+        assert_eq!(e.status(), 404);
+        match route(
+            &http::Method::PUT,
+            "/passthrough/gemini/v1beta/files",
+            Some("a=1"),
+        )
+        .ok()
+        .unwrap()
+        {
+            Endpoint::Passthrough { provider, rest } => {
+                assert_eq!(
+                    (provider.as_str(), rest.as_str()),
+                    ("gemini", "v1beta/files?a=1")
+                )
+            }
+            _ => panic!("passthrough route"),
+        }
+        assert!(route(&m, "/passthrough/", None).is_err());
+        for evil in [
+            "/passthrough/p/../../admin/x",
+            "/passthrough/p/%2e%2e/admin",
+            "/passthrough/p/v1%2f..%2fadmin",
+            "/passthrough/p/v1%5cadmin",
+        ] {
+            let (e, _) = route(&m, evil, None).err().unwrap();
+            assert_eq!((e.status(), e.code), (400, Some("invalid_path")), "{evil}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding_is_lenient() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%2"), "%zz%2");
+    }
+}

@@ -1,0 +1,420 @@
+//! `plan`: the ordered targets a request may go to, and what the plan
+//! permits.
+//!
+//! [`route_plan`] is the one call into the snapshot's planner, so a planner
+//! that also reads runtime health replaces one function. A plan is never
+//! empty: a route left without a usable target is a clear error here, not
+//! an index out of bounds later.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::protocols::http::ServerSession;
+use switchyard_backhaul::{Operation, RawRequest};
+use switchyard_llm::openai::parse_json_object;
+use switchyard_llm::{ErrorKind, GatewayError, Retry};
+use switchyard_proto::{
+    PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, TenantSnapshot,
+};
+
+use super::admit::{copy_headers, requested_model, Request, RAW_HEADERS};
+use super::{fail, Failure};
+use crate::app::EdgeApp;
+use crate::ctx::RequestCtx;
+
+/// Ordered targets for one request.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Best first; never empty.
+    pub targets: Vec<PlannedTarget>,
+    /// How many targets residency took away.
+    pub excluded: usize,
+    /// Deadline for each attempt's first streamed event.
+    pub first_token_timeout: Option<Duration>,
+}
+
+/// What `dispatch` sends to each target of the plan.
+pub(crate) struct Outbound {
+    pub op: Operation,
+    /// `x-switchyard-simulate`, for the targets allowed to honour it.
+    pub simulate: Option<String>,
+    /// Caller headers a same-protocol provider should see.
+    pub forward_headers: Vec<(String, String)>,
+}
+
+/// Client headers a provider of the caller's own protocol should receive.
+const FORWARDED_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta"];
+/// Fault and timing injection for the simulated provider (see its docs).
+const SIMULATE_HEADER: &str = "x-switchyard-simulate";
+
+pub(crate) fn plan(
+    app: &EdgeApp,
+    session: &ServerSession,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+    request: Request,
+) -> Result<(Plan, Outbound), Failure> {
+    let residency = ctx.residency.as_deref();
+    let (plan, op) = match request {
+        Request::Passthrough { provider, raw } => {
+            let plan = passthrough_plan(snap, ctx, &provider).map_err(fail)?;
+            (plan, Operation::Raw(raw))
+        }
+        Request::Api { op, raw_body } => {
+            let tenant = ctx.tenant.as_deref().ok_or_else(|| fail(no_tenant()))?;
+            let requested = requested_model(&op);
+            let mut plan = route_plan(snap, tenant, requested, residency).map_err(fail)?;
+            let first = plan
+                .targets
+                .first()
+                .ok_or_else(|| fail(empty_plan(requested)))?;
+            let target = &first.target;
+            let advertised = snap
+                .providers
+                .get(&target.provider)
+                .is_some_and(|p| p.models.contains(&target.model));
+            if advertised || snap.aliases.contains_key(requested) {
+                ctx.model_label = Some(requested.to_string());
+            }
+            match raw_body {
+                None => (plan, op),
+                Some(body) => {
+                    let raw = raw_request(session, snap, target, &op, &body).map_err(fail)?;
+                    // Raw mode talks to one provider as it is: no fallbacks.
+                    plan.targets.truncate(1);
+                    plan.excluded = 0;
+                    (plan, Operation::Raw(raw))
+                }
+            }
+        }
+    };
+    let simulate = simulate_header(app, session, snap, &plan)?;
+    for hook in &app.hooks.plan {
+        hook.on_plan(ctx, &plan.targets);
+    }
+    let outbound = Outbound {
+        op,
+        simulate,
+        forward_headers: copy_headers(session, FORWARDED_HEADERS),
+    };
+    Ok((plan, outbound))
+}
+
+/// Whether `target` may honour the client's `x-switchyard-simulate`.
+pub(crate) fn simulate_allowed(app: &EdgeApp, snap: &Snapshot, target: &PlannedTarget) -> bool {
+    app.simulate_header
+        || snap
+            .providers
+            .get(&target.target.provider)
+            .and_then(|p| p.simulated.as_ref())
+            .is_some_and(|s| s.allow_header)
+}
+
+fn simulate_header(
+    app: &EdgeApp,
+    session: &ServerSession,
+    snap: &Snapshot,
+    plan: &Plan,
+) -> Result<Option<String>, Failure> {
+    match session.get_header(SIMULATE_HEADER) {
+        None => Ok(None),
+        // Refused rather than ignored: a caller testing its failure
+        // handling against an edge that would silently serve real answers
+        // would draw the wrong conclusions.
+        Some(_) if !plan.targets.iter().any(|t| simulate_allowed(app, snap, t)) => {
+            Err(fail(
+                GatewayError::invalid(
+                    "The x-switchyard-simulate header is honoured only by `switchyard dev`, or for providers whose policy sets `simulated.allow_header: true` (or `faults.allow_header: true`); remove it.",
+                )
+                .with_code("simulate_not_allowed"),
+            ))
+        }
+        Some(v) => v.to_str().map(|v| Some(v.to_string())).map_err(|_| {
+            fail(
+                GatewayError::invalid("The x-switchyard-simulate header is not ASCII.")
+                    .with_code("invalid_simulate_header"),
+            )
+        }),
+    }
+}
+
+fn no_tenant() -> GatewayError {
+    GatewayError::new(
+        ErrorKind::Internal,
+        "The request reached planning unauthenticated.",
+    )
+}
+
+fn empty_plan(requested: &str) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::Overloaded,
+        format!("`{requested}` has no target this gateway can use right now."),
+    )
+    .with_code("no_route_target")
+    .with_retry(Retry::Never)
+}
+
+/// `/passthrough/{provider}`: one target, inside the request's jurisdictions.
+fn passthrough_plan(
+    snap: &Snapshot,
+    ctx: &RequestCtx,
+    provider: &str,
+) -> Result<Plan, GatewayError> {
+    let p = snap.providers.get(provider).ok_or_else(|| {
+        GatewayError::new(
+            ErrorKind::NotFound,
+            format!("Unknown provider `{provider}`."),
+        )
+        .with_code("provider_not_found")
+    })?;
+    if let Some(allowed) = &ctx.residency {
+        if !p.jurisdiction.as_ref().is_some_and(|j| allowed.contains(j)) {
+            let tenant = ctx.tenant.as_deref().map_or("", |t| t.id.as_str());
+            return Err(residency_error(tenant, allowed, provider));
+        }
+    }
+    Ok(Plan {
+        targets: vec![PlannedTarget {
+            target: RouteTarget {
+                provider: provider.to_string(),
+                model: String::new(),
+            },
+            region: p.region.clone(),
+            jurisdiction: p.jurisdiction.clone(),
+        }],
+        excluded: 0,
+        first_token_timeout: None,
+    })
+}
+
+/// `x-switchyard-raw`: the provider's own endpoint with only the model
+/// rewritten.
+fn raw_request(
+    session: &ServerSession,
+    snap: &Snapshot,
+    target: &RouteTarget,
+    op: &Operation,
+    body: &Bytes,
+) -> Result<RawRequest, GatewayError> {
+    let kind = snap.providers.get(&target.provider).map(|p| p.kind);
+    let path = raw_path(kind, endpoint_name(op))?;
+    let mut map = parse_json_object(body)?;
+    map.insert(
+        "model".into(),
+        serde_json::Value::String(target.model.clone()),
+    );
+    Ok(RawRequest {
+        method: "POST".into(),
+        path,
+        headers: copy_headers(session, RAW_HEADERS),
+        body: Bytes::from(serde_json::to_vec(&map).unwrap_or_default()),
+    })
+}
+
+fn endpoint_name(op: &Operation) -> &'static str {
+    match op {
+        Operation::Chat(_) => "chat/completions",
+        Operation::Embeddings(_) => "embeddings",
+        Operation::Messages { .. } => "messages",
+        Operation::CountTokens { .. } => "messages/count_tokens",
+        Operation::Raw(_) => "",
+    }
+}
+
+/// Where `x-switchyard-raw` sends a normal route: the provider's own
+/// endpoint for it, which only exists when the protocols match.
+fn raw_path(kind: Option<ProviderKind>, endpoint: &str) -> Result<String, GatewayError> {
+    match (kind, endpoint) {
+        (Some(ProviderKind::OpenAi | ProviderKind::OpenAiCompatible), "chat/completions" | "embeddings") => {
+            Ok(endpoint.to_string())
+        }
+        (Some(ProviderKind::Anthropic), "messages" | "messages/count_tokens") => Ok(format!("v1/{endpoint}")),
+        _ => Err(GatewayError::invalid(
+            "x-switchyard-raw needs a provider that speaks this endpoint's protocol; use /passthrough/{provider}/{path} for anything else.",
+        )
+        .with_code("raw_protocol_mismatch")),
+    }
+}
+
+/// The one call into the planner: the ordered targets the tenant may use
+/// for `requested` inside the request's jurisdictions (fallbacks included),
+/// with the route's first-token deadline. Never returns an empty plan.
+pub fn route_plan(
+    snap: &Snapshot,
+    tenant: &TenantSnapshot,
+    requested: &str,
+    residency: Option<&[String]>,
+) -> Result<Plan, GatewayError> {
+    if !tenant.may_use(requested) {
+        // Checked first so an unknown model does not reveal the catalogue.
+        if snap.resolve(requested).is_some() {
+            return Err(GatewayError::new(
+                ErrorKind::Forbidden,
+                format!("Your key is not allowed to use the model `{requested}`."),
+            )
+            .with_code("model_not_allowed")
+            .with_param("model"));
+        }
+        return Err(GatewayError::model_not_found(requested));
+    }
+    let first_token_timeout = snap
+        .routes
+        .get(requested)
+        .and_then(|r| r.first_token_timeout)
+        .or(snap.limits.first_token_timeout);
+    let all = snap.plan(requested, None).map_err(|e| match e {
+        PlanError::UnknownModel(_) | PlanError::Residency { .. } => {
+            GatewayError::model_not_found(requested)
+        }
+    })?;
+    let plan = match residency {
+        None => Plan {
+            targets: all,
+            excluded: 0,
+            first_token_timeout,
+        },
+        Some(allowed) => match snap.plan(requested, Some(allowed)) {
+            Ok(targets) => Plan {
+                excluded: all.len().saturating_sub(targets.len()),
+                targets,
+                first_token_timeout,
+            },
+            Err(PlanError::Residency { blocked, .. }) => {
+                let where_ = blocked
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{}/{} in {}",
+                            t.target.provider,
+                            t.target.model,
+                            t.jurisdiction.as_deref().unwrap_or("no jurisdiction")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(GatewayError::new(
+                    ErrorKind::Forbidden,
+                    format!(
+                        "Residency rule: tenant `{}` may only be served in {}; no target of `{requested}` is ({where_}).",
+                        tenant.id,
+                        if allowed.is_empty() { "no jurisdiction (the x-switchyard-residency header left none)".to_string() } else { allowed.join(", ") },
+                    ),
+                )
+                .with_code("residency_blocked"));
+            }
+            Err(PlanError::UnknownModel(_)) => {
+                return Err(GatewayError::model_not_found(requested))
+            }
+        },
+    };
+    if plan.targets.is_empty() {
+        return Err(empty_plan(requested));
+    }
+    Ok(plan)
+}
+
+pub(crate) fn residency_error(tenant: &str, allowed: &[String], provider: &str) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::Forbidden,
+        format!(
+            "Residency rule: tenant `{tenant}` may only be served in {}; provider `{provider}` is outside.",
+            allowed.join(", ")
+        ),
+    )
+    .with_code("residency_blocked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use switchyard_proto::{ProviderSnapshot, RouteSnapshot, Strategy, WeightedTarget};
+
+    #[test]
+    fn raw_mode_needs_matching_protocols() {
+        assert_eq!(
+            raw_path(Some(ProviderKind::OpenAi), "chat/completions").unwrap(),
+            "chat/completions"
+        );
+        assert_eq!(
+            raw_path(Some(ProviderKind::Anthropic), "messages").unwrap(),
+            "v1/messages"
+        );
+        assert!(raw_path(Some(ProviderKind::Anthropic), "chat/completions").is_err());
+        assert!(raw_path(Some(ProviderKind::Gemini), "chat/completions").is_err());
+        assert!(raw_path(Some(ProviderKind::Simulated), "chat/completions").is_err());
+    }
+
+    fn route(name: &str, targets: Vec<WeightedTarget>, ftt: Option<u64>) -> Arc<RouteSnapshot> {
+        Arc::new(RouteSnapshot {
+            name: name.into(),
+            strategy: Strategy::Priority,
+            targets,
+            fallbacks: vec![],
+            first_token_timeout: ftt.map(Duration::from_millis),
+        })
+    }
+
+    #[test]
+    fn a_route_without_a_usable_target_is_an_error_not_an_empty_plan() {
+        let mut snap = Snapshot::default();
+        // Its only provider is gone (pruned for want of keys, say).
+        let ghost = WeightedTarget {
+            provider: "ghost".into(),
+            model: "m".into(),
+            weight: 1,
+        };
+        snap.routes
+            .insert("r".into(), route("r", vec![ghost], None));
+        let tenant = TenantSnapshot {
+            id: "t".into(),
+            allowed_models: None,
+        };
+        let e = route_plan(&snap, &tenant, "r", None).unwrap_err();
+        assert_eq!((e.status(), e.code), (503, Some("no_route_target")));
+        assert!(!e.may_try_another_target());
+    }
+
+    #[test]
+    fn the_route_sets_the_first_token_deadline_else_the_limits() {
+        let mut snap = Snapshot::default();
+        snap.providers.insert(
+            "p".into(),
+            Arc::new(ProviderSnapshot {
+                name: "p".into(),
+                kind: ProviderKind::OpenAi,
+                base_url: "http://x".into(),
+                keys: vec![],
+                models: vec![],
+                simulated: None,
+                region: None,
+                jurisdiction: None,
+                pricing: HashMap::new(),
+                key_pools: vec![],
+            }),
+        );
+        let t = || WeightedTarget {
+            provider: "p".into(),
+            model: "m".into(),
+            weight: 1,
+        };
+        snap.routes
+            .insert("own".into(), route("own", vec![t()], Some(250)));
+        snap.routes
+            .insert("dflt".into(), route("dflt", vec![t()], None));
+        snap.limits.first_token_timeout = Some(Duration::from_secs(3));
+        let tenant = TenantSnapshot {
+            id: "t".into(),
+            allowed_models: None,
+        };
+        let ftt = |m: &str| {
+            route_plan(&snap, &tenant, m, None)
+                .unwrap()
+                .first_token_timeout
+        };
+        assert_eq!(ftt("own"), Some(Duration::from_millis(250)));
+        assert_eq!(ftt("dflt"), Some(Duration::from_secs(3)));
+        assert_eq!(ftt("p/m"), Some(Duration::from_secs(3)));
+    }
+}

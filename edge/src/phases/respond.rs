@@ -1,0 +1,116 @@
+//! `respond`: commit the answer and write it, observers watching.
+//!
+//! The answer reaches this phase only once it can be committed (a complete
+//! body, or a stream's first event): the status line goes out here, then
+//! every frame the moment it exists, never buffered. A client that hangs
+//! up is noticed even while the provider is silent.
+
+use futures::StreamExt;
+use pingora::protocols::http::ServerSession;
+use switchyard_proto::Snapshot;
+
+use super::dispatch::{Answer, AnswerBody};
+use super::Failure;
+use crate::app::EdgeApp;
+use crate::ctx::RequestCtx;
+use crate::respond::{self, Common};
+
+pub(crate) async fn respond(
+    app: &EdgeApp,
+    session: &mut ServerSession,
+    ctx: &mut RequestCtx,
+    answer: Answer,
+) {
+    ctx.status = answer.status.as_u16();
+    ctx.stats = Some(answer.stats.clone());
+    let served = ctx.served.clone();
+    let common = Common {
+        request_id: &ctx.request_id,
+        region: served
+            .as_ref()
+            .and_then(|s| s.region.as_deref())
+            .unwrap_or(&app.region),
+        jurisdiction: served
+            .as_ref()
+            .and_then(|s| s.jurisdiction.as_deref())
+            .unwrap_or("unspecified"),
+    };
+    let mut extra = vec![("content-type", answer.content_type)];
+    if let Some(ra) = answer.retry_after {
+        extra.push(("retry-after", ra));
+    }
+    let observers = &app.hooks.response;
+    for o in observers {
+        o.on_commit(ctx, ctx.status);
+    }
+    ctx.committed_at = Some(std::time::Instant::now());
+    let gone = match answer.body {
+        AnswerBody::Full(body) => {
+            for o in observers {
+                o.on_body(ctx, &body);
+            }
+            !respond::full(session, answer.status, body, &common, &extra).await
+        }
+        AnswerBody::Stream { first, mut rest } => {
+            let mut h = respond::header(answer.status, &common);
+            for (k, v) in &extra {
+                let _ = h.insert_header(*k, v.as_str());
+            }
+            let _ = h.insert_header("cache-control", "no-cache");
+            if !session.is_http2() {
+                let _ = h.insert_header("transfer-encoding", "chunked");
+            }
+            'write: {
+                if session.write_response_header(h).await.is_err() {
+                    break 'write true;
+                }
+                let mut next = first;
+                loop {
+                    let Some(chunk) = next else { break };
+                    for o in observers {
+                        o.on_body(ctx, &chunk);
+                    }
+                    if session.write_response_body(chunk, false).await.is_err() {
+                        break 'write true;
+                    }
+                    // Waiting on the client too means a hang-up is noticed
+                    // even while the provider is silent.
+                    next = tokio::select! {
+                        c = rest.next() => c,
+                        _ = session.read_body_or_idle(true) => break 'write true,
+                    };
+                }
+                session.finish_body().await.is_err()
+            }
+        }
+    };
+    ctx.client_gone |= gone;
+    for o in observers {
+        o.on_end(ctx);
+    }
+}
+
+/// Answers a failed request in the caller's protocol. Returns whether the
+/// connection may serve another request.
+pub(crate) async fn failure(
+    app: &EdgeApp,
+    session: &mut ServerSession,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+    (e, allow): Failure,
+) -> bool {
+    ctx.status = e.status();
+    ctx.error = Some(e.kind.label());
+    let jurisdiction = app.jurisdiction(snap);
+    let common = app.common(&ctx.request_id, &jurisdiction);
+    let extra = allow
+        .map(|a| vec![("allow", a.to_string())])
+        .unwrap_or_default();
+    // An unread request body (413, early errors) makes the connection unusable.
+    let reusable = session.is_body_done();
+    if !reusable {
+        session.set_keepalive(None);
+    }
+    respond::error(session, &e, ctx.protocol, &common, extra).await;
+    reusable
+}
