@@ -404,3 +404,27 @@ async fn a_route_left_without_targets_is_a_clear_error() {
     assert_eq!(body["error"]["code"], "no_route_target");
     assert!(fake.calls.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_target_that_keeps_failing_is_tried_after_the_healthy_one() {
+    let (edge, fake) = fake_edge(|model| match model {
+        "first" => Err(GatewayError::new(ErrorKind::Upstream, "provider 500")),
+        _ => ok_json(200),
+    })
+    .await;
+    // Every request succeeds through failover while the board learns.
+    for _ in 0..12 {
+        let resp = post(&edge, chat("two", false)).await;
+        assert_eq!(resp.status(), 200);
+    }
+    let calls = fake.calls.lock().unwrap().clone();
+    let first_calls = calls.iter().filter(|m| *m == "first").count();
+    // The failing target is demoted once the board has seen enough of it:
+    // later requests go to the healthy target first and never reach it.
+    assert!(
+        first_calls < 12,
+        "the failing target was tried first by every request: {calls:?}"
+    );
+    assert_eq!(calls.last().map(String::as_str), Some("second"));
+    assert_eq!(calls.iter().filter(|m| *m == "second").count(), 12);
+}

@@ -9,7 +9,7 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, Re
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use switchyard_backhaul::{RequestObserver, SharedSnapshot, Upstream};
-use switchyard_proto::Snapshot;
+use switchyard_proto::{Health, Snapshot};
 
 use crate::ctx::RequestCtx;
 use crate::guard::EdgeLimits;
@@ -31,6 +31,9 @@ pub struct EdgeApp {
     pub(crate) simulate_header: bool,
     pub(crate) limits: EdgeLimits,
     pub(crate) hooks: Hooks,
+    /// Runtime health of targets, fed by every attempt and read by the
+    /// planner; outlives snapshot swaps.
+    pub(crate) health: Arc<Health>,
     server_options: HttpServerOptions,
 }
 
@@ -45,6 +48,7 @@ impl EdgeApp {
             simulate_header: false,
             limits: EdgeLimits::default(),
             hooks: Hooks::default(),
+            health: Arc::new(Health::new()),
             server_options: server_options(&EdgeLimits::default()),
         }
     }
@@ -95,6 +99,18 @@ impl EdgeApp {
 
     pub fn limits(&self) -> &EdgeLimits {
         &self.limits
+    }
+
+    /// Shares a health board (e.g. with the in-process egress of
+    /// `switchyard dev`) instead of the edge's own.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// The runtime health board the planner reads.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     pub fn with_region(mut self, region: impl Into<String>) -> Self {

@@ -20,7 +20,8 @@ use http::StatusCode;
 use pingora::protocols::http::ServerSession;
 use switchyard_backhaul::{EgressRequest, RequestStats, ResponseBody, Upstream};
 use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
-use switchyard_proto::Snapshot;
+use switchyard_proto::health::{self, Outcome};
+use switchyard_proto::{PlannedTarget, Snapshot};
 
 use super::plan::{simulate_allowed, Outbound, Plan};
 use super::{fail, Failure};
@@ -100,6 +101,7 @@ pub(crate) async fn dispatch(
                 return Ok(None);
             }
         };
+        record_health(app, planned, result.as_ref().err(), started);
         let error = result
             .as_ref()
             .err()
@@ -214,6 +216,31 @@ pub(crate) fn answer_status(status: u16) -> Result<StatusCode, GatewayError> {
             // It answered, so it may have carried the request out.
             .with_retry(Retry::Never)
         })
+}
+
+/// Feeds the planner's health board: what the attempt says about the
+/// target. A client's or the policy's fault says nothing about it.
+fn record_health(
+    app: &EdgeApp,
+    planned: &PlannedTarget,
+    error: Option<&GatewayError>,
+    started: Instant,
+) {
+    let outcome = match error {
+        None => Outcome::Success {
+            latency: started.elapsed(),
+        },
+        Some(e) if matches!(e.source, Source::Client | Source::Policy) => return,
+        Some(_) => Outcome::Failure,
+    };
+    let id = health::target_id(
+        &planned.target.provider,
+        &planned.target.model,
+        planned.region.as_deref(),
+    );
+    if let Some(entry) = app.health.target(&id) {
+        app.health.record(&entry, outcome, Instant::now());
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use switchyard_backhaul::{Operation, RawRequest};
 use switchyard_llm::openai::parse_json_object;
 use switchyard_llm::{ErrorKind, GatewayError, Retry};
 use switchyard_proto::{
-    PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, TenantSnapshot,
+    Health, PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, TenantSnapshot,
 };
 
 use super::admit::{copy_headers, requested_model, Request, RAW_HEADERS};
@@ -63,7 +63,8 @@ pub(crate) fn plan(
         Request::Api { op, raw_body } => {
             let tenant = ctx.tenant.as_deref().ok_or_else(|| fail(no_tenant()))?;
             let requested = requested_model(&op);
-            let mut plan = route_plan(snap, tenant, requested, residency).map_err(fail)?;
+            let mut plan =
+                route_plan(snap, &app.health, tenant, requested, residency).map_err(fail)?;
             let first = plan
                 .targets
                 .first()
@@ -241,6 +242,7 @@ fn raw_path(kind: Option<ProviderKind>, endpoint: &str) -> Result<String, Gatewa
 /// with the route's first-token deadline. Never returns an empty plan.
 pub fn route_plan(
     snap: &Snapshot,
+    health: &Health,
     tenant: &TenantSnapshot,
     requested: &str,
     residency: Option<&[String]>,
@@ -268,12 +270,14 @@ pub fn route_plan(
         }
     })?;
     let plan = match residency {
+        // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
-            targets: all,
+            targets: switchyard_proto::plan::plan(snap, health, requested, None).unwrap_or(all),
             excluded: 0,
             first_token_timeout,
         },
-        Some(allowed) => match snap.plan(requested, Some(allowed)) {
+        Some(allowed) => match switchyard_proto::plan::plan(snap, health, requested, Some(allowed))
+        {
             Ok(targets) => Plan {
                 excluded: all.len().saturating_sub(targets.len()),
                 targets,
@@ -371,7 +375,7 @@ mod tests {
             id: "t".into(),
             allowed_models: None,
         };
-        let e = route_plan(&snap, &tenant, "r", None).unwrap_err();
+        let e = route_plan(&snap, &Health::new(), &tenant, "r", None).unwrap_err();
         assert_eq!((e.status(), e.code), (503, Some("no_route_target")));
         assert!(!e.may_try_another_target());
     }
@@ -409,7 +413,7 @@ mod tests {
             allowed_models: None,
         };
         let ftt = |m: &str| {
-            route_plan(&snap, &tenant, m, None)
+            route_plan(&snap, &Health::new(), &tenant, m, None)
                 .unwrap()
                 .first_token_timeout
         };
