@@ -50,6 +50,7 @@
 
 pub mod dns;
 pub mod egress;
+pub mod node;
 pub mod providers;
 pub mod request;
 pub mod stream;

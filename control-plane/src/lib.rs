@@ -31,7 +31,7 @@ pub mod store;
 pub mod telemetry;
 
 pub use policy::{
-    compile, compile_policy, parse_policy, CompileOptions, Compiled, PolicyDocument, PolicyError,
+    compile, compile_for_edge, compile_policy, parse_policy, CompileOptions, Compiled, PolicyDocument, PolicyError,
     PolicyOptions,
 };
 pub use switchyard_proto::control as pb;

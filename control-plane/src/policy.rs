@@ -1227,6 +1227,48 @@ pub fn compile(
     Ok(compiled)
 }
 
+/// Validates the document and builds an edge's snapshot: every declared
+/// provider is live and no key is read, opened or kept. An edge never calls
+/// a provider (its egress nodes hold the keys), so it does not need to see
+/// which keys exist; providers that are not declared are not added from the
+/// environment, since the edge cannot see an egress's environment either.
+///
+/// Takes the document by value because its key pools are dropped before
+/// compiling: their references are the egress's business (it validates and
+/// resolves them), and `encrypted:` keys must not need the master key here.
+pub fn compile_for_edge(
+    mut doc: PolicyDocument,
+    opts: &CompileOptions<'_>,
+) -> Result<Compiled, Vec<PolicyError>> {
+    for p in doc.providers.values_mut() {
+        p.key_pools.clear();
+    }
+    let mut compiled = compile_unplanned(
+        &doc,
+        &PolicyOptions {
+            env: opts.env,
+            include_simulated: opts.include_simulated,
+            env_providers: false,
+            version: opts.version,
+            master_keys: None,
+        },
+    )?;
+    for p in compiled.snapshot.providers.values_mut() {
+        let p = Arc::make_mut(p);
+        p.key_pools.clear();
+        p.keys.clear();
+    }
+    compiled.snapshot.compile_residency_plans();
+    compiled.provider_status = compiled
+        .snapshot
+        .providers
+        .keys()
+        .map(|name| (name.clone(), "live (keys held by the egress)".to_string()))
+        .collect();
+    compiled.provider_status.sort();
+    Ok(compiled)
+}
+
 /// Resolves the key references of the pools `region` may hold (`None` =
 /// every pool, for single-process mode). Returns the keys found and one
 /// error per reference that could not be read; never the values in errors.
