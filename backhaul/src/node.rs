@@ -89,8 +89,34 @@ pub enum PolicySource {
     None,
     /// A policy YAML file, compiled for the node's role at start.
     File(PathBuf),
+    /// A parsed document, compiled for the node's role at start.
+    Document(PolicyDocument),
     /// An already compiled snapshot (tests, embedding).
     Snapshot(Snapshot),
+}
+
+impl PolicySource {
+    /// The snapshot this source gives a node, compiled by `compiler` (the
+    /// role's compiler); `None` when there is nothing to compile.
+    pub fn compile(
+        self,
+        compiler: impl FnOnce(PolicyDocument) -> Result<Compiled, Vec<PolicyError>>,
+    ) -> Result<Option<Compiled>, NodeError> {
+        let (doc, path) = match self {
+            PolicySource::None => return Ok(None),
+            PolicySource::Snapshot(snapshot) => {
+                return Ok(Some(Compiled {
+                    snapshot,
+                    provider_status: Vec::new(),
+                }))
+            }
+            PolicySource::File(path) => (load_policy(&path)?, path),
+            PolicySource::Document(doc) => (doc, PathBuf::from("policy")),
+        };
+        compiler(doc)
+            .map(Some)
+            .map_err(|errors| NodeError::Policy { path, errors })
+    }
 }
 
 /// Reads and parses a policy file.
@@ -102,18 +128,6 @@ pub fn load_policy(path: &Path) -> Result<PolicyDocument, NodeError> {
     parse_policy(&text).map_err(|error| NodeError::Parse {
         path: path.to_path_buf(),
         error,
-    })
-}
-
-/// Compiles a policy file with `compiler` (role-specific), every error listed.
-pub fn compile_file(
-    path: &Path,
-    compiler: impl FnOnce(PolicyDocument) -> Result<Compiled, Vec<PolicyError>>,
-) -> Result<Compiled, NodeError> {
-    let doc = load_policy(path)?;
-    compiler(doc).map_err(|errors| NodeError::Policy {
-        path: path.to_path_buf(),
-        errors,
     })
 }
 
@@ -205,6 +219,15 @@ pub async fn run_on<T: Send + 'static>(
     rt.spawn(fut).await.map_err(|_| NodeError::Interrupted)
 }
 
+/// Options for a node that resolves its own keys (`env` reads them).
+pub fn single_process<'a>(env: &'a dyn Fn(&str) -> Option<String>) -> CompileOptions<'a> {
+    CompileOptions {
+        env,
+        include_simulated: true,
+        version: 1,
+    }
+}
+
 /// Drops every key a node in `region` may not hold: its region's providers
 /// and those bound to no region stay.
 fn keep_region_keys(snapshot: &mut Snapshot, region: &str) {
@@ -272,24 +295,12 @@ impl EgressNode {
     /// Compiles the policy, starts the agent, binds the QUIC endpoint and
     /// serves on a runtime of the node's own. May be awaited from any runtime.
     pub async fn start(self) -> Result<RunningEgress, NodeError> {
-        let mut snapshot = match self.policy {
-            PolicySource::None => Snapshot::default(),
-            PolicySource::Snapshot(s) => s,
-            PolicySource::File(path) => {
-                let env = |k: &str| std::env::var(k).ok();
-                compile_file(&path, |doc| {
-                    compile(
-                        &doc,
-                        &CompileOptions {
-                            env: &env,
-                            include_simulated: true,
-                            version: 1,
-                        },
-                    )
-                })?
-                .snapshot
-            }
-        };
+        let env = |k: &str| std::env::var(k).ok();
+        let mut snapshot = self
+            .policy
+            .compile(|doc| compile(&doc, &single_process(&env)))?
+            .map(|c| c.snapshot)
+            .unwrap_or_default();
         if !snapshot.regions.is_empty() && !snapshot.regions.contains_key(&self.region) {
             let known: Vec<String> = snapshot.regions.keys().cloned().collect();
             return Err(NodeError::UnknownRegion {

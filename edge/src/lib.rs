@@ -14,6 +14,7 @@ pub mod app;
 pub mod auth;
 pub mod guard;
 pub mod metrics;
+pub mod node;
 pub mod respond;
 pub mod service;
 
