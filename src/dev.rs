@@ -198,7 +198,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         .limits(args.limits.limits())
         .simulate_header(true);
     crate::node::command_runtime()?.block_on(async move {
-        let edge = node.start().await.map_err(|e| match e {
+        let edge = node.bind().await.map_err(|e| match e {
             // The policy's errors were listed against "policy": name the file.
             NodeError::Policy { errors, .. } => NodeError::Policy {
                 path: args.config.clone(),
@@ -228,6 +228,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         }
         println!("  try: curl http://{http}/v1/chat/completions -H 'authorization: Bearer {key}' \\");
         println!("         -H 'content-type: application/json' -d '{{\"model\":\"simulated/sim-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+        // Accepting only after the banner: whoever waits for the port finds it printed.
+        let edge = edge.serve();
         crate::node::shutdown_signal().await;
         edge.shutdown().await;
         anyhow::Ok(())

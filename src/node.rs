@@ -225,7 +225,7 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         );
     }
     command_runtime()?.block_on(async move {
-        let edge = node.start().await?;
+        let edge = node.bind().await?;
         println!("switchyard edge (region {})", args.region);
         if let Some(a) = edge.local_addr() {
             println!("  HTTP:   http://{a}/v1");
@@ -237,6 +237,8 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
             println!("  egress {region}: {}", addrs.join(", "));
         }
         print_providers(&edge.snapshot());
+        // Accepting only after the banner: whoever waits for the port finds it printed.
+        let edge = edge.serve();
         shutdown_signal().await;
         edge.shutdown().await;
         Ok(())

@@ -25,14 +25,14 @@
 //! services run on a runtime of the node's own, not under `pingora::Server`,
 //! whose `run` owns the process's signals and never returns to a test.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::IntoRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use pingora::server::{Fds, ListenFds, ShutdownWatch};
-use pingora::services::Service as _;
+use pingora::services::Service as PingoraService;
 use switchyard_backhaul::node::{
     node_runtime, run_on, single_process, stop_runtime, wait_for_first_snapshot, ControlLink,
     NodeError, PolicySource,
@@ -45,6 +45,7 @@ use switchyard_control::node_client::{NodeAgent, Role};
 use switchyard_control::telemetry::{RequestRecord, TelemetryHandle};
 use switchyard_control::{compile, compile_for_edge};
 use switchyard_proto::{KeyHash, Snapshot, TenantSnapshot};
+use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -175,9 +176,15 @@ impl EdgeNode {
         self
     }
 
-    /// Loads the snapshot, starts the agent and the upstream, binds every
-    /// listener and serves. May be awaited from any runtime.
+    /// [`Self::bind`], then [`BoundEdge::serve`]. May be awaited from any runtime.
     pub async fn start(self) -> Result<RunningEdge, NodeError> {
+        Ok(self.bind().await?.serve())
+    }
+
+    /// Loads the snapshot, starts the agent and the upstream and binds
+    /// every listener, without accepting yet: the caller can announce the
+    /// addresses (a start-up banner) before the first client gets in.
+    pub async fn bind(self) -> Result<BoundEdge, NodeError> {
         let env = |k: &str| std::env::var(k).ok();
         let compiled = match &self.mode {
             Mode::SingleNode => self
@@ -212,6 +219,25 @@ impl EdgeNode {
             None => None,
         };
         let metrics = self.metrics_listen.as_deref().map(bind).transpose()?;
+        {
+            // Not listening yet, two sockets with SO_REUSEADDR may share an
+            // address; only one of them could ever listen.
+            let mut seen = Vec::new();
+            let addrs = [&plain, &metrics]
+                .into_iter()
+                .flatten()
+                .map(|(a, _)| *a)
+                .chain(tls.as_ref().map(|((a, _), _)| *a));
+            for a in addrs {
+                if seen.contains(&a) {
+                    return Err(NodeError::Bind {
+                        addr: a.to_string(),
+                        source: std::io::ErrorKind::AddrInUse.into(),
+                    });
+                }
+                seen.push(a);
+            }
+        }
 
         let mut backhaul = None;
         let upstream: Arc<dyn Upstream>;
@@ -278,8 +304,8 @@ impl EdgeNode {
             what: "edge",
             message: e.to_string(),
         })?;
-        for (addr, listener) in [plain, tls.map(|(l, _)| l), metrics].into_iter().flatten() {
-            fds.lock().add(addr.to_string(), listener.into_raw_fd());
+        for (addr, socket) in [plain, tls.map(|(l, _)| l), metrics].into_iter().flatten() {
+            fds.lock().add(addr.to_string(), socket.into_raw_fd());
         }
 
         let rt = match node_runtime("edge", self.threads) {
@@ -291,49 +317,93 @@ impl EdgeNode {
                 return Err(e);
             }
         };
-        let (shutdown_tx, shutdown_rx): (watch::Sender<bool>, ShutdownWatch) = watch::channel(false);
-        let mut services = Vec::new();
-        {
-            let (fds, shutdown) = (fds.clone(), shutdown_rx.clone());
-            let mut service = service;
-            services.push(rt.spawn(async move {
-                service.start_service(Some(fds), shutdown, 1).await;
-            }));
-        }
+        let mut pending: Vec<Box<dyn PingoraService>> = vec![Box::new(service)];
         if let Some(addr) = metrics_addr {
-            let mut service = metrics_service(edge_metrics, &addr.to_string());
-            let (fds, shutdown) = (fds.clone(), shutdown_rx.clone());
-            services.push(rt.spawn(async move {
-                service.start_service(Some(fds), shutdown, 1).await;
-            }));
+            pending.push(Box::new(metrics_service(edge_metrics, &addr.to_string())));
         }
-
-        Ok(RunningEdge {
-            plain_addr,
-            tls_addr,
-            metrics_addr,
-            region,
-            shared,
-            provider_status,
-            egress_nodes,
-            shutdown_tx,
-            services,
-            rt: Some(rt),
-            backhaul,
+        let (shutdown_tx, _) = watch::channel(false);
+        Ok(BoundEdge {
+            edge: RunningEdge {
+                plain_addr,
+                tls_addr,
+                metrics_addr,
+                region,
+                shared,
+                provider_status,
+                egress_nodes,
+                shutdown_tx,
+                services: Vec::new(),
+                rt: Some(rt),
+                backhaul,
+            },
+            pending,
+            fds,
         })
     }
 }
 
-/// Binds a listening socket for Pingora to take over.
-fn bind(addr: &str) -> Result<(SocketAddr, TcpListener), NodeError> {
+/// An edge whose sockets are bound but not accepting yet; its addresses
+/// and snapshot are known (through `Deref`). Dropping it stops the node.
+pub struct BoundEdge {
+    edge: RunningEdge,
+    pending: Vec<Box<dyn PingoraService>>,
+    fds: ListenFds,
+}
+
+impl std::ops::Deref for BoundEdge {
+    type Target = RunningEdge;
+
+    fn deref(&self) -> &RunningEdge {
+        &self.edge
+    }
+}
+
+impl BoundEdge {
+    /// Starts the Pingora services on the node's runtime: from here on
+    /// clients are accepted.
+    pub fn serve(self) -> RunningEdge {
+        let BoundEdge {
+            mut edge,
+            pending,
+            fds,
+        } = self;
+        if let Some(rt) = &edge.rt {
+            for mut service in pending {
+                let fds = fds.clone();
+                let shutdown: ShutdownWatch = edge.shutdown_tx.subscribe();
+                edge.services.push(rt.spawn(async move {
+                    service.start_service(Some(fds), shutdown, 1).await;
+                }));
+            }
+        }
+        edge
+    }
+}
+
+/// Binds a socket for Pingora to take over. It is not listening yet:
+/// connections are refused until [`BoundEdge::serve`], whose Pingora
+/// listener calls `listen` on it.
+fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
     let failed = |source| NodeError::Bind {
         addr: addr.to_string(),
         source,
     };
-    let listener = TcpListener::bind(addr).map_err(failed)?;
-    listener.set_nonblocking(true).map_err(failed)?;
-    let local = listener.local_addr().map_err(failed)?;
-    Ok((local, listener))
+    let resolved = addr.to_socket_addrs().map_err(failed)?.next().ok_or_else(|| {
+        failed(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no address",
+        ))
+    })?;
+    let socket = match resolved {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(failed)?;
+    // As Pingora does: a restart must not wait out old connections' TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(failed)?;
+    socket.bind(resolved).map_err(failed)?;
+    let local = socket.local_addr().map_err(failed)?;
+    Ok((local, socket))
 }
 
 struct BackhaulParts {
