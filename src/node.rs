@@ -170,7 +170,9 @@ pub struct GenCertsArgs {
 }
 
 fn policy_source(config: &Option<PathBuf>) -> PolicySource {
-    config.clone().map_or(PolicySource::None, PolicySource::File)
+    config
+        .clone()
+        .map_or(PolicySource::None, PolicySource::File)
 }
 
 /// The start-up banner's provider lines (key counts, never keys).

@@ -147,8 +147,7 @@ async fn edge_and_egress_joined_by_quic_serve_and_shut_down() {
     let policy = write_policy(&dir, &mock);
     let pki = dir.join("pki");
     let sans = Vec::new();
-    let edge_cert =
-        generate_node_cert(&pki, "edge", &sans, &CertScope::Edge("eu".into())).unwrap();
+    let edge_cert = generate_node_cert(&pki, "edge", &sans, &CertScope::Edge("eu".into())).unwrap();
     let egress_cert =
         generate_node_cert(&pki, "egress", &sans, &CertScope::Egress("eu".into())).unwrap();
     let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {

@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use switchyard_control::node_client::{self, AgentError, NodeAgent, NodeConfig, Role};
-use switchyard_control::{compile, parse_policy, CompileOptions, Compiled, PolicyDocument, PolicyError};
+use switchyard_control::{
+    compile, parse_policy, CompileOptions, Compiled, PolicyDocument, PolicyError,
+};
 use switchyard_proto::Snapshot;
 use tokio::task::JoinHandle;
 
@@ -232,7 +234,7 @@ pub fn single_process<'a>(env: &'a dyn Fn(&str) -> Option<String>) -> CompileOpt
 /// and those bound to no region stay.
 fn keep_region_keys(snapshot: &mut Snapshot, region: &str) {
     for p in snapshot.providers.values_mut() {
-        if !p.keys.is_empty() && !p.region.as_deref().is_none_or(|r| r == region) {
+        if !p.keys.is_empty() && p.region.as_deref().is_some_and(|r| r != region) {
             Arc::make_mut(p).keys.clear();
         }
     }

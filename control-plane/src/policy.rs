@@ -1746,6 +1746,31 @@ tenants:
     }
 
     #[test]
+    fn the_edge_compiles_every_declared_provider_without_keys() {
+        // No key is set anywhere, and one pool is sealed with a master key
+        // the edge does not have: every provider is still live, keyless.
+        let yaml = "providers:\n  a:\n    kind: openai\n  b:\n    kind: anthropic\n    key_pools:\n      - keys: [ { encrypted: \"v1:xx:yy\" }, { value: sk-inline } ]\n";
+        let doc = parse_policy(yaml).unwrap();
+        let env = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-in-edge-env".to_string());
+        let c = compile_for_edge(
+            doc,
+            &CompileOptions {
+                env: &env,
+                include_simulated: true,
+                version: 1,
+            },
+        )
+        .unwrap();
+        for name in ["a", "b", "simulated"] {
+            let p = &c.snapshot.providers[name];
+            assert!(p.keys.is_empty() && p.key_pools.is_empty(), "{name}");
+        }
+        // Undeclared providers are not conjured from the edge's environment.
+        assert!(!c.snapshot.providers.contains_key("openai"));
+        assert!(!format!("{:?}", c.snapshot).contains("sk-"));
+    }
+
+    #[test]
     fn dev_compile_resolves_files_and_envs() {
         let dir = std::env::temp_dir().join(format!("sy-keys-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

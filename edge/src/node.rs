@@ -297,7 +297,9 @@ impl EdgeNode {
         let service = edge_service(
             app,
             plain_str.as_deref(),
-            tls.as_ref().zip(tls_str.as_deref()).map(|((_, f), a)| (a, *f)),
+            tls.as_ref()
+                .zip(tls_str.as_deref())
+                .map(|((_, f), a)| (a, *f)),
             self.threads,
         )
         .map_err(|e| NodeError::Service {
@@ -388,12 +390,16 @@ fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
         addr: addr.to_string(),
         source,
     };
-    let resolved = addr.to_socket_addrs().map_err(failed)?.next().ok_or_else(|| {
-        failed(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no address",
-        ))
-    })?;
+    let resolved = addr
+        .to_socket_addrs()
+        .map_err(failed)?
+        .next()
+        .ok_or_else(|| {
+            failed(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address",
+            ))
+        })?;
     let socket = match resolved {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
