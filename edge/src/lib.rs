@@ -7,8 +7,11 @@
 //! answer back, streaming SSE frames as they arrive. Errors are always in the
 //! caller's protocol shape. One access-log line is written per request.
 //!
-//! Build a server with [`service::edge_service`]; `switchyard dev` in the
-//! root crate is the runnable example.
+//! Run a whole edge node with [`node::EdgeNode`] (single-node mode, or
+//! over the QUIC backhaul): it returns a handle with the bound addresses and
+//! `shutdown()`; `tests/inprocess.rs` and `switchyard dev` / `switchyard
+//! edge` in the root crate are the runnable examples. The Pingora service
+//! alone comes from [`service::edge_service`].
 
 pub mod app;
 pub mod auth;
