@@ -351,7 +351,7 @@ impl EgressNode {
             endpoint,
             serve,
             agent,
-            rt,
+            rt: Some(rt),
         })
     }
 }
@@ -364,7 +364,8 @@ pub struct RunningEgress {
     endpoint: quinn::Endpoint,
     serve: JoinHandle<()>,
     agent: Option<NodeAgent>,
-    rt: tokio::runtime::Runtime,
+    /// `None` once shut down; see the `Drop` impl.
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl RunningEgress {
@@ -385,14 +386,13 @@ impl RunningEgress {
     /// Closes the endpoint (telling every edge at once, instead of after its
     /// idle timeout), stops the agent and the node's runtime. Returns when
     /// the UDP port is free again.
-    pub async fn shutdown(self) {
-        let RunningEgress {
-            endpoint,
-            serve,
-            agent,
-            rt,
-            ..
-        } = self;
+    pub async fn shutdown(mut self) {
+        let Some(rt) = self.rt.take() else {
+            return;
+        };
+        let endpoint = self.endpoint.clone();
+        let serve = self.serve.abort_handle();
+        let agent = self.agent.take();
         let _ = run_on(&rt, async move {
             endpoint.close(0u32.into(), b"egress shutting down");
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -403,5 +403,15 @@ impl RunningEgress {
         })
         .await;
         stop_runtime(rt, Duration::from_secs(1)).await;
+    }
+}
+
+impl Drop for RunningEgress {
+    /// Dropped without `shutdown()` (a failing test, say): a runtime cannot
+    /// be dropped inside async code, so it is let go without waiting.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
