@@ -1,14 +1,13 @@
 //! `switchyard dev`: the whole gateway in one process.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use anyhow::{bail, Context};
-use arc_swap::ArcSwap;
-use switchyard_backhaul::Egress;
-use switchyard_control::{compile, parse_policy, CompileOptions, PolicyDocument};
-use switchyard_edge::service::{edge_service, metrics_service, TlsFiles};
-use switchyard_edge::{EdgeApp, EdgeLimits};
+use anyhow::Context;
+use switchyard_backhaul::node::{NodeError, PolicySource};
+use switchyard_control::{parse_policy, PolicyDocument};
+use switchyard_edge::node::EdgeNode;
+use switchyard_edge::service::TlsFiles;
+use switchyard_edge::EdgeLimits;
 use switchyard_proto::{KeyHash, TenantSnapshot};
 
 const DEFAULT_CONFIG: &str = "deploy/dev/switchyard.yaml";
@@ -177,88 +176,62 @@ fn tls_files(args: &DevArgs) -> anyhow::Result<(TlsFiles, bool)> {
 }
 
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
-    use pingora::server::configuration::ServerConf;
-    use pingora::server::{RunArgs, Server};
-
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let doc = load_policy(&args.config)?;
-    let env = |k: &str| std::env::var(k).ok();
-    let compiled = match compile(
-        &doc,
-        &CompileOptions {
-            env: &env,
-            include_simulated: true,
-            version: 1,
-        },
-    ) {
-        Ok(c) => c,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{}: {e}", args.config.display());
-            }
-            bail!("{} error(s) in the policy", errors.len());
-        }
-    };
-    let mut snapshot = compiled.snapshot;
     let key = dev_key(&args.state_dir)?;
-    snapshot.tenants.insert(
-        KeyHash::of(&key),
-        Arc::new(TenantSnapshot {
-            id: "dev".into(),
-            allowed_models: None,
-        }),
-    );
     let (tls, generated) = tls_files(&args)?;
-    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let egress = Egress::new(shared.clone()).map_err(|e| anyhow::anyhow!("egress: {e}"))?;
-    let app = EdgeApp::new(shared, Arc::new(egress))
-        .with_simulate_header(true)
-        .with_limits(args.limits.limits());
-    let metrics = app.metrics();
-
-    let conf = ServerConf {
-        threads: args.threads,
-        // Stop within a second on SIGTERM instead of Pingora's 5 min default.
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
-    let service = edge_service(
-        app,
-        Some(&args.listen),
-        Some((&args.tls_listen, &tls)),
-        args.threads,
-    )
-    .map_err(|e| anyhow::anyhow!("edge: {e}"))?;
-    server.add_service(service);
-    server.add_service(metrics_service(metrics, &args.metrics_listen));
-
-    println!("switchyard dev");
-    println!("  OpenAI base URL:  http://{}/v1", args.listen);
-    println!("  HTTPS base URL:   https://{}/v1", args.tls_listen);
-    println!(
-        "  TLS certificate:  {}{}",
-        tls.cert_path,
-        if generated {
-            " (generated, self-signed)"
-        } else {
-            ""
+    let cert_path = tls.cert_path.clone();
+    let node = EdgeNode::single_node()
+        .policy(PolicySource::Document(doc))
+        .tenant(
+            KeyHash::of(&key),
+            TenantSnapshot {
+                id: "dev".into(),
+                allowed_models: None,
+            },
+        )
+        .listen(args.listen.clone())
+        .tls(args.tls_listen.clone(), tls)
+        .metrics(args.metrics_listen.clone())
+        .threads(args.threads)
+        .limits(args.limits.limits())
+        .simulate_header(true);
+    crate::node::command_runtime()?.block_on(async move {
+        let edge = node.bind().await.map_err(|e| match e {
+            // The policy's errors were listed against "policy": name the file.
+            NodeError::Policy { errors, .. } => NodeError::Policy {
+                path: args.config.clone(),
+                errors,
+            },
+            e => e,
+        })?;
+        let http = edge.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let https = edge.tls_addr().map(|a| a.to_string()).unwrap_or_default();
+        let metrics = edge.metrics_addr().map(|a| a.to_string()).unwrap_or_default();
+        println!("switchyard dev");
+        println!("  OpenAI base URL:  http://{http}/v1");
+        println!("  HTTPS base URL:   https://{https}/v1");
+        println!(
+            "  TLS certificate:  {cert_path}{}",
+            if generated {
+                " (generated, self-signed)"
+            } else {
+                ""
+            }
+        );
+        println!("  metrics:          http://{metrics}/metrics");
+        println!("  virtual key:      {key}");
+        println!("  providers:");
+        for (name, status) in edge.provider_status() {
+            println!("    {name:<12} {status}");
         }
-    );
-    println!("  metrics:          http://{}/metrics", args.metrics_listen);
-    println!("  virtual key:      {key}");
-    println!("  providers:");
-    for (name, status) in &compiled.provider_status {
-        println!("    {name:<12} {status}");
-    }
-    println!(
-        "  try: curl http://{}/v1/chat/completions -H 'authorization: Bearer {key}' \\",
-        args.listen
-    );
-    println!("         -H 'content-type: application/json' -d '{{\"model\":\"simulated/sim-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
-    server.run(RunArgs::default());
-    Ok(())
+        println!("  try: curl http://{http}/v1/chat/completions -H 'authorization: Bearer {key}' \\");
+        println!("         -H 'content-type: application/json' -d '{{\"model\":\"simulated/sim-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+        // Accepting only after the banner: whoever waits for the port finds it printed.
+        let edge = edge.serve();
+        crate::node::shutdown_signal().await;
+        edge.shutdown().await;
+        anyhow::Ok(())
+    })
 }

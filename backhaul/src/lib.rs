@@ -13,6 +13,8 @@
 //! sends it over a warm, mutually authenticated quinn connection to a
 //! [`tunnel::EgressServer`] in the target's region, which runs `execute` and
 //! streams the answer back (`switchyard edge` / `switchyard egress`).
+//! [`node::EgressNode`] assembles a whole egress node (what `switchyard
+//! egress` runs) and returns a handle with its address and `shutdown()`.
 //!
 //! # Why a framed protocol, not Pingora's custom L4 connector
 //!
@@ -50,6 +52,7 @@
 
 pub mod dns;
 pub mod egress;
+pub mod node;
 pub mod providers;
 pub mod request;
 pub mod stream;

@@ -31,8 +31,8 @@ pub mod store;
 pub mod telemetry;
 
 pub use policy::{
-    compile, compile_policy, parse_policy, CompileOptions, Compiled, PolicyDocument, PolicyError,
-    PolicyOptions,
+    compile, compile_for_edge, compile_policy, parse_policy, CompileOptions, Compiled,
+    PolicyDocument, PolicyError, PolicyOptions,
 };
 pub use switchyard_proto::control as pb;
 /// The tonic version the services and clients are built with.

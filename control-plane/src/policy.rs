@@ -1261,6 +1261,48 @@ pub fn compile(
     Ok(compiled)
 }
 
+/// Validates the document and builds an edge's snapshot: every declared
+/// provider is live and no key is read, opened or kept. An edge never calls
+/// a provider (its egress nodes hold the keys), so it does not need to see
+/// which keys exist; providers that are not declared are not added from the
+/// environment, since the edge cannot see an egress's environment either.
+///
+/// Takes the document by value because its key pools are dropped before
+/// compiling: their references are the egress's business (it validates and
+/// resolves them), and `encrypted:` keys must not need the master key here.
+pub fn compile_for_edge(
+    mut doc: PolicyDocument,
+    opts: &CompileOptions<'_>,
+) -> Result<Compiled, Vec<PolicyError>> {
+    for p in doc.providers.values_mut() {
+        p.key_pools.clear();
+    }
+    let mut compiled = compile_unplanned(
+        &doc,
+        &PolicyOptions {
+            env: opts.env,
+            include_simulated: opts.include_simulated,
+            env_providers: false,
+            version: opts.version,
+            master_keys: None,
+        },
+    )?;
+    for p in compiled.snapshot.providers.values_mut() {
+        let p = Arc::make_mut(p);
+        p.key_pools.clear();
+        p.keys.clear();
+    }
+    compiled.snapshot.compile_residency_plans();
+    compiled.provider_status = compiled
+        .snapshot
+        .providers
+        .keys()
+        .map(|name| (name.clone(), "live (keys held by the egress)".to_string()))
+        .collect();
+    compiled.provider_status.sort();
+    Ok(compiled)
+}
+
 /// Resolves the key references of the pools `region` may hold (`None` =
 /// every pool, for single-process mode). Returns the keys found and one
 /// error per reference that could not be read; never the values in errors.
@@ -1829,6 +1871,31 @@ tenants:
         assert!(!format!("{:?}", c.snapshot).contains("sk-sealed"));
         let e = policy(&yaml, None).unwrap_err();
         assert_eq!(e[0].path, "providers.p.key_pools[0].keys[0].encrypted");
+    }
+
+    #[test]
+    fn the_edge_compiles_every_declared_provider_without_keys() {
+        // No key is set anywhere, and one pool is sealed with a master key
+        // the edge does not have: every provider is still live, keyless.
+        let yaml = "providers:\n  a:\n    kind: openai\n  b:\n    kind: anthropic\n    key_pools:\n      - keys: [ { encrypted: \"v1:xx:yy\" }, { value: sk-inline } ]\n";
+        let doc = parse_policy(yaml).unwrap();
+        let env = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-in-edge-env".to_string());
+        let c = compile_for_edge(
+            doc,
+            &CompileOptions {
+                env: &env,
+                include_simulated: true,
+                version: 1,
+            },
+        )
+        .unwrap();
+        for name in ["a", "b", "simulated"] {
+            let p = &c.snapshot.providers[name];
+            assert!(p.keys.is_empty() && p.key_pools.is_empty(), "{name}");
+        }
+        // Undeclared providers are not conjured from the edge's environment.
+        assert!(!c.snapshot.providers.contains_key("openai"));
+        assert!(!format!("{:?}", c.snapshot).contains("sk-"));
     }
 
     #[test]

@@ -920,6 +920,11 @@ pub struct RunningControlPlane {
 }
 
 impl RunningControlPlane {
+    /// The bound gRPC address (the real port when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
     /// Stops listening and closes every node stream.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);

@@ -11,8 +11,11 @@
 //! caller's protocol shape. Later features plug into a phase through the
 //! small traits of [`hooks`], registered with `EdgeApp::with_*` builders.
 //!
-//! Build a server with [`service::edge_service`]; `switchyard dev` in the
-//! root crate is the runnable example.
+//! Run a whole edge node with [`node::EdgeNode`] (single-node mode, or
+//! over the QUIC backhaul): it returns a handle with the bound addresses and
+//! `shutdown()`; `tests/inprocess.rs` and `switchyard dev` / `switchyard
+//! edge` in the root crate are the runnable examples. The Pingora service
+//! alone comes from [`service::edge_service`].
 
 pub mod app;
 pub mod auth;
@@ -20,6 +23,7 @@ pub mod ctx;
 pub mod guard;
 pub mod hooks;
 pub mod metrics;
+pub mod node;
 pub(crate) mod phases;
 pub mod respond;
 pub mod service;

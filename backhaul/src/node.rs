@@ -1,0 +1,417 @@
+//! The egress node as a library: [`EgressNode`] assembles what `switchyard
+//! egress` runs (policy or control-plane snapshot, key pools, the QUIC
+//! server) and returns a [`RunningEgress`] with its bound address and a
+//! `shutdown()`, so tests start real nodes in-process on port 0.
+//!
+//! The pieces both node kinds share live here too ([`PolicySource`],
+//! [`ControlLink`], [`NodeError`]); the edge's builder is
+//! `switchyard_edge::node::EdgeNode`.
+//!
+//! Why the node crates depend on `switchyard-control`: the node agent
+//! ([`NodeAgent`]) and the policy compiler are the node side of the control
+//! plane, and a node builder owns their lifecycle (start before serving,
+//! shut down after). The control plane depends on neither node crate, so the
+//! graph stays acyclic.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use switchyard_control::node_client::{self, AgentError, NodeAgent, NodeConfig, Role};
+use switchyard_control::{
+    compile, parse_policy, CompileOptions, Compiled, PolicyDocument, PolicyError,
+};
+use switchyard_proto::Snapshot;
+use tokio::task::JoinHandle;
+
+use crate::tunnel::{ConnectionLimits, EgressServer, NodeTls, TunnelError};
+use crate::upstream::ClientError;
+use crate::Egress;
+
+/// How long a node that follows a control plane and has nothing cached
+/// waits for its first snapshot before serving anyway.
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {error}", path.display())]
+    Parse { path: PathBuf, error: PolicyError },
+    #[error("{}{} error(s) in the policy", list_errors(path, errors), errors.len())]
+    Policy {
+        path: PathBuf,
+        errors: Vec<PolicyError>,
+    },
+    #[error("region {region:?} is not in the policy's regions ({known})")]
+    UnknownRegion { region: String, known: String },
+    #[error("cannot create {}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control plane agent: {0}")]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    #[error("egress: {0}")]
+    Client(#[from] ClientError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {message}")]
+    Service { what: &'static str, message: String },
+    #[error("tokio runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The task that assembles the node ended without an answer (it panicked).
+    #[error("node start-up was interrupted")]
+    Interrupted,
+}
+
+fn list_errors(path: &Path, errors: &[PolicyError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {e}\n", path.display()))
+        .collect()
+}
+
+/// Where a node's first snapshot comes from.
+#[derive(Default)]
+pub enum PolicySource {
+    /// Nothing until the control plane sends one (needs a [`ControlLink`]).
+    #[default]
+    None,
+    /// A policy YAML file, compiled for the node's role at start.
+    File(PathBuf),
+    /// A parsed document, compiled for the node's role at start.
+    Document(PolicyDocument),
+    /// An already compiled snapshot (tests, embedding).
+    Snapshot(Snapshot),
+}
+
+impl PolicySource {
+    /// The snapshot this source gives a node, compiled by `compiler` (the
+    /// role's compiler); `None` when there is nothing to compile.
+    pub fn compile(
+        self,
+        compiler: impl FnOnce(PolicyDocument) -> Result<Compiled, Vec<PolicyError>>,
+    ) -> Result<Option<Compiled>, NodeError> {
+        let (doc, path) = match self {
+            PolicySource::None => return Ok(None),
+            PolicySource::Snapshot(snapshot) => {
+                return Ok(Some(Compiled {
+                    snapshot,
+                    provider_status: Vec::new(),
+                }))
+            }
+            PolicySource::File(path) => (load_policy(&path)?, path),
+            PolicySource::Document(doc) => (doc, PathBuf::from("policy")),
+        };
+        compiler(doc)
+            .map(Some)
+            .map_err(|errors| NodeError::Policy { path, errors })
+    }
+}
+
+/// Reads and parses a policy file.
+pub fn load_policy(path: &Path) -> Result<PolicyDocument, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| NodeError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_policy(&text).map_err(|error| NodeError::Parse {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+/// Following a control plane: snapshots pushed to the node, telemetry up.
+#[derive(Clone)]
+pub struct ControlLink {
+    /// gRPC URL of the control plane.
+    pub url: String,
+    /// Reported node id (default: ROLE-REGION-PID).
+    pub node_id: Option<String>,
+    /// Where the last applied snapshot is cached, to start without the control plane.
+    pub state_dir: PathBuf,
+    /// The node's identity for the control plane's mutual TLS.
+    pub tls: Option<node_client::NodeTls>,
+}
+
+impl ControlLink {
+    /// Starts the node agent (it loads the cached snapshot into `shared`
+    /// before returning). Call inside the runtime the node owns.
+    pub fn start_agent(
+        &self,
+        role: Role,
+        region: &str,
+        shared: &Arc<ArcSwap<Snapshot>>,
+    ) -> Result<NodeAgent, NodeError> {
+        let role_name = match role {
+            Role::Edge => "edge",
+            Role::Egress => "egress",
+        };
+        let id = self
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{role_name}-{region}-{}", std::process::id()));
+        std::fs::create_dir_all(&self.state_dir).map_err(|source| NodeError::StateDir {
+            path: self.state_dir.clone(),
+            source,
+        })?;
+        let cache = self
+            .state_dir
+            .join(format!("{role_name}-{region}.snapshot"));
+        let mut config = NodeConfig::new(self.url.clone(), id, role, region).cache_path(cache);
+        if let Some(tls) = &self.tls {
+            config = config.tls(tls.clone());
+        }
+        Ok(NodeAgent::start(config, shared.clone())?)
+    }
+}
+
+/// Waits (bounded) for the first snapshot when the node has nothing to serve.
+pub async fn wait_for_first_snapshot(shared: &Arc<ArcSwap<Snapshot>>, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while shared.load().version == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A multi-thread runtime owned by a node (never the caller's: a node's
+/// tasks must outlive whatever runtime started it, until `shutdown`).
+pub fn node_runtime(name: &str, threads: usize) -> Result<tokio::runtime::Runtime, NodeError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(NodeError::Runtime)
+}
+
+/// Stops a node's runtime and waits until its threads (and so its sockets)
+/// are gone. Dropping a runtime blocks, which is not allowed inside async
+/// code, so it happens on a thread of its own.
+pub async fn stop_runtime(rt: tokio::runtime::Runtime, grace: Duration) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("node-stop".into())
+        .spawn(move || {
+            rt.shutdown_timeout(grace);
+            let _ = tx.send(());
+        });
+    if spawned.is_ok() {
+        let _ = rx.await;
+    }
+}
+
+/// Runs `fut` on `rt` and waits for it from whatever runtime the caller is on.
+pub async fn run_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, NodeError> {
+    rt.spawn(fut).await.map_err(|_| NodeError::Interrupted)
+}
+
+/// Options for a node that resolves its own keys (`env` reads them).
+pub fn single_process<'a>(env: &'a dyn Fn(&str) -> Option<String>) -> CompileOptions<'a> {
+    CompileOptions {
+        env,
+        include_simulated: true,
+        version: 1,
+    }
+}
+
+/// Drops every key a node in `region` may not hold: its region's providers
+/// and those bound to no region stay.
+fn keep_region_keys(snapshot: &mut Snapshot, region: &str) {
+    for p in snapshot.providers.values_mut() {
+        if !p.keys.is_empty() && p.region.as_deref().is_some_and(|r| r != region) {
+            Arc::make_mut(p).keys.clear();
+        }
+    }
+}
+
+/// Builds an egress node: `EgressNode::new(region, tls).policy(...).start()`.
+pub struct EgressNode {
+    region: String,
+    tls: NodeTls,
+    listen: SocketAddr,
+    policy: PolicySource,
+    control: Option<ControlLink>,
+    limits: ConnectionLimits,
+    threads: usize,
+}
+
+impl EgressNode {
+    /// An egress for `region` with this backhaul identity, listening on
+    /// 127.0.0.1 with a port the system picks.
+    pub fn new(region: impl Into<String>, tls: NodeTls) -> Self {
+        EgressNode {
+            region: region.into(),
+            tls,
+            listen: (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+            policy: PolicySource::None,
+            control: None,
+            limits: ConnectionLimits::default(),
+            threads: 2,
+        }
+    }
+
+    /// QUIC (UDP) listen address; port 0 picks a free one ([`RunningEgress::local_addr`]).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// The first snapshot. A policy file is compiled with provider keys
+    /// from this process's environment.
+    pub fn policy(mut self, source: PolicySource) -> Self {
+        self.policy = source;
+        self
+    }
+
+    pub fn control_plane(mut self, link: ControlLink) -> Self {
+        self.control = Some(link);
+        self
+    }
+
+    pub fn limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Compiles the policy, starts the agent, binds the QUIC endpoint and
+    /// serves on a runtime of the node's own. May be awaited from any runtime.
+    pub async fn start(self) -> Result<RunningEgress, NodeError> {
+        let env = |k: &str| std::env::var(k).ok();
+        let mut snapshot = self
+            .policy
+            .compile(|doc| compile(&doc, &single_process(&env)))?
+            .map(|c| c.snapshot)
+            .unwrap_or_default();
+        if !snapshot.regions.is_empty() && !snapshot.regions.contains_key(&self.region) {
+            let known: Vec<String> = snapshot.regions.keys().cloned().collect();
+            return Err(NodeError::UnknownRegion {
+                region: self.region,
+                known: known.join(", "),
+            });
+        }
+        keep_region_keys(&mut snapshot, &self.region);
+        let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+        let rt = node_runtime("egress", self.threads)?;
+        let started = {
+            let shared = shared.clone();
+            let region = self.region.clone();
+            let (tls, limits, listen, control) = (self.tls, self.limits, self.listen, self.control);
+            run_on(&rt, async move {
+                // The control plane sends this egress only its own region's keys.
+                let agent = match &control {
+                    Some(link) => {
+                        let agent = link.start_agent(Role::Egress, &region, &shared)?;
+                        wait_for_first_snapshot(&shared, FIRST_SNAPSHOT_WAIT).await;
+                        Some(agent)
+                    }
+                    None => None,
+                };
+                let egress = Egress::new(shared.clone())?;
+                let server = EgressServer::bind(listen, &tls, egress, shared.clone(), &region, limits)?;
+                let addr = server.local_addr()?;
+                let endpoint = server.endpoint();
+                tracing::info!(target: "switchyard::backhaul", bound = %addr, %region, "egress listening");
+                let serve = tokio::spawn(server.run());
+                Ok::<_, NodeError>((addr, endpoint, serve, agent))
+            })
+            .await
+        };
+        let (addr, endpoint, serve, agent) = match started {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(e)) | Err(e) => {
+                stop_runtime(rt, Duration::from_secs(1)).await;
+                return Err(e);
+            }
+        };
+        Ok(RunningEgress {
+            addr,
+            region: self.region,
+            shared,
+            endpoint,
+            serve,
+            agent,
+            rt: Some(rt),
+        })
+    }
+}
+
+/// A started egress node.
+pub struct RunningEgress {
+    addr: SocketAddr,
+    region: String,
+    shared: Arc<ArcSwap<Snapshot>>,
+    endpoint: quinn::Endpoint,
+    serve: JoinHandle<()>,
+    agent: Option<NodeAgent>,
+    /// `None` once shut down; see the `Drop` impl.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl RunningEgress {
+    /// The bound QUIC address (the real port when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// The snapshot being served now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.load_full()
+    }
+
+    /// Closes the endpoint (telling every edge at once, instead of after its
+    /// idle timeout), stops the agent and the node's runtime. Returns when
+    /// the UDP port is free again.
+    pub async fn shutdown(mut self) {
+        let Some(rt) = self.rt.take() else {
+            return;
+        };
+        let endpoint = self.endpoint.clone();
+        let serve = self.serve.abort_handle();
+        let agent = self.agent.take();
+        let _ = run_on(&rt, async move {
+            endpoint.close(0u32.into(), b"egress shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            serve.abort();
+            if let Some(a) = agent {
+                a.shutdown().await;
+            }
+        })
+        .await;
+        stop_runtime(rt, Duration::from_secs(1)).await;
+    }
+}
+
+impl Drop for RunningEgress {
+    /// Dropped without `shutdown()` (a failing test, say): a runtime cannot
+    /// be dropped inside async code, so it is let go without waiting.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}

@@ -1,0 +1,621 @@
+//! The edge node as a library: [`EdgeNode`] assembles what `switchyard
+//! edge` and `switchyard dev` run (snapshot, node agent and telemetry,
+//! the upstream: QUIC backhaul or the in-process egress, Pingora listeners)
+//! and returns a [`RunningEdge`] with its bound addresses and `shutdown()`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), switchyard_backhaul::node::NodeError> {
+//! use switchyard_backhaul::node::PolicySource;
+//! use switchyard_edge::node::EdgeNode;
+//!
+//! let edge = EdgeNode::single_node()
+//!     .policy(PolicySource::File("policy.yaml".into()))
+//!     .listen("127.0.0.1:0")
+//!     .start()
+//!     .await?;
+//! println!("http://{}/v1", edge.local_addr().unwrap());
+//! edge.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Listeners are bound here, before Pingora sees them, and handed over as
+//! already-listening sockets (Pingora's graceful-upgrade path): so port 0
+//! works, the real address is known at once, and a port in use is an error
+//! from `start()` instead of a panic inside a Pingora runtime. The Pingora
+//! services run on a runtime of the node's own, not under `pingora::Server`,
+//! whose `run` owns the process's signals and never returns to a test.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::IntoRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use pingora::server::{Fds, ListenFds, ShutdownWatch};
+use pingora::services::Service as PingoraService;
+use switchyard_backhaul::node::{
+    node_runtime, run_on, single_process, stop_runtime, wait_for_first_snapshot, ControlLink,
+    NodeError, PolicySource,
+};
+use switchyard_backhaul::tunnel::{
+    EgressDirectory, NodeTls, StaticDirectory, TunnelConfig, TunnelRouter,
+};
+use switchyard_backhaul::{Egress, RequestObserver, RequestReport, Upstream};
+use switchyard_control::node_client::{NodeAgent, Role};
+use switchyard_control::telemetry::{RequestRecord, TelemetryHandle};
+use switchyard_control::{compile, compile_for_edge};
+use switchyard_proto::{KeyHash, Snapshot, TenantSnapshot};
+use tokio::net::TcpSocket;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::app::EdgeApp;
+use crate::guard::EdgeLimits;
+use crate::service::{edge_service, metrics_service, TlsFiles};
+
+/// How the whole stack waits for the first backhaul connections at start.
+const BACKHAUL_WARM_UP: Duration = Duration::from_secs(5);
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+/// What in-flight connections get after `shutdown()` (the old
+/// `graceful_shutdown_timeout_seconds`).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+enum Mode {
+    /// The egress logic in this process (`switchyard dev`).
+    SingleNode,
+    /// Egress nodes over the QUIC backhaul (`switchyard edge`).
+    Backhaul {
+        region: String,
+        tls: NodeTls,
+        egress: Vec<(String, String)>,
+    },
+}
+
+/// Builds an edge node; see the module docs.
+pub struct EdgeNode {
+    mode: Mode,
+    policy: PolicySource,
+    control: Option<ControlLink>,
+    listen: Option<String>,
+    tls_listen: Option<(String, TlsFiles)>,
+    metrics_listen: Option<String>,
+    threads: usize,
+    limits: EdgeLimits,
+    simulate_header: bool,
+    tenants: Vec<(KeyHash, TenantSnapshot)>,
+}
+
+impl EdgeNode {
+    fn with_mode(mode: Mode) -> Self {
+        EdgeNode {
+            mode,
+            policy: PolicySource::None,
+            control: None,
+            listen: None,
+            tls_listen: None,
+            metrics_listen: None,
+            threads: 2,
+            limits: EdgeLimits::default(),
+            simulate_header: false,
+            tenants: Vec::new(),
+        }
+    }
+
+    /// Every role in one process: the edge calls the egress logic directly,
+    /// with provider keys from this process's environment.
+    pub fn single_node() -> Self {
+        Self::with_mode(Mode::SingleNode)
+    }
+
+    /// An edge in `region` sending requests over the QUIC backhaul with
+    /// this node identity. Its snapshot never holds provider keys.
+    pub fn backhaul(region: impl Into<String>, tls: NodeTls) -> Self {
+        Self::with_mode(Mode::Backhaul {
+            region: region.into(),
+            tls,
+            egress: Vec::new(),
+        })
+    }
+
+    /// An egress node in addition to the policy's `regions.R.egress`
+    /// (backhaul mode only; ignored in single-node mode).
+    pub fn egress(mut self, region: impl Into<String>, addr: impl Into<String>) -> Self {
+        if let Mode::Backhaul { egress, .. } = &mut self.mode {
+            egress.push((region.into(), addr.into()));
+        }
+        self
+    }
+
+    pub fn policy(mut self, source: PolicySource) -> Self {
+        self.policy = source;
+        self
+    }
+
+    pub fn control_plane(mut self, link: ControlLink) -> Self {
+        self.control = Some(link);
+        self
+    }
+
+    /// Plain-HTTP listen address (`127.0.0.1:0` picks a free port).
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen = Some(addr.into());
+        self
+    }
+
+    /// HTTPS listen address with its certificate.
+    pub fn tls(mut self, addr: impl Into<String>, files: TlsFiles) -> Self {
+        self.tls_listen = Some((addr.into(), files));
+        self
+    }
+
+    /// Prometheus listener (`GET /metrics`).
+    pub fn metrics(mut self, addr: impl Into<String>) -> Self {
+        self.metrics_listen = Some(addr.into());
+        self
+    }
+
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    pub fn limits(mut self, limits: EdgeLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Honour `x-switchyard-simulate` (development only).
+    pub fn simulate_header(mut self, on: bool) -> Self {
+        self.simulate_header = on;
+        self
+    }
+
+    /// A tenant added to every snapshot loaded at start (the dev key).
+    pub fn tenant(mut self, key: KeyHash, tenant: TenantSnapshot) -> Self {
+        self.tenants.push((key, tenant));
+        self
+    }
+
+    /// [`Self::bind`], then [`BoundEdge::serve`]. May be awaited from any runtime.
+    pub async fn start(self) -> Result<RunningEdge, NodeError> {
+        Ok(self.bind().await?.serve())
+    }
+
+    /// Loads the snapshot, starts the agent and the upstream and binds
+    /// every listener, without accepting yet: the caller can announce the
+    /// addresses (a start-up banner) before the first client gets in.
+    pub async fn bind(self) -> Result<BoundEdge, NodeError> {
+        let env = |k: &str| std::env::var(k).ok();
+        let compiled = match &self.mode {
+            Mode::SingleNode => self
+                .policy
+                .compile(|doc| compile(&doc, &single_process(&env)))?,
+            Mode::Backhaul { .. } => self
+                .policy
+                .compile(|doc| compile_for_edge(doc, &single_process(&env)))?,
+        };
+        let (mut snapshot, provider_status) = compiled
+            .map(|c| (c.snapshot, c.provider_status))
+            .unwrap_or_default();
+        if let Mode::Backhaul { .. } = self.mode {
+            // Whatever the source, an edge holds no key material.
+            for p in snapshot.providers.values_mut() {
+                if !p.keys.is_empty() || !p.key_pools.is_empty() {
+                    let p = Arc::make_mut(p);
+                    p.keys.clear();
+                    p.key_pools.clear();
+                }
+            }
+        }
+        for (key, tenant) in self.tenants {
+            snapshot.tenants.insert(key, Arc::new(tenant));
+        }
+        let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+
+        // Bound first, so a taken port fails here and port 0 has an answer.
+        let plain = self.listen.as_deref().map(bind).transpose()?;
+        let tls = match &self.tls_listen {
+            Some((addr, files)) => Some((bind(addr)?, files)),
+            None => None,
+        };
+        let metrics = self.metrics_listen.as_deref().map(bind).transpose()?;
+        {
+            // Not listening yet, two sockets with SO_REUSEADDR may share an
+            // address; only one of them could ever listen.
+            let mut seen = Vec::new();
+            let addrs = [&plain, &metrics]
+                .into_iter()
+                .flatten()
+                .map(|(a, _)| *a)
+                .chain(tls.as_ref().map(|((a, _), _)| *a));
+            for a in addrs {
+                if seen.contains(&a) {
+                    return Err(NodeError::Bind {
+                        addr: a.to_string(),
+                        source: std::io::ErrorKind::AddrInUse.into(),
+                    });
+                }
+                seen.push(a);
+            }
+        }
+
+        let mut backhaul = None;
+        let upstream: Arc<dyn Upstream>;
+        let mut region = None;
+        let mut egress_nodes = Vec::new();
+        match self.mode {
+            Mode::SingleNode => {
+                upstream = Arc::new(Egress::new(shared.clone())?);
+            }
+            Mode::Backhaul {
+                region: r,
+                tls: node_tls,
+                egress,
+            } => {
+                let rt = node_runtime("backhaul", 2)?;
+                let started = run_on(
+                    &rt,
+                    start_backhaul(r.clone(), node_tls, egress, self.control, shared.clone()),
+                )
+                .await;
+                let parts = match started {
+                    Ok(Ok(parts)) => parts,
+                    Ok(Err(e)) | Err(e) => {
+                        stop_runtime(rt, SHUTDOWN_GRACE).await;
+                        return Err(e);
+                    }
+                };
+                upstream = parts.router;
+                egress_nodes = parts.egress_nodes;
+                backhaul = Some(Backhaul {
+                    rt,
+                    agent: parts.agent,
+                    observer: parts.observer,
+                });
+                region = Some(r);
+            }
+        }
+
+        let mut app = EdgeApp::new(shared.clone(), upstream)
+            .with_simulate_header(self.simulate_header)
+            .with_limits(self.limits);
+        if let Some(r) = &region {
+            app = app.with_region(r.clone());
+        }
+        if let Some(observer) = backhaul.as_ref().and_then(|b| b.observer.clone()) {
+            app = app.with_observer(observer);
+        }
+        let edge_metrics = app.metrics();
+
+        let fds = Fds::new();
+        let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
+        let plain_addr = plain.as_ref().map(|(a, _)| *a);
+        let tls_addr = tls.as_ref().map(|((a, _), _)| *a);
+        let metrics_addr = metrics.as_ref().map(|(a, _)| *a);
+        let plain_str = plain_addr.map(|a| a.to_string());
+        let tls_str = tls_addr.map(|a| a.to_string());
+        let service = edge_service(
+            app,
+            plain_str.as_deref(),
+            tls.as_ref()
+                .zip(tls_str.as_deref())
+                .map(|((_, f), a)| (a, *f)),
+            self.threads,
+        )
+        .map_err(|e| NodeError::Service {
+            what: "edge",
+            message: e.to_string(),
+        })?;
+        for (addr, socket) in [plain, tls.map(|(l, _)| l), metrics].into_iter().flatten() {
+            fds.lock().add(addr.to_string(), socket.into_raw_fd());
+        }
+
+        let rt = match node_runtime("edge", self.threads) {
+            Ok(rt) => rt,
+            Err(e) => {
+                if let Some(b) = backhaul {
+                    b.stop().await;
+                }
+                return Err(e);
+            }
+        };
+        let mut pending: Vec<Box<dyn PingoraService>> = vec![Box::new(service)];
+        if let Some(addr) = metrics_addr {
+            pending.push(Box::new(metrics_service(edge_metrics, &addr.to_string())));
+        }
+        let (shutdown_tx, _) = watch::channel(false);
+        Ok(BoundEdge {
+            edge: RunningEdge {
+                plain_addr,
+                tls_addr,
+                metrics_addr,
+                region,
+                shared,
+                provider_status,
+                egress_nodes,
+                shutdown_tx,
+                services: Vec::new(),
+                rt: Some(rt),
+                backhaul,
+            },
+            pending,
+            fds,
+        })
+    }
+}
+
+/// An edge whose sockets are bound but not accepting yet; its addresses
+/// and snapshot are known (through `Deref`). Dropping it stops the node.
+pub struct BoundEdge {
+    edge: RunningEdge,
+    pending: Vec<Box<dyn PingoraService>>,
+    fds: ListenFds,
+}
+
+impl std::ops::Deref for BoundEdge {
+    type Target = RunningEdge;
+
+    fn deref(&self) -> &RunningEdge {
+        &self.edge
+    }
+}
+
+impl BoundEdge {
+    /// Starts the Pingora services on the node's runtime: from here on
+    /// clients are accepted.
+    pub fn serve(self) -> RunningEdge {
+        let BoundEdge {
+            mut edge,
+            pending,
+            fds,
+        } = self;
+        if let Some(rt) = &edge.rt {
+            for mut service in pending {
+                let fds = fds.clone();
+                let shutdown: ShutdownWatch = edge.shutdown_tx.subscribe();
+                edge.services.push(rt.spawn(async move {
+                    service.start_service(Some(fds), shutdown, 1).await;
+                }));
+            }
+        }
+        edge
+    }
+}
+
+/// Binds a socket for Pingora to take over. It is not listening yet:
+/// connections are refused until [`BoundEdge::serve`], whose Pingora
+/// listener calls `listen` on it.
+fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
+    let failed = |source| NodeError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let resolved = addr
+        .to_socket_addrs()
+        .map_err(failed)?
+        .next()
+        .ok_or_else(|| {
+            failed(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address",
+            ))
+        })?;
+    let socket = match resolved {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(failed)?;
+    // As Pingora does: a restart must not wait out old connections' TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(failed)?;
+    socket.bind(resolved).map_err(failed)?;
+    let local = socket.local_addr().map_err(failed)?;
+    Ok((local, socket))
+}
+
+struct BackhaulParts {
+    router: Arc<TunnelRouter>,
+    agent: Option<NodeAgent>,
+    observer: Option<Arc<dyn RequestObserver>>,
+    egress_nodes: Vec<(String, Vec<String>)>,
+}
+
+/// The edge's side of the backhaul and of the control plane. Runs on the
+/// backhaul runtime: quinn's drivers and the agent live there, not in a
+/// Pingora service runtime.
+async fn start_backhaul(
+    region: String,
+    tls: NodeTls,
+    flags: Vec<(String, String)>,
+    control: Option<ControlLink>,
+    shared: Arc<ArcSwap<Snapshot>>,
+) -> Result<BackhaulParts, NodeError> {
+    let agent = match &control {
+        Some(link) => {
+            let agent = link.start_agent(Role::Edge, &region, &shared)?;
+            wait_for_first_snapshot(&shared, FIRST_SNAPSHOT_WAIT).await;
+            Some(agent)
+        }
+        None => None,
+    };
+    let directory_of = move |snap: &Snapshot| {
+        let mut d = StaticDirectory::from_snapshot(snap);
+        for (region, addr) in &flags {
+            d.add(region, addr);
+        }
+        d
+    };
+    let directory = directory_of(&shared.load());
+    let router = TunnelRouter::start(
+        TunnelConfig {
+            region: region.clone(),
+            tls,
+        },
+        &directory,
+        shared.clone(),
+    )?;
+    let (up, total) = router.wait_connected(BACKHAUL_WARM_UP).await;
+    tracing::info!(target: "switchyard::backhaul", up, total, "backhaul warm-up done");
+
+    // New snapshots may move egress nodes; the router follows them, and the
+    // measured backhaul RTTs flow to the control plane's latency scores.
+    {
+        let shared = shared.clone();
+        let router = router.clone();
+        let telemetry = agent.as_ref().map(|a| a.telemetry());
+        tokio::spawn(async move {
+            let mut seen = shared.load().version;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let snap = shared.load_full();
+                if snap.version != seen {
+                    seen = snap.version;
+                    router.reconcile(&directory_of(&snap));
+                }
+                if let Some(t) = &telemetry {
+                    for (region, addr, rtt) in router.rtts() {
+                        t.record_rtt(&region, &addr, rtt);
+                    }
+                }
+            }
+        });
+    }
+    let observer = agent.as_ref().map(|a| {
+        Arc::new(TelemetryObserver {
+            handle: a.telemetry(),
+            snapshot: shared.clone(),
+        }) as Arc<dyn RequestObserver>
+    });
+    Ok(BackhaulParts {
+        router,
+        agent,
+        observer,
+        egress_nodes: directory.regions().into_iter().collect(),
+    })
+}
+
+/// Feeds the edge's per-request reports to the control plane's telemetry.
+struct TelemetryObserver {
+    handle: TelemetryHandle,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl RequestObserver for TelemetryObserver {
+    fn observe(&self, r: RequestReport) {
+        let cost_usd = self
+            .snapshot
+            .load()
+            .providers
+            .get(&r.provider)
+            .and_then(|p| p.pricing.get(&r.model))
+            .map(|price| price.cost(r.prompt_tokens, r.completion_tokens))
+            .unwrap_or(0.0);
+        self.handle.record(RequestRecord {
+            provider: r.provider,
+            model: r.model,
+            region: r.region,
+            ttft: r.ttft,
+            latency: r.latency,
+            error_class: r.error_class.map(str::to_string),
+            input_tokens: r.prompt_tokens,
+            output_tokens: r.completion_tokens,
+            cost_usd,
+        });
+    }
+}
+
+struct Backhaul {
+    rt: tokio::runtime::Runtime,
+    agent: Option<NodeAgent>,
+    observer: Option<Arc<dyn RequestObserver>>,
+}
+
+impl Backhaul {
+    async fn stop(self) {
+        let Backhaul { rt, agent, .. } = self;
+        if let Some(agent) = agent {
+            let _ = run_on(&rt, agent.shutdown()).await;
+        }
+        stop_runtime(rt, SHUTDOWN_GRACE).await;
+    }
+}
+
+/// A started edge node.
+pub struct RunningEdge {
+    plain_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    region: Option<String>,
+    shared: Arc<ArcSwap<Snapshot>>,
+    provider_status: Vec<(String, String)>,
+    egress_nodes: Vec<(String, Vec<String>)>,
+    shutdown_tx: watch::Sender<bool>,
+    services: Vec<JoinHandle<()>>,
+    /// `None` once shut down; see the `Drop` impl.
+    rt: Option<tokio::runtime::Runtime>,
+    backhaul: Option<Backhaul>,
+}
+
+impl RunningEdge {
+    /// The plain-HTTP address (the real port when asked for port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.plain_addr
+    }
+
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn region(&self) -> Option<&str> {
+        self.region.as_deref()
+    }
+
+    /// The snapshot being served now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.load_full()
+    }
+
+    /// Provider name → whether it is live and why, as compiled at start.
+    pub fn provider_status(&self) -> &[(String, String)] {
+        &self.provider_status
+    }
+
+    /// Egress nodes by region as dialled at start (backhaul mode).
+    pub fn egress_nodes(&self) -> &[(String, Vec<String>)] {
+        &self.egress_nodes
+    }
+
+    /// Stops accepting, gives open connections a short grace, then stops
+    /// the agent and every runtime of the node. Returns when its listening
+    /// ports are free again.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown_tx.send(true);
+        for service in std::mem::take(&mut self.services) {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, service).await;
+        }
+        if let Some(rt) = self.rt.take() {
+            stop_runtime(rt, SHUTDOWN_GRACE).await;
+        }
+        if let Some(b) = self.backhaul.take() {
+            b.stop().await;
+        }
+    }
+}
+
+impl Drop for RunningEdge {
+    /// Dropped without `shutdown()` (a failing test, say): a runtime cannot
+    /// be dropped inside async code, so it is let go without waiting.
+    fn drop(&mut self) {
+        let _ = self.shutdown_tx.send(true);
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+        if let Some(b) = self.backhaul.take() {
+            b.rt.shutdown_background();
+        }
+    }
+}
