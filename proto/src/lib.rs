@@ -27,7 +27,7 @@ pub mod scope;
 pub mod wire;
 
 pub use health::Health;
-pub use plan::{PlanError, PlannedTarget};
+pub use plan::{Plan, PlanError, PlannedTarget};
 
 /// The edge ↔ egress framing's messages (`backhaul.proto`).
 pub mod backhaul {
@@ -506,8 +506,7 @@ pub struct Snapshot {
 }
 
 /// Sorted jurisdiction set → model name → its plan.
-pub type ResidencyPlans =
-    HashMap<Vec<String>, HashMap<String, Result<Vec<PlannedTarget>, PlanError>>>;
+pub type ResidencyPlans = HashMap<Vec<String>, HashMap<String, Result<Plan, PlanError>>>;
 
 impl Snapshot {
     /// Resolves what a client wrote in `model`: an alias first, then a
