@@ -154,8 +154,8 @@ pub fn static_plan(
 /// and route targets are final, or the tables name targets that are gone.
 pub fn compile_residency_plans(snapshot: &Snapshot) -> ResidencyPlans {
     let mut sets: Vec<Vec<String>> = snapshot
-        .tenant_policies
-        .values()
+        .tenants
+        .iter()
         .filter_map(|t| t.residency.as_deref().map(jurisdiction_key))
         .collect();
     sets.sort();
@@ -408,15 +408,13 @@ mod tests {
     #[test]
     fn per_jurisdiction_tables_are_compiled_and_used() {
         let mut s = snapshot(Strategy::Priority);
-        s.tenant_policies.insert(
-            "t".into(),
-            Arc::new(crate::TenantPolicy {
+        s.tenants.insert(
+            crate::KeyHash::of("k"),
+            crate::Tenant {
                 id: "t".into(),
-                rpm: None,
-                tpm: None,
-                monthly_budget_usd: None,
                 residency: Some(vec!["eu".into()]),
-            }),
+                ..Default::default()
+            },
         );
         s.compile_residency_plans();
         let eu = vec!["eu".to_string()];
@@ -432,13 +430,13 @@ mod tests {
     #[test]
     fn compiled_plans_are_shared_not_copied() {
         let mut s = snapshot(Strategy::Priority);
-        s.tenant_policies.insert(
-            "t".into(),
-            Arc::new(crate::TenantPolicy {
+        s.tenants.insert(
+            crate::KeyHash::of("k"),
+            crate::Tenant {
                 id: "t".into(),
                 residency: Some(vec!["eu".into(), "us".into()]),
                 ..Default::default()
-            }),
+            },
         );
         s.compile_residency_plans();
         // Written in another order than the table's key: the same set.

@@ -471,11 +471,10 @@ fn compile_unplanned(
         version: opts.version,
         providers,
         aliases,
-        tenants: tenants.by_key,
+        tenants,
         limits,
         regions,
         routes,
-        tenant_policies: tenants.policies,
         scores: Default::default(),
         residency_plans: Default::default(),
     };
@@ -930,7 +929,7 @@ mod control_plane_tests {
             s.providers["azure-eu"].pricing["gpt-4o"].output_per_million,
             11.0
         );
-        let acme = s.tenant_policy("acme-eu").unwrap();
+        let acme = s.tenant("acme-eu").unwrap();
         assert_eq!(acme.rpm, Some(600));
         let eu = vec!["eu".to_string()];
         let plan = s.plan("chat-default", Some(&eu)).unwrap();

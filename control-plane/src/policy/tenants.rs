@@ -1,17 +1,11 @@
 //! The `tenants` section, and the residency check that needs the whole
 //! compiled snapshot.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::HashSet;
 
-use switchyard_proto::{KeyHash, PlanError, Snapshot, TenantPolicy, TenantSnapshot};
+use switchyard_proto::{KeyHash, PlanError, Snapshot, Tenant, Tenants};
 
 use super::{Errors, PolicyDocument};
-
-pub(super) struct Tenants {
-    pub by_key: HashMap<KeyHash, Arc<TenantSnapshot>>,
-    pub policies: HashMap<String, Arc<TenantPolicy>>,
-}
 
 pub(super) fn tenants(
     doc: &PolicyDocument,
@@ -19,8 +13,7 @@ pub(super) fn tenants(
     errors: &mut Errors,
 ) -> Tenants {
     let mut err = errors.sink();
-    let mut tenants = HashMap::new();
-    let mut tenant_policies = HashMap::new();
+    let mut tenants = Tenants::default();
     let mut seen_ids = HashSet::new();
     for (i, t) in doc.tenants.iter().enumerate() {
         let path = format!("tenants[{i}]");
@@ -30,21 +23,15 @@ pub(super) fn tenants(
                 format!("duplicate tenant id {:?}", t.id),
             );
         }
-        match KeyHash::from_hex(&t.key_sha256) {
+        let key = KeyHash::from_hex(&t.key_sha256);
+        match &key {
             Some(hash) => {
-                if tenants.contains_key(&hash) {
+                if tenants.contains_key(hash) {
                     err(
                         format!("{path}.key_sha256"),
                         "another tenant has the same key".into(),
                     );
                 }
-                tenants.insert(
-                    hash,
-                    Arc::new(TenantSnapshot {
-                        id: t.id.clone(),
-                        allowed_models: t.allowed_models.clone(),
-                    }),
-                );
             }
             None => err(
                 format!("{path}.key_sha256"),
@@ -87,21 +74,22 @@ pub(super) fn tenants(
                 }
             }
         }
-        tenant_policies.insert(
-            t.id.clone(),
-            Arc::new(TenantPolicy {
-                id: t.id.clone(),
-                rpm: t.limits.rpm,
-                tpm: t.limits.tpm,
-                monthly_budget_usd: t.budget.as_ref().map(|b| b.monthly_usd),
-                residency: t.residency.clone(),
-            }),
-        );
+        // Without a valid key the document is refused anyway.
+        if let Some(key) = key {
+            tenants.insert(
+                key,
+                Tenant {
+                    id: t.id.clone(),
+                    allowed_models: t.allowed_models.clone(),
+                    rpm: t.limits.rpm,
+                    tpm: t.limits.tpm,
+                    monthly_budget_usd: t.budget.as_ref().map(|b| b.monthly_usd),
+                    residency: t.residency.clone(),
+                },
+            );
+        }
     }
-    Tenants {
-        by_key: tenants,
-        policies: tenant_policies,
-    }
+    tenants
 }
 
 /// A tenant restricted to some jurisdictions must have, for every model it

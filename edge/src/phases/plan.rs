@@ -15,7 +15,7 @@ use switchyard_backhaul::{Operation, RawRequest};
 use switchyard_llm::openai::parse_json_object;
 use switchyard_llm::{ErrorKind, GatewayError, Retry};
 use switchyard_proto::{
-    Health, PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, TenantSnapshot,
+    Health, PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, Tenant,
 };
 
 use super::admit::{copy_headers, requested_model, Request, RAW_HEADERS};
@@ -245,7 +245,7 @@ fn raw_path(kind: Option<ProviderKind>, endpoint: &str) -> Result<String, Gatewa
 pub fn route_plan(
     snap: &Snapshot,
     health: &Health,
-    tenant: &TenantSnapshot,
+    tenant: &Tenant,
     requested: &str,
     residency: Option<&[String]>,
 ) -> Result<Plan, GatewayError> {
@@ -374,9 +374,9 @@ mod tests {
         };
         snap.routes
             .insert("r".into(), route("r", vec![ghost], None));
-        let tenant = TenantSnapshot {
+        let tenant = Tenant {
             id: "t".into(),
-            allowed_models: None,
+            ..Tenant::default()
         };
         let e = route_plan(&snap, &Health::new(), &tenant, "r", None).unwrap_err();
         assert_eq!((e.status(), e.code), (503, Some("no_route_target")));
@@ -411,9 +411,9 @@ mod tests {
         snap.routes
             .insert("dflt".into(), route("dflt", vec![t()], None));
         snap.limits.first_token_timeout = Some(Duration::from_secs(3));
-        let tenant = TenantSnapshot {
+        let tenant = Tenant {
             id: "t".into(),
-            allowed_models: None,
+            ..Tenant::default()
         };
         let ftt = |m: &str| {
             route_plan(&snap, &Health::new(), &tenant, m, None)
