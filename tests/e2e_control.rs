@@ -231,7 +231,7 @@ async fn apply_reaches_every_node_and_invalid_policy_changes_nothing() {
     // Residency on the node: the EU tenant's plan never contains the US target.
     let edge = nodes[0].shared.load();
     let tenant = edge.tenant_for_key("sy-eu-tenant").unwrap();
-    let res = edge.tenant_policy(&tenant.id).unwrap().residency.clone();
+    let res = tenant.residency.clone();
     let plan = edge.plan("chat", res.as_deref()).unwrap();
     assert_eq!(plan.len(), 1);
     assert_eq!(plan[0].target.provider, "mistral-eu");

@@ -102,8 +102,7 @@ pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
             ),
         );
     }
-    for (hash, t) in &s.tenants {
-        let p = s.tenant_policies.get(&t.id);
+    for (hash, t) in s.tenants.keys() {
         out.insert(
             format!("tenants.{}", t.id),
             format!(
@@ -113,12 +112,10 @@ pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
                     .as_ref()
                     .map(|m| format!("[{}]", m.join(", ")))
                     .unwrap_or_else(|| "*".into()),
-                p.and_then(|p| p.rpm).map_or("-".into(), |v| v.to_string()),
-                p.and_then(|p| p.tpm).map_or("-".into(), |v| v.to_string()),
-                p.and_then(|p| p.monthly_budget_usd)
-                    .map_or("-".into(), |v| v.to_string()),
-                p.and_then(|p| p.residency.as_ref())
-                    .map_or("*".into(), |r| r.join(", ")),
+                t.rpm.map_or("-".into(), |v| v.to_string()),
+                t.tpm.map_or("-".into(), |v| v.to_string()),
+                t.monthly_budget_usd.map_or("-".into(), |v| v.to_string()),
+                t.residency.as_ref().map_or("*".into(), |r| r.join(", ")),
             ),
         );
     }

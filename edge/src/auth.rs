@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use pingora::protocols::http::ServerSession;
 use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::{Snapshot, TenantSnapshot};
+use switchyard_proto::{Snapshot, Tenant};
 
 /// Reads the key from `Authorization: Bearer` (OpenAI SDK) or `x-api-key`
 /// (Anthropic SDK) and finds its tenant. The key is only ever hashed.
 pub fn authenticate(
     session: &ServerSession,
     snapshot: &Snapshot,
-) -> Result<Arc<TenantSnapshot>, GatewayError> {
+) -> Result<Arc<Tenant>, GatewayError> {
     let bearer = session
         .get_header(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_backhaul::{Protocol, RequestStats};
-use switchyard_proto::{PlannedTarget, TenantSnapshot};
+use switchyard_proto::{PlannedTarget, Tenant};
 
 /// Per-request state every phase reads and fills, in the spirit of
 /// pingora's `ProxyHttp::CTX`. Hooks see it read-only.
@@ -17,7 +17,7 @@ pub struct RequestCtx {
     /// Bounded endpoint label (`chat`, `messages`, `models`, ...).
     pub endpoint: &'static str,
     /// Set by `admit` once the virtual key is known.
-    pub tenant: Option<Arc<TenantSnapshot>>,
+    pub tenant: Option<Arc<Tenant>>,
     /// Jurisdictions the request may be served in: the tenant's, narrowed
     /// by `x-switchyard-residency`; `None` = anywhere.
     pub residency: Option<Vec<String>>,

@@ -27,7 +27,7 @@ pub mod scope;
 pub mod wire;
 
 pub use health::Health;
-pub use plan::{PlanError, PlannedTarget};
+pub use plan::{Plan, PlanError, PlannedTarget};
 
 /// The edge ↔ egress framing's messages (`backhaul.proto`).
 pub mod backhaul {
@@ -352,6 +352,9 @@ pub struct RouteTarget {
     pub model: String,
 }
 
+/// A tenant with access rules only: no limits, no budget, no residency.
+/// A shorthand [`Tenants::insert`] takes (as a [`Tenant`]) for keys added
+/// outside the policy, such as `switchyard dev`'s own.
 #[derive(Debug, Clone)]
 pub struct TenantSnapshot {
     pub id: String,
@@ -359,13 +362,13 @@ pub struct TenantSnapshot {
     pub allowed_models: Option<Vec<String>>,
 }
 
-/// The parts of a tenant's policy beyond authentication, looked up by
-/// tenant id. Kept apart from [`TenantSnapshot`] so existing constructors of
-/// that struct keep compiling; a tenant without an entry has no limits, no
-/// budget and no residency restriction.
+/// One tenant: what its key may use and what it is held to. Authenticating
+/// a key gives the whole record; the egress finds the same record by id.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct TenantPolicy {
+pub struct Tenant {
     pub id: String,
+    /// `None` allows every model.
+    pub allowed_models: Option<Vec<String>>,
     /// Requests per minute.
     pub rpm: Option<u32>,
     /// Tokens (input + output) per minute.
@@ -373,6 +376,69 @@ pub struct TenantPolicy {
     pub monthly_budget_usd: Option<f64>,
     /// Jurisdictions the tenant's requests may be processed in; `None` = any.
     pub residency: Option<Vec<String>>,
+}
+
+impl From<TenantSnapshot> for Tenant {
+    fn from(t: TenantSnapshot) -> Self {
+        Tenant {
+            id: t.id,
+            allowed_models: t.allowed_models,
+            ..Tenant::default()
+        }
+    }
+}
+
+impl From<Arc<TenantSnapshot>> for Tenant {
+    fn from(t: Arc<TenantSnapshot>) -> Self {
+        Arc::unwrap_or_clone(t).into()
+    }
+}
+
+/// Every tenant of a snapshot, by the hash of its key and by id. Both
+/// indexes hold the same records, so they cannot disagree about a tenant.
+#[derive(Debug, Clone, Default)]
+pub struct Tenants {
+    by_key: HashMap<KeyHash, Arc<Tenant>>,
+    by_id: HashMap<String, Arc<Tenant>>,
+}
+
+impl Tenants {
+    /// Makes `tenant` the holder of `key`, and the tenant its id names.
+    pub fn insert(&mut self, key: KeyHash, tenant: impl Into<Tenant>) {
+        let tenant = Arc::new(tenant.into());
+        self.by_id.insert(tenant.id.clone(), tenant.clone());
+        self.by_key.insert(key, tenant);
+    }
+
+    pub fn by_key(&self, key: &KeyHash) -> Option<&Arc<Tenant>> {
+        self.by_key.get(key)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Tenant>> {
+        self.by_id.get(id)
+    }
+
+    pub fn contains_key(&self, key: &KeyHash) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    /// Every key with its tenant.
+    pub fn keys(&self) -> impl Iterator<Item = (&KeyHash, &Arc<Tenant>)> {
+        self.by_key.iter()
+    }
+
+    /// Every tenant once.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.by_id.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
 }
 
 /// How a route orders its targets.
@@ -441,7 +507,7 @@ pub struct RttScore {
     pub p99_ms: f64,
 }
 
-impl TenantSnapshot {
+impl Tenant {
     /// `allowed_models` entries are exact names, `*`, or `provider/*`.
     pub fn may_use(&self, requested: &str) -> bool {
         match &self.allowed_models {
@@ -490,13 +556,12 @@ pub struct Snapshot {
     pub providers: HashMap<String, Arc<ProviderSnapshot>>,
     /// Alias name → target.
     pub aliases: HashMap<String, RouteTarget>,
-    pub tenants: HashMap<KeyHash, Arc<TenantSnapshot>>,
+    /// Tenant records, by key hash and by id.
+    pub tenants: Tenants,
     pub limits: LimitsSnapshot,
     pub regions: HashMap<String, RegionSnapshot>,
     /// Route name → route (ordered targets with fallbacks).
     pub routes: HashMap<String, Arc<RouteSnapshot>>,
-    /// Tenant id → limits, budget and residency.
-    pub tenant_policies: HashMap<String, Arc<TenantPolicy>>,
     /// Shared so a score refresh does not copy the policy and vice versa.
     pub scores: Arc<Scores>,
     /// Per-jurisdiction route tables: for every tenant's jurisdiction set,
@@ -506,8 +571,7 @@ pub struct Snapshot {
 }
 
 /// Sorted jurisdiction set → model name → its plan.
-pub type ResidencyPlans =
-    HashMap<Vec<String>, HashMap<String, Result<Vec<PlannedTarget>, PlanError>>>;
+pub type ResidencyPlans = HashMap<Vec<String>, HashMap<String, Result<Plan, PlanError>>>;
 
 impl Snapshot {
     /// Resolves what a client wrote in `model`: an alias first, then a
@@ -534,12 +598,13 @@ impl Snapshot {
         })
     }
 
-    pub fn tenant_for_key(&self, key: &str) -> Option<&Arc<TenantSnapshot>> {
-        self.tenants.get(&KeyHash::of(key))
+    /// The tenant a virtual key authenticates as.
+    pub fn tenant_for_key(&self, key: &str) -> Option<&Arc<Tenant>> {
+        self.tenants.by_key(&KeyHash::of(key))
     }
 
-    pub fn tenant_policy(&self, tenant_id: &str) -> Option<&Arc<TenantPolicy>> {
-        self.tenant_policies.get(tenant_id)
+    pub fn tenant(&self, tenant_id: &str) -> Option<&Arc<Tenant>> {
+        self.tenants.by_id(tenant_id)
     }
 
     /// Every name `/v1/models` lists: `provider/model` for advertised models, then aliases.

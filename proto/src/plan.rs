@@ -14,6 +14,10 @@ use crate::{
     ProviderSnapshot, ResidencyPlans, RouteSnapshot, RouteTarget, ScoreKey, Snapshot, Strategy,
 };
 
+/// A route plan: its targets, best first. Shared, so handing a compiled
+/// plan to a request is a reference count, not a copy.
+pub type Plan = Arc<[PlannedTarget]>;
+
 /// One step of a route plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedTarget {
@@ -89,40 +93,35 @@ pub fn plan(
     health: &Health,
     requested: &str,
     jurisdictions: Option<&[String]>,
-) -> Result<Vec<PlannedTarget>, PlanError> {
-    let mut targets = static_plan(snapshot, requested, jurisdictions)?;
-    demote_degraded(&mut targets, health);
-    Ok(targets)
+) -> Result<Plan, PlanError> {
+    let targets = static_plan(snapshot, requested, jurisdictions)?;
+    Ok(demote_degraded(targets, health))
 }
 
 /// Stable partition: healthy targets first, each group in plan order.
-fn demote_degraded(targets: &mut Vec<PlannedTarget>, health: &Health) {
+/// The snapshot's plan is shared as is unless something is demoted.
+fn demote_degraded(targets: Plan, health: &Health) -> Plan {
     if targets.len() < 2 || !health.has_targets() {
-        return;
+        return targets;
     }
-    let degraded: Vec<bool> = targets
-        .iter()
-        .map(|t| {
-            let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
-            health
-                .peek_target(&id)
-                .is_some_and(|e| health.is_degraded(&e))
-        })
-        .collect();
-    if !degraded.iter().any(|d| *d) {
-        return;
+    let degraded = |t: &PlannedTarget| {
+        let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
+        health
+            .peek_target(&id)
+            .is_some_and(|e| health.is_degraded(&e))
+    };
+    let flags: Vec<bool> = targets.iter().map(degraded).collect();
+    if !flags.iter().any(|d| *d) {
+        return targets;
     }
-    let all = std::mem::take(targets);
-    let (mut ok, mut bad) = (Vec::with_capacity(all.len()), Vec::new());
-    for (t, d) in all.into_iter().zip(degraded) {
-        if d {
-            bad.push(t);
-        } else {
-            ok.push(t);
-        }
-    }
-    ok.extend(bad);
-    *targets = ok;
+    let pick = |want: bool| {
+        targets
+            .iter()
+            .zip(&flags)
+            .filter(move |(_, d)| **d == want)
+            .map(|(t, _)| t.clone())
+    };
+    pick(false).chain(pick(true)).collect()
 }
 
 /// The snapshot's own order for `requested`, without runtime health: the
@@ -135,7 +134,7 @@ pub fn static_plan(
     snapshot: &Snapshot,
     requested: &str,
     jurisdictions: Option<&[String]>,
-) -> Result<Vec<PlannedTarget>, PlanError> {
+) -> Result<Plan, PlanError> {
     if let Some(allowed) = jurisdictions {
         let key = jurisdiction_key(allowed);
         if let Some(compiled) = snapshot
@@ -143,6 +142,7 @@ pub fn static_plan(
             .get(&key)
             .and_then(|table| table.get(requested))
         {
+            // A reference count on the shared plan; only a refusal is copied.
             return compiled.clone();
         }
     }
@@ -154,8 +154,8 @@ pub fn static_plan(
 /// and route targets are final, or the tables name targets that are gone.
 pub fn compile_residency_plans(snapshot: &Snapshot) -> ResidencyPlans {
     let mut sets: Vec<Vec<String>> = snapshot
-        .tenant_policies
-        .values()
+        .tenants
+        .iter()
         .filter_map(|t| t.residency.as_deref().map(jurisdiction_key))
         .collect();
     sets.sort();
@@ -183,7 +183,7 @@ impl Snapshot {
         &self,
         requested: &str,
         jurisdictions: Option<&[String]>,
-    ) -> Result<Vec<PlannedTarget>, PlanError> {
+    ) -> Result<Plan, PlanError> {
         static_plan(self, requested, jurisdictions)
     }
 
@@ -199,7 +199,7 @@ fn plan_uncached(
     snap: &Snapshot,
     requested: &str,
     jurisdictions: Option<&[String]>,
-) -> Result<Vec<PlannedTarget>, PlanError> {
+) -> Result<Plan, PlanError> {
     let mut all = Vec::new();
     if let Some(route) = snap.routes.get(requested) {
         let mut seen_routes = HashSet::new();
@@ -212,7 +212,7 @@ fn plan_uncached(
     let mut seen = HashSet::new();
     all.retain(|t| seen.insert(t.target.clone()));
     let Some(allowed) = jurisdictions else {
-        return Ok(all);
+        return Ok(all.into());
     };
     let (kept, blocked): (Vec<_>, Vec<_>) = all.into_iter().partition(|t| {
         t.jurisdiction
@@ -226,7 +226,7 @@ fn plan_uncached(
             blocked,
         });
     }
-    Ok(kept)
+    Ok(kept.into())
 }
 
 fn planned(snap: &Snapshot, provider: String, model: String) -> PlannedTarget {
@@ -408,15 +408,13 @@ mod tests {
     #[test]
     fn per_jurisdiction_tables_are_compiled_and_used() {
         let mut s = snapshot(Strategy::Priority);
-        s.tenant_policies.insert(
-            "t".into(),
-            Arc::new(crate::TenantPolicy {
+        s.tenants.insert(
+            crate::KeyHash::of("k"),
+            crate::Tenant {
                 id: "t".into(),
-                rpm: None,
-                tpm: None,
-                monthly_budget_usd: None,
                 residency: Some(vec!["eu".into()]),
-            }),
+                ..Default::default()
+            },
         );
         s.compile_residency_plans();
         let eu = vec!["eu".to_string()];
@@ -427,6 +425,42 @@ mod tests {
         // A set no tenant has (e.g. narrowed by a header) is computed.
         let us = vec!["us".to_string()];
         assert_eq!(providers(&s.plan("chat", Some(&us)).unwrap()), ["us"]);
+    }
+
+    #[test]
+    fn compiled_plans_are_shared_not_copied() {
+        let mut s = snapshot(Strategy::Priority);
+        s.tenants.insert(
+            crate::KeyHash::of("k"),
+            crate::Tenant {
+                id: "t".into(),
+                residency: Some(vec!["eu".into(), "us".into()]),
+                ..Default::default()
+            },
+        );
+        s.compile_residency_plans();
+        // Written in another order than the table's key: the same set.
+        let both = vec!["us".to_string(), "eu".to_string()];
+        let first = s.plan("chat", Some(&both)).unwrap();
+        assert!(Arc::ptr_eq(&first, &s.plan("chat", Some(&both)).unwrap()));
+        let health = Health::new();
+        let healthy = plan(&s, &health, "chat", Some(&both)).unwrap();
+        assert!(Arc::ptr_eq(&first, &healthy), "nothing demoted: no copy");
+
+        let eu = health
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
+        let now = std::time::Instant::now();
+        for _ in 0..crate::health::DEMOTE_MIN_SAMPLES {
+            health.record(&eu, crate::health::Outcome::Failure, now);
+        }
+        let demoted = plan(&s, &health, "chat", Some(&both)).unwrap();
+        assert_eq!(providers(&demoted), ["us", "eu"]);
+        assert_eq!(
+            providers(&first),
+            ["eu", "us"],
+            "the shared plan is untouched"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::{
     FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
     ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
     Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy,
-    TargetScore, TenantPolicy, TenantSnapshot, WeightedTarget,
+    TargetScore, Tenant, Tenants, WeightedTarget,
 };
 
 /// Why a snapshot message cannot become a [`Snapshot`]; `path` names the field.
@@ -217,21 +217,18 @@ impl From<&Snapshot> for pb::SnapshotMsg {
             .collect();
         let mut tenants: Vec<_> = s
             .tenants
-            .iter()
-            .map(|(hash, t)| {
-                let policy = s.tenant_policies.get(&t.id);
-                pb::TenantMsg {
-                    id: t.id.clone(),
-                    key_sha256: hash.0.to_vec(),
-                    allowed_models: t
-                        .allowed_models
-                        .as_ref()
-                        .map(|m| pb::AllowedModels { models: m.clone() }),
-                    rpm: policy.and_then(|p| p.rpm).unwrap_or(0),
-                    tpm: policy.and_then(|p| p.tpm).unwrap_or(0),
-                    monthly_budget_usd: policy.and_then(|p| p.monthly_budget_usd).unwrap_or(0.0),
-                    residency: policy.and_then(|p| p.residency.clone()).unwrap_or_default(),
-                }
+            .keys()
+            .map(|(hash, t)| pb::TenantMsg {
+                id: t.id.clone(),
+                key_sha256: hash.0.to_vec(),
+                allowed_models: t
+                    .allowed_models
+                    .as_ref()
+                    .map(|m| pb::AllowedModels { models: m.clone() }),
+                rpm: t.rpm.unwrap_or(0),
+                tpm: t.tpm.unwrap_or(0),
+                monthly_budget_usd: t.monthly_budget_usd.unwrap_or(0.0),
+                residency: t.residency.clone().unwrap_or_default(),
             })
             .collect();
         tenants.sort_by(|a, b| a.id.cmp(&b.id));
@@ -546,8 +543,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                 }),
             );
         }
-        let mut tenants = HashMap::new();
-        let mut tenant_policies = HashMap::new();
+        let mut tenants = Tenants::default();
         let mut ids = HashSet::new();
         for (i, t) in msg.tenants.into_iter().enumerate() {
             let path = format!("tenants[{i}]");
@@ -565,23 +561,17 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     "must be non-negative",
                 ));
             }
-            tenant_policies.insert(
-                t.id.clone(),
-                Arc::new(TenantPolicy {
-                    id: t.id.clone(),
+            tenants.insert(
+                KeyHash(hash),
+                Tenant {
+                    id: t.id,
+                    allowed_models: t.allowed_models.map(|a| a.models),
                     rpm: (t.rpm > 0).then_some(t.rpm),
                     tpm: (t.tpm > 0).then_some(t.tpm),
                     monthly_budget_usd: (t.monthly_budget_usd > 0.0)
                         .then_some(t.monthly_budget_usd),
                     residency: (!t.residency.is_empty()).then_some(t.residency),
-                }),
-            );
-            tenants.insert(
-                KeyHash(hash),
-                Arc::new(TenantSnapshot {
-                    id: t.id,
-                    allowed_models: t.allowed_models.map(|a| a.models),
-                }),
+                },
             );
         }
         let l = msg.limits.ok_or_else(|| InvalidSnapshot::MissingField {
@@ -627,7 +617,6 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
             limits,
             regions,
             routes,
-            tenant_policies,
             scores: Arc::new(scores),
             residency_plans: Default::default(),
         };
@@ -727,20 +716,14 @@ mod tests {
         );
         s.tenants.insert(
             KeyHash::of("k"),
-            Arc::new(TenantSnapshot {
+            Tenant {
                 id: "t".into(),
                 allowed_models: Some(vec!["p/m".into()]),
-            }),
-        );
-        s.tenant_policies.insert(
-            "t".into(),
-            Arc::new(TenantPolicy {
-                id: "t".into(),
                 rpm: Some(5),
                 tpm: None,
                 monthly_budget_usd: Some(10.0),
                 residency: Some(vec!["eu".into()]),
-            }),
+            },
         );
         s
     }
@@ -752,8 +735,10 @@ mod tests {
         let p = &back.providers["p"];
         assert!(p.keys.is_empty(), "resolved keys never travel");
         assert_eq!(p.key_pools, sample().providers["p"].key_pools);
-        assert_eq!(back.tenant_policy("t").unwrap().rpm, Some(5));
-        assert!(back.tenant_for_key("k").unwrap().may_use("p/m"));
+        let t = back.tenant_for_key("k").unwrap();
+        assert!(t.may_use("p/m"));
+        assert_eq!(t.rpm, Some(5));
+        assert!(Arc::ptr_eq(t, back.tenant("t").unwrap()), "one record");
     }
 
     #[test]

@@ -29,7 +29,7 @@ const FORWARDED_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta"];
 /// the tenant, narrowed by what the edge sent; refuses a tenant the egress
 /// does not know.
 pub fn derive_residency(snap: &Snapshot, req: &mut EgressRequest) -> Result<(), GatewayError> {
-    let Some(policy) = snap.tenant_policies.get(&req.tenant) else {
+    let Some(policy) = snap.tenant(&req.tenant) else {
         // Without the tenant its residency cannot be known; serving it with
         // the edge's word alone would let any edge lift a restriction.
         return Err(GatewayError::new(
@@ -129,11 +129,10 @@ fn raw_path_is_safe(path_and_query: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Instant;
 
     use bytes::Bytes;
-    use switchyard_proto::{RouteTarget, TenantPolicy};
+    use switchyard_proto::{KeyHash, RouteTarget, Tenant};
 
     use super::*;
     use crate::request::Protocol;
@@ -144,13 +143,13 @@ mod tests {
             ("eu-tenant", Some(vec!["eu".to_string()])),
             ("global", None),
         ] {
-            s.tenant_policies.insert(
-                id.into(),
-                Arc::new(TenantPolicy {
+            s.tenants.insert(
+                KeyHash::of(id),
+                Tenant {
                     id: id.into(),
                     residency,
-                    ..TenantPolicy::default()
-                }),
+                    ..Tenant::default()
+                },
             );
         }
         s

@@ -18,7 +18,7 @@ use switchyard_llm::anthropic;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::plan::narrow_residency;
-use switchyard_proto::{Snapshot, TenantSnapshot};
+use switchyard_proto::{Snapshot, Tenant};
 
 use super::{fail, Failure};
 use crate::app::EdgeApp;
@@ -126,8 +126,7 @@ pub(crate) async fn admit(
     ctx.tenant = Some(tenant.clone());
     // The tenant's jurisdictions, narrowed (never widened) by the header.
     ctx.residency = narrow_residency(
-        snap.tenant_policy(&tenant.id)
-            .and_then(|p| p.residency.as_deref()),
+        tenant.residency.as_deref(),
         session
             .get_header("x-switchyard-residency")
             .and_then(|v| v.to_str().ok()),
@@ -402,7 +401,7 @@ fn model_object(id: &str, owner: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
 }
 
-fn models_list(snap: &Snapshot, tenant: &TenantSnapshot) -> Bytes {
+fn models_list(snap: &Snapshot, tenant: &Tenant) -> Bytes {
     let data: Vec<_> = snap
         .model_names()
         .into_iter()

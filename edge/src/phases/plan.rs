@@ -6,6 +6,7 @@
 //! empty: a route left without a usable target is a clear error here, not
 //! an index out of bounds later.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use switchyard_backhaul::{Operation, RawRequest};
 use switchyard_llm::openai::parse_json_object;
 use switchyard_llm::{ErrorKind, GatewayError, Retry};
 use switchyard_proto::{
-    Health, PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, TenantSnapshot,
+    Health, PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, Tenant,
 };
 
 use super::admit::{copy_headers, requested_model, Request, RAW_HEADERS};
@@ -25,8 +26,9 @@ use crate::ctx::RequestCtx;
 /// Ordered targets for one request.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Best first; never empty.
-    pub targets: Vec<PlannedTarget>,
+    /// Best first; never empty. Usually the snapshot's own compiled plan,
+    /// shared rather than copied.
+    pub targets: switchyard_proto::Plan,
     /// How many targets residency took away.
     pub excluded: usize,
     /// Deadline for each attempt's first streamed event.
@@ -82,7 +84,7 @@ pub(crate) fn plan(
                 Some(body) => {
                     let raw = raw_request(session, snap, target, &op, &body).map_err(fail)?;
                     // Raw mode talks to one provider as it is: no fallbacks.
-                    plan.targets.truncate(1);
+                    plan.targets = plan.targets[..1].into();
                     plan.excluded = 0;
                     (plan, Operation::Raw(raw))
                 }
@@ -175,14 +177,14 @@ fn passthrough_plan(
         }
     }
     Ok(Plan {
-        targets: vec![PlannedTarget {
+        targets: Arc::new([PlannedTarget {
             target: RouteTarget {
                 provider: provider.to_string(),
                 model: String::new(),
             },
             region: p.region.clone(),
             jurisdiction: p.jurisdiction.clone(),
-        }],
+        }]),
         excluded: 0,
         first_token_timeout: None,
     })
@@ -243,7 +245,7 @@ fn raw_path(kind: Option<ProviderKind>, endpoint: &str) -> Result<String, Gatewa
 pub fn route_plan(
     snap: &Snapshot,
     health: &Health,
-    tenant: &TenantSnapshot,
+    tenant: &Tenant,
     requested: &str,
     residency: Option<&[String]>,
 ) -> Result<Plan, GatewayError> {
@@ -264,25 +266,26 @@ pub fn route_plan(
         .get(requested)
         .and_then(|r| r.first_token_timeout)
         .or(snap.limits.first_token_timeout);
-    let all = snap.plan(requested, None).map_err(|e| match e {
-        PlanError::UnknownModel(_) | PlanError::Residency { .. } => {
-            GatewayError::model_not_found(requested)
-        }
-    })?;
     let plan = match residency {
         // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
-            targets: switchyard_proto::plan::plan(snap, health, requested, None).unwrap_or(all),
+            targets: switchyard_proto::plan::plan(snap, health, requested, None)
+                .map_err(|_| GatewayError::model_not_found(requested))?,
             excluded: 0,
             first_token_timeout,
         },
         Some(allowed) => match switchyard_proto::plan::plan(snap, health, requested, Some(allowed))
         {
-            Ok(targets) => Plan {
-                excluded: all.len().saturating_sub(targets.len()),
-                targets,
-                first_token_timeout,
-            },
+            Ok(targets) => {
+                let all = snap
+                    .plan(requested, None)
+                    .map_err(|_| GatewayError::model_not_found(requested))?;
+                Plan {
+                    excluded: all.len().saturating_sub(targets.len()),
+                    targets,
+                    first_token_timeout,
+                }
+            }
             Err(PlanError::Residency { blocked, .. }) => {
                 let where_ = blocked
                     .iter()
@@ -371,9 +374,9 @@ mod tests {
         };
         snap.routes
             .insert("r".into(), route("r", vec![ghost], None));
-        let tenant = TenantSnapshot {
+        let tenant = Tenant {
             id: "t".into(),
-            allowed_models: None,
+            ..Tenant::default()
         };
         let e = route_plan(&snap, &Health::new(), &tenant, "r", None).unwrap_err();
         assert_eq!((e.status(), e.code), (503, Some("no_route_target")));
@@ -408,9 +411,9 @@ mod tests {
         snap.routes
             .insert("dflt".into(), route("dflt", vec![t()], None));
         snap.limits.first_token_timeout = Some(Duration::from_secs(3));
-        let tenant = TenantSnapshot {
+        let tenant = Tenant {
             id: "t".into(),
-            allowed_models: None,
+            ..Tenant::default()
         };
         let ftt = |m: &str| {
             route_plan(&snap, &Health::new(), &tenant, m, None)

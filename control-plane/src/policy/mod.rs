@@ -19,13 +19,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use switchyard_proto::{
-    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PlanError, PoolKey,
-    ProviderKind, ProviderSnapshot, RegionSnapshot, ResolvedKey, RouteSnapshot, RouteTarget,
-    Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy, TenantPolicy,
-    TenantSnapshot, WeightedTarget,
+    KeySource, LimitsSnapshot, ProviderKind, ProviderSnapshot, ResolvedKey, Secret, Snapshot,
 };
 
 use crate::secrets::{MasterKeys, MASTER_KEY_ENV};
+
+mod providers;
+mod routes;
+mod tenants;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -453,599 +454,54 @@ fn compile_unplanned(
     doc: &PolicyDocument,
     opts: &PolicyOptions<'_>,
 ) -> Result<Compiled, Vec<PolicyError>> {
-    let mut errors = Vec::new();
-    let mut err = |path: String, message: String| errors.push(PolicyError { path, message });
-    let env = |name: &str| (opts.env)(name).filter(|v| !v.trim().is_empty());
+    // Section by section, in the order errors are reported; each later
+    // section may refer to what an earlier one built.
+    let mut errors = Errors::default();
+    let regions = providers::regions(doc, &mut errors);
+    let jurisdictions = providers::jurisdictions(doc);
+    let (providers, status) = providers::providers(doc, opts, &jurisdictions, &mut errors);
+    let aliases = routes::aliases(doc, opts, &providers, &mut errors);
+    let routes = routes::routes(doc, opts, &providers, &mut errors);
+    let tenants = tenants::tenants(doc, &jurisdictions, &mut errors);
+    let limits = limits(doc, &mut errors);
 
-    // Regions first: providers and pools refer to them.
-    let mut regions = HashMap::new();
-    for (name, r) in &doc.regions {
-        for (i, addr) in r.egress.iter().enumerate() {
-            let valid = addr
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
-                err(
-                    format!("regions.{name}.egress[{i}]"),
-                    format!("expected host:port, got {addr:?}"),
-                );
-            }
-        }
-        if r.jurisdiction.as_deref().is_some_and(|j| !is_tag(j)) {
-            err(
-                format!("regions.{name}.jurisdiction"),
-                "must be a lowercase tag such as eu or us".into(),
-            );
-        }
-        regions.insert(
-            name.clone(),
-            RegionSnapshot {
-                name: name.clone(),
-                jurisdiction: r.jurisdiction.clone(),
-                egress: r.egress.clone(),
-            },
-        );
-    }
-    let region_jurisdiction =
-        |r: &str| -> Option<String> { doc.regions.get(r).and_then(|r| r.jurisdiction.clone()) };
-    let mut jurisdictions: HashSet<String> = doc
-        .regions
-        .values()
-        .filter_map(|r| r.jurisdiction.clone())
-        .collect();
-    jurisdictions.extend(
-        doc.providers
-            .values()
-            .filter_map(|p| p.jurisdiction.clone()),
-    );
-
-    let mut providers: HashMap<String, Arc<ProviderSnapshot>> = HashMap::new();
-    let mut status = Vec::new();
-
-    for (name, p) in &doc.providers {
-        let path = format!("providers.{name}");
-        if name.is_empty() || name.contains('/') {
-            err(
-                path.clone(),
-                "provider names must be non-empty and contain no '/'".into(),
-            );
-            continue;
-        }
-        let kind: ProviderKind = p.kind.into();
-        let env_default = ENV_PROVIDERS.iter().find(|e| e.1 == kind && e.0 == name);
-        let base_url = match (&p.base_url, kind) {
-            (Some(u), _) => u.clone(),
-            (None, ProviderKind::Simulated) => String::new(),
-            (None, ProviderKind::OpenAiCompatible) => {
-                err(
-                    format!("{path}.base_url"),
-                    "required for kind openai-compatible".into(),
-                );
-                continue;
-            }
-            (None, _) => {
-                let (_, _, _, url_var, default) = ENV_PROVIDERS
-                    .iter()
-                    .find(|e| e.1 == kind)
-                    .copied()
-                    .unwrap_or(ENV_PROVIDERS[0]);
-                env(url_var).unwrap_or_else(|| default.to_string())
-            }
-        };
-        if kind != ProviderKind::Simulated && !is_http_url(&base_url) {
-            err(
-                format!("{path}.base_url"),
-                format!("must be an http:// or https:// URL, got {base_url:?}"),
-            );
-            continue;
-        }
-        if kind == ProviderKind::Simulated && p.base_url.is_some() {
-            err(
-                format!("{path}.base_url"),
-                "the simulated provider has no endpoint".into(),
-            );
-        }
-        if kind != ProviderKind::Simulated && p.simulated.is_some() {
-            err(
-                format!("{path}.simulated"),
-                "only valid for kind simulated (use `faults` to inject faults in front of a real provider)".into(),
-            );
-        }
-        if kind == ProviderKind::Simulated && p.faults.is_some() {
-            err(
-                format!("{path}.faults"),
-                "the simulated provider takes its faults under `simulated`".into(),
-            );
-        }
-        if let Some(region) = &p.region {
-            if !doc.regions.contains_key(region) {
-                err(
-                    format!("{path}.region"),
-                    format!("unknown region {region:?}"),
-                );
-            }
-        }
-        if p.jurisdiction.as_deref().is_some_and(|j| !is_tag(j)) {
-            err(
-                format!("{path}.jurisdiction"),
-                "must be a lowercase tag such as eu or us".into(),
-            );
-        }
-        let jurisdiction = p
-            .jurisdiction
-            .clone()
-            .or_else(|| p.region.as_deref().and_then(region_jurisdiction));
-
-        let mut pricing = HashMap::new();
-        for (model, price) in &p.pricing {
-            let ok = |x: f64| x.is_finite() && x >= 0.0;
-            if !ok(price.input) || !ok(price.output) {
-                err(
-                    format!("{path}.pricing.{model}"),
-                    "input and output must be non-negative numbers (USD per million tokens)".into(),
-                );
-                continue;
-            }
-            pricing.insert(
-                model.clone(),
-                ModelPrice {
-                    input_per_million: price.input,
-                    output_per_million: price.output,
-                },
-            );
-        }
-
-        let mut key_pools = Vec::new();
-        let key_var = p
-            .api_key_env
-            .clone()
-            .or_else(|| env_default.map(|e| e.2.to_string()));
-        if let Some(var) = &key_var {
-            key_pools.push(KeyPoolSnapshot {
-                name: "default".into(),
-                region: p.region.clone(),
-                jurisdictions: Vec::new(),
-                keys: vec![PoolKey::new(0, KeySource::Env(var.clone()))],
-            });
-        }
-        for (i, pool) in p.key_pools.iter().enumerate() {
-            let ppath = format!("{path}.key_pools[{i}]");
-            let region = pool.region.clone().or_else(|| p.region.clone());
-            if let Some(r) = &pool.region {
-                if !doc.regions.contains_key(r) {
-                    err(format!("{ppath}.region"), format!("unknown region {r:?}"));
-                }
-            }
-            let allowed: Vec<String> = pool.jurisdictions.clone().unwrap_or_default();
-            for (j, tag) in allowed.iter().enumerate() {
-                if !jurisdictions.contains(tag) {
-                    err(
-                        format!("{ppath}.jurisdictions[{j}]"),
-                        format!("unknown jurisdiction {tag:?} (no region or provider declares it)"),
-                    );
-                }
-            }
-            // A pool whose own region may not hold it could never be used:
-            // almost certainly a mistake, so refuse it.
-            let pool_allowed = if allowed.is_empty() {
-                jurisdiction.clone().into_iter().collect()
-            } else {
-                allowed.clone()
-            };
-            if let Some(r) = &region {
-                if let Some(rj) = region_jurisdiction(r) {
-                    if !pool_allowed.is_empty() && !pool_allowed.contains(&rj) {
-                        err(
-                            format!("{ppath}.jurisdictions"),
-                            format!(
-                                "region {r:?} (jurisdiction {rj}) may not hold this pool's keys (allowed: {})",
-                                pool_allowed.join(", ")
-                            ),
-                        );
-                    }
-                }
-            }
-            if pool.keys.is_empty() {
-                err(
-                    format!("{ppath}.keys"),
-                    "a pool needs at least one key".into(),
-                );
-            }
-            let pool_name = pool.name.clone().unwrap_or_else(|| format!("pool-{i}"));
-            if key_pools
-                .iter()
-                .any(|p: &KeyPoolSnapshot| p.name == pool_name)
-            {
-                err(
-                    format!("{ppath}.name"),
-                    format!("another pool of this provider is named {pool_name:?} (`api_key_env` makes one named \"default\")"),
-                );
-            }
-            let mut keys = Vec::new();
-            let mut key_ids = HashSet::new();
-            for (k, key) in pool.keys.iter().enumerate() {
-                let kpath = format!("{ppath}.keys[{k}]");
-                let mut identity = PoolKey::new(k, KeySource::Env(String::new()));
-                if let Some(id) = &key.id {
-                    if !is_key_id(id) {
-                        err(
-                            format!("{kpath}.id"),
-                            "must be 1-64 letters, digits, '.', '_' or '-'".into(),
-                        );
-                    }
-                    identity.id = id.clone();
-                }
-                if !key_ids.insert(identity.id.clone()) {
-                    err(
-                        format!("{kpath}.id"),
-                        format!("duplicate key id {:?} in this pool", identity.id),
-                    );
-                }
-                match key.weight {
-                    Some(0) => err(format!("{kpath}.weight"), "must be greater than 0".into()),
-                    Some(w) => identity.weight = w,
-                    None => {}
-                }
-                // Carried in the snapshot for the adaptive key pools, but a
-                // limit the egress does not enforce yet must not be trusted.
-                for (field, set) in [("rpm", key.rpm.is_some()), ("tpm", key.tpm.is_some())] {
-                    if set {
-                        err(
-                            format!("{kpath}.{field}"),
-                            "per-key rate limits are not enforced yet; remove this field (the egress already steers away from keys the provider rate-limits)".into(),
-                        );
-                    }
-                }
-                identity.rpm = key.rpm;
-                identity.tpm = key.tpm;
-                let mut push = |source| {
-                    keys.push(PoolKey {
-                        source,
-                        ..identity.clone()
-                    })
-                };
-                let set = [
-                    key.env.is_some(),
-                    key.file.is_some(),
-                    key.encrypted.is_some(),
-                    key.value.is_some(),
-                ]
-                .iter()
-                .filter(|b| **b)
-                .count();
-                if set != 1 {
-                    err(
-                        kpath,
-                        "set exactly one of env, file, encrypted, value".into(),
-                    );
-                    continue;
-                }
-                if let Some(v) = &key.env {
-                    push(KeySource::Env(v.clone()));
-                } else if let Some(f) = &key.file {
-                    push(KeySource::File(f.clone()));
-                } else if let Some(v) = &key.value {
-                    push(KeySource::Inline(v.clone()));
-                } else if let Some(blob) = &key.encrypted {
-                    match opts.master_keys.map(|m| m.open(blob)) {
-                        Some(Ok(secret)) => push(KeySource::Inline(secret)),
-                        Some(Err(e)) => err(format!("{kpath}.encrypted"), e.to_string()),
-                        None => err(
-                            format!("{kpath}.encrypted"),
-                            format!("${MASTER_KEY_ENV} is not set"),
-                        ),
-                    }
-                }
-            }
-            key_pools.push(KeyPoolSnapshot {
-                name: pool_name,
-                region,
-                jurisdictions: allowed,
-                keys,
-            });
-        }
-
-        let simulated = if kind == ProviderKind::Simulated {
-            Some(simulated_settings(
-                p.simulated.as_ref(),
-                &format!("{path}.simulated"),
-                &mut err,
-            ))
-        } else {
-            p.faults
-                .as_ref()
-                .map(|f| fault_layer_settings(f, &format!("{path}.faults"), &mut err))
-        };
-        let models = if p.models.is_empty() {
-            default_models(kind).iter().map(|m| m.to_string()).collect()
-        } else {
-            p.models.clone()
-        };
-        status.push((name.clone(), live_note(kind, &base_url, key_pools.len())));
-        providers.insert(
-            name.clone(),
-            Arc::new(ProviderSnapshot {
-                name: name.clone(),
-                kind,
-                base_url: base_url.trim_end_matches('/').to_string(),
-                keys: Vec::new(),
-                models,
-                simulated,
-                region: p.region.clone(),
-                jurisdiction,
-                pricing,
-                key_pools,
-            }),
-        );
-    }
-
-    if opts.env_providers {
-        for (name, kind, key_var, url_var, default_url) in ENV_PROVIDERS {
-            if doc.providers.contains_key(*name) {
-                continue;
-            }
-            if env(key_var).is_none() {
-                status.push((name.to_string(), format!("not live: ${key_var} is not set")));
-                continue;
-            }
-            let base_url = env(url_var).unwrap_or_else(|| default_url.to_string());
-            if !is_http_url(&base_url) {
-                err(
-                    format!("${url_var}"),
-                    format!("must be an http:// or https:// URL, got {base_url:?}"),
-                );
-                continue;
-            }
-            providers.insert(
-                name.to_string(),
-                Arc::new(ProviderSnapshot {
-                    name: name.to_string(),
-                    kind: *kind,
-                    base_url: base_url.trim_end_matches('/').to_string(),
-                    keys: Vec::new(),
-                    models: default_models(*kind)
-                        .iter()
-                        .map(|m| m.to_string())
-                        .collect(),
-                    simulated: None,
-                    region: None,
-                    jurisdiction: None,
-                    pricing: HashMap::new(),
-                    key_pools: vec![KeyPoolSnapshot {
-                        name: "default".into(),
-                        region: None,
-                        jurisdictions: Vec::new(),
-                        keys: vec![PoolKey::new(0, KeySource::Env(key_var.to_string()))],
-                    }],
-                }),
-            );
-        }
-    }
-
-    if opts.include_simulated
-        && !providers
-            .values()
-            .any(|p| p.kind == ProviderKind::Simulated)
-    {
-        let name = "simulated".to_string();
-        status.push((name.clone(), "live: built-in simulated provider".into()));
-        providers.insert(
-            name.clone(),
-            Arc::new(ProviderSnapshot {
-                name,
-                kind: ProviderKind::Simulated,
-                base_url: String::new(),
-                keys: Vec::new(),
-                models: default_models(ProviderKind::Simulated)
-                    .iter()
-                    .map(|m| m.to_string())
-                    .collect(),
-                simulated: Some(SimulatedSettings::default()),
-                region: None,
-                jurisdiction: None,
-                pricing: HashMap::new(),
-                key_pools: Vec::new(),
-            }),
-        );
-    }
-
-    // Names a target may use: declared providers, the environment ones
-    // (present or not: a missing key is not a policy error), the built-in.
-    let declared = |provider: &str| {
-        doc.providers.contains_key(provider)
-            || ENV_PROVIDERS.iter().any(|e| e.0 == provider)
-            || (provider == "simulated" && opts.include_simulated)
+    // Residency tables are compiled by the callers, once the snapshot is
+    // final; the check below plans without them.
+    let snapshot = Snapshot {
+        version: opts.version,
+        providers,
+        aliases,
+        tenants,
+        limits,
+        regions,
+        routes,
+        scores: Default::default(),
+        residency_plans: Default::default(),
     };
+    tenants::check_residency(doc, &snapshot, &mut errors);
 
-    let mut aliases = HashMap::new();
-    for (alias, target) in &doc.aliases {
-        let path = format!("aliases.{alias}");
-        if alias.contains('/') {
-            err(
-                path.clone(),
-                "an alias must not contain '/' (that form is provider/model)".into(),
-            );
-        }
-        match target.split_once('/') {
-            Some((provider, model)) if !provider.is_empty() && !model.is_empty() => {
-                if !declared(provider) {
-                    err(path, format!("unknown provider {provider:?}"));
-                } else if providers.contains_key(provider) {
-                    aliases.insert(
-                        alias.clone(),
-                        RouteTarget {
-                            provider: provider.to_string(),
-                            model: model.to_string(),
-                        },
-                    );
-                }
-            }
-            _ => err(path, format!("expected provider/model, got {target:?}")),
-        }
+    if !errors.0.is_empty() {
+        return Err(errors.0);
     }
+    Ok(Compiled {
+        snapshot,
+        provider_status: status,
+    })
+}
 
-    let mut routes = HashMap::new();
-    for (name, r) in &doc.routes {
-        let path = format!("routes.{name}");
-        if name.is_empty() || name.contains('/') {
-            err(
-                path.clone(),
-                "a route name must be non-empty and contain no '/'".into(),
-            );
-        }
-        if doc.aliases.contains_key(name) {
-            err(path.clone(), format!("{name:?} is also an alias"));
-        }
-        if r.targets.is_empty() {
-            err(
-                format!("{path}.targets"),
-                "a route needs at least one target".into(),
-            );
-        }
-        let mut targets = Vec::new();
-        for (i, t) in r.targets.iter().enumerate() {
-            let tpath = format!("{path}.targets[{i}]");
-            if !declared(&t.provider) {
-                err(
-                    format!("{tpath}.provider"),
-                    format!("unknown provider {:?}", t.provider),
-                );
-                continue;
-            }
-            if t.model.is_empty() {
-                err(format!("{tpath}.model"), "must not be empty".into());
-            }
-            let weight = t.weight.unwrap_or(1);
-            if r.strategy == StrategyDoc::Weighted && weight == 0 {
-                err(
-                    format!("{tpath}.weight"),
-                    "must be greater than 0 for strategy weighted".into(),
-                );
-            }
-            if providers.contains_key(&t.provider) {
-                targets.push(WeightedTarget {
-                    provider: t.provider.clone(),
-                    model: t.model.clone(),
-                    weight,
-                });
-            }
-        }
-        if r.first_token_timeout_ms == Some(0) {
-            err(
-                format!("{path}.first_token_timeout_ms"),
-                "must be greater than 0".into(),
-            );
-        }
-        for (i, f) in r.fallbacks.iter().enumerate() {
-            if !doc.routes.contains_key(f) {
-                err(
-                    format!("{path}.fallbacks[{i}]"),
-                    format!("unknown route {f:?}"),
-                );
-            } else if reaches(doc, f, name) {
-                err(
-                    format!("{path}.fallbacks[{i}]"),
-                    format!("fallback cycle: {f:?} leads back to {name:?}"),
-                );
-            }
-        }
-        routes.insert(
-            name.clone(),
-            Arc::new(RouteSnapshot {
-                name: name.clone(),
-                strategy: match r.strategy {
-                    StrategyDoc::Priority => Strategy::Priority,
-                    StrategyDoc::Latency => Strategy::Latency,
-                    StrategyDoc::Cost => Strategy::Cost,
-                    StrategyDoc::Weighted => Strategy::Weighted,
-                },
-                targets,
-                fallbacks: r.fallbacks.clone(),
-                first_token_timeout: r.first_token_timeout_ms.map(Duration::from_millis),
-            }),
-        );
+/// Every problem of a document, in the order the sections find them.
+#[derive(Default)]
+struct Errors(Vec<PolicyError>);
+
+impl Errors {
+    /// The `(path, message)` callback the section helpers report through.
+    fn sink(&mut self) -> impl FnMut(String, String) + '_ {
+        |path, message| self.0.push(PolicyError { path, message })
     }
+}
 
-    let mut tenants = HashMap::new();
-    let mut tenant_policies = HashMap::new();
-    let mut seen_ids = HashSet::new();
-    for (i, t) in doc.tenants.iter().enumerate() {
-        let path = format!("tenants[{i}]");
-        if !seen_ids.insert(t.id.clone()) {
-            err(
-                format!("{path}.id"),
-                format!("duplicate tenant id {:?}", t.id),
-            );
-        }
-        match KeyHash::from_hex(&t.key_sha256) {
-            Some(hash) => {
-                if tenants.contains_key(&hash) {
-                    err(
-                        format!("{path}.key_sha256"),
-                        "another tenant has the same key".into(),
-                    );
-                }
-                tenants.insert(
-                    hash,
-                    Arc::new(TenantSnapshot {
-                        id: t.id.clone(),
-                        allowed_models: t.allowed_models.clone(),
-                    }),
-                );
-            }
-            None => err(
-                format!("{path}.key_sha256"),
-                "must be 64 hex characters (SHA-256 of the virtual key)".into(),
-            ),
-        }
-        if t.limits.rpm == Some(0) {
-            err(
-                format!("{path}.limits.rpm"),
-                "must be greater than 0".into(),
-            );
-        }
-        if t.limits.tpm == Some(0) {
-            err(
-                format!("{path}.limits.tpm"),
-                "must be greater than 0".into(),
-            );
-        }
-        if let Some(b) = &t.budget {
-            if !(b.monthly_usd.is_finite() && b.monthly_usd > 0.0) {
-                err(
-                    format!("{path}.budget.monthly_usd"),
-                    "must be a positive number".into(),
-                );
-            }
-        }
-        if let Some(res) = &t.residency {
-            if res.is_empty() {
-                err(
-                    format!("{path}.residency"),
-                    "an empty list allows nothing; omit it to allow every jurisdiction".into(),
-                );
-            }
-            for (j, tag) in res.iter().enumerate() {
-                if !jurisdictions.contains(tag) {
-                    err(
-                        format!("{path}.residency[{j}]"),
-                        format!("unknown jurisdiction {tag:?} (no region or provider declares it)"),
-                    );
-                }
-            }
-        }
-        tenant_policies.insert(
-            t.id.clone(),
-            Arc::new(TenantPolicy {
-                id: t.id.clone(),
-                rpm: t.limits.rpm,
-                tpm: t.limits.tpm,
-                monthly_budget_usd: t.budget.as_ref().map(|b| b.monthly_usd),
-                residency: t.residency.clone(),
-            }),
-        );
-    }
-
+fn limits(doc: &PolicyDocument, errors: &mut Errors) -> LimitsSnapshot {
+    let mut err = errors.sink();
     let defaults = LimitsSnapshot::default();
     let limits = LimitsSnapshot {
         max_body_bytes: doc.limits.max_body_bytes.unwrap_or(defaults.max_body_bytes),
@@ -1085,103 +541,7 @@ fn compile_unplanned(
             "must be greater than 0".into(),
         );
     }
-
-    // Residency tables are compiled by the callers, once the snapshot is
-    // final; the check below plans without them.
-    let snapshot = Snapshot {
-        version: opts.version,
-        providers,
-        aliases,
-        tenants,
-        limits,
-        regions,
-        routes,
-        tenant_policies,
-        scores: Default::default(),
-        residency_plans: Default::default(),
-    };
-
-    // Residency: a tenant restricted to some jurisdictions must have, for
-    // every model it is allowed, at least one target inside them.
-    for (i, t) in doc.tenants.iter().enumerate() {
-        let (Some(res), Some(allowed)) = (&t.residency, &t.allowed_models) else {
-            continue;
-        };
-        if res.is_empty() {
-            continue;
-        }
-        for (k, model) in allowed.iter().enumerate() {
-            let path = format!("tenants[{i}].allowed_models[{k}]");
-            if model == "*" {
-                continue;
-            }
-            if let Some(provider) = model.strip_suffix("/*") {
-                let j = snapshot
-                    .providers
-                    .get(provider)
-                    .and_then(|p| p.jurisdiction.clone());
-                if snapshot.providers.contains_key(provider)
-                    && !j.as_ref().is_some_and(|j| res.contains(j))
-                {
-                    err(
-                        path,
-                        format!(
-                            "provider {provider:?} is in jurisdiction {}, outside the tenant's residency ({})",
-                            j.as_deref().unwrap_or("unknown"),
-                            res.join(", ")
-                        ),
-                    );
-                }
-                continue;
-            }
-            if let Err(PlanError::Residency { blocked, .. }) = snapshot.plan(model, Some(res)) {
-                let outside: Vec<String> = blocked
-                    .iter()
-                    .map(|b| {
-                        format!(
-                            "{}/{} ({})",
-                            b.target.provider,
-                            b.target.model,
-                            b.jurisdiction.as_deref().unwrap_or("unknown jurisdiction")
-                        )
-                    })
-                    .collect();
-                err(
-                    path,
-                    format!(
-                        "every route to {model:?} leaves the tenant's residency ({}): {}",
-                        res.join(", "),
-                        outside.join(", ")
-                    ),
-                );
-            }
-        }
-    }
-
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(Compiled {
-        snapshot,
-        provider_status: status,
-    })
-}
-
-fn reaches(doc: &PolicyDocument, from: &str, target: &str) -> bool {
-    let mut stack = vec![from];
-    let mut seen = HashSet::new();
-    while let Some(r) = stack.pop() {
-        if r == target {
-            return true;
-        }
-        if !seen.insert(r) {
-            continue;
-        }
-        if let Some(route) = doc.routes.get(r) {
-            stack.extend(route.fallbacks.iter().map(String::as_str));
-        }
-    }
-    false
+    limits
 }
 
 fn is_key_id(s: &str) -> bool {
@@ -1382,158 +742,10 @@ fn is_http_url(u: &str) -> bool {
     matches!(rest, Some(host) if !host.is_empty() && !host.starts_with('/'))
 }
 
-fn simulated_settings(
-    doc: Option<&SimulatedDoc>,
-    path: &str,
-    err: &mut impl FnMut(String, String),
-) -> SimulatedSettings {
-    let Some(doc) = doc else {
-        return SimulatedSettings::default();
-    };
-    let base = profile(&SimulatedProfile::default(), &doc.defaults, path, err);
-    let models = doc
-        .models
-        .iter()
-        .map(|(m, p)| {
-            (
-                m.clone(),
-                profile(&base, p, &format!("{path}.models.{m}"), err),
-            )
-        })
-        .collect();
-    SimulatedSettings {
-        default_profile: base,
-        models,
-        allow_header: doc.allow_header,
-    }
-}
-
-/// `faults` of a real provider: the simulated profile's fault and delay
-/// fields, with no delay unless one is asked for; the fields that shape a
-/// simulated answer are refused, as a real provider writes its own.
-fn fault_layer_settings(
-    doc: &SimulatedDoc,
-    path: &str,
-    err: &mut impl FnMut(String, String),
-) -> SimulatedSettings {
-    let answer_only = |p: &ProfileDoc, at: &str, err: &mut dyn FnMut(String, String)| {
-        for (field, set) in [
-            ("tokens_per_second", p.tokens_per_second.is_some()),
-            ("output_tokens", p.output_tokens.is_some()),
-        ] {
-            if set {
-                err(
-                    format!("{at}.{field}"),
-                    "only the simulated provider shapes answers; faults take ttft_ms and fault"
-                        .into(),
-                );
-            }
-        }
-    };
-    answer_only(&doc.defaults, path, &mut *err);
-    for (m, p) in &doc.models {
-        answer_only(p, &format!("{path}.models.{m}"), &mut *err);
-    }
-    let no_delay = SimulatedProfile {
-        ttft: Duration::ZERO,
-        ..SimulatedProfile::default()
-    };
-    let base = profile(&no_delay, &doc.defaults, path, err);
-    let models = doc
-        .models
-        .iter()
-        .map(|(m, p)| {
-            (
-                m.clone(),
-                profile(&base, p, &format!("{path}.models.{m}"), err),
-            )
-        })
-        .collect();
-    SimulatedSettings {
-        default_profile: base,
-        models,
-        allow_header: doc.allow_header,
-    }
-}
-
-fn profile(
-    base: &SimulatedProfile,
-    doc: &ProfileDoc,
-    path: &str,
-    err: &mut impl FnMut(String, String),
-) -> SimulatedProfile {
-    let mut p = base.clone();
-    if let Some(ms) = doc.ttft_ms {
-        p.ttft = Duration::from_millis(ms);
-    }
-    if let Some(tps) = doc.tokens_per_second {
-        if !(tps > 0.0 && tps.is_finite()) {
-            err(
-                format!("{path}.tokens_per_second"),
-                "must be a positive number".into(),
-            );
-        } else {
-            p.tokens_per_second = tps;
-        }
-    }
-    if let Some(n) = doc.output_tokens {
-        p.output_tokens = n;
-    }
-    if let Some(f) = &doc.fault {
-        p.fault = fault(f, &format!("{path}.fault"), err);
-    }
-    p
-}
-
-fn fault(
-    doc: &FaultDoc,
-    path: &str,
-    err: &mut impl FnMut(String, String),
-) -> Option<SimulatedFault> {
-    let rate = doc.rate.unwrap_or(1.0);
-    if !(0.0..=1.0).contains(&rate) {
-        err(
-            format!("{path}.rate"),
-            format!("must be between 0 and 1, got {rate}"),
-        );
-        return None;
-    }
-    let chosen = [doc.status.is_some(), doc.hang, doc.drop_after.is_some()]
-        .iter()
-        .filter(|b| **b)
-        .count();
-    if chosen != 1 {
-        err(
-            path.to_string(),
-            "set exactly one of status, hang, drop_after".into(),
-        );
-        return None;
-    }
-    let mode = if let Some(status) = doc.status {
-        if !(400..=599).contains(&status) {
-            err(
-                format!("{path}.status"),
-                format!("must be an error status (400-599), got {status}"),
-            );
-            return None;
-        }
-        FaultMode::Status {
-            status,
-            retry_after: doc.retry_after,
-        }
-    } else if doc.hang {
-        FaultMode::Hang
-    } else {
-        FaultMode::DropAfter {
-            chunks: doc.drop_after.unwrap_or(0),
-        }
-    };
-    Some(SimulatedFault { rate, mode })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_proto::KeyHash;
 
     fn compile_with(yaml: &str, vars: &[(&str, &str)]) -> Result<Compiled, Vec<PolicyError>> {
         let doc = parse_policy(yaml).map_err(|e| vec![e])?;
@@ -1725,9 +937,10 @@ routes:
 mod control_plane_tests {
     use super::*;
     use crate::secrets::{MasterKey, MasterKeys};
+    use switchyard_proto::PlanError;
 
-    const EXAMPLE: &str = include_str!("../../deploy/examples/multi-region.yaml");
-    const DEV: &str = include_str!("../../deploy/dev/switchyard.yaml");
+    const EXAMPLE: &str = include_str!("../../../deploy/examples/multi-region.yaml");
+    const DEV: &str = include_str!("../../../deploy/dev/switchyard.yaml");
 
     fn policy(yaml: &str, master: Option<&MasterKeys>) -> Result<Compiled, Vec<PolicyError>> {
         let doc = parse_policy(yaml).map_err(|e| vec![e])?;
@@ -1758,7 +971,7 @@ mod control_plane_tests {
             s.providers["azure-eu"].pricing["gpt-4o"].output_per_million,
             11.0
         );
-        let acme = s.tenant_policy("acme-eu").unwrap();
+        let acme = s.tenant("acme-eu").unwrap();
         assert_eq!(acme.rpm, Some(600));
         let eu = vec!["eu".to_string()];
         let plan = s.plan("chat-default", Some(&eu)).unwrap();

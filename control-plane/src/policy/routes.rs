@@ -1,0 +1,167 @@
+//! The `aliases` and `routes` sections.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_proto::{ProviderSnapshot, RouteSnapshot, RouteTarget, Strategy, WeightedTarget};
+
+use super::{Errors, PolicyDocument, PolicyOptions, StrategyDoc, ENV_PROVIDERS};
+
+type Providers = HashMap<String, Arc<ProviderSnapshot>>;
+
+/// Names a target may use: declared providers, the environment ones
+/// (present or not: a missing key is not a policy error), the built-in.
+fn declared(doc: &PolicyDocument, opts: &PolicyOptions<'_>, provider: &str) -> bool {
+    doc.providers.contains_key(provider)
+        || ENV_PROVIDERS.iter().any(|e| e.0 == provider)
+        || (provider == "simulated" && opts.include_simulated)
+}
+
+/// Aliases to a provider that is declared but not compiled (broken, or an
+/// environment one without its key) are dropped without an error.
+pub(super) fn aliases(
+    doc: &PolicyDocument,
+    opts: &PolicyOptions<'_>,
+    providers: &Providers,
+    errors: &mut Errors,
+) -> HashMap<String, RouteTarget> {
+    let mut err = errors.sink();
+    let mut aliases = HashMap::new();
+    for (alias, target) in &doc.aliases {
+        let path = format!("aliases.{alias}");
+        if alias.contains('/') {
+            err(
+                path.clone(),
+                "an alias must not contain '/' (that form is provider/model)".into(),
+            );
+        }
+        match target.split_once('/') {
+            Some((provider, model)) if !provider.is_empty() && !model.is_empty() => {
+                if !declared(doc, opts, provider) {
+                    err(path, format!("unknown provider {provider:?}"));
+                } else if providers.contains_key(provider) {
+                    aliases.insert(
+                        alias.clone(),
+                        RouteTarget {
+                            provider: provider.to_string(),
+                            model: model.to_string(),
+                        },
+                    );
+                }
+            }
+            _ => err(path, format!("expected provider/model, got {target:?}")),
+        }
+    }
+    aliases
+}
+
+/// Targets on a declared provider that is not compiled are dropped the
+/// same way as aliases.
+pub(super) fn routes(
+    doc: &PolicyDocument,
+    opts: &PolicyOptions<'_>,
+    providers: &Providers,
+    errors: &mut Errors,
+) -> HashMap<String, Arc<RouteSnapshot>> {
+    let mut err = errors.sink();
+    let mut routes = HashMap::new();
+    for (name, r) in &doc.routes {
+        let path = format!("routes.{name}");
+        if name.is_empty() || name.contains('/') {
+            err(
+                path.clone(),
+                "a route name must be non-empty and contain no '/'".into(),
+            );
+        }
+        if doc.aliases.contains_key(name) {
+            err(path.clone(), format!("{name:?} is also an alias"));
+        }
+        if r.targets.is_empty() {
+            err(
+                format!("{path}.targets"),
+                "a route needs at least one target".into(),
+            );
+        }
+        let mut targets = Vec::new();
+        for (i, t) in r.targets.iter().enumerate() {
+            let tpath = format!("{path}.targets[{i}]");
+            if !declared(doc, opts, &t.provider) {
+                err(
+                    format!("{tpath}.provider"),
+                    format!("unknown provider {:?}", t.provider),
+                );
+                continue;
+            }
+            if t.model.is_empty() {
+                err(format!("{tpath}.model"), "must not be empty".into());
+            }
+            let weight = t.weight.unwrap_or(1);
+            if r.strategy == StrategyDoc::Weighted && weight == 0 {
+                err(
+                    format!("{tpath}.weight"),
+                    "must be greater than 0 for strategy weighted".into(),
+                );
+            }
+            if providers.contains_key(&t.provider) {
+                targets.push(WeightedTarget {
+                    provider: t.provider.clone(),
+                    model: t.model.clone(),
+                    weight,
+                });
+            }
+        }
+        if r.first_token_timeout_ms == Some(0) {
+            err(
+                format!("{path}.first_token_timeout_ms"),
+                "must be greater than 0".into(),
+            );
+        }
+        for (i, f) in r.fallbacks.iter().enumerate() {
+            if !doc.routes.contains_key(f) {
+                err(
+                    format!("{path}.fallbacks[{i}]"),
+                    format!("unknown route {f:?}"),
+                );
+            } else if reaches(doc, f, name) {
+                err(
+                    format!("{path}.fallbacks[{i}]"),
+                    format!("fallback cycle: {f:?} leads back to {name:?}"),
+                );
+            }
+        }
+        routes.insert(
+            name.clone(),
+            Arc::new(RouteSnapshot {
+                name: name.clone(),
+                strategy: match r.strategy {
+                    StrategyDoc::Priority => Strategy::Priority,
+                    StrategyDoc::Latency => Strategy::Latency,
+                    StrategyDoc::Cost => Strategy::Cost,
+                    StrategyDoc::Weighted => Strategy::Weighted,
+                },
+                targets,
+                fallbacks: r.fallbacks.clone(),
+                first_token_timeout: r.first_token_timeout_ms.map(Duration::from_millis),
+            }),
+        );
+    }
+    routes
+}
+
+fn reaches(doc: &PolicyDocument, from: &str, target: &str) -> bool {
+    let mut stack = vec![from];
+    let mut seen = HashSet::new();
+    while let Some(r) = stack.pop() {
+        if r == target {
+            return true;
+        }
+        if !seen.insert(r) {
+            continue;
+        }
+        if let Some(route) = doc.routes.get(r) {
+            stack.extend(route.fallbacks.iter().map(String::as_str));
+        }
+    }
+    false
+}
