@@ -472,6 +472,9 @@ pub struct RouteSnapshot {
     /// How long each attempt may take to its first streamed event before
     /// the edge moves on to the next target; `None` = the limits' default.
     pub first_token_timeout: Option<Duration>,
+    /// At most this many targets of the route's plan (fallbacks included)
+    /// are tried per request; `None` = every target.
+    pub max_attempts: Option<u32>,
 }
 
 /// Latency and error scores the control plane folds from every node's

@@ -344,6 +344,7 @@ mod tests {
                 targets: vec![t("eu", 1), t("us", 9)],
                 fallbacks: vec!["backup".into()],
                 first_token_timeout: None,
+                max_attempts: None,
             }),
         );
         s.routes.insert(
@@ -354,6 +355,7 @@ mod tests {
                 targets: vec![t("us", 1)],
                 fallbacks: vec!["chat".into()],
                 first_token_timeout: None,
+                max_attempts: None,
             }),
         );
         s.routes.insert(
@@ -364,6 +366,7 @@ mod tests {
                 targets: vec![t("us", 1)],
                 fallbacks: vec![],
                 first_token_timeout: None,
+                max_attempts: None,
             }),
         );
         s

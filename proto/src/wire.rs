@@ -268,6 +268,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                 .collect(),
                             fallbacks: r.fallbacks.clone(),
                             first_token_timeout_ms: millis(r.first_token_timeout),
+                            max_attempts: r.max_attempts.unwrap_or(0),
                         },
                     )
                 })
@@ -540,6 +541,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     fallbacks: r.fallbacks.clone(),
                     first_token_timeout: (r.first_token_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.first_token_timeout_ms)),
+                    max_attempts: (r.max_attempts > 0).then_some(r.max_attempts),
                 }),
             );
         }
@@ -799,6 +801,7 @@ mod tests {
                 }],
                 fallbacks: vec![],
                 first_token_timeout_ms: 0,
+                max_attempts: 0,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();

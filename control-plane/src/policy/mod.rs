@@ -228,6 +228,9 @@ pub struct RouteDoc {
     /// Deadline for a streamed answer's first event, per attempt; past it
     /// the next target is tried. Unset = `limits.first_token_timeout_ms`.
     pub first_token_timeout_ms: Option<u64>,
+    /// At most this many targets (fallbacks included) are tried per
+    /// request. Unset = every target of the plan.
+    pub max_attempts: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -871,6 +874,17 @@ tenants:
         }
         let fast = errs.iter().find(|e| e.path == "aliases.fast").unwrap();
         assert!(fast.to_string().contains("unknown provider \"antropic\""));
+    }
+
+    #[test]
+    fn max_attempts_is_carried_and_zero_is_refused() {
+        let yaml = "routes:\n  r:\n    max_attempts: 2\n    targets: [{ provider: simulated, model: m }]\n";
+        let snap = compile_with(yaml, &[]).unwrap().snapshot;
+        assert_eq!(snap.routes["r"].max_attempts, Some(2));
+        let back = Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap();
+        assert_eq!(back.routes["r"].max_attempts, Some(2));
+        let e = compile_with(&yaml.replace("max_attempts: 2", "max_attempts: 0"), &[]).unwrap_err();
+        assert!(e.iter().any(|e| e.path == "routes.r.max_attempts"), "{e:?}");
     }
 
     #[test]

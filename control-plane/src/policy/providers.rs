@@ -510,10 +510,20 @@ fn simulated_settings(
     path: &str,
     err: &mut impl FnMut(String, String),
 ) -> SimulatedSettings {
-    let Some(doc) = doc else {
-        return SimulatedSettings::default();
-    };
-    let base = profile(&SimulatedProfile::default(), &doc.defaults, path, err);
+    match doc {
+        Some(doc) => settings_over(&SimulatedProfile::default(), doc, path, err),
+        None => SimulatedSettings::default(),
+    }
+}
+
+/// `doc`'s default profile over `base`, and each model's over that.
+fn settings_over(
+    base: &SimulatedProfile,
+    doc: &SimulatedDoc,
+    path: &str,
+    err: &mut impl FnMut(String, String),
+) -> SimulatedSettings {
+    let base = profile(base, &doc.defaults, path, err);
     let models = doc
         .models
         .iter()
@@ -561,22 +571,7 @@ fn fault_layer_settings(
         ttft: Duration::ZERO,
         ..SimulatedProfile::default()
     };
-    let base = profile(&no_delay, &doc.defaults, path, err);
-    let models = doc
-        .models
-        .iter()
-        .map(|(m, p)| {
-            (
-                m.clone(),
-                profile(&base, p, &format!("{path}.models.{m}"), err),
-            )
-        })
-        .collect();
-    SimulatedSettings {
-        default_profile: base,
-        models,
-        allow_header: doc.allow_header,
-    }
+    settings_over(&no_delay, doc, path, err)
 }
 
 fn profile(

@@ -111,6 +111,9 @@ pub(super) fn routes(
                 });
             }
         }
+        if r.max_attempts == Some(0) {
+            err(format!("{path}.max_attempts"), "must be at least 1".into());
+        }
         if r.first_token_timeout_ms == Some(0) {
             err(
                 format!("{path}.first_token_timeout_ms"),
@@ -143,6 +146,7 @@ pub(super) fn routes(
                 targets,
                 fallbacks: r.fallbacks.clone(),
                 first_token_timeout: r.first_token_timeout_ms.map(Duration::from_millis),
+                max_attempts: r.max_attempts,
             }),
         );
     }

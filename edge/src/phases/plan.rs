@@ -317,7 +317,21 @@ pub fn route_plan(
     if plan.targets.is_empty() {
         return Err(empty_plan(requested));
     }
-    Ok(plan)
+    Ok(bounded(
+        plan,
+        snap.routes.get(requested).and_then(|r| r.max_attempts),
+    ))
+}
+
+/// The route's `max_attempts` caps how many targets one request may try;
+/// the plan is copied only when it is actually cut.
+fn bounded(mut plan: Plan, max_attempts: Option<u32>) -> Plan {
+    if let Some(max) = max_attempts.map(|m| m.max(1) as usize) {
+        if plan.targets.len() > max {
+            plan.targets = plan.targets[..max].into();
+        }
+    }
+    plan
 }
 
 pub(crate) fn residency_error(tenant: &str, allowed: &[String], provider: &str) -> GatewayError {
@@ -360,6 +374,7 @@ mod tests {
             targets,
             fallbacks: vec![],
             first_token_timeout: ftt.map(Duration::from_millis),
+            max_attempts: None,
         })
     }
 
@@ -381,6 +396,57 @@ mod tests {
         let e = route_plan(&snap, &Health::new(), &tenant, "r", None).unwrap_err();
         assert_eq!((e.status(), e.code), (503, Some("no_route_target")));
         assert!(!e.may_try_another_target());
+    }
+
+    fn snapshot_with_provider() -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.providers.insert(
+            "p".into(),
+            Arc::new(ProviderSnapshot {
+                name: "p".into(),
+                kind: ProviderKind::OpenAi,
+                base_url: "http://x".into(),
+                keys: vec![],
+                models: vec![],
+                simulated: None,
+                region: None,
+                jurisdiction: None,
+                pricing: HashMap::new(),
+                key_pools: vec![],
+            }),
+        );
+        snap
+    }
+
+    #[test]
+    fn max_attempts_caps_the_targets_a_request_may_try() {
+        let t = |m: &str| WeightedTarget {
+            provider: "p".into(),
+            model: m.into(),
+            weight: 1,
+        };
+        let mut snap = snapshot_with_provider();
+        let mut capped = (*route("capped", vec![t("a"), t("b"), t("c")], None)).clone();
+        capped.max_attempts = Some(2);
+        snap.routes.insert("capped".into(), Arc::new(capped));
+        snap.routes.insert(
+            "open".into(),
+            route("open", vec![t("a"), t("b"), t("c")], None),
+        );
+        let tenant = Tenant {
+            id: "t".into(),
+            ..Tenant::default()
+        };
+        let models = |r: &str| -> Vec<String> {
+            route_plan(&snap, &Health::new(), &tenant, r, None)
+                .unwrap()
+                .targets
+                .iter()
+                .map(|p| p.target.model.clone())
+                .collect()
+        };
+        assert_eq!(models("capped"), ["a", "b"]);
+        assert_eq!(models("open"), ["a", "b", "c"]);
     }
 
     #[test]
