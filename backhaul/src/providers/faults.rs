@@ -105,7 +105,8 @@ fn decide(
     Ok(Injection { delay, fault })
 }
 
-fn fires(fault: &SimulatedFault) -> bool {
+/// Whether an injected fault fires this time (`rate` is its probability).
+pub(crate) fn fires(fault: &SimulatedFault) -> bool {
     fault.rate >= 1.0 || (fault.rate > 0.0 && fastrand::f64() < fault.rate)
 }
 

@@ -236,7 +236,7 @@ impl Provider for SimulatedAdapter {
         let profile = effective_profile(settings.profile(model), &directives);
         let mut drop_after = None;
         if let Some(fault) = &profile.fault {
-            if fault.rate >= 1.0 || fastrand::f64() < fault.rate {
+            if super::faults::fires(fault) {
                 match &fault.mode {
                     FaultMode::Status {
                         status,

@@ -157,9 +157,10 @@ pub struct KeyDoc {
     pub id: Option<String>,
     /// Share of traffic among the pool's keys; default 1.
     pub weight: Option<u32>,
-    /// The provider's requests-per-minute limit for this key.
+    /// Refused until the egress enforces per-key limits (carried in the
+    /// snapshot's key identity for when it does).
     pub rpm: Option<u32>,
-    /// The provider's tokens-per-minute limit for this key.
+    /// Refused, as `rpm`.
     pub tpm: Option<u64>,
     /// Environment variable on the egress (comma-separated values = several keys).
     pub env: Option<String>,
@@ -874,6 +875,34 @@ tenants:
         }
         let fast = errs.iter().find(|e| e.path == "aliases.fast").unwrap();
         assert!(fast.to_string().contains("unknown provider \"antropic\""));
+    }
+
+    #[test]
+    fn faults_of_a_real_provider_are_compiled_and_travel() {
+        let yaml = "providers:\n  p:\n    kind: openai-compatible\n    base_url: http://127.0.0.1:1/v1\n    api_key_env: P_KEY\n    faults:\n      allow_header: true\n      fault: { status: 503, rate: 0.5 }\n      models:\n        slow: { ttft_ms: 250 }\n";
+        let snap = compile_with(yaml, &[("P_KEY", "sk-p")]).unwrap().snapshot;
+        for s in [
+            snap.clone(),
+            Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap(),
+        ] {
+            let f = s.providers["p"]
+                .simulated
+                .as_ref()
+                .expect("fault layer settings");
+            assert!(f.allow_header);
+            // No delay unless asked for: a real provider is not slowed down.
+            assert_eq!(f.default_profile.ttft, Duration::ZERO);
+            assert_eq!(f.profile("slow").ttft, Duration::from_millis(250));
+            let fault = f.default_profile.fault.as_ref().unwrap();
+            assert_eq!(fault.rate, 0.5);
+            assert!(matches!(
+                fault.mode,
+                switchyard_proto::FaultMode::Status { status: 503, .. }
+            ));
+        }
+        let plain = "providers:\n  p:\n    kind: openai-compatible\n    base_url: http://127.0.0.1:1/v1\n    api_key_env: P_KEY\n";
+        let snap = compile_with(plain, &[("P_KEY", "sk-p")]).unwrap().snapshot;
+        assert!(snap.providers["p"].simulated.is_none());
     }
 
     #[test]

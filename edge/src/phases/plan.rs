@@ -451,22 +451,7 @@ mod tests {
 
     #[test]
     fn the_route_sets_the_first_token_deadline_else_the_limits() {
-        let mut snap = Snapshot::default();
-        snap.providers.insert(
-            "p".into(),
-            Arc::new(ProviderSnapshot {
-                name: "p".into(),
-                kind: ProviderKind::OpenAi,
-                base_url: "http://x".into(),
-                keys: vec![],
-                models: vec![],
-                simulated: None,
-                region: None,
-                jurisdiction: None,
-                pricing: HashMap::new(),
-                key_pools: vec![],
-            }),
-        );
+        let mut snap = snapshot_with_provider();
         let t = || WeightedTarget {
             provider: "p".into(),
             model: "m".into(),
