@@ -13,6 +13,8 @@
 //!   responses, streams, errors), thinking blocks preserved.
 //! - [`gemini`]: Gemini generateContent / streamGenerateContent /
 //!   batchEmbedContents ⇄ OpenAI.
+//! - [`responses`]: the OpenAI Responses API ⇄ OpenAI chat, both
+//!   directions, streams included.
 //! - [`translate`]: the streaming translator trait the adapters implement.
 
 pub mod anthropic;
@@ -21,6 +23,7 @@ pub mod error;
 pub mod gemini;
 pub mod openai;
 pub mod passthrough;
+pub mod responses;
 pub mod sse;
 pub mod translate;
 
