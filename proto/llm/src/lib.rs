@@ -13,11 +13,13 @@
 //!   responses, streams, errors), thinking blocks preserved.
 //! - [`gemini`]: Gemini generateContent / streamGenerateContent /
 //!   batchEmbedContents ⇄ OpenAI.
+//! - [`completions`]: legacy OpenAI completions ⇄ OpenAI chat.
 //! - [`responses`]: the OpenAI Responses API ⇄ OpenAI chat, both
 //!   directions, streams included.
 //! - [`translate`]: the streaming translator trait the adapters implement.
 
 pub mod anthropic;
+pub mod completions;
 mod convert;
 pub mod error;
 pub mod gemini;

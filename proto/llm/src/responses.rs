@@ -27,6 +27,70 @@ use crate::openai::{ChatRequest, Usage};
 use crate::sse::{encode_event, SseEvent};
 use crate::translate::StreamTranslator;
 
+/// A Responses request as the caller sent it, read enough to route it.
+/// The hub translation is kept as a result: a request only OpenAI can serve
+/// (built-in tools, stored items) is still valid for OpenAI providers, and
+/// only a translated route reports why it cannot take it.
+#[derive(Debug, Clone)]
+pub struct ResponsesRequest {
+    pub body: Map<String, Value>,
+    pub model: String,
+    pub stream: bool,
+    pub chat: Result<ChatRequest, GatewayError>,
+}
+
+impl ResponsesRequest {
+    pub fn from_map(body: Map<String, Value>) -> Result<Self, GatewayError> {
+        let model = match body.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => m.clone(),
+            Some(Value::String(_)) | None | Some(Value::Null) => return Err(missing("model")),
+            Some(_) => {
+                return Err(invalid(
+                    "model",
+                    "Invalid type for 'model': expected a string.",
+                ))
+            }
+        };
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(invalid(
+                    "stream",
+                    "Invalid type for 'stream': expected a boolean.",
+                ))
+            }
+        };
+        match body.get("input") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            // Stateful calls may continue a stored response with no new input.
+            None | Some(Value::Null) if body.get("previous_response_id").is_some_and(Value::is_string) => {}
+            None | Some(Value::Null) => return Err(missing("input")),
+            Some(_) => {
+                return Err(invalid(
+                    "input",
+                    "Invalid type for 'input': expected a string or an array of input items.",
+                ))
+            }
+        }
+        let chat = to_chat(&body);
+        Ok(ResponsesRequest {
+            body,
+            model,
+            stream,
+            chat,
+        })
+    }
+
+    /// The hub translation, or why this request needs an OpenAI provider.
+    pub fn chat_for(&self, provider: &str) -> Result<ChatRequest, GatewayError> {
+        if let Some(param) = stateful_param(&self.body) {
+            return Err(stateful_error(param, provider));
+        }
+        self.chat.clone()
+    }
+}
+
 /// The first parameter of a Responses request that needs state kept by the
 /// provider (so it cannot be served by translation), if any.
 pub fn stateful_param(body: &Map<String, Value>) -> Option<&'static str> {
