@@ -19,19 +19,19 @@ use switchyard_llm::{ErrorKind, GatewayError, Source};
 use switchyard_proto::health::{self, Entry, InFlight, Outcome};
 use switchyard_proto::{Health, ProviderSnapshot, ResolvedKey, Snapshot};
 
-use switchyard_llm::anthropic;
+use switchyard_llm::openai::ChatRequest;
+use switchyard_llm::responses::{self, RequestEcho};
 use switchyard_llm::translate::{Chain, StreamTranslator};
+use switchyard_llm::{anthropic, completions};
 use switchyard_proto::ProviderKind;
 
 use crate::providers::raw::{self, RawBody};
 use crate::providers::{adapter_for, faults, pick_key, unsupported, CallContext, ProviderReply};
 use crate::request::{
-    EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody, EVENT_STREAM,
+    EgressRequest, EgressResponse, Operation, RequestStats, ResponseBody, EVENT_STREAM,
     JSON,
 };
-use crate::stream::{
-    anthropic_error_frame, first_frame, openai_error_frame, raw_stream, translate_stream,
-};
+use crate::stream::{error_framer, first_frame, openai_error_frame, raw_stream, translate_stream};
 
 /// The snapshot every component of a node reads; swapped whole on change.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -257,22 +257,11 @@ impl Egress {
         }
 
         let adapter = adapter_for(provider.kind);
-        // An Anthropic-protocol caller served by a provider that does not speak
-        // Anthropic goes through the hub: Anthropic → OpenAI → provider, and back.
-        let via_hub = match &req.op {
-            Operation::Messages { chat, .. } if provider.kind != ProviderKind::Anthropic => {
-                let mut chat = chat.clone();
-                chat.include_usage = true;
-                Some(chat)
-            }
-            Operation::CountTokens { .. } if provider.kind != ProviderKind::Anthropic => {
-                return Err(unsupported(provider, "count_tokens"));
-            }
-            _ => None,
-        };
-        let to_anthropic = via_hub.is_some();
+        // A caller whose protocol the provider does not speak goes through
+        // the hub: caller's protocol → OpenAI chat → provider, and back.
+        let (hub, back) = hub_route(&req.op, provider)?;
         let hub_req;
-        let call_req = match via_hub {
+        let call_req = match hub {
             Some(chat) => {
                 hub_req = EgressRequest {
                     op: Operation::Chat(chat),
@@ -334,13 +323,14 @@ impl Egress {
                 if let Some(u) = usage {
                     stats.set_usage(u);
                 }
-                let body = if to_anthropic {
-                    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-                        GatewayError::new(ErrorKind::Internal, format!("hub response: {e}"))
-                    })?;
-                    Bytes::from(anthropic::openai_response_to_messages(&v, model).to_string())
-                } else {
-                    body
+                let body = match &back {
+                    Back::Native => body,
+                    back => {
+                        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                            GatewayError::new(ErrorKind::Internal, format!("hub response: {e}"))
+                        })?;
+                        Bytes::from(back.response(&v, model).to_string())
+                    }
                 };
                 Ok(EgressResponse {
                     status: 200,
@@ -354,18 +344,11 @@ impl Egress {
                 upstream,
                 translator,
             } => {
-                let translator: Box<dyn StreamTranslator> = if to_anthropic {
-                    Box::new(Chain::new(
-                        translator,
-                        Box::new(anthropic::MessagesStreamFromOpenAi::new(model)),
-                    ))
-                } else {
-                    translator
+                let translator: Box<dyn StreamTranslator> = match back.stream(model) {
+                    Some(second) => Box::new(Chain::new(translator, second)),
+                    None => translator,
                 };
-                let framer = match req.inbound {
-                    Protocol::OpenAi => openai_error_frame,
-                    Protocol::Anthropic => anthropic_error_frame,
-                };
+                let framer = error_framer(&req.op, req.inbound).unwrap_or(openai_error_frame);
                 let frames = translate_stream(
                     upstream,
                     translator,
@@ -385,6 +368,82 @@ impl Egress {
             }
         }
     }
+}
+
+/// How a hub answer goes back to the caller's protocol.
+enum Back {
+    /// The provider speaks the caller's protocol: nothing to translate.
+    Native,
+    /// The caller speaks the hub protocol (OpenAI chat).
+    Hub,
+    Anthropic,
+    Responses(RequestEcho),
+    Completions { caller_wants_usage: bool },
+}
+
+impl Back {
+    fn response(&self, v: &serde_json::Value, model: &str) -> serde_json::Value {
+        match self {
+            Back::Native | Back::Hub => v.clone(),
+            Back::Anthropic => anthropic::openai_response_to_messages(v, model),
+            Back::Responses(echo) => responses::from_chat_response(v, model, echo),
+            Back::Completions { .. } => completions::from_chat_response(v, model),
+        }
+    }
+
+    /// The second translator of the chain, after provider → hub chunks.
+    fn stream(&self, model: &str) -> Option<Box<dyn StreamTranslator>> {
+        match self {
+            Back::Native | Back::Hub => None,
+            Back::Anthropic => Some(Box::new(anthropic::MessagesStreamFromOpenAi::new(model))),
+            Back::Responses(echo) => Some(Box::new(responses::ResponsesStreamFromChat::new(
+                model,
+                echo.clone(),
+            ))),
+            Back::Completions { caller_wants_usage } => Some(Box::new(
+                completions::CompletionsStreamFromChat::new(model, *caller_wants_usage),
+            )),
+        }
+    }
+}
+
+/// Whether `op` reaches `provider` natively or through the hub: the chat
+/// request to send instead (usage always asked for, the caller's protocol
+/// accounts from it) and how the answer goes back.
+fn hub_route(
+    op: &Operation,
+    provider: &ProviderSnapshot,
+) -> Result<(Option<ChatRequest>, Back), GatewayError> {
+    let with_usage = |mut chat: ChatRequest| {
+        chat.include_usage = true;
+        chat
+    };
+    Ok(match op {
+        Operation::Messages { chat, .. } if provider.kind != ProviderKind::Anthropic => {
+            (Some(with_usage(chat.clone())), Back::Anthropic)
+        }
+        Operation::CountTokens { .. } if provider.kind != ProviderKind::Anthropic => {
+            return Err(unsupported(provider, "count_tokens"));
+        }
+        Operation::Responses(r) if provider.kind != ProviderKind::OpenAi => {
+            let chat = r.chat_for(&provider.name)?;
+            (
+                Some(with_usage(chat)),
+                Back::Responses(RequestEcho::new(&r.body)),
+            )
+        }
+        Operation::Completions(c) if provider.kind != ProviderKind::OpenAi => {
+            let chat = c.chat.clone()?;
+            (
+                Some(with_usage(chat)),
+                Back::Completions {
+                    caller_wants_usage: c.include_usage,
+                },
+            )
+        }
+        Operation::Chat(_) | Operation::Embeddings(_) => (None, Back::Hub),
+        _ => (None, Back::Native),
+    })
 }
 
 /// Keeps `guard` (attempts counted in flight) alive as long as the stream:
@@ -413,6 +472,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::request::Protocol;
 
     /// An OpenAI-compatible mock on 127.0.0.1: refuses `sk-bad` with 401,
     /// answers every other key, and counts calls per key.

@@ -7,7 +7,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde_json::{Map, Value};
+use switchyard_llm::completions::CompletionsRequest;
 use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::GatewayError;
 use switchyard_proto::RouteTarget;
 
@@ -32,6 +34,12 @@ pub enum Operation {
     CountTokens {
         body: Map<String, Value>,
     },
+    /// An OpenAI Responses request: passed through to OpenAI providers,
+    /// translated through the hub for the others.
+    Responses(ResponsesRequest),
+    /// Legacy completions: passed through to OpenAI providers, translated
+    /// to chat for the others.
+    Completions(CompletionsRequest),
     /// Forwarded to the provider untouched (raw passthrough).
     Raw(RawRequest),
 }
@@ -158,6 +166,8 @@ impl Operation {
         match self {
             Operation::Chat(c) => c.stream,
             Operation::Messages { chat, .. } => chat.stream,
+            Operation::Responses(r) => r.stream,
+            Operation::Completions(c) => c.stream,
             _ => false,
         }
     }

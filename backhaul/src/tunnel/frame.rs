@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use switchyard_llm::anthropic;
+use switchyard_llm::completions::CompletionsRequest;
+use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest, Usage};
 use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
 use switchyard_proto::backhaul as wire;
@@ -320,6 +322,8 @@ pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::Reques
         Operation::Embeddings(e) => (wire::OperationKind::Embeddings, json_body(&e.body)),
         Operation::Messages { body, .. } => (wire::OperationKind::Messages, json_body(body)),
         Operation::CountTokens { body } => (wire::OperationKind::CountTokens, json_body(body)),
+        Operation::Responses(r) => (wire::OperationKind::Responses, json_body(&r.body)),
+        Operation::Completions(c) => (wire::OperationKind::Completions, json_body(&c.body)),
         Operation::Raw(raw) => {
             header.raw_method = raw.method.clone();
             header.raw_path = raw.path.clone();
@@ -367,6 +371,12 @@ pub fn request_from_wire(
         wire::OperationKind::CountTokens => Operation::CountTokens {
             body: parse_json_object(&body)?,
         },
+        wire::OperationKind::Responses => {
+            Operation::Responses(ResponsesRequest::from_map(parse_json_object(&body)?)?)
+        }
+        wire::OperationKind::Completions => {
+            Operation::Completions(CompletionsRequest::from_map(parse_json_object(&body)?)?)
+        }
         wire::OperationKind::Raw => Operation::Raw(RawRequest {
             method: header.raw_method.clone(),
             path: header.raw_path.clone(),

@@ -15,10 +15,12 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 use switchyard_backhaul::{check_model_name, Operation, Protocol, RawPath, RawRequest};
 use switchyard_llm::anthropic;
+use switchyard_llm::completions::CompletionsRequest;
+use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::plan::narrow_residency;
-use switchyard_proto::{Snapshot, Tenant};
+use switchyard_proto::{ProviderKind, Snapshot, Tenant};
 
 use super::{fail, Failure};
 use crate::app::EdgeApp;
@@ -47,6 +49,11 @@ pub(crate) enum Request {
 
 pub(crate) enum Endpoint {
     Chat,
+    Responses,
+    /// `GET`/`DELETE /v1/responses/{id}[/...]`: stored responses, which
+    /// only an OpenAI provider has.
+    StoredResponse(String),
+    Completions,
     Embeddings,
     Messages,
     CountTokens,
@@ -64,6 +71,8 @@ impl Endpoint {
     fn label(&self) -> &'static str {
         match self {
             Endpoint::Chat => "chat",
+            Endpoint::Responses | Endpoint::StoredResponse(_) => "responses",
+            Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "count_tokens",
@@ -183,7 +192,23 @@ pub(crate) async fn admit(
             };
             Request::Passthrough { provider, raw }
         }
-        Endpoint::Chat | Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
+        Endpoint::StoredResponse(rest) => {
+            let provider = stored_responses_provider(snap, &tenant).map_err(fail)?;
+            ctx.model = Some(format!("{provider}/*"));
+            let raw = RawRequest {
+                method: session.req_header().method.to_string(),
+                path: rest,
+                headers: copy_headers(session, RAW_HEADERS),
+                body: Bytes::new(),
+            };
+            Request::Passthrough { provider, raw }
+        }
+        Endpoint::Chat
+        | Endpoint::Responses
+        | Endpoint::Completions
+        | Endpoint::Embeddings
+        | Endpoint::Messages
+        | Endpoint::CountTokens => {
             let raw_header = session.get_header("x-switchyard-raw").is_some_and(|v| {
                 v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true")
             });
@@ -229,6 +254,10 @@ async fn answer(
 fn parse_operation(endpoint: &Endpoint, body: &Bytes) -> Result<Operation, GatewayError> {
     Ok(match endpoint {
         Endpoint::Chat => Operation::Chat(ChatRequest::parse(body)?),
+        Endpoint::Responses => {
+            Operation::Responses(ResponsesRequest::from_map(parse_json_object(body)?)?)
+        }
+        Endpoint::Completions => Operation::Completions(CompletionsRequest::parse(body)?),
         Endpoint::Embeddings => Operation::Embeddings(EmbeddingsRequest::parse(body)?),
         Endpoint::Messages => {
             let map = parse_json_object(body)?;
@@ -271,11 +300,23 @@ pub(crate) fn route(
         "/v1/messages" => (Endpoint::Messages, "POST"),
         "/v1/messages/count_tokens" => (Endpoint::CountTokens, "POST"),
         "/v1/chat/completions" | "/chat/completions" => (Endpoint::Chat, "POST"),
+        "/v1/responses" | "/responses" => (Endpoint::Responses, "POST"),
+        "/v1/completions" | "/completions" => (Endpoint::Completions, "POST"),
         "/v1/embeddings" | "/embeddings" => (Endpoint::Embeddings, "POST"),
         "/v1/models" | "/models" => (Endpoint::Models, "GET"),
         "/health" | "/healthz" => (Endpoint::Health, "GET"),
         p => match p.strip_prefix("/v1/models/") {
             Some(id) if !id.is_empty() => (Endpoint::Model(percent_decode(id)), "GET"),
+            _ if p.starts_with("/v1/responses/") => {
+                let rest = p.trim_start_matches("/v1/");
+                let rest = match query {
+                    Some(q) => format!("{rest}?{q}"),
+                    None => rest.to_string(),
+                };
+                RawPath::parse(&rest).map_err(fail)?;
+                let allowed = if method == http::Method::DELETE { "DELETE" } else { "GET" };
+                (Endpoint::StoredResponse(rest), allowed)
+            }
             _ => {
                 return Err(fail(
                     GatewayError::new(
@@ -383,6 +424,8 @@ pub(crate) fn requested_model(op: &Operation) -> &str {
         Operation::Embeddings(e) => &e.model,
         Operation::Messages { chat, .. } => &chat.model,
         Operation::CountTokens { body } => body.get("model").and_then(|m| m.as_str()).unwrap_or(""),
+        Operation::Responses(r) => &r.model,
+        Operation::Completions(c) => &c.model,
         Operation::Raw(_) => "",
     }
 }
@@ -395,6 +438,25 @@ pub(crate) fn copy_headers(session: &ServerSession, names: &[&str]) -> Vec<(Stri
             Some((n.to_string(), v.to_string()))
         })
         .collect()
+}
+
+/// Where stored responses live: the gateway keeps none, so they are read
+/// from the first OpenAI provider (by name) the tenant may use raw.
+fn stored_responses_provider(snap: &Snapshot, tenant: &Tenant) -> Result<String, GatewayError> {
+    let mut names: Vec<&String> = snap
+        .providers
+        .iter()
+        .filter(|(name, p)| p.kind == ProviderKind::OpenAi && tenant.may_use(&format!("{name}/*")))
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    names.first().map(|n| n.to_string()).ok_or_else(|| {
+        GatewayError::new(
+            ErrorKind::NotFound,
+            "Stored responses are kept by OpenAI providers only, and your key may not use one. The gateway itself stores no responses.",
+        )
+        .with_code("unknown_url")
+    })
 }
 
 fn model_object(id: &str, owner: &str) -> serde_json::Value {

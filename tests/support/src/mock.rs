@@ -16,7 +16,8 @@
 //! - anything else: a realistic default case for the endpoint.
 //!
 //! The provider is told by the path: OpenAI (`/v1/chat/completions`,
-//! `/v1/embeddings`), Anthropic (`/v1/messages`), Gemini (`/v1beta/models/..`).
+//! `/v1/embeddings`, `/v1/responses`, `/v1/completions`), Anthropic
+//! (`/v1/messages`), Gemini (`/v1beta/models/..`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -270,6 +271,9 @@ async fn handle(
             json!({ "input_tokens": n }).to_string(),
         ));
     }
+    if provider == Provider::OpenAi && path.ends_with("/completions") && !path.ends_with("/chat/completions") {
+        return Ok(legacy_completion(&model, stream));
+    }
     if let Some(case) = model.strip_prefix("case-") {
         return Ok(replay(&state, provider, case).await);
     }
@@ -320,6 +324,11 @@ fn default_case(provider: Provider, path: &str, body: &Value, stream: bool) -> &
                 "embeddings-float"
             }
         }
+        Provider::OpenAi if path.ends_with("/responses") => match (stream, has_tools) {
+            (true, true) => "responses-tool-use-stream",
+            (true, false) => "responses-stream",
+            (false, _) => "responses-basic",
+        },
         Provider::OpenAi => match (stream, has_tools, last_is_tool_result) {
             (true, _, true) => "chat-tools-parallel-stream-2-result",
             (true, true, false) => "chat-tools-stream-single",
@@ -474,6 +483,44 @@ fn special_stream(state: Arc<State>, mode: &str, gap: Duration) -> Response<BoxB
                     .await;
             }
             _ => {}
+        }
+    });
+    sse_response(rx)
+}
+
+/// Legacy `/v1/completions`: no recording of it exists in the fixtures, so
+/// the answer follows the shape of the example in OpenAI's API reference
+/// (`text_completion` object; chunks with `choices[].text`, `[DONE]` last).
+fn legacy_completion(model: &str, stream: bool) -> Response<BoxBody> {
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12});
+    if !stream {
+        let body = json!({"id": "cmpl-mock", "object": "text_completion", "created": 1589478378,
+            "model": model, "system_fingerprint": "fp_44709d6fcb",
+            "choices": [{"text": "\n\nThis is indeed a test", "index": 0, "logprobs": null, "finish_reason": "length"}],
+            "usage": usage});
+        return full(200, "application/json", body.to_string());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut frames: Vec<String> = ["\n\n", "This is", " indeed a test"]
+        .iter()
+        .map(|t| {
+            let c = json!({"id": "cmpl-mock", "object": "text_completion", "created": 1589478378, "model": model,
+                "choices": [{"text": t, "index": 0, "logprobs": null, "finish_reason": null}]});
+            format!("data: {c}\n\n")
+        })
+        .collect();
+    let fin = json!({"id": "cmpl-mock", "object": "text_completion", "created": 1589478378, "model": model,
+        "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": "length"}]});
+    frames.push(format!("data: {fin}\n\n"));
+    let u = json!({"id": "cmpl-mock", "object": "text_completion", "created": 1589478378, "model": model,
+        "choices": [], "usage": usage});
+    frames.push(format!("data: {u}\n\n"));
+    frames.push("data: [DONE]\n\n".to_string());
+    tokio::spawn(async move {
+        for f in frames {
+            if tx.send(Ok(Bytes::from(f))).await.is_err() {
+                return;
+            }
         }
     });
     sse_response(rx)
