@@ -262,15 +262,33 @@ async fn translated_responses_stream_function_calls() {
         .iter()
         .find(|v| v["type"] == "response.output_item.added" && v["item"]["type"] == "function_call")
         .expect("a function call item");
-    assert_eq!(added["item"]["name"], "secret_retrieval_tool");
+    // The mock replays a recorded Anthropic tool-use stream: its call id
+    // and tool name come back as a Responses function call.
+    assert!(!added["item"]["name"].as_str().unwrap().is_empty());
     assert!(added["item"]["call_id"].as_str().unwrap().starts_with("toolu_"));
-    let args: String = evs
+    let done: Vec<&Value> = evs
         .iter()
-        .filter(|v| v["type"] == "response.function_call_arguments.delta")
-        .map(|v| v["delta"].as_str().unwrap())
+        .filter(|v| v["type"] == "response.output_item.done" && v["item"]["type"] == "function_call")
         .collect();
-    let args: Value = serde_json::from_str(&args).unwrap();
-    assert!(args.get("password").is_some(), "{args}");
+    assert_eq!(done.len(), 2, "the recording holds two parallel calls");
+    let completed = &evs.last().unwrap()["response"];
+    for d in done {
+        let item = &d["item"];
+        let args: String = evs
+            .iter()
+            .filter(|v| {
+                v["type"] == "response.function_call_arguments.delta" && v["item_id"] == item["id"]
+            })
+            .map(|v| v["delta"].as_str().unwrap())
+            .collect();
+        assert_eq!(item["arguments"], args.as_str());
+        assert!(serde_json::from_str::<Value>(&args).unwrap().is_object(), "{args}");
+        assert!(completed["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["call_id"] == item["call_id"] && i["arguments"] == args.as_str()));
+    }
     // The tools reached Anthropic in its own shape.
     let sent = e.mock.requests();
     assert_eq!(sent[0].path, "/v1/messages");
