@@ -16,6 +16,7 @@
 //! - [`completions`]: legacy OpenAI completions ⇄ OpenAI chat.
 //! - [`responses`]: the OpenAI Responses API ⇄ OpenAI chat, both
 //!   directions, streams included.
+//! - [`gemini_native`]: Gemini's own API as an inbound protocol ⇄ OpenAI chat.
 //! - [`translate`]: the streaming translator trait the adapters implement.
 
 pub mod anthropic;
@@ -23,6 +24,7 @@ pub mod completions;
 mod convert;
 pub mod error;
 pub mod gemini;
+pub mod gemini_native;
 pub mod openai;
 pub mod passthrough;
 pub mod responses;
