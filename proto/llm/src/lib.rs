@@ -17,6 +17,8 @@
 //! - [`responses`]: the OpenAI Responses API ⇄ OpenAI chat, both
 //!   directions, streams included.
 //! - [`gemini_native`]: Gemini's own API as an inbound protocol ⇄ OpenAI chat.
+//! - [`tokens`]: local token counts (o200k_base BPE) where a provider has
+//!   no counting endpoint.
 //! - [`translate`]: the streaming translator trait the adapters implement.
 
 pub mod anthropic;
@@ -29,6 +31,7 @@ pub mod openai;
 pub mod passthrough;
 pub mod responses;
 pub mod sse;
+pub mod tokens;
 pub mod translate;
 
 pub use error::{ErrorKind, GatewayError, Retry, Source};
