@@ -22,11 +22,11 @@ use switchyard_proto::{Health, ProviderSnapshot, ResolvedKey, Snapshot};
 use switchyard_llm::openai::ChatRequest;
 use switchyard_llm::responses::{self, RequestEcho};
 use switchyard_llm::translate::{Chain, StreamTranslator};
-use switchyard_llm::{anthropic, completions};
+use switchyard_llm::{anthropic, completions, gemini_native, tokens};
 use switchyard_proto::ProviderKind;
 
 use crate::providers::raw::{self, RawBody};
-use crate::providers::{adapter_for, faults, pick_key, unsupported, CallContext, ProviderReply};
+use crate::providers::{adapter_for, faults, pick_key, CallContext, ProviderReply};
 use crate::request::{
     EgressRequest, EgressResponse, Operation, RequestStats, ResponseBody, EVENT_STREAM,
     JSON,
@@ -256,6 +256,18 @@ impl Egress {
             });
         }
 
+        if let Some(body) = local_count(&req.op, provider.kind) {
+            // No counting endpoint at this provider: counted here, and no
+            // key or provider call is spent on it.
+            stats.mark_first_byte(req.received_at);
+            return Ok(EgressResponse {
+                status: 200,
+                content_type: JSON.to_string(),
+                retry_after: None,
+                body: ResponseBody::Full(body),
+                stats,
+            });
+        }
         let adapter = adapter_for(provider.kind);
         // A caller whose protocol the provider does not speak goes through
         // the hub: caller's protocol → OpenAI chat → provider, and back.
@@ -379,6 +391,7 @@ enum Back {
     Anthropic,
     Responses(RequestEcho),
     Completions { caller_wants_usage: bool },
+    Gemini,
 }
 
 impl Back {
@@ -388,6 +401,7 @@ impl Back {
             Back::Anthropic => anthropic::openai_response_to_messages(v, model),
             Back::Responses(echo) => responses::from_chat_response(v, model, echo),
             Back::Completions { .. } => completions::from_chat_response(v, model),
+            Back::Gemini => gemini_native::from_chat_response(v, model),
         }
     }
 
@@ -403,8 +417,24 @@ impl Back {
             Back::Completions { caller_wants_usage } => Some(Box::new(
                 completions::CompletionsStreamFromChat::new(model, *caller_wants_usage),
             )),
+            Back::Gemini => Some(Box::new(gemini_native::GenerateStreamFromChat::new(model))),
         }
     }
+}
+
+/// A token count answered by the egress itself, for providers without a
+/// counting endpoint of the caller's protocol.
+fn local_count(op: &Operation, kind: ProviderKind) -> Option<Bytes> {
+    let body = match op {
+        Operation::CountTokens { body } if kind != ProviderKind::Anthropic => {
+            serde_json::json!({"input_tokens": tokens::anthropic_input_tokens(body)})
+        }
+        Operation::GeminiCountTokens { body, .. } if kind != ProviderKind::Gemini => {
+            serde_json::json!({"totalTokens": tokens::gemini_input_tokens(body)})
+        }
+        _ => return None,
+    };
+    Some(Bytes::from(body.to_string()))
 }
 
 /// Whether `op` reaches `provider` natively or through the hub: the chat
@@ -422,8 +452,8 @@ fn hub_route(
         Operation::Messages { chat, .. } if provider.kind != ProviderKind::Anthropic => {
             (Some(with_usage(chat.clone())), Back::Anthropic)
         }
-        Operation::CountTokens { .. } if provider.kind != ProviderKind::Anthropic => {
-            return Err(unsupported(provider, "count_tokens"));
+        Operation::Generate(g) if provider.kind != ProviderKind::Gemini => {
+            (Some(with_usage(g.chat.clone()?)), Back::Gemini)
         }
         Operation::Responses(r) if provider.kind != ProviderKind::OpenAi => {
             let chat = r.chat_for(&provider.name)?;

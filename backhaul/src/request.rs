@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde_json::{Map, Value};
 use switchyard_llm::completions::CompletionsRequest;
+use switchyard_llm::gemini_native::GenerateRequest;
 use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest, Usage};
 use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::GatewayError;
@@ -18,6 +19,7 @@ use switchyard_proto::RouteTarget;
 pub enum Protocol {
     OpenAi,
     Anthropic,
+    Gemini,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +42,16 @@ pub enum Operation {
     /// Legacy completions: passed through to OpenAI providers, translated
     /// to chat for the others.
     Completions(CompletionsRequest),
+    /// Gemini `generateContent` / `streamGenerateContent`: passed through to
+    /// Gemini providers, translated through the hub for the others.
+    Generate(GenerateRequest),
+    /// Gemini `countTokens`: passed through to Gemini providers, counted
+    /// locally for the others.
+    GeminiCountTokens {
+        /// The model named in the URL.
+        model: String,
+        body: Map<String, Value>,
+    },
     /// Forwarded to the provider untouched (raw passthrough).
     Raw(RawRequest),
 }
@@ -168,6 +180,7 @@ impl Operation {
             Operation::Messages { chat, .. } => chat.stream,
             Operation::Responses(r) => r.stream,
             Operation::Completions(c) => c.stream,
+            Operation::Generate(g) => g.stream,
             _ => false,
         }
     }

@@ -229,7 +229,13 @@ pub fn error_framer(op: &crate::request::Operation, inbound: crate::request::Pro
         (Operation::Responses(_), _) => Some(responses_error_frame),
         (_, Protocol::OpenAi) => Some(openai_error_frame),
         (_, Protocol::Anthropic) => Some(anthropic_error_frame),
+        (_, Protocol::Gemini) => Some(gemini_error_frame),
     }
+}
+
+/// Gemini streams carry an error as a chunk holding Google's error object.
+pub fn gemini_error_frame(e: &GatewayError) -> Bytes {
+    switchyard_llm::sse::encode_event(None, &e.to_gemini_json().to_string())
 }
 
 #[cfg(test)]

@@ -257,6 +257,8 @@ impl Provider for SimulatedAdapter {
             | Operation::CountTokens { .. }
             | Operation::Responses(_)
             | Operation::Completions(_)
+            | Operation::Generate(_)
+            | Operation::GeminiCountTokens { .. }
             | Operation::Raw(_) => Err(super::unsupported(ctx.provider, "this endpoint")),
             Operation::Embeddings(e) => {
                 tokio::time::sleep(profile.ttft).await;

@@ -13,6 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use switchyard_llm::anthropic;
 use switchyard_llm::completions::CompletionsRequest;
+use switchyard_llm::gemini_native::GenerateRequest;
 use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest, Usage};
 use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
@@ -316,6 +317,7 @@ pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::Reques
     header.set_inbound(match req.inbound {
         Protocol::OpenAi => wire::InboundProtocol::Openai,
         Protocol::Anthropic => wire::InboundProtocol::Anthropic,
+        Protocol::Gemini => wire::InboundProtocol::Gemini,
     });
     let (kind, body) = match &req.op {
         Operation::Chat(c) => (wire::OperationKind::Chat, json_body(&c.body)),
@@ -324,6 +326,13 @@ pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::Reques
         Operation::CountTokens { body } => (wire::OperationKind::CountTokens, json_body(body)),
         Operation::Responses(r) => (wire::OperationKind::Responses, json_body(&r.body)),
         Operation::Completions(c) => (wire::OperationKind::Completions, json_body(&c.body)),
+        Operation::Generate(g) if g.stream => {
+            (wire::OperationKind::StreamGenerateContent, json_body(&g.body))
+        }
+        Operation::Generate(g) => (wire::OperationKind::GenerateContent, json_body(&g.body)),
+        Operation::GeminiCountTokens { body, .. } => {
+            (wire::OperationKind::GeminiCountTokens, json_body(body))
+        }
         Operation::Raw(raw) => {
             header.raw_method = raw.method.clone();
             header.raw_path = raw.path.clone();
@@ -377,6 +386,19 @@ pub fn request_from_wire(
         wire::OperationKind::Completions => {
             Operation::Completions(CompletionsRequest::from_map(parse_json_object(&body)?)?)
         }
+        kind @ (wire::OperationKind::GenerateContent
+        | wire::OperationKind::StreamGenerateContent) => {
+            let stream = kind == wire::OperationKind::StreamGenerateContent;
+            Operation::Generate(GenerateRequest::new(
+                parse_json_object(&body)?,
+                &header.upstream_model,
+                stream,
+            )?)
+        }
+        wire::OperationKind::GeminiCountTokens => Operation::GeminiCountTokens {
+            model: header.upstream_model.clone(),
+            body: parse_json_object(&body)?,
+        },
         wire::OperationKind::Raw => Operation::Raw(RawRequest {
             method: header.raw_method.clone(),
             path: header.raw_path.clone(),
@@ -393,6 +415,7 @@ pub fn request_from_wire(
     let inbound = match header.inbound() {
         wire::InboundProtocol::Openai => Protocol::OpenAi,
         wire::InboundProtocol::Anthropic => Protocol::Anthropic,
+        wire::InboundProtocol::Gemini => Protocol::Gemini,
     };
     let meta = RequestMeta {
         deadline: Duration::from_millis(header.deadline_ms),

@@ -16,6 +16,7 @@ use serde_json::json;
 use switchyard_backhaul::{check_model_name, Operation, Protocol, RawPath, RawRequest};
 use switchyard_llm::anthropic;
 use switchyard_llm::completions::CompletionsRequest;
+use switchyard_llm::gemini_native::GenerateRequest;
 use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
 use switchyard_llm::{ErrorKind, GatewayError};
@@ -24,7 +25,7 @@ use switchyard_proto::{ProviderKind, Snapshot, Tenant};
 
 use super::{fail, Failure};
 use crate::app::EdgeApp;
-use crate::auth::authenticate;
+use crate::auth::authenticate_with;
 use crate::ctx::RequestCtx;
 use crate::respond;
 
@@ -54,6 +55,10 @@ pub(crate) enum Endpoint {
     /// only an OpenAI provider has.
     StoredResponse(String),
     Completions,
+    /// Gemini `models/{model}:generateContent` / `:streamGenerateContent`.
+    GeminiGenerate { model: String, stream: bool },
+    GeminiCountTokens { model: String },
+    GeminiModels,
     Embeddings,
     Messages,
     CountTokens,
@@ -73,6 +78,9 @@ impl Endpoint {
             Endpoint::Chat => "chat",
             Endpoint::Responses | Endpoint::StoredResponse(_) => "responses",
             Endpoint::Completions => "completions",
+            Endpoint::GeminiGenerate { .. } => "generate_content",
+            Endpoint::GeminiCountTokens { .. } => "count_tokens",
+            Endpoint::GeminiModels => "models",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "count_tokens",
@@ -85,6 +93,9 @@ impl Endpoint {
     fn protocol(&self) -> Protocol {
         match self {
             Endpoint::Messages | Endpoint::CountTokens => Protocol::Anthropic,
+            Endpoint::GeminiGenerate { .. }
+            | Endpoint::GeminiCountTokens { .. }
+            | Endpoint::GeminiModels => Protocol::Gemini,
             _ => Protocol::OpenAi,
         }
     }
@@ -131,7 +142,7 @@ pub(crate) async fn admit(
         answer(app, session, snap, ctx, body).await;
         return Ok(Admitted::Answered);
     }
-    let tenant = authenticate(session, snap).map_err(fail)?;
+    let tenant = authenticate_with(session, snap, ctx.protocol == Protocol::Gemini).map_err(fail)?;
     ctx.tenant = Some(tenant.clone());
     // The tenant's jurisdictions, narrowed (never widened) by the header.
     ctx.residency = narrow_residency(
@@ -144,6 +155,12 @@ pub(crate) async fn admit(
     let body_timeout = app.limits.body_timeout;
     let request = match endpoint {
         Endpoint::Health => return Ok(Admitted::Answered),
+        Endpoint::GeminiModels => {
+            run_hooks(app, ctx)?;
+            let body = gemini_models_list(snap, &tenant);
+            answer(app, session, snap, ctx, body).await;
+            return Ok(Admitted::Answered);
+        }
         Endpoint::Models => {
             run_hooks(app, ctx)?;
             let body = models_list(snap, &tenant);
@@ -208,7 +225,9 @@ pub(crate) async fn admit(
         | Endpoint::Completions
         | Endpoint::Embeddings
         | Endpoint::Messages
-        | Endpoint::CountTokens => {
+        | Endpoint::CountTokens
+        | Endpoint::GeminiGenerate { .. }
+        | Endpoint::GeminiCountTokens { .. } => {
             let raw_header = session.get_header("x-switchyard-raw").is_some_and(|v| {
                 v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true")
             });
@@ -258,6 +277,13 @@ fn parse_operation(endpoint: &Endpoint, body: &Bytes) -> Result<Operation, Gatew
             Operation::Responses(ResponsesRequest::from_map(parse_json_object(body)?)?)
         }
         Endpoint::Completions => Operation::Completions(CompletionsRequest::parse(body)?),
+        Endpoint::GeminiGenerate { model, stream } => {
+            Operation::Generate(GenerateRequest::new(parse_json_object(body)?, model, *stream)?)
+        }
+        Endpoint::GeminiCountTokens { model } => Operation::GeminiCountTokens {
+            model: model.clone(),
+            body: parse_json_object(body)?,
+        },
         Endpoint::Embeddings => Operation::Embeddings(EmbeddingsRequest::parse(body)?),
         Endpoint::Messages => {
             let map = parse_json_object(body)?;
@@ -296,6 +322,9 @@ pub(crate) fn route(
         return Ok(Endpoint::Passthrough { provider, rest });
     }
     let path = path.trim_end_matches('/');
+    if let Some(found) = gemini_route(method, path)? {
+        return Ok(found);
+    }
     let (endpoint, allowed) = match path {
         "/v1/messages" => (Endpoint::Messages, "POST"),
         "/v1/messages/count_tokens" => (Endpoint::CountTokens, "POST"),
@@ -339,6 +368,56 @@ pub(crate) fn route(
         ));
     }
     Ok(endpoint)
+}
+
+/// Gemini's own paths: `/v1beta/models` (or `/v1/...`) and
+/// `.../models/{model}:{method}`, the model possibly `provider/model`.
+fn gemini_route(method: &http::Method, path: &str) -> Result<Option<Endpoint>, Failure> {
+    let rest = match path.strip_prefix("/v1beta/").or_else(|| path.strip_prefix("/v1/")) {
+        Some(r) => r,
+        None => return Ok(None),
+    };
+    let gemini_path = path.starts_with("/v1beta/");
+    // Under /v1/ only POSTs are Gemini calls: GET /v1/models/{id} is
+    // OpenAI's, and OpenAI fine-tune ids contain `:` too.
+    if !gemini_path && method != http::Method::POST {
+        return Ok(None);
+    }
+    let (endpoint, allowed) = if rest == "models" && gemini_path {
+        (Endpoint::GeminiModels, "GET")
+    } else if let Some(call) = rest.strip_prefix("models/") {
+        let Some((model, verb)) = call.rsplit_once(':') else {
+            return Ok(None);
+        };
+        let model = percent_decode(model);
+        let endpoint = match verb {
+            "generateContent" => Endpoint::GeminiGenerate { model, stream: false },
+            "streamGenerateContent" => Endpoint::GeminiGenerate { model, stream: true },
+            "countTokens" => Endpoint::GeminiCountTokens { model },
+            other => {
+                let e = GatewayError::new(
+                    ErrorKind::NotFound,
+                    format!("The Gemini method `{other}` is not served by this gateway; use /passthrough/{{provider}}/v1beta/... for it."),
+                )
+                .with_code("unknown_url");
+                return Err((e, None));
+            }
+        };
+        (endpoint, "POST")
+    } else {
+        return Ok(None);
+    };
+    if method.as_str() != allowed {
+        return Err((
+            GatewayError::new(
+                ErrorKind::MethodNotAllowed,
+                format!("Method {method} is not allowed on {path}; use {allowed}."),
+            )
+            .with_code("method_not_allowed"),
+            Some(allowed),
+        ));
+    }
+    Ok(Some(endpoint))
 }
 
 /// Reads the whole request body within `deadline` (a total, so a body
@@ -426,6 +505,8 @@ pub(crate) fn requested_model(op: &Operation) -> &str {
         Operation::CountTokens { body } => body.get("model").and_then(|m| m.as_str()).unwrap_or(""),
         Operation::Responses(r) => &r.model,
         Operation::Completions(c) => &c.model,
+        Operation::Generate(g) => &g.model,
+        Operation::GeminiCountTokens { model, .. } => model,
         Operation::Raw(_) => "",
     }
 }
@@ -461,6 +542,24 @@ fn stored_responses_provider(snap: &Snapshot, tenant: &Tenant) -> Result<String,
 
 fn model_object(id: &str, owner: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
+}
+
+/// `GET /v1beta/models` in Gemini's shape; names keep the gateway's
+/// `provider/model` form so they can be used in paths as they are.
+fn gemini_models_list(snap: &Snapshot, tenant: &Tenant) -> Bytes {
+    let models: Vec<_> = snap
+        .model_names()
+        .into_iter()
+        .filter(|(m, _)| tenant.may_use(m))
+        .map(|(m, _)| {
+            json!({
+                "name": format!("models/{m}"),
+                "displayName": m,
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"],
+            })
+        })
+        .collect();
+    Bytes::from(json!({ "models": models }).to_string())
 }
 
 fn models_list(snap: &Snapshot, tenant: &Tenant) -> Bytes {

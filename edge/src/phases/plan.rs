@@ -222,6 +222,7 @@ fn endpoint_name(op: &Operation) -> &'static str {
         Operation::CountTokens { .. } => "messages/count_tokens",
         Operation::Responses(_) => "responses",
         Operation::Completions(_) => "completions",
+        Operation::Generate(_) | Operation::GeminiCountTokens { .. } => "gemini",
         Operation::Raw(_) => "",
     }
 }
