@@ -202,7 +202,7 @@ impl Egress {
                 provider,
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: &req,
-                limits: &snap.limits(),
+                limits: snap.limits(),
             };
             let reply = match tokio::time::timeout_at(deadline, raw::call(&ctx, raw)).await {
                 Ok(Ok(reply)) => reply,
@@ -291,7 +291,7 @@ impl Egress {
                 provider,
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: call_req,
-                limits: &snap.limits(),
+                limits: snap.limits(),
             };
             match tokio::time::timeout_at(deadline, faults::call(adapter, ctx)).await {
                 Ok(Ok(reply)) => break (reply, attempt),
