@@ -138,7 +138,7 @@ pub(crate) async fn admit(
     ctx.protocol = endpoint.protocol();
     ctx.endpoint = endpoint.label();
     if let Endpoint::Health = endpoint {
-        let body = Bytes::from(json!({"status": "ok", "version": snap.version}).to_string());
+        let body = Bytes::from(json!({"status": "ok", "version": snap.version()}).to_string());
         answer(app, session, snap, ctx, body).await;
         return Ok(Admitted::Answered);
     }
@@ -151,7 +151,7 @@ pub(crate) async fn admit(
             .get_header("x-switchyard-residency")
             .and_then(|v| v.to_str().ok()),
     );
-    let limit = snap.limits.max_body_bytes;
+    let limit = snap.limits().max_body_bytes;
     let body_timeout = app.limits.body_timeout;
     let request = match endpoint {
         Endpoint::Health => return Ok(Admitted::Answered),
@@ -178,7 +178,7 @@ pub(crate) async fn admit(
             return Ok(Admitted::Answered);
         }
         Endpoint::Passthrough { provider, rest } => {
-            if !snap.providers.contains_key(&provider) {
+            if !snap.providers().contains_key(&provider) {
                 return Err(fail(
                     GatewayError::new(
                         ErrorKind::NotFound,
@@ -525,7 +525,7 @@ pub(crate) fn copy_headers(session: &ServerSession, names: &[&str]) -> Vec<(Stri
 /// from the first OpenAI provider (by name) the tenant may use raw.
 fn stored_responses_provider(snap: &Snapshot, tenant: &Tenant) -> Result<String, GatewayError> {
     let mut names: Vec<&String> = snap
-        .providers
+        .providers()
         .iter()
         .filter(|(name, p)| p.kind == ProviderKind::OpenAi && tenant.may_use(&format!("{name}/*")))
         .map(|(name, _)| name)
