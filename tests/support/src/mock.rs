@@ -345,6 +345,7 @@ fn default_case(provider: Provider, path: &str, body: &Value, stream: bool) -> &
             (false, true, false) => "tools-parallel-1-tool-use",
             (false, false, _) => "messages-basic",
         },
+        Provider::Gemini if path.ends_with(":countTokens") => "count-tokens",
         Provider::Gemini
             if path.contains("embedContent") || path.contains("batchEmbedContents") =>
         {
