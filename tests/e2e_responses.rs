@@ -48,13 +48,16 @@ tenants:
     )
 }
 
+/// A usage record, the endpoint label and each attempt's error label.
+type Recorded = (UsageRecord, &'static str, Vec<Option<&'static str>>);
+
 #[derive(Default)]
-struct Records(Mutex<Vec<(UsageRecord, &'static str, Vec<Option<&'static str>>)>>);
+struct Records(Mutex<Vec<Recorded>>);
 
 impl Records {
     /// Waits (bounded) for `n` usage records: `record` runs after the
     /// answer is written, so the client may be done first.
-    async fn wait(&self, n: usize) -> Vec<(UsageRecord, &'static str, Vec<Option<&'static str>>)> {
+    async fn wait(&self, n: usize) -> Vec<Recorded> {
         let deadline = Instant::now() + WAIT;
         while self.0.lock().unwrap().len() < n && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -226,8 +229,15 @@ async fn responses_are_translated_for_anthropic_gemini_and_simulated() {
         assert_eq!(r.status(), 200, "{model}");
         let evs = typed_events(r).await;
         let types: Vec<&str> = evs.iter().map(|v| v["type"].as_str().unwrap()).collect();
-        assert_eq!(types[..2], ["response.created", "response.in_progress"], "{model}");
-        assert!(types.contains(&"response.output_text.delta"), "{model}: {types:?}");
+        assert_eq!(
+            types[..2],
+            ["response.created", "response.in_progress"],
+            "{model}"
+        );
+        assert!(
+            types.contains(&"response.output_text.delta"),
+            "{model}: {types:?}"
+        );
         assert_eq!(*types.last().unwrap(), "response.completed", "{model}");
         for (i, v) in evs.iter().enumerate() {
             assert_eq!(v["sequence_number"], i as u64, "{model}");
@@ -238,11 +248,20 @@ async fn responses_are_translated_for_anthropic_gemini_and_simulated() {
             .map(|v| v["delta"].as_str().unwrap())
             .collect();
         let done = &evs.last().unwrap()["response"];
-        assert_eq!(done["output"][0]["content"][0]["text"], text.as_str(), "{model}");
-        assert!(done["usage"]["output_tokens"].as_u64().unwrap() > 0, "{model}");
+        assert_eq!(
+            done["output"][0]["content"][0]["text"],
+            text.as_str(),
+            "{model}"
+        );
+        assert!(
+            done["usage"]["output_tokens"].as_u64().unwrap() > 0,
+            "{model}"
+        );
     }
     let recs = e.records.wait(6).await;
-    assert!(recs.iter().all(|(r, _, _)| r.usage.is_some_and(|u| u.completion_tokens > 0)));
+    assert!(recs
+        .iter()
+        .all(|(r, _, _)| r.usage.is_some_and(|u| u.completion_tokens > 0)));
 }
 
 #[tokio::test]
@@ -265,10 +284,15 @@ async fn translated_responses_stream_function_calls() {
     // The mock replays a recorded Anthropic tool-use stream: its call id
     // and tool name come back as a Responses function call.
     assert!(!added["item"]["name"].as_str().unwrap().is_empty());
-    assert!(added["item"]["call_id"].as_str().unwrap().starts_with("toolu_"));
+    assert!(added["item"]["call_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("toolu_"));
     let done: Vec<&Value> = evs
         .iter()
-        .filter(|v| v["type"] == "response.output_item.done" && v["item"]["type"] == "function_call")
+        .filter(|v| {
+            v["type"] == "response.output_item.done" && v["item"]["type"] == "function_call"
+        })
         .collect();
     assert_eq!(done.len(), 2, "the recording holds two parallel calls");
     let completed = &evs.last().unwrap()["response"];
@@ -282,7 +306,10 @@ async fn translated_responses_stream_function_calls() {
             .map(|v| v["delta"].as_str().unwrap())
             .collect();
         assert_eq!(item["arguments"], args.as_str());
-        assert!(serde_json::from_str::<Value>(&args).unwrap().is_object(), "{args}");
+        assert!(
+            serde_json::from_str::<Value>(&args).unwrap().is_object(),
+            "{args}"
+        );
         assert!(completed["output"]
             .as_array()
             .unwrap()
@@ -299,7 +326,10 @@ async fn translated_responses_stream_function_calls() {
 async fn stateful_parameters_are_refused_by_name_where_only_openai_has_state() {
     let e = edge().await;
     for (extra, param) in [
-        (json!({"previous_response_id": "resp_123"}), "previous_response_id"),
+        (
+            json!({"previous_response_id": "resp_123"}),
+            "previous_response_id",
+        ),
         (json!({"store": true}), "store"),
     ] {
         let mut body = ask("anthropic/claude-sonnet-4-5", false);
@@ -319,7 +349,9 @@ async fn stateful_parameters_are_refused_by_name_where_only_openai_has_state() {
     assert_eq!(e.post("/v1/responses", body).await.status(), 200);
     assert_eq!(e.mock.requests()[0].body["store"], true);
     // Bad input is refused in OpenAI's error shape before any provider.
-    let r = e.post("/v1/responses", json!({"model": "openai/gpt-5.5"})).await;
+    let r = e
+        .post("/v1/responses", json!({"model": "openai/gpt-5.5"}))
+        .await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["param"], "input");
@@ -341,14 +373,22 @@ async fn responses_fail_over_like_chat_and_record_once() {
     for (rec, endpoint, attempts) in &recs {
         assert_eq!(*endpoint, "responses");
         assert_eq!(attempts.len(), 2, "{attempts:?}");
-        assert!(attempts[0].is_some() && attempts[1].is_none(), "{attempts:?}");
+        assert!(
+            attempts[0].is_some() && attempts[1].is_none(),
+            "{attempts:?}"
+        );
         assert_eq!(rec.attempts, 2);
         assert!(rec.usage.is_some_and(|u| u.prompt_tokens > 0));
     }
     let paths: Vec<_> = e.mock.requests().iter().map(|r| r.path.clone()).collect();
     assert_eq!(
         paths,
-        ["/v1/responses", "/v1/messages", "/v1/responses", "/v1/messages"]
+        [
+            "/v1/responses",
+            "/v1/messages",
+            "/v1/responses",
+            "/v1/messages"
+        ]
     );
 }
 
@@ -359,14 +399,23 @@ async fn legacy_completions_pass_through_to_openai_and_translate_elsewhere() {
         json!({"model": model, "prompt": "Say this is a test", "max_tokens": 7, "stream": stream,
                "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }})
     };
-    let r = e.post("/v1/completions", prompt("openai/gpt-3.5-turbo-instruct", false)).await;
+    let r = e
+        .post(
+            "/v1/completions",
+            prompt("openai/gpt-3.5-turbo-instruct", false),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "text_completion");
     assert_eq!(e.mock.requests()[0].path, "/v1/completions");
     assert_eq!(e.mock.requests()[0].body["model"], "gpt-3.5-turbo-instruct");
 
-    for model in ["openai/gpt-3.5-turbo-instruct", "anthropic/claude-sonnet-4-5", "gemini/gemini-2.5-flash"] {
+    for model in [
+        "openai/gpt-3.5-turbo-instruct",
+        "anthropic/claude-sonnet-4-5",
+        "gemini/gemini-2.5-flash",
+    ] {
         let r = e.post("/v1/completions", prompt(model, true)).await;
         assert_eq!(r.status(), 200, "{model}");
         let data = sse::data(r, WAIT).await;
@@ -375,23 +424,42 @@ async fn legacy_completions_pass_through_to_openai_and_translate_elsewhere() {
             .iter()
             .map(|d| serde_json::from_str(d).unwrap())
             .collect();
-        assert!(chunks.iter().all(|c| c["object"] == "text_completion"), "{model}");
+        assert!(
+            chunks.iter().all(|c| c["object"] == "text_completion"),
+            "{model}"
+        );
         let text: String = chunks
             .iter()
             .filter_map(|c| c["choices"][0]["text"].as_str())
             .collect();
         assert!(!text.is_empty(), "{model}");
-        assert!(chunks.last().unwrap()["usage"]["total_tokens"].as_u64().unwrap() > 0, "{model}");
+        assert!(
+            chunks.last().unwrap()["usage"]["total_tokens"]
+                .as_u64()
+                .unwrap()
+                > 0,
+            "{model}"
+        );
     }
-    let r = e.post("/v1/completions", prompt("anthropic/claude-sonnet-4-5", false)).await;
+    let r = e
+        .post(
+            "/v1/completions",
+            prompt("anthropic/claude-sonnet-4-5", false),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
-    assert!(v["choices"][0]["text"].as_str().unwrap().contains("4242"), "{v}");
+    assert!(
+        v["choices"][0]["text"].as_str().unwrap().contains("4242"),
+        "{v}"
+    );
     let sent = e.mock.requests().last().unwrap().clone();
     assert_eq!(sent.path, "/v1/messages");
     assert_eq!(sent.body["max_tokens"], 7);
     let recs = e.records.wait(5).await;
-    assert!(recs.iter().all(|(r, ep, _)| *ep == "completions" && r.usage.is_some()));
+    assert!(recs
+        .iter()
+        .all(|(r, ep, _)| *ep == "completions" && r.usage.is_some()));
 
     // What chat cannot express is refused by name, not dropped.
     let mut body = prompt("anthropic/claude-sonnet-4-5", false);

@@ -28,8 +28,7 @@ use switchyard_proto::ProviderKind;
 use crate::providers::raw::{self, RawBody};
 use crate::providers::{adapter_for, faults, pick_key, CallContext, ProviderReply};
 use crate::request::{
-    EgressRequest, EgressResponse, Operation, RequestStats, ResponseBody, EVENT_STREAM,
-    JSON,
+    EgressRequest, EgressResponse, Operation, RequestStats, ResponseBody, EVENT_STREAM, JSON,
 };
 use crate::stream::{error_framer, first_frame, openai_error_frame, raw_stream, translate_stream};
 
@@ -389,8 +388,10 @@ enum Back {
     /// The caller speaks the hub protocol (OpenAI chat).
     Hub,
     Anthropic,
-    Responses(RequestEcho),
-    Completions { caller_wants_usage: bool },
+    Responses(Box<RequestEcho>),
+    Completions {
+        caller_wants_usage: bool,
+    },
     Gemini,
 }
 
@@ -412,7 +413,7 @@ impl Back {
             Back::Anthropic => Some(Box::new(anthropic::MessagesStreamFromOpenAi::new(model))),
             Back::Responses(echo) => Some(Box::new(responses::ResponsesStreamFromChat::new(
                 model,
-                echo.clone(),
+                (**echo).clone(),
             ))),
             Back::Completions { caller_wants_usage } => Some(Box::new(
                 completions::CompletionsStreamFromChat::new(model, *caller_wants_usage),
@@ -459,7 +460,7 @@ fn hub_route(
             let chat = r.chat_for(&provider.name)?;
             (
                 Some(with_usage(chat)),
-                Back::Responses(RequestEcho::new(&r.body)),
+                Back::Responses(Box::new(RequestEcho::new(&r.body))),
             )
         }
         Operation::Completions(c) if provider.kind != ProviderKind::OpenAi => {

@@ -222,7 +222,10 @@ pub fn responses_error_frame(e: &GatewayError) -> Bytes {
 /// How a stream of `op`, asked for in `inbound`'s protocol, reports a
 /// failure after its status was sent; `None` for raw bodies, whose
 /// protocol the gateway does not know.
-pub fn error_framer(op: &crate::request::Operation, inbound: crate::request::Protocol) -> Option<ErrorFramer> {
+pub fn error_framer(
+    op: &crate::request::Operation,
+    inbound: crate::request::Protocol,
+) -> Option<ErrorFramer> {
     use crate::request::{Operation, Protocol};
     match (op, inbound) {
         (Operation::Raw(_), _) => None,

@@ -14,8 +14,8 @@ use prost::Message;
 use switchyard_llm::anthropic;
 use switchyard_llm::completions::CompletionsRequest;
 use switchyard_llm::gemini_native::GenerateRequest;
-use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest, Usage};
+use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
 use switchyard_proto::backhaul as wire;
 use switchyard_proto::RouteTarget;
@@ -326,9 +326,10 @@ pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::Reques
         Operation::CountTokens { body } => (wire::OperationKind::CountTokens, json_body(body)),
         Operation::Responses(r) => (wire::OperationKind::Responses, json_body(&r.body)),
         Operation::Completions(c) => (wire::OperationKind::Completions, json_body(&c.body)),
-        Operation::Generate(g) if g.stream => {
-            (wire::OperationKind::StreamGenerateContent, json_body(&g.body))
-        }
+        Operation::Generate(g) if g.stream => (
+            wire::OperationKind::StreamGenerateContent,
+            json_body(&g.body),
+        ),
         Operation::Generate(g) => (wire::OperationKind::GenerateContent, json_body(&g.body)),
         Operation::GeminiCountTokens { body, .. } => {
             (wire::OperationKind::GeminiCountTokens, json_body(body))

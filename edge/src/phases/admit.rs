@@ -17,8 +17,8 @@ use switchyard_backhaul::{check_model_name, Operation, Protocol, RawPath, RawReq
 use switchyard_llm::anthropic;
 use switchyard_llm::completions::CompletionsRequest;
 use switchyard_llm::gemini_native::GenerateRequest;
-use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
+use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::plan::narrow_residency;
 use switchyard_proto::{ProviderKind, Snapshot, Tenant};
@@ -56,8 +56,13 @@ pub(crate) enum Endpoint {
     StoredResponse(String),
     Completions,
     /// Gemini `models/{model}:generateContent` / `:streamGenerateContent`.
-    GeminiGenerate { model: String, stream: bool },
-    GeminiCountTokens { model: String },
+    GeminiGenerate {
+        model: String,
+        stream: bool,
+    },
+    GeminiCountTokens {
+        model: String,
+    },
     GeminiModels,
     Embeddings,
     Messages,
@@ -142,7 +147,8 @@ pub(crate) async fn admit(
         answer(app, session, snap, ctx, body).await;
         return Ok(Admitted::Answered);
     }
-    let tenant = authenticate_with(session, snap, ctx.protocol == Protocol::Gemini).map_err(fail)?;
+    let tenant =
+        authenticate_with(session, snap, ctx.protocol == Protocol::Gemini).map_err(fail)?;
     ctx.tenant = Some(tenant.clone());
     // The tenant's jurisdictions, narrowed (never widened) by the header.
     ctx.residency = narrow_residency(
@@ -277,9 +283,11 @@ fn parse_operation(endpoint: &Endpoint, body: &Bytes) -> Result<Operation, Gatew
             Operation::Responses(ResponsesRequest::from_map(parse_json_object(body)?)?)
         }
         Endpoint::Completions => Operation::Completions(CompletionsRequest::parse(body)?),
-        Endpoint::GeminiGenerate { model, stream } => {
-            Operation::Generate(GenerateRequest::new(parse_json_object(body)?, model, *stream)?)
-        }
+        Endpoint::GeminiGenerate { model, stream } => Operation::Generate(GenerateRequest::new(
+            parse_json_object(body)?,
+            model,
+            *stream,
+        )?),
         Endpoint::GeminiCountTokens { model } => Operation::GeminiCountTokens {
             model: model.clone(),
             body: parse_json_object(body)?,
@@ -343,7 +351,11 @@ pub(crate) fn route(
                     None => rest.to_string(),
                 };
                 RawPath::parse(&rest).map_err(fail)?;
-                let allowed = if method == http::Method::DELETE { "DELETE" } else { "GET" };
+                let allowed = if method == http::Method::DELETE {
+                    "DELETE"
+                } else {
+                    "GET"
+                };
                 (Endpoint::StoredResponse(rest), allowed)
             }
             _ => {
@@ -373,7 +385,10 @@ pub(crate) fn route(
 /// Gemini's own paths: `/v1beta/models` (or `/v1/...`) and
 /// `.../models/{model}:{method}`, the model possibly `provider/model`.
 fn gemini_route(method: &http::Method, path: &str) -> Result<Option<Endpoint>, Failure> {
-    let rest = match path.strip_prefix("/v1beta/").or_else(|| path.strip_prefix("/v1/")) {
+    let rest = match path
+        .strip_prefix("/v1beta/")
+        .or_else(|| path.strip_prefix("/v1/"))
+    {
         Some(r) => r,
         None => return Ok(None),
     };
@@ -391,8 +406,14 @@ fn gemini_route(method: &http::Method, path: &str) -> Result<Option<Endpoint>, F
         };
         let model = percent_decode(model);
         let endpoint = match verb {
-            "generateContent" => Endpoint::GeminiGenerate { model, stream: false },
-            "streamGenerateContent" => Endpoint::GeminiGenerate { model, stream: true },
+            "generateContent" => Endpoint::GeminiGenerate {
+                model,
+                stream: false,
+            },
+            "streamGenerateContent" => Endpoint::GeminiGenerate {
+                model,
+                stream: true,
+            },
             "countTokens" => Endpoint::GeminiCountTokens { model },
             other => {
                 let e = GatewayError::new(

@@ -45,7 +45,12 @@ impl CompletionsRequest {
             Some(Value::String(_)) | None | Some(Value::Null) => {
                 return Err(invalid("model", "You must provide a model parameter."))
             }
-            Some(_) => return Err(invalid("model", "Invalid type for 'model': expected a string.")),
+            Some(_) => {
+                return Err(invalid(
+                    "model",
+                    "Invalid type for 'model': expected a string.",
+                ))
+            }
         };
         match body.get("prompt") {
             Some(Value::String(_)) | Some(Value::Array(_)) => {}
@@ -62,7 +67,12 @@ impl CompletionsRequest {
         let stream = match body.get("stream") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(invalid("stream", "Invalid type for 'stream': expected a boolean.")),
+            Some(_) => {
+                return Err(invalid(
+                    "stream",
+                    "Invalid type for 'stream': expected a boolean.",
+                ))
+            }
         };
         let include_usage = body
             .get("stream_options")
@@ -94,7 +104,9 @@ fn prompt_text(prompt: Option<&Value>) -> Result<String, GatewayError> {
         Some(Value::Array(items)) => match items.as_slice() {
             [Value::String(s)] => Ok(s.clone()),
             [] => Err(invalid("prompt", "Invalid 'prompt': empty array.")),
-            items if items.iter().all(Value::is_number) => Err(untranslatable("prompt", "token ids")),
+            items if items.iter().all(Value::is_number) => {
+                Err(untranslatable("prompt", "token ids"))
+            }
             [_] => Err(untranslatable("prompt", "token ids")),
             _ => Err(untranslatable("prompt", "several prompts in one request")),
         },
@@ -102,28 +114,45 @@ fn prompt_text(prompt: Option<&Value>) -> Result<String, GatewayError> {
     }
 }
 
-fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<ChatRequest, GatewayError> {
+fn to_chat(
+    body: &Map<String, Value>,
+    model: &str,
+    stream: bool,
+) -> Result<ChatRequest, GatewayError> {
     let prompt = prompt_text(body.get("prompt"))?;
     if body.get("echo") == Some(&Value::Bool(true)) {
         return Err(untranslatable("echo", "the prompt repeated in the answer"));
     }
-    if body.get("suffix").is_some_and(|s| s.as_str().is_some_and(|s| !s.is_empty())) {
+    if body
+        .get("suffix")
+        .is_some_and(|s| s.as_str().is_some_and(|s| !s.is_empty()))
+    {
         return Err(untranslatable("suffix", "fill-in-the-middle"));
     }
     if body.get("logprobs").is_some_and(|l| !l.is_null()) {
         return Err(untranslatable("logprobs", "token log probabilities"));
     }
-    if body.get("best_of").and_then(Value::as_u64).is_some_and(|b| b > 1) {
+    if body
+        .get("best_of")
+        .and_then(Value::as_u64)
+        .is_some_and(|b| b > 1)
+    {
         return Err(untranslatable("best_of", "server-side candidates"));
     }
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
-    out.insert("messages".into(), json!([{"role": "user", "content": prompt}]));
+    out.insert(
+        "messages".into(),
+        json!([{"role": "user", "content": prompt}]),
+    );
     let max_tokens = match body.get("max_tokens") {
         None | Some(Value::Null) => DEFAULT_MAX_TOKENS,
-        Some(v) => v
-            .as_u64()
-            .ok_or_else(|| invalid("max_tokens", "Invalid type for 'max_tokens': expected an integer."))?,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            invalid(
+                "max_tokens",
+                "Invalid type for 'max_tokens': expected an integer.",
+            )
+        })?,
     };
     out.insert("max_tokens".into(), json!(max_tokens));
     for k in [
@@ -269,12 +298,20 @@ impl StreamTranslator for CompletionsStreamFromChat {
         }
         if self.id.is_none() {
             self.id = Some(completion_id(str_field(&v, "id")));
-            self.created = v.get("created").and_then(Value::as_u64).unwrap_or_else(now_unix);
+            self.created = v
+                .get("created")
+                .and_then(Value::as_u64)
+                .unwrap_or_else(now_unix);
         }
         if let Some(u) = v.get("usage").and_then(Usage::from_openai) {
             self.usage = Some(u);
         }
-        for c in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
+        for c in v
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let text = c
                 .get("delta")
                 .and_then(|d| str_field(d, "content"))
@@ -317,8 +354,10 @@ mod tests {
 
     #[test]
     fn prompt_becomes_one_user_message_with_the_legacy_default_length() {
-        let r = CompletionsRequest::parse(br#"{"model":"m","prompt":"Say this is a test","stream":true}"#)
-            .unwrap();
+        let r = CompletionsRequest::parse(
+            br#"{"model":"m","prompt":"Say this is a test","stream":true}"#,
+        )
+        .unwrap();
         let chat = r.chat.unwrap();
         assert_eq!(chat.messages()[0]["content"], "Say this is a test");
         assert_eq!(chat.max_tokens(), Some(DEFAULT_MAX_TOKENS));

@@ -35,9 +35,17 @@ impl GenerateRequest {
         match body.get("contents") {
             Some(Value::Array(c)) if !c.is_empty() => {}
             Some(Value::Array(_)) | None | Some(Value::Null) => {
-                return Err(invalid("contents", "* GenerateContentRequest.contents: contents is not specified"))
+                return Err(invalid(
+                    "contents",
+                    "* GenerateContentRequest.contents: contents is not specified",
+                ))
             }
-            Some(_) => return Err(invalid("contents", "Invalid value at 'contents': expected a list of Content.")),
+            Some(_) => {
+                return Err(invalid(
+                    "contents",
+                    "Invalid value at 'contents': expected a list of Content.",
+                ))
+            }
         }
         let chat = to_chat(&body, model, stream);
         Ok(GenerateRequest {
@@ -84,7 +92,11 @@ fn effort_for_budget(budget: i64) -> Option<&'static str> {
 }
 
 /// The Gemini request → a hub chat request for `model`.
-pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<ChatRequest, GatewayError> {
+pub fn to_chat(
+    body: &Map<String, Value>,
+    model: &str,
+    stream: bool,
+) -> Result<ChatRequest, GatewayError> {
     let mut messages: Vec<Value> = Vec::new();
     let system = body
         .get("systemInstruction")
@@ -98,7 +110,11 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
     // Calls not answered yet, oldest first: (id, name).
     let mut open_calls: Vec<(String, String)> = Vec::new();
     let mut next_call = 0u64;
-    let contents = body.get("contents").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    let contents = body
+        .get("contents")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     for (i, c) in contents.iter().enumerate() {
         let role = str_field(c, "role").unwrap_or("user");
         let parts = c.get("parts").and_then(Value::as_array).ok_or_else(|| {
@@ -141,7 +157,11 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
                 m.insert("role".into(), json!("assistant"));
                 m.insert(
                     "content".into(),
-                    if text.is_empty() && !calls.is_empty() { Value::Null } else { json!(text) },
+                    if text.is_empty() && !calls.is_empty() {
+                        Value::Null
+                    } else {
+                        json!(text)
+                    },
                 );
                 if !calls.is_empty() {
                     m.insert("tool_calls".into(), Value::Array(calls));
@@ -176,15 +196,20 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
                     } else if let Some(t) = str_field(p, "text") {
                         content.push(json!({"type": "text", "text": t}));
                     } else if let Some(d) = p.get("inlineData").or_else(|| p.get("inline_data")) {
-                        let mime = str_field(d, "mimeType").or_else(|| str_field(d, "mime_type")).unwrap_or("application/octet-stream");
-                        let url = format!("data:{mime};base64,{}", str_field(d, "data").unwrap_or(""));
+                        let mime = str_field(d, "mimeType")
+                            .or_else(|| str_field(d, "mime_type"))
+                            .unwrap_or("application/octet-stream");
+                        let url =
+                            format!("data:{mime};base64,{}", str_field(d, "data").unwrap_or(""));
                         if mime.starts_with("image/") {
                             content.push(json!({"type": "image_url", "image_url": {"url": url}}));
                         } else {
                             content.push(json!({"type": "file", "file": {"file_data": url}}));
                         }
                     } else if let Some(f) = p.get("fileData").or_else(|| p.get("file_data")) {
-                        let uri = str_field(f, "fileUri").or_else(|| str_field(f, "file_uri")).unwrap_or("");
+                        let uri = str_field(f, "fileUri")
+                            .or_else(|| str_field(f, "file_uri"))
+                            .unwrap_or("");
                         content.push(json!({"type": "image_url", "image_url": {"url": uri}}));
                     } else {
                         return Err(invalid(
@@ -196,7 +221,11 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
                 if !content.is_empty() {
                     let only_text = content.iter().all(|p| p["type"] == "text");
                     let content = if only_text {
-                        json!(content.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""))
+                        json!(content
+                            .iter()
+                            .filter_map(|p| p["text"].as_str())
+                            .collect::<Vec<_>>()
+                            .join(""))
                     } else {
                         Value::Array(content)
                     };
@@ -214,7 +243,11 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
     out.insert("messages".into(), Value::Array(messages));
-    if let Some(gc) = body.get("generationConfig").or_else(|| body.get("generation_config")).filter(|g| g.is_object()) {
+    if let Some(gc) = body
+        .get("generationConfig")
+        .or_else(|| body.get("generation_config"))
+        .filter(|g| g.is_object())
+    {
         insert_opt(&mut out, "temperature", gc.get("temperature"));
         insert_opt(&mut out, "top_p", gc.get("topP"));
         insert_opt(&mut out, "max_tokens", gc.get("maxOutputTokens"));
@@ -224,9 +257,13 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
         insert_opt(&mut out, "presence_penalty", gc.get("presencePenalty"));
         insert_opt(&mut out, "frequency_penalty", gc.get("frequencyPenalty"));
         if str_field(gc, "responseMimeType") == Some("application/json") {
-            let schema = gc.get("responseJsonSchema").or_else(|| gc.get("responseSchema"));
+            let schema = gc
+                .get("responseJsonSchema")
+                .or_else(|| gc.get("responseSchema"));
             let format = match schema {
-                Some(s) => json!({"type": "json_schema", "json_schema": {"name": "response", "schema": json_schema(s)}}),
+                Some(s) => {
+                    json!({"type": "json_schema", "json_schema": {"name": "response", "schema": json_schema(s)}})
+                }
                 None => json!({"type": "json_object"}),
             };
             out.insert("response_format".into(), format);
@@ -241,7 +278,13 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
         }
     }
     let mut tools = Vec::new();
-    for (i, t) in body.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+    for (i, t) in body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         let decls = t
             .get("functionDeclarations")
             .or_else(|| t.get("function_declarations"))
@@ -268,13 +311,18 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
     if !tools.is_empty() {
         out.insert("tools".into(), Value::Array(tools));
     }
-    if let Some(fcc) = body.get("toolConfig").and_then(|t| t.get("functionCallingConfig")) {
+    if let Some(fcc) = body
+        .get("toolConfig")
+        .and_then(|t| t.get("functionCallingConfig"))
+    {
         let allowed = fcc.get("allowedFunctionNames").and_then(Value::as_array);
         let choice = match str_field(fcc, "mode") {
             Some("NONE") => Some(json!("none")),
             Some("AUTO") => Some(json!("auto")),
             Some("ANY") => match allowed.map(Vec::as_slice) {
-                Some([one]) => one.as_str().map(|n| json!({"type": "function", "function": {"name": n}})),
+                Some([one]) => one
+                    .as_str()
+                    .map(|n| json!({"type": "function", "function": {"name": n}})),
                 _ => Some(json!("required")),
             },
             _ => None,
@@ -293,7 +341,12 @@ pub fn to_chat(body: &Map<String, Value>, model: &str, stream: bool) -> Result<C
 fn parts_text(parts: Option<&Value>) -> String {
     parts
         .and_then(Value::as_array)
-        .map(|p| p.iter().filter_map(|p| str_field(p, "text")).collect::<Vec<_>>().join("\n"))
+        .map(|p| {
+            p.iter()
+                .filter_map(|p| str_field(p, "text"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
         .unwrap_or_default()
 }
 
@@ -301,13 +354,26 @@ fn parts_text(parts: Option<&Value>) -> String {
 /// local token counting.
 pub fn request_text(body: &Map<String, Value>) -> String {
     let mut out = String::new();
-    let inner = body.get("generateContentRequest").and_then(Value::as_object).unwrap_or(body);
+    let inner = body
+        .get("generateContentRequest")
+        .and_then(Value::as_object)
+        .unwrap_or(body);
     if let Some(sys) = inner.get("systemInstruction") {
         out.push_str(&parts_text(sys.get("parts")));
         out.push('\n');
     }
-    for c in inner.get("contents").and_then(Value::as_array).into_iter().flatten() {
-        for p in c.get("parts").and_then(Value::as_array).into_iter().flatten() {
+    for c in inner
+        .get("contents")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for p in c
+            .get("parts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(t) = str_field(p, "text") {
                 out.push_str(t);
             } else if let Some(fc) = p.get("functionCall").or_else(|| p.get("functionResponse")) {
@@ -381,7 +447,9 @@ pub fn from_chat_response(resp: &Value, model: &str) -> Value {
             let m = c.get("message");
             let mut parts = Vec::new();
             if let Some(r) = m
-                .and_then(|m| str_field(m, "reasoning_content").or_else(|| str_field(m, "reasoning")))
+                .and_then(|m| {
+                    str_field(m, "reasoning_content").or_else(|| str_field(m, "reasoning"))
+                })
                 .filter(|r| !r.is_empty())
             {
                 parts.push(json!({"text": r, "thought": true}));
@@ -390,7 +458,12 @@ pub fn from_chat_response(resp: &Value, model: &str) -> Value {
             if !text.is_empty() {
                 parts.push(json!({"text": text}));
             }
-            for call in m.and_then(|m| m.get("tool_calls")).and_then(Value::as_array).into_iter().flatten() {
+            for call in m
+                .and_then(|m| m.get("tool_calls"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 parts.push(call_part(call));
             }
             json!({
@@ -447,7 +520,8 @@ impl GenerateStreamFromChat {
 
     fn chunk(&self, parts: Vec<Value>, last: bool) -> Bytes {
         let mut candidate = json!({"content": {"role": "model", "parts": parts}, "index": 0});
-        let mut v = json!({"candidates": [], "modelVersion": self.model, "responseId": self.response_id});
+        let mut v =
+            json!({"candidates": [], "modelVersion": self.model, "responseId": self.response_id});
         if last {
             candidate["finishReason"] = json!(finish_reason(self.finish.as_deref()));
             v["usageMetadata"] = usage_metadata(self.usage.unwrap_or_default(), self.thoughts);
@@ -465,7 +539,8 @@ impl GenerateStreamFromChat {
             .calls
             .drain(..)
             .map(|c| {
-                let mut call = json!({"id": c.id, "function": {"name": c.name, "arguments": c.arguments}});
+                let mut call =
+                    json!({"id": c.id, "function": {"name": c.name, "arguments": c.arguments}});
                 if let Some(e) = c.extra {
                     call["extra_content"] = e;
                 }
@@ -500,10 +575,10 @@ impl StreamTranslator for GenerateStreamFromChat {
             self.usage = Usage::from_openai(u);
             self.thoughts = reasoning_tokens(Some(u));
         }
-        let choice = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .and_then(|c| c.iter().find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0));
+        let choice = v.get("choices").and_then(Value::as_array).and_then(|c| {
+            c.iter()
+                .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+        });
         if let Some(c) = choice {
             let mut parts = Vec::new();
             if let Some(d) = c.get("delta") {
@@ -516,7 +591,12 @@ impl StreamTranslator for GenerateStreamFromChat {
                 if let Some(t) = str_field(d, "content").filter(|t| !t.is_empty()) {
                     parts.push(json!({"text": t}));
                 }
-                for call in d.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                for call in d
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     let n = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
                     while self.calls.len() <= n {
                         self.calls.push(PendingCall::default());
@@ -595,7 +675,10 @@ impl StreamTranslator for GeminiPassthrough {
             let finished = v
                 .get("candidates")
                 .and_then(Value::as_array)
-                .is_some_and(|c| c.iter().any(|c| c.get("finishReason").is_some_and(Value::is_string)));
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.get("finishReason").is_some_and(Value::is_string))
+                });
             self.finished |= finished || v.get("error").is_some();
         }
         out.push(event.raw.clone());
@@ -635,17 +718,32 @@ mod tests {
         let m = chat.messages();
         assert_eq!(m[0]["role"], "system");
         assert_eq!(m[2]["tool_calls"][0]["id"], "call_1");
-        assert_eq!(m[2]["tool_calls"][0]["extra_content"]["google"]["thought_signature"], "sig");
+        assert_eq!(
+            m[2]["tool_calls"][0]["extra_content"]["google"]["thought_signature"],
+            "sig"
+        );
         assert_eq!(m[3]["tool_call_id"], "call_1");
-        assert_eq!(chat.body["tools"][0]["function"]["parameters"]["properties"]["city"]["type"], "string");
+        assert_eq!(
+            chat.body["tools"][0]["function"]["parameters"]["properties"]["city"]["type"],
+            "string"
+        );
         assert_eq!(chat.body["tool_choice"], "required");
         assert_eq!(chat.body["response_format"]["type"], "json_object");
         assert_eq!(chat.max_tokens(), Some(20));
         assert!(chat.stream);
-        let bad: Map<String, Value> = serde_json::from_value(json!({"contents": [{"role": "user", "parts": [{"functionResponse": {"name": "x"}}]}]})).unwrap();
+        let bad: Map<String, Value> = serde_json::from_value(
+            json!({"contents": [{"role": "user", "parts": [{"functionResponse": {"name": "x"}}]}]}),
+        )
+        .unwrap();
         assert!(to_chat(&bad, "m", false).is_err());
-        let search: Map<String, Value> = serde_json::from_value(json!({"contents": [{"parts": [{"text": "x"}]}], "tools": [{"googleSearch": {}}]})).unwrap();
-        assert_eq!(to_chat(&search, "m", false).unwrap_err().param.as_deref(), Some("tools[0]"));
+        let search: Map<String, Value> = serde_json::from_value(
+            json!({"contents": [{"parts": [{"text": "x"}]}], "tools": [{"googleSearch": {}}]}),
+        )
+        .unwrap();
+        assert_eq!(
+            to_chat(&search, "m", false).unwrap_err().param.as_deref(),
+            Some("tools[0]")
+        );
     }
 
     #[test]
@@ -670,9 +768,15 @@ mod tests {
         let mut d = SseDecoder::new();
         let mut got = Vec::new();
         d.push(&out.concat(), &mut got).unwrap();
-        let vals: Vec<Value> = got.iter().map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+        let vals: Vec<Value> = got
+            .iter()
+            .map(|e| serde_json::from_str(&e.data).unwrap())
+            .collect();
         assert_eq!(vals.len(), 2);
-        assert_eq!(vals[0]["candidates"][0]["content"]["parts"][0]["text"], "Hel");
+        assert_eq!(
+            vals[0]["candidates"][0]["content"]["parts"][0]["text"],
+            "Hel"
+        );
         let last = &vals[1]["candidates"][0];
         assert_eq!(last["content"]["parts"][0]["functionCall"]["args"]["a"], 1);
         assert_eq!(last["finishReason"], "STOP");

@@ -64,7 +64,10 @@ impl ResponsesRequest {
         match body.get("input") {
             Some(Value::String(_)) | Some(Value::Array(_)) => {}
             // Stateful calls may continue a stored response with no new input.
-            None | Some(Value::Null) if body.get("previous_response_id").is_some_and(Value::is_string) => {}
+            None | Some(Value::Null)
+                if body
+                    .get("previous_response_id")
+                    .is_some_and(Value::is_string) => {}
             None | Some(Value::Null) => return Err(missing("input")),
             Some(_) => {
                 return Err(invalid(
@@ -143,7 +146,12 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<ChatRequest, GatewayError> {
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None | Some(Value::Null) => return Err(missing("model")),
-        Some(_) => return Err(invalid("model", "Invalid type for 'model': expected a string.")),
+        Some(_) => {
+            return Err(invalid(
+                "model",
+                "Invalid type for 'model': expected a string.",
+            ))
+        }
     };
     let mut messages: Vec<Value> = Vec::new();
     match body.get("instructions") {
@@ -296,7 +304,12 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<ChatRequest, GatewayError> {
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(invalid("stream", "Invalid type for 'stream': expected a boolean.")),
+        Some(_) => {
+            return Err(invalid(
+                "stream",
+                "Invalid type for 'stream': expected a boolean.",
+            ))
+        }
     };
     if stream {
         out.insert("stream".into(), json!(true));
@@ -562,7 +575,10 @@ fn response_object(
     r.insert("error".into(), Value::Null);
     r.insert("incomplete_details".into(), Value::Null);
     r.insert("instructions".into(), request.instructions.clone());
-    r.insert("max_output_tokens".into(), request.max_output_tokens.clone());
+    r.insert(
+        "max_output_tokens".into(),
+        request.max_output_tokens.clone(),
+    );
     r.insert("model".into(), json!(model));
     r.insert("output".into(), json!([]));
     r.insert(
@@ -738,7 +754,9 @@ pub fn from_chat_response(resp: &Value, model: &str, request: &RequestEcho) -> V
             .or_else(|| str_field(m, "reasoning"))
             .unwrap_or("");
         let blocks = m.get("thinking_blocks");
-        if !reasoning.is_empty() || blocks.is_some_and(|b| b.as_array().is_some_and(|a| !a.is_empty())) {
+        if !reasoning.is_empty()
+            || blocks.is_some_and(|b| b.as_array().is_some_and(|a| !a.is_empty()))
+        {
             output.push(reasoning_item(
                 &format!("rs_{suffix}"),
                 reasoning,
@@ -748,7 +766,12 @@ pub fn from_chat_response(resp: &Value, model: &str, request: &RequestEcho) -> V
         }
         let text = content_text(m.get("content"));
         if !text.is_empty() {
-            output.push(message_item(&format!("msg_{suffix}"), &text, false, "completed"));
+            output.push(message_item(
+                &format!("msg_{suffix}"),
+                &text,
+                false,
+                "completed",
+            ));
         } else if let Some(r) = str_field(m, "refusal").filter(|r| !r.is_empty()) {
             output.push(message_item(&format!("msg_{suffix}"), r, true, "completed"));
         }
@@ -790,9 +813,20 @@ pub fn from_chat_response(resp: &Value, model: &str, request: &RequestEcho) -> V
 
 #[derive(Debug)]
 enum Open {
-    Reasoning { text: String, blocks: Vec<Value> },
-    Text { text: String, refusal: bool },
-    Call { index: u64, call_id: String, name: String, arguments: String },
+    Reasoning {
+        text: String,
+        blocks: Vec<Value>,
+    },
+    Text {
+        text: String,
+        refusal: bool,
+    },
+    Call {
+        index: u64,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
 }
 
 /// OpenAI `chat.completion.chunk` stream → the Responses event stream.
@@ -843,7 +877,13 @@ impl ResponsesStreamFromChat {
     }
 
     fn snapshot(&self, status: &str) -> Value {
-        let mut r = response_object(&self.id, self.created_at, &self.model, &self.request, status);
+        let mut r = response_object(
+            &self.id,
+            self.created_at,
+            &self.model,
+            &self.request,
+            status,
+        );
         r.insert("output".into(), Value::Array(self.output.clone()));
         Value::Object(r)
     }
@@ -1032,7 +1072,8 @@ impl ResponsesStreamFromChat {
             } else {
                 "response.output_text.delta"
             };
-            let mut ev = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t});
+            let mut ev =
+                json!({"item_id": id, "output_index": index, "content_index": 0, "delta": t});
             if !refusal {
                 ev["logprobs"] = json!([]);
             }
@@ -1051,7 +1092,10 @@ impl ResponsesStreamFromChat {
             let restart = matches!((&self.open, new_id), (Some(Open::Call { call_id, .. }), Some(id)) if same && call_id != id);
             if !same || restart {
                 self.close(out);
-                let name = f.and_then(|f| str_field(f, "name")).unwrap_or("").to_string();
+                let name = f
+                    .and_then(|f| str_field(f, "name"))
+                    .unwrap_or("")
+                    .to_string();
                 let call_id = new_id.unwrap_or("").to_string();
                 let (id, index) = (self.item_id("fc"), self.output_index());
                 self.send(
@@ -1130,13 +1174,10 @@ impl StreamTranslator for ResponsesStreamFromChat {
             self.usage = Usage::from_openai(u);
             self.reasoning_tokens = reasoning_tokens(Some(u));
         }
-        let choice = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .and_then(|c| {
-                c.iter()
-                    .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
-            });
+        let choice = v.get("choices").and_then(Value::as_array).and_then(|c| {
+            c.iter()
+                .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+        });
         if let Some(c) = choice {
             if let Some(d) = c.get("delta") {
                 self.on_delta(d, out);
@@ -1255,7 +1296,10 @@ mod tests {
         let chat = to_chat(&body).unwrap();
         let m = chat.messages();
         assert_eq!(m[0]["role"], "system");
-        assert_eq!(m[1]["content"][1]["image_url"]["url"], "data:image/png;base64,AAAA");
+        assert_eq!(
+            m[1]["content"][1]["image_url"]["url"],
+            "data:image/png;base64,AAAA"
+        );
         assert_eq!(m[2]["tool_calls"].as_array().unwrap().len(), 2);
         assert_eq!(m[3]["tool_call_id"], "c1");
         assert_eq!(m[4]["content"], "two");
@@ -1273,8 +1317,10 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("model"));
         let e = to_chat(&map(json!({"model": "m"}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("input"));
-        let e = to_chat(&map(json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]})))
-            .unwrap_err();
+        let e = to_chat(&map(
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}),
+        ))
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tools[0].type"));
         let e = to_chat(&map(json!({"model": "m", "input": [{"type": "mystery"}]}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("input[0].type"));
@@ -1295,7 +1341,9 @@ mod tests {
                 "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
         });
-        let echo = RequestEcho::new(&map(json!({"model": "m", "input": "x", "metadata": {"k": "v"}})));
+        let echo = RequestEcho::new(&map(
+            json!({"model": "m", "input": "x", "metadata": {"k": "v"}}),
+        ));
         let r = from_chat_response(&chat, "m", &echo);
         let out = r["output"].as_array().unwrap();
         assert_eq!(out[0]["type"], "reasoning");

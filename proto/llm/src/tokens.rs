@@ -57,7 +57,10 @@ pub fn anthropic_input_tokens(body: &Map<String, Value>) -> u64 {
         text.push('\n');
     }
     let mut hidden = 0;
-    if let Some(tools) = body.get("tools").filter(|t| t.as_array().is_some_and(|a| !a.is_empty())) {
+    if let Some(tools) = body
+        .get("tools")
+        .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+    {
         text.push_str(&tools.to_string());
         hidden = ANTHROPIC_TOOL_PROMPT;
     }

@@ -31,36 +31,61 @@ fn fixtures(provider: &str) -> Vec<(String, Value, Value)> {
 
 fn text_only(body: &Value) -> bool {
     let s = body.to_string();
-    !["\"image\"", "\"document\"", "inlineData", "inline_data", "fileData", "base64"]
-        .iter()
-        .any(|m| s.contains(m))
+    ![
+        "\"image\"",
+        "\"document\"",
+        "inlineData",
+        "inline_data",
+        "fileData",
+        "base64",
+    ]
+    .iter()
+    .any(|m| s.contains(m))
 }
 
 /// Reported prompt tokens: a JSON body's usage, or the first SSE event that has it.
 fn reported(resp: &Value, pointer: &[&str]) -> Option<u64> {
     if let Some(b) = resp.get("body") {
-        return pointer.iter().find_map(|p| b.pointer(p)).and_then(Value::as_u64);
+        return pointer
+            .iter()
+            .find_map(|p| b.pointer(p))
+            .and_then(Value::as_u64);
     }
     let sse = resp.get("body_sse")?.as_str()?;
     sse.lines()
         .filter_map(|l| l.strip_prefix("data:"))
         .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
-        .find_map(|v| pointer.iter().find_map(|p| v.pointer(p)).and_then(Value::as_u64))
+        .find_map(|v| {
+            pointer
+                .iter()
+                .find_map(|p| v.pointer(p))
+                .and_then(Value::as_u64)
+        })
 }
 
 fn check(label: &str, rows: Vec<(String, u64, u64)>) {
     assert!(rows.len() >= 5, "{label}: too few fixtures");
     let mut ratios: Vec<f64> = rows.iter().map(|(_, e, r)| *e as f64 / *r as f64).collect();
     for (name, est, rep) in &rows {
-        println!("{label:9} {name:45} estimate {est:5} reported {rep:5} ratio {:.2}", *est as f64 / *rep as f64);
+        println!(
+            "{label:9} {name:45} estimate {est:5} reported {rep:5} ratio {:.2}",
+            *est as f64 / *rep as f64
+        );
     }
     ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = ratios[ratios.len() / 2];
     let mean_abs: f64 = ratios.iter().map(|r| (r - 1.0).abs()).sum::<f64>() / ratios.len() as f64;
-    println!("{label}: {} fixtures, median ratio {median:.2}, mean |error| {:.0}%", rows.len(), mean_abs * 100.0);
+    println!(
+        "{label}: {} fixtures, median ratio {median:.2}, mean |error| {:.0}%",
+        rows.len(),
+        mean_abs * 100.0
+    );
     // An estimate, not a count: it must stay in the same range as the
     // vendor's own number, not match it.
-    assert!((0.6..=1.4).contains(&median), "{label}: median ratio {median}");
+    assert!(
+        (0.6..=1.4).contains(&median),
+        "{label}: median ratio {median}"
+    );
 }
 
 #[test]
@@ -72,11 +97,31 @@ fn anthropic_estimates_track_reported_input_tokens() {
             if !text_only(&req["body"]) || resp["status"] != 200 {
                 return None;
             }
-            let rep = reported(&resp, &["/usage/input_tokens", "/message/usage/input_tokens"])?;
-            let cached = reported(&resp, &["/usage/cache_read_input_tokens", "/message/usage/cache_read_input_tokens"]).unwrap_or(0)
-                + reported(&resp, &["/usage/cache_creation_input_tokens", "/message/usage/cache_creation_input_tokens"]).unwrap_or(0);
+            let rep = reported(
+                &resp,
+                &["/usage/input_tokens", "/message/usage/input_tokens"],
+            )?;
+            let cached = reported(
+                &resp,
+                &[
+                    "/usage/cache_read_input_tokens",
+                    "/message/usage/cache_read_input_tokens",
+                ],
+            )
+            .unwrap_or(0)
+                + reported(
+                    &resp,
+                    &[
+                        "/usage/cache_creation_input_tokens",
+                        "/message/usage/cache_creation_input_tokens",
+                    ],
+                )
+                .unwrap_or(0);
             // Server tools add a hidden system prompt no client can see.
-            if body.get("tools").is_some_and(|t| t.to_string().contains("web_search")) {
+            if body
+                .get("tools")
+                .is_some_and(|t| t.to_string().contains("web_search"))
+            {
                 return None;
             }
             Some((name, anthropic_input_tokens(&body), rep + cached))

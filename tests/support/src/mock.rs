@@ -271,7 +271,10 @@ async fn handle(
             json!({ "input_tokens": n }).to_string(),
         ));
     }
-    if provider == Provider::OpenAi && path.ends_with("/completions") && !path.ends_with("/chat/completions") {
+    if provider == Provider::OpenAi
+        && path.ends_with("/completions")
+        && !path.ends_with("/chat/completions")
+    {
         return Ok(legacy_completion(&model, stream));
     }
     if let Some(case) = model.strip_prefix("case-") {
