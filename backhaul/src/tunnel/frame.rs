@@ -559,6 +559,7 @@ pub const KNOWN_CODES: &[&str] = &[
     "residency_violation",
     "unknown_tenant",
     "unknown_url",
+    "unsupported_parameter",
     "upstream_auth_failed",
     "upstream_error",
     "upstream_stalled",
