@@ -19,7 +19,7 @@ use switchyard_llm::{ErrorKind, GatewayError, Source};
 use switchyard_proto::health::{self, Entry, InFlight, Outcome};
 use switchyard_proto::{Health, ProviderSnapshot, ResolvedKey, Snapshot};
 
-use switchyard_llm::openai::ChatRequest;
+use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest};
 use switchyard_llm::responses::{self, RequestEcho};
 use switchyard_llm::translate::{Chain, StreamTranslator};
 use switchyard_llm::{anthropic, completions, gemini_native, tokens};
@@ -273,11 +273,8 @@ impl Egress {
         let (hub, back) = hub_route(&req.op, provider)?;
         let hub_req;
         let call_req = match hub {
-            Some(chat) => {
-                hub_req = EgressRequest {
-                    op: Operation::Chat(chat),
-                    ..req.clone()
-                };
+            Some(op) => {
+                hub_req = EgressRequest { op, ..req.clone() };
                 &hub_req
             }
             None => &req,
@@ -393,6 +390,9 @@ enum Back {
         caller_wants_usage: bool,
     },
     Gemini,
+    GeminiEmbed {
+        batch: bool,
+    },
 }
 
 impl Back {
@@ -403,13 +403,14 @@ impl Back {
             Back::Responses(echo) => responses::from_chat_response(v, model, echo),
             Back::Completions { .. } => completions::from_chat_response(v, model),
             Back::Gemini => gemini_native::from_chat_response(v, model),
+            Back::GeminiEmbed { batch } => gemini_native::embed_from_openai(v, *batch),
         }
     }
 
     /// The second translator of the chain, after provider → hub chunks.
     fn stream(&self, model: &str) -> Option<Box<dyn StreamTranslator>> {
         match self {
-            Back::Native | Back::Hub => None,
+            Back::Native | Back::Hub | Back::GeminiEmbed { .. } => None,
             Back::Anthropic => Some(Box::new(anthropic::MessagesStreamFromOpenAi::new(model))),
             Back::Responses(echo) => Some(Box::new(responses::ResponsesStreamFromChat::new(
                 model,
@@ -438,16 +439,17 @@ fn local_count(op: &Operation, kind: ProviderKind) -> Option<Bytes> {
     Some(Bytes::from(body.to_string()))
 }
 
-/// Whether `op` reaches `provider` natively or through the hub: the chat
-/// request to send instead (usage always asked for, the caller's protocol
-/// accounts from it) and how the answer goes back.
+/// Whether `op` reaches `provider` natively or through the hub: the hub
+/// operation to send instead (chat with usage always asked for, since the
+/// caller's protocol accounts from it; or embeddings) and how the answer
+/// goes back.
 fn hub_route(
     op: &Operation,
     provider: &ProviderSnapshot,
-) -> Result<(Option<ChatRequest>, Back), GatewayError> {
+) -> Result<(Option<Operation>, Back), GatewayError> {
     let with_usage = |mut chat: ChatRequest| {
         chat.include_usage = true;
-        chat
+        Operation::Chat(chat)
     };
     Ok(match op {
         Operation::Messages { chat, .. } if provider.kind != ProviderKind::Anthropic => {
@@ -470,6 +472,15 @@ fn hub_route(
                 Back::Completions {
                     caller_wants_usage: c.include_usage,
                 },
+            )
+        }
+        Operation::GeminiEmbed(e) if provider.kind != ProviderKind::Gemini => {
+            let body = e.to_openai(&e.model);
+            let embeddings =
+                EmbeddingsRequest::parse(&serde_json::to_vec(&body).unwrap_or_default())?;
+            (
+                Some(Operation::Embeddings(embeddings)),
+                Back::GeminiEmbed { batch: e.batch },
             )
         }
         Operation::Chat(_) | Operation::Embeddings(_) => (None, Back::Hub),
@@ -498,7 +509,7 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use switchyard_llm::openai::ChatRequest;
+    use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest};
     use switchyard_proto::{KeySource, PoolKey, ProviderKind, RouteTarget, Secret};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

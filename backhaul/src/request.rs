@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde_json::{Map, Value};
 use switchyard_llm::completions::CompletionsRequest;
-use switchyard_llm::gemini_native::GenerateRequest;
+use switchyard_llm::gemini_native::{EmbedRequest, GenerateRequest};
 use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest, Usage};
 use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::GatewayError;
@@ -52,6 +52,9 @@ pub enum Operation {
         model: String,
         body: Map<String, Value>,
     },
+    /// Gemini `embedContent` / `batchEmbedContents`: passed through to
+    /// Gemini providers, sent as OpenAI embeddings to the others.
+    GeminiEmbed(EmbedRequest),
     /// Forwarded to the provider untouched (raw passthrough).
     Raw(RawRequest),
 }

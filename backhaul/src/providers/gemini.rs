@@ -117,6 +117,30 @@ impl Provider for GeminiAdapter {
                 let usage = v.get("usageMetadata").and_then(usage_from_metadata);
                 Ok(ProviderReply::Json { body: raw, usage })
             }
+            Operation::GeminiEmbed(e) => {
+                let method = if e.batch {
+                    "batchEmbedContents"
+                } else {
+                    "embedContent"
+                };
+                let resp = post_json(
+                    &ctx,
+                    url(method, None)?,
+                    &e.upstream_body(model),
+                    &headers,
+                    false,
+                    gemini::error_from_upstream,
+                )
+                .await?;
+                let (raw, _) = full_body(resp, provider).await?;
+                Ok(ProviderReply::Json {
+                    body: raw,
+                    usage: Some(switchyard_llm::openai::Usage {
+                        prompt_tokens: estimate_tokens(&e.texts),
+                        ..Default::default()
+                    }),
+                })
+            }
             Operation::GeminiCountTokens { body, .. } => {
                 let url = url("countTokens", None)?;
                 let resp = post_json(

@@ -259,6 +259,7 @@ impl Provider for SimulatedAdapter {
             | Operation::Completions(_)
             | Operation::Generate(_)
             | Operation::GeminiCountTokens { .. }
+            | Operation::GeminiEmbed(_)
             | Operation::Raw(_) => Err(super::unsupported(ctx.provider, "this endpoint")),
             Operation::Embeddings(e) => {
                 tokio::time::sleep(profile.ttft).await;

@@ -13,7 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use switchyard_llm::anthropic;
 use switchyard_llm::completions::CompletionsRequest;
-use switchyard_llm::gemini_native::GenerateRequest;
+use switchyard_llm::gemini_native::{EmbedRequest, GenerateRequest};
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest, Usage};
 use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
@@ -331,6 +331,10 @@ pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::Reques
             json_body(&g.body),
         ),
         Operation::Generate(g) => (wire::OperationKind::GenerateContent, json_body(&g.body)),
+        Operation::GeminiEmbed(e) if e.batch => {
+            (wire::OperationKind::BatchEmbedContents, json_body(&e.body))
+        }
+        Operation::GeminiEmbed(e) => (wire::OperationKind::EmbedContent, json_body(&e.body)),
         Operation::GeminiCountTokens { body, .. } => {
             (wire::OperationKind::GeminiCountTokens, json_body(body))
         }
@@ -394,6 +398,13 @@ pub fn request_from_wire(
                 parse_json_object(&body)?,
                 &header.upstream_model,
                 stream,
+            )?)
+        }
+        kind @ (wire::OperationKind::EmbedContent | wire::OperationKind::BatchEmbedContents) => {
+            Operation::GeminiEmbed(EmbedRequest::new(
+                parse_json_object(&body)?,
+                &header.upstream_model,
+                kind == wire::OperationKind::BatchEmbedContents,
             )?)
         }
         wire::OperationKind::GeminiCountTokens => Operation::GeminiCountTokens {

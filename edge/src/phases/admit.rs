@@ -16,7 +16,7 @@ use serde_json::json;
 use switchyard_backhaul::{check_model_name, Operation, Protocol, RawPath, RawRequest};
 use switchyard_llm::anthropic;
 use switchyard_llm::completions::CompletionsRequest;
-use switchyard_llm::gemini_native::GenerateRequest;
+use switchyard_llm::gemini_native::{EmbedRequest, GenerateRequest};
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
 use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::{ErrorKind, GatewayError};
@@ -63,6 +63,10 @@ pub(crate) enum Endpoint {
     GeminiCountTokens {
         model: String,
     },
+    GeminiEmbed {
+        model: String,
+        batch: bool,
+    },
     GeminiModels,
     Embeddings,
     Messages,
@@ -85,6 +89,7 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::GeminiGenerate { .. } => "generate_content",
             Endpoint::GeminiCountTokens { .. } => "count_tokens",
+            Endpoint::GeminiEmbed { .. } => "embeddings",
             Endpoint::GeminiModels => "models",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
@@ -100,6 +105,7 @@ impl Endpoint {
             Endpoint::Messages | Endpoint::CountTokens => Protocol::Anthropic,
             Endpoint::GeminiGenerate { .. }
             | Endpoint::GeminiCountTokens { .. }
+            | Endpoint::GeminiEmbed { .. }
             | Endpoint::GeminiModels => Protocol::Gemini,
             _ => Protocol::OpenAi,
         }
@@ -233,7 +239,8 @@ pub(crate) async fn admit(
         | Endpoint::Messages
         | Endpoint::CountTokens
         | Endpoint::GeminiGenerate { .. }
-        | Endpoint::GeminiCountTokens { .. } => {
+        | Endpoint::GeminiCountTokens { .. }
+        | Endpoint::GeminiEmbed { .. } => {
             let raw_header = session.get_header("x-switchyard-raw").is_some_and(|v| {
                 v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true")
             });
@@ -288,6 +295,9 @@ fn parse_operation(endpoint: &Endpoint, body: &Bytes) -> Result<Operation, Gatew
             model,
             *stream,
         )?),
+        Endpoint::GeminiEmbed { model, batch } => {
+            Operation::GeminiEmbed(EmbedRequest::new(parse_json_object(body)?, model, *batch)?)
+        }
         Endpoint::GeminiCountTokens { model } => Operation::GeminiCountTokens {
             model: model.clone(),
             body: parse_json_object(body)?,
@@ -415,6 +425,11 @@ fn gemini_route(method: &http::Method, path: &str) -> Result<Option<Endpoint>, F
                 stream: true,
             },
             "countTokens" => Endpoint::GeminiCountTokens { model },
+            "embedContent" => Endpoint::GeminiEmbed {
+                model,
+                batch: false,
+            },
+            "batchEmbedContents" => Endpoint::GeminiEmbed { model, batch: true },
             other => {
                 let e = GatewayError::new(
                     ErrorKind::NotFound,
@@ -528,6 +543,7 @@ pub(crate) fn requested_model(op: &Operation) -> &str {
         Operation::Completions(c) => &c.model,
         Operation::Generate(g) => &g.model,
         Operation::GeminiCountTokens { model, .. } => model,
+        Operation::GeminiEmbed(e) => &e.model,
         Operation::Raw(_) => "",
     }
 }
@@ -576,7 +592,7 @@ fn gemini_models_list(snap: &Snapshot, tenant: &Tenant) -> Bytes {
             json!({
                 "name": format!("models/{m}"),
                 "displayName": m,
-                "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"],
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens", "embedContent", "batchEmbedContents"],
             })
         })
         .collect();

@@ -222,7 +222,9 @@ fn endpoint_name(op: &Operation) -> &'static str {
         Operation::CountTokens { .. } => "messages/count_tokens",
         Operation::Responses(_) => "responses",
         Operation::Completions(_) => "completions",
-        Operation::Generate(_) | Operation::GeminiCountTokens { .. } => "gemini",
+        Operation::Generate(_)
+        | Operation::GeminiCountTokens { .. }
+        | Operation::GeminiEmbed(_) => "gemini",
         Operation::Raw(_) => "",
     }
 }

@@ -641,6 +641,116 @@ impl StreamTranslator for GenerateStreamFromChat {
     }
 }
 
+// ---------------------------------------------------------------------------
+// embedContent / batchEmbedContents
+// ---------------------------------------------------------------------------
+
+/// An `embedContent` (one) or `batchEmbedContents` (`requests`) call.
+#[derive(Debug, Clone)]
+pub struct EmbedRequest {
+    pub body: Map<String, Value>,
+    pub model: String,
+    pub batch: bool,
+    /// The texts, in order: one per request of a batch.
+    pub texts: Vec<String>,
+    pub dimensions: Option<u64>,
+}
+
+impl EmbedRequest {
+    pub fn new(body: Map<String, Value>, model: &str, batch: bool) -> Result<Self, GatewayError> {
+        let one = |r: &Value, param: &str| -> Result<String, GatewayError> {
+            let parts = r
+                .get("content")
+                .and_then(|c| c.get("parts"))
+                .and_then(Value::as_array)
+                .ok_or_else(|| invalid(param, format!("* {param}: content.parts is required.")))?;
+            Ok(parts
+                .iter()
+                .filter_map(|p| str_field(p, "text"))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        };
+        let (texts, dimensions) = if batch {
+            let requests = body
+                .get("requests")
+                .and_then(Value::as_array)
+                .filter(|r| !r.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "requests",
+                        "* BatchEmbedContentsRequest.requests: at least one request is required.",
+                    )
+                })?;
+            let texts = requests
+                .iter()
+                .enumerate()
+                .map(|(i, r)| one(r, &format!("requests[{i}].content")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let dims = requests
+                .first()
+                .and_then(|r| r.get("outputDimensionality"))
+                .and_then(Value::as_u64);
+            (texts, dims)
+        } else {
+            let text = one(&Value::Object(body.clone()), "content")?;
+            (
+                vec![text],
+                body.get("outputDimensionality").and_then(Value::as_u64),
+            )
+        };
+        Ok(EmbedRequest {
+            body,
+            model: model.to_string(),
+            batch,
+            texts,
+            dimensions,
+        })
+    }
+
+    /// The body for a Gemini provider: each request of a batch must name
+    /// the model of the URL, which is the provider's, not the caller's.
+    pub fn upstream_body(&self, upstream_model: &str) -> Map<String, Value> {
+        let mut body = self.body.clone();
+        if let Some(Value::Array(requests)) = body.get_mut("requests") {
+            for r in requests.iter_mut().filter_map(Value::as_object_mut) {
+                r.insert("model".into(), json!(format!("models/{upstream_model}")));
+            }
+        }
+        body
+    }
+
+    /// The hub (OpenAI embeddings) request body.
+    pub fn to_openai(&self, model: &str) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("model".into(), json!(model));
+        m.insert("input".into(), json!(self.texts));
+        if let Some(d) = self.dimensions {
+            m.insert("dimensions".into(), json!(d));
+        }
+        m
+    }
+}
+
+/// OpenAI embeddings → `{"embedding": ...}` or `{"embeddings": [...]}`.
+pub fn embed_from_openai(v: &Value, batch: bool) -> Value {
+    let mut data: Vec<&Value> = v
+        .get("data")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    data.sort_by_key(|d| d.get("index").and_then(Value::as_u64).unwrap_or(0));
+    let values: Vec<Value> = data
+        .iter()
+        .map(|d| json!({"values": d.get("embedding").cloned().unwrap_or_else(|| json!([]))}))
+        .collect();
+    if batch {
+        json!({"embeddings": values})
+    } else {
+        json!({"embedding": values.into_iter().next().unwrap_or_else(|| json!({"values": []}))})
+    }
+}
+
 /// Usage of a Gemini `usageMetadata` in the hub's terms.
 pub fn usage_from_metadata(m: &Value) -> Option<Usage> {
     let prompt = m.get("promptTokenCount")?.as_u64()?;
@@ -744,6 +854,36 @@ mod tests {
             to_chat(&search, "m", false).unwrap_err().param.as_deref(),
             Some("tools[0]")
         );
+    }
+
+    #[test]
+    fn embeddings_both_ways() {
+        let body: Map<String, Value> = serde_json::from_value(json!({"requests": [
+            {"model": "models/openai/text-embedding-3-small", "content": {"parts": [{"text": "a"}]}, "outputDimensionality": 8},
+            {"model": "models/openai/text-embedding-3-small", "content": {"parts": [{"text": "b"}]}},
+        ]})).unwrap();
+        let e = EmbedRequest::new(body, "openai/text-embedding-3-small", true).unwrap();
+        assert_eq!(e.texts, ["a", "b"]);
+        assert_eq!(e.to_openai("te3")["dimensions"], 8);
+        assert_eq!(
+            e.upstream_body("g-emb")["requests"][1]["model"],
+            "models/g-emb"
+        );
+        let v = embed_from_openai(
+            &json!({"data": [{"index": 1, "embedding": [2.0]}, {"index": 0, "embedding": [1.0]}]}),
+            true,
+        );
+        assert_eq!(v["embeddings"][0]["values"][0], 1.0);
+        let one: Map<String, Value> =
+            serde_json::from_value(json!({"content": {"parts": [{"text": "x"}]}})).unwrap();
+        let e = EmbedRequest::new(one, "m", false).unwrap();
+        assert!(!e.batch && e.texts == ["x"]);
+        assert_eq!(
+            embed_from_openai(&json!({"data": [{"embedding": [3.0]}]}), false)["embedding"]
+                ["values"][0],
+            3.0
+        );
+        assert!(EmbedRequest::new(Map::new(), "m", true).is_err());
     }
 
     #[test]
