@@ -1054,7 +1054,9 @@ impl ResponsesStreamFromChat {
             if !blocks.is_empty() {
                 self.open_reasoning(out);
                 if let Some(Open::Reasoning { blocks: kept, .. }) = &mut self.open {
-                    kept.extend(blocks.iter().cloned());
+                    for b in blocks {
+                        merge_thinking_delta(kept, b);
+                    }
                 }
             }
         }
@@ -1200,6 +1202,32 @@ impl StreamTranslator for ResponsesStreamFromChat {
 
     fn completed(&self) -> bool {
         self.finish.is_some()
+    }
+}
+
+/// Streamed thinking blocks arrive as deltas with an `index` (text in
+/// pieces, the signature last), merged the way clients merge tool calls.
+fn merge_thinking_delta(kept: &mut Vec<Value>, delta: &Value) {
+    let n = delta.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+    while kept.len() <= n {
+        kept.push(json!({}));
+    }
+    let Some(block) = kept[n].as_object_mut() else {
+        return;
+    };
+    for (k, v) in delta.as_object().into_iter().flatten() {
+        match (k.as_str(), v) {
+            ("index", _) => {}
+            ("thinking", Value::String(piece)) => {
+                let text = block.entry("thinking").or_insert_with(|| json!(""));
+                if let Value::String(t) = text {
+                    t.push_str(piece);
+                }
+            }
+            _ => {
+                block.insert(k.clone(), v.clone());
+            }
+        }
     }
 }
 
