@@ -469,3 +469,72 @@ async fn legacy_completions_pass_through_to_openai_and_translate_elsewhere() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["param"], "echo");
 }
+
+#[tokio::test]
+async fn the_model_list_includes_what_providers_list_themselves() {
+    let e = edge().await;
+    let list = |e: &Edge, path: &'static str| {
+        let url = format!("http://{}{path}", e.addr);
+        async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(KEY)
+                .timeout(WAIT)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let v = list(&e, "/v1/models").await;
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    // Configured, then discovered from each provider's own list.
+    assert!(ids.contains(&"simulated/sim-small"), "{ids:?}");
+    assert!(ids.contains(&"failing-first"), "{ids:?}");
+    for discovered in [
+        "openai/gpt-4.1-nano",
+        "anthropic/claude-haiku-4-5-20251001",
+        "gemini/gemini-2.5-flash",
+    ] {
+        assert!(ids.contains(&discovered), "{discovered} missing: {ids:?}");
+    }
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "no duplicates");
+    // Asked with the gateway's keys, each in its provider's own way.
+    let asked: Vec<_> = e
+        .mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .collect();
+    assert_eq!(asked.len(), 3, "one fetch per provider");
+    assert!(asked.iter().any(|r| r.path == "/v1/models"
+        && r.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}"))));
+    assert!(asked
+        .iter()
+        .any(|r| r.path == "/v1beta/models" && r.header("x-goog-api-key").is_some()));
+    // Served from the cache afterwards: no provider is asked again.
+    let again = list(&e, "/v1/models").await;
+    assert_eq!(again, v);
+    assert_eq!(
+        e.mock
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET")
+            .count(),
+        3
+    );
+    // A discovered model is routable and has its own entry.
+    let one = list(&e, "/v1/models/openai%2Fgpt-4.1-nano").await;
+    assert_eq!(one["owned_by"], "openai");
+    let r = e
+        .post("/v1/responses", ask("openai/gpt-4.1-nano", false))
+        .await;
+    assert_eq!(r.status(), 200);
+}

@@ -25,6 +25,7 @@ use switchyard_llm::translate::{Chain, StreamTranslator};
 use switchyard_llm::{anthropic, completions, gemini_native, tokens};
 use switchyard_proto::ProviderKind;
 
+use crate::discovery::Discovery;
 use crate::providers::raw::{self, RawBody};
 use crate::providers::{adapter_for, faults, pick_key, CallContext, ProviderReply};
 use crate::request::{
@@ -41,6 +42,7 @@ pub struct Egress {
     /// Where ties between equally loaded keys start, so an idle pool rotates.
     key_cursor: AtomicUsize,
     health: Arc<Health>,
+    discovery: Arc<Discovery>,
 }
 
 /// The key chosen for one attempt, counted in flight while it is held.
@@ -62,12 +64,19 @@ impl Egress {
         snapshot: SharedSnapshot,
         health: Arc<Health>,
     ) -> Result<Self, crate::upstream::ClientError> {
+        let client = crate::upstream::build_client()?;
         Ok(Egress {
+            discovery: Arc::new(Discovery::new(snapshot.clone(), client.clone())),
             snapshot,
-            client: crate::upstream::build_client()?,
+            client,
             key_cursor: AtomicUsize::new(0),
             health,
         })
+    }
+
+    /// The providers' own model lists, as this node's keys see them.
+    pub fn discovery(&self) -> &Arc<Discovery> {
+        &self.discovery
     }
 
     /// The node's health board as this egress feeds it.

@@ -169,18 +169,29 @@ pub(crate) async fn admit(
         Endpoint::Health => return Ok(Admitted::Answered),
         Endpoint::GeminiModels => {
             run_hooks(app, ctx)?;
-            let body = gemini_models_list(snap, &tenant);
+            let discovered = app.upstream.discovered_models().await;
+            let body = gemini_models_list(&all_models(snap, &tenant, discovered));
             answer(app, session, snap, ctx, body).await;
             return Ok(Admitted::Answered);
         }
         Endpoint::Models => {
             run_hooks(app, ctx)?;
-            let body = models_list(snap, &tenant);
+            let discovered = app.upstream.discovered_models().await;
+            let body = models_list(&all_models(snap, &tenant, discovered));
             answer(app, session, snap, ctx, body).await;
             return Ok(Admitted::Answered);
         }
         Endpoint::Model(id) => {
             let known = snap.model_names().into_iter().find(|(m, _)| *m == id);
+            let known = match known {
+                Some(k) => Some(k),
+                None => {
+                    let discovered = app.upstream.discovered_models().await;
+                    all_models(snap, &tenant, discovered)
+                        .into_iter()
+                        .find(|(m, _)| *m == id)
+                }
+            };
             let Some((name, owner)) = known.filter(|(m, _)| tenant.may_use(m)) else {
                 return Err(fail(GatewayError::model_not_found(&id)));
             };
@@ -581,13 +592,31 @@ fn model_object(id: &str, owner: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
 }
 
+/// What the tenant may use, as `(name, owner)`: the policy's models,
+/// aliases and routes, then the models the providers list themselves
+/// (`provider/model`) that the policy did not already name.
+fn all_models(
+    snap: &Snapshot,
+    tenant: &Tenant,
+    discovered: Vec<(String, String)>,
+) -> Vec<(String, String)> {
+    let mut out = snap.model_names();
+    let known: std::collections::HashSet<String> = out.iter().map(|(m, _)| m.clone()).collect();
+    out.extend(
+        discovered
+            .into_iter()
+            .map(|(provider, model)| (format!("{provider}/{model}"), provider))
+            .filter(|(m, _)| !known.contains(m)),
+    );
+    out.retain(|(m, _)| tenant.may_use(m));
+    out
+}
+
 /// `GET /v1beta/models` in Gemini's shape; names keep the gateway's
 /// `provider/model` form so they can be used in paths as they are.
-fn gemini_models_list(snap: &Snapshot, tenant: &Tenant) -> Bytes {
-    let models: Vec<_> = snap
-        .model_names()
-        .into_iter()
-        .filter(|(m, _)| tenant.may_use(m))
+fn gemini_models_list(models: &[(String, String)]) -> Bytes {
+    let models: Vec<_> = models
+        .iter()
         .map(|(m, _)| {
             json!({
                 "name": format!("models/{m}"),
@@ -599,12 +628,10 @@ fn gemini_models_list(snap: &Snapshot, tenant: &Tenant) -> Bytes {
     Bytes::from(json!({ "models": models }).to_string())
 }
 
-fn models_list(snap: &Snapshot, tenant: &Tenant) -> Bytes {
-    let data: Vec<_> = snap
-        .model_names()
-        .into_iter()
-        .filter(|(m, _)| tenant.may_use(m))
-        .map(|(m, owner)| model_object(&m, &owner))
+fn models_list(models: &[(String, String)]) -> Bytes {
+    let data: Vec<_> = models
+        .iter()
+        .map(|(m, owner)| model_object(m, owner))
         .collect();
     Bytes::from(json!({ "object": "list", "data": data }).to_string())
 }

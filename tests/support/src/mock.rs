@@ -234,6 +234,9 @@ async fn handle(
         tokio::time::sleep(latency).await;
     }
 
+    if rec.method == "GET" && path.ends_with("/models") {
+        return Ok(model_list(&state, &path, rec.header("x-api-key").is_some()).await);
+    }
     let (provider, model, stream) = if path.starts_with("/v1beta/") {
         let model = path
             .split("/models/")
@@ -490,6 +493,27 @@ fn special_stream(state: Arc<State>, mode: &str, gap: Duration) -> Response<BoxB
         }
     });
     sse_response(rx)
+}
+
+/// `GET .../models`: Gemini's is the recorded list; OpenAI's and
+/// Anthropic's follow the shapes of their API references (no recording of
+/// them exists in the fixtures).
+async fn model_list(state: &Arc<State>, path: &str, anthropic: bool) -> Response<BoxBody> {
+    if path.starts_with("/v1beta/") {
+        return replay(state, Provider::Gemini, "models-list").await;
+    }
+    let body = if anthropic {
+        json!({"data": [
+            {"type": "model", "id": "claude-opus-4-1-20250805", "display_name": "Claude Opus 4.1", "created_at": "2025-08-05T00:00:00Z"},
+            {"type": "model", "id": "claude-haiku-4-5-20251001", "display_name": "Claude Haiku 4.5", "created_at": "2025-10-15T00:00:00Z"},
+        ], "has_more": false, "first_id": "claude-opus-4-1-20250805", "last_id": "claude-haiku-4-5-20251001"})
+    } else {
+        json!({"object": "list", "data": [
+            {"id": "gpt-4.1-nano", "object": "model", "created": 1744321025, "owned_by": "system"},
+            {"id": "text-embedding-3-large", "object": "model", "created": 1705953180, "owned_by": "system"},
+        ]})
+    };
+    full(200, "application/json", body.to_string())
 }
 
 /// Legacy `/v1/completions`: no recording of it exists in the fixtures, so
