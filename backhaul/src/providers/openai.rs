@@ -38,7 +38,7 @@ impl Provider for OpenAiAdapter {
             // Responses streams always end with usage; the field does not exist there.
             force_usage: stream && !responses,
         };
-        let url = format!("{}/{path}", ctx.provider.base_url);
+        let url = super::provider_url(ctx.provider, path)?;
         let auth = ctx.key.map(|k| format!("Bearer {}", k.expose()));
         let headers: Vec<(&'static str, &str)> = auth
             .as_deref()
