@@ -526,7 +526,7 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest};
+    use switchyard_llm::openai::ChatRequest;
     use switchyard_proto::{KeySource, PoolKey, ProviderKind, RouteTarget, Secret};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
