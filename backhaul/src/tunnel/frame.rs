@@ -668,6 +668,83 @@ mod tests {
         }
     }
 
+    /// Every inbound protocol's operation crosses the backhaul whole: the
+    /// same kind, body, streaming and (for Gemini, whose model is in the
+    /// URL) the target's model.
+    #[test]
+    fn new_protocol_operations_round_trip() {
+        let map = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let contents = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+        let ops = [
+            (
+                Protocol::OpenAi,
+                Operation::Responses(
+                    ResponsesRequest::from_map(map(json!({"model": "fast", "input": "hi", "stream": true})))
+                        .unwrap(),
+                ),
+            ),
+            (
+                Protocol::OpenAi,
+                Operation::Completions(
+                    CompletionsRequest::from_map(map(json!({"model": "fast", "prompt": "hi"}))).unwrap(),
+                ),
+            ),
+            (
+                Protocol::Gemini,
+                Operation::Generate(GenerateRequest::new(map(contents.clone()), "fast", true).unwrap()),
+            ),
+            (
+                Protocol::Gemini,
+                Operation::Generate(GenerateRequest::new(map(contents.clone()), "fast", false).unwrap()),
+            ),
+            (
+                Protocol::Gemini,
+                Operation::GeminiCountTokens {
+                    model: "fast".into(),
+                    body: map(contents.clone()),
+                },
+            ),
+            (
+                Protocol::Gemini,
+                Operation::GeminiEmbed(
+                    EmbedRequest::new(
+                        map(json!({"requests": [{"model": "models/fast", "content": {"parts": [{"text": "a"}]}}]})),
+                        "fast",
+                        true,
+                    )
+                    .unwrap(),
+                ),
+            ),
+        ];
+        for (inbound, op) in ops {
+            let mut req = chat_request();
+            req.inbound = inbound;
+            req.op = op;
+            let (header, body) = request_to_wire(&req, Duration::from_secs(1));
+            let (back, _) = request_from_wire(header, body, Instant::now()).unwrap();
+            assert_eq!(back.inbound, inbound);
+            assert_eq!(back.op.is_stream(), req.op.is_stream());
+            match (&back.op, &req.op) {
+                (Operation::Responses(a), Operation::Responses(b)) => assert_eq!(a.body, b.body),
+                (Operation::Completions(a), Operation::Completions(b)) => {
+                    assert_eq!(a.body, b.body)
+                }
+                (Operation::Generate(a), Operation::Generate(b)) => {
+                    assert_eq!((&a.body, a.stream), (&b.body, b.stream));
+                    assert_eq!(a.model, "gpt-4o-mini", "the target's model");
+                }
+                (
+                    Operation::GeminiCountTokens { body: a, .. },
+                    Operation::GeminiCountTokens { body: b, .. },
+                ) => assert_eq!(a, b),
+                (Operation::GeminiEmbed(a), Operation::GeminiEmbed(b)) => {
+                    assert_eq!((&a.body, a.batch), (&b.body, b.batch))
+                }
+                (a, b) => panic!("{a:?} came back as {b:?}"),
+            }
+        }
+    }
+
     #[test]
     fn raw_request_keeps_method_path_headers() {
         let mut req = chat_request();
