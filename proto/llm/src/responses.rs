@@ -13,6 +13,11 @@
 //! `encrypted_content` (the blocks as JSON) so that a later request replaying
 //! the item (tool-use round trips with thinking) gives them back verbatim.
 //!
+//! Gemini's thought signatures (which Gemini 3 wants back with each function
+//! call) have no place in a `function_call` item; they travel in a
+//! reasoning item's `encrypted_content` as `{"gemini_signatures": {call_id:
+//! signature}}`, and are put back on the calls when the items return.
+//!
 //! The gateway keeps no conversation state: `previous_response_id`,
 //! `store: true`, `conversation`, `background` and `item_reference` inputs
 //! only work with OpenAI providers; [`stateful_param`] names the one a
@@ -174,6 +179,7 @@ pub fn to_chat(body: &Map<String, Value>) -> Result<ChatRequest, GatewayError> {
             for (i, item) in items.iter().enumerate() {
                 input_item(item, i, &mut messages, &mut pending_thinking)?;
             }
+            restore_signatures(items, &mut messages);
         }
         Some(_) => {
             return Err(invalid(
@@ -460,6 +466,57 @@ fn input_item(
         }
     }
     Ok(())
+}
+
+/// Puts Gemini thought signatures kept in reasoning items back on the
+/// tool calls they belong to.
+fn restore_signatures(items: &[Value], messages: &mut [Value]) {
+    let mut sigs: Map<String, Value> = Map::new();
+    for item in items
+        .iter()
+        .filter(|i| str_field(i, "type") == Some("reasoning"))
+    {
+        let kept = str_field(item, "encrypted_content")
+            .and_then(|e| serde_json::from_str::<Value>(e).ok());
+        if let Some(Value::Object(map)) = kept.as_ref().and_then(|k| k.get("gemini_signatures")) {
+            sigs.extend(map.clone());
+        }
+    }
+    if sigs.is_empty() {
+        return;
+    }
+    for m in messages.iter_mut() {
+        for call in m
+            .get_mut("tool_calls")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            let sig = str_field(call, "id").and_then(|id| sigs.get(id)).cloned();
+            if let (Some(sig), Some(c)) = (sig, call.as_object_mut()) {
+                c.insert(
+                    "extra_content".into(),
+                    json!({"google": {"thought_signature": sig}}),
+                );
+            }
+        }
+    }
+}
+
+/// The reasoning item that carries Gemini thought signatures of `calls`
+/// (call id → signature), if any call had one.
+fn signatures_item(id: &str, sigs: &Map<String, Value>) -> Option<Value> {
+    if sigs.is_empty() {
+        return None;
+    }
+    let kept = json!({"gemini_signatures": sigs});
+    Some(
+        json!({"id": id, "type": "reasoning", "summary": [], "encrypted_content": kept.to_string()}),
+    )
+}
+
+fn call_signature(call: &Value) -> Option<&Value> {
+    call.pointer("/extra_content/google/thought_signature")
 }
 
 fn attach_thinking(m: &mut Map<String, Value>, thinking: Option<Value>) {
@@ -775,6 +832,7 @@ pub fn from_chat_response(resp: &Value, model: &str, request: &RequestEcho) -> V
         } else if let Some(r) = str_field(m, "refusal").filter(|r| !r.is_empty()) {
             output.push(message_item(&format!("msg_{suffix}"), r, true, "completed"));
         }
+        let mut sigs = Map::new();
         for (n, call) in m
             .get("tool_calls")
             .and_then(Value::as_array)
@@ -782,6 +840,9 @@ pub fn from_chat_response(resp: &Value, model: &str, request: &RequestEcho) -> V
             .flatten()
             .enumerate()
         {
+            if let (Some(id), Some(sig)) = (str_field(call, "id"), call_signature(call)) {
+                sigs.insert(id.to_string(), sig.clone());
+            }
             let f = call.get("function");
             output.push(function_call_item(
                 &format!("fc_{suffix}_{n}"),
@@ -791,6 +852,7 @@ pub fn from_chat_response(resp: &Value, model: &str, request: &RequestEcho) -> V
                 "completed",
             ));
         }
+        output.extend(signatures_item(&format!("rs_{suffix}_sig"), &sigs));
     }
     let (status, incomplete) = status_of(choice.and_then(|c| str_field(c, "finish_reason")));
     let mut r = response_object(&id, created, model, request, status);
@@ -846,6 +908,8 @@ pub struct ResponsesStreamFromChat {
     finish: Option<String>,
     usage: Option<Usage>,
     reasoning_tokens: u64,
+    /// Gemini thought signatures of the calls so far (call id → signature).
+    signatures: Map<String, Value>,
     ended: bool,
 }
 
@@ -863,6 +927,7 @@ impl ResponsesStreamFromChat {
             finish: None,
             usage: None,
             reasoning_tokens: 0,
+            signatures: Map::new(),
             ended: false,
         }
     }
@@ -1089,6 +1154,17 @@ impl ResponsesStreamFromChat {
         {
             let n = call.get("index").and_then(Value::as_u64).unwrap_or(0);
             let f = call.get("function");
+            if let Some(sig) = call_signature(call) {
+                let id = str_field(call, "id")
+                    .map(str::to_string)
+                    .or_else(|| match &self.open {
+                        Some(Open::Call { call_id, .. }) => Some(call_id.clone()),
+                        _ => None,
+                    });
+                if let Some(id) = id {
+                    self.signatures.insert(id, sig.clone());
+                }
+            }
             let same = matches!(&self.open, Some(Open::Call { index, .. }) if *index == n);
             let new_id = str_field(call, "id").filter(|id| !id.is_empty());
             let restart = matches!((&self.open, new_id), (Some(Open::Call { call_id, .. }), Some(id)) if same && call_id != id);
@@ -1137,6 +1213,21 @@ impl ResponsesStreamFromChat {
         self.ended = true;
         self.start(None, None, out);
         self.close(out);
+        let id = self.item_id("rs");
+        if let Some(item) = signatures_item(&id, &self.signatures) {
+            let index = self.output_index();
+            self.send(
+                out,
+                "response.output_item.added",
+                json!({"output_index": index, "item": item}),
+            );
+            self.send(
+                out,
+                "response.output_item.done",
+                json!({"output_index": index, "item": item}),
+            );
+            self.output.push(item);
+        }
         let (status, incomplete) = status_of(self.finish.as_deref());
         let mut snap = self.snapshot(status);
         snap["incomplete_details"] = incomplete;

@@ -317,3 +317,76 @@ fn thoughts_and_calls_reach_gemini_callers_as_parts() {
         .iter()
         .all(|c| c["args"].is_object() && c["id"].as_str().unwrap().starts_with("toolu_")));
 }
+
+#[test]
+fn gemini_thought_signatures_survive_a_responses_round_trip() {
+    // A recorded Gemini 3 function call with its thought signature.
+    let (_, resp) = case("gemini", "tools-stream-thought-signature-2");
+    let (_, first) = case("gemini", "tools-parallel-stream-1-function-call");
+    for (label, wire) in [("first", sse_of(&first)), ("second", sse_of(&resp))] {
+        let mut t = Chain::new(
+            Box::new(gemini::ChatStream::new("m", true)),
+            Box::new(ResponsesStreamFromChat::new("m", echo())),
+        );
+        let events = json_events(&run(&mut t, wire));
+        let done = &events.last().unwrap()["response"];
+        let calls: Vec<&Value> = done["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "function_call")
+            .collect();
+        let recorded_sigs = String::from_utf8_lossy(wire)
+            .matches("thoughtSignature")
+            .count();
+        let kept = done["output"].as_array().unwrap().iter().find(|i| {
+            i["type"] == "reasoning"
+                && i["encrypted_content"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("gemini_signatures"))
+        });
+        if recorded_sigs == 0 || calls.is_empty() {
+            assert!(kept.is_none(), "{label}");
+            continue;
+        }
+        let kept = kept.unwrap_or_else(|| panic!("{label}: signatures kept"));
+        // Sent back as input items, each call gets its signature again and
+        // Gemini receives it on the functionCall part.
+        let mut input = vec![json!({"role": "user", "content": "q"})];
+        input.extend(done["output"].as_array().unwrap().iter().cloned());
+        for c in &calls {
+            input.push(
+                json!({"type": "function_call_output", "call_id": c["call_id"], "output": "ok"}),
+            );
+        }
+        let chat =
+            responses::to_chat(json!({"model": "m", "input": input}).as_object().unwrap()).unwrap();
+        let body = gemini::chat_request(&chat, "m").unwrap();
+        let sent: Vec<&Value> = body["contents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["parts"].as_array().unwrap())
+            .filter(|p| p.get("functionCall").is_some())
+            .collect();
+        let kept: Value =
+            serde_json::from_str(kept["encrypted_content"].as_str().unwrap()).unwrap();
+        assert!(!sent.is_empty(), "{label}");
+        // Gemini signs the first call of a parallel group only: exactly the
+        // signatures it sent come back, on calls.
+        let mut back: Vec<&str> = sent
+            .iter()
+            .filter_map(|p| p["thoughtSignature"].as_str())
+            .collect();
+        let mut expected: Vec<&str> = kept["gemini_signatures"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter_map(Value::as_str)
+            .collect();
+        back.sort();
+        expected.sort();
+        assert!(!expected.is_empty(), "{label}");
+        assert_eq!(back, expected, "{label}");
+    }
+}
