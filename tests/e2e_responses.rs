@@ -40,6 +40,10 @@ routes:
     targets:
       - {{ provider: openai, model: case-error-429-rate-limit-exceeded }}
       - {{ provider: anthropic, model: claude-sonnet-4-5 }}
+  openai-last:
+    targets:
+      - {{ provider: anthropic, model: claude-sonnet-4-5 }}
+      - {{ provider: openai, model: gpt-5.5 }}
 tenants:
   - id: t1
     key_sha256: "{}"
@@ -348,6 +352,17 @@ async fn stateful_parameters_are_refused_by_name_where_only_openai_has_state() {
     body["store"] = json!(true);
     assert_eq!(e.post("/v1/responses", body).await.status(), 200);
     assert_eq!(e.mock.requests()[0].body["store"], true);
+    // A route with an OpenAI target further down serves them there,
+    // without calling the provider that cannot.
+    let mut body = ask("openai-last", false);
+    body["previous_response_id"] = json!("resp_123");
+    body["tools"] = json!([{"type": "web_search"}]);
+    let r = e.post("/v1/responses", body).await;
+    assert_eq!(r.status(), 200);
+    let sent = e.mock.requests();
+    assert_eq!(sent.len(), 2, "Anthropic was never called");
+    assert_eq!(sent[1].path, "/v1/responses");
+    assert_eq!(sent[1].body["previous_response_id"], "resp_123");
     // Bad input is refused in OpenAI's error shape before any provider.
     let r = e
         .post("/v1/responses", json!({"model": "openai/gpt-5.5"}))

@@ -463,22 +463,30 @@ fn hub_route(
         chat.include_usage = true;
         Operation::Chat(chat)
     };
+    // What this provider cannot take (stored state, built-in tools) another
+    // target of the plan may: the request is fine, the pairing is not, and
+    // the target's health is not at stake.
+    let elsewhere = |e: GatewayError| {
+        e.with_source(Source::Client)
+            .with_retry(switchyard_llm::Retry::AnotherTarget)
+    };
     Ok(match op {
         Operation::Messages { chat, .. } if provider.kind != ProviderKind::Anthropic => {
             (Some(with_usage(chat.clone())), Back::Anthropic)
         }
-        Operation::Generate(g) if provider.kind != ProviderKind::Gemini => {
-            (Some(with_usage(g.chat.clone()?)), Back::Gemini)
-        }
+        Operation::Generate(g) if provider.kind != ProviderKind::Gemini => (
+            Some(with_usage(g.chat.clone().map_err(elsewhere)?)),
+            Back::Gemini,
+        ),
         Operation::Responses(r) if provider.kind != ProviderKind::OpenAi => {
-            let chat = r.chat_for(&provider.name)?;
+            let chat = r.chat_for(&provider.name).map_err(elsewhere)?;
             (
                 Some(with_usage(chat)),
                 Back::Responses(Box::new(RequestEcho::new(&r.body))),
             )
         }
         Operation::Completions(c) if provider.kind != ProviderKind::OpenAi => {
-            let chat = c.chat.clone()?;
+            let chat = c.chat.clone().map_err(elsewhere)?;
             (
                 Some(with_usage(chat)),
                 Back::Completions {
