@@ -103,6 +103,8 @@ async fn gemini_providers_get_the_call_as_sent() {
         "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
     );
     assert!(gw.wait_for_log("\"prompt_tokens\":", Duration::from_secs(5)));
+    // A key sent in the URL is not written to the access log.
+    assert!(!gw.logs().contains(&gw.key), "virtual key in the logs");
     assert_clean(&gw, &(body + &streamed));
 }
 
