@@ -360,6 +360,20 @@ async fn errors_come_in_googles_shape() {
         names.contains(&"models/gemini/gemini-2.5-flash"),
         "{names:?}"
     );
+    let one = |path: &'static str| {
+        client()
+            .get(format!("http://{}{path}", gw.http_addr))
+            .header("x-goog-api-key", &gw.key)
+            .send()
+    };
+    let r = one("/v1beta/models/gemini/gemini-2.5-flash").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["name"], "models/gemini/gemini-2.5-flash");
+    let r = one("/v1beta/models/nope%2Fmissing").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["status"], "NOT_FOUND");
 }
 
 #[tokio::test]

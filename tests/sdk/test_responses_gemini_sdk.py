@@ -150,3 +150,4 @@ def test_genai_error_is_in_googles_shape(genai_client):
 def test_genai_lists_models(genai_client):
     names = [m.name for m in genai_client.models.list()]
     assert "models/gemini/gemini-2.5-flash" in names
+    assert genai_client.models.get(model="gemini/gemini-2.5-flash").name == "models/gemini/gemini-2.5-flash"

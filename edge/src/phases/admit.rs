@@ -68,6 +68,8 @@ pub(crate) enum Endpoint {
         batch: bool,
     },
     GeminiModels,
+    /// `GET /v1beta/models/{model}`.
+    GeminiModel(String),
     Embeddings,
     Messages,
     CountTokens,
@@ -90,7 +92,7 @@ impl Endpoint {
             Endpoint::GeminiGenerate { .. } => "generate_content",
             Endpoint::GeminiCountTokens { .. } => "count_tokens",
             Endpoint::GeminiEmbed { .. } => "embeddings",
-            Endpoint::GeminiModels => "models",
+            Endpoint::GeminiModels | Endpoint::GeminiModel(_) => "models",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "count_tokens",
@@ -106,7 +108,8 @@ impl Endpoint {
             Endpoint::GeminiGenerate { .. }
             | Endpoint::GeminiCountTokens { .. }
             | Endpoint::GeminiEmbed { .. }
-            | Endpoint::GeminiModels => Protocol::Gemini,
+            | Endpoint::GeminiModels
+            | Endpoint::GeminiModel(_) => Protocol::Gemini,
             _ => Protocol::OpenAi,
         }
     }
@@ -167,6 +170,19 @@ pub(crate) async fn admit(
     let body_timeout = app.limits.body_timeout;
     let request = match endpoint {
         Endpoint::Health => return Ok(Admitted::Answered),
+        Endpoint::GeminiModel(id) => {
+            let discovered = app.upstream.discovered_models().await;
+            let Some((name, _)) = all_models(snap, &tenant, discovered)
+                .into_iter()
+                .find(|(m, _)| *m == id)
+            else {
+                return Err(fail(GatewayError::model_not_found(&id)));
+            };
+            run_hooks(app, ctx)?;
+            let body = Bytes::from(gemini_model_object(&name).to_string());
+            answer(app, session, snap, ctx, body).await;
+            return Ok(Admitted::Answered);
+        }
         Endpoint::GeminiModels => {
             run_hooks(app, ctx)?;
             let discovered = app.upstream.discovered_models().await;
@@ -423,7 +439,11 @@ fn gemini_route(method: &http::Method, path: &str) -> Result<Option<Endpoint>, F
         (Endpoint::GeminiModels, "GET")
     } else if let Some(call) = rest.strip_prefix("models/") {
         let Some((model, verb)) = call.rsplit_once(':') else {
-            return Ok(None);
+            if !gemini_path || call.is_empty() {
+                return Ok(None);
+            }
+            let endpoint = Endpoint::GeminiModel(percent_decode(call));
+            return check_method(method, path, "GET").map(|()| Some(endpoint));
         };
         let model = percent_decode(model);
         let endpoint = match verb {
@@ -454,17 +474,22 @@ fn gemini_route(method: &http::Method, path: &str) -> Result<Option<Endpoint>, F
     } else {
         return Ok(None);
     };
-    if method.as_str() != allowed {
-        return Err((
-            GatewayError::new(
-                ErrorKind::MethodNotAllowed,
-                format!("Method {method} is not allowed on {path}; use {allowed}."),
-            )
-            .with_code("method_not_allowed"),
-            Some(allowed),
-        ));
-    }
+    check_method(method, path, allowed)?;
     Ok(Some(endpoint))
+}
+
+fn check_method(method: &http::Method, path: &str, allowed: &'static str) -> Result<(), Failure> {
+    if method.as_str() == allowed {
+        return Ok(());
+    }
+    Err((
+        GatewayError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("Method {method} is not allowed on {path}; use {allowed}."),
+        )
+        .with_code("method_not_allowed"),
+        Some(allowed),
+    ))
 }
 
 /// Reads the whole request body within `deadline` (a total, so a body
@@ -615,17 +640,16 @@ fn all_models(
 /// `GET /v1beta/models` in Gemini's shape; names keep the gateway's
 /// `provider/model` form so they can be used in paths as they are.
 fn gemini_models_list(models: &[(String, String)]) -> Bytes {
-    let models: Vec<_> = models
-        .iter()
-        .map(|(m, _)| {
-            json!({
-                "name": format!("models/{m}"),
-                "displayName": m,
-                "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens", "embedContent", "batchEmbedContents"],
-            })
-        })
-        .collect();
+    let models: Vec<_> = models.iter().map(|(m, _)| gemini_model_object(m)).collect();
     Bytes::from(json!({ "models": models }).to_string())
+}
+
+fn gemini_model_object(name: &str) -> serde_json::Value {
+    json!({
+        "name": format!("models/{name}"),
+        "displayName": name,
+        "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens", "embedContent", "batchEmbedContents"],
+    })
 }
 
 fn models_list(models: &[(String, String)]) -> Bytes {
