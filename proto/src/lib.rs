@@ -451,8 +451,10 @@ pub enum Strategy {
     Latency,
     /// Cheapest (input + output price) first.
     Cost,
-    /// Highest weight first; the data plane may randomise by weight.
+    /// Randomised by weight per request.
     Weighted,
+    /// Fewest attempts in flight on this node first.
+    LeastBusy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -462,8 +464,39 @@ pub struct WeightedTarget {
     pub weight: u32,
 }
 
+/// How a route retries (beyond trying each target of its plan once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Extra attempts after the plan's targets were each tried once: a
+    /// target whose failure allows it is tried again after a backoff.
+    pub attempts: u32,
+    /// Retries may add at most this share (percent) of the route's
+    /// requests over a sliding window...
+    pub budget_percent: u32,
+    /// ...or this many per window, whichever is more (a quiet route can
+    /// still retry).
+    pub budget_floor: u32,
+    /// First backoff; each further retry doubles it, with full jitter.
+    pub backoff: Duration,
+    /// Longest wait before a retry, backoff or the provider's
+    /// `retry-after`: a target asking for longer is not retried.
+    pub max_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            budget_percent: 20,
+            budget_floor: 10,
+            backoff: Duration::from_millis(25),
+            max_wait: Duration::from_secs(1),
+        }
+    }
+}
+
 /// A named route: ordered targets, then the routes to fall back to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteSnapshot {
     pub name: String,
     pub strategy: Strategy,
@@ -475,6 +508,11 @@ pub struct RouteSnapshot {
     /// At most this many targets of the route's plan (fallbacks included)
     /// are tried per request; `None` = every target.
     pub max_attempts: Option<u32>,
+    pub retry: RetryPolicy,
+    /// Longest a single attempt may take to its answer (a stream: to its
+    /// first event) before the next is tried; `None` = only the request's
+    /// deadline (and `first_token_timeout` for streams).
+    pub attempt_timeout: Option<Duration>,
 }
 
 /// Latency and error scores the control plane folds from every node's

@@ -8,8 +8,9 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::health::{self, Health};
+use crate::health::{self, Availability, Health};
 use crate::{
     ProviderSnapshot, ResidencyPlans, RouteSnapshot, RouteTarget, ScoreKey, Snapshot, Strategy,
 };
@@ -82,12 +83,18 @@ fn jurisdiction_key(set: &[String]) -> Vec<String> {
 }
 
 /// Every target `requested` may go to, best first, for one request: the
-/// snapshot's order ([`static_plan`]) with targets the health board has
-/// seen failing lately moved behind the others. Demoted targets are kept,
-/// in their order: a doubtful target is still better than none.
+/// snapshot's order ([`static_plan`]) as runtime health amends it:
+/// - targets whose breaker is open (ejected) are left out, unless every
+///   target is: then the plan is kept whole (fail open, as Envoy's panic
+///   threshold does) — a doubtful target is better than none;
+/// - targets due for a half-open probe keep their place, so real traffic
+///   probes them;
+/// - targets failing lately (local error rate, or the fleet-wide error
+///   rate the control plane pushes in the scores while this node has seen
+///   no success of its own to contradict it) move behind the healthy ones.
 ///
-/// This is the one planning entry point of the data plane; breakers and
-/// other runtime rules are added here.
+/// Residency is decided before: health only orders and removes, it never
+/// adds a target. This is the one planning entry point of the data plane.
 pub fn plan(
     snapshot: &Snapshot,
     health: &Health,
@@ -95,33 +102,80 @@ pub fn plan(
     jurisdictions: Option<&[String]>,
 ) -> Result<Plan, PlanError> {
     let targets = static_plan(snapshot, requested, jurisdictions)?;
-    Ok(demote_degraded(targets, health))
+    Ok(apply_health(snapshot, targets, health, Instant::now()))
 }
 
-/// Stable partition: healthy targets first, each group in plan order.
-/// The snapshot's plan is shared as is unless something is demoted.
-fn demote_degraded(targets: Plan, health: &Health) -> Plan {
-    if targets.len() < 2 || !health.has_targets() {
+/// A fleet-wide error rate at or above this (over at least
+/// [`FLEET_MIN_REQUESTS`] requests) marks a target degraded everywhere.
+pub const FLEET_ERROR_RATE: f64 = 0.5;
+pub const FLEET_MIN_REQUESTS: u64 = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Standing {
+    Healthy,
+    Degraded,
+    Ejected,
+}
+
+fn standing(snapshot: &Snapshot, health: &Health, t: &PlannedTarget, now: Instant) -> Standing {
+    let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
+    let local = health.peek_target(&id);
+    if let Some(e) = &local {
+        match health.availability(e, now) {
+            Availability::Ejected => return Standing::Ejected,
+            Availability::Probe => return Standing::Healthy,
+            Availability::Closed => {}
+        }
+        if health.is_degraded(e) {
+            return Standing::Degraded;
+        }
+    }
+    let fleet_failing = !snapshot.scores.targets.is_empty()
+        && snapshot
+            .scores
+            .targets
+            .get(&ScoreKey {
+                provider: t.target.provider.clone(),
+                model: t.target.model.clone(),
+                region: t.region.clone().unwrap_or_default(),
+            })
+            .is_some_and(|s| s.requests >= FLEET_MIN_REQUESTS && s.error_rate >= FLEET_ERROR_RATE);
+    let locally_fine = local
+        .as_ref()
+        .is_some_and(|e| health.window(e, now).0 > 0);
+    if fleet_failing && !locally_fine {
+        return Standing::Degraded;
+    }
+    Standing::Healthy
+}
+
+/// Stable partition by standing; ejected targets are dropped unless none
+/// would be left. The snapshot's plan is shared as is when nothing moves.
+fn apply_health(snapshot: &Snapshot, targets: Plan, health: &Health, now: Instant) -> Plan {
+    if targets.is_empty() || (!health.has_targets() && snapshot.scores.targets.is_empty()) {
         return targets;
     }
-    let degraded = |t: &PlannedTarget| {
-        let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
-        health
-            .peek_target(&id)
-            .is_some_and(|e| health.is_degraded(&e))
-    };
-    let flags: Vec<bool> = targets.iter().map(degraded).collect();
-    if !flags.iter().any(|d| *d) {
+    let standings: Vec<Standing> = targets
+        .iter()
+        .map(|t| standing(snapshot, health, t, now))
+        .collect();
+    if standings.iter().all(|s| *s == Standing::Healthy) {
         return targets;
     }
-    let pick = |want: bool| {
+    let keep_ejected = standings.iter().all(|s| *s == Standing::Ejected);
+    let pick = |want: Standing| {
         targets
             .iter()
-            .zip(&flags)
-            .filter(move |(_, d)| **d == want)
+            .zip(&standings)
+            .filter(move |(_, s)| **s == want)
             .map(|(t, _)| t.clone())
     };
-    pick(false).chain(pick(true)).collect()
+    let ordered = pick(Standing::Healthy).chain(pick(Standing::Degraded));
+    if keep_ejected {
+        ordered.chain(pick(Standing::Ejected)).collect()
+    } else {
+        ordered.collect()
+    }
 }
 
 /// The snapshot's own order for `requested`, without runtime health: the
@@ -253,7 +307,8 @@ fn expand_route<'a>(
         .filter(|t| snap.providers.contains_key(&t.provider))
         .collect();
     match route.strategy {
-        Strategy::Priority => {}
+        // Reordered per request from the health board (`plan`).
+        Strategy::Priority | Strategy::LeastBusy => {}
         Strategy::Weighted => targets.sort_by_key(|t| std::cmp::Reverse(t.weight)),
         Strategy::Cost => targets.sort_by(|a, b| {
             let price = |t: &crate::WeightedTarget| {
@@ -345,6 +400,7 @@ mod tests {
                 fallbacks: vec!["backup".into()],
                 first_token_timeout: None,
                 max_attempts: None,
+                ..RouteSnapshot::default()
             }),
         );
         s.routes.insert(
@@ -356,6 +412,7 @@ mod tests {
                 fallbacks: vec!["chat".into()],
                 first_token_timeout: None,
                 max_attempts: None,
+                ..RouteSnapshot::default()
             }),
         );
         s.routes.insert(
@@ -367,6 +424,7 @@ mod tests {
                 fallbacks: vec![],
                 first_token_timeout: None,
                 max_attempts: None,
+                ..RouteSnapshot::default()
             }),
         );
         s
@@ -454,9 +512,7 @@ mod tests {
             .target(&health::target_id("eu", "m", Some("eu-west")))
             .unwrap();
         let now = std::time::Instant::now();
-        for _ in 0..crate::health::DEMOTE_MIN_SAMPLES {
-            health.record(&eu, crate::health::Outcome::Failure, now);
-        }
+        degrade(&health, &eu, now);
         let demoted = plan(&s, &health, "chat", Some(&both)).unwrap();
         assert_eq!(providers(&demoted), ["us", "eu"]);
         assert_eq!(
@@ -464,6 +520,19 @@ mod tests {
             ["eu", "us"],
             "the shared plan is untouched"
         );
+    }
+
+    /// Fails often enough to be demoted (error rate), never enough in a
+    /// row or in the window to be ejected.
+    fn degrade(health: &Health, e: &crate::health::Entry, now: std::time::Instant) {
+        use crate::health::Outcome;
+        let ok = Outcome::Success {
+            latency: std::time::Duration::from_millis(5),
+        };
+        for o in [Outcome::Failure, Outcome::Failure, Outcome::Failure, ok, Outcome::Failure, Outcome::Failure] {
+            assert_eq!(health.record(e, o, now), None);
+        }
+        assert!(health.is_degraded(e) && !health.is_ejected(e));
     }
 
     #[test]
@@ -486,7 +555,12 @@ mod tests {
             providers(&plan(&s, &health, "chat", None).unwrap()),
             ["eu", "us"]
         );
+        let ok = crate::health::Outcome::Success {
+            latency: std::time::Duration::from_millis(5),
+        };
+        health.record(&eu, ok, now);
         health.record(&eu, crate::health::Outcome::Failure, now);
+        assert!(health.is_degraded(&eu) && !health.is_ejected(&eu));
         assert_eq!(
             providers(&plan(&s, &health, "chat", None).unwrap()),
             ["us", "eu"],
@@ -501,18 +575,69 @@ mod tests {
         // The snapshot's own order is untouched.
         assert_eq!(providers(&s.plan("chat", None).unwrap()), ["eu", "us"]);
         for _ in 0..10 {
-            health.record(
-                &eu,
-                crate::health::Outcome::Success {
-                    latency: std::time::Duration::from_millis(5),
-                },
-                now,
-            );
+            health.record(&eu, ok, now);
         }
         assert_eq!(
             providers(&plan(&s, &health, "chat", None).unwrap()),
             ["eu", "us"],
             "a healed target is back in its place"
+        );
+    }
+
+    #[test]
+    fn ejected_targets_are_skipped_probed_in_place_and_kept_when_alone() {
+        let s = snapshot(Strategy::Priority);
+        let health = Health::new();
+        let now = std::time::Instant::now();
+        let eu = health
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
+        for _ in 0..crate::health::EJECT_CONSECUTIVE {
+            health.record(&eu, crate::health::Outcome::Failure, now);
+        }
+        assert!(health.is_ejected(&eu));
+        let at = |t| providers(&apply_health(&s, s.plan("chat", None).unwrap(), &health, t)).join(",");
+        assert_eq!(at(now), "us", "an ejected target is skipped");
+        // Residency left only the ejected target: it stays (fail open).
+        let only_eu = vec!["eu".to_string()];
+        let kept = apply_health(&s, s.plan("chat", Some(&only_eu)).unwrap(), &health, now);
+        assert_eq!(providers(&kept), ["eu"]);
+        // Once the ejection time is over it is probed where it stands.
+        assert_eq!(at(now + crate::health::EJECT_BASE), "eu,us");
+    }
+
+    #[test]
+    fn fleet_error_rates_demote_until_local_successes_say_otherwise() {
+        let mut s = snapshot(Strategy::Priority);
+        let mut scores = Scores::default();
+        scores.targets.insert(
+            ScoreKey {
+                provider: "eu".into(),
+                model: "m".into(),
+                region: "eu-west".into(),
+            },
+            TargetScore {
+                requests: FLEET_MIN_REQUESTS,
+                error_rate: 0.9,
+                ..TargetScore::default()
+            },
+        );
+        s.scores = Arc::new(scores);
+        let health = Health::new();
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", None).unwrap()),
+            ["us", "eu"]
+        );
+        let eu = health
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
+        let ok = crate::health::Outcome::Success {
+            latency: std::time::Duration::from_millis(5),
+        };
+        health.record(&eu, ok, std::time::Instant::now());
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", None).unwrap()),
+            ["eu", "us"]
         );
     }
 

@@ -13,10 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::control as pb;
+
+/// Most retries a route may ask for; the policy compiler refuses more, a
+/// snapshot from the wire is clamped.
+pub const MAX_RETRIES: u32 = 10;
 use crate::{
     FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
     ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
-    Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy,
+    RetryPolicy, Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy,
     TargetScore, Tenant, Tenants, WeightedTarget,
 };
 
@@ -78,6 +82,7 @@ impl From<Strategy> for pb::StrategyMsg {
             Strategy::Latency => pb::StrategyMsg::StrategyLatency,
             Strategy::Cost => pb::StrategyMsg::StrategyCost,
             Strategy::Weighted => pb::StrategyMsg::StrategyWeighted,
+            Strategy::LeastBusy => pb::StrategyMsg::StrategyLeastBusy,
         }
     }
 }
@@ -269,6 +274,14 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                             fallbacks: r.fallbacks.clone(),
                             first_token_timeout_ms: millis(r.first_token_timeout),
                             max_attempts: r.max_attempts.unwrap_or(0),
+                            retry: Some(pb::RetryMsg {
+                                attempts: r.retry.attempts,
+                                budget_percent: r.retry.budget_percent,
+                                budget_floor: r.retry.budget_floor,
+                                backoff_ms: r.retry.backoff.as_millis() as u64,
+                                max_wait_ms: r.retry.max_wait.as_millis() as u64,
+                            }),
+                            attempt_timeout_ms: millis(r.attempt_timeout),
                         },
                     )
                 })
@@ -508,6 +521,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                 Ok(pb::StrategyMsg::StrategyLatency) => Strategy::Latency,
                 Ok(pb::StrategyMsg::StrategyCost) => Strategy::Cost,
                 Ok(pb::StrategyMsg::StrategyWeighted) => Strategy::Weighted,
+                Ok(pb::StrategyMsg::StrategyLeastBusy) => Strategy::LeastBusy,
                 Err(_) => {
                     return Err(InvalidSnapshot::InvalidEnum {
                         path: format!("{path}.strategy"),
@@ -542,6 +556,18 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     first_token_timeout: (r.first_token_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.first_token_timeout_ms)),
                     max_attempts: (r.max_attempts > 0).then_some(r.max_attempts),
+                    retry: match &r.retry {
+                        None => RetryPolicy::default(),
+                        Some(m) => RetryPolicy {
+                            attempts: m.attempts.min(MAX_RETRIES),
+                            budget_percent: m.budget_percent,
+                            budget_floor: m.budget_floor,
+                            backoff: Duration::from_millis(m.backoff_ms),
+                            max_wait: Duration::from_millis(m.max_wait_ms),
+                        },
+                    },
+                    attempt_timeout: (r.attempt_timeout_ms > 0)
+                        .then(|| Duration::from_millis(r.attempt_timeout_ms)),
                 }),
             );
         }
@@ -802,6 +828,8 @@ mod tests {
                 fallbacks: vec![],
                 first_token_timeout_ms: 0,
                 max_attempts: 0,
+                retry: None,
+                attempt_timeout_ms: 0,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();

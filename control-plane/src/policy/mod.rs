@@ -215,6 +215,27 @@ pub enum StrategyDoc {
     Latency,
     Cost,
     Weighted,
+    #[serde(rename = "least_busy")]
+    LeastBusy,
+}
+
+/// `routes.R.retry`: how the route retries after each target was tried
+/// once. Every field is optional; defaults in [`switchyard_proto::RetryPolicy`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryDoc {
+    /// Extra attempts per request (0 = none; at most 10). Default 2.
+    pub attempts: Option<u32>,
+    /// Retries may add at most this percentage of the route's requests over
+    /// a 10 s sliding window. Default 20.
+    pub budget_percent: Option<u32>,
+    /// ...or this many retries per window, whichever is more. Default 10.
+    pub min_retries: Option<u32>,
+    /// First backoff (doubling, full jitter). Default 25.
+    pub backoff_ms: Option<u64>,
+    /// Longest wait before a retry; a `retry-after` over it is not waited
+    /// for (the next target is, or the error goes back). Default 1000.
+    pub max_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +253,12 @@ pub struct RouteDoc {
     /// At most this many targets (fallbacks included) are tried per
     /// request. Unset = every target of the plan.
     pub max_attempts: Option<u32>,
+    /// Retries after each target was tried once, under a retry budget.
+    #[serde(default)]
+    pub retry: RetryDoc,
+    /// Longest one attempt may take (a stream: to its first event) before
+    /// the next target is tried. Unset = only the request's deadline.
+    pub attempt_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,7 +4,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_proto::{ProviderSnapshot, RouteSnapshot, RouteTarget, Strategy, WeightedTarget};
+use switchyard_proto::wire::MAX_RETRIES;
+use switchyard_proto::{
+    ProviderSnapshot, RetryPolicy, RouteSnapshot, RouteTarget, Strategy, WeightedTarget,
+};
 
 use super::{Errors, PolicyDocument, PolicyOptions, StrategyDoc, ENV_PROVIDERS};
 
@@ -114,6 +117,38 @@ pub(super) fn routes(
         if r.max_attempts == Some(0) {
             err(format!("{path}.max_attempts"), "must be at least 1".into());
         }
+        if r.attempt_timeout_ms == Some(0) {
+            err(
+                format!("{path}.attempt_timeout_ms"),
+                "must be greater than 0".into(),
+            );
+        }
+        let dflt = RetryPolicy::default();
+        let retry = RetryPolicy {
+            attempts: r.retry.attempts.unwrap_or(dflt.attempts),
+            budget_percent: r.retry.budget_percent.unwrap_or(dflt.budget_percent),
+            budget_floor: r.retry.min_retries.unwrap_or(dflt.budget_floor),
+            backoff: r.retry.backoff_ms.map_or(dflt.backoff, Duration::from_millis),
+            max_wait: r.retry.max_wait_ms.map_or(dflt.max_wait, Duration::from_millis),
+        };
+        if retry.attempts > MAX_RETRIES {
+            err(
+                format!("{path}.retry.attempts"),
+                format!("at most {MAX_RETRIES}"),
+            );
+        }
+        if retry.budget_percent > 100 {
+            err(
+                format!("{path}.retry.budget_percent"),
+                "at most 100".into(),
+            );
+        }
+        if retry.max_wait > Duration::from_secs(60) {
+            err(
+                format!("{path}.retry.max_wait_ms"),
+                "at most 60000".into(),
+            );
+        }
         if r.first_token_timeout_ms == Some(0) {
             err(
                 format!("{path}.first_token_timeout_ms"),
@@ -142,11 +177,14 @@ pub(super) fn routes(
                     StrategyDoc::Latency => Strategy::Latency,
                     StrategyDoc::Cost => Strategy::Cost,
                     StrategyDoc::Weighted => Strategy::Weighted,
+                    StrategyDoc::LeastBusy => Strategy::LeastBusy,
                 },
                 targets,
                 fallbacks: r.fallbacks.clone(),
                 first_token_timeout: r.first_token_timeout_ms.map(Duration::from_millis),
                 max_attempts: r.max_attempts,
+                retry,
+                attempt_timeout: r.attempt_timeout_ms.map(Duration::from_millis),
             }),
         );
     }

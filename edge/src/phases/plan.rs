@@ -15,7 +15,7 @@ use switchyard_backhaul::{Operation, RawRequest};
 use switchyard_llm::openai::parse_json_object;
 use switchyard_llm::{ErrorKind, GatewayError, Retry};
 use switchyard_proto::{
-    Health, PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, Tenant,
+    Health, PlanError, PlannedTarget, ProviderKind, RetryPolicy, RouteTarget, Snapshot, Tenant,
 };
 
 use super::admit::{copy_headers, requested_model, Request, RAW_HEADERS};
@@ -33,6 +33,12 @@ pub struct Plan {
     pub excluded: usize,
     /// Deadline for each attempt's first streamed event.
     pub first_token_timeout: Option<Duration>,
+    /// Deadline of each attempt (a stream: to its first event).
+    pub attempt_timeout: Option<Duration>,
+    /// How the request may retry, and whose budget it draws on (the
+    /// route's, or the model name's when it names no route).
+    pub retry: RetryPolicy,
+    pub budget_key: String,
 }
 
 /// What `dispatch` sends to each target of the plan.
@@ -86,6 +92,7 @@ pub(crate) fn plan(
                     // Raw mode talks to one provider as it is: no fallbacks.
                     plan.targets = plan.targets[..1].into();
                     plan.excluded = 0;
+                    plan.retry.attempts = 0;
                     (plan, Operation::Raw(raw))
                 }
             }
@@ -187,6 +194,13 @@ fn passthrough_plan(
         }]),
         excluded: 0,
         first_token_timeout: None,
+        attempt_timeout: None,
+        // Raw passthrough answers are passed on as they are: no retries.
+        retry: RetryPolicy {
+            attempts: 0,
+            ..RetryPolicy::default()
+        },
+        budget_key: String::new(),
     })
 }
 
@@ -261,11 +275,13 @@ pub fn route_plan(
         }
         return Err(GatewayError::model_not_found(requested));
     }
-    let first_token_timeout = snap
-        .routes
-        .get(requested)
+    let route = snap.routes.get(requested);
+    let first_token_timeout = route
         .and_then(|r| r.first_token_timeout)
         .or(snap.limits.first_token_timeout);
+    let attempt_timeout = route.and_then(|r| r.attempt_timeout);
+    let retry = route.map(|r| r.retry).unwrap_or_default();
+    let budget_key = requested.to_string();
     let plan = match residency {
         // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
@@ -273,6 +289,9 @@ pub fn route_plan(
                 .map_err(|_| GatewayError::model_not_found(requested))?,
             excluded: 0,
             first_token_timeout,
+            attempt_timeout,
+            retry,
+            budget_key,
         },
         Some(allowed) => match switchyard_proto::plan::plan(snap, health, requested, Some(allowed))
         {
@@ -284,6 +303,9 @@ pub fn route_plan(
                     excluded: all.len().saturating_sub(targets.len()),
                     targets,
                     first_token_timeout,
+                    attempt_timeout,
+                    retry,
+                    budget_key,
                 }
             }
             Err(PlanError::Residency { blocked, .. }) => {
@@ -375,6 +397,7 @@ mod tests {
             fallbacks: vec![],
             first_token_timeout: ftt.map(Duration::from_millis),
             max_attempts: None,
+            ..RouteSnapshot::default()
         })
     }
 
