@@ -589,6 +589,13 @@ impl Health {
         }
     }
 
+    /// When an open breaker lets its first probe through (`None`: not open).
+    pub fn probe_at(&self, entry: &Entry) -> Option<Instant> {
+        (entry.breaker.load(Ordering::Acquire) == OPEN).then(|| {
+            self.epoch + Duration::from_millis(entry.open_until_ms.load(Ordering::Acquire))
+        })
+    }
+
     /// Whether the breaker is open or half-open.
     pub fn is_ejected(&self, entry: &Entry) -> bool {
         entry.breaker.load(Ordering::Acquire) != CLOSED

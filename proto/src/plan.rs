@@ -85,8 +85,9 @@ fn jurisdiction_key(set: &[String]) -> Vec<String> {
 /// Every target `requested` may go to, best first, for one request: the
 /// snapshot's order ([`static_plan`]) as runtime health amends it:
 /// - targets whose breaker is open (ejected) are left out, unless every
-///   target is: then the plan is kept whole (fail open, as Envoy's panic
-///   threshold does) — a doubtful target is better than none;
+///   target is: then the plan is kept whole, so the caller can still tell
+///   a cut-off model (dispatch answers `circuit_open` with when it is
+///   probed again) from an unknown one;
 /// - targets due for a half-open probe keep their place, so real traffic
 ///   probes them;
 /// - targets failing lately (local error rate, or the fleet-wide error
@@ -598,7 +599,7 @@ mod tests {
         assert!(health.is_ejected(&eu));
         let at = |t| providers(&apply_health(&s, s.plan("chat", None).unwrap(), &health, t)).join(",");
         assert_eq!(at(now), "us", "an ejected target is skipped");
-        // Residency left only the ejected target: it stays (fail open).
+        // Residency left only the ejected target: the plan keeps it.
         let only_eu = vec!["eu".to_string()];
         let kept = apply_health(&s, s.plan("chat", Some(&only_eu)).unwrap(), &health, now);
         assert_eq!(providers(&kept), ["eu"]);

@@ -4,8 +4,9 @@
 //! has reached the client and the error says another target may succeed
 //! ([`GatewayError::may_try_another_target`]): a request an egress
 //! accepted and then lost is never sent again. A target whose breaker is
-//! open (and has no half-open probe slot free) is skipped, unless it is the
-//! last hope of a request that tried nothing yet. Then, when every target
+//! open (and has no half-open probe slot free) is skipped: cut off until
+//! its probes succeed; a request whose every target is cut off is answered
+//! 503 `circuit_open` at once. Then, when every target
 //! failed, targets whose failure allows it (rate-limited, overloaded, a
 //! transient upstream error; never a client error, a refused key or a
 //! timeout) are tried again after a jittered backoff, or the provider's
@@ -118,8 +119,7 @@ pub(crate) async fn dispatch(
     let mut last_error: Option<GatewayError> = None;
 
     'first: for i in 0..n {
-        let fail_open = i + 1 == n && ctx.attempts.is_empty();
-        match run.try_target(session, ctx, i, fail_open).await {
+        match run.try_target(session, ctx, i).await {
             Step::Answer(a) => return Ok(Some(a)),
             Step::ClientGone => return Ok(None),
             Step::Skipped => continue,
@@ -150,89 +150,79 @@ pub(crate) async fn dispatch(
     }
 
     let policy = plan.retry;
-    let mut retries = 0;
     let may_retry = last_error.as_ref().is_some_and(|e| e.may_try_another_target());
-    'retry: while may_retry && retries < policy.attempts {
-        let mut progressed = false;
-        for i in 0..n {
-            if retries >= policy.attempts {
+    let mut retries = 0;
+    while may_retry && retries < policy.attempts {
+        // The target that may be retried soonest goes first: a 25 ms
+        // backoff before a one-second `retry-after`.
+        let Some((i, wait)) = failed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((i, retry_wait(e.as_ref()?, retries, &policy)?)))
+            .filter(|(_, wait)| Instant::now() + *wait < deadline)
+            .min_by_key(|(_, wait)| *wait)
+        else {
+            break;
+        };
+        if let Some(b) = &budget {
+            let ratio = f64::from(policy.budget_percent) / 100.0;
+            if !app
+                .health
+                .budget_retry(b, ratio, u64::from(policy.budget_floor), Instant::now())
+            {
+                tracing::warn!(
+                    target: "switchyard::retry",
+                    event = "retry_budget_exhausted",
+                    request_id = %ctx.request_id,
+                    model = %plan.budget_key,
+                    "retry budget spent; not retrying"
+                );
+                app.metrics
+                    .retry_budget_exhausted(ctx.model_label.as_deref().unwrap_or("other"));
                 break;
             }
-            let Some(wait) = failed[i]
-                .as_ref()
-                .and_then(|e| retry_wait(e, retries, &policy))
-            else {
-                continue;
-            };
-            if Instant::now() + wait >= deadline {
-                continue;
-            }
-            if let Some(b) = &budget {
-                let ratio = f64::from(policy.budget_percent) / 100.0;
-                if !app.health.budget_retry(b, ratio, u64::from(policy.budget_floor), Instant::now())
-                {
-                    tracing::warn!(
-                        target: "switchyard::retry",
-                        event = "retry_budget_exhausted",
-                        request_id = %ctx.request_id,
-                        model = %plan.budget_key,
-                        "retry budget spent; not retrying"
-                    );
-                    app.metrics
-                        .retry_budget_exhausted(ctx.model_label.as_deref().unwrap_or("other"));
-                    break 'retry;
-                }
-            }
-            let target = &plan.targets[i].target;
-            let cause = failed[i].as_ref().map_or("", |e| e.code.unwrap_or(e.kind.label()));
-            tracing::info!(
-                target: "switchyard::retry",
-                event = "retry",
-                request_id = %ctx.request_id,
-                provider = %target.provider,
-                model = %target.model,
-                retry = retries + 1,
-                wait_ms = wait.as_millis() as u64,
-                error = cause,
-                "retrying the target"
-            );
-            app.metrics.retry(&target.provider, cause);
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = session.read_body_or_idle(true) => {
-                    ctx.client_gone = true;
-                    return Ok(None);
-                }
-            }
-            retries += 1;
-            progressed = true;
-            match run.try_target(session, ctx, i, false).await {
-                Step::Answer(a) => return Ok(Some(a)),
-                Step::ClientGone => return Ok(None),
-                Step::Skipped => {}
-                Step::Failed(e) => {
-                    let stop = !e.may_try_another_target();
-                    failed[i] = Some(e.clone());
-                    last_error = Some(e);
-                    if stop {
-                        break 'retry;
-                    }
-                }
+        }
+        let target = &plan.targets[i].target;
+        let cause = failed[i]
+            .as_ref()
+            .map_or("", |e| e.code.unwrap_or(e.kind.label()));
+        tracing::info!(
+            target: "switchyard::retry",
+            event = "retry",
+            request_id = %ctx.request_id,
+            provider = %target.provider,
+            model = %target.model,
+            retry = retries + 1,
+            wait_ms = wait.as_millis() as u64,
+            error = cause,
+            "retrying the target"
+        );
+        app.metrics.retry(&target.provider, cause);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = session.read_body_or_idle(true) => {
+                ctx.client_gone = true;
+                return Ok(None);
             }
         }
-        if !progressed {
-            break;
+        retries += 1;
+        match run.try_target(session, ctx, i).await {
+            Step::Answer(a) => return Ok(Some(a)),
+            Step::ClientGone => return Ok(None),
+            // Ejected meanwhile: not worth another wait.
+            Step::Skipped => failed[i] = None,
+            Step::Failed(e) => {
+                let stop = !e.may_try_another_target();
+                failed[i] = Some(e.clone());
+                last_error = Some(e);
+                if stop {
+                    break;
+                }
+            }
         }
     }
 
-    let error = last_error.unwrap_or_else(|| {
-        GatewayError::new(
-            ErrorKind::Overloaded,
-            "Every target of the route is cut off by its circuit breaker right now.",
-        )
-        .with_code("no_route_target")
-        .with_retry(Retry::Never)
-    });
+    let error = last_error.unwrap_or_else(|| circuit_open(app, plan));
     // Every permitted target failed; the ones left are outside the
     // request's jurisdictions and are never tried.
     if plan.excluded > 0 && error.may_try_another_target() {
@@ -252,6 +242,29 @@ pub(crate) async fn dispatch(
         }
     }
     Err(fail(error))
+}
+
+/// Every target was skipped, its breaker open: the answer says when the
+/// first is probed again.
+fn circuit_open(app: &EdgeApp, plan: &Plan) -> GatewayError {
+    let now = Instant::now();
+    let back_in = plan
+        .targets
+        .iter()
+        .filter_map(|t| {
+            let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
+            let e = app.health.peek_target(&id)?;
+            app.health.probe_at(&e).map(|at| at.saturating_duration_since(now))
+        })
+        .min()
+        .unwrap_or(Duration::from_secs(1));
+    GatewayError::new(
+        ErrorKind::Overloaded,
+        "Every target of this model is failing and cut off by its circuit breaker; it is probed again shortly.",
+    )
+    .with_code("circuit_open")
+    .with_retry(Retry::Never)
+    .with_retry_after(Some(back_in.as_secs_f64().ceil().max(1.0).to_string()))
 }
 
 /// How long to wait before trying a target again after `e`, or `None`
@@ -283,14 +296,12 @@ fn retry_wait(e: &GatewayError, retries: u32, policy: &switchyard_proto::RetryPo
 }
 
 impl Attempts<'_> {
-    /// One try of the plan's `i`th target. `fail_open`: tried even with
-    /// its breaker open (nothing else is left to try).
+    /// One try of the plan's `i`th target, unless its breaker is open.
     async fn try_target(
         &mut self,
         session: &mut ServerSession,
         ctx: &mut RequestCtx,
         i: usize,
-        fail_open: bool,
     ) -> Step {
         let app = self.app;
         let planned = &self.plan.targets[i];
@@ -307,7 +318,7 @@ impl Attempts<'_> {
                 }
                 Some(probe)
             }
-            Some(Err(())) if !fail_open => {
+            Some(Err(())) => {
                 tracing::debug!(
                     target: "switchyard::breaker",
                     request_id = %ctx.request_id,
@@ -318,7 +329,6 @@ impl Attempts<'_> {
                 app.metrics.ejected_skip(&planned.target.provider);
                 return Step::Skipped;
             }
-            Some(Err(())) => None,
         };
         ctx.served = Some(planned.clone());
         let req = EgressRequest {
