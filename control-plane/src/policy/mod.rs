@@ -157,10 +157,11 @@ pub struct KeyDoc {
     pub id: Option<String>,
     /// Share of traffic among the pool's keys; default 1.
     pub weight: Option<u32>,
-    /// Refused until the egress enforces per-key limits (carried in the
-    /// snapshot's key identity for when it does).
+    /// Requests per minute this key may be sent; the egress leaves the key
+    /// out for the rest of a minute once it is reached.
     pub rpm: Option<u32>,
-    /// Refused, as `rpm`.
+    /// Tokens per minute (estimated prompt tokens when sent, completion
+    /// tokens when known), enforced the same way.
     pub tpm: Option<u64>,
     /// Environment variable on the egress (comma-separated values = several keys).
     pub env: Option<String>,
@@ -1227,7 +1228,7 @@ tenants:
 
     #[test]
     fn key_pools_keep_identity_weight_and_limits() {
-        let yaml = "providers:\n  p:\n    kind: openai\n    key_pools:\n      - name: main\n        keys:\n          - { env: A, id: primary, weight: 3 }\n          - { env: B }\n";
+        let yaml = "providers:\n  p:\n    kind: openai\n    key_pools:\n      - name: main\n        keys:\n          - { env: A, id: primary, weight: 3, rpm: 500, tpm: 90000 }\n          - { env: B }\n";
         let doc = parse_policy(yaml).unwrap();
         let env = |k: &str| matches!(k, "A" | "B").then(|| format!("sk-{k}"));
         let c = compile(
@@ -1248,7 +1249,7 @@ tenants:
                 pool.keys[0].rpm,
                 pool.keys[0].tpm
             ),
-            ("primary", 3, None, None)
+            ("primary", 3, Some(500), Some(90000))
         );
         assert_eq!((pool.keys[1].id.as_str(), pool.keys[1].weight), ("k1", 1));
         let resolved: Vec<_> = p
@@ -1258,7 +1259,7 @@ tenants:
             .collect();
         assert_eq!(
             resolved,
-            [("main", "primary", 3, None), ("main", "k1", 1, None)]
+            [("main", "primary", 3, Some(500)), ("main", "k1", 1, None)]
         );
         assert!(!format!("{:?}", p.keys).contains("sk-"), "keys never print");
 
