@@ -256,7 +256,7 @@ impl Egress {
     /// upstream request.
     pub async fn execute(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError> {
         let snap = self.snapshot.load_full();
-        let provider = snap.providers.get(&req.target.provider).ok_or_else(|| {
+        let provider = snap.providers().get(&req.target.provider).ok_or_else(|| {
             GatewayError::model_not_found(&format!("{}/{}", req.target.provider, req.target.model))
         })?;
         if !req.residency.is_empty()
@@ -292,7 +292,7 @@ impl Egress {
             .flatten();
         let target_guard = target_entry.as_ref().map(|e| e.start());
         let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + snap.limits.upstream_timeout);
+        let deadline = tokio::time::Instant::from_std(started + snap.limits().upstream_timeout);
         let record_target = |outcome: Result<(), &GatewayError>| {
             let Some(entry) = &target_entry else { return };
             let now = Instant::now();
@@ -314,7 +314,7 @@ impl Egress {
                 format!(
                     "The provider `{}` did not answer within {} ms.",
                     provider.name,
-                    snap.limits.upstream_timeout.as_millis()
+                    snap.limits().upstream_timeout.as_millis()
                 ),
             )
         };
@@ -329,7 +329,7 @@ impl Egress {
                 provider,
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: &req,
-                limits: &snap.limits,
+                limits: snap.limits(),
                 on_limits: observer.as_ref().map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
             };
             let reply = match tokio::time::timeout_at(deadline, raw::call(&ctx, raw)).await {
@@ -368,7 +368,7 @@ impl Egress {
                 RawBody::Stream(s) => ResponseBody::Stream(hold(
                     raw_stream(
                         s,
-                        snap.limits.stream_idle_timeout,
+                        snap.limits().stream_idle_timeout,
                         stats.clone(),
                         req.received_at,
                     ),
@@ -430,7 +430,7 @@ impl Egress {
                 provider,
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: call_req,
-                limits: &snap.limits,
+                limits: snap.limits(),
                 on_limits: observer.as_ref().map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
             };
             match tokio::time::timeout_at(deadline, faults::call(adapter, ctx)).await {
@@ -519,7 +519,7 @@ impl Egress {
                 let frames = translate_stream(
                     upstream,
                     translator,
-                    snap.limits.stream_idle_timeout,
+                    snap.limits().stream_idle_timeout,
                     stats.clone(),
                     req.received_at,
                     framer,
@@ -660,7 +660,7 @@ mod tests {
                 Secret::new(value),
             )
         };
-        let mut s = Snapshot::default();
+        let mut s = Snapshot::builder();
         s.providers.insert(
             "p".into(),
             Arc::new(ProviderSnapshot {
@@ -676,7 +676,7 @@ mod tests {
                 key_pools: vec![],
             }),
         );
-        s
+        s.build()
     }
 
     fn request() -> EgressRequest {

@@ -100,7 +100,7 @@ pub(crate) async fn dispatch(
         (None, Some(f)) => Some((f, "first_token_timeout")),
         (None, None) => None,
     };
-    let deadline = ctx.received_at + snap.limits.upstream_timeout;
+    let deadline = ctx.received_at + snap.limits().upstream_timeout;
     let budget = app.health.budget(&plan.budget_key);
     if let Some(b) = &budget {
         app.health.budget_request(b, Instant::now());

@@ -79,10 +79,10 @@ pub(crate) fn plan(
                 .ok_or_else(|| fail(empty_plan(requested)))?;
             let target = &first.target;
             let advertised = snap
-                .providers
+                .providers()
                 .get(&target.provider)
                 .is_some_and(|p| p.models.contains(&target.model));
-            if advertised || snap.aliases.contains_key(requested) {
+            if advertised || snap.aliases().contains_key(requested) {
                 ctx.model_label = Some(requested.to_string());
             }
             match raw_body {
@@ -114,7 +114,7 @@ pub(crate) fn plan(
 pub(crate) fn simulate_allowed(app: &EdgeApp, snap: &Snapshot, target: &PlannedTarget) -> bool {
     app.simulate_header
         || snap
-            .providers
+            .providers()
             .get(&target.target.provider)
             .and_then(|p| p.simulated.as_ref())
             .is_some_and(|s| s.allow_header)
@@ -170,7 +170,7 @@ fn passthrough_plan(
     ctx: &RequestCtx,
     provider: &str,
 ) -> Result<Plan, GatewayError> {
-    let p = snap.providers.get(provider).ok_or_else(|| {
+    let p = snap.providers().get(provider).ok_or_else(|| {
         GatewayError::new(
             ErrorKind::NotFound,
             format!("Unknown provider `{provider}`."),
@@ -213,7 +213,7 @@ fn raw_request(
     op: &Operation,
     body: &Bytes,
 ) -> Result<RawRequest, GatewayError> {
-    let kind = snap.providers.get(&target.provider).map(|p| p.kind);
+    let kind = snap.providers().get(&target.provider).map(|p| p.kind);
     let path = raw_path(kind, endpoint_name(op))?;
     let mut map = parse_json_object(body)?;
     map.insert(
@@ -275,10 +275,10 @@ pub fn route_plan(
         }
         return Err(GatewayError::model_not_found(requested));
     }
-    let route = snap.routes.get(requested);
+    let route = snap.routes().get(requested);
     let first_token_timeout = route
         .and_then(|r| r.first_token_timeout)
-        .or(snap.limits.first_token_timeout);
+        .or(snap.limits().first_token_timeout);
     let attempt_timeout = route.and_then(|r| r.attempt_timeout);
     let retry = route.map(|r| r.retry).unwrap_or_default();
     let budget_key = requested.to_string();
@@ -341,7 +341,7 @@ pub fn route_plan(
     }
     Ok(bounded(
         plan,
-        snap.routes.get(requested).and_then(|r| r.max_attempts),
+        snap.routes().get(requested).and_then(|r| r.max_attempts),
     ))
 }
 
@@ -372,7 +372,9 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::sync::Arc;
-    use switchyard_proto::{ProviderSnapshot, RouteSnapshot, Strategy, WeightedTarget};
+    use switchyard_proto::{
+        ProviderSnapshot, RouteSnapshot, SnapshotBuilder, Strategy, WeightedTarget,
+    };
 
     #[test]
     fn raw_mode_needs_matching_protocols() {
@@ -403,7 +405,7 @@ mod tests {
 
     #[test]
     fn a_route_without_a_usable_target_is_an_error_not_an_empty_plan() {
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot::builder();
         // Its only provider is gone (pruned for want of keys, say).
         let ghost = WeightedTarget {
             provider: "ghost".into(),
@@ -412,6 +414,7 @@ mod tests {
         };
         snap.routes
             .insert("r".into(), route("r", vec![ghost], None));
+        let snap = snap.build();
         let tenant = Tenant {
             id: "t".into(),
             ..Tenant::default()
@@ -421,8 +424,8 @@ mod tests {
         assert!(!e.may_try_another_target());
     }
 
-    fn snapshot_with_provider() -> Snapshot {
-        let mut snap = Snapshot::default();
+    fn snapshot_with_provider() -> SnapshotBuilder {
+        let mut snap = Snapshot::builder();
         snap.providers.insert(
             "p".into(),
             Arc::new(ProviderSnapshot {
@@ -456,6 +459,7 @@ mod tests {
             "open".into(),
             route("open", vec![t("a"), t("b"), t("c")], None),
         );
+        let snap = snap.build();
         let tenant = Tenant {
             id: "t".into(),
             ..Tenant::default()
@@ -485,6 +489,7 @@ mod tests {
         snap.routes
             .insert("dflt".into(), route("dflt", vec![t()], None));
         snap.limits.first_token_timeout = Some(Duration::from_secs(3));
+        let snap = snap.build();
         let tenant = Tenant {
             id: "t".into(),
             ..Tenant::default()
