@@ -486,7 +486,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            attempts: 2,
+            attempts: 3,
             budget_percent: 20,
             budget_floor: 10,
             backoff: Duration::from_millis(25),

@@ -226,7 +226,7 @@ pub enum StrategyDoc {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryDoc {
-    /// Extra attempts per request (0 = none; at most 10). Default 2.
+    /// Extra attempts per request (0 = none; at most 10). Default 3.
     pub attempts: Option<u32>,
     /// Retries may add at most this percentage of the route's requests over
     /// a 10 s sliding window. Default 20.
