@@ -103,7 +103,138 @@ pub fn plan(
     jurisdictions: Option<&[String]>,
 ) -> Result<Plan, PlanError> {
     let targets = static_plan(snapshot, requested, jurisdictions)?;
-    Ok(apply_health(snapshot, targets, health, Instant::now()))
+    let now = Instant::now();
+    let targets = apply_strategy(snapshot, health, requested, targets);
+    Ok(apply_health(snapshot, targets, health, now))
+}
+
+/// Share of requests on a `latency` route that go first to a target with
+/// no latency data yet, so a new or recovered target gets measured.
+pub const EXPLORE: f64 = 0.1;
+/// Local samples a target needs before its own latency is trusted over
+/// the fleet's.
+const LOCAL_MIN_SAMPLES: u64 = 3;
+
+/// Orders the requested route's own targets (the plan's leading ones; its
+/// fallbacks keep their place after them) per request, for the strategies
+/// that decide per request:
+/// - `weighted`: a random order drawn by weight (Efraimidis–Spirakis), so
+///   traffic splits by weight instead of always hitting the heaviest;
+/// - `least_busy`: fewest attempts in flight from this node first;
+/// - `latency`: power of two choices — two targets drawn at random, the
+///   one with the lower p95 first-token time scaled by its error rate
+///   goes first (this node's own moving averages once it has a few
+///   samples, else the fleet's scores); with probability [`EXPLORE`] a
+///   target without any data goes first instead.
+///
+/// Other strategies are compiled into the snapshot's order already.
+fn apply_strategy(
+    snapshot: &Snapshot,
+    health: &Health,
+    requested: &str,
+    targets: Plan,
+) -> Plan {
+    let Some(route) = snapshot.route(requested) else {
+        return targets;
+    };
+    if !matches!(
+        route.strategy,
+        Strategy::Weighted | Strategy::LeastBusy | Strategy::Latency
+    ) {
+        return targets;
+    }
+    let own = targets
+        .iter()
+        .take_while(|t| {
+            route
+                .targets
+                .iter()
+                .any(|w| w.provider == t.target.provider && w.model == t.target.model)
+        })
+        .count();
+    if own < 2 {
+        return targets;
+    }
+    let entry = |t: &PlannedTarget| {
+        health.peek_target(&health::target_id(
+            &t.target.provider,
+            &t.target.model,
+            t.region.as_deref(),
+        ))
+    };
+    let mut head: Vec<PlannedTarget> = targets[..own].to_vec();
+    match route.strategy {
+        Strategy::Weighted => {
+            let weight = |t: &PlannedTarget| {
+                route
+                    .targets
+                    .iter()
+                    .find(|w| w.provider == t.target.provider && w.model == t.target.model)
+                    .map_or(1.0, |w| f64::from(w.weight.max(1)))
+            };
+            let mut keyed: Vec<(f64, PlannedTarget)> = head
+                .into_iter()
+                .map(|t| (fastrand::f64().powf(1.0 / weight(&t)), t))
+                .collect();
+            keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+            head = keyed.into_iter().map(|(_, t)| t).collect();
+        }
+        Strategy::LeastBusy => {
+            head.sort_by_key(|t| entry(t).map_or(0, |e| e.in_flight()));
+        }
+        Strategy::Latency => {
+            let score = |t: &PlannedTarget| -> Option<f64> {
+                if let Some(e) = entry(t).filter(|e| e.successes() >= LOCAL_MIN_SAMPLES) {
+                    let ms = e.latency()?.as_secs_f64() * 1000.0;
+                    return Some(ms * (1.0 + 4.0 * e.error_rate()));
+                }
+                snapshot
+                    .scores()
+                    .targets
+                    .get(&ScoreKey {
+                        provider: t.target.provider.clone(),
+                        model: t.target.model.clone(),
+                        region: t.region.clone().unwrap_or_default(),
+                    })
+                    .filter(|s| s.requests > 0)
+                    .map(|s| s.ttft_p95_ms * (1.0 + 4.0 * s.error_rate))
+            };
+            let scored: Vec<(Option<f64>, PlannedTarget)> =
+                head.into_iter().map(|t| (score(&t), t)).collect();
+            let unknown: Vec<usize> = (0..scored.len()).filter(|i| scored[*i].0.is_none()).collect();
+            let known: Vec<usize> = (0..scored.len()).filter(|i| scored[*i].0.is_some()).collect();
+            let first = if !unknown.is_empty() && (known.is_empty() || fastrand::f64() < EXPLORE) {
+                Some(unknown[fastrand::usize(..unknown.len())])
+            } else if known.len() >= 2 {
+                let a = fastrand::usize(..known.len());
+                let mut b = fastrand::usize(..known.len() - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (known[a], known[b]);
+                Some(if scored[a].0 <= scored[b].0 { a } else { b })
+            } else {
+                known.first().copied()
+            };
+            let mut rest: Vec<usize> = (0..scored.len()).filter(|i| Some(*i) != first).collect();
+            rest.sort_by(|a, b| {
+                let key = |i: &usize| scored[*i].0.unwrap_or(f64::INFINITY);
+                key(a).total_cmp(&key(b))
+            });
+            let mut slots: Vec<Option<PlannedTarget>> = scored.into_iter().map(|(_, t)| Some(t)).collect();
+            head = first
+                .into_iter()
+                .chain(rest)
+                .filter_map(|i| slots[i].take())
+                .collect();
+        }
+        Strategy::Priority | Strategy::Cost => {}
+    }
+    if head[..] == targets[..own] {
+        return targets;
+    }
+    head.extend(targets[own..].iter().cloned());
+    head.into()
 }
 
 /// A fleet-wide error rate at or above this (over at least
@@ -338,7 +469,7 @@ fn expand_route<'a>(
                         region,
                     })
                     .filter(|s| s.requests > 0)
-                    .map(|s| s.ttft_p50_ms)
+                    .map(|s| s.ttft_p95_ms * (1.0 + 4.0 * s.error_rate))
                     .unwrap_or(f64::INFINITY)
             };
             ttft(a).total_cmp(&ttft(b))
@@ -464,7 +595,7 @@ mod tests {
                 },
                 TargetScore {
                     requests: 10,
-                    ttft_p50_ms: ms,
+                    ttft_p95_ms: ms,
                     ..TargetScore::default()
                 },
             );
@@ -674,5 +805,49 @@ mod tests {
         assert_eq!(narrow_residency(Some(&tenant), Some("us")), Some(vec![]));
         assert_eq!(narrow_residency(Some(&tenant), Some("EU, us")), Some(eu));
         assert_eq!(narrow_residency(None, None), None);
+    }
+
+    #[test]
+    fn weighted_least_busy_and_latency_decide_per_request() {
+        let now = std::time::Instant::now();
+        let draws = 2000;
+        let first = |s: &Snapshot, h: &Health| {
+            let p = apply_strategy(s, h, "chat", s.plan("chat", None).unwrap());
+            assert_eq!(p.len(), 2);
+            p[0].target.provider.clone()
+        };
+        // Weighted 1:9, drawn per request rather than always the heaviest.
+        let s = snapshot(Strategy::Weighted);
+        let h = Health::new();
+        let eu_first = (0..draws).filter(|_| first(&s, &h) == "eu").count();
+        assert!((100..=320).contains(&eu_first), "{eu_first} of {draws}");
+
+        // Least busy: the target with attempts in flight goes second.
+        let s = snapshot(Strategy::LeastBusy);
+        assert_eq!(first(&s, &h), "eu");
+        let eu = h.target(&health::target_id("eu", "m", Some("eu-west"))).unwrap();
+        let busy = eu.start();
+        assert_eq!(first(&s, &h), "us");
+        drop(busy);
+        assert_eq!(first(&s, &h), "eu");
+
+        // Latency: measured p95 × error rate; the faster wins both choices.
+        let s = snapshot(Strategy::Latency);
+        let h = Health::new();
+        let ok = |ms| crate::health::Outcome::Success {
+            latency: std::time::Duration::from_millis(ms),
+        };
+        let us = h.target(&health::target_id("us", "m", Some("us-east"))).unwrap();
+        for _ in 0..LOCAL_MIN_SAMPLES {
+            h.record(&us, ok(300), now);
+        }
+        // eu has no data: explored about one request in ten.
+        let explored = (0..draws).filter(|_| first(&s, &h) == "eu").count();
+        assert!((100..=320).contains(&explored), "{explored} of {draws}");
+        let eu = h.target(&health::target_id("eu", "m", Some("eu-west"))).unwrap();
+        for _ in 0..LOCAL_MIN_SAMPLES {
+            h.record(&eu, ok(100), now);
+        }
+        assert!((0..100).all(|_| first(&s, &h) == "eu"), "the faster goes first");
     }
 }

@@ -350,6 +350,8 @@ impl Attempts<'_> {
             residency: ctx.residency.clone().unwrap_or_default(),
         };
         let started = Instant::now();
+        // Counted in flight for `least_busy` until the answer ends.
+        let in_flight = entry.as_ref().map(|e| e.start());
         // A client that hangs up while we wait for the provider cancels
         // the provider call: dropping the future closes the request.
         let result = tokio::select! {
@@ -374,7 +376,18 @@ impl Attempts<'_> {
             error,
         });
         match result {
-            Ok(answer) => Step::Answer(answer),
+            Ok(mut answer) => {
+                if let AnswerBody::Stream { rest, .. } = &mut answer.body {
+                    let body = std::mem::replace(rest, futures::stream::empty().boxed());
+                    *rest = body
+                        .map(move |chunk| {
+                            let _held = &in_flight;
+                            chunk
+                        })
+                        .boxed();
+                }
+                Step::Answer(answer)
+            }
             Err(e) => Step::Failed(e),
         }
     }
