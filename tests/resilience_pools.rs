@@ -272,3 +272,78 @@ routes:
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The venv `scripts/test.sh` creates; see tests/sdk.rs.
+fn python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SWITCHYARD_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    venv.exists().then_some(venv)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_sdk_never_sees_a_storming_primary_or_a_revoked_key() {
+    let Some(python) = python() else {
+        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
+            panic!("no Python venv with the SDKs: run scripts/test.sh");
+        }
+        eprintln!("SKIPPED: SDK tests need .venv (run scripts/test.sh)");
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    mock.seed(11);
+    mock.revoke_key("sk-sdk-revoked");
+    let dir = temp_dir("res-sdk");
+    let (edge, addr, _) = start(
+        &dir,
+        &format!(
+            r#"
+providers:
+  storm:
+    kind: openai
+    base_url: "{url}/v1"
+    key_pools: [ {{ keys: [ {{ value: "sk-sdk-storm" }} ] }} ]
+  steady:
+    kind: openai
+    base_url: "{url}/v1"
+    key_pools: [ {{ keys: [ {{ value: "sk-sdk-steady" }} ] }} ]
+  pooled:
+    kind: openai
+    base_url: "{url}/v1"
+    key_pools:
+      - keys: [ {{ id: revoked, value: "sk-sdk-revoked" }}, {{ id: good, value: "sk-sdk-good" }} ]
+routes:
+  storm:
+    retry: {{ attempts: 4 }}
+    targets:
+      - {{ provider: storm, model: storm-429 }}
+      - {{ provider: steady, model: flaky-6 }}
+"#,
+            url = mock.url()
+        ),
+    )
+    .await;
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/test_resilience_sdk.py");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .arg(file)
+            .env("SWITCHYARD_BASE_URL", format!("http://{addr}"))
+            .env("SWITCHYARD_KEY", TEST_KEY)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("run pytest");
+    assert!(
+        out.status.success(),
+        "pytest failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(mock.count(None, Some("sk-sdk-revoked")) <= 1);
+    assert!(mock.count(Some("storm-429"), None) * 10 <= 120);
+    edge.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -60,6 +60,8 @@ struct KeyAttempt<'a> {
     key: &'a ResolvedKey,
     entry: Option<Arc<Entry>>,
     guard: Option<InFlight>,
+    /// Held while the attempt is a half-open probe of the key's breaker.
+    _probe: Option<health::Probe>,
 }
 
 impl Egress {
@@ -124,8 +126,27 @@ impl Egress {
         };
         let key = &provider.keys[index];
         let entry = self.health.key(&key.health_id(&provider.name));
+        let mut probe = None;
         if let Some(e) = &entry {
             self.health.book(e, 1, tokens, now);
+            // A breaker due for its probe goes half-open with this attempt;
+            // without a free slot the attempt goes ahead as the pool's
+            // choice (the board raced with another request).
+            if let Ok(Some((p, transition))) = self.health.try_probe(e, now) {
+                if let Some(t) = transition {
+                    tracing::info!(
+                        target: "switchyard::breaker",
+                        event = "breaker",
+                        scope = "key",
+                        provider = %provider.name,
+                        pool = %key.pool,
+                        key = %key.id,
+                        state = t.label(),
+                        "key breaker changed state"
+                    );
+                }
+                probe = Some(p);
+            }
         }
         let guard = entry.as_ref().map(|e| e.start());
         Ok(Some(KeyAttempt {
@@ -133,6 +154,7 @@ impl Egress {
             key,
             entry,
             guard,
+            _probe: probe,
         }))
     }
 

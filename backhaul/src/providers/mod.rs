@@ -11,7 +11,7 @@ use bytes::Bytes;
 use switchyard_llm::openai::Usage;
 use switchyard_llm::translate::StreamTranslator;
 use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::health::RateLimits;
+use switchyard_proto::health::{Availability, RateLimits};
 use switchyard_proto::{
     Health, LimitsSnapshot, ProviderKind, ProviderSnapshot, ResolvedKey, Secret,
 };
@@ -375,6 +375,11 @@ pub fn pick_key(
             .into_iter()
             .chain(health.quota_exhausted_until(&e, now))
             .max();
+        // A key whose breaker is open (failing over and over) waits for
+        // its probe like a cooling one.
+        if health.availability(&e, now) == Availability::Ejected {
+            out_until = out_until.max(health.probe_at(&e).or(Some(now)));
+        }
         if key.rpm.is_some() || key.tpm.is_some() {
             let (requests, used, minute_end) = health.minute_usage(&e, now);
             let over_rpm = key.rpm.is_some_and(|rpm| requests >= u64::from(rpm));
@@ -427,7 +432,7 @@ pub(crate) fn scrub<'a>(text: &'a str, keys: &[impl AsRef<Secret>]) -> std::borr
 mod key_choice_tests {
     use std::time::{Duration, Instant};
 
-    use switchyard_proto::health::RateLimits;
+    use switchyard_proto::health::{Availability, RateLimits};
     use switchyard_proto::{Health, KeySource, PoolKey, ResolvedKey, Secret};
 
     use super::{pick_key, rate_limits, KeyPick};
