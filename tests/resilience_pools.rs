@@ -273,6 +273,120 @@ routes:
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+async fn chat_as(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    model: &str,
+    content: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(TEST_KEY)
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": content}]}));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (status, attempts, target, retry_after) = (
+        resp.status().as_u16(),
+        header("x-switchyard-attempts"),
+        header("x-switchyard-target"),
+        header("retry-after"),
+    );
+    Reply {
+        status,
+        attempts,
+        target,
+        retry_after,
+        body: resp.text().await.unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_send_long_prompts_to_the_long_context_route_and_low_priority_requests_downgrade() {
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("res-rules");
+    let (edge, addr, metrics_addr) = start(
+        &dir,
+        &format!(
+            r#"
+providers:
+  storm:
+    kind: openai
+    base_url: "{url}/v1"
+    key_pools: [ {{ keys: [ {{ value: "sk-rules-storm" }} ] }} ]
+  openai:
+    kind: openai
+    base_url: "{url}/v1"
+    key_pools: [ {{ keys: [ {{ value: "sk-rules" }} ] }} ]
+routes:
+  chat:
+    rules:
+      - when: {{ prompt_tokens_over: 8000 }}
+        route: long-context
+      - when: {{ tag: batch }}
+        route: cheap
+    downgrade: {{ route: cheap }}
+    targets:
+      - {{ provider: storm, model: storm-429 }}
+      - {{ provider: openai, model: gpt-4o }}
+  long-context:
+    targets: [ {{ provider: openai, model: long-model }} ]
+  cheap:
+    targets: [ {{ provider: openai, model: cheap-model }} ]
+"#,
+            url = mock.url()
+        ),
+    )
+    .await;
+    let http = client();
+    let target = |r: &Reply| r.target.clone().unwrap_or_default();
+    let low = [("x-switchyard-priority", "low")];
+
+    let r = chat_as(&http, addr, "chat", "hi", &[]).await;
+    assert_eq!((r.status, target(&r).as_str()), (200, "openai/gpt-4o"), "{}", r.body);
+    // ≈ 10,000 estimated tokens: the long-context route; ≈ 5,000: not.
+    let long = "lorem ipsum ".repeat(3_400);
+    let r = chat_as(&http, addr, "chat", &long, &[]).await;
+    assert_eq!(target(&r), "openai/long-model", "{}", r.body);
+    let r = chat_as(&http, addr, "chat", &long[..20_000], &[]).await;
+    assert_eq!(target(&r), "openai/gpt-4o");
+    let r = chat_as(&http, addr, "chat", "hi", &[("x-switchyard-tags", "a, batch")]).await;
+    assert_eq!(target(&r), "openai/cheap-model");
+
+    // Primary healthy enough: a non-critical request keeps the chain.
+    let r = chat_as(&http, addr, "chat", "hi", &low).await;
+    assert_eq!(target(&r), "openai/gpt-4o");
+    // The storming primary fails until its breaker opens...
+    for _ in 0..6 {
+        chat_as(&http, addr, "chat", "hi", &[]).await;
+    }
+    // ...then non-critical requests are downgraded, critical ones are not.
+    let r = chat_as(&http, addr, "chat", "hi", &low).await;
+    assert_eq!(target(&r), "openai/cheap-model");
+    let r = chat_as(&http, addr, "chat", "hi", &[]).await;
+    assert_eq!(target(&r), "openai/gpt-4o");
+    assert_eq!(mock.count(Some("long-model"), None), 1);
+    assert_eq!(mock.count(Some("cheap-model"), None), 2);
+
+    let m = metrics(&http, metrics_addr).await;
+    assert_eq!(
+        sample(&m, &["switchyard_rules_matched_total", "to=\"long-context\""]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(sample(&m, &["switchyard_downgrades_total", "to=\"cheap\""]), 1.0, "{m}");
+    edge.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The venv `scripts/test.sh` creates; see tests/sdk.rs.
 fn python() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SWITCHYARD_PYTHON") {

@@ -106,6 +106,7 @@ impl Egress {
     fn choose_key<'a>(
         &self,
         provider: &'a ProviderSnapshot,
+        model: &str,
         start: usize,
         tried: &[usize],
         tokens: u64,
@@ -115,6 +116,7 @@ impl Egress {
             &provider.keys,
             &self.health,
             &provider.name,
+            model,
             start,
             tried,
             tokens,
@@ -125,7 +127,7 @@ impl Egress {
             KeyPick::Exhausted { until } => return Err(self.pool_exhausted(provider, until, now)),
         };
         let key = &provider.keys[index];
-        let entry = self.health.key(&key.health_id(&provider.name));
+        let entry = self.health.key(&key.health_id(&provider.name, model));
         let mut probe = None;
         if let Some(e) = &entry {
             self.health.book(e, 1, tokens, now);
@@ -299,6 +301,13 @@ impl Egress {
             )
             .with_code("residency_violation"));
         }
+        // A malformed fault directive is the caller's error, whatever state
+        // the pool is in: checked before a key is chosen.
+        if provider.kind != ProviderKind::Simulated {
+            if let Some(directives) = req.simulate.as_deref() {
+                crate::providers::simulated::parse_directives(directives)?;
+            }
+        }
         let stats = Arc::new(RequestStats::default());
         let start = self.key_cursor.fetch_add(1, Ordering::Relaxed);
         let tokens = req.op.estimated_prompt_tokens();
@@ -344,7 +353,7 @@ impl Egress {
         if let Operation::Raw(raw) = &req.op {
             // Raw answers pass through as the provider sent them, so a
             // refused or limited key is booked but the request not retried.
-            let attempt = self.choose_key(provider, start, &[], tokens)?;
+            let attempt = self.choose_key(provider, &req.target.model, start, &[], tokens)?;
             let observer = self.limits_observer(attempt.as_ref());
             let ctx = CallContext {
                 client: &self.client,
@@ -436,7 +445,7 @@ impl Egress {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error: Option<GatewayError> = None;
         let (reply, attempt) = loop {
-            let attempt = match self.choose_key(provider, start, &tried, tokens) {
+            let attempt = match self.choose_key(provider, &req.target.model, start, &tried, tokens) {
                 Ok(a) => a,
                 // Keys were tried and the rest are out: the provider's own
                 // answer says more than "exhausted".
@@ -740,8 +749,8 @@ mod tests {
         assert_eq!(calls.get("sk-bad").copied().unwrap_or(0), 1, "{calls:?}");
         assert_eq!(calls.get("sk-good").copied(), Some(4), "{calls:?}");
         let h = egress.health();
-        let bad = h.peek_key(&health::key_id("p", "main", "bad")).unwrap();
-        let good = h.peek_key(&health::key_id("p", "main", "good")).unwrap();
+        let bad = h.peek_key(&health::key_id("p", "main", "bad", "m")).unwrap();
+        let good = h.peek_key(&health::key_id("p", "main", "good", "m")).unwrap();
         assert_eq!((bad.failures(), good.successes()), (1, 4));
         assert_eq!((bad.in_flight(), good.in_flight()), (0, 0));
         let target = h.peek_target(&health::target_id("p", "m", None)).unwrap();

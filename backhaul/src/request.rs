@@ -214,7 +214,28 @@ impl Operation {
             .find_map(|k| body.get(*k).and_then(Value::as_u64))
     }
 
-    /// Whether the request declares tools, or carries images.
+    /// Whether the request carries images (OpenAI `image_url` parts,
+    /// Anthropic `image` blocks).
+    pub fn has_images(&self) -> bool {
+        fn any_image(v: &Value) -> bool {
+            match v {
+                Value::Array(a) => a.iter().any(any_image),
+                Value::Object(o) => {
+                    o.contains_key("image_url")
+                        || o.get("type").and_then(Value::as_str) == Some("image")
+                        || o.values().any(any_image)
+                }
+                _ => false,
+            }
+        }
+        match self {
+            Operation::Chat(c) => c.body.get("messages").is_some_and(any_image),
+            Operation::Messages { body, .. } => body.get("messages").is_some_and(any_image),
+            _ => false,
+        }
+    }
+
+    /// Whether the request declares tools.
     pub fn has_tools(&self) -> bool {
         match self {
             Operation::Chat(c) => c.body.get("tools").is_some_and(|t| !t.is_null()),

@@ -35,6 +35,8 @@ pub struct EdgeMetrics {
     breaker_transitions: IntCounterVec,
     ejected_skips: IntCounterVec,
     key_events: IntCounterVec,
+    rules: IntCounterVec,
+    downgrades: IntCounterVec,
     /// The board whose key and pool events are rendered (shared with the
     /// in-process egress in `switchyard dev`).
     health: Mutex<Option<Arc<switchyard_proto::Health>>>,
@@ -137,7 +139,19 @@ impl EdgeMetrics {
             "Key pool events at the egress: cooldown (429), disabled (401/403), pool_exhausted, breaker_opened",
             &["event"],
         );
+        let rules = counter(
+            "rules_matched_total",
+            "Requests a policy rule sent to another route, by route and chosen route",
+            &["route", "to"],
+        );
+        let downgrades = counter(
+            "downgrades_total",
+            "Non-critical requests downgraded while the route's primary was degraded",
+            &["route", "to"],
+        );
         for c in [
+            &rules,
+            &downgrades,
             &requests,
             &tokens,
             &stream_failures,
@@ -168,6 +182,8 @@ impl EdgeMetrics {
             breaker_transitions,
             ejected_skips,
             key_events,
+            rules,
+            downgrades,
             health: Mutex::new(None),
         }
     }
@@ -175,6 +191,14 @@ impl EdgeMetrics {
     /// Renders the key and pool events this board counts.
     pub fn watch_health(&self, health: Arc<switchyard_proto::Health>) {
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+    }
+
+    pub fn rule_matched(&self, route: &str, to: &str) {
+        self.rules.with_label_values(&[route, to]).inc();
+    }
+
+    pub fn downgrade(&self, route: &str, to: &str) {
+        self.downgrades.with_label_values(&[route, to]).inc();
     }
 
     pub fn retry(&self, provider: &str, error: &str) {

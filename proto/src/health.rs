@@ -47,9 +47,12 @@ pub fn target_id(provider: &str, model: &str, region: Option<&str>) -> String {
     format!("{provider}{SEP}{model}{SEP}{}", region.unwrap_or(""))
 }
 
-/// The board's id of a key: its provider, pool and key id (never its value).
-pub fn key_id(provider: &str, pool: &str, key: &str) -> String {
-    format!("{provider}{SEP}{pool}{SEP}{key}")
+/// The board's id of a key as used for one model: its provider, pool and
+/// key id (never its value) and the model. Per model because providers
+/// rate-limit a key per model (OpenAI's limits and `x-ratelimit-*` headers
+/// are per model): a 429 on one model must not bench the key for others.
+pub fn key_id(provider: &str, pool: &str, key: &str, model: &str) -> String {
+    format!("{provider}{SEP}{pool}{SEP}{key}{SEP}{model}")
 }
 
 /// One attempt's result as the board counts it.
@@ -891,7 +894,7 @@ mod tests {
     #[test]
     fn in_flight_guard_counts_until_dropped() {
         let h = Health::new();
-        let e = h.key(&key_id("p", "pool", "k0")).unwrap();
+        let e = h.key(&key_id("p", "pool", "k0", "m")).unwrap();
         let g1 = e.start();
         let g2 = e.start();
         assert_eq!(e.in_flight(), 2);

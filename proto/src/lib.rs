@@ -289,9 +289,9 @@ impl ResolvedKey {
         self.secret.expose()
     }
 
-    /// This key's id on the health board.
-    pub fn health_id(&self, provider: &str) -> String {
-        health::key_id(provider, &self.pool, &self.id)
+    /// This key's id on the health board, for `model`.
+    pub fn health_id(&self, provider: &str, model: &str) -> String {
+        health::key_id(provider, &self.pool, &self.id, model)
     }
 }
 
@@ -495,6 +495,45 @@ impl Default for RetryPolicy {
     }
 }
 
+/// A policy rule of a route: when a request matches `when`, it is planned
+/// on `route` instead (the first matching rule wins; the chosen route's own
+/// rules are not evaluated again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRule {
+    pub when: RuleCondition,
+    pub route: String,
+}
+
+/// Every condition set must hold (an empty condition matches everything).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleCondition {
+    /// Estimated prompt tokens above this.
+    pub prompt_tokens_over: Option<u64>,
+    /// Requested `max_tokens` above this.
+    pub max_tokens_over: Option<u64>,
+    /// The request declares tools (true) or does not (false).
+    pub tools: Option<bool>,
+    /// The request carries images (true) or does not (false).
+    pub images: Option<bool>,
+    /// A request header with this value (name lower-case; value compared
+    /// case-insensitively), e.g. `x-switchyard-priority: low`.
+    pub header: Option<(String, String)>,
+    /// One of the comma-separated `x-switchyard-tags`.
+    pub tag: Option<String>,
+    /// The request's tenant is one of these.
+    pub tenants: Vec<String>,
+}
+
+/// Downgrade: while the route's primary (its first target) is degraded —
+/// ejected, failing lately, or with a first-token p95 over `ttft_over` —
+/// requests marked non-critical (`x-switchyard-priority: low`) are planned
+/// on `route` instead; the rest keep the primary chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downgrade {
+    pub route: String,
+    pub ttft_over: Option<Duration>,
+}
+
 /// A named route: ordered targets, then the routes to fall back to.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteSnapshot {
@@ -513,6 +552,9 @@ pub struct RouteSnapshot {
     /// first event) before the next is tried; `None` = only the request's
     /// deadline (and `first_token_timeout` for streams).
     pub attempt_timeout: Option<Duration>,
+    /// Evaluated in order before planning.
+    pub rules: Vec<RouteRule>,
+    pub downgrade: Option<Downgrade>,
 }
 
 /// Latency and error scores the control plane folds from every node's

@@ -20,7 +20,7 @@ pub const MAX_RETRIES: u32 = 10;
 use crate::{
     FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
     ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
-    RetryPolicy, Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot,
+    Downgrade, RetryPolicy, RouteRule, RuleCondition, Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot,
     SnapshotBuilder, Strategy, TargetScore, Tenant, Tenants, WeightedTarget,
 };
 
@@ -282,6 +282,30 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                 max_wait_ms: r.retry.max_wait.as_millis() as u64,
                             }),
                             attempt_timeout_ms: millis(r.attempt_timeout),
+                            rules: r
+                                .rules
+                                .iter()
+                                .map(|rule| {
+                                    let w = &rule.when;
+                                    let (header_name, header_value) =
+                                        w.header.clone().unwrap_or_default();
+                                    pb::RouteRuleMsg {
+                                        prompt_tokens_over: w.prompt_tokens_over,
+                                        max_tokens_over: w.max_tokens_over,
+                                        tools: w.tools,
+                                        images: w.images,
+                                        header_name,
+                                        header_value,
+                                        tag: w.tag.clone().unwrap_or_default(),
+                                        tenants: w.tenants.clone(),
+                                        route: rule.route.clone(),
+                                    }
+                                })
+                                .collect(),
+                            downgrade: r.downgrade.as_ref().map(|d| pb::DowngradeMsg {
+                                route: d.route.clone(),
+                                ttft_over_ms: millis(d.ttft_over),
+                            }),
                         },
                     )
                 })
@@ -546,6 +570,32 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     ));
                 }
             }
+            let rules: Result<Vec<RouteRule>, InvalidSnapshot> = r
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    if !msg.routes.contains_key(&m.route) {
+                        return Err(invalid(
+                            format!("{path}.rules[{i}].route"),
+                            format!("unknown route {:?}", m.route),
+                        ));
+                    }
+                    Ok(RouteRule {
+                        when: RuleCondition {
+                            prompt_tokens_over: m.prompt_tokens_over,
+                            max_tokens_over: m.max_tokens_over,
+                            tools: m.tools,
+                            images: m.images,
+                            header: (!m.header_name.is_empty())
+                                .then(|| (m.header_name.clone(), m.header_value.clone())),
+                            tag: (!m.tag.is_empty()).then(|| m.tag.clone()),
+                            tenants: m.tenants.clone(),
+                        },
+                        route: m.route.clone(),
+                    })
+                })
+                .collect();
             routes.insert(
                 name.clone(),
                 Arc::new(RouteSnapshot {
@@ -568,6 +618,21 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     },
                     attempt_timeout: (r.attempt_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.attempt_timeout_ms)),
+                    rules: rules?,
+                    downgrade: match &r.downgrade {
+                        None => None,
+                        Some(d) if !msg.routes.contains_key(&d.route) => {
+                            return Err(invalid(
+                                format!("{path}.downgrade.route"),
+                                format!("unknown route {:?}", d.route),
+                            ))
+                        }
+                        Some(d) => Some(Downgrade {
+                            route: d.route.clone(),
+                            ttft_over: (d.ttft_over_ms > 0)
+                                .then(|| Duration::from_millis(d.ttft_over_ms)),
+                        }),
+                    },
                 }),
             );
         }
@@ -828,6 +893,8 @@ mod tests {
                 max_attempts: 0,
                 retry: None,
                 attempt_timeout_ms: 0,
+                rules: vec![],
+                downgrade: None,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();

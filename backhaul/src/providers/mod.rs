@@ -328,6 +328,7 @@ pub enum KeyPick {
 /// Chooses the key for the next attempt among `keys` (a provider's
 /// resolved keys on this egress), leaving out the indexes in `skip` (keys
 /// this request already tried); `tokens` is the request's estimated size.
+/// Key state is kept per key and model (see [`switchyard_proto::health::key_id`]).
 ///
 /// A key is out while it cools down after a 429 (its `retry-after`, or a
 /// doubling backoff), while the provider's rate-limit headers say its
@@ -339,10 +340,12 @@ pub enum KeyPick {
 /// quota is left. Ties go to the first met from `start` on, so an idle
 /// pool rotates. When every key is out nothing is picked: the provider is
 /// not called to be told again what it already said.
+#[allow(clippy::too_many_arguments)]
 pub fn pick_key(
     keys: &[ResolvedKey],
     health: &Health,
     provider: &str,
+    model: &str,
     start: usize,
     skip: &[usize],
     tokens: u64,
@@ -360,7 +363,7 @@ pub fn pick_key(
         any = true;
         let key = &keys[i];
         let weight = f64::from(key.weight.max(1));
-        let Some(e) = health.peek_key(&key.health_id(provider)) else {
+        let Some(e) = health.peek_key(&key.health_id(provider, model)) else {
             let cost = 1.0 / weight;
             if best.is_none_or(|(_, c)| cost < c) {
                 best = Some((i, cost));
@@ -432,7 +435,7 @@ pub(crate) fn scrub<'a>(text: &'a str, keys: &[impl AsRef<Secret>]) -> std::borr
 mod key_choice_tests {
     use std::time::{Duration, Instant};
 
-    use switchyard_proto::health::{Availability, RateLimits};
+    use switchyard_proto::health::RateLimits;
     use switchyard_proto::{Health, KeySource, PoolKey, ResolvedKey, Secret};
 
     use super::{pick_key, rate_limits, KeyPick};
@@ -452,7 +455,7 @@ mod key_choice_tests {
     }
 
     fn pick(keys: &[ResolvedKey], h: &Health, start: usize, skip: &[usize], now: Instant) -> KeyPick {
-        pick_key(keys, h, "p", start, skip, 10, now)
+        pick_key(keys, h, "p", "m", start, skip, 10, now)
     }
 
     #[test]
@@ -472,8 +475,8 @@ mod key_choice_tests {
     fn fewest_in_flight_relative_to_weight_wins() {
         let keys = vec![key("a", 1, "sk-a"), key("b", 3, "sk-b")];
         let (h, now) = (Health::new(), Instant::now());
-        let a = h.key(&keys[0].health_id("p")).unwrap();
-        let b = h.key(&keys[1].health_id("p")).unwrap();
+        let a = h.key(&keys[0].health_id("p", "m")).unwrap();
+        let b = h.key(&keys[1].health_id("p", "m")).unwrap();
         let _a1 = a.start();
         let (_b1, _b2) = (b.start(), b.start());
         // a: (1+1)/1; b: (2+1)/3 → b is less loaded.
@@ -490,7 +493,7 @@ mod key_choice_tests {
     #[test]
     fn cooling_refused_and_exhausted_keys_are_left_out_and_the_pool_says_until_when() {
         let (mut keys, h, now) = (pool(), Health::new(), Instant::now());
-        let entry = |i: usize, keys: &[ResolvedKey]| h.key(&keys[i].health_id("p")).unwrap();
+        let entry = |i: usize, keys: &[ResolvedKey]| h.key(&keys[i].health_id("p", "m")).unwrap();
         h.cool_down(&entry(0, &keys), Duration::from_secs(30), now);
         h.refuse(&entry(1, &keys), keys[1].fingerprint, now);
         for start in 0..3 {
@@ -510,14 +513,14 @@ mod key_choice_tests {
         assert_eq!(pick(&keys, &h, 1, &[0, 2], later), KeyPick::Key(1));
         // The same key id under another provider is another key.
         h.cool_down(&entry(0, &keys), Duration::from_secs(300), later);
-        assert_eq!(pick_key(&keys, &h, "q", 0, &[], 10, later), KeyPick::Key(0));
+        assert_eq!(pick_key(&keys, &h, "q", "m", 0, &[], 10, later), KeyPick::Key(0));
     }
 
     #[test]
     fn announced_quotas_and_policy_limits_steer_before_a_429() {
         let (mut keys, h, now) = (pool(), Health::new(), Instant::now());
-        let a = h.key(&keys[0].health_id("p")).unwrap();
-        let b = h.key(&keys[1].health_id("p")).unwrap();
+        let a = h.key(&keys[0].health_id("p", "m")).unwrap();
+        let b = h.key(&keys[1].health_id("p", "m")).unwrap();
         // a has 10 % of its quota left, b 90 %: b wins though a comes first.
         let said = |remaining| RateLimits {
             remaining_requests: Some(remaining),
@@ -535,7 +538,7 @@ mod key_choice_tests {
         assert_eq!(pick(&keys[..2], &h, 0, &[], now + Duration::from_secs(21)), KeyPick::Key(0));
         // Policy rpm: two requests this minute and the key is out.
         keys[2].rpm = Some(2);
-        let c = h.key(&keys[2].health_id("p")).unwrap();
+        let c = h.key(&keys[2].health_id("p", "m")).unwrap();
         assert_eq!(pick(&keys[2..], &h, 0, &[], now), KeyPick::Key(0));
         h.book(&c, 2, 20, now);
         assert!(matches!(pick(&keys[2..], &h, 0, &[], now), KeyPick::Exhausted { .. }));

@@ -261,6 +261,52 @@ pub struct RouteDoc {
     /// Longest one attempt may take (a stream: to its first event) before
     /// the next target is tried. Unset = only the request's deadline.
     pub attempt_timeout_ms: Option<u64>,
+    /// Evaluated in order before planning: the first whose `when` matches
+    /// sends the request to its `route` instead.
+    #[serde(default)]
+    pub rules: Vec<RuleDoc>,
+    /// Non-critical requests (`x-switchyard-priority: low`) go to another
+    /// route while this one's primary is degraded.
+    pub downgrade: Option<DowngradeDoc>,
+}
+
+/// `routes.R.rules[]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleDoc {
+    pub when: WhenDoc,
+    pub route: String,
+}
+
+/// Conditions of a rule; every one given must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhenDoc {
+    /// Estimated prompt tokens (≈ 4 characters each) above this.
+    pub prompt_tokens_over: Option<u64>,
+    /// Requested `max_tokens` above this.
+    pub max_tokens_over: Option<u64>,
+    /// Tools declared (true) or not (false).
+    pub tools: Option<bool>,
+    /// Images present (true) or not (false).
+    pub images: Option<bool>,
+    /// One request header and its value, e.g. `{ x-switchyard-priority: low }`.
+    pub header: Option<std::collections::BTreeMap<String, String>>,
+    /// One of the comma-separated `x-switchyard-tags`.
+    pub tag: Option<String>,
+    /// Tenant ids.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+}
+
+/// `routes.R.downgrade`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DowngradeDoc {
+    pub route: String,
+    /// The primary also counts as degraded while its first-token p95 (the
+    /// fleet's, or this edge's moving average) is over this.
+    pub ttft_p95_over_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

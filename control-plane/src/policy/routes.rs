@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use switchyard_proto::wire::MAX_RETRIES;
 use switchyard_proto::{
-    ProviderSnapshot, RetryPolicy, RouteSnapshot, RouteTarget, Strategy, WeightedTarget,
+    Downgrade, ProviderSnapshot, RetryPolicy, RouteRule, RouteSnapshot, RouteTarget,
+    RuleCondition, Strategy, WeightedTarget,
 };
 
 use super::{Errors, PolicyDocument, PolicyOptions, StrategyDoc, ENV_PROVIDERS};
@@ -149,6 +150,75 @@ pub(super) fn routes(
                 "at most 60000".into(),
             );
         }
+        let mut rules = Vec::new();
+        for (i, rule) in r.rules.iter().enumerate() {
+            let rpath = format!("{path}.rules[{i}]");
+            if !doc.routes.contains_key(&rule.route) {
+                err(
+                    format!("{rpath}.route"),
+                    format!("unknown route {:?}", rule.route),
+                );
+            } else if rule.route == *name {
+                err(format!("{rpath}.route"), "a rule cannot send a route to itself".into());
+            }
+            let w = &rule.when;
+            let header = match &w.header {
+                None => None,
+                Some(h) if h.len() == 1 => h
+                    .iter()
+                    .next()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+                Some(_) => {
+                    err(
+                        format!("{rpath}.when.header"),
+                        "exactly one header name and value".into(),
+                    );
+                    None
+                }
+            };
+            for (j, t) in w.tenants.iter().enumerate() {
+                if !doc.tenants.iter().any(|d| d.id == *t) {
+                    err(format!("{rpath}.when.tenants[{j}]"), format!("unknown tenant {t:?}"));
+                }
+            }
+            let when = RuleCondition {
+                prompt_tokens_over: w.prompt_tokens_over,
+                max_tokens_over: w.max_tokens_over,
+                tools: w.tools,
+                images: w.images,
+                header,
+                tag: w.tag.clone(),
+                tenants: w.tenants.clone(),
+            };
+            if when == RuleCondition::default() {
+                err(
+                    format!("{rpath}.when"),
+                    "a rule needs at least one condition".into(),
+                );
+            }
+            rules.push(RouteRule {
+                when,
+                route: rule.route.clone(),
+            });
+        }
+        let downgrade = r.downgrade.as_ref().map(|d| {
+            if !doc.routes.contains_key(&d.route) || d.route == *name {
+                err(
+                    format!("{path}.downgrade.route"),
+                    format!("unknown route {:?} (or the route itself)", d.route),
+                );
+            }
+            if d.ttft_p95_over_ms == Some(0) {
+                err(
+                    format!("{path}.downgrade.ttft_p95_over_ms"),
+                    "must be greater than 0".into(),
+                );
+            }
+            Downgrade {
+                route: d.route.clone(),
+                ttft_over: d.ttft_p95_over_ms.map(Duration::from_millis),
+            }
+        });
         if r.first_token_timeout_ms == Some(0) {
             err(
                 format!("{path}.first_token_timeout_ms"),
@@ -185,6 +255,8 @@ pub(super) fn routes(
                 max_attempts: r.max_attempts,
                 retry,
                 attempt_timeout: r.attempt_timeout_ms.map(Duration::from_millis),
+                rules,
+                downgrade,
             }),
         );
     }

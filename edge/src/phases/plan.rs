@@ -71,8 +71,9 @@ pub(crate) fn plan(
         Request::Api { op, raw_body } => {
             let tenant = ctx.tenant.as_deref().ok_or_else(|| fail(no_tenant()))?;
             let requested = requested_model(&op);
-            let mut plan =
-                route_plan(snap, &app.health, tenant, requested, residency).map_err(fail)?;
+            let name = choose_route(app, session, snap, ctx, tenant, requested, &op);
+            let mut plan = plan_as(snap, &app.health, tenant, requested, name, residency)
+                .map_err(fail)?;
             let first = plan
                 .targets
                 .first()
@@ -108,6 +109,123 @@ pub(crate) fn plan(
         forward_headers: copy_headers(session, FORWARDED_HEADERS),
     };
     Ok((plan, outbound))
+}
+
+/// Marks a request non-critical: it may be downgraded.
+const PRIORITY_HEADER: &str = "x-switchyard-priority";
+const TAGS_HEADER: &str = "x-switchyard-tags";
+
+/// The route a request is planned on: the requested route unless one of
+/// its rules matches (first match wins) or, for a non-critical request,
+/// its downgrade applies. Both are events and metrics.
+fn choose_route<'a>(
+    app: &EdgeApp,
+    session: &ServerSession,
+    snap: &'a Snapshot,
+    ctx: &RequestCtx,
+    tenant: &Tenant,
+    requested: &'a str,
+    op: &Operation,
+) -> &'a str {
+    let Some(route) = snap.route(requested) else {
+        return requested;
+    };
+    let header = |name: &str| {
+        session
+            .get_header(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if !route.rules.is_empty() {
+        // Estimated once, only when some rule asks.
+        let mut tokens = None;
+        for (i, rule) in route.rules.iter().enumerate() {
+            let w = &rule.when;
+            let mut prompt = || *tokens.get_or_insert_with(|| op.estimated_prompt_tokens());
+            let holds = w.prompt_tokens_over.is_none_or(|n| prompt() > n)
+                && w
+                    .max_tokens_over
+                    .is_none_or(|n| op.requested_max_tokens().is_some_and(|m| m > n))
+                && w.tools.is_none_or(|t| op.has_tools() == t)
+                && w.images.is_none_or(|i| op.has_images() == i)
+                && w.header.as_ref().is_none_or(|(name, value)| {
+                    header(name).is_some_and(|v| v.eq_ignore_ascii_case(value))
+                })
+                && w.tag.as_ref().is_none_or(|tag| {
+                    header(TAGS_HEADER)
+                        .is_some_and(|tags| tags.split(',').any(|t| t.trim() == tag))
+                })
+                && (w.tenants.is_empty() || w.tenants.contains(&tenant.id));
+            if holds {
+                tracing::info!(
+                    target: "switchyard::rules",
+                    event = "rule",
+                    request_id = %ctx.request_id,
+                    route = %route.name,
+                    rule = i,
+                    to = %rule.route,
+                    "a policy rule chose the route"
+                );
+                app.metrics.rule_matched(&route.name, &rule.route);
+                return &rule.route;
+            }
+        }
+    }
+    if let Some(d) = &route.downgrade {
+        let non_critical = header(PRIORITY_HEADER).is_some_and(|p| p.eq_ignore_ascii_case("low"));
+        if non_critical && primary_degraded(app, snap, route, d) {
+            tracing::info!(
+                target: "switchyard::downgrade",
+                event = "downgrade",
+                request_id = %ctx.request_id,
+                route = %route.name,
+                to = %d.route,
+                "the route's primary is degraded; non-critical request downgraded"
+            );
+            app.metrics.downgrade(&route.name, &d.route);
+            return &d.route;
+        }
+    }
+    requested
+}
+
+/// Whether the route's first target is ejected, failing lately, or slower
+/// to its first token (p95) than the downgrade's threshold.
+fn primary_degraded(
+    app: &EdgeApp,
+    snap: &Snapshot,
+    route: &switchyard_proto::RouteSnapshot,
+    d: &switchyard_proto::Downgrade,
+) -> bool {
+    let Some(primary) = route.targets.first() else {
+        return false;
+    };
+    let region = snap.provider(&primary.provider).and_then(|p| p.region.clone());
+    let entry = app.health.peek_target(&switchyard_proto::health::target_id(
+        &primary.provider,
+        &primary.model,
+        region.as_deref(),
+    ));
+    if entry
+        .as_ref()
+        .is_some_and(|e| app.health.is_ejected(e) || app.health.is_degraded(e))
+    {
+        return true;
+    }
+    let Some(limit) = d.ttft_over else {
+        return false;
+    };
+    let local = entry.as_ref().and_then(|e| e.latency()).is_some_and(|l| l > limit);
+    let fleet = snap
+        .scores()
+        .targets
+        .get(&switchyard_proto::ScoreKey {
+            provider: primary.provider.clone(),
+            model: primary.model.clone(),
+            region: region.unwrap_or_default(),
+        })
+        .is_some_and(|s| s.requests > 0 && s.ttft_p95_ms > limit.as_secs_f64() * 1000.0);
+    local || fleet
 }
 
 /// Whether `target` may honour the client's `x-switchyard-simulate`.
@@ -263,6 +381,20 @@ pub fn route_plan(
     requested: &str,
     residency: Option<&[String]>,
 ) -> Result<Plan, GatewayError> {
+    plan_as(snap, health, tenant, requested, requested, residency)
+}
+
+/// [`route_plan`] of `name`, the route a rule or a downgrade chose for
+/// what the caller asked (`requested`, which permissions are checked on:
+/// a route the policy chose is the policy's business, not the tenant's).
+fn plan_as(
+    snap: &Snapshot,
+    health: &Health,
+    tenant: &Tenant,
+    requested: &str,
+    name: &str,
+    residency: Option<&[String]>,
+) -> Result<Plan, GatewayError> {
     if !tenant.may_use(requested) {
         // Checked first so an unknown model does not reveal the catalogue.
         if snap.resolve(requested).is_some() {
@@ -275,17 +407,17 @@ pub fn route_plan(
         }
         return Err(GatewayError::model_not_found(requested));
     }
-    let route = snap.routes().get(requested);
+    let route = snap.routes().get(name);
     let first_token_timeout = route
         .and_then(|r| r.first_token_timeout)
         .or(snap.limits().first_token_timeout);
     let attempt_timeout = route.and_then(|r| r.attempt_timeout);
     let retry = route.map(|r| r.retry).unwrap_or_default();
-    let budget_key = requested.to_string();
+    let budget_key = name.to_string();
     let plan = match residency {
         // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
-            targets: switchyard_proto::plan::plan(snap, health, requested, None)
+            targets: switchyard_proto::plan::plan(snap, health, name, None)
                 .map_err(|_| GatewayError::model_not_found(requested))?,
             excluded: 0,
             first_token_timeout,
@@ -293,11 +425,11 @@ pub fn route_plan(
             retry,
             budget_key,
         },
-        Some(allowed) => match switchyard_proto::plan::plan(snap, health, requested, Some(allowed))
+        Some(allowed) => match switchyard_proto::plan::plan(snap, health, name, Some(allowed))
         {
             Ok(targets) => {
                 let all = snap
-                    .plan(requested, None)
+                    .plan(name, None)
                     .map_err(|_| GatewayError::model_not_found(requested))?;
                 Plan {
                     excluded: all.len().saturating_sub(targets.len()),
@@ -341,7 +473,7 @@ pub fn route_plan(
     }
     Ok(bounded(
         plan,
-        snap.routes().get(requested).and_then(|r| r.max_attempts),
+        snap.routes().get(name).and_then(|r| r.max_attempts),
     ))
 }
 
