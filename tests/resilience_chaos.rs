@@ -104,7 +104,12 @@ tenants:
 }
 
 /// `Err` with what the client saw when the request was not served whole.
-async fn served(http: &reqwest::Client, addr: SocketAddr, model: &str, stream: bool) -> Result<(), String> {
+async fn served(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    model: &str,
+    stream: bool,
+) -> Result<(), String> {
     let resp = http
         .post(format!("http://{addr}/v1/chat/completions"))
         .bearer_auth(TEST_KEY)
@@ -136,7 +141,11 @@ async fn served(http: &reqwest::Client, addr: SocketAddr, model: &str, stream: b
 
 /// One round: `per_model` requests to each scenario, eight at a time,
 /// streamed and not in turn. Returns the requests that failed, with why.
-async fn round(http: &reqwest::Client, addr: SocketAddr, per_model: usize) -> Vec<(String, String)> {
+async fn round(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    per_model: usize,
+) -> Vec<(String, String)> {
     let models = ["storm", "pooled/gpt-4o-mini", "random", "hanging"];
     let jobs: Vec<(String, bool)> = (0..per_model)
         .flat_map(|i| models.iter().map(move |m| (m.to_string(), i % 2 == 1)))
@@ -198,7 +207,10 @@ async fn chaos_storm_revoked_key_random_faults_hanging_target_and_a_killed_egres
     // One egress goes away between rounds; the edge carries on with the other.
     first.shutdown().await;
     let failed = round(&http, addr, PER_MODEL).await;
-    assert!(failed.is_empty(), "round 2 (one egress down) failures: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "round 2 (one egress down) failures: {failed:?}"
+    );
 
     let requests = 2 * PER_MODEL;
     let storm = mock.count(Some("storm-429"), None);
@@ -213,7 +225,10 @@ async fn chaos_storm_revoked_key_random_faults_hanging_target_and_a_killed_egres
     assert_eq!(mock.count(None, Some("sk-chaos-good")), requests);
     // Breakers cut the hanging target off after a few timeouts.
     let hung = mock.count(Some("hang"), None);
-    assert!(hung * 10 <= requests, "the hanging target saw {hung} requests");
+    assert!(
+        hung * 10 <= requests,
+        "the hanging target saw {hung} requests"
+    );
 
     edge.shutdown().await;
     second.shutdown().await;

@@ -154,7 +154,11 @@ providers:
     assert_eq!(revoked, 1, "the revoked key is tried once, then disabled");
     assert_eq!(mock.count(None, Some("sk-pool-good")), N);
     let m = metrics(&http, metrics_addr).await;
-    assert_eq!(sample(&m, &["switchyard_key_events_total", "disabled"]), 1.0, "{m}");
+    assert_eq!(
+        sample(&m, &["switchyard_key_events_total", "disabled"]),
+        1.0,
+        "{m}"
+    );
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -207,11 +211,24 @@ routes:
     );
     let m = metrics(&http, metrics_addr).await;
     assert!(
-        sample(&m, &["switchyard_breaker_transitions_total", "provider=\"storm\"", "state=\"open\""]) >= 1.0,
+        sample(
+            &m,
+            &[
+                "switchyard_breaker_transitions_total",
+                "provider=\"storm\"",
+                "state=\"open\""
+            ]
+        ) >= 1.0,
         "{m}"
     );
-    assert!(sample(&m, &["switchyard_retries_total", "provider=\"steady\""]) >= 1.0, "{m}");
-    assert!(sample(&m, &["switchyard_key_events_total", "cooldown"]) >= 1.0, "{m}");
+    assert!(
+        sample(&m, &["switchyard_retries_total", "provider=\"steady\""]) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, &["switchyard_key_events_total", "cooldown"]) >= 1.0,
+        "{m}"
+    );
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -243,9 +260,18 @@ routes:
     let http = client();
     for _ in 0..10 {
         let r = chat(&http, addr, "bad", false).await;
-        assert_eq!((r.status, r.attempts.as_deref()), (400, Some("1")), "{}", r.body);
+        assert_eq!(
+            (r.status, r.attempts.as_deref()),
+            (400, Some("1")),
+            "{}",
+            r.body
+        );
     }
-    assert_eq!(mock.count(Some("fail-400"), None), 10, "a 400 is never retried");
+    assert_eq!(
+        mock.count(Some("fail-400"), None),
+        10,
+        "a 400 is never retried"
+    );
 
     // Request 1: one attempt and two retries; request 2: one attempt and
     // the budget's last retry (its second is refused) — five failures in a
@@ -266,8 +292,16 @@ routes:
     assert!(attempts[2..].iter().all(|a| a.is_empty()), "{attempts:?}");
     assert_eq!(mock.count(Some("fail-500"), None), 5);
     let m = metrics(&http, metrics_addr).await;
-    assert_eq!(sample(&m, &["switchyard_retry_budget_exhausted_total"]), 1.0, "{m}");
-    assert_eq!(sample(&m, &["switchyard_retries_total", "provider=\"openai\""]), 3.0, "{m}");
+    assert_eq!(
+        sample(&m, &["switchyard_retry_budget_exhausted_total"]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, &["switchyard_retries_total", "provider=\"openai\""]),
+        3.0,
+        "{m}"
+    );
     assert_eq!(sample(&m, &["switchyard_ejected_skips_total"]), 8.0, "{m}");
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -351,14 +385,26 @@ routes:
     let low = [("x-switchyard-priority", "low")];
 
     let r = chat_as(&http, addr, "chat", "hi", &[]).await;
-    assert_eq!((r.status, target(&r).as_str()), (200, "openai/gpt-4o"), "{}", r.body);
+    assert_eq!(
+        (r.status, target(&r).as_str()),
+        (200, "openai/gpt-4o"),
+        "{}",
+        r.body
+    );
     // ≈ 10,000 estimated tokens: the long-context route; ≈ 5,000: not.
     let long = "lorem ipsum ".repeat(3_400);
     let r = chat_as(&http, addr, "chat", &long, &[]).await;
     assert_eq!(target(&r), "openai/long-model", "{}", r.body);
     let r = chat_as(&http, addr, "chat", &long[..20_000], &[]).await;
     assert_eq!(target(&r), "openai/gpt-4o");
-    let r = chat_as(&http, addr, "chat", "hi", &[("x-switchyard-tags", "a, batch")]).await;
+    let r = chat_as(
+        &http,
+        addr,
+        "chat",
+        "hi",
+        &[("x-switchyard-tags", "a, batch")],
+    )
+    .await;
     assert_eq!(target(&r), "openai/cheap-model");
 
     // Primary healthy enough: a non-critical request keeps the chain.
@@ -378,11 +424,18 @@ routes:
 
     let m = metrics(&http, metrics_addr).await;
     assert_eq!(
-        sample(&m, &["switchyard_rules_matched_total", "to=\"long-context\""]),
+        sample(
+            &m,
+            &["switchyard_rules_matched_total", "to=\"long-context\""]
+        ),
         1.0,
         "{m}"
     );
-    assert_eq!(sample(&m, &["switchyard_downgrades_total", "to=\"cheap\""]), 1.0, "{m}");
+    assert_eq!(
+        sample(&m, &["switchyard_downgrades_total", "to=\"cheap\""]),
+        1.0,
+        "{m}"
+    );
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

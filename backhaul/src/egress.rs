@@ -231,11 +231,9 @@ impl Egress {
         now: Instant,
     ) {
         let Some(entry) = &attempt.entry else { return };
-        let wait = self.health.rate_limited(
-            entry,
-            retry_after.and_then(health::parse_retry_after),
-            now,
-        );
+        let wait =
+            self.health
+                .rate_limited(entry, retry_after.and_then(health::parse_retry_after), now);
         self.key_outcome(provider, attempt, Outcome::Failure, now);
         tracing::info!(
             target: "switchyard::keys",
@@ -249,7 +247,13 @@ impl Egress {
     }
 
     /// Books an outcome on the key, reporting its breaker's changes.
-    fn key_outcome(&self, provider: &str, attempt: &KeyAttempt<'_>, outcome: Outcome, now: Instant) {
+    fn key_outcome(
+        &self,
+        provider: &str,
+        attempt: &KeyAttempt<'_>,
+        outcome: Outcome,
+        now: Instant,
+    ) {
         let Some(entry) = &attempt.entry else { return };
         if let Some(t) = self.health.record(entry, outcome, now) {
             if matches!(t, health::Transition::Opened(_)) {
@@ -272,7 +276,10 @@ impl Egress {
     }
 
     /// What the provider's rate-limit headers say goes to the key's entry.
-    fn limits_observer(&self, attempt: Option<&KeyAttempt<'_>>) -> Option<impl Fn(&RateLimits) + Send + Sync + 'static> {
+    fn limits_observer(
+        &self,
+        attempt: Option<&KeyAttempt<'_>>,
+    ) -> Option<impl Fn(&RateLimits) + Send + Sync + 'static> {
         let entry = attempt?.entry.clone()?;
         let health = self.health.clone();
         Some(move |l: &RateLimits| health.observe_limits(&entry, l, Instant::now()))
@@ -364,7 +371,9 @@ impl Egress {
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: &req,
                 limits: snap.limits(),
-                on_limits: observer.as_ref().map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
+                on_limits: observer
+                    .as_ref()
+                    .map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
             };
             let reply = match fast_timeout(left(deadline), raw::call(&ctx, raw)).await {
                 Ok(Ok(reply)) => reply,
@@ -448,7 +457,8 @@ impl Egress {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error: Option<GatewayError> = None;
         let (reply, attempt) = loop {
-            let attempt = match self.choose_key(provider, &req.target.model, start, &tried, tokens) {
+            let attempt = match self.choose_key(provider, &req.target.model, start, &tried, tokens)
+            {
                 Ok(a) => a,
                 // Keys were tried and the rest are out: the provider's own
                 // answer says more than "exhausted".
@@ -465,7 +475,9 @@ impl Egress {
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: call_req,
                 limits: snap.limits(),
-                on_limits: observer.as_ref().map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
+                on_limits: observer
+                    .as_ref()
+                    .map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
             };
             match fast_timeout(left(deadline), faults::call(adapter, ctx)).await {
                 Ok(Ok(reply)) => break (reply, attempt),
@@ -505,11 +517,15 @@ impl Egress {
             self.key_outcome(&provider.name, a, Outcome::Success { latency }, now);
         }
         // The answer's own tokens count against the key's minute once known.
-        let completion = attempt.as_ref().and_then(|a| a.entry.clone()).map(|entry| BookCompletion {
-            health: self.health.clone(),
-            entry,
-            stats: stats.clone(),
-        });
+        let completion =
+            attempt
+                .as_ref()
+                .and_then(|a| a.entry.clone())
+                .map(|entry| BookCompletion {
+                    health: self.health.clone(),
+                    entry,
+                    stats: stats.clone(),
+                });
         let held = (target_guard, attempt.and_then(|a| a.guard), completion);
         let model = &req.target.model;
         match reply {
@@ -757,8 +773,12 @@ mod tests {
         assert_eq!(calls.get("sk-bad").copied().unwrap_or(0), 1, "{calls:?}");
         assert_eq!(calls.get("sk-good").copied(), Some(4), "{calls:?}");
         let h = egress.health();
-        let bad = h.peek_key(&health::key_id("p", "main", "bad", "m")).unwrap();
-        let good = h.peek_key(&health::key_id("p", "main", "good", "m")).unwrap();
+        let bad = h
+            .peek_key(&health::key_id("p", "main", "bad", "m"))
+            .unwrap();
+        let good = h
+            .peek_key(&health::key_id("p", "main", "good", "m"))
+            .unwrap();
         assert_eq!((bad.failures(), good.successes()), (1, 4));
         assert_eq!((bad.in_flight(), good.in_flight()), (0, 0));
         let target = h.peek_target(&health::target_id("p", "m", None)).unwrap();

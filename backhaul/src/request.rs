@@ -173,7 +173,10 @@ impl Operation {
                 Value::Array(a) => a.iter().for_each(|x| walk(x, chars, images)),
                 Value::Object(o) => {
                     for (k, x) in o {
-                        if matches!(k.as_str(), "image_url" | "source" | "inline_data" | "inlineData") {
+                        if matches!(
+                            k.as_str(),
+                            "image_url" | "source" | "inline_data" | "inlineData"
+                        ) {
                             *images += 1;
                         } else {
                             walk(x, chars, images);

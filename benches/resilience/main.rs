@@ -123,7 +123,11 @@ async fn request(http: &reqwest::Client, addr: SocketAddr, model: &str, stream: 
         .send()
         .await;
     let Ok(resp) = resp else {
-        return Outcome { ok: false, attempts: 0, ttfb: started.elapsed() };
+        return Outcome {
+            ok: false,
+            attempts: 0,
+            ttfb: started.elapsed(),
+        };
     };
     let status = resp.status().as_u16();
     let attempts = resp
@@ -182,7 +186,12 @@ async fn run(
 }
 
 /// Completed requests per second over `duration` at `concurrency`.
-async fn throughput(http: &reqwest::Client, addr: SocketAddr, model: &str, duration: Duration) -> f64 {
+async fn throughput(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    model: &str,
+    duration: Duration,
+) -> f64 {
     let until = Instant::now() + duration;
     let workers = (0..16).map(|_| async {
         let mut done = 0u64;
@@ -296,7 +305,9 @@ async fn bench() {
         out.push_str(r);
         out.push('\n');
     }
-    out.push_str("\n| first-token time (streamed) | p50 ms | p95 ms | p99 ms | n |\n|---|---|---|---|---|\n");
+    out.push_str(
+        "\n| first-token time (streamed) | p50 ms | p95 ms | p99 ms | n |\n|---|---|---|---|---|\n",
+    );
     for (label, v) in [
         ("plain route (one healthy target)", &direct),
         ("failover route, answered by the first target", &at_once),

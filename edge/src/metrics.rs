@@ -210,7 +210,9 @@ impl EdgeMetrics {
     }
 
     pub fn retry_budget_exhausted(&self, model: &str) {
-        self.retry_budget_exhausted.with_label_values(&[model]).inc();
+        self.retry_budget_exhausted
+            .with_label_values(&[model])
+            .inc();
     }
 
     pub fn breaker(&self, scope: &str, provider: &str, state: &str) {

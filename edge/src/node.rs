@@ -248,10 +248,7 @@ impl EdgeNode {
         match self.mode {
             Mode::SingleNode => {
                 // One board: the edge's metrics show the egress's key events.
-                upstream = Arc::new(Egress::sharing_edge_health(
-                    shared.clone(),
-                    health.clone(),
-                )?);
+                upstream = Arc::new(Egress::sharing_edge_health(shared.clone(), health.clone())?);
             }
             Mode::Backhaul {
                 region: r,

@@ -677,8 +677,16 @@ impl Health {
     /// A 429 on the key: cool it down for the provider's `retry-after`, or,
     /// without one, for a backoff that doubles with each 429 in a row.
     /// Returns the cooldown.
-    pub fn rate_limited(&self, entry: &Entry, retry_after: Option<Duration>, now: Instant) -> Duration {
-        let in_a_row = entry.consecutive_429.fetch_add(1, Ordering::Relaxed).min(16);
+    pub fn rate_limited(
+        &self,
+        entry: &Entry,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> Duration {
+        let in_a_row = entry
+            .consecutive_429
+            .fetch_add(1, Ordering::Relaxed)
+            .min(16);
         let wait = retry_after
             .unwrap_or_else(|| DEFAULT_KEY_COOLDOWN.saturating_mul(1 << in_a_row))
             .min(MAX_KEY_COOLDOWN);
@@ -708,7 +716,10 @@ impl Health {
         if refused == 0 || refused != fingerprint.max(1) {
             return false;
         }
-        let at = entry.refused_at_ms.load(Ordering::Relaxed).saturating_sub(1);
+        let at = entry
+            .refused_at_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(1);
         self.millis(now).saturating_sub(at) < KEY_REFUSAL_PROBE.as_millis() as u64
     }
 
@@ -921,7 +932,10 @@ mod tests {
         );
         h.refuse(&e, 42, now);
         assert!(h.is_refused(&e, 42, now));
-        assert!(!h.is_refused(&e, 43, now), "a rotated value is usable again");
+        assert!(
+            !h.is_refused(&e, 43, now),
+            "a rotated value is usable again"
+        );
         assert!(
             !h.is_refused(&e, 42, now + KEY_REFUSAL_PROBE),
             "a refused key is probed again after a long while"
@@ -991,7 +1005,10 @@ mod tests {
             }
         }
         assert!(matches!(opened, Some(Transition::Opened(_))), "{opened:?}");
-        assert_eq!(h.window(&e, now), (EJECT_MIN_REQUESTS / 2, EJECT_MIN_REQUESTS / 2 + 1));
+        assert_eq!(
+            h.window(&e, now),
+            (EJECT_MIN_REQUESTS / 2, EJECT_MIN_REQUESTS / 2 + 1)
+        );
         // The window forgets: eleven seconds later it is empty.
         assert_eq!(
             h.window(&e, now + Duration::from_secs(WINDOW_SECS + 1)),
@@ -1004,11 +1021,7 @@ mod tests {
         let h = Health::new();
         let now = Instant::now();
         let b = h.budget("chat").unwrap();
-        let granted = |n: usize| {
-            (0..n)
-                .filter(|_| h.budget_retry(&b, 0.2, 3, now))
-                .count()
-        };
+        let granted = |n: usize| (0..n).filter(|_| h.budget_retry(&b, 0.2, 3, now)).count();
         assert_eq!(granted(10), 3, "the floor lets a quiet route retry");
         for _ in 0..100 {
             h.budget_request(&b, now);

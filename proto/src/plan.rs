@@ -128,12 +128,7 @@ const LOCAL_MIN_SAMPLES: u64 = 3;
 ///   target without any data goes first instead.
 ///
 /// Other strategies are compiled into the snapshot's order already.
-fn apply_strategy(
-    snapshot: &Snapshot,
-    health: &Health,
-    requested: &str,
-    targets: Plan,
-) -> Plan {
+fn apply_strategy(snapshot: &Snapshot, health: &Health, requested: &str, targets: Plan) -> Plan {
     let Some(route) = snapshot.route(requested) else {
         return targets;
     };
@@ -201,8 +196,12 @@ fn apply_strategy(
             };
             let scored: Vec<(Option<f64>, PlannedTarget)> =
                 head.into_iter().map(|t| (score(&t), t)).collect();
-            let unknown: Vec<usize> = (0..scored.len()).filter(|i| scored[*i].0.is_none()).collect();
-            let known: Vec<usize> = (0..scored.len()).filter(|i| scored[*i].0.is_some()).collect();
+            let unknown: Vec<usize> = (0..scored.len())
+                .filter(|i| scored[*i].0.is_none())
+                .collect();
+            let known: Vec<usize> = (0..scored.len())
+                .filter(|i| scored[*i].0.is_some())
+                .collect();
             let first = if !unknown.is_empty() && (known.is_empty() || fastrand::f64() < EXPLORE) {
                 Some(unknown[fastrand::usize(..unknown.len())])
             } else if known.len() >= 2 {
@@ -221,7 +220,8 @@ fn apply_strategy(
                 let key = |i: &usize| scored[*i].0.unwrap_or(f64::INFINITY);
                 key(a).total_cmp(&key(b))
             });
-            let mut slots: Vec<Option<PlannedTarget>> = scored.into_iter().map(|(_, t)| Some(t)).collect();
+            let mut slots: Vec<Option<PlannedTarget>> =
+                scored.into_iter().map(|(_, t)| Some(t)).collect();
             head = first
                 .into_iter()
                 .chain(rest)
@@ -272,9 +272,7 @@ fn standing(snapshot: &Snapshot, health: &Health, t: &PlannedTarget, now: Instan
                 region: t.region.clone().unwrap_or_default(),
             })
             .is_some_and(|s| s.requests >= FLEET_MIN_REQUESTS && s.error_rate >= FLEET_ERROR_RATE);
-    let locally_fine = local
-        .as_ref()
-        .is_some_and(|e| health.window(e, now).0 > 0);
+    let locally_fine = local.as_ref().is_some_and(|e| health.window(e, now).0 > 0);
     if fleet_failing && !locally_fine {
         return Standing::Degraded;
     }
@@ -668,7 +666,14 @@ mod tests {
         let ok = Outcome::Success {
             latency: std::time::Duration::from_millis(5),
         };
-        for o in [Outcome::Failure, Outcome::Failure, Outcome::Failure, ok, Outcome::Failure, Outcome::Failure] {
+        for o in [
+            Outcome::Failure,
+            Outcome::Failure,
+            Outcome::Failure,
+            ok,
+            Outcome::Failure,
+            Outcome::Failure,
+        ] {
             assert_eq!(health.record(e, o, now), None);
         }
         assert!(health.is_degraded(e) && !health.is_ejected(e));
@@ -735,7 +740,8 @@ mod tests {
             health.record(&eu, crate::health::Outcome::Failure, now);
         }
         assert!(health.is_ejected(&eu));
-        let at = |t| providers(&apply_health(&s, s.plan("chat", None).unwrap(), &health, t)).join(",");
+        let at =
+            |t| providers(&apply_health(&s, s.plan("chat", None).unwrap(), &health, t)).join(",");
         assert_eq!(at(now), "us", "an ejected target is skipped");
         // Residency left only the ejected target: the plan keeps it.
         let only_eu = vec!["eu".to_string()];
@@ -825,7 +831,9 @@ mod tests {
         // Least busy: the target with attempts in flight goes second.
         let s = snapshot(Strategy::LeastBusy);
         assert_eq!(first(&s, &h), "eu");
-        let eu = h.target(&health::target_id("eu", "m", Some("eu-west"))).unwrap();
+        let eu = h
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
         let busy = eu.start();
         assert_eq!(first(&s, &h), "us");
         drop(busy);
@@ -837,17 +845,24 @@ mod tests {
         let ok = |ms| crate::health::Outcome::Success {
             latency: std::time::Duration::from_millis(ms),
         };
-        let us = h.target(&health::target_id("us", "m", Some("us-east"))).unwrap();
+        let us = h
+            .target(&health::target_id("us", "m", Some("us-east")))
+            .unwrap();
         for _ in 0..LOCAL_MIN_SAMPLES {
             h.record(&us, ok(300), now);
         }
         // eu has no data: explored about one request in ten.
         let explored = (0..draws).filter(|_| first(&s, &h) == "eu").count();
         assert!((100..=320).contains(&explored), "{explored} of {draws}");
-        let eu = h.target(&health::target_id("eu", "m", Some("eu-west"))).unwrap();
+        let eu = h
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
         for _ in 0..LOCAL_MIN_SAMPLES {
             h.record(&eu, ok(100), now);
         }
-        assert!((0..100).all(|_| first(&s, &h) == "eu"), "the faster goes first");
+        assert!(
+            (0..100).all(|_| first(&s, &h) == "eu"),
+            "the faster goes first"
+        );
     }
 }

@@ -18,10 +18,11 @@ use crate::control as pb;
 /// snapshot from the wire is clamped.
 pub const MAX_RETRIES: u32 = 10;
 use crate::{
-    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
-    ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
-    Downgrade, RetryPolicy, RouteRule, RuleCondition, Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot,
-    SnapshotBuilder, Strategy, TargetScore, Tenant, Tenants, WeightedTarget,
+    Downgrade, FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
+    ProviderKind, ProviderSnapshot, RegionSnapshot, RetryPolicy, RouteRule, RouteSnapshot,
+    RouteTarget, RttScore, RuleCondition, ScoreKey, Scores, Secret, SimulatedFault,
+    SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Strategy, TargetScore, Tenant,
+    Tenants, WeightedTarget,
 };
 
 /// Why a snapshot message cannot become a [`Snapshot`]; `path` names the field.

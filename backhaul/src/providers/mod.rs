@@ -64,7 +64,8 @@ pub fn rate_limits(headers: &reqwest::header::HeaderMap) -> RateLimits {
     for kind in ["requests", "tokens"] {
         let remaining = num(&format!("x-ratelimit-remaining-{kind}"));
         let limit = num(&format!("x-ratelimit-limit-{kind}"));
-        if let Some(reset) = text(&format!("x-ratelimit-reset-{kind}")).and_then(parse_go_duration) {
+        if let Some(reset) = text(&format!("x-ratelimit-reset-{kind}")).and_then(parse_go_duration)
+        {
             resets.push((remaining, reset));
         }
         let (r, l) = if kind == "requests" {
@@ -80,9 +81,17 @@ pub fn rate_limits(headers: &reqwest::header::HeaderMap) -> RateLimits {
         let limit = num(&format!("anthropic-ratelimit-{kind}-limit"));
         if let Some(reset) = text(&format!("anthropic-ratelimit-{kind}-reset"))
             .and_then(|v| {
-                time::OffsetDateTime::parse(v.trim(), &time::format_description::well_known::Rfc3339).ok()
+                time::OffsetDateTime::parse(
+                    v.trim(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .ok()
             })
-            .map(|at| std::time::SystemTime::from(at).duration_since(now).unwrap_or_default())
+            .map(|at| {
+                std::time::SystemTime::from(at)
+                    .duration_since(now)
+                    .unwrap_or_default()
+            })
         {
             resets.push((remaining, reset));
         }
@@ -136,7 +145,8 @@ fn parse_go_duration(text: &str) -> Option<std::time::Duration> {
             };
         rest = tail;
     }
-    (total.is_finite() && total >= 0.0).then(|| std::time::Duration::from_secs_f64(total.min(86_400.0)))
+    (total.is_finite() && total >= 0.0)
+        .then(|| std::time::Duration::from_secs_f64(total.min(86_400.0)))
 }
 
 pub enum ProviderReply {
@@ -461,8 +471,8 @@ pub fn pick_key(
             continue;
         }
         let load = f64::from(e.in_flight()) + 1.0;
-        let cost = load / weight * (1.0 + 2.0 * e.error_rate())
-            / health.headroom(&e, now).max(0.05);
+        let cost =
+            load / weight * (1.0 + 2.0 * e.error_rate()) / health.headroom(&e, now).max(0.05);
         if best.is_none_or(|(_, c)| cost < c) {
             best = Some((i, cost));
         }
@@ -515,17 +525,30 @@ mod key_choice_tests {
         ]
     }
 
-    fn pick(keys: &[ResolvedKey], h: &Health, start: usize, skip: &[usize], now: Instant) -> KeyPick {
+    fn pick(
+        keys: &[ResolvedKey],
+        h: &Health,
+        start: usize,
+        skip: &[usize],
+        now: Instant,
+    ) -> KeyPick {
         pick_key(keys, h, "p", "m", start, skip, 10, now)
     }
 
     #[test]
     fn an_idle_pool_rotates_and_nothing_is_picked_from_nothing() {
         let (keys, h, now) = (pool(), Health::new(), Instant::now());
-        let picks: Vec<_> = (0..4).map(|start| pick(&keys, &h, start, &[], now)).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|start| pick(&keys, &h, start, &[], now))
+            .collect();
         assert_eq!(
             picks,
-            [KeyPick::Key(0), KeyPick::Key(1), KeyPick::Key(2), KeyPick::Key(0)]
+            [
+                KeyPick::Key(0),
+                KeyPick::Key(1),
+                KeyPick::Key(2),
+                KeyPick::Key(0)
+            ]
         );
         assert_eq!(pick(&[], &h, 0, &[], now), KeyPick::NoKey);
         assert_eq!(pick(&keys, &h, 0, &[0, 1, 2], now), KeyPick::NoKey);
@@ -565,16 +588,25 @@ mod key_choice_tests {
             panic!("every key is out");
         };
         let back = until.duration_since(now).as_millis();
-        assert!((4_990..=5_000).contains(&back), "the first to come back: {back}");
+        assert!(
+            (4_990..=5_000).contains(&back),
+            "the first to come back: {back}"
+        );
         // Cooldowns end; a refused key comes back when its value changes.
         let later = now + Duration::from_secs(31);
         assert_eq!(pick(&keys, &h, 0, &[], later), KeyPick::Key(0));
-        assert!(matches!(pick(&keys, &h, 1, &[0, 2], later), KeyPick::Exhausted { until: None }));
+        assert!(matches!(
+            pick(&keys, &h, 1, &[0, 2], later),
+            KeyPick::Exhausted { until: None }
+        ));
         keys[1] = key("b", 1, "sk-b-rotated");
         assert_eq!(pick(&keys, &h, 1, &[0, 2], later), KeyPick::Key(1));
         // The same key id under another provider is another key.
         h.cool_down(&entry(0, &keys), Duration::from_secs(300), later);
-        assert_eq!(pick_key(&keys, &h, "q", "m", 0, &[], 10, later), KeyPick::Key(0));
+        assert_eq!(
+            pick_key(&keys, &h, "q", "m", 0, &[], 10, later),
+            KeyPick::Key(0)
+        );
     }
 
     #[test]
@@ -595,18 +627,33 @@ mod key_choice_tests {
         // Used up until the reset: out, though no 429 was seen.
         h.observe_limits(&b, &said(0), now);
         h.observe_limits(&a, &said(0), now);
-        assert!(matches!(pick(&keys[..2], &h, 0, &[], now), KeyPick::Exhausted { until: Some(_) }));
-        assert_eq!(pick(&keys[..2], &h, 0, &[], now + Duration::from_secs(21)), KeyPick::Key(0));
+        assert!(matches!(
+            pick(&keys[..2], &h, 0, &[], now),
+            KeyPick::Exhausted { until: Some(_) }
+        ));
+        assert_eq!(
+            pick(&keys[..2], &h, 0, &[], now + Duration::from_secs(21)),
+            KeyPick::Key(0)
+        );
         // Policy rpm: two requests this minute and the key is out.
         keys[2].rpm = Some(2);
         let c = h.key(&keys[2].health_id("p", "m")).unwrap();
         assert_eq!(pick(&keys[2..], &h, 0, &[], now), KeyPick::Key(0));
         h.book(&c, 2, 20, now);
-        assert!(matches!(pick(&keys[2..], &h, 0, &[], now), KeyPick::Exhausted { .. }));
+        assert!(matches!(
+            pick(&keys[2..], &h, 0, &[], now),
+            KeyPick::Exhausted { .. }
+        ));
         keys[2].rpm = None;
         keys[2].tpm = Some(25);
-        assert!(matches!(pick(&keys[2..], &h, 0, &[], now), KeyPick::Exhausted { .. }), "20 + 10 > 25");
-        assert_eq!(pick(&keys[2..], &h, 0, &[], now + Duration::from_secs(61)), KeyPick::Key(0));
+        assert!(
+            matches!(pick(&keys[2..], &h, 0, &[], now), KeyPick::Exhausted { .. }),
+            "20 + 10 > 25"
+        );
+        assert_eq!(
+            pick(&keys[2..], &h, 0, &[], now + Duration::from_secs(61)),
+            KeyPick::Key(0)
+        );
     }
 
     #[test]
@@ -625,7 +672,12 @@ mod key_choice_tests {
         }
         let l = rate_limits(&h);
         assert_eq!(
-            (l.remaining_requests, l.limit_requests, l.remaining_tokens, l.limit_tokens),
+            (
+                l.remaining_requests,
+                l.limit_requests,
+                l.remaining_tokens,
+                l.limit_tokens
+            ),
             (Some(196), Some(200), Some(39923), Some(40000))
         );
         assert_eq!(l.reset, Some(Duration::from_millis(21 * 60_000 + 36_001)));
@@ -652,9 +704,15 @@ mod key_choice_tests {
         }
         h.insert("anthropic-ratelimit-tokens-reset", soon.parse().unwrap());
         let l = rate_limits(&h);
-        assert_eq!((l.remaining_requests, l.remaining_tokens), (Some(49), Some(0)));
+        assert_eq!(
+            (l.remaining_requests, l.remaining_tokens),
+            (Some(49), Some(0))
+        );
         let reset = l.reset.unwrap();
-        assert!(reset <= Duration::from_secs(30) && reset >= Duration::from_secs(28), "{reset:?}");
+        assert!(
+            reset <= Duration::from_secs(30) && reset >= Duration::from_secs(28),
+            "{reset:?}"
+        );
         assert!(rate_limits(&reqwest::header::HeaderMap::new()).is_empty());
     }
 }

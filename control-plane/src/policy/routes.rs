@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use switchyard_proto::wire::MAX_RETRIES;
 use switchyard_proto::{
-    Downgrade, ProviderSnapshot, RetryPolicy, RouteRule, RouteSnapshot, RouteTarget,
-    RuleCondition, Strategy, WeightedTarget,
+    Downgrade, ProviderSnapshot, RetryPolicy, RouteRule, RouteSnapshot, RouteTarget, RuleCondition,
+    Strategy, WeightedTarget,
 };
 
 use super::{Errors, PolicyDocument, PolicyOptions, StrategyDoc, ENV_PROVIDERS};
@@ -129,8 +129,14 @@ pub(super) fn routes(
             attempts: r.retry.attempts.unwrap_or(dflt.attempts),
             budget_percent: r.retry.budget_percent.unwrap_or(dflt.budget_percent),
             budget_floor: r.retry.min_retries.unwrap_or(dflt.budget_floor),
-            backoff: r.retry.backoff_ms.map_or(dflt.backoff, Duration::from_millis),
-            max_wait: r.retry.max_wait_ms.map_or(dflt.max_wait, Duration::from_millis),
+            backoff: r
+                .retry
+                .backoff_ms
+                .map_or(dflt.backoff, Duration::from_millis),
+            max_wait: r
+                .retry
+                .max_wait_ms
+                .map_or(dflt.max_wait, Duration::from_millis),
         };
         if retry.attempts > MAX_RETRIES {
             err(
@@ -139,16 +145,10 @@ pub(super) fn routes(
             );
         }
         if retry.budget_percent > 100 {
-            err(
-                format!("{path}.retry.budget_percent"),
-                "at most 100".into(),
-            );
+            err(format!("{path}.retry.budget_percent"), "at most 100".into());
         }
         if retry.max_wait > Duration::from_secs(60) {
-            err(
-                format!("{path}.retry.max_wait_ms"),
-                "at most 60000".into(),
-            );
+            err(format!("{path}.retry.max_wait_ms"), "at most 60000".into());
         }
         let mut rules = Vec::new();
         for (i, rule) in r.rules.iter().enumerate() {
@@ -159,7 +159,10 @@ pub(super) fn routes(
                     format!("unknown route {:?}", rule.route),
                 );
             } else if rule.route == *name {
-                err(format!("{rpath}.route"), "a rule cannot send a route to itself".into());
+                err(
+                    format!("{rpath}.route"),
+                    "a rule cannot send a route to itself".into(),
+                );
             }
             let w = &rule.when;
             let header = match &w.header {
@@ -178,7 +181,10 @@ pub(super) fn routes(
             };
             for (j, t) in w.tenants.iter().enumerate() {
                 if !doc.tenants.iter().any(|d| d.id == *t) {
-                    err(format!("{rpath}.when.tenants[{j}]"), format!("unknown tenant {t:?}"));
+                    err(
+                        format!("{rpath}.when.tenants[{j}]"),
+                        format!("unknown tenant {t:?}"),
+                    );
                 }
             }
             let when = RuleCondition {

@@ -118,7 +118,7 @@ pub(crate) async fn dispatch(
     let mut failed: Vec<Option<GatewayError>> = vec![None; n];
     let mut last_error: Option<GatewayError> = None;
 
-    'first: for i in 0..n {
+    'first: for (i, slot) in failed.iter_mut().enumerate() {
         match run.try_target(session, ctx, i).await {
             Step::Answer(a) => return Ok(Some(a)),
             Step::ClientGone => return Ok(None),
@@ -140,7 +140,7 @@ pub(crate) async fn dispatch(
                     );
                     app.metrics.failover(&from.provider, &to.provider);
                 }
-                failed[i] = Some(e.clone());
+                *slot = Some(e.clone());
                 last_error = Some(e);
                 if stop {
                     break 'first;
@@ -150,7 +150,9 @@ pub(crate) async fn dispatch(
     }
 
     let policy = plan.retry;
-    let may_retry = last_error.as_ref().is_some_and(|e| e.may_try_another_target());
+    let may_retry = last_error
+        .as_ref()
+        .is_some_and(|e| e.may_try_another_target());
     let mut retries = 0;
     while may_retry && retries < policy.attempts {
         // The target that may be retried soonest goes first: a 25 ms
@@ -254,7 +256,9 @@ fn circuit_open(app: &EdgeApp, plan: &Plan) -> GatewayError {
         .filter_map(|t| {
             let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
             let e = app.health.peek_target(&id)?;
-            app.health.probe_at(&e).map(|at| at.saturating_duration_since(now))
+            app.health
+                .probe_at(&e)
+                .map(|at| at.saturating_duration_since(now))
         })
         .min()
         .unwrap_or(Duration::from_secs(1));
@@ -272,7 +276,11 @@ fn circuit_open(app: &EdgeApp, plan: &Plan) -> GatewayError {
 /// a refused key, an exhausted pool), a timeout (the target would likely
 /// stall again; the deadline is better spent elsewhere), or a
 /// `retry-after` longer than the route accepts.
-fn retry_wait(e: &GatewayError, retries: u32, policy: &switchyard_proto::RetryPolicy) -> Option<Duration> {
+fn retry_wait(
+    e: &GatewayError,
+    retries: u32,
+    policy: &switchyard_proto::RetryPolicy,
+) -> Option<Duration> {
     let allowed = matches!(
         e.retry,
         Retry::SameTargetAfterDelay | Retry::AnotherTarget | Retry::AnotherEgress
@@ -310,7 +318,10 @@ impl Attempts<'_> {
             &planned.target.model,
             planned.region.as_deref(),
         ));
-        let probe = match entry.as_ref().map(|e| app.health.try_probe(e, Instant::now())) {
+        let probe = match entry
+            .as_ref()
+            .map(|e| app.health.try_probe(e, Instant::now()))
+        {
             None | Some(Ok(None)) => None,
             Some(Ok(Some((probe, transition)))) => {
                 if let Some(t) = transition {
@@ -519,15 +530,23 @@ mod tests {
         let limited = e(ErrorKind::RateLimited).with_retry_after(Some("0.5".into()));
         assert!(retry_wait(&limited, 0, &policy).unwrap() >= Duration::from_millis(500));
         let too_long = e(ErrorKind::RateLimited).with_retry_after(Some("20".into()));
-        assert_eq!(retry_wait(&too_long, 0, &policy), None, "longer than max_wait");
+        assert_eq!(
+            retry_wait(&too_long, 0, &policy),
+            None,
+            "longer than max_wait"
+        );
         for never in [
             e(ErrorKind::InvalidRequest),
             e(ErrorKind::ModelNotFound),
             e(ErrorKind::PayloadTooLarge),
             e(ErrorKind::Timeout),
             e(ErrorKind::Upstream).with_retry(Retry::Never),
-            e(ErrorKind::Upstream).with_source(Source::Key).with_retry(Retry::AnotherKey),
-            e(ErrorKind::RateLimited).with_source(Source::Key).with_retry(Retry::AnotherTarget),
+            e(ErrorKind::Upstream)
+                .with_source(Source::Key)
+                .with_retry(Retry::AnotherKey),
+            e(ErrorKind::RateLimited)
+                .with_source(Source::Key)
+                .with_retry(Retry::AnotherTarget),
         ] {
             assert_eq!(retry_wait(&never, 0, &policy), None, "{never:?}");
         }

@@ -72,8 +72,8 @@ pub(crate) fn plan(
             let tenant = ctx.tenant.as_deref().ok_or_else(|| fail(no_tenant()))?;
             let requested = requested_model(&op);
             let name = choose_route(app, session, snap, ctx, tenant, requested, &op);
-            let mut plan = plan_as(snap, &app.health, tenant, requested, name, residency)
-                .map_err(fail)?;
+            let mut plan =
+                plan_as(snap, &app.health, tenant, requested, name, residency).map_err(fail)?;
             let first = plan
                 .targets
                 .first()
@@ -143,8 +143,7 @@ fn choose_route<'a>(
             let w = &rule.when;
             let mut prompt = || *tokens.get_or_insert_with(|| op.estimated_prompt_tokens());
             let holds = w.prompt_tokens_over.is_none_or(|n| prompt() > n)
-                && w
-                    .max_tokens_over
+                && w.max_tokens_over
                     .is_none_or(|n| op.requested_max_tokens().is_some_and(|m| m > n))
                 && w.tools.is_none_or(|t| op.has_tools() == t)
                 && w.images.is_none_or(|i| op.has_images() == i)
@@ -152,8 +151,7 @@ fn choose_route<'a>(
                     header(name).is_some_and(|v| v.eq_ignore_ascii_case(value))
                 })
                 && w.tag.as_ref().is_none_or(|tag| {
-                    header(TAGS_HEADER)
-                        .is_some_and(|tags| tags.split(',').any(|t| t.trim() == tag))
+                    header(TAGS_HEADER).is_some_and(|tags| tags.split(',').any(|t| t.trim() == tag))
                 })
                 && (w.tenants.is_empty() || w.tenants.contains(&tenant.id));
             if holds {
@@ -200,7 +198,9 @@ fn primary_degraded(
     let Some(primary) = route.targets.first() else {
         return false;
     };
-    let region = snap.provider(&primary.provider).and_then(|p| p.region.clone());
+    let region = snap
+        .provider(&primary.provider)
+        .and_then(|p| p.region.clone());
     let entry = app.health.peek_target(&switchyard_proto::health::target_id(
         &primary.provider,
         &primary.model,
@@ -215,7 +215,10 @@ fn primary_degraded(
     let Some(limit) = d.ttft_over else {
         return false;
     };
-    let local = entry.as_ref().and_then(|e| e.latency()).is_some_and(|l| l > limit);
+    let local = entry
+        .as_ref()
+        .and_then(|e| e.latency())
+        .is_some_and(|l| l > limit);
     let fleet = snap
         .scores()
         .targets
@@ -425,8 +428,7 @@ fn plan_as(
             retry,
             budget_key,
         },
-        Some(allowed) => match switchyard_proto::plan::plan(snap, health, name, Some(allowed))
-        {
+        Some(allowed) => match switchyard_proto::plan::plan(snap, health, name, Some(allowed)) {
             Ok(targets) => {
                 let all = snap
                     .plan(name, None)

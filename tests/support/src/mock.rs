@@ -176,13 +176,18 @@ impl MockUpstream {
             .unwrap()
             .iter()
             .filter(|r| model.is_none_or(|m| r.body["model"] == m))
-            .filter(|r| bearer.as_deref().is_none_or(|b| r.header("authorization") == Some(b)))
+            .filter(|r| {
+                bearer
+                    .as_deref()
+                    .is_none_or(|b| r.header("authorization") == Some(b))
+            })
             .count()
     }
 }
 
 fn openai_error(status: u16, message: &str, code: &str) -> Response<BoxBody> {
-    let body = json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
+    let body =
+        json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
     full(status, "application/json", body.to_string())
 }
 
@@ -310,7 +315,10 @@ async fn handle(
             json!({ "input_tokens": n }).to_string(),
         ));
     }
-    let bearer = rec.header("authorization").unwrap_or("").trim_start_matches("Bearer ");
+    let bearer = rec
+        .header("authorization")
+        .unwrap_or("")
+        .trim_start_matches("Bearer ");
     if state.revoked.lock().unwrap().iter().any(|k| k == bearer) {
         return Ok(replay(&state, provider, "error-401-invalid-api-key").await);
     }
@@ -319,19 +327,30 @@ async fn handle(
     }
     if model == "storm-429" {
         let mut resp = replay(&state, Provider::OpenAi, "error-429-rate-limit-exceeded").await;
-        resp.headers_mut().insert("retry-after", "1".parse().unwrap());
+        resp.headers_mut()
+            .insert("retry-after", "1".parse().unwrap());
         return Ok(resp);
     }
-    if let Some(status) = model.strip_prefix("fail-").and_then(|s| s.parse::<u16>().ok()) {
+    if let Some(status) = model
+        .strip_prefix("fail-")
+        .and_then(|s| s.parse::<u16>().ok())
+    {
         return Ok(openai_error(status, "mock failure", "mock_failure"));
     }
-    if let Some(pct) = model.strip_prefix("flaky-").and_then(|p| p.parse::<u32>().ok()) {
+    if let Some(pct) = model
+        .strip_prefix("flaky-")
+        .and_then(|p| p.parse::<u32>().ok())
+    {
         let roll = match state.rng.lock().unwrap().as_mut() {
             Some(rng) => rng.u32(0..100),
             None => fastrand::u32(0..100),
         };
         if roll < pct {
-            return Ok(openai_error(500, "The server had an error while processing your request.", "server_error"));
+            return Ok(openai_error(
+                500,
+                "The server had an error while processing your request.",
+                "server_error",
+            ));
         }
     }
     let gap = *state.event_gap.lock().unwrap();
