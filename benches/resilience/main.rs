@@ -20,8 +20,8 @@
 //!   ejected), the fallback is healthy: requests answered after a
 //!   failover (`x-switchyard-attempts: 2`) against those answered at once;
 //! - throughput at 16 concurrent requests: one plain target versus a
-//!   weighted route over a two-key pool (key choice, breakers, retry budget
-//!   and strategy all on the path).
+//!   weighted route over a two-key pool with two policy rules (key choice,
+//!   breakers, retry budget, rules and strategy all on the path).
 //!
 //! Results are printed as a markdown table and written to
 //! `benches/results/resilience-latest.md`.
@@ -96,6 +96,11 @@ routes:
       - {{ provider: backup, model: gpt-4o-mini }}
   machinery:
     strategy: weighted
+    rules:
+      - when: {{ prompt_tokens_over: 8000 }}
+        route: plain
+      - when: {{ header: {{ x-switchyard-priority: low }} }}
+        route: plain
     targets:
       - {{ provider: pool2, model: gpt-4o-mini, weight: 1 }}
       - {{ provider: pool2, model: gpt-4o-mini-2, weight: 1 }}
@@ -326,7 +331,7 @@ async fn bench() {
         ms(percentile(&after, 0.5).saturating_sub(percentile(&at_once, 0.5)))
     ));
     out.push_str(&format!(
-        "\n| throughput, 16 concurrent, {} s | req/s |\n|---|---|\n| plain route (mean of a run before and after) | {:.0} |\n| weighted route over a two-key pool (key choice, breakers, budget, strategy) | {:.0} |\n| ratio | {:.3} |\n",
+        "\n| throughput, 16 concurrent, {} s | req/s |\n|---|---|\n| plain route (mean of a run before and after) | {:.0} |\n| weighted route, two-key pool, two rules (key choice, breakers, budget, rules, strategy) | {:.0} |\n| ratio | {:.3} |\n",
         duration.as_secs(),
         plain_avg,
         machinery_tput,
