@@ -16,9 +16,10 @@
 //!   fallback fails 6 % at random; plain and streamed requests;
 //! - `revoked`: one provider, two keys, one revoked (401);
 //! - `random`: three targets each failing 6 % at random;
-//! - `failover`: primary fails 30 % at random (never enough to be
-//!   ejected), the fallback is healthy: requests answered after a
-//!   failover (`x-switchyard-attempts: 2`) against those answered at once;
+//! - `failover`: 200 routes whose primary always fails at once (HTTP 500)
+//!   before a healthy fallback, each asked 4 times (its breaker opens on
+//!   the 5th failure): first-token time of answers after a failover
+//!   (`x-switchyard-attempts: 2`) against the same fallback asked directly;
 //! - throughput at 16 concurrent requests: one plain target versus a
 //!   weighted route over a two-key pool with two policy rules (key choice,
 //!   breakers, retry budget, rules and strategy all on the path).
@@ -44,6 +45,12 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Routes whose primary always fails (fast, HTTP 500) before a healthy
+/// fallback: each is fresh, so its first few requests fail over before its
+/// breaker opens — the failover cost, measured many times.
+const FAILOVER_ROUTES: usize = 200;
+const PER_FAILOVER_ROUTE: usize = 4;
+
 fn policy(url: &str) -> String {
     let provider = |key: &str| {
         format!("    kind: openai\n    base_url: \"{url}/v1\"\n    key_pools: [ {{ keys: [ {{ value: \"{key}\" }} ] }} ]\n")
@@ -56,10 +63,19 @@ fn policy(url: &str) -> String {
         ("a", "sk-b-a"),
         ("b", "sk-b-b"),
         ("c", "sk-b-c"),
-        ("flaky", "sk-b-flaky"),
         ("backup", "sk-b-backup"),
     ] {
         providers.push_str(&format!("  {name}:\n{}", provider(key)));
+    }
+    let mut failover_routes = String::new();
+    for k in 0..FAILOVER_ROUTES {
+        providers.push_str(&format!(
+            "  down{k}:\n{}",
+            provider(&format!("sk-b-down{k}"))
+        ));
+        failover_routes.push_str(&format!(
+            "  failover{k}:\n    targets:\n      - {{ provider: down{k}, model: fail-500 }}\n      - {{ provider: backup, model: gpt-4o-mini }}\n"
+        ));
     }
     format!(
         r#"
@@ -90,10 +106,9 @@ routes:
       - {{ provider: a, model: flaky-6 }}
       - {{ provider: b, model: flaky-6 }}
       - {{ provider: c, model: flaky-6 }}
-  failover:
-    targets:
-      - {{ provider: flaky, model: flaky-30 }}
-      - {{ provider: backup, model: gpt-4o-mini }}
+  fallback-alone:
+    targets: [ {{ provider: backup, model: gpt-4o-mini }} ]
+{failover_routes}
   machinery:
     strategy: weighted
     rules:
@@ -272,15 +287,20 @@ async fn bench() {
         rows.push(format!("| {label} | {n} | {:.2} % | {note} |", rate(&out)));
     }
 
-    // Failover cost: sequential, so queueing does not blur it.
+    // Failover cost: sequential, so queueing does not blur it; the
+    // fallback alone and the failover routes in turn.
     let plain: Vec<Outcome> = run(&http, addr, "plain", true, n, 1).await;
-    let failover: Vec<Outcome> = run(&http, addr, "failover", true, n, 1).await;
+    let mut alone = Vec::new();
+    let mut failover = Vec::new();
+    for round in 0..PER_FAILOVER_ROUTE {
+        for k in 0..FAILOVER_ROUTES {
+            alone.push(request(&http, addr, "fallback-alone", true).await);
+            failover.push(request(&http, addr, &format!("failover{k}"), true).await);
+        }
+        let _ = round;
+    }
     let mut direct: Vec<Duration> = plain.iter().filter(|o| o.ok).map(|o| o.ttfb).collect();
-    let mut at_once: Vec<Duration> = failover
-        .iter()
-        .filter(|o| o.ok && o.attempts == 1)
-        .map(|o| o.ttfb)
-        .collect();
+    let mut at_once: Vec<Duration> = alone.iter().filter(|o| o.ok).map(|o| o.ttfb).collect();
     let mut after: Vec<Duration> = failover
         .iter()
         .filter(|o| o.ok && o.attempts == 2)
@@ -290,7 +310,8 @@ async fn bench() {
         v.sort();
     }
     rows.push(format!(
-        "| failover route (streamed) | {n} | {:.2} % | {} answered after a failover |",
+        "| failover routes (streamed, primary always failing) | {} | {:.2} % | {} answered after a failover |",
+        failover.len(),
         rate(&failover),
         after.len()
     ));
@@ -303,7 +324,7 @@ async fn bench() {
     let mut out = String::new();
     out.push_str("# Resilience benchmark\n\n");
     out.push_str(&format!(
-        "In-process single-node gateway, mock provider on loopback, N={n} per scenario, 8 concurrent (failover rows: sequential).\n\n"
+        "In-process single-node gateway, mock provider on loopback, N={n} per scenario, 8 concurrent (first-token rows: sequential).\n\n"
     ));
     out.push_str("| scenario | requests | success | notes |\n|---|---|---|---|\n");
     for r in &rows {
@@ -315,8 +336,11 @@ async fn bench() {
     );
     for (label, v) in [
         ("plain route (one healthy target)", &direct),
-        ("failover route, answered by the first target", &at_once),
-        ("failover route, answered after a failover", &after),
+        ("the fallback asked directly (interleaved)", &at_once),
+        (
+            "failover routes, answered by the fallback after a failover",
+            &after,
+        ),
     ] {
         out.push_str(&format!(
             "| {label} | {} | {} | {} | {} |\n",
@@ -327,8 +351,9 @@ async fn bench() {
         ));
     }
     out.push_str(&format!(
-        "\nAdded by a failover (p50, after-failover minus answered-at-once): {} ms\n",
-        ms(percentile(&after, 0.5).saturating_sub(percentile(&at_once, 0.5)))
+        "\nAdded by a failover (p50, after a failover minus the fallback asked directly): {} ms; p95: {} ms\n",
+        ms(percentile(&after, 0.5).saturating_sub(percentile(&at_once, 0.5))),
+        ms(percentile(&after, 0.95).saturating_sub(percentile(&at_once, 0.95)))
     ));
     out.push_str(&format!(
         "\n| throughput, 16 concurrent, {} s | req/s |\n|---|---|\n| plain route (mean of a run before and after) | {:.0} |\n| weighted route, two-key pool, two rules (key choice, breakers, budget, rules, strategy) | {:.0} |\n| ratio | {:.3} |\n",
