@@ -9,6 +9,7 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, Re
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use switchyard_backhaul::{RequestObserver, SharedSnapshot, Upstream};
+use switchyard_control::admin::Lifecycle;
 use switchyard_proto::{Health, Snapshot};
 
 use crate::ctx::RequestCtx;
@@ -34,6 +35,8 @@ pub struct EdgeApp {
     /// Runtime health of targets, fed by every attempt and read by the
     /// planner; outlives snapshot swaps.
     pub(crate) health: Arc<Health>,
+    /// Readiness and requests in flight, for the admin listener and drains.
+    pub(crate) lifecycle: Arc<Lifecycle>,
     server_options: HttpServerOptions,
 }
 
@@ -49,6 +52,7 @@ impl EdgeApp {
             limits: EdgeLimits::default(),
             hooks: Hooks::default(),
             health: Arc::new(Health::new()),
+            lifecycle: Lifecycle::new(),
             server_options: server_options(&EdgeLimits::default()),
         }
     }
@@ -108,6 +112,17 @@ impl EdgeApp {
         self
     }
 
+    /// Shares a lifecycle (the node's): requests are counted in it, and a
+    /// draining lifecycle closes each connection after its answer.
+    pub fn with_lifecycle(mut self, lifecycle: Arc<Lifecycle>) -> Self {
+        self.lifecycle = lifecycle;
+        self
+    }
+
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
     /// The runtime health board the planner reads.
     pub fn health(&self) -> &Arc<Health> {
         &self.health
@@ -134,7 +149,7 @@ impl EdgeApp {
         }
     }
 
-    /// The edge's Prometheus metrics, for a [`crate::metrics::MetricsApp`] listener.
+    /// The edge's Prometheus metrics, for a [`crate::metrics::AdminApp`] listener.
     pub fn metrics(&self) -> Arc<EdgeMetrics> {
         self.metrics.clone()
     }
@@ -195,10 +210,13 @@ impl HttpServerApp for EdgeApp {
             Ok(Ok(false) | Err(_)) | Err(_) => return None,
         }
         let received_at = Instant::now();
+        // Counted until the answer's last byte: a drain waits for it.
+        let _busy = self.lifecycle.busy();
+        let draining = *shutdown.borrow() || self.lifecycle.is_draining();
         // The next request on this connection must start within the same
         // deadline (0 would mean "forever" to Pingora).
         let idle = self.limits.header_timeout.as_secs().max(1);
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(idle) });
+        session.set_keepalive(if draining { None } else { Some(idle) });
         session.set_read_timeout(Some(self.limits.body_timeout));
         // A client that closes its side mid-request has gone away: treat
         // EOF as abort so the provider call is cancelled, not left running.
@@ -210,7 +228,9 @@ impl HttpServerApp for EdgeApp {
         }
         let persistent = HttpPersistentSettings::for_session(&session);
         match session.finish().await {
-            Ok(Some(stream)) if reusable => {
+            // A node that started draining during the answer closes the
+            // connection after it, so the client reconnects to one that stays.
+            Ok(Some(stream)) if reusable && !self.lifecycle.is_draining() => {
                 Some(ReusedHttpStream::from_reusable_stream(stream, persistent))
             }
             _ => None,

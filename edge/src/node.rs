@@ -34,8 +34,9 @@ use arc_swap::ArcSwap;
 use pingora::server::{Fds, ListenFds, ShutdownWatch};
 use pingora::services::Service as PingoraService;
 use switchyard_backhaul::node::{
-    node_runtime, run_on, single_process, stop_runtime, wait_for_first_snapshot, ControlLink,
-    NodeError, PolicySource,
+    node_runtime, reload_policy_file, run_on, single_process, stop_runtime,
+    wait_for_first_snapshot, ControlLink, NodeError, NodeTlsFiles, PolicySource, WatchedFile,
+    WatchedTls,
 };
 use switchyard_backhaul::tunnel::{
     EgressDirectory, NodeTls, StaticDirectory, TunnelConfig, TunnelRouter,
@@ -43,7 +44,8 @@ use switchyard_backhaul::tunnel::{
 use switchyard_backhaul::{Egress, RequestObserver, RequestReport, Upstream};
 use switchyard_control::node_client::{NodeAgent, Role};
 use switchyard_control::telemetry::{RequestRecord, TelemetryHandle};
-use switchyard_control::{compile, compile_for_edge};
+use switchyard_control::admin::{Lifecycle, MetricsFn};
+use switchyard_control::{compile, compile_for_edge, PolicyDocument};
 use switchyard_proto::{KeyHash, Snapshot, TenantSnapshot};
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
@@ -51,7 +53,8 @@ use tokio::task::JoinHandle;
 
 use crate::app::EdgeApp;
 use crate::guard::EdgeLimits;
-use crate::service::{edge_service, metrics_service, TlsFiles};
+use crate::metrics::{AdminApp, EdgeMetrics};
+use crate::service::{admin_service, edge_service, ListenerTls, TlsFiles};
 
 /// How the whole stack waits for the first backhaul connections at start.
 const BACKHAUL_WARM_UP: Duration = Duration::from_secs(5);
@@ -78,7 +81,8 @@ pub struct EdgeNode {
     control: Option<ControlLink>,
     listen: Option<String>,
     tls_listen: Option<(String, TlsFiles)>,
-    metrics_listen: Option<String>,
+    admin_listen: Option<String>,
+    node_tls_files: Option<NodeTlsFiles>,
     threads: usize,
     limits: EdgeLimits,
     simulate_header: bool,
@@ -93,7 +97,8 @@ impl EdgeNode {
             control: None,
             listen: None,
             tls_listen: None,
-            metrics_listen: None,
+            admin_listen: None,
+            node_tls_files: None,
             threads: 2,
             limits: EdgeLimits::default(),
             simulate_header: false,
@@ -148,9 +153,22 @@ impl EdgeNode {
         self
     }
 
-    /// Prometheus listener (`GET /metrics`).
-    pub fn metrics(mut self, addr: impl Into<String>) -> Self {
-        self.metrics_listen = Some(addr.into());
+    /// Admin listener: `/healthz`, `/readyz` (false once draining) and
+    /// `/metrics` (see [`switchyard_control::admin`]).
+    pub fn admin(mut self, addr: impl Into<String>) -> Self {
+        self.admin_listen = Some(addr.into());
+        self
+    }
+
+    /// The admin listener under its old name (it served only `/metrics`).
+    pub fn metrics(self, addr: impl Into<String>) -> Self {
+        self.admin(addr)
+    }
+
+    /// Where the backhaul identity came from: [`RunningEdge::reload`]
+    /// reloads it when these files change.
+    pub fn node_tls_files(mut self, files: NodeTlsFiles) -> Self {
+        self.node_tls_files = Some(files);
         self
     }
 
@@ -185,32 +203,31 @@ impl EdgeNode {
     /// every listener, without accepting yet: the caller can announce the
     /// addresses (a start-up banner) before the first client gets in.
     pub async fn bind(self) -> Result<BoundEdge, NodeError> {
-        let env = |k: &str| std::env::var(k).ok();
-        let compiled = match &self.mode {
-            Mode::SingleNode => self
-                .policy
-                .compile(|doc| compile(&doc, &single_process(&env)))?,
-            Mode::Backhaul { .. } => self
-                .policy
-                .compile(|doc| compile_for_edge(doc, &single_process(&env)))?,
+        let preparer = Preparer {
+            backhaul: matches!(self.mode, Mode::Backhaul { .. }),
+            tenants: self.tenants,
         };
-        let (mut snapshot, provider_status) = compiled
+        // A static policy file is reloaded on change; one from a control
+        // plane is replaced by its snapshots instead.
+        let policy_file = match (&self.policy, &self.control) {
+            (PolicySource::File(path), None) => Some(WatchedFile::new(path)),
+            _ => None,
+        };
+        let compiled = self.policy.compile(|doc| preparer.compile(doc))?;
+        let (snapshot, provider_status) = compiled
             .map(|c| (c.snapshot, c.provider_status))
             .unwrap_or_default();
-        if let Mode::Backhaul { .. } = self.mode {
-            // Whatever the source, an edge holds no key material.
-            for p in snapshot.providers.values_mut() {
-                if !p.keys.is_empty() || !p.key_pools.is_empty() {
-                    let p = Arc::make_mut(p);
-                    p.keys.clear();
-                    p.key_pools.clear();
-                }
-            }
-        }
-        for (key, tenant) in self.tenants {
-            snapshot.tenants.insert(key, Arc::new(tenant));
-        }
+        let snapshot = preparer.finish(snapshot);
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+        let listener_tls = match &self.tls_listen {
+            Some((_, files)) => Some(Arc::new(ListenerTls::load(files.clone()).map_err(|e| {
+                NodeError::Service {
+                    what: "edge",
+                    message: e.to_string(),
+                }
+            })?)),
+            None => None,
+        };
 
         // Bound first, so a taken port fails here and port 0 has an answer.
         let plain = self.listen.as_deref().map(bind).transpose()?;
@@ -218,7 +235,7 @@ impl EdgeNode {
             Some((addr, files)) => Some((bind(addr)?, files)),
             None => None,
         };
-        let metrics = self.metrics_listen.as_deref().map(bind).transpose()?;
+        let metrics = self.admin_listen.as_deref().map(bind).transpose()?;
         {
             // Not listening yet, two sockets with SO_REUSEADDR may share an
             // address; only one of them could ever listen.
@@ -240,6 +257,7 @@ impl EdgeNode {
         }
 
         let mut backhaul = None;
+        let mut router = None;
         let upstream: Arc<dyn Upstream>;
         let mut region = None;
         let mut egress_nodes = Vec::new();
@@ -265,6 +283,7 @@ impl EdgeNode {
                         return Err(e);
                     }
                 };
+                router = Some(parts.router.clone());
                 upstream = parts.router;
                 egress_nodes = parts.egress_nodes;
                 backhaul = Some(Backhaul {
@@ -276,9 +295,11 @@ impl EdgeNode {
             }
         }
 
+        let lifecycle = Lifecycle::new();
         let mut app = EdgeApp::new(shared.clone(), upstream)
             .with_simulate_header(self.simulate_header)
-            .with_limits(self.limits);
+            .with_limits(self.limits)
+            .with_lifecycle(lifecycle.clone());
         if let Some(r) = &region {
             app = app.with_region(r.clone());
         }
@@ -297,9 +318,7 @@ impl EdgeNode {
         let service = edge_service(
             app,
             plain_str.as_deref(),
-            tls.as_ref()
-                .zip(tls_str.as_deref())
-                .map(|((_, f), a)| (a, *f)),
+            tls_str.as_deref().zip(listener_tls.clone()),
             self.threads,
         )
         .map_err(|e| NodeError::Service {
@@ -319,11 +338,17 @@ impl EdgeNode {
                 return Err(e);
             }
         };
-        let mut pending: Vec<Box<dyn PingoraService>> = vec![Box::new(service)];
-        if let Some(addr) = metrics_addr {
-            pending.push(Box::new(metrics_service(edge_metrics, &addr.to_string())));
-        }
+        let pending: Vec<Box<dyn PingoraService>> = vec![Box::new(service)];
+        let admin_pending = metrics_addr.map(|addr| {
+            let app = AdminApp {
+                lifecycle: lifecycle.clone(),
+                metrics: edge_metrics_page(edge_metrics, shared.clone(), router.clone()),
+            };
+            Box::new(admin_service(app, &addr.to_string())) as Box<dyn PingoraService>
+        });
         let (shutdown_tx, _) = watch::channel(false);
+        let (admin_shutdown_tx, _) = watch::channel(false);
+        let node_tls = self.node_tls_files.map(WatchedTls::new);
         Ok(BoundEdge {
             edge: RunningEdge {
                 plain_addr,
@@ -334,14 +359,111 @@ impl EdgeNode {
                 provider_status,
                 egress_nodes,
                 shutdown_tx,
+                admin_shutdown_tx,
                 services: Vec::new(),
+                admin_services: Vec::new(),
                 rt: Some(rt),
                 backhaul,
+                lifecycle,
+                reload: Reload {
+                    preparer,
+                    policy_file,
+                    listener_tls,
+                    node_tls,
+                    router,
+                },
             },
             pending,
+            admin_pending,
             fds,
         })
     }
+}
+
+/// Turns a policy document into what this edge serves, at start and on
+/// every reload alike.
+struct Preparer {
+    backhaul: bool,
+    /// Added to every snapshot (the dev key).
+    tenants: Vec<(KeyHash, TenantSnapshot)>,
+}
+
+impl Preparer {
+    fn compile(
+        &self,
+        doc: PolicyDocument,
+    ) -> Result<switchyard_control::Compiled, Vec<switchyard_control::PolicyError>> {
+        let env = |k: &str| std::env::var(k).ok();
+        if self.backhaul {
+            compile_for_edge(doc, &single_process(&env))
+        } else {
+            compile(&doc, &single_process(&env))
+        }
+    }
+
+    fn finish(&self, mut snapshot: Snapshot) -> Snapshot {
+        if self.backhaul {
+            // Whatever the source, an edge holds no key material.
+            for p in snapshot.providers.values_mut() {
+                if !p.keys.is_empty() || !p.key_pools.is_empty() {
+                    let p = Arc::make_mut(p);
+                    p.keys.clear();
+                    p.key_pools.clear();
+                }
+            }
+        }
+        for (key, tenant) in &self.tenants {
+            snapshot.tenants.insert(key.clone(), Arc::new(tenant.clone()));
+        }
+        snapshot
+    }
+}
+
+/// What [`RunningEdge::reload`] looks at.
+struct Reload {
+    preparer: Preparer,
+    policy_file: Option<WatchedFile>,
+    listener_tls: Option<Arc<ListenerTls>>,
+    node_tls: Option<WatchedTls>,
+    router: Option<Arc<TunnelRouter>>,
+}
+
+/// The edge's `/metrics`: request metrics, the snapshot version and the
+/// state of every backhaul connection (the lifecycle's gauges are added by
+/// the admin listener).
+fn edge_metrics_page(
+    metrics: Arc<EdgeMetrics>,
+    shared: Arc<ArcSwap<Snapshot>>,
+    router: Option<Arc<TunnelRouter>>,
+) -> MetricsFn {
+    use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+    let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
+    let version = IntGauge::new("snapshot_version", "Version of the snapshot being served")
+        .expect("metric");
+    let connected = IntGaugeVec::new(
+        Opts::new(
+            "backhaul_connected",
+            "1 while the backhaul connection to this egress node is up and not draining",
+        ),
+        &["region", "egress"],
+    )
+    .expect("metric");
+    registry.register(Box::new(version.clone())).expect("register");
+    registry.register(Box::new(connected.clone())).expect("register");
+    Arc::new(move || {
+        version.set(shared.load().version as i64);
+        if let Some(router) = &router {
+            // Reset first: an egress removed from the policy leaves the page.
+            connected.reset();
+            for (region, addr, up, draining) in router.egress_states() {
+                connected
+                    .with_label_values(&[region.as_str(), addr.as_str()])
+                    .set(i64::from(up && !draining));
+            }
+        }
+        let page = switchyard_control::admin::render(&[metrics.registry(), &registry]);
+        Box::pin(async move { page })
+    })
 }
 
 /// An edge whose sockets are bound but not accepting yet; its addresses
@@ -349,6 +471,7 @@ impl EdgeNode {
 pub struct BoundEdge {
     edge: RunningEdge,
     pending: Vec<Box<dyn PingoraService>>,
+    admin_pending: Option<Box<dyn PingoraService>>,
     fds: ListenFds,
 }
 
@@ -367,6 +490,7 @@ impl BoundEdge {
         let BoundEdge {
             mut edge,
             pending,
+            admin_pending,
             fds,
         } = self;
         if let Some(rt) = &edge.rt {
@@ -377,7 +501,17 @@ impl BoundEdge {
                     service.start_service(Some(fds), shutdown, 1).await;
                 }));
             }
+            // The admin listener has a stop signal of its own: it answers
+            // `/readyz` (503) until the very end of a drain.
+            if let Some(mut service) = admin_pending {
+                let fds = fds.clone();
+                let shutdown: ShutdownWatch = edge.admin_shutdown_tx.subscribe();
+                edge.admin_services.push(rt.spawn(async move {
+                    service.start_service(Some(fds), shutdown, 1).await;
+                }));
+            }
         }
+        edge.lifecycle.mark_ready();
         edge
     }
 }
@@ -550,10 +684,14 @@ pub struct RunningEdge {
     provider_status: Vec<(String, String)>,
     egress_nodes: Vec<(String, Vec<String>)>,
     shutdown_tx: watch::Sender<bool>,
+    admin_shutdown_tx: watch::Sender<bool>,
     services: Vec<JoinHandle<()>>,
+    admin_services: Vec<JoinHandle<()>>,
     /// `None` once shut down; see the `Drop` impl.
     rt: Option<tokio::runtime::Runtime>,
     backhaul: Option<Backhaul>,
+    lifecycle: Arc<Lifecycle>,
+    reload: Reload,
 }
 
 impl RunningEdge {
@@ -566,8 +704,83 @@ impl RunningEdge {
         self.tls_addr
     }
 
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The admin listener under its old name.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    /// Reloads what changed on disk (or everything, with `force`, as on
+    /// SIGHUP): the policy file of a static-policy node (compiled and
+    /// swapped, or refused with the old policy kept), the listener
+    /// certificate and the backhaul identity (for new connections; open
+    /// ones keep theirs). Each outcome is logged.
+    pub fn reload(&self, force: bool) {
+        let r = &self.reload;
+        if let Some(file) = &r.policy_file {
+            if file.changed() || force {
+                let _ = reload_policy_file(file.path(), &self.shared, |doc| {
+                    let compiled = r.preparer.compile(doc).map_err(|errors| NodeError::Policy {
+                        path: file.path().to_path_buf(),
+                        errors,
+                    })?;
+                    Ok(r.preparer.finish(compiled.snapshot))
+                });
+            }
+        }
+        if let Some(tls) = &r.listener_tls {
+            tls.reload(force);
+        }
+        if let (Some(tls), Some(router)) = (&r.node_tls, &r.router) {
+            let loaded = tls.load_if_changed(force).map(|identity| {
+                identity.and_then(|identity| router.reload_tls(identity))
+            });
+            match loaded {
+                None => {}
+                Some(Ok(())) => tracing::info!(target: "switchyard::reload",
+                    "node certificate reloaded; new backhaul connections use it"),
+                Some(Err(error)) => tracing::error!(target: "switchyard::reload", %error,
+                    "node certificate reload refused; the old one stays"),
+            }
+        }
+    }
+
+    /// Drains, then shuts down: readiness goes false at once; after `delay`
+    /// (for load balancers to notice) the client listeners stop accepting;
+    /// requests and streams in flight get up to `grace` to finish, each
+    /// connection closing after its answer. Returns how many requests were
+    /// still running when the grace period ran out.
+    pub async fn drain(mut self, delay: Duration, grace: Duration) -> usize {
+        let started = std::time::Instant::now();
+        self.lifecycle.start_draining();
+        tracing::info!(target: "switchyard::lifecycle", in_flight = self.lifecycle.in_flight(),
+            delay_s = delay.as_secs(), grace_s = grace.as_secs(), "draining: readiness is false");
+        tokio::time::sleep(delay).await;
+        let _ = self.shutdown_tx.send(true);
+        for service in std::mem::take(&mut self.services) {
+            // The accept loops end at once; what they spawned goes on.
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, service).await;
+        }
+        tracing::info!(target: "switchyard::lifecycle", in_flight = self.lifecycle.in_flight(),
+            "listeners closed; waiting for requests in flight");
+        let idle = self.lifecycle.wait_idle(grace).await;
+        let left = self.lifecycle.in_flight();
+        if idle {
+            tracing::info!(target: "switchyard::lifecycle", waited_ms = started.elapsed().as_millis() as u64,
+                "drained: every request finished");
+        } else {
+            tracing::warn!(target: "switchyard::lifecycle", cut = left, "grace period over; cutting the requests left");
+        }
+        self.shutdown().await;
+        left
     }
 
     pub fn region(&self) -> Option<&str> {
@@ -594,7 +807,9 @@ impl RunningEdge {
     /// ports are free again.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown_tx.send(true);
-        for service in std::mem::take(&mut self.services) {
+        let _ = self.admin_shutdown_tx.send(true);
+        let services = std::mem::take(&mut self.services);
+        for service in services.into_iter().chain(std::mem::take(&mut self.admin_services)) {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, service).await;
         }
         if let Some(rt) = self.rt.take() {
@@ -611,6 +826,7 @@ impl Drop for RunningEdge {
     /// be dropped inside async code, so it is let go without waiting.
     fn drop(&mut self) {
         let _ = self.shutdown_tx.send(true);
+        let _ = self.admin_shutdown_tx.send(true);
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
