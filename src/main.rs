@@ -9,6 +9,7 @@ mod control;
 mod ctl;
 mod dev;
 mod node;
+mod signals;
 
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "Multi-region LLM API gateway")]

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use switchyard_backhaul::node::{ControlLink, EgressNode, PolicySource};
+use switchyard_backhaul::node::{ControlLink, EgressNode, NodeTlsFiles, PolicySource};
 use switchyard_backhaul::tunnel::{
     generate_node_cert, CertScope, ConnectionLimits, NodeTls, StaticDirectory,
 };
@@ -13,6 +13,8 @@ use switchyard_control::node_client;
 use switchyard_edge::node::EdgeNode;
 use switchyard_edge::service::TlsFiles;
 use switchyard_proto::{Secret, Snapshot};
+
+use crate::signals::{run_until_stop, DrainArgs};
 
 #[derive(clap::Args)]
 pub struct NodeTlsArgs {
@@ -30,6 +32,15 @@ pub struct NodeTlsArgs {
 impl NodeTlsArgs {
     fn load(&self) -> anyhow::Result<NodeTls> {
         Ok(NodeTls::from_files(&self.cert, &self.key, &self.ca)?)
+    }
+
+    /// The files, for reloading them when they change.
+    fn files(&self) -> NodeTlsFiles {
+        NodeTlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+        }
     }
 
     /// The same node identity, for the control plane's mutual TLS.
@@ -108,6 +119,12 @@ pub struct EdgeArgs {
     /// Worker threads of the edge.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Admin listener: `/healthz`, `/readyz` (503 from the first SIGTERM),
+    /// `/metrics`. Keep it off the client-facing network.
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_listen: Option<String>,
+    #[command(flatten)]
+    drain: DrainArgs,
     #[command(flatten)]
     limits: crate::dev::EdgeLimitArgs,
 }
@@ -140,6 +157,12 @@ pub struct EgressArgs {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Admin listener: `/healthz`, `/readyz` (503 from the first SIGTERM),
+    /// `/metrics`.
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_listen: Option<String>,
+    #[command(flatten)]
+    drain: DrainArgs,
 }
 
 #[derive(clap::Args)]
@@ -205,10 +228,14 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         tracing::warn!("SWITCHYARD_DEV_KEY is ignored by `switchyard edge` (only `switchyard dev` uses it); give tenants in the policy");
     }
     let mut node = EdgeNode::backhaul(args.region.clone(), args.node_tls.load()?)
+        .node_tls_files(args.node_tls.files())
         .policy(policy_source(&args.config))
         .listen(args.listen.clone())
         .threads(args.threads)
         .limits(args.limits.limits());
+    if let Some(addr) = &args.admin_listen {
+        node = node.admin(addr.clone());
+    }
     for flag in &args.egress {
         let (region, addr) = StaticDirectory::parse_flag(flag).map_err(|e| anyhow::anyhow!(e))?;
         node = node.egress(region, addr);
@@ -235,14 +262,17 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         if let Some(a) = edge.tls_addr() {
             println!("  HTTPS:  https://{a}/v1");
         }
+        if let Some(a) = edge.admin_addr() {
+            println!("  admin:  http://{a}/readyz");
+        }
         for (region, addrs) in edge.egress_nodes() {
             println!("  egress {region}: {}", addrs.join(", "));
         }
         print_providers(&edge.snapshot());
         // Accepting only after the banner: whoever waits for the port finds it printed.
         let edge = edge.serve();
-        shutdown_signal().await;
-        edge.shutdown().await;
+        run_until_stop(|force| edge.reload(force)).await;
+        edge.drain(args.drain.delay(), args.drain.grace()).await;
         Ok(())
     })
 }
@@ -256,6 +286,7 @@ fn resolve_listen(addr: &str) -> anyhow::Result<SocketAddr> {
 
 pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
     let mut node = EgressNode::new(args.region.clone(), args.node_tls.load()?)
+        .tls_files(args.node_tls.files())
         .listen(resolve_listen(&args.listen)?)
         .policy(policy_source(&args.config))
         .threads(args.threads)
@@ -266,6 +297,9 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
     if let Some(link) = args.cp.link(&args.node_tls)? {
         node = node.control_plane(link);
     }
+    if let Some(addr) = &args.admin_listen {
+        node = node.admin(resolve_listen(addr)?);
+    }
     command_runtime()?.block_on(async move {
         let egress = node.start().await?;
         println!(
@@ -273,26 +307,14 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
             egress.region(),
             egress.local_addr()
         );
+        if let Some(a) = egress.admin_addr() {
+            println!("  admin: http://{a}/readyz");
+        }
         print_providers(&egress.snapshot());
-        shutdown_signal().await;
-        egress.shutdown().await;
+        run_until_stop(|force| egress.reload(force)).await;
+        egress.drain(args.drain.grace()).await;
         Ok(())
     })
-}
-
-pub(crate) async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 pub fn run_gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {

@@ -28,9 +28,9 @@ use tokio::task::JoinHandle;
 
 use crate::tunnel::server::{Drainer, TlsReloader};
 use crate::tunnel::{ConnectionLimits, EgressServer, NodeTls, TunnelError};
-use switchyard_control::admin::{AdminListener, Lifecycle, MetricsFn};
 use crate::upstream::ClientError;
 use crate::Egress;
+use switchyard_control::admin::{AdminListener, Lifecycle, MetricsFn};
 
 /// How long a node that follows a control plane and has nothing cached
 /// waits for its first snapshot before serving anyway.
@@ -545,8 +545,8 @@ fn egress_metrics(
 ) -> MetricsFn {
     use prometheus::{IntGauge, Registry};
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
-    let version = IntGauge::new("snapshot_version", "Version of the snapshot being served")
-        .expect("metric");
+    let version =
+        IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
     let open = IntGauge::new("egress_connections", "Edge connections open on this egress")
         .expect("metric");
     for g in [&version, &open] {

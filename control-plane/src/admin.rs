@@ -66,7 +66,10 @@ impl Lifecycle {
             registry.register(Box::new(g.clone())).expect("register");
             g
         };
-        let ready_gauge = gauge("ready", "1 while the node takes new work (what /readyz says)");
+        let ready_gauge = gauge(
+            "ready",
+            "1 while the node takes new work (what /readyz says)",
+        );
         let draining_gauge = gauge(
             "draining",
             "1 from the first SIGTERM until exit: no new work, in-flight work finishing",

@@ -10,10 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use switchyard_control::admin::{answer, Lifecycle, MetricsFn};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
+use switchyard_control::admin::{answer, Lifecycle, MetricsFn};
 
 /// Seconds; LLM latencies span milliseconds (cache, errors) to minutes.
 const LATENCY_BUCKETS: &[f64] = &[

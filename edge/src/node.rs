@@ -42,9 +42,9 @@ use switchyard_backhaul::tunnel::{
     EgressDirectory, NodeTls, StaticDirectory, TunnelConfig, TunnelRouter,
 };
 use switchyard_backhaul::{Egress, RequestObserver, RequestReport, Upstream};
+use switchyard_control::admin::{Lifecycle, MetricsFn};
 use switchyard_control::node_client::{NodeAgent, Role};
 use switchyard_control::telemetry::{RequestRecord, TelemetryHandle};
-use switchyard_control::admin::{Lifecycle, MetricsFn};
 use switchyard_control::{compile, compile_for_edge, PolicyDocument};
 use switchyard_proto::{KeyHash, Snapshot, TenantSnapshot};
 use tokio::net::TcpSocket;
@@ -413,7 +413,9 @@ impl Preparer {
             }
         }
         for (key, tenant) in &self.tenants {
-            snapshot.tenants.insert(key.clone(), Arc::new(tenant.clone()));
+            snapshot
+                .tenants
+                .insert(key.clone(), Arc::new(tenant.clone()));
         }
         snapshot
     }
@@ -438,8 +440,8 @@ fn edge_metrics_page(
 ) -> MetricsFn {
     use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
-    let version = IntGauge::new("snapshot_version", "Version of the snapshot being served")
-        .expect("metric");
+    let version =
+        IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
     let connected = IntGaugeVec::new(
         Opts::new(
             "backhaul_connected",
@@ -448,8 +450,12 @@ fn edge_metrics_page(
         &["region", "egress"],
     )
     .expect("metric");
-    registry.register(Box::new(version.clone())).expect("register");
-    registry.register(Box::new(connected.clone())).expect("register");
+    registry
+        .register(Box::new(version.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(connected.clone()))
+        .expect("register");
     Arc::new(move || {
         version.set(shared.load().version as i64);
         if let Some(router) = &router {
@@ -728,10 +734,13 @@ impl RunningEdge {
         if let Some(file) = &r.policy_file {
             if file.changed() || force {
                 let _ = reload_policy_file(file.path(), &self.shared, |doc| {
-                    let compiled = r.preparer.compile(doc).map_err(|errors| NodeError::Policy {
-                        path: file.path().to_path_buf(),
-                        errors,
-                    })?;
+                    let compiled = r
+                        .preparer
+                        .compile(doc)
+                        .map_err(|errors| NodeError::Policy {
+                            path: file.path().to_path_buf(),
+                            errors,
+                        })?;
                     Ok(r.preparer.finish(compiled.snapshot))
                 });
             }
@@ -740,9 +749,9 @@ impl RunningEdge {
             tls.reload(force);
         }
         if let (Some(tls), Some(router)) = (&r.node_tls, &r.router) {
-            let loaded = tls.load_if_changed(force).map(|identity| {
-                identity.and_then(|identity| router.reload_tls(identity))
-            });
+            let loaded = tls
+                .load_if_changed(force)
+                .map(|identity| identity.and_then(|identity| router.reload_tls(identity)));
             match loaded {
                 None => {}
                 Some(Ok(())) => tracing::info!(target: "switchyard::reload",
@@ -809,7 +818,10 @@ impl RunningEdge {
         let _ = self.shutdown_tx.send(true);
         let _ = self.admin_shutdown_tx.send(true);
         let services = std::mem::take(&mut self.services);
-        for service in services.into_iter().chain(std::mem::take(&mut self.admin_services)) {
+        for service in services
+            .into_iter()
+            .chain(std::mem::take(&mut self.admin_services))
+        {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, service).await;
         }
         if let Some(rt) = self.rt.take() {

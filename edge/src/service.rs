@@ -130,7 +130,10 @@ pub fn edge_service(
 
 /// The admin listener (`/healthz`, `/readyz`, `/metrics`), separate from
 /// client traffic.
-pub fn admin_service(app: crate::metrics::AdminApp, addr: &str) -> Service<crate::metrics::AdminApp> {
+pub fn admin_service(
+    app: crate::metrics::AdminApp,
+    addr: &str,
+) -> Service<crate::metrics::AdminApp> {
     let mut service = Service::new("switchyard-admin".to_string(), app);
     service.add_tcp(addr);
     service.threads = Some(1);

@@ -397,8 +397,7 @@ impl TunnelRouter {
         tried: &[Arc<Node>],
     ) -> Vec<(Arc<Node>, quinn::Connection)> {
         let nodes = self.nodes.load();
-        let usable =
-            |n: &&Arc<Node>| !n.is_draining() && !tried.iter().any(|t| Arc::ptr_eq(t, n));
+        let usable = |n: &&Arc<Node>| !n.is_draining() && !tried.iter().any(|t| Arc::ptr_eq(t, n));
         let mut out: Vec<(Arc<Node>, quinn::Connection)> = match region {
             Some(r) => nodes
                 .iter()
@@ -526,7 +525,11 @@ async fn maintain(
                 // takes new work.
                 node.suspect.store(false, Ordering::Relaxed);
                 node.draining.store(false, Ordering::Relaxed);
-                tokio::spawn(listen_for_goaway(node.clone(), conn.clone(), changed.clone()));
+                tokio::spawn(listen_for_goaway(
+                    node.clone(),
+                    conn.clone(),
+                    changed.clone(),
+                ));
                 bump();
                 let reason = tokio::select! {
                     r = conn.closed() => r,

@@ -30,6 +30,8 @@ use crate::request::ResponseBody;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The request header and body must arrive within this once a stream opens.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a finished stream waits for the edge to acknowledge its tail.
+const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Stream reset code: the request could not be read.
 const RESET_BAD_REQUEST: u32 = 1;
 /// Stream stop code: the request was refused before it was read whole.
@@ -522,6 +524,11 @@ async fn serve_stream(
             .await
             .map_err(Ended::WriteFailed)?;
         let _ = send.finish();
+        // Still counted until the edge has every byte: a drain that closed
+        // the endpoint the moment the last write returned would throw away
+        // the stream's tail still in flight. Bounded, as a vanished edge
+        // never acknowledges.
+        let _ = tokio::time::timeout(ACK_WAIT, send.stopped()).await;
         Ok(())
     };
     match sent.await {

@@ -158,6 +158,32 @@ impl NodeProcess {
         self.signal("-CONT");
     }
 
+    /// SIGTERM: the node drains (readiness false, work in flight finishes).
+    pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// SIGHUP: the node reloads its policy file and certificates.
+    pub fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
+    /// Waits (bounded) for the process to exit; its status, or `None` if
+    /// it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn signal(&self, signal: &str) {
         let Some(pid) = self.pid() else { return };
         let status = Command::new("kill")
