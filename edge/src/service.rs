@@ -32,13 +32,24 @@ fn bad(what: String) -> Box<pingora::Error> {
 
 /// A rustls acceptor (ALPN h2 and http/1.1) for the files.
 fn build_acceptor(files: &TlsFiles) -> pingora::Result<Acceptor> {
-    // `build` panics on unreadable files; check them here instead.
-    load_certs_and_key_files(&files.cert_path, &files.key_path)
+    // `build` panics on unreadable files and on a key that does not match
+    // the certificate (a pair caught mid-rotation); check both here instead.
+    let (chain, key) = load_certs_and_key_files(&files.cert_path, &files.key_path)
         .ok()
         .flatten()
         .ok_or_else(|| {
             bad(format!(
                 "cannot load the TLS certificate {} or key {}",
+                files.cert_path, files.key_path
+            ))
+        })?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| {
+            bad(format!(
+                "the TLS certificate {} and key {} do not go together: {e}",
                 files.cert_path, files.key_path
             ))
         })?;
