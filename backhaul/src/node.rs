@@ -222,18 +222,20 @@ pub fn reload_policy_file(
     prepare: impl FnOnce(PolicyDocument) -> Result<Snapshot, NodeError>,
 ) -> Result<u64, NodeError> {
     let prepared = load_policy(path).and_then(prepare);
-    let mut next = match prepared {
+    let next = match prepared {
         Ok(s) => s,
         Err(error) => {
             tracing::error!(target: "switchyard::reload", file = %path.display(), %error,
-                version = shared.load().version, "policy reload refused; the old policy stays");
+                version = shared.load().version(), "policy reload refused; the old policy stays");
             return Err(error);
         }
     };
     let old = shared.load_full();
-    next.version = old.version + 1;
+    let mut parts = next.into_builder();
+    parts.version = old.version() + 1;
+    let next = parts.build();
     let changes = switchyard_control::diff::diff(Some(&old), &next);
-    let version = next.version;
+    let version = next.version();
     shared.store(Arc::new(next));
     tracing::info!(target: "switchyard::reload", file = %path.display(), version, changes = %changes,
         "policy reloaded");
@@ -288,7 +290,7 @@ impl ControlLink {
 /// Waits (bounded) for the first snapshot when the node has nothing to serve.
 pub async fn wait_for_first_snapshot(shared: &Arc<ArcSwap<Snapshot>>, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
-    while shared.load().version == 0 && tokio::time::Instant::now() < deadline {
+    while shared.load().version() == 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -339,12 +341,14 @@ pub fn single_process<'a>(env: &'a dyn Fn(&str) -> Option<String>) -> CompileOpt
 
 /// Drops every key a node in `region` may not hold: its region's providers
 /// and those bound to no region stay.
-fn keep_region_keys(snapshot: &mut Snapshot, region: &str) {
-    for p in snapshot.providers.values_mut() {
+fn keep_region_keys(snapshot: Snapshot, region: &str) -> Snapshot {
+    let mut parts = snapshot.into_builder();
+    for p in parts.providers.values_mut() {
         if !p.keys.is_empty() && p.region.as_deref().is_some_and(|r| r != region) {
             Arc::make_mut(p).keys.clear();
         }
     }
+    parts.build()
 }
 
 /// Builds an egress node: `EgressNode::new(region, tls).policy(...).start()`.
@@ -525,16 +529,15 @@ fn env_var(k: &str) -> Option<String> {
 
 /// What the egress serves from a compiled snapshot: its region must be in
 /// the policy, and only its region's keys stay.
-fn prepare_egress(mut snapshot: Snapshot, region: &str) -> Result<Snapshot, NodeError> {
-    if !snapshot.regions.is_empty() && !snapshot.regions.contains_key(region) {
-        let known: Vec<String> = snapshot.regions.keys().cloned().collect();
+fn prepare_egress(snapshot: Snapshot, region: &str) -> Result<Snapshot, NodeError> {
+    if !snapshot.regions().is_empty() && !snapshot.regions().contains_key(region) {
+        let known: Vec<String> = snapshot.regions().keys().cloned().collect();
         return Err(NodeError::UnknownRegion {
             region: region.to_string(),
             known: known.join(", "),
         });
     }
-    keep_region_keys(&mut snapshot, region);
-    Ok(snapshot)
+    Ok(keep_region_keys(snapshot, region))
 }
 
 /// The egress's `/metrics`: snapshot version and open edge connections
@@ -553,7 +556,7 @@ fn egress_metrics(
         registry.register(Box::new(g.clone())).expect("register");
     }
     Arc::new(move || {
-        version.set(shared.load().version as i64);
+        version.set(shared.load().version() as i64);
         open.set(connections() as i64);
         let page = switchyard_control::admin::render(&[&registry]);
         Box::pin(async move { page })

@@ -401,10 +401,14 @@ impl Preparer {
         }
     }
 
-    fn finish(&self, mut snapshot: Snapshot) -> Snapshot {
+    fn finish(&self, snapshot: Snapshot) -> Snapshot {
+        if !self.backhaul && self.tenants.is_empty() {
+            return snapshot;
+        }
+        let mut parts = snapshot.into_builder();
         if self.backhaul {
             // Whatever the source, an edge holds no key material.
-            for p in snapshot.providers.values_mut() {
+            for p in parts.providers.values_mut() {
                 if !p.keys.is_empty() || !p.key_pools.is_empty() {
                     let p = Arc::make_mut(p);
                     p.keys.clear();
@@ -413,11 +417,9 @@ impl Preparer {
             }
         }
         for (key, tenant) in &self.tenants {
-            snapshot
-                .tenants
-                .insert(key.clone(), Arc::new(tenant.clone()));
+            parts.tenants.insert(key.clone(), Arc::new(tenant.clone()));
         }
-        snapshot
+        parts.build()
     }
 }
 
@@ -457,7 +459,7 @@ fn edge_metrics_page(
         .register(Box::new(connected.clone()))
         .expect("register");
     Arc::new(move || {
-        version.set(shared.load().version as i64);
+        version.set(shared.load().version() as i64);
         if let Some(router) = &router {
             // Reset first: an egress removed from the policy leaves the page.
             connected.reset();
@@ -603,13 +605,13 @@ async fn start_backhaul(
         let router = router.clone();
         let telemetry = agent.as_ref().map(|a| a.telemetry());
         tokio::spawn(async move {
-            let mut seen = shared.load().version;
+            let mut seen = shared.load().version();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let snap = shared.load_full();
-                if snap.version != seen {
-                    seen = snap.version;
+                if snap.version() != seen {
+                    seen = snap.version();
                     router.reconcile(&directory_of(&snap));
                 }
                 if let Some(t) = &telemetry {
@@ -645,7 +647,7 @@ impl RequestObserver for TelemetryObserver {
         let cost_usd = self
             .snapshot
             .load()
-            .providers
+            .providers()
             .get(&r.provider)
             .and_then(|p| p.pricing.get(&r.model))
             .map(|price| price.cost(r.prompt_tokens, r.completion_tokens))

@@ -118,7 +118,7 @@ pub(crate) async fn admit(
     ctx.protocol = endpoint.protocol();
     ctx.endpoint = endpoint.label();
     if let Endpoint::Health = endpoint {
-        let body = Bytes::from(json!({"status": "ok", "version": snap.version}).to_string());
+        let body = Bytes::from(json!({"status": "ok", "version": snap.version()}).to_string());
         answer(app, session, snap, ctx, body).await;
         return Ok(Admitted::Answered);
     }
@@ -131,7 +131,7 @@ pub(crate) async fn admit(
             .get_header("x-switchyard-residency")
             .and_then(|v| v.to_str().ok()),
     );
-    let limit = snap.limits.max_body_bytes;
+    let limit = snap.limits().max_body_bytes;
     let body_timeout = app.limits.body_timeout;
     let request = match endpoint {
         Endpoint::Health => return Ok(Admitted::Answered),
@@ -152,7 +152,7 @@ pub(crate) async fn admit(
             return Ok(Admitted::Answered);
         }
         Endpoint::Passthrough { provider, rest } => {
-            if !snap.providers.contains_key(&provider) {
+            if !snap.providers().contains_key(&provider) {
                 return Err(fail(
                     GatewayError::new(
                         ErrorKind::NotFound,
