@@ -237,7 +237,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("         -H 'content-type: application/json' -d '{{\"model\":\"simulated/sim-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
         // Accepting only after the banner: whoever waits for the port finds it printed.
         let edge = edge.serve();
-        crate::signals::run_until_stop(|force| edge.reload(force)).await;
+        crate::signals::run_until_stop(|force| edge.reload(force), false).await;
         edge.drain(args.drain.delay(), args.drain.grace()).await;
         anyhow::Ok(())
     })

@@ -3,6 +3,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use switchyard_backhaul::node::{ControlLink, EgressNode, NodeTlsFiles, PolicySource};
@@ -14,7 +15,7 @@ use switchyard_edge::node::EdgeNode;
 use switchyard_edge::service::TlsFiles;
 use switchyard_proto::{Secret, Snapshot};
 
-use crate::signals::{run_until_stop, DrainArgs};
+use crate::signals::{run_until_stop, DrainArgs, Stop};
 
 #[derive(clap::Args)]
 pub struct NodeTlsArgs {
@@ -125,6 +126,15 @@ pub struct EdgeArgs {
     admin_listen: Option<String>,
     #[command(flatten)]
     drain: DrainArgs,
+    /// Unix socket for graceful upgrades: on SIGQUIT this edge sends its
+    /// listening sockets there (to a new process started with --upgrade)
+    /// and drains; no connection is refused.
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
+    /// Take the listening sockets from the edge running now (it is sent
+    /// SIGQUIT next) through --upgrade-socket instead of binding them.
+    #[arg(long, requires = "upgrade_socket")]
+    upgrade: bool,
     #[command(flatten)]
     limits: crate::dev::EdgeLimitArgs,
 }
@@ -236,6 +246,9 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
     if let Some(addr) = &args.admin_listen {
         node = node.admin(addr.clone());
     }
+    if let (true, Some(socket)) = (args.upgrade, &args.upgrade_socket) {
+        node = node.upgrade_from(socket.clone());
+    }
     for flag in &args.egress {
         let (region, addr) = StaticDirectory::parse_flag(flag).map_err(|e| anyhow::anyhow!(e))?;
         node = node.egress(region, addr);
@@ -271,8 +284,28 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         print_providers(&edge.snapshot());
         // Accepting only after the banner: whoever waits for the port finds it printed.
         let edge = edge.serve();
-        run_until_stop(|force| edge.reload(force)).await;
-        edge.drain(args.drain.delay(), args.drain.grace()).await;
+        let upgrade = args.upgrade_socket.as_deref();
+        loop {
+            match run_until_stop(|force| edge.reload(force), upgrade.is_some()).await {
+                Stop::Drain => {
+                    edge.drain(args.drain.delay(), args.drain.grace()).await;
+                    break;
+                }
+                Stop::Upgrade => {
+                    let Some(socket) = upgrade else { break };
+                    match edge.hand_over(socket).await {
+                        // The new process accepts already: no delay.
+                        Ok(()) => {
+                            crate::signals::exit_on_next_stop_signal();
+                            edge.drain(Duration::ZERO, args.drain.grace()).await;
+                            break;
+                        }
+                        Err(error) => tracing::error!(target: "switchyard::lifecycle", %error,
+                            "graceful upgrade failed; this edge keeps serving"),
+                    }
+                }
+            }
+        }
         Ok(())
     })
 }
@@ -311,7 +344,7 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
             println!("  admin: http://{a}/readyz");
         }
         print_providers(&egress.snapshot());
-        run_until_stop(|force| egress.reload(force)).await;
+        run_until_stop(|force| egress.reload(force), false).await;
         egress.drain(args.drain.grace()).await;
         Ok(())
     })

@@ -216,7 +216,7 @@ fn data_events(text: &str) -> Vec<&str> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_survives_sigterm_of_its_edge_and_new_connections_are_refused() {
     let fleet = Fleet::new().await;
     let (egress, _) = fleet.egress();
@@ -269,7 +269,7 @@ async fn a_stream_survives_sigterm_of_its_edge_and_new_connections_are_refused()
     assert!(!logs.contains("cutting the requests left"), "{logs}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_survives_sigterm_of_its_egress_and_new_requests_go_to_another() {
     let fleet = Fleet::new().await;
     let (egress_a, admin_a) = fleet.egress();
@@ -350,7 +350,7 @@ async fn a_stream_survives_sigterm_of_its_egress_and_new_requests_go_to_another(
     assert_eq!(failed, 0, "{edge_logs}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let fleet = Fleet::new().await;
     let (egress, _) = fleet.egress();

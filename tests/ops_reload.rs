@@ -59,7 +59,7 @@ fn wait_for_more(logs: impl Fn() -> String, needle: &str, before: usize) {
 const POLICY_V1: &str = "aliases:\n  first: simulated/sim-small\n";
 const POLICY_V2: &str = "aliases:\n  first: simulated/sim-small\n  second: simulated/sim-large\n";
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_reloads_its_policy_on_change_and_on_sighup_and_keeps_it_when_broken() {
     let gw = Gateway::start(GatewayOptions::new(binary()).policy(POLICY_V1));
     let base = gw.base_url();
@@ -167,7 +167,7 @@ fn get_health(tls: &mut TlsStream) -> u16 {
     head[9..12].parse().unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listener_certificate_reloads_without_dropping_connections() {
     let dir = temp_dir("ops-cert");
     let (cert_a, key_a, der_a) = self_signed();
@@ -225,7 +225,7 @@ providers:
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_fleet_reloads_policy_and_node_certificates() {
     let dir = temp_dir("ops-fleet-reload");
     let pki = dir.join("pki");

@@ -27,6 +27,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::IntoRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +84,7 @@ pub struct EdgeNode {
     tls_listen: Option<(String, TlsFiles)>,
     admin_listen: Option<String>,
     node_tls_files: Option<NodeTlsFiles>,
+    upgrade_from: Option<PathBuf>,
     threads: usize,
     limits: EdgeLimits,
     simulate_header: bool,
@@ -99,6 +101,7 @@ impl EdgeNode {
             tls_listen: None,
             admin_listen: None,
             node_tls_files: None,
+            upgrade_from: None,
             threads: 2,
             limits: EdgeLimits::default(),
             simulate_header: false,
@@ -165,6 +168,14 @@ impl EdgeNode {
         self.admin(addr)
     }
 
+    /// Takes the listening sockets from the edge running now instead of
+    /// binding them (graceful upgrade): it sends them to `socket` when told
+    /// ([`RunningEdge::upgrade`]), and no connection is refused meanwhile.
+    pub fn upgrade_from(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.upgrade_from = Some(socket.into());
+        self
+    }
+
     /// Where the backhaul identity came from: [`RunningEdge::reload`]
     /// reloads it when these files change.
     pub fn node_tls_files(mut self, files: NodeTlsFiles) -> Self {
@@ -229,6 +240,13 @@ impl EdgeNode {
             None => None,
         };
 
+        // Listening sockets handed over by the process this one replaces
+        // (graceful upgrade); addresses it had are taken from it, not bound.
+        let inherited = match &self.upgrade_from {
+            Some(path) => receive_listeners(path.clone()).await?,
+            None => Fds::new(),
+        };
+        let bind = |addr: &str| bind(addr, &inherited);
         // Bound first, so a taken port fails here and port 0 has an answer.
         let plain = self.listen.as_deref().map(bind).transpose()?;
         let tls = match &self.tls_listen {
@@ -308,7 +326,20 @@ impl EdgeNode {
         }
         let edge_metrics = app.metrics();
 
-        let fds = Fds::new();
+        let mut fds = inherited;
+        {
+            // An inherited socket nobody here listens on would take
+            // connections and never answer them.
+            let keep = [&plain, &metrics]
+                .into_iter()
+                .flatten()
+                .map(|(a, _)| a.to_string())
+                .chain(tls.as_ref().map(|((a, _), _)| a.to_string()))
+                .collect();
+            for addr in fds.close_unclaimed(&keep) {
+                tracing::warn!(target: "switchyard::lifecycle", %addr, "an inherited listener is not in this configuration; closed");
+            }
+        }
         let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
         let plain_addr = plain.as_ref().map(|(a, _)| *a);
         let tls_addr = tls.as_ref().map(|((a, _), _)| *a);
@@ -326,7 +357,9 @@ impl EdgeNode {
             message: e.to_string(),
         })?;
         for (addr, socket) in [plain, tls.map(|(l, _)| l), metrics].into_iter().flatten() {
-            fds.lock().add(addr.to_string(), socket.into_raw_fd());
+            if let Some(socket) = socket {
+                fds.lock().add(addr.to_string(), socket.into_raw_fd());
+            }
         }
 
         let rt = match node_runtime("edge", self.threads) {
@@ -372,6 +405,7 @@ impl EdgeNode {
                     node_tls,
                     router,
                 },
+                listen_fds: fds.clone(),
             },
             pending,
             admin_pending,
@@ -526,8 +560,9 @@ impl BoundEdge {
 
 /// Binds a socket for Pingora to take over. It is not listening yet:
 /// connections are refused until [`BoundEdge::serve`], whose Pingora
-/// listener calls `listen` on it.
-fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
+/// listener calls `listen` on it. An address found in `inherited` (a
+/// graceful upgrade) is not bound: Pingora takes the inherited socket.
+fn bind(addr: &str, inherited: &Fds) -> Result<(SocketAddr, Option<TcpSocket>), NodeError> {
     let failed = |source| NodeError::Bind {
         addr: addr.to_string(),
         source,
@@ -542,6 +577,9 @@ fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
                 "no address",
             ))
         })?;
+    if inherited.get(&resolved.to_string()).is_some() {
+        return Ok((resolved, None));
+    }
     let socket = match resolved {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -551,7 +589,31 @@ fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
     socket.set_reuseaddr(true).map_err(failed)?;
     socket.bind(resolved).map_err(failed)?;
     let local = socket.local_addr().map_err(failed)?;
-    Ok((local, socket))
+    Ok((local, Some(socket)))
+}
+
+/// Waits (about 6 s, Pingora's bound) for the running edge to send its
+/// listening sockets to `path` (`switchyard edge --upgrade`, then SIGQUIT
+/// to the old process).
+async fn receive_listeners(path: PathBuf) -> Result<Fds, NodeError> {
+    let failed = |message: String| NodeError::Service {
+        what: "upgrade",
+        message,
+    };
+    let name = path
+        .to_str()
+        .ok_or_else(|| failed(format!("{} is not UTF-8", path.display())))?
+        .to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut fds = Fds::new();
+        fds.get_from_sock(name.as_str())
+            .map_err(|e| failed(format!("no listening sockets received on {name}: {e}")))?;
+        tracing::info!(target: "switchyard::lifecycle", socket = %name, listeners = ?fds.serialize().0,
+            "took over the listening sockets of the running edge");
+        Ok(fds)
+    })
+    .await
+    .map_err(|_| NodeError::Interrupted)?
 }
 
 struct BackhaulParts {
@@ -700,6 +762,8 @@ pub struct RunningEdge {
     backhaul: Option<Backhaul>,
     lifecycle: Arc<Lifecycle>,
     reload: Reload,
+    /// The listening sockets, for a graceful upgrade.
+    listen_fds: ListenFds,
 }
 
 impl RunningEdge {
@@ -762,6 +826,34 @@ impl RunningEdge {
                     "node certificate reload refused; the old one stays"),
             }
         }
+    }
+
+    /// Graceful upgrade, the old process's half: sends every listening
+    /// socket to the new process waiting on `socket` (`switchyard edge
+    /// --upgrade`), then drains as on SIGTERM with no delay. The sockets
+    /// never close, so no client is refused. On failure nothing changed and
+    /// this edge keeps serving.
+    pub async fn hand_over(&self, socket: &Path) -> Result<(), NodeError> {
+        let failed = |message: String| NodeError::Service {
+            what: "upgrade",
+            message,
+        };
+        let name = socket
+            .to_str()
+            .ok_or_else(|| failed(format!("{} is not UTF-8", socket.display())))?
+            .to_string();
+        let fds = self.listen_fds.clone();
+        tokio::task::spawn_blocking(move || {
+            fds.lock()
+                .send_to_sock(name.as_str())
+                .map(|_| ())
+                .map_err(|e| failed(format!("cannot send the listening sockets to {name}: {e}")))
+        })
+        .await
+        .map_err(|_| NodeError::Interrupted)??;
+        tracing::info!(target: "switchyard::lifecycle", socket = %socket.display(),
+            "listening sockets handed to the new process");
+        Ok(())
     }
 
     /// Drains, then shuts down: readiness goes false at once; after `delay`

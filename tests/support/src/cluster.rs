@@ -114,6 +114,11 @@ impl NodeProcess {
         }
     }
 
+    /// Any `switchyard` command line, output captured, killed when dropped.
+    pub fn start(binary: &Path, args: &[String], env: &[(String, String)]) -> NodeProcess {
+        Self::spawn(binary, args, env)
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }
@@ -161,6 +166,12 @@ impl NodeProcess {
     /// SIGTERM: the node drains (readiness false, work in flight finishes).
     pub fn terminate(&self) {
         self.signal("-TERM");
+    }
+
+    /// SIGQUIT: an edge with `--upgrade-socket` hands its listening
+    /// sockets to the new process waiting there, then drains.
+    pub fn quit(&self) {
+        self.signal("-QUIT");
     }
 
     /// SIGHUP: the node reloads its policy file and certificates.
