@@ -325,6 +325,7 @@ impl EdgeNode {
             app = app.with_observer(observer);
         }
         let edge_metrics = app.metrics();
+        let health = app.health().clone();
 
         let mut fds = inherited;
         {
@@ -375,7 +376,7 @@ impl EdgeNode {
         let admin_pending = metrics_addr.map(|addr| {
             let app = AdminApp {
                 lifecycle: lifecycle.clone(),
-                metrics: edge_metrics_page(edge_metrics, shared.clone(), router.clone()),
+                metrics: edge_metrics_page(edge_metrics, shared.clone(), router.clone(), health),
             };
             Box::new(admin_service(app, &addr.to_string())) as Box<dyn PingoraService>
         });
@@ -473,6 +474,7 @@ fn edge_metrics_page(
     metrics: Arc<EdgeMetrics>,
     shared: Arc<ArcSwap<Snapshot>>,
     router: Option<Arc<TunnelRouter>>,
+    health: Arc<switchyard_proto::Health>,
 ) -> MetricsFn {
     use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
@@ -486,14 +488,42 @@ fn edge_metrics_page(
         &["region", "egress"],
     )
     .expect("metric");
+    let degraded = IntGaugeVec::new(
+        Opts::new(
+            "targets_degraded",
+            "Targets (provider and model) the health board has demoted behind healthy ones for their recent errors",
+        ),
+        &["provider"],
+    )
+    .expect("metric");
+    for g in [&connected, &degraded] {
+        registry.register(Box::new(g.clone())).expect("register");
+    }
     registry
         .register(Box::new(version.clone()))
         .expect("register");
-    registry
-        .register(Box::new(connected.clone()))
-        .expect("register");
     Arc::new(move || {
-        version.set(shared.load().version() as i64);
+        let snap = shared.load();
+        version.set(snap.version() as i64);
+        // One series per provider of the policy: bounded, and present at 0.
+        degraded.reset();
+        for p in snap.providers().values() {
+            let count = p
+                .models
+                .iter()
+                .filter_map(|m| {
+                    health.peek_target(&switchyard_proto::health::target_id(
+                        &p.name,
+                        m,
+                        p.region.as_deref(),
+                    ))
+                })
+                .filter(|entry| health.is_degraded(entry))
+                .count();
+            degraded
+                .with_label_values(&[p.name.as_str()])
+                .set(count as i64);
+        }
         if let Some(router) = &router {
             // Reset first: an egress removed from the policy leaves the page.
             connected.reset();
