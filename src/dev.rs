@@ -127,7 +127,7 @@ fn dev_key(state_dir: &Path) -> anyhow::Result<String> {
 }
 
 /// Writes a file only its owner can read (the dev key, the TLS key).
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

@@ -479,3 +479,200 @@ async fn control_plane_drives_a_two_jurisdiction_fleet() {
     drop((edge_eu, edge_us, egress_eu, egress_us));
     let _ = std::fs::remove_dir_all(PathBuf::from(&dir));
 }
+
+/// What `switchyard fleet` printed and wrote, for a test to use.
+struct LocalFleet {
+    process: switchyard_testkit::cluster::NodeProcess,
+    dir: PathBuf,
+    eu: String,
+    us: String,
+    http_api: String,
+}
+
+impl LocalFleet {
+    fn start() -> LocalFleet {
+        let dir = temp_dir("local-fleet");
+        let args: Vec<String> = vec![
+            "fleet".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--base-port".into(),
+            "0".into(),
+            "--shutdown-grace-seconds".into(),
+            "10".into(),
+        ];
+        let process = switchyard_testkit::cluster::NodeProcess::start(binary(), &args, &[]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !process.stdout().contains("switchyard fleet ready") {
+            assert!(
+                Instant::now() < deadline,
+                "the fleet did not come up: {}\n{}",
+                process.stdout(),
+                process.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = process.stdout();
+        let url_after = |label: &str| -> String {
+            let line = out.lines().find(|l| l.contains(label)).unwrap();
+            let start = line.find("http://").unwrap();
+            line[start..].split_whitespace().next().unwrap().to_string()
+        };
+        let http_api = url_after("control plane:")
+            .trim_end_matches("/v1/policy")
+            .to_string();
+        LocalFleet {
+            eu: url_after("eu-west edge:"),
+            us: url_after("us-east edge:"),
+            http_api,
+            process,
+            dir,
+        }
+    }
+
+    fn secret(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn pid(&self, node: &str) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("fleet.pids"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{node} ")))
+            .and_then(|p| p.trim().parse().ok())
+    }
+
+    /// (status, region that answered, body)
+    async fn chat(&self, base: &str, key: &str) -> (u16, String, String) {
+        let r = client()
+            .post(format!("{base}/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let region = r
+            .headers()
+            .get("x-switchyard-region")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (status, region, r.text().await.unwrap())
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+// Several threads: the test blocks on process waits while nodes answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_fleet_serves_both_regions_follows_policy_and_survives_an_egress_restart() {
+    let mut fleet = LocalFleet::start();
+    let (global, eu_only) = (fleet.secret("tenant-key"), fleet.secret("tenant-key-eu"));
+
+    // Both regional ports answer; the route prefers eu-west.
+    for base in [&fleet.eu, &fleet.us] {
+        let (status, region, body) = fleet.chat(base, &global).await;
+        assert_eq!(
+            (status, region.as_str()),
+            (200, "eu-west"),
+            "{base}: {body}"
+        );
+    }
+    let (status, region, body) = fleet.chat(&fleet.us, &eu_only).await;
+    assert_eq!((status, region.as_str()), (200, "eu-west"), "{body}");
+
+    // The EU egress restarts (SIGTERM: it drains, the fleet starts it
+    // again). Traffic that may leave the EU never fails meanwhile; EU-bound
+    // traffic is served again once it is back.
+    let old_pid = fleet.pid("egress-eu").expect("egress-eu pid");
+    assert!(Command::new("kill")
+        .args(["-TERM", &old_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut during = 0;
+    loop {
+        let (status, _, body) = fleet.chat(&fleet.eu, &global).await;
+        assert_eq!(
+            status, 200,
+            "a request failed during the egress restart: {body}"
+        );
+        during += 1;
+        let restarted = fleet.pid("egress-eu").is_some_and(|p| p != old_pid);
+        if restarted && fleet.chat(&fleet.eu, &eu_only).await.0 == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the EU egress never came back: {}",
+            fleet.process.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alive(old_pid), "the old egress process is still running");
+    println!("egress restart: {during} requests during it, none failed");
+
+    // A policy change reaches both regions: the route now prefers us-east.
+    let policy = std::fs::read_to_string(fleet.dir.join("policy.yaml")).unwrap();
+    let swapped = policy
+        .replace(
+            "      - { provider: sim-eu, model: sim-small }\n      - { provider: sim-us, model: sim-small }",
+            "      - { provider: sim-us, model: sim-small }\n      - { provider: sim-eu, model: sim-small }",
+        );
+    assert_ne!(swapped, policy);
+    let r = client()
+        .post(format!("{}/v1/policy?author=test", fleet.http_api))
+        .bearer_auth(fleet.secret("admin-token"))
+        .body(swapped)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for base in [fleet.eu.clone(), fleet.us.clone()] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, region, body) = fleet.chat(&base, &global).await;
+            assert_eq!(status, 200, "{body}");
+            if region == "us-east" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{base} kept the old policy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The EU-bound tenant still stays in the EU.
+    let (status, region, body) = fleet.chat(&fleet.us, &eu_only).await;
+    assert_eq!((status, region.as_str()), (200, "eu-west"), "{body}");
+
+    // Stopping the fleet stops everything it started.
+    let pids: Vec<u32> = [
+        "control-plane",
+        "egress-eu",
+        "egress-us",
+        "edge-eu",
+        "edge-us",
+    ]
+    .iter()
+    .map(|n| fleet.pid(n).unwrap())
+    .collect();
+    fleet.process.terminate();
+    let status = fleet
+        .process
+        .wait_exit(Duration::from_secs(60))
+        .expect("the fleet stops");
+    assert!(status.success(), "{status}: {}", fleet.process.logs());
+    for pid in pids {
+        assert!(!alive(pid), "node {pid} outlived the fleet");
+    }
+    let _ = std::fs::remove_dir_all(&fleet.dir);
+}
