@@ -80,7 +80,7 @@ async fn no_request_fails_during_an_edge_upgrade_under_load() {
         "eu",
         &common(&[]),
         &edge_certs,
-        &[egress_flag.clone()],
+        std::slice::from_ref(&egress_flag),
         &[],
     );
 

@@ -452,7 +452,7 @@ impl Preparer {
             }
         }
         for (key, tenant) in &self.tenants {
-            parts.tenants.insert(key.clone(), Arc::new(tenant.clone()));
+            parts.tenants.insert(*key, Arc::new(tenant.clone()));
         }
         parts.build()
     }
