@@ -210,12 +210,14 @@ providers:
     kind: simulated
     region: eu-west
     models: [sim-small, sim-slow]
-    simulated: {{ ttft_ms: 20, tokens_per_second: 200, output_tokens: 24 }}
+    # The fleet is for trying things: `x-switchyard-simulate` drives faults.
+    simulated: {{ ttft_ms: 20, tokens_per_second: 200, output_tokens: 24, allow_header: true }}
   sim-us:
     kind: simulated
     region: us-east
     models: [sim-small, sim-slow]
-    simulated: {{ ttft_ms: 20, tokens_per_second: 200, output_tokens: 24 }}
+    # The fleet is for trying things: `x-switchyard-simulate` drives faults.
+    simulated: {{ ttft_ms: 20, tokens_per_second: 200, output_tokens: 24, allow_header: true }}
 routes:
   chat:
     targets:

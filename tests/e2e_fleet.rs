@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard_testkit::cluster::{
-    free_udp_port, gen_certs, gen_scoped_certs, ControlPlaneNode, EdgeNode, EgressNode, NodeCerts,
+    free_udp_port, gen_certs, gen_scoped_certs, ControlPlaneNode, EdgeNode, EgressNode, LocalFleet,
+    NodeCerts,
 };
 use switchyard_testkit::gateway::temp_dir;
 use switchyard_testkit::mock::MockUpstream;
@@ -480,90 +481,6 @@ async fn control_plane_drives_a_two_jurisdiction_fleet() {
     let _ = std::fs::remove_dir_all(PathBuf::from(&dir));
 }
 
-/// What `switchyard fleet` printed and wrote, for a test to use.
-struct LocalFleet {
-    process: switchyard_testkit::cluster::NodeProcess,
-    dir: PathBuf,
-    eu: String,
-    us: String,
-    http_api: String,
-}
-
-impl LocalFleet {
-    fn start() -> LocalFleet {
-        let dir = temp_dir("local-fleet");
-        let args: Vec<String> = vec![
-            "fleet".into(),
-            "--dir".into(),
-            dir.display().to_string(),
-            "--base-port".into(),
-            "0".into(),
-            "--shutdown-grace-seconds".into(),
-            "10".into(),
-        ];
-        let process = switchyard_testkit::cluster::NodeProcess::start(binary(), &args, &[]);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !process.stdout().contains("switchyard fleet ready") {
-            assert!(
-                Instant::now() < deadline,
-                "the fleet did not come up: {}\n{}",
-                process.stdout(),
-                process.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = process.stdout();
-        let url_after = |label: &str| -> String {
-            let line = out.lines().find(|l| l.contains(label)).unwrap();
-            let start = line.find("http://").unwrap();
-            line[start..].split_whitespace().next().unwrap().to_string()
-        };
-        let http_api = url_after("control plane:")
-            .trim_end_matches("/v1/policy")
-            .to_string();
-        LocalFleet {
-            eu: url_after("eu-west edge:"),
-            us: url_after("us-east edge:"),
-            http_api,
-            process,
-            dir,
-        }
-    }
-
-    fn secret(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-
-    fn pid(&self, node: &str) -> Option<u32> {
-        std::fs::read_to_string(self.dir.join("fleet.pids"))
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{node} ")))
-            .and_then(|p| p.trim().parse().ok())
-    }
-
-    /// (status, region that answered, body)
-    async fn chat(&self, base: &str, key: &str) -> (u16, String, String) {
-        let r = client()
-            .post(format!("{base}/chat/completions"))
-            .bearer_auth(key)
-            .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let region = r
-            .headers()
-            .get("x-switchyard-region")
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default();
-        (status, region, r.text().await.unwrap())
-    }
-}
-
 fn alive(pid: u32) -> bool {
     Command::new("kill")
         .args(["-0", &pid.to_string()])
@@ -575,7 +492,7 @@ fn alive(pid: u32) -> bool {
 // Several threads: the test blocks on process waits while nodes answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchyard_fleet_serves_both_regions_follows_policy_and_survives_an_egress_restart() {
-    let mut fleet = LocalFleet::start();
+    let mut fleet = LocalFleet::start(binary());
     let (global, eu_only) = (fleet.secret("tenant-key"), fleet.secret("tenant-key-eu"));
 
     // Both regional ports answer; the route prefers eu-west.
@@ -631,7 +548,7 @@ async fn switchyard_fleet_serves_both_regions_follows_policy_and_survives_an_egr
         );
     assert_ne!(swapped, policy);
     let r = client()
-        .post(format!("{}/v1/policy?author=test", fleet.http_api))
+        .post(format!("{}/v1/policy?author=test", fleet.operator_api))
         .bearer_auth(fleet.secret("admin-token"))
         .body(swapped)
         .send()
@@ -674,5 +591,4 @@ async fn switchyard_fleet_serves_both_regions_follows_policy_and_survives_an_egr
     for pid in pids {
         assert!(!alive(pid), "node {pid} outlived the fleet");
     }
-    let _ = std::fs::remove_dir_all(&fleet.dir);
 }

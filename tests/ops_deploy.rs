@@ -135,7 +135,14 @@ fn every_overlay_renders_validates_and_passes_checkov() {
         assert!(ok, "{region}: kubernetes-validate: {report}");
 
         let (ok, report) = run(Command::new(&checkov)
-            .args(["--framework", "kubernetes", "--compact", "--quiet", "-f"])
+            .args([
+                "--framework",
+                "kubernetes",
+                "--compact",
+                "--quiet",
+                "--skip-download",
+                "-f",
+            ])
             .arg(&out));
         assert!(ok, "{region}: checkov findings:\n{report}");
     }
