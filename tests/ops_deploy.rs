@@ -254,3 +254,36 @@ fn every_command_line_in_the_manifests_is_accepted_by_the_binary() {
     // And the check itself refuses a flag that does not exist.
     assert!(!accepts(&["edge".into(), "--no-such-flag".into()]).0);
 }
+
+/// `systemd-analyze verify` on every unit (with the test binary in place of
+/// /usr/local/bin/switchyard): it exits 0 even on a bad directive, so any
+/// output is a finding. Optional: systemd is not installed on purpose.
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("systemd-analyze"))
+            .find(|p| p.exists())
+    });
+    let Some(analyze) = found else {
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    };
+    let dir = temp_dir("ops-systemd");
+    let mut units = Vec::new();
+    for entry in std::fs::read_dir(root().join("deploy/systemd")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/local/bin/switchyard", &binary().display().to_string());
+        let copy = dir.join(path.file_name().unwrap());
+        std::fs::write(&copy, text).unwrap();
+        units.push(copy);
+    }
+    assert_eq!(units.len(), 3);
+    let (ok, out) = run(Command::new(&analyze)
+        .args(["verify", "--man=no"])
+        .args(&units));
+    assert!(ok && out.trim().is_empty(), "systemd-analyze verify: {out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
