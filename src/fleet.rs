@@ -98,7 +98,12 @@ struct Node {
     admin: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
+    started: Instant,
 }
+
+/// A node that exits sooner than this after its start is restarted only
+/// once this much time has passed, so a crash loop does not spin.
+const RESTART_AFTER: Duration = Duration::from_secs(2);
 
 impl Node {
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -117,6 +122,7 @@ impl Node {
             .spawn()
             .with_context(|| format!("cannot start {}", self.name))?;
         self.child = Some(child);
+        self.started = Instant::now();
         Ok(())
     }
 
@@ -330,6 +336,7 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
         ],
         admin: ports.admin_cp,
         child: None,
+        started: Instant::now(),
         log: logs.join("control-plane.log"),
     }];
     for (i, ((region, short), (edge, egress))) in REGIONS.iter().zip(&certs).enumerate() {
@@ -360,6 +367,7 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
             env: Vec::new(),
             admin: ports.admin_egress[i],
             child: None,
+            started: Instant::now(),
             log: logs.join(format!("egress-{short}.log")),
         });
         let mut edge_args = vec![
@@ -375,6 +383,7 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
             env: Vec::new(),
             admin: ports.admin_edge[i],
             child: None,
+            started: Instant::now(),
             log: logs.join(format!("edge-{short}.log")),
         });
     }
@@ -484,6 +493,9 @@ async fn supervise(nodes: &mut [Node], dir: &Path) {
             let Some(status) = node.exited() else {
                 continue;
             };
+            if node.started.elapsed() < RESTART_AFTER {
+                continue;
+            }
             tracing::warn!(target: "switchyard::fleet", node = %node.name, %status, "node exited; restarting it");
             if let Err(error) = node.spawn() {
                 tracing::error!(target: "switchyard::fleet", node = %node.name, %error, "cannot restart it");
