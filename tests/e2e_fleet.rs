@@ -2,6 +2,10 @@
 //! SQLite store), two edges and two egress nodes in two jurisdictions, all
 //! following pushed snapshots, with fixture-replaying mock providers whose
 //! call logs prove where each request went.
+//!
+//! The second test runs the one-command local fleet (`switchyard fleet`):
+//! both regional ports, a policy change reaching both regions, an egress
+//! restart survived, everything stopped with the fleet.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
