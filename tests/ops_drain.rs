@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::json;
 use switchyard_testkit::cluster::{
-    free_tcp_port, gen_scoped_certs, test_tenant_yaml, EdgeNode, EgressNode, NodeCerts,
+    free_tcp_port, gen_certs, gen_scoped_certs, test_tenant_yaml, ControlPlaneNode, EdgeNode,
+    EgressNode, NodeCerts,
 };
 use switchyard_testkit::gateway::temp_dir;
 use switchyard_testkit::mock::MockUpstream;
@@ -369,4 +370,51 @@ async fn a_second_signal_exits_at_once() {
     let text = stream.finish().await;
     assert_ne!(data_events(&text).last(), Some(&"[DONE]"), "{text}");
     fleet.mock.open_gate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_drains_on_sigterm() {
+    let dir = temp_dir("ops-cp-drain");
+    let certs = gen_certs(binary(), &dir, "control-plane");
+    let admin = free_tcp_port();
+    let store = format!("sqlite://{}", dir.join("cp.db").display());
+    let env = vec![
+        (
+            "SY_TOKEN".to_string(),
+            "token-for-the-drain-test".to_string(),
+        ),
+        (
+            "SWITCHYARD_MASTER_KEY".to_string(),
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".to_string(),
+        ),
+    ];
+    let admin_flag = admin.to_string();
+    let mut cp = ControlPlaneNode::start_with_flags(
+        binary(),
+        &store,
+        &certs,
+        "SY_TOKEN",
+        None,
+        &env,
+        &["--admin-listen", &admin_flag],
+    );
+    wait_admin_status(admin, "/readyz", 200).await;
+    let (_, page) = admin_get(admin, "/metrics").await;
+    assert!(page.contains("switchyard_control_store_up 1"), "{page}");
+    assert!(
+        page.contains("switchyard_control_nodes{role=\"edge\",state=\"ok\"} 0"),
+        "{page}"
+    );
+    cp.process.terminate();
+    let status = cp
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .expect("the control plane exits");
+    assert!(status.success(), "{status}: {}", cp.process.logs());
+    assert!(
+        cp.process.logs().contains("draining: readiness is false"),
+        "{}",
+        cp.process.logs()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -129,7 +129,7 @@ async fn dashboard_and_alerts_name_only_metrics_the_nodes_export() {
     }
     // The edges record the disconnect when they notice it.
     let mut exported = BTreeSet::new();
-    for _ in 0..100 {
+    for _ in 0..300 {
         exported.clear();
         for admin in &fleet.admin {
             let page = reqwest::get(format!("http://{admin}/metrics"))
