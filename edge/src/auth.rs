@@ -12,6 +12,25 @@ pub fn authenticate(
     session: &ServerSession,
     snapshot: &Snapshot,
 ) -> Result<Arc<Tenant>, GatewayError> {
+    authenticate_with(session, snapshot, false)
+}
+
+/// As [`authenticate`]; Gemini-style callers (`google-genai`) may also send
+/// the key as `x-goog-api-key` or, on Gemini paths only (`url_key`), as
+/// `?key=`.
+pub fn authenticate_with(
+    session: &ServerSession,
+    snapshot: &Snapshot,
+    url_key: bool,
+) -> Result<Arc<Tenant>, GatewayError> {
+    let query_key = url_key
+        .then(|| session.req_header().uri.query())
+        .flatten()
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("key="))
+                .map(str::to_string)
+        });
     let bearer = session
         .get_header(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -19,12 +38,20 @@ pub fn authenticate(
             let (scheme, rest) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
-    let key = bearer.or_else(|| {
-        session
-            .get_header("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    });
+    let key = bearer
+        .or_else(|| {
+            session
+                .get_header("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        })
+        .or_else(|| {
+            session
+                .get_header("x-goog-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        })
+        .or(query_key.as_deref());
     let Some(key) = key.filter(|k| !k.is_empty()) else {
         return Err(GatewayError::new(
             ErrorKind::Unauthorized,
