@@ -277,11 +277,13 @@ impl EdgeNode {
         let mut backhaul = None;
         let mut router = None;
         let upstream: Arc<dyn Upstream>;
+        let health = Arc::new(switchyard_proto::Health::new());
         let mut region = None;
         let mut egress_nodes = Vec::new();
         match self.mode {
             Mode::SingleNode => {
-                upstream = Arc::new(Egress::new(shared.clone())?);
+                // One board: the edge's metrics show the egress's key events.
+                upstream = Arc::new(Egress::sharing_edge_health(shared.clone(), health.clone())?);
             }
             Mode::Backhaul {
                 region: r,
@@ -315,6 +317,7 @@ impl EdgeNode {
 
         let lifecycle = Lifecycle::new();
         let mut app = EdgeApp::new(shared.clone(), upstream)
+            .with_health(health)
             .with_simulate_header(self.simulate_header)
             .with_limits(self.limits)
             .with_lifecycle(lifecycle.clone());
