@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the system packages the build needs when they are missing:
-# cmake and a C compiler (Pingora builds zlib-ng with CMake) and python3-venv
-# for the SDK tests. Sourced by dev.sh and test.sh.
+# cmake and a C compiler (Pingora builds zlib-ng with CMake), python3-venv
+# for the SDK tests, and for the deployment tests (SWITCHYARD_NEED_OPS=1)
+# kubectl (Debian's kubernetes-client: `kubectl kustomize` renders the
+# overlays) and promtool (Debian's prometheus: checks the alert rules).
+# Sourced by dev.sh and test.sh.
 set -euo pipefail
 
 missing=()
@@ -11,10 +14,15 @@ if [ "${SWITCHYARD_NEED_PYTHON:-0}" = 1 ]; then
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 fi
+if [ "${SWITCHYARD_NEED_OPS:-0}" = 1 ]; then
+  command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+  # No recommends: prometheus would bring node-exporter and more along.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
