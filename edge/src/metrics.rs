@@ -283,14 +283,15 @@ impl EdgeMetrics {
     }
 
     pub fn render(&self) -> Vec<u8> {
-        self.sync_key_events();
         let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&self.registry().gather(), &mut out);
         out
     }
 
-    /// The registry, for pages that render several (the admin listener).
+    /// The registry, for pages that render several (the admin listener),
+    /// with the counters read from the health board brought up to date.
     pub fn registry(&self) -> &Registry {
+        self.sync_key_events();
         &self.registry
     }
 }
