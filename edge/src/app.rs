@@ -14,6 +14,7 @@ use switchyard_proto::{Health, Snapshot};
 use crate::ctx::RequestCtx;
 use crate::guard::EdgeLimits;
 use crate::hooks::{AdmitHook, Hooks, PlanHook, RecordHook, ResponseObserver};
+use crate::limits::Limiter;
 use crate::metrics::EdgeMetrics;
 use crate::phases::admit::{self, Admitted};
 use crate::phases::{dispatch, plan, record, respond, Failure};
@@ -34,6 +35,8 @@ pub struct EdgeApp {
     /// Runtime health of targets, fed by every attempt and read by the
     /// planner; outlives snapshot swaps.
     pub(crate) health: Arc<Health>,
+    /// Tenant and key limits and budgets; `None` = nothing enforced.
+    pub(crate) limiter: Option<Arc<Limiter>>,
     server_options: HttpServerOptions,
 }
 
@@ -49,6 +52,7 @@ impl EdgeApp {
             limits: EdgeLimits::default(),
             hooks: Hooks::default(),
             health: Arc::new(Health::new()),
+            limiter: None,
             server_options: server_options(&EdgeLimits::default()),
         }
     }
@@ -99,6 +103,14 @@ impl EdgeApp {
 
     pub fn limits(&self) -> &EdgeLimits {
         &self.limits
+    }
+
+    /// Enforces tenants' and virtual keys' limits and budgets with these
+    /// counters (in memory, or shared through Redis).
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
+        limiter.register(self.metrics.registry());
+        self.limiter = Some(limiter);
+        self
     }
 
     /// Shares a health board (e.g. with the in-process egress of
@@ -172,7 +184,7 @@ impl EdgeApp {
             Ok(()) => true,
             Err(failure) => respond::failure(self, session, &snap, ctx, failure).await,
         };
-        record::record(self, session, ctx);
+        record::record(self, session, &snap, ctx);
         reusable
     }
 }

@@ -44,6 +44,14 @@ pub struct Observation<'a> {
 }
 
 impl EdgeMetrics {
+    /// Where other parts of the edge (limits, ledger) register their
+    /// metrics, so they appear on the same listener.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+impl EdgeMetrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
         let requests = IntCounterVec::new(

@@ -51,6 +51,7 @@ use tokio::task::JoinHandle;
 
 use crate::app::EdgeApp;
 use crate::guard::EdgeLimits;
+use crate::limits::Limiter;
 use crate::service::{edge_service, metrics_service, TlsFiles};
 
 /// How the whole stack waits for the first backhaul connections at start.
@@ -59,6 +60,9 @@ const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
 /// What in-flight connections get after `shutdown()` (the old
 /// `graceful_shutdown_timeout_seconds`).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long a request waits for the shared limit counters before its
+/// tenant's fail-open/fail-closed choice applies.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 
 enum Mode {
     /// The egress logic in this process (`switchyard dev`).
@@ -83,6 +87,7 @@ pub struct EdgeNode {
     limits: EdgeLimits,
     simulate_header: bool,
     tenants: Vec<(KeyHash, TenantSnapshot)>,
+    redis: Option<String>,
 }
 
 impl EdgeNode {
@@ -98,6 +103,7 @@ impl EdgeNode {
             limits: EdgeLimits::default(),
             simulate_header: false,
             tenants: Vec::new(),
+            redis: None,
         }
     }
 
@@ -173,6 +179,14 @@ impl EdgeNode {
     /// A tenant added to every snapshot loaded at start (the dev key).
     pub fn tenant(mut self, key: KeyHash, tenant: TenantSnapshot) -> Self {
         self.tenants.push((key, tenant));
+        self
+    }
+
+    /// Shares tenants' limit and budget counters with every other edge
+    /// through the Redis at `url` (`redis://host:port`); without it each
+    /// edge counts in memory within the share the control plane leases it.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.redis = Some(url.into());
         self
     }
 
@@ -276,9 +290,17 @@ impl EdgeNode {
             }
         }
 
+        let limiter = match &self.redis {
+            Some(url) => Limiter::redis(url, REDIS_TIMEOUT).map_err(|e| NodeError::Service {
+                what: "limits",
+                message: format!("--redis: {e}"),
+            })?,
+            None => Limiter::local(),
+        };
         let mut app = EdgeApp::new(shared.clone(), upstream)
             .with_simulate_header(self.simulate_header)
-            .with_limits(self.limits);
+            .with_limits(self.limits)
+            .with_limiter(Arc::new(limiter));
         if let Some(r) = &region {
             app = app.with_region(r.clone());
         }

@@ -17,8 +17,17 @@ use crate::{
     FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
     ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
     Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy,
-    TargetScore, Tenant, Tenants, WeightedTarget,
+    Spend, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget, LimitSet,
 };
+
+fn spend_to_wire(s: &Spend) -> pb::SpendMsg {
+    pb::SpendMsg {
+        day_usd: s.day_usd,
+        month_usd: s.month_usd,
+        day: s.day,
+        month: s.month,
+    }
+}
 
 /// Why a snapshot message cannot become a [`Snapshot`]; `path` names the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +197,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                 pb::PriceMsg {
                                     input_per_million: price.input_per_million,
                                     output_per_million: price.output_per_million,
+                                    cached_input_per_million: price.cached_input_per_million,
                                 },
                             )
                         })
@@ -229,9 +239,40 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 tpm: t.tpm.unwrap_or(0),
                 monthly_budget_usd: t.monthly_budget_usd.unwrap_or(0.0),
                 residency: t.residency.clone().unwrap_or_default(),
+                concurrency: t.concurrency.unwrap_or(0),
+                daily_budget_usd: t.daily_budget_usd.unwrap_or(0.0),
+                budget_warn_ratio: t.budget_warn_ratio.unwrap_or(0.0),
+                fail_closed: t.fail_closed,
+                limit_share: t.limit_share.unwrap_or(0.0),
+                edge_residency_relaxed: t.edge_residency_relaxed,
             })
             .collect();
         tenants.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut virtual_keys: Vec<_> = s
+            .tenants
+            .virtual_keys()
+            .map(|(hash, k)| pb::VirtualKeyMsg {
+                id: k.id.clone(),
+                key_sha256: hash.0.to_vec(),
+                tenant: k.tenant.clone(),
+                allowed_models: k
+                    .allowed_models
+                    .as_ref()
+                    .map(|m| pb::AllowedModels { models: m.clone() }),
+                rpm: k.limits.rpm.unwrap_or(0),
+                tpm: k.limits.tpm.unwrap_or(0),
+                concurrency: k.limits.concurrency.unwrap_or(0),
+                daily_budget_usd: k.limits.daily_usd.unwrap_or(0.0),
+                monthly_budget_usd: k.limits.monthly_usd.unwrap_or(0.0),
+                expires_at_ms: k.expires_at_ms.unwrap_or(0),
+            })
+            .collect();
+        virtual_keys.sort_by(|a, b| a.id.cmp(&b.id));
+        let spend = s
+            .tenants
+            .spends()
+            .map(|(scope, sp)| (scope.clone(), spend_to_wire(sp)))
+            .collect();
         pb::SnapshotMsg {
             version: s.version,
             providers,
@@ -274,6 +315,8 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 })
                 .collect(),
             tenants,
+            virtual_keys,
+            spend,
             limits: Some(pb::LimitsMsg {
                 max_body_bytes: s.limits.max_body_bytes as u64,
                 upstream_timeout_ms: s.limits.upstream_timeout.as_millis() as u64,
@@ -290,6 +333,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                             name: r.name.clone(),
                             jurisdiction: r.jurisdiction.clone().unwrap_or_default(),
                             egress: r.egress.clone(),
+                            hostname: r.hostname.clone().unwrap_or_default(),
                         },
                     )
                 })
@@ -373,9 +417,13 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
     }
     let mut pricing = HashMap::new();
     for (model, price) in p.pricing {
-        if [price.input_per_million, price.output_per_million]
-            .iter()
-            .any(|p| p.is_nan() || *p < 0.0)
+        if [
+            price.input_per_million,
+            price.output_per_million,
+            price.cached_input_per_million.unwrap_or(0.0),
+        ]
+        .iter()
+        .any(|p| p.is_nan() || *p < 0.0)
         {
             return Err(invalid(
                 format!("{path}.pricing.{model}"),
@@ -387,6 +435,7 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
             ModelPrice {
                 input_per_million: price.input_per_million,
                 output_per_million: price.output_per_million,
+                cached_input_per_million: price.cached_input_per_million,
             },
         );
     }
@@ -557,12 +606,20 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
             if !ids.insert(t.id.clone()) {
                 return Err(invalid(format!("{path}.id"), "duplicate tenant id"));
             }
-            if t.monthly_budget_usd.is_nan() || t.monthly_budget_usd < 0.0 {
-                return Err(invalid(
-                    format!("{path}.monthly_budget_usd"),
-                    "must be non-negative",
-                ));
+            for (field, v) in [
+                ("monthly_budget_usd", t.monthly_budget_usd),
+                ("daily_budget_usd", t.daily_budget_usd),
+                ("budget_warn_ratio", t.budget_warn_ratio),
+                ("limit_share", t.limit_share),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(invalid(format!("{path}.{field}"), "must be non-negative"));
+                }
             }
+            if t.limit_share > 1.0 || t.budget_warn_ratio > 1.0 {
+                return Err(invalid(format!("{path}.limit_share"), "at most 1"));
+            }
+            let positive = |v: f64| (v > 0.0).then_some(v);
             tenants.insert(
                 KeyHash(hash),
                 Tenant {
@@ -570,9 +627,60 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     allowed_models: t.allowed_models.map(|a| a.models),
                     rpm: (t.rpm > 0).then_some(t.rpm),
                     tpm: (t.tpm > 0).then_some(t.tpm),
-                    monthly_budget_usd: (t.monthly_budget_usd > 0.0)
-                        .then_some(t.monthly_budget_usd),
+                    concurrency: (t.concurrency > 0).then_some(t.concurrency),
+                    daily_budget_usd: positive(t.daily_budget_usd),
+                    monthly_budget_usd: positive(t.monthly_budget_usd),
+                    budget_warn_ratio: positive(t.budget_warn_ratio),
+                    fail_closed: t.fail_closed,
+                    limit_share: positive(t.limit_share),
                     residency: (!t.residency.is_empty()).then_some(t.residency),
+                    edge_residency_relaxed: t.edge_residency_relaxed,
+                },
+            );
+        }
+        for (i, k) in msg.virtual_keys.into_iter().enumerate() {
+            let path = format!("virtual_keys[{i}]");
+            let hash: [u8; 32] = k
+                .key_sha256
+                .as_slice()
+                .try_into()
+                .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
+            for (field, v) in [
+                ("daily_budget_usd", k.daily_budget_usd),
+                ("monthly_budget_usd", k.monthly_budget_usd),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(invalid(format!("{path}.{field}"), "must be non-negative"));
+                }
+            }
+            let positive = |v: f64| (v > 0.0).then_some(v);
+            // A key of a tenant this snapshot does not have grants nothing.
+            tenants.insert_virtual_key(
+                KeyHash(hash),
+                VirtualKey {
+                    id: k.id,
+                    tenant: k.tenant,
+                    allowed_models: k.allowed_models.map(|a| a.models),
+                    limits: LimitSet {
+                        rpm: (k.rpm > 0).then_some(k.rpm),
+                        tpm: (k.tpm > 0).then_some(k.tpm),
+                        concurrency: (k.concurrency > 0).then_some(k.concurrency),
+                        daily_usd: positive(k.daily_budget_usd),
+                        monthly_usd: positive(k.monthly_budget_usd),
+                    },
+                    expires_at_ms: (k.expires_at_ms > 0).then_some(k.expires_at_ms),
+                },
+            );
+        }
+        for (scope, sp) in msg.spend {
+            let finite = |x: f64| if x.is_finite() && x >= 0.0 { x } else { 0.0 };
+            tenants.set_spend(
+                scope,
+                Spend {
+                    day_usd: finite(sp.day_usd),
+                    month_usd: finite(sp.month_usd),
+                    day: sp.day,
+                    month: sp.month,
                 },
             );
         }
@@ -606,6 +714,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                         name,
                         jurisdiction: opt(&r.jurisdiction),
                         egress: r.egress,
+                        hostname: opt(&r.hostname),
                     },
                 )
             })
@@ -722,9 +831,9 @@ mod tests {
                 id: "t".into(),
                 allowed_models: Some(vec!["p/m".into()]),
                 rpm: Some(5),
-                tpm: None,
                 monthly_budget_usd: Some(10.0),
                 residency: Some(vec!["eu".into()]),
+                ..Tenant::default()
             },
         );
         s

@@ -122,8 +122,13 @@ pub(crate) async fn admit(
         answer(app, session, snap, ctx, body).await;
         return Ok(Admitted::Answered);
     }
-    let tenant = authenticate(session, snap).map_err(fail)?;
+    let principal = authenticate(session, snap).map_err(fail)?;
+    let tenant = principal.tenant;
     ctx.tenant = Some(tenant.clone());
+    ctx.key = principal.key;
+    // From the key alone, before a byte of the body is read: a tenant
+    // bound to other jurisdictions never has its prompt decrypted here.
+    check_edge_residency(app, snap, &tenant).map_err(fail)?;
     // The tenant's jurisdictions, narrowed (never widened) by the header.
     ctx.residency = narrow_residency(
         tenant.residency.as_deref(),
@@ -137,13 +142,13 @@ pub(crate) async fn admit(
         Endpoint::Health => return Ok(Admitted::Answered),
         Endpoint::Models => {
             run_hooks(app, ctx)?;
-            let body = models_list(snap, &tenant);
+            let body = models_list(snap, ctx, &tenant);
             answer(app, session, snap, ctx, body).await;
             return Ok(Admitted::Answered);
         }
         Endpoint::Model(id) => {
             let known = snap.model_names().into_iter().find(|(m, _)| *m == id);
-            let Some((name, owner)) = known.filter(|(m, _)| tenant.may_use(m)) else {
+            let Some((name, owner)) = known.filter(|(m, _)| may_use(ctx, &tenant, m)) else {
                 return Err(fail(GatewayError::model_not_found(&id)));
             };
             run_hooks(app, ctx)?;
@@ -162,7 +167,7 @@ pub(crate) async fn admit(
                 ));
             }
             let wildcard = format!("{provider}/*");
-            if !tenant.may_use(&wildcard) {
+            if !may_use(ctx, &tenant, &wildcard) {
                 return Err(fail(
                     GatewayError::new(
                         ErrorKind::Forbidden,
@@ -193,16 +198,116 @@ pub(crate) async fn admit(
             let op = parse_operation(&endpoint, &body).map_err(fail)?;
             let requested = requested_model(&op);
             check_model_name(requested).map_err(fail)?;
+            if let Some(key) = ctx.key.as_deref().filter(|k| !k.may_use(requested)) {
+                return Err(fail(
+                    GatewayError::new(
+                        ErrorKind::Forbidden,
+                        format!(
+                            "The API key {} is not allowed to use the model `{requested}`.",
+                            key.id
+                        ),
+                    )
+                    .with_code("model_not_allowed")
+                    .with_param("model"),
+                ));
+            }
             ctx.model = Some(requested.to_string());
             ctx.stream = op.is_stream();
+            // About four bytes a token: the estimate `tpm` takes up front,
+            // corrected with the real usage when the request ends.
+            ctx.estimated_tokens = (body.len() as u64).div_ceil(4);
             Request::Api {
                 op,
                 raw_body: raw_header.then_some(body),
             }
         }
     };
+    enforce_limits(app, snap, ctx).await?;
     run_hooks(app, ctx)?;
     Ok(Admitted::Proxy(request))
+}
+
+/// Takes the request's slots in its tenant's and key's limits and budgets,
+/// or refuses it with a 429 carrying OpenAI's rate-limit headers.
+async fn enforce_limits(
+    app: &EdgeApp,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+) -> Result<(), Failure> {
+    let (Some(limiter), Some(tenant)) = (&app.limiter, ctx.tenant.clone()) else {
+        return Ok(());
+    };
+    let key = ctx.key.clone();
+    match limiter
+        .admit(snap, &tenant, key.as_deref(), ctx.estimated_tokens)
+        .await
+    {
+        Ok((ticket, headers)) => {
+            ctx.ticket = ticket;
+            ctx.answer_headers.extend(headers);
+            Ok(())
+        }
+        Err((e, headers)) => {
+            ctx.answer_headers.extend(headers);
+            Err(fail(e))
+        }
+    }
+}
+
+fn may_use(ctx: &RequestCtx, tenant: &Tenant, model: &str) -> bool {
+    tenant.may_use(model) && ctx.key.as_ref().is_none_or(|k| k.may_use(model))
+}
+
+/// A tenant whose residency excludes this edge's jurisdiction is refused
+/// here (unless its policy says `edge_residency: relaxed`), naming the
+/// regional hostnames it must use. An edge whose region the policy does
+/// not declare (single-node mode) cannot tell and lets the plan decide.
+fn check_edge_residency(app: &EdgeApp, snap: &Snapshot, tenant: &Tenant) -> Result<(), GatewayError> {
+    let Some(allowed) = tenant.residency.as_deref() else {
+        return Ok(());
+    };
+    if tenant.edge_residency_relaxed {
+        return Ok(());
+    }
+    let Some(region) = snap.regions.get(&app.region) else {
+        return Ok(());
+    };
+    if region
+        .jurisdiction
+        .as_ref()
+        .is_some_and(|j| allowed.contains(j))
+    {
+        return Ok(());
+    }
+    let mut hosts: Vec<&str> = snap
+        .regions
+        .values()
+        .filter(|r| r.jurisdiction.as_ref().is_some_and(|j| allowed.contains(j)))
+        .filter_map(|r| r.hostname.as_deref())
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let here = region.jurisdiction.as_deref().unwrap_or("unspecified");
+    let message = if hosts.is_empty() {
+        format!(
+            "This key's data must stay in {}; this edge is in {here} ({}). Use an endpoint in {}.",
+            allowed.join(", "),
+            app.region,
+            allowed.join(", ")
+        )
+    } else {
+        format!(
+            "This key's data must stay in {}; this edge is in {here} ({}). Use {}.",
+            allowed.join(", "),
+            app.region,
+            hosts
+                .iter()
+                .map(|h| format!("https://{h}"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )
+    };
+    Err(GatewayError::new(ErrorKind::Forbidden, message).with_code("residency_wrong_edge"))
 }
 
 fn run_hooks(app: &EdgeApp, ctx: &RequestCtx) -> Result<(), Failure> {
@@ -401,11 +506,11 @@ fn model_object(id: &str, owner: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
 }
 
-fn models_list(snap: &Snapshot, tenant: &Tenant) -> Bytes {
+fn models_list(snap: &Snapshot, ctx: &RequestCtx, tenant: &Tenant) -> Bytes {
     let data: Vec<_> = snap
         .model_names()
         .into_iter()
-        .filter(|(m, _)| tenant.may_use(m))
+        .filter(|(m, _)| may_use(ctx, tenant, m))
         .map(|(m, owner)| model_object(&m, &owner))
         .collect();
     Bytes::from(json!({ "object": "list", "data": data }).to_string())

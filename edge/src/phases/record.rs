@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use pingora::protocols::http::ServerSession;
 use switchyard_backhaul::RequestReport;
+use switchyard_llm::openai::Usage;
+use switchyard_proto::Snapshot;
 
 use crate::app::EdgeApp;
 use crate::ctx::RequestCtx;
 use crate::hooks::UsageRecord;
 use crate::metrics::Observation;
 
-pub(crate) fn record(app: &EdgeApp, session: &ServerSession, ctx: &RequestCtx) {
+pub(crate) fn record(app: &EdgeApp, session: &ServerSession, snap: &Snapshot, ctx: &mut RequestCtx) {
     let stats = ctx.stats.as_deref();
     let record = UsageRecord {
         status: ctx.final_status(),
@@ -24,6 +26,11 @@ pub(crate) fn record(app: &EdgeApp, session: &ServerSession, ctx: &RequestCtx) {
         client_gone: ctx.client_gone,
         attempts: ctx.attempts.len(),
     };
+    let cost_usd = cost(snap, ctx, record.usage);
+    if let (Some(limiter), Some(ticket)) = (&app.limiter, ctx.ticket.take()) {
+        limiter.settle(ticket, record.usage, cost_usd);
+    }
+    let ctx = &*ctx;
     log(session, ctx, &record);
     let usage = record.usage.unwrap_or_default();
     if let (Some(observer), Some(served)) = (&app.observer, &ctx.served) {
@@ -58,6 +65,20 @@ pub(crate) fn record(app: &EdgeApp, session: &ServerSession, ctx: &RequestCtx) {
     for hook in &app.hooks.record {
         hook.on_record(ctx, &record);
     }
+}
+
+/// What the request cost at the served target's prices, cached input
+/// tokens at their discounted price; 0 when the policy has no price.
+pub(crate) fn cost(snap: &Snapshot, ctx: &RequestCtx, usage: Option<Usage>) -> f64 {
+    let (Some(served), Some(u)) = (&ctx.served, usage) else {
+        return 0.0;
+    };
+    snap.providers
+        .get(&served.target.provider)
+        .and_then(|p| p.pricing.get(&served.target.model))
+        .map_or(0.0, |price| {
+            price.cost_with_cache(u.prompt_tokens, u.cached_tokens, u.completion_tokens)
+        })
 }
 
 /// One line per request. Prompt and completion text are never logged.

@@ -39,6 +39,7 @@ pub(crate) async fn respond(
     if let Some(ra) = answer.retry_after {
         extra.push(("retry-after", ra));
     }
+    extra.extend(ctx.answer_headers.iter().cloned());
     let observers = &app.hooks.response;
     for o in observers {
         o.on_commit(ctx, ctx.status);
@@ -103,9 +104,10 @@ pub(crate) async fn failure(
     ctx.error = Some(e.kind.label());
     let jurisdiction = app.jurisdiction(snap);
     let common = app.common(&ctx.request_id, &jurisdiction);
-    let extra = allow
+    let mut extra = allow
         .map(|a| vec![("allow", a.to_string())])
         .unwrap_or_default();
+    extra.extend(ctx.answer_headers.iter().cloned());
     // An unread request body (413, early errors) makes the connection unusable.
     let reusable = session.is_body_done();
     if !reusable {
