@@ -88,6 +88,8 @@ pub struct EdgeNode {
     simulate_header: bool,
     tenants: Vec<(KeyHash, TenantSnapshot)>,
     redis: Option<String>,
+    /// Single-node mode: the region this edge says it runs in.
+    single_region: Option<String>,
 }
 
 impl EdgeNode {
@@ -104,6 +106,7 @@ impl EdgeNode {
             simulate_header: false,
             tenants: Vec::new(),
             redis: None,
+            single_region: None,
         }
     }
 
@@ -182,6 +185,17 @@ impl EdgeNode {
         self
     }
 
+    /// The region a single-node edge runs in (backhaul edges take it from
+    /// [`Self::backhaul`]): its jurisdiction decides which tenants it may
+    /// serve at all (`edge_residency`).
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        match &mut self.mode {
+            Mode::SingleNode => self.single_region = Some(region.into()),
+            Mode::Backhaul { region: r, .. } => *r = region.into(),
+        }
+        self
+    }
+
     /// Shares tenants' limit and budget counters with every other edge
     /// through the Redis at `url` (`redis://host:port`); without it each
     /// edge counts in memory within the share the control plane leases it.
@@ -255,11 +269,12 @@ impl EdgeNode {
 
         let mut backhaul = None;
         let upstream: Arc<dyn Upstream>;
-        let mut region = None;
+        let region;
         let mut egress_nodes = Vec::new();
         match self.mode {
             Mode::SingleNode => {
                 upstream = Arc::new(Egress::new(shared.clone())?);
+                region = self.single_region.clone();
             }
             Mode::Backhaul {
                 region: r,
