@@ -182,7 +182,7 @@ fn policy_source(config: &Option<PathBuf>) -> PolicySource {
 
 /// The start-up banner's provider lines (key counts, never keys).
 fn print_providers(snap: &Snapshot) {
-    let mut providers: Vec<_> = snap.providers.values().collect();
+    let mut providers: Vec<_> = snap.providers().values().collect();
     providers.sort_by(|a, b| a.name.cmp(&b.name));
     for p in providers {
         println!(

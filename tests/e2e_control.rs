@@ -193,7 +193,7 @@ fn fleet(addr: SocketAddr, dir: Option<&PathBuf>) -> Vec<TestNode> {
 
 fn keys_of(s: &Snapshot) -> Vec<String> {
     let mut k: Vec<String> = s
-        .providers
+        .providers()
         .values()
         .flat_map(|p| p.keys.iter().map(|k| k.expose().to_string()))
         .collect();
@@ -223,7 +223,7 @@ async fn apply_reaches_every_node_and_invalid_policy_changes_nothing() {
     for edge in &nodes[..2] {
         let s = edge.shared.load();
         assert!(keys_of(&s).is_empty());
-        assert!(s.providers.values().all(|p| p.key_pools.is_empty()));
+        assert!(s.providers().values().all(|p| p.key_pools.is_empty()));
     }
     assert_eq!(keys_of(&nodes[2].shared.load()), [EU_ENV_KEY, SEALED_KEY]);
     assert_eq!(keys_of(&nodes[3].shared.load()), [US_ENV_KEY]);
@@ -296,7 +296,7 @@ async fn apply_reaches_every_node_and_invalid_policy_changes_nothing() {
     for n in &nodes {
         wait_for(n, |s| s.applied_version == v2).await;
         assert_eq!(
-            n.shared.load().limits.upstream_timeout,
+            n.shared.load().limits().upstream_timeout,
             Duration::from_secs(30)
         );
     }
@@ -322,7 +322,7 @@ async fn apply_reaches_every_node_and_invalid_policy_changes_nothing() {
     for n in &nodes {
         wait_for(n, |s| s.applied_version == v2 + 1).await;
         assert_eq!(
-            n.shared.load().limits.upstream_timeout,
+            n.shared.load().limits().upstream_timeout,
             Duration::from_secs(60)
         );
     }
@@ -394,7 +394,7 @@ async fn a_node_that_rejects_a_snapshot_keeps_the_old_one() {
     let mut acks = cp.state.subscribe_acks();
     let mut c = node_config(cp.grpc_addr, "egress-eu", Role::Egress, "eu-west");
     c.validate = Some(Arc::new(|s: &Snapshot| {
-        if s.limits.upstream_timeout < Duration::from_secs(10) {
+        if s.limits().upstream_timeout < Duration::from_secs(10) {
             Err("upstream timeout below 10 s is not supported here".into())
         } else {
             Ok(())
@@ -411,7 +411,7 @@ async fn a_node_that_rejects_a_snapshot_keeps_the_old_one() {
     assert_eq!(nacked, v2);
     assert!(reason.contains("below 10 s"), "{reason}");
     assert_eq!(
-        node.shared.load().limits.upstream_timeout,
+        node.shared.load().limits().upstream_timeout,
         Duration::from_secs(60)
     );
     // The control plane saw the NACK and reports it.
@@ -444,7 +444,7 @@ async fn a_node_that_rejects_a_snapshot_keeps_the_old_one() {
         .unwrap()
         .1
         .contains("$EU_KEY_MISSING is not set"));
-    assert_eq!(node.shared.load().version, v1);
+    assert_eq!(node.shared.load().version(), v1);
 
     node.agent.shutdown().await;
     cp.shutdown().await;
@@ -467,7 +467,7 @@ async fn nodes_survive_the_control_plane_and_restart_from_disk() {
     cp.shutdown().await;
     for n in &nodes {
         wait_for(n, |s| !s.connected).await;
-        assert_eq!(n.shared.load().version, v1, "still serving");
+        assert_eq!(n.shared.load().version(), v1, "still serving");
     }
     for n in nodes {
         n.agent.shutdown().await;
@@ -696,8 +696,8 @@ async fn telemetry_becomes_scores_on_every_node() {
         let s = tokio::time::timeout(WAIT, async {
             loop {
                 let snap = n.shared.load_full();
-                if snap.scores.targets.values().any(|t| t.requests == 50)
-                    && !snap.scores.backhaul.is_empty()
+                if snap.scores().targets.values().any(|t| t.requests == 50)
+                    && !snap.scores().backhaul.is_empty()
                 {
                     return snap;
                 }
@@ -706,13 +706,17 @@ async fn telemetry_becomes_scores_on_every_node() {
         })
         .await
         .expect("scores reached the node");
-        let t = s.scores.targets.values().next().unwrap();
+        let t = s.scores().targets.values().next().unwrap();
         assert_eq!(t.ttft_p50_ms, 100.0);
         assert_eq!(t.ttft_p99_ms, 2000.0);
         assert!((t.error_rate - 0.1).abs() < 1e-9);
-        let rtt = s.scores.backhaul[&("eu-west".to_string(), "us-east".to_string())];
+        let rtt = s.scores().backhaul[&("eu-west".to_string(), "us-east".to_string())];
         assert_eq!(rtt.p50_ms, 100.0);
-        assert_eq!(s.version, v, "a score refresh is not a new policy version");
+        assert_eq!(
+            s.version(),
+            v,
+            "a score refresh is not a new policy version"
+        );
     }
     for n in nodes {
         n.agent.shutdown().await;

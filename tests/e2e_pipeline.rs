@@ -67,7 +67,7 @@ fn snapshot(mock_url: &str) -> Snapshot {
         },
     )
     .unwrap();
-    let mut snap = compiled.snapshot;
+    let mut snap = compiled.snapshot.into_builder();
     snap.tenants.insert(
         KeyHash::of(KEY),
         Arc::new(TenantSnapshot {
@@ -75,7 +75,7 @@ fn snapshot(mock_url: &str) -> Snapshot {
             allowed_models: None,
         }),
     );
-    snap
+    snap.build()
 }
 
 /// An `EdgeApp` accepting on 127.0.0.1:0; stops when dropped.
@@ -390,9 +390,10 @@ async fn a_status_from_the_wire_that_is_no_http_status_is_a_502() {
 
 #[tokio::test]
 async fn a_route_left_without_targets_is_a_clear_error() {
-    let mut snap = snapshot("http://127.0.0.1:9");
+    let mut snap = snapshot("http://127.0.0.1:9").into_builder();
     // The route's only provider is gone (e.g. pruned for want of keys).
     snap.providers.remove("openai");
+    let snap = snap.build();
     let fake = Arc::new(Fake {
         calls: Mutex::new(Vec::new()),
         answer: |_| ok_json(200),

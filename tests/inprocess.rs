@@ -174,9 +174,9 @@ async fn edge_and_egress_joined_by_quic_serve_and_shut_down() {
 
     // The edge compiled the same policy without reading or keeping a key;
     // the egress holds it.
-    let edge_openai = edge.snapshot().providers["openai"].clone();
+    let edge_openai = edge.snapshot().providers()["openai"].clone();
     assert!(edge_openai.keys.is_empty() && edge_openai.key_pools.is_empty());
-    assert_eq!(egress.snapshot().providers["openai"].keys.len(), 1);
+    assert_eq!(egress.snapshot().providers()["openai"].keys.len(), 1);
 
     assert_completion(addr).await;
     assert_stream(addr).await;

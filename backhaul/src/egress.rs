@@ -133,7 +133,7 @@ impl Egress {
     /// upstream request.
     pub async fn execute(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError> {
         let snap = self.snapshot.load_full();
-        let provider = snap.providers.get(&req.target.provider).ok_or_else(|| {
+        let provider = snap.providers().get(&req.target.provider).ok_or_else(|| {
             GatewayError::model_not_found(&format!("{}/{}", req.target.provider, req.target.model))
         })?;
         if !req.residency.is_empty()
@@ -163,7 +163,7 @@ impl Egress {
         ));
         let target_guard = target_entry.as_ref().map(|e| e.start());
         let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + snap.limits.upstream_timeout);
+        let deadline = tokio::time::Instant::from_std(started + snap.limits().upstream_timeout);
         let record_target = |outcome: Result<(), &GatewayError>| {
             let Some(entry) = &target_entry else { return };
             let now = Instant::now();
@@ -188,7 +188,7 @@ impl Egress {
                 format!(
                     "The provider `{}` did not answer within {} ms.",
                     provider.name,
-                    snap.limits.upstream_timeout.as_millis()
+                    snap.limits().upstream_timeout.as_millis()
                 ),
             )
         };
@@ -202,7 +202,7 @@ impl Egress {
                 provider,
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: &req,
-                limits: &snap.limits,
+                limits: snap.limits(),
             };
             let reply = match tokio::time::timeout_at(deadline, raw::call(&ctx, raw)).await {
                 Ok(Ok(reply)) => reply,
@@ -240,7 +240,7 @@ impl Egress {
                 RawBody::Stream(s) => ResponseBody::Stream(hold(
                     raw_stream(
                         s,
-                        snap.limits.stream_idle_timeout,
+                        snap.limits().stream_idle_timeout,
                         stats.clone(),
                         req.received_at,
                     ),
@@ -291,7 +291,7 @@ impl Egress {
                 provider,
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: call_req,
-                limits: &snap.limits,
+                limits: snap.limits(),
             };
             match tokio::time::timeout_at(deadline, faults::call(adapter, ctx)).await {
                 Ok(Ok(reply)) => break (reply, attempt),
@@ -369,7 +369,7 @@ impl Egress {
                 let frames = translate_stream(
                     upstream,
                     translator,
-                    snap.limits.stream_idle_timeout,
+                    snap.limits().stream_idle_timeout,
                     stats.clone(),
                     req.received_at,
                     framer,
@@ -493,7 +493,7 @@ mod tests {
                 Secret::new(value),
             )
         };
-        let mut s = Snapshot::default();
+        let mut s = Snapshot::builder();
         s.providers.insert(
             "p".into(),
             Arc::new(ProviderSnapshot {
@@ -509,7 +509,7 @@ mod tests {
                 key_pools: vec![],
             }),
         );
-        s
+        s.build()
     }
 
     fn request() -> EgressRequest {

@@ -181,7 +181,7 @@ impl ControlLink {
 /// Waits (bounded) for the first snapshot when the node has nothing to serve.
 pub async fn wait_for_first_snapshot(shared: &Arc<ArcSwap<Snapshot>>, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
-    while shared.load().version == 0 && tokio::time::Instant::now() < deadline {
+    while shared.load().version() == 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -232,12 +232,14 @@ pub fn single_process<'a>(env: &'a dyn Fn(&str) -> Option<String>) -> CompileOpt
 
 /// Drops every key a node in `region` may not hold: its region's providers
 /// and those bound to no region stay.
-fn keep_region_keys(snapshot: &mut Snapshot, region: &str) {
-    for p in snapshot.providers.values_mut() {
+fn keep_region_keys(snapshot: Snapshot, region: &str) -> Snapshot {
+    let mut parts = snapshot.into_builder();
+    for p in parts.providers.values_mut() {
         if !p.keys.is_empty() && p.region.as_deref().is_some_and(|r| r != region) {
             Arc::make_mut(p).keys.clear();
         }
     }
+    parts.build()
 }
 
 /// Builds an egress node: `EgressNode::new(region, tls).policy(...).start()`.
@@ -298,19 +300,19 @@ impl EgressNode {
     /// serves on a runtime of the node's own. May be awaited from any runtime.
     pub async fn start(self) -> Result<RunningEgress, NodeError> {
         let env = |k: &str| std::env::var(k).ok();
-        let mut snapshot = self
+        let snapshot = self
             .policy
             .compile(|doc| compile(&doc, &single_process(&env)))?
             .map(|c| c.snapshot)
             .unwrap_or_default();
-        if !snapshot.regions.is_empty() && !snapshot.regions.contains_key(&self.region) {
-            let known: Vec<String> = snapshot.regions.keys().cloned().collect();
+        if !snapshot.regions().is_empty() && !snapshot.regions().contains_key(&self.region) {
+            let known: Vec<String> = snapshot.regions().keys().cloned().collect();
             return Err(NodeError::UnknownRegion {
                 region: self.region,
                 known: known.join(", "),
             });
         }
-        keep_region_keys(&mut snapshot, &self.region);
+        let snapshot = keep_region_keys(snapshot, &self.region);
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
         let rt = node_runtime("egress", self.threads)?;
         let started = {

@@ -10,7 +10,7 @@ use switchyard_proto::{KeySource, PoolKey, Snapshot};
 /// One line per entity: `path` → description.
 pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for r in s.regions.values() {
+    for r in s.regions().values() {
         out.insert(
             format!("regions.{}", r.name),
             format!(
@@ -20,7 +20,7 @@ pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
             ),
         );
     }
-    for p in s.providers.values() {
+    for p in s.providers().values() {
         let mut pricing: Vec<_> = p
             .pricing
             .iter()
@@ -80,13 +80,13 @@ pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
             );
         }
     }
-    for (a, t) in &s.aliases {
+    for (a, t) in s.aliases() {
         out.insert(
             format!("aliases.{a}"),
             format!("{}/{}", t.provider, t.model),
         );
     }
-    for r in s.routes.values() {
+    for r in s.routes().values() {
         let targets: Vec<String> = r
             .targets
             .iter()
@@ -102,7 +102,7 @@ pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
             ),
         );
     }
-    for (hash, t) in s.tenants.keys() {
+    for (hash, t) in s.tenants().keys() {
         out.insert(
             format!("tenants.{}", t.id),
             format!(
@@ -123,7 +123,9 @@ pub fn describe(s: &Snapshot) -> BTreeMap<String, String> {
         "limits".into(),
         format!(
             "max_body_bytes={} upstream_timeout={:?} stream_idle_timeout={:?}",
-            s.limits.max_body_bytes, s.limits.upstream_timeout, s.limits.stream_idle_timeout
+            s.limits().max_body_bytes,
+            s.limits().upstream_timeout,
+            s.limits().stream_idle_timeout
         ),
     );
     out

@@ -190,7 +190,7 @@ impl NodeAgent {
         if let Some(path) = &config.cache_path {
             match load_cache(path, &config) {
                 Ok(Some(snapshot)) => {
-                    let version = snapshot.version;
+                    let version = snapshot.version();
                     shared.store(Arc::new(snapshot));
                     status_tx.send_modify(|s| {
                         s.applied_version = version;
@@ -270,10 +270,10 @@ fn channel(config: &NodeConfig) -> Result<Channel, AgentError> {
 /// Wire → domain → keys resolved → node check. Pure except for reading
 /// this node's key references.
 pub fn prepare(msg: pb::SnapshotMsg, config: &NodeConfig) -> Result<Snapshot, PrepareError> {
-    let mut snapshot = Snapshot::try_from(msg)?;
+    let mut parts = Snapshot::try_from(msg)?.into_builder();
     let read_file = |p: &str| std::fs::read_to_string(p);
     let mut problems = Vec::new();
-    for provider in snapshot.providers.values_mut() {
+    for provider in parts.providers.values_mut() {
         if config.role == Role::Edge {
             // Defence in depth: an edge never holds provider keys, even if
             // a control plane sent some.
@@ -291,6 +291,7 @@ pub fn prepare(msg: pb::SnapshotMsg, config: &NodeConfig) -> Result<Snapshot, Pr
     if !problems.is_empty() {
         return Err(PrepareError::Keys(problems.join("; ")));
     }
+    let snapshot = parts.build();
     if let Some(hook) = &config.validate {
         hook(&snapshot).map_err(PrepareError::Rejected)?;
     }
@@ -405,9 +406,7 @@ async fn handle_snapshot(
                 .clone()
                 .map(switchyard_proto::Scores::from)
                 .unwrap_or_default();
-            let mut next = (**shared.load()).clone();
-            next.scores = Arc::new(scores);
-            next.compile_residency_plans();
+            let next = shared.load().with_scores(Arc::new(scores));
             shared.store(Arc::new(next));
             status.send_modify(|s| s.scores_generation = generation);
             if let Some(path) = &config.cache_path {

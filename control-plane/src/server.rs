@@ -582,9 +582,9 @@ impl ControlPlane {
             return;
         };
         let snap = &p.snapshot;
-        let region_ok = |r: &str| r.is_empty() || snap.regions.contains_key(r);
+        let region_ok = |r: &str| r.is_empty() || snap.regions().contains_key(r);
         batch.targets.retain(|t| {
-            snap.providers.get(&t.provider).is_some_and(|prov| {
+            snap.providers().get(&t.provider).is_some_and(|prov| {
                 t.model.len() <= 256 && (prov.models.is_empty() || prov.models.contains(&t.model))
             }) && region_ok(&t.region)
         });
@@ -593,7 +593,7 @@ impl ControlPlane {
         }
         batch
             .backhaul
-            .retain(|r| snap.regions.contains_key(&r.egress_region));
+            .retain(|r| snap.regions().contains_key(&r.egress_region));
     }
 }
 
@@ -663,7 +663,7 @@ pub fn tailor(
 ) -> pb::SnapshotMsg {
     let mut msg = full.clone();
     let region_jurisdiction = snapshot
-        .regions
+        .regions()
         .get(region)
         .and_then(|r| r.jurisdiction.clone());
     for p in msg.providers.values_mut() {

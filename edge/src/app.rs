@@ -131,7 +131,7 @@ impl EdgeApp {
     }
 
     pub(crate) fn jurisdiction(&self, snap: &Snapshot) -> String {
-        snap.regions
+        snap.regions()
             .get(&self.region)
             .and_then(|r| r.jurisdiction.clone())
             .unwrap_or_else(|| "unspecified".to_string())

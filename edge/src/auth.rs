@@ -31,7 +31,7 @@ pub fn authenticate(
         .with_code("missing_api_key"));
     };
     let principal = snapshot
-        .tenants
+        .tenants()
         .principal(&KeyHash::of(key))
         .ok_or_else(|| {
             GatewayError::new(ErrorKind::Unauthorized, "Incorrect API key provided.")

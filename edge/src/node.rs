@@ -222,12 +222,13 @@ impl EdgeNode {
                 .policy
                 .compile(|doc| compile_for_edge(doc, &single_process(&env)))?,
         };
-        let (mut snapshot, provider_status) = compiled
+        let (snapshot, provider_status) = compiled
             .map(|c| (c.snapshot, c.provider_status))
             .unwrap_or_default();
+        let mut parts = snapshot.into_builder();
         if let Mode::Backhaul { .. } = self.mode {
             // Whatever the source, an edge holds no key material.
-            for p in snapshot.providers.values_mut() {
+            for p in parts.providers.values_mut() {
                 if !p.keys.is_empty() || !p.key_pools.is_empty() {
                     let p = Arc::make_mut(p);
                     p.keys.clear();
@@ -236,9 +237,9 @@ impl EdgeNode {
             }
         }
         for (key, tenant) in self.tenants {
-            snapshot.tenants.insert(key, Arc::new(tenant));
+            parts.tenants.insert(key, Arc::new(tenant));
         }
-        let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+        let shared = Arc::new(ArcSwap::from_pointee(parts.build()));
 
         // Bound first, so a taken port fails here and port 0 has an answer.
         let plain = self.listen.as_deref().map(bind).transpose()?;
@@ -500,13 +501,13 @@ async fn start_backhaul(
         let router = router.clone();
         let telemetry = agent.as_ref().map(|a| a.telemetry());
         tokio::spawn(async move {
-            let mut seen = shared.load().version;
+            let mut seen = shared.load().version();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let snap = shared.load_full();
-                if snap.version != seen {
-                    seen = snap.version;
+                if snap.version() != seen {
+                    seen = snap.version();
                     router.reconcile(&directory_of(&snap));
                 }
                 if let Some(t) = &telemetry {
@@ -542,7 +543,7 @@ impl RequestObserver for TelemetryObserver {
         let cost_usd = self
             .snapshot
             .load()
-            .providers
+            .providers()
             .get(&r.provider)
             .and_then(|p| p.pricing.get(&r.model))
             .map(|price| price.cost(r.prompt_tokens, r.completion_tokens))

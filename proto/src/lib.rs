@@ -710,9 +710,11 @@ impl Default for LimitsSnapshot {
     }
 }
 
-/// Everything a node needs to serve requests, immutable once built.
+/// The parts of a [`Snapshot`], filled in by the policy compiler, the wire
+/// decoder and tests. [`SnapshotBuilder::build`] derives the plan tables
+/// from them once, so a snapshot's tables always match its parts.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub struct SnapshotBuilder {
     pub version: u64,
     pub providers: HashMap<String, Arc<ProviderSnapshot>>,
     /// Alias name → target.
@@ -725,32 +727,122 @@ pub struct Snapshot {
     pub routes: HashMap<String, Arc<RouteSnapshot>>,
     /// Shared so a score refresh does not copy the policy and vice versa.
     pub scores: Arc<Scores>,
-    /// Per-jurisdiction route tables: for every tenant's jurisdiction set,
-    /// the residency-filtered plan of every route and alias, compiled when
-    /// the snapshot (or its scores) changes so requests only look them up.
-    pub residency_plans: Arc<ResidencyPlans>,
 }
 
-/// Sorted jurisdiction set → model name → its plan.
-pub type ResidencyPlans = HashMap<Vec<String>, HashMap<String, Result<Plan, PlanError>>>;
+impl SnapshotBuilder {
+    /// Freezes the parts and compiles the plan tables: every route, alias
+    /// and advertised `provider/model`, unrestricted and for every tenant's
+    /// jurisdiction set, so requests look plans up instead of computing them.
+    pub fn build(self) -> Snapshot {
+        let mut snapshot = Snapshot {
+            parts: self,
+            plans: Arc::default(),
+        };
+        snapshot.plans = Arc::new(plan::compile_plan_tables(&snapshot));
+        snapshot
+    }
+}
+
+/// Everything a node needs to serve requests, immutable once built: the
+/// parts are read through accessors, and changing one goes through
+/// [`Snapshot::into_builder`] so the plan tables are rebuilt with it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    parts: SnapshotBuilder,
+    plans: Arc<PlanTables>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        SnapshotBuilder::default().build()
+    }
+}
+
+/// Precompiled plans: model name → plan, unrestricted and per sorted
+/// jurisdiction set.
+#[derive(Debug, Clone, Default)]
+pub struct PlanTables {
+    pub unrestricted: HashMap<String, Result<Plan, PlanError>>,
+    pub by_jurisdictions: HashMap<Vec<String>, HashMap<String, Result<Plan, PlanError>>>,
+}
 
 impl Snapshot {
+    pub fn builder() -> SnapshotBuilder {
+        SnapshotBuilder::default()
+    }
+
+    /// The parts, to change and [`SnapshotBuilder::build`] again.
+    pub fn into_builder(self) -> SnapshotBuilder {
+        self.parts
+    }
+
+    /// The same policy with new scores; latency-ordered plans follow them.
+    pub fn with_scores(&self, scores: Arc<Scores>) -> Snapshot {
+        let mut parts = self.parts.clone();
+        parts.scores = scores;
+        parts.build()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.parts.version
+    }
+
+    pub fn providers(&self) -> &HashMap<String, Arc<ProviderSnapshot>> {
+        &self.parts.providers
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&Arc<ProviderSnapshot>> {
+        self.parts.providers.get(name)
+    }
+
+    pub fn aliases(&self) -> &HashMap<String, RouteTarget> {
+        &self.parts.aliases
+    }
+
+    pub fn tenants(&self) -> &Tenants {
+        &self.parts.tenants
+    }
+
+    pub fn limits(&self) -> &LimitsSnapshot {
+        &self.parts.limits
+    }
+
+    pub fn regions(&self) -> &HashMap<String, RegionSnapshot> {
+        &self.parts.regions
+    }
+
+    pub fn routes(&self) -> &HashMap<String, Arc<RouteSnapshot>> {
+        &self.parts.routes
+    }
+
+    pub fn route(&self, name: &str) -> Option<&Arc<RouteSnapshot>> {
+        self.parts.routes.get(name)
+    }
+
+    pub fn scores(&self) -> &Arc<Scores> {
+        &self.parts.scores
+    }
+
+    pub fn plan_tables(&self) -> &PlanTables {
+        &self.plans
+    }
+
     /// Resolves what a client wrote in `model`: an alias first, then a
     /// route (its first target as written), then `provider/model`. Unknown
     /// providers resolve to nothing. [`Snapshot::plan`] gives the whole
     /// ordered, residency-filtered list.
     pub fn resolve(&self, requested: &str) -> Option<RouteTarget> {
-        if let Some(target) = self.aliases.get(requested) {
+        if let Some(target) = self.aliases().get(requested) {
             return Some(target.clone());
         }
-        if let Some(t) = self.routes.get(requested).and_then(|r| r.targets.first()) {
+        if let Some(t) = self.route(requested).and_then(|r| r.targets.first()) {
             return Some(RouteTarget {
                 provider: t.provider.clone(),
                 model: t.model.clone(),
             });
         }
         let (provider, model) = requested.split_once('/')?;
-        if model.is_empty() || !self.providers.contains_key(provider) {
+        if model.is_empty() || !self.providers().contains_key(provider) {
             return None;
         }
         Some(RouteTarget {
@@ -761,29 +853,29 @@ impl Snapshot {
 
     /// The tenant a virtual key authenticates as.
     pub fn tenant_for_key(&self, key: &str) -> Option<&Arc<Tenant>> {
-        self.tenants.by_key(&KeyHash::of(key))
+        self.tenants().by_key(&KeyHash::of(key))
     }
 
     pub fn tenant(&self, tenant_id: &str) -> Option<&Arc<Tenant>> {
-        self.tenants.by_id(tenant_id)
+        self.tenants().by_id(tenant_id)
     }
 
     /// Every name `/v1/models` lists: `provider/model` for advertised models, then aliases.
     pub fn model_names(&self) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = Vec::new();
-        let mut providers: Vec<_> = self.providers.values().collect();
+        let mut providers: Vec<_> = self.providers().values().collect();
         providers.sort_by(|a, b| a.name.cmp(&b.name));
         for p in providers {
             for m in &p.models {
                 out.push((format!("{}/{}", p.name, m), p.name.clone()));
             }
         }
-        let mut aliases: Vec<_> = self.aliases.iter().collect();
+        let mut aliases: Vec<_> = self.aliases().iter().collect();
         aliases.sort_by(|a, b| a.0.cmp(b.0));
         for (alias, target) in aliases {
             out.push((alias.clone(), target.provider.clone()));
         }
-        let mut routes: Vec<_> = self.routes.values().collect();
+        let mut routes: Vec<_> = self.routes().values().collect();
         routes.sort_by(|a, b| a.name.cmp(&b.name));
         for r in routes {
             if let Some(first) = r.targets.first() {
@@ -814,7 +906,7 @@ mod tests {
 
     #[test]
     fn resolves_aliases_then_provider_prefix() {
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot::builder();
         snap.providers.insert(
             "openai".into(),
             Arc::new(ProviderSnapshot {
@@ -837,6 +929,7 @@ mod tests {
                 model: "gpt-4o-mini".into(),
             },
         );
+        let snap = snap.build();
         assert_eq!(snap.resolve("fast").unwrap().model, "gpt-4o-mini");
         assert_eq!(snap.resolve("openai/o3").unwrap().model, "o3");
         assert_eq!(

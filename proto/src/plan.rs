@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::health::{self, Health};
 use crate::{
-    ProviderSnapshot, ResidencyPlans, RouteSnapshot, RouteTarget, ScoreKey, Snapshot, Strategy,
+    PlanTables, ProviderSnapshot, RouteSnapshot, RouteTarget, ScoreKey, Snapshot, Strategy,
 };
 
 /// A route plan: its targets, best first. Shared, so handing a compiled
@@ -128,52 +128,63 @@ fn demote_degraded(targets: Plan, health: &Health) -> Plan {
 /// route's targets ordered by its strategy, then its fallbacks' (depth
 /// first, each target once). `jurisdictions = None` means unrestricted;
 /// otherwise a target is kept only when its provider's jurisdiction is
-/// listed. Jurisdiction sets some tenant has are looked up in the
-/// snapshot's precompiled [`Snapshot::residency_plans`].
+/// listed. Routes, aliases and advertised models are looked up in the
+/// snapshot's precompiled [`PlanTables`]; only other `provider/model`
+/// names and jurisdiction sets no tenant has are planned here.
 pub fn static_plan(
     snapshot: &Snapshot,
     requested: &str,
     jurisdictions: Option<&[String]>,
 ) -> Result<Plan, PlanError> {
-    if let Some(allowed) = jurisdictions {
-        let key = jurisdiction_key(allowed);
-        if let Some(compiled) = snapshot
-            .residency_plans
-            .get(&key)
-            .and_then(|table| table.get(requested))
-        {
-            // A reference count on the shared plan; only a refusal is copied.
-            return compiled.clone();
-        }
+    let tables = snapshot.plan_tables();
+    let compiled = match jurisdictions {
+        None => tables.unrestricted.get(requested),
+        Some(allowed) => tables
+            .by_jurisdictions
+            .get(&jurisdiction_key(allowed))
+            .and_then(|table| table.get(requested)),
+    };
+    match compiled {
+        // A reference count on the shared plan; only a refusal is copied.
+        Some(compiled) => compiled.clone(),
+        None => plan_uncached(snapshot, requested, jurisdictions),
     }
-    plan_uncached(snapshot, requested, jurisdictions)
 }
 
-/// Every tenant jurisdiction set × every route and alias of `snapshot`.
-/// Must run on the snapshot as it will be served: after providers, aliases
-/// and route targets are final, or the tables name targets that are gone.
-pub fn compile_residency_plans(snapshot: &Snapshot) -> ResidencyPlans {
+/// Every plan a request can look up: routes, aliases and advertised
+/// `provider/model` names, unrestricted and for every tenant jurisdiction
+/// set. [`crate::SnapshotBuilder::build`] calls it on the final parts, so
+/// the tables never name a target the snapshot does not have.
+pub(crate) fn compile_plan_tables(snapshot: &Snapshot) -> PlanTables {
     let mut sets: Vec<Vec<String>> = snapshot
-        .tenants
+        .tenants()
         .iter()
         .filter_map(|t| t.residency.as_deref().map(jurisdiction_key))
         .collect();
     sets.sort();
     sets.dedup();
-    let names: Vec<&String> = snapshot
-        .routes
+    let mut names: Vec<String> = snapshot
+        .routes()
         .keys()
-        .chain(snapshot.aliases.keys())
+        .chain(snapshot.aliases().keys())
+        .cloned()
         .collect();
-    let mut table = ResidencyPlans::new();
-    for set in sets {
-        let per_model = names
-            .iter()
-            .map(|name| ((*name).clone(), plan_uncached(snapshot, name, Some(&set))))
-            .collect();
-        table.insert(set, per_model);
+    for p in snapshot.providers().values() {
+        names.extend(p.models.iter().map(|m| format!("{}/{m}", p.name)));
     }
-    table
+    let table_for = |set: Option<&[String]>| {
+        names
+            .iter()
+            .map(|name| (name.clone(), plan_uncached(snapshot, name, set)))
+            .collect()
+    };
+    PlanTables {
+        unrestricted: table_for(None),
+        by_jurisdictions: sets
+            .iter()
+            .map(|set| (set.clone(), table_for(Some(set))))
+            .collect(),
+    }
 }
 
 impl Snapshot {
@@ -186,13 +197,6 @@ impl Snapshot {
     ) -> Result<Plan, PlanError> {
         static_plan(self, requested, jurisdictions)
     }
-
-    /// Fills [`Snapshot::residency_plans`] ([`compile_residency_plans`]).
-    /// Call once the snapshot's providers, aliases and routes are final, and
-    /// after swapping its scores (latency-ordered routes depend on them).
-    pub fn compile_residency_plans(&mut self) {
-        self.residency_plans = Arc::new(compile_residency_plans(self));
-    }
 }
 
 fn plan_uncached(
@@ -201,7 +205,7 @@ fn plan_uncached(
     jurisdictions: Option<&[String]>,
 ) -> Result<Plan, PlanError> {
     let mut all = Vec::new();
-    if let Some(route) = snap.routes.get(requested) {
+    if let Some(route) = snap.route(requested) {
         let mut seen_routes = HashSet::new();
         expand_route(snap, route, &mut seen_routes, &mut all);
     } else if let Some(t) = snap.resolve(requested) {
@@ -230,7 +234,7 @@ fn plan_uncached(
 }
 
 fn planned(snap: &Snapshot, provider: String, model: String) -> PlannedTarget {
-    let p: Option<&ProviderSnapshot> = snap.providers.get(&provider).map(|p| &**p);
+    let p: Option<&ProviderSnapshot> = snap.provider(&provider).map(|p| &**p);
     PlannedTarget {
         region: p.and_then(|p| p.region.clone()),
         jurisdiction: p.and_then(|p| p.jurisdiction.clone()),
@@ -250,15 +254,14 @@ fn expand_route<'a>(
     let mut targets: Vec<_> = route
         .targets
         .iter()
-        .filter(|t| snap.providers.contains_key(&t.provider))
+        .filter(|t| snap.providers().contains_key(&t.provider))
         .collect();
     match route.strategy {
         Strategy::Priority => {}
         Strategy::Weighted => targets.sort_by_key(|t| std::cmp::Reverse(t.weight)),
         Strategy::Cost => targets.sort_by(|a, b| {
             let price = |t: &crate::WeightedTarget| {
-                snap.providers
-                    .get(&t.provider)
+                snap.provider(&t.provider)
                     .and_then(|p| p.pricing.get(&t.model))
                     .map(|p| p.input_per_million + p.output_per_million)
                     .unwrap_or(f64::INFINITY)
@@ -268,11 +271,10 @@ fn expand_route<'a>(
         Strategy::Latency => targets.sort_by(|a, b| {
             let ttft = |t: &crate::WeightedTarget| {
                 let region = snap
-                    .providers
-                    .get(&t.provider)
+                    .provider(&t.provider)
                     .and_then(|p| p.region.clone())
                     .unwrap_or_default();
-                snap.scores
+                snap.scores()
                     .targets
                     .get(&ScoreKey {
                         provider: t.provider.clone(),
@@ -290,7 +292,7 @@ fn expand_route<'a>(
         out.push(planned(snap, t.provider.clone(), t.model.clone()));
     }
     for f in &route.fallbacks {
-        if let Some(next) = snap.routes.get(f) {
+        if let Some(next) = snap.route(f) {
             expand_route(snap, next, seen_routes, out);
         }
     }
@@ -327,7 +329,11 @@ mod tests {
     }
 
     fn snapshot(strategy: Strategy) -> Snapshot {
-        let mut s = Snapshot::default();
+        builder(strategy).build()
+    }
+
+    fn builder(strategy: Strategy) -> crate::SnapshotBuilder {
+        let mut s = Snapshot::builder();
         s.providers
             .insert("eu".into(), provider("eu", "eu-west", "eu"));
         s.providers
@@ -389,7 +395,7 @@ mod tests {
             providers(&snapshot(Strategy::Weighted).plan("chat", None).unwrap()),
             ["us", "eu"]
         );
-        let mut s = snapshot(Strategy::Latency);
+        let s = snapshot(Strategy::Latency);
         let mut scores = Scores::default();
         for (p, region, ms) in [("eu", "eu-west", 300.0), ("us", "us-east", 100.0)] {
             scores.targets.insert(
@@ -405,13 +411,13 @@ mod tests {
                 },
             );
         }
-        s.scores = Arc::new(scores);
+        let s = s.with_scores(Arc::new(scores));
         assert_eq!(providers(&s.plan("chat", None).unwrap()), ["us", "eu"]);
     }
 
     #[test]
     fn per_jurisdiction_tables_are_compiled_and_used() {
-        let mut s = snapshot(Strategy::Priority);
+        let mut s = builder(Strategy::Priority);
         s.tenants.insert(
             crate::KeyHash::of("k"),
             crate::Tenant {
@@ -420,10 +426,11 @@ mod tests {
                 ..Default::default()
             },
         );
-        s.compile_residency_plans();
+        let s = s.build();
         let eu = vec!["eu".to_string()];
-        let table = &s.residency_plans[&eu];
+        let table = &s.plan_tables().by_jurisdictions[&eu];
         assert_eq!(table.len(), 3, "every route compiled");
+        assert_eq!(s.plan_tables().unrestricted.len(), 3);
         assert_eq!(table["chat"], plan_uncached(&s, "chat", Some(&eu)));
         assert!(matches!(table["us-only"], Err(PlanError::Residency { .. })));
         // A set no tenant has (e.g. narrowed by a header) is computed.
@@ -433,7 +440,7 @@ mod tests {
 
     #[test]
     fn compiled_plans_are_shared_not_copied() {
-        let mut s = snapshot(Strategy::Priority);
+        let mut s = builder(Strategy::Priority);
         s.tenants.insert(
             crate::KeyHash::of("k"),
             crate::Tenant {
@@ -442,7 +449,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        s.compile_residency_plans();
+        let s = s.build();
         // Written in another order than the table's key: the same set.
         let both = vec!["us".to_string(), "eu".to_string()];
         let first = s.plan("chat", Some(&both)).unwrap();

@@ -16,8 +16,8 @@ use crate::control as pb;
 use crate::{
     FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
     ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
-    Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, Strategy,
-    Spend, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget, LimitSet,
+    Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder,
+    Spend, Strategy, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget, LimitSet,
 };
 
 fn spend_to_wire(s: &Spend) -> pb::SpendMsg {
@@ -178,7 +178,7 @@ fn millis(d: Option<Duration>) -> u64 {
 impl From<&Snapshot> for pb::SnapshotMsg {
     fn from(s: &Snapshot) -> Self {
         let providers = s
-            .providers
+            .providers()
             .iter()
             .map(|(name, p)| {
                 let msg = pb::ProviderMsg {
@@ -226,7 +226,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
             })
             .collect();
         let mut tenants: Vec<_> = s
-            .tenants
+            .tenants()
             .keys()
             .map(|(hash, t)| pb::TenantMsg {
                 id: t.id.clone(),
@@ -249,7 +249,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
             .collect();
         tenants.sort_by(|a, b| a.id.cmp(&b.id));
         let mut virtual_keys: Vec<_> = s
-            .tenants
+            .tenants()
             .virtual_keys()
             .map(|(hash, k)| pb::VirtualKeyMsg {
                 id: k.id.clone(),
@@ -269,14 +269,14 @@ impl From<&Snapshot> for pb::SnapshotMsg {
             .collect();
         virtual_keys.sort_by(|a, b| a.id.cmp(&b.id));
         let spend = s
-            .tenants
+            .tenants()
             .spends()
             .map(|(scope, sp)| (scope.clone(), spend_to_wire(sp)))
             .collect();
         pb::SnapshotMsg {
-            version: s.version,
+            version: s.version(),
             providers,
-            aliases: sorted(&s.aliases)
+            aliases: sorted(s.aliases())
                 .into_iter()
                 .map(|(a, t)| {
                     (
@@ -290,7 +290,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 })
                 .collect(),
             routes: s
-                .routes
+                .routes()
                 .iter()
                 .map(|(name, r)| {
                     (
@@ -318,13 +318,13 @@ impl From<&Snapshot> for pb::SnapshotMsg {
             virtual_keys,
             spend,
             limits: Some(pb::LimitsMsg {
-                max_body_bytes: s.limits.max_body_bytes as u64,
-                upstream_timeout_ms: s.limits.upstream_timeout.as_millis() as u64,
-                stream_idle_timeout_ms: s.limits.stream_idle_timeout.as_millis() as u64,
-                first_token_timeout_ms: millis(s.limits.first_token_timeout),
+                max_body_bytes: s.limits().max_body_bytes as u64,
+                upstream_timeout_ms: s.limits().upstream_timeout.as_millis() as u64,
+                stream_idle_timeout_ms: s.limits().stream_idle_timeout.as_millis() as u64,
+                first_token_timeout_ms: millis(s.limits().first_token_timeout),
             }),
             regions: s
-                .regions
+                .regions()
                 .iter()
                 .map(|(name, r)| {
                     (
@@ -338,7 +338,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                     )
                 })
                 .collect(),
-            scores: Some(pb::ScoresMsg::from(&*s.scores)),
+            scores: Some(pb::ScoresMsg::from(&**s.scores())),
             scores_generation: 0,
         }
     }
@@ -720,7 +720,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
             })
             .collect();
         let scores = msg.scores.map(Scores::from).unwrap_or_default();
-        let mut snapshot = Snapshot {
+        Ok(SnapshotBuilder {
             version: msg.version,
             providers,
             aliases,
@@ -729,10 +729,8 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
             regions,
             routes,
             scores: Arc::new(scores),
-            residency_plans: Default::default(),
-        };
-        snapshot.compile_residency_plans();
-        Ok(snapshot)
+        }
+        .build())
     }
 }
 
@@ -787,9 +785,9 @@ mod tests {
     use crate::ResolvedKey;
 
     fn sample() -> Snapshot {
-        let mut s = Snapshot {
+        let mut s = SnapshotBuilder {
             version: 7,
-            ..Snapshot::default()
+            ..Snapshot::builder()
         };
         s.providers.insert(
             "p".into(),
@@ -836,16 +834,16 @@ mod tests {
                 ..Tenant::default()
             },
         );
-        s
+        s.build()
     }
 
     #[test]
     fn round_trips_without_resolved_keys() {
         let msg = pb::SnapshotMsg::from(&sample());
         let back = Snapshot::try_from(msg).unwrap();
-        let p = &back.providers["p"];
+        let p = &back.providers()["p"];
         assert!(p.keys.is_empty(), "resolved keys never travel");
-        assert_eq!(p.key_pools, sample().providers["p"].key_pools);
+        assert_eq!(p.key_pools, sample().providers()["p"].key_pools);
         let t = back.tenant_for_key("k").unwrap();
         assert!(t.may_use("p/m"));
         assert_eq!(t.rpm, Some(5));
@@ -865,7 +863,7 @@ mod tests {
             (k.id, k.weight, k.rpm, k.tpm) = (String::new(), 0, 0, 0);
         }
         let back = Snapshot::try_from(msg.clone()).unwrap();
-        let keys = &back.providers["p"].key_pools[0].keys;
+        let keys = &back.providers()["p"].key_pools[0].keys;
         assert_eq!(
             (keys[1].id.as_str(), keys[1].weight, keys[1].rpm),
             ("k1", 1, None)

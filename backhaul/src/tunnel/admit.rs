@@ -138,7 +138,7 @@ mod tests {
     use crate::request::Protocol;
 
     fn snapshot() -> Snapshot {
-        let mut s = Snapshot::default();
+        let mut s = Snapshot::builder();
         for (id, residency) in [
             ("eu-tenant", Some(vec!["eu".to_string()])),
             ("global", None),
@@ -152,7 +152,7 @@ mod tests {
                 },
             );
         }
-        s
+        s.build()
     }
 
     fn request(tenant: &str, residency: &[&str], op: Operation) -> EgressRequest {

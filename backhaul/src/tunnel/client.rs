@@ -44,7 +44,7 @@ pub struct StaticDirectory {
 impl StaticDirectory {
     pub fn from_snapshot(snap: &Snapshot) -> Self {
         let mut d = StaticDirectory::default();
-        for (name, r) in &snap.regions {
+        for (name, r) in snap.regions() {
             for addr in &r.egress {
                 d.add(name, addr);
             }
@@ -564,7 +564,7 @@ impl Upstream for TunnelRouter {
     async fn execute(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError> {
         let snap = self.snapshot.load_full();
         let region = snap
-            .providers
+            .providers()
             .get(&req.target.provider)
             .and_then(|p| p.region.clone());
         let region = region.as_deref();
@@ -581,14 +581,14 @@ impl Upstream for TunnelRouter {
             .with_retry(Retry::AnotherTarget));
         }
         // One deadline covers the whole request, every attempt included.
-        let deadline = req.received_at + snap.limits.upstream_timeout;
+        let deadline = req.received_at + snap.limits().upstream_timeout;
         let (mut header, body) = frame::request_to_wire(&req, Duration::ZERO);
         let framer: Option<ErrorFramer> = match (&req.op, req.inbound) {
             (Operation::Raw(_), _) => None,
             (_, Protocol::OpenAi) => Some(openai_error_frame),
             (_, Protocol::Anthropic) => Some(anthropic_error_frame),
         };
-        let idle = snap.limits.stream_idle_timeout + SLACK;
+        let idle = snap.limits().stream_idle_timeout + SLACK;
         let wait_until = tokio::time::Instant::now() + WAIT_FOR_EGRESS;
         let mut tried: Vec<Arc<Node>> = Vec::new();
         let mut last = String::from("no egress node connected");
@@ -599,7 +599,7 @@ impl Upstream for TunnelRouter {
             tried.push(node.clone());
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(deadline_spent(snap.limits.upstream_timeout));
+                return Err(deadline_spent(snap.limits().upstream_timeout));
             }
             // The egress gets what is left now, so a second attempt carries
             // less; at least 1 ms, as 0 would mean no deadline at all.

@@ -85,7 +85,7 @@ impl EgressServer {
             let own = region.to_string();
             Arc::new(move || {
                 let snap = snapshot.load();
-                let mut regions: Vec<String> = snap.regions.keys().cloned().collect();
+                let mut regions: Vec<String> = snap.regions().keys().cloned().collect();
                 if !regions.contains(&own) {
                     regions.push(own.clone());
                 }
@@ -256,7 +256,11 @@ async fn serve_stream(
     let snap = ctx.snapshot.load_full();
     // The edge enforced the limit on the client's bytes; the re-serialised
     // JSON may differ slightly in size, hence the margin.
-    let body_limit = snap.limits.max_body_bytes.saturating_mul(2).max(64 * 1024);
+    let body_limit = snap
+        .limits()
+        .max_body_bytes
+        .saturating_mul(2)
+        .max(64 * 1024);
     // `_held` keeps the request's bytes counted until the stream is done.
     let (header, body, _held) = match tokio::time::timeout(
         REQUEST_READ_TIMEOUT,
@@ -431,7 +435,7 @@ fn check_residency(
         return Ok(());
     }
     let here = snap
-        .regions
+        .regions()
         .get(&ctx.region)
         .and_then(|r| r.jurisdiction.as_deref());
     if here.is_some_and(|h| residency.iter().any(|j| j == h)) {

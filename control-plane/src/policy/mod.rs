@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use switchyard_proto::{
     KeySource, LimitsSnapshot, ProviderKind, ProviderSnapshot, ResolvedKey, Secret, Snapshot,
+    SnapshotBuilder,
 };
 
 use crate::secrets::{MasterKeys, MASTER_KEY_ENV};
@@ -481,18 +482,6 @@ pub fn compile_policy(
     doc: &PolicyDocument,
     opts: &PolicyOptions<'_>,
 ) -> Result<Compiled, Vec<PolicyError>> {
-    let mut compiled = compile_unplanned(doc, opts)?;
-    compiled.snapshot.compile_residency_plans();
-    Ok(compiled)
-}
-
-/// [`compile_policy`] without the residency tables: callers that still
-/// prune providers or targets compile those last, so the tables never name
-/// a target the served snapshot does not have.
-fn compile_unplanned(
-    doc: &PolicyDocument,
-    opts: &PolicyOptions<'_>,
-) -> Result<Compiled, Vec<PolicyError>> {
     // Section by section, in the order errors are reported; each later
     // section may refer to what an earlier one built.
     let mut errors = Errors::default();
@@ -504,9 +493,7 @@ fn compile_unplanned(
     let tenants = tenants::tenants(doc, &jurisdictions, &mut errors);
     let limits = limits(doc, &mut errors);
 
-    // Residency tables are compiled by the callers, once the snapshot is
-    // final; the check below plans without them.
-    let snapshot = Snapshot {
+    let snapshot = SnapshotBuilder {
         version: opts.version,
         providers,
         aliases,
@@ -515,8 +502,8 @@ fn compile_unplanned(
         regions,
         routes,
         scores: Default::default(),
-        residency_plans: Default::default(),
-    };
+    }
+    .build();
     tenants::check_residency(doc, &snapshot, &mut errors);
 
     if !errors.0.is_empty() {
@@ -608,7 +595,7 @@ pub fn compile(
             message: e.to_string(),
         }]
     })?;
-    let mut compiled = compile_unplanned(
+    let mut compiled = compile_policy(
         doc,
         &PolicyOptions {
             env: opts.env,
@@ -619,7 +606,7 @@ pub fn compile(
         },
     )?;
     let read_file = |p: &str| std::fs::read_to_string(p);
-    let snapshot = &mut compiled.snapshot;
+    let mut snapshot = std::mem::take(&mut compiled.snapshot).into_builder();
     let mut dropped = HashSet::new();
     let mut status: HashMap<String, String> = compiled.provider_status.into_iter().collect();
     for (name, provider) in snapshot.providers.iter_mut() {
@@ -651,9 +638,9 @@ pub fn compile(
             .targets
             .retain(|t| !dropped.contains(&t.provider));
     }
-    // Only now is the snapshot final: tables compiled before the pruning
-    // above would still plan the dropped providers.
-    snapshot.compile_residency_plans();
+    // Built again after the pruning: plan tables compiled before it would
+    // still plan the dropped providers.
+    compiled.snapshot = snapshot.build();
     let mut status: Vec<_> = status.into_iter().collect();
     status.sort();
     compiled.provider_status = status;
@@ -676,7 +663,7 @@ pub fn compile_for_edge(
     for p in doc.providers.values_mut() {
         p.key_pools.clear();
     }
-    let mut compiled = compile_unplanned(
+    let mut compiled = compile_policy(
         &doc,
         &PolicyOptions {
             env: opts.env,
@@ -686,15 +673,16 @@ pub fn compile_for_edge(
             master_keys: None,
         },
     )?;
-    for p in compiled.snapshot.providers.values_mut() {
+    let mut parts = std::mem::take(&mut compiled.snapshot).into_builder();
+    for p in parts.providers.values_mut() {
         let p = Arc::make_mut(p);
         p.key_pools.clear();
         p.keys.clear();
     }
-    compiled.snapshot.compile_residency_plans();
+    compiled.snapshot = parts.build();
     compiled.provider_status = compiled
         .snapshot
-        .providers
+        .providers()
         .keys()
         .map(|name| (name.clone(), "live (keys held by the egress)".to_string()))
         .collect();
@@ -814,15 +802,15 @@ mod tests {
             ],
         )
         .unwrap();
-        let openai = &c.snapshot.providers["openai"];
+        let openai = &c.snapshot.providers()["openai"];
         assert_eq!(openai.base_url, "http://127.0.0.1:9/v1");
         assert_eq!(openai.keys.len(), 2);
         assert_eq!(
-            c.snapshot.providers["anthropic"].base_url,
+            c.snapshot.providers()["anthropic"].base_url,
             ANTHROPIC_DEFAULT_URL
         );
-        assert!(!c.snapshot.providers.contains_key("gemini"));
-        assert!(c.snapshot.providers.contains_key("simulated"));
+        assert!(!c.snapshot.providers().contains_key("gemini"));
+        assert!(c.snapshot.providers().contains_key("simulated"));
         let status: HashMap<_, _> = c.provider_status.into_iter().collect();
         assert!(status["gemini"].starts_with("not live"));
         assert!(!format!("{:?}", c.snapshot).contains("sk-a"));
@@ -860,16 +848,16 @@ tenants:
         let yaml = yaml.replace("    ttft_ms: 5\n", "");
         let c = compile_with(&yaml, &[]).unwrap();
         let s = &c.snapshot;
-        assert_eq!(s.limits.max_body_bytes, 1024);
+        assert_eq!(s.limits().max_body_bytes, 1024);
         assert_eq!(s.resolve("fast").unwrap().provider, "local");
         let t = s.tenant_for_key("sy-team").unwrap();
         assert!(t.may_use("fast") && !t.may_use("local/llama"));
-        let sim = s.providers["sim"].simulated.as_ref().unwrap();
+        let sim = s.providers()["sim"].simulated.as_ref().unwrap();
         assert_eq!(sim.profile("flaky").output_tokens, 3);
         assert_eq!(sim.profile("flaky").fault.as_ref().unwrap().rate, 0.5);
         assert!(sim.profile("other").fault.is_none());
         // a declared simulated provider replaces the built-in one
-        assert!(!s.providers.contains_key("simulated"));
+        assert!(!s.providers().contains_key("simulated"));
     }
 
     #[test]
@@ -920,7 +908,7 @@ tenants:
             snap.clone(),
             Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap(),
         ] {
-            let f = s.providers["p"]
+            let f = s.providers()["p"]
                 .simulated
                 .as_ref()
                 .expect("fault layer settings");
@@ -937,16 +925,16 @@ tenants:
         }
         let plain = "providers:\n  p:\n    kind: openai-compatible\n    base_url: http://127.0.0.1:1/v1\n    api_key_env: P_KEY\n";
         let snap = compile_with(plain, &[("P_KEY", "sk-p")]).unwrap().snapshot;
-        assert!(snap.providers["p"].simulated.is_none());
+        assert!(snap.providers()["p"].simulated.is_none());
     }
 
     #[test]
     fn max_attempts_is_carried_and_zero_is_refused() {
         let yaml = "routes:\n  r:\n    max_attempts: 2\n    targets: [{ provider: simulated, model: m }]\n";
         let snap = compile_with(yaml, &[]).unwrap().snapshot;
-        assert_eq!(snap.routes["r"].max_attempts, Some(2));
+        assert_eq!(snap.routes()["r"].max_attempts, Some(2));
         let back = Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap();
-        assert_eq!(back.routes["r"].max_attempts, Some(2));
+        assert_eq!(back.routes()["r"].max_attempts, Some(2));
         let e = compile_with(&yaml.replace("max_attempts: 2", "max_attempts: 0"), &[]).unwrap_err();
         assert!(e.iter().any(|e| e.path == "routes.r.max_attempts"), "{e:?}");
     }
@@ -964,23 +952,23 @@ routes:
 "#;
         let snap = compile_with(yaml, &[]).unwrap().snapshot;
         assert_eq!(
-            snap.routes["quick"].first_token_timeout,
+            snap.routes()["quick"].first_token_timeout,
             Some(Duration::from_millis(500))
         );
-        assert_eq!(snap.routes["plain"].first_token_timeout, None);
+        assert_eq!(snap.routes()["plain"].first_token_timeout, None);
         assert_eq!(
-            snap.limits.first_token_timeout,
+            snap.limits().first_token_timeout,
             Some(Duration::from_secs(4))
         );
         // It travels to remote nodes.
         let back = Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap();
         assert_eq!(
-            back.routes["quick"].first_token_timeout,
+            back.routes()["quick"].first_token_timeout,
             Some(Duration::from_millis(500))
         );
-        assert_eq!(back.routes["plain"].first_token_timeout, None);
+        assert_eq!(back.routes()["plain"].first_token_timeout, None);
         assert_eq!(
-            back.limits.first_token_timeout,
+            back.limits().first_token_timeout,
             Some(Duration::from_secs(4))
         );
 
@@ -1039,14 +1027,17 @@ mod control_plane_tests {
     fn example_and_dev_policies_compile() {
         let c = policy(EXAMPLE, None).unwrap();
         let s = &c.snapshot;
-        assert_eq!(s.providers["openai-us"].jurisdiction.as_deref(), Some("us"));
-        assert_eq!(s.providers["openai-us"].key_pools[0].keys.len(), 2);
+        assert_eq!(
+            s.providers()["openai-us"].jurisdiction.as_deref(),
+            Some("us")
+        );
+        assert_eq!(s.providers()["openai-us"].key_pools[0].keys.len(), 2);
         assert!(
-            s.providers["openai-us"].keys.is_empty(),
+            s.providers()["openai-us"].keys.is_empty(),
             "references stay references"
         );
         assert_eq!(
-            s.providers["azure-eu"].pricing["gpt-4o"].output_per_million,
+            s.providers()["azure-eu"].pricing["gpt-4o"].output_per_million,
             11.0
         );
         let acme = s.tenant("acme-eu").unwrap();
@@ -1155,7 +1146,7 @@ tenants:
             "providers:\n  p:\n    kind: openai\n    key_pools:\n      - keys: [ {{ encrypted: \"{blob}\" }} ]\n"
         );
         let c = policy(&yaml, Some(&keys)).unwrap();
-        match &c.snapshot.providers["p"].key_pools[0].keys[0].source {
+        match &c.snapshot.providers()["p"].key_pools[0].keys[0].source {
             KeySource::Inline(s) => assert_eq!(s.expose(), "sk-sealed"),
             other => panic!("unexpected {other:?}"),
         }
@@ -1181,11 +1172,11 @@ tenants:
         )
         .unwrap();
         for name in ["a", "b", "simulated"] {
-            let p = &c.snapshot.providers[name];
+            let p = &c.snapshot.providers()[name];
             assert!(p.keys.is_empty() && p.key_pools.is_empty(), "{name}");
         }
         // Undeclared providers are not conjured from the edge's environment.
-        assert!(!c.snapshot.providers.contains_key("openai"));
+        assert!(!c.snapshot.providers().contains_key("openai"));
         assert!(!format!("{:?}", c.snapshot).contains("sk-"));
     }
 
@@ -1210,20 +1201,20 @@ tenants:
             },
         )
         .unwrap();
-        let keys: Vec<_> = c.snapshot.providers["p"]
+        let keys: Vec<_> = c.snapshot.providers()["p"]
             .keys
             .iter()
             .map(|k| k.expose().to_string())
             .collect();
         assert_eq!(keys, ["sk-from-file", "sk-env-1", "sk-env-2"]);
-        let ids: Vec<_> = c.snapshot.providers["p"]
+        let ids: Vec<_> = c.snapshot.providers()["p"]
             .keys
             .iter()
             .map(|k| format!("{}/{}", k.pool, k.id))
             .collect();
         assert_eq!(ids, ["pool-0/k0", "pool-0/k1.0", "pool-0/k1.1"]);
-        assert!(!c.snapshot.providers.contains_key("q"));
-        assert!(c.snapshot.aliases.is_empty());
+        assert!(!c.snapshot.providers().contains_key("q"));
+        assert!(c.snapshot.aliases().is_empty());
         let status: HashMap<_, _> = c.provider_status.into_iter().collect();
         assert!(
             status["q"].contains("$MISSING is not set"),
@@ -1247,7 +1238,7 @@ tenants:
             },
         )
         .unwrap();
-        let p = &c.snapshot.providers["p"];
+        let p = &c.snapshot.providers()["p"];
         let pool = &p.key_pools[0];
         assert_eq!(
             (
@@ -1305,9 +1296,9 @@ tenants:
         )
         .unwrap();
         let s = &c.snapshot;
-        assert!(!s.providers.contains_key("q"));
+        assert!(!s.providers().contains_key("q"));
         let eu = vec!["eu".to_string()];
-        let table = &s.residency_plans[&eu];
+        let table = &s.plan_tables().by_jurisdictions[&eu];
         let chat: Vec<_> = table["chat"]
             .as_ref()
             .unwrap()
@@ -1323,7 +1314,7 @@ tenants:
         // The control plane's compiler keeps every provider and plans them.
         let cp = policy(yaml, None).unwrap();
         assert_eq!(
-            cp.snapshot.residency_plans[&eu]["chat"]
+            cp.snapshot.plan_tables().by_jurisdictions[&eu]["chat"]
                 .as_ref()
                 .unwrap()
                 .len(),

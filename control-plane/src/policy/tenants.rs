@@ -139,10 +139,10 @@ pub(super) fn check_residency(doc: &PolicyDocument, snapshot: &Snapshot, errors:
             }
             if let Some(provider) = model.strip_suffix("/*") {
                 let j = snapshot
-                    .providers
+                    .providers()
                     .get(provider)
                     .and_then(|p| p.jurisdiction.clone());
-                if snapshot.providers.contains_key(provider)
+                if snapshot.providers().contains_key(provider)
                     && !j.as_ref().is_some_and(|j| res.contains(j))
                 {
                     err(

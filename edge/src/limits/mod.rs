@@ -202,7 +202,7 @@ impl Limiter {
             &format!("t:{}", tenant.id),
             &tenant.limit_set(),
             share,
-            snap.tenants.spend(&tenant.id),
+            snap.tenants().spend(&tenant.id),
             estimate,
             now,
         );
@@ -214,7 +214,7 @@ impl Limiter {
                 &format!("k:{}", k.id),
                 &k.limits,
                 share,
-                snap.tenants.spend(&format!("key:{}", k.id)),
+                snap.tenants().spend(&format!("key:{}", k.id)),
                 estimate,
                 now,
             );

@@ -118,7 +118,7 @@ pub(crate) async fn admit(
     ctx.protocol = endpoint.protocol();
     ctx.endpoint = endpoint.label();
     if let Endpoint::Health = endpoint {
-        let body = Bytes::from(json!({"status": "ok", "version": snap.version}).to_string());
+        let body = Bytes::from(json!({"status": "ok", "version": snap.version()}).to_string());
         answer(app, session, snap, ctx, body).await;
         return Ok(Admitted::Answered);
     }
@@ -136,7 +136,7 @@ pub(crate) async fn admit(
             .get_header("x-switchyard-residency")
             .and_then(|v| v.to_str().ok()),
     );
-    let limit = snap.limits.max_body_bytes;
+    let limit = snap.limits().max_body_bytes;
     let body_timeout = app.limits.body_timeout;
     let request = match endpoint {
         Endpoint::Health => return Ok(Admitted::Answered),
@@ -157,7 +157,7 @@ pub(crate) async fn admit(
             return Ok(Admitted::Answered);
         }
         Endpoint::Passthrough { provider, rest } => {
-            if !snap.providers.contains_key(&provider) {
+            if !snap.providers().contains_key(&provider) {
                 return Err(fail(
                     GatewayError::new(
                         ErrorKind::NotFound,
@@ -269,7 +269,7 @@ fn check_edge_residency(app: &EdgeApp, snap: &Snapshot, tenant: &Tenant) -> Resu
     if tenant.edge_residency_relaxed {
         return Ok(());
     }
-    let Some(region) = snap.regions.get(&app.region) else {
+    let Some(region) = snap.regions().get(&app.region) else {
         return Ok(());
     };
     if region
@@ -280,7 +280,7 @@ fn check_edge_residency(app: &EdgeApp, snap: &Snapshot, tenant: &Tenant) -> Resu
         return Ok(());
     }
     let mut hosts: Vec<&str> = snap
-        .regions
+        .regions()
         .values()
         .filter(|r| r.jurisdiction.as_ref().is_some_and(|j| allowed.contains(j)))
         .filter_map(|r| r.hostname.as_deref())

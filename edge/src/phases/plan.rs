@@ -73,10 +73,10 @@ pub(crate) fn plan(
                 .ok_or_else(|| fail(empty_plan(requested)))?;
             let target = &first.target;
             let advertised = snap
-                .providers
+                .providers()
                 .get(&target.provider)
                 .is_some_and(|p| p.models.contains(&target.model));
-            if advertised || snap.aliases.contains_key(requested) {
+            if advertised || snap.aliases().contains_key(requested) {
                 ctx.model_label = Some(requested.to_string());
             }
             match raw_body {
@@ -107,7 +107,7 @@ pub(crate) fn plan(
 pub(crate) fn simulate_allowed(app: &EdgeApp, snap: &Snapshot, target: &PlannedTarget) -> bool {
     app.simulate_header
         || snap
-            .providers
+            .providers()
             .get(&target.target.provider)
             .and_then(|p| p.simulated.as_ref())
             .is_some_and(|s| s.allow_header)
@@ -163,7 +163,7 @@ fn passthrough_plan(
     ctx: &RequestCtx,
     provider: &str,
 ) -> Result<Plan, GatewayError> {
-    let p = snap.providers.get(provider).ok_or_else(|| {
+    let p = snap.providers().get(provider).ok_or_else(|| {
         GatewayError::new(
             ErrorKind::NotFound,
             format!("Unknown provider `{provider}`."),
@@ -199,7 +199,7 @@ fn raw_request(
     op: &Operation,
     body: &Bytes,
 ) -> Result<RawRequest, GatewayError> {
-    let kind = snap.providers.get(&target.provider).map(|p| p.kind);
+    let kind = snap.providers().get(&target.provider).map(|p| p.kind);
     let path = raw_path(kind, endpoint_name(op))?;
     let mut map = parse_json_object(body)?;
     map.insert(
@@ -262,10 +262,10 @@ pub fn route_plan(
         return Err(GatewayError::model_not_found(requested));
     }
     let first_token_timeout = snap
-        .routes
+        .routes()
         .get(requested)
         .and_then(|r| r.first_token_timeout)
-        .or(snap.limits.first_token_timeout);
+        .or(snap.limits().first_token_timeout);
     let plan = match residency {
         // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
@@ -319,7 +319,7 @@ pub fn route_plan(
     }
     Ok(bounded(
         plan,
-        snap.routes.get(requested).and_then(|r| r.max_attempts),
+        snap.routes().get(requested).and_then(|r| r.max_attempts),
     ))
 }
 
@@ -350,7 +350,9 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::sync::Arc;
-    use switchyard_proto::{ProviderSnapshot, RouteSnapshot, Strategy, WeightedTarget};
+    use switchyard_proto::{
+        ProviderSnapshot, RouteSnapshot, SnapshotBuilder, Strategy, WeightedTarget,
+    };
 
     #[test]
     fn raw_mode_needs_matching_protocols() {
@@ -380,7 +382,7 @@ mod tests {
 
     #[test]
     fn a_route_without_a_usable_target_is_an_error_not_an_empty_plan() {
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot::builder();
         // Its only provider is gone (pruned for want of keys, say).
         let ghost = WeightedTarget {
             provider: "ghost".into(),
@@ -389,6 +391,7 @@ mod tests {
         };
         snap.routes
             .insert("r".into(), route("r", vec![ghost], None));
+        let snap = snap.build();
         let tenant = Tenant {
             id: "t".into(),
             ..Tenant::default()
@@ -398,8 +401,8 @@ mod tests {
         assert!(!e.may_try_another_target());
     }
 
-    fn snapshot_with_provider() -> Snapshot {
-        let mut snap = Snapshot::default();
+    fn snapshot_with_provider() -> SnapshotBuilder {
+        let mut snap = Snapshot::builder();
         snap.providers.insert(
             "p".into(),
             Arc::new(ProviderSnapshot {
@@ -433,6 +436,7 @@ mod tests {
             "open".into(),
             route("open", vec![t("a"), t("b"), t("c")], None),
         );
+        let snap = snap.build();
         let tenant = Tenant {
             id: "t".into(),
             ..Tenant::default()
@@ -462,6 +466,7 @@ mod tests {
         snap.routes
             .insert("dflt".into(), route("dflt", vec![t()], None));
         snap.limits.first_token_timeout = Some(Duration::from_secs(3));
+        let snap = snap.build();
         let tenant = Tenant {
             id: "t".into(),
             ..Tenant::default()

@@ -73,7 +73,7 @@ pub(crate) fn cost(snap: &Snapshot, ctx: &RequestCtx, usage: Option<Usage>) -> f
     let (Some(served), Some(u)) = (&ctx.served, usage) else {
         return 0.0;
     };
-    snap.providers
+    snap.providers()
         .get(&served.target.provider)
         .and_then(|p| p.pricing.get(&served.target.model))
         .map_or(0.0, |price| {
