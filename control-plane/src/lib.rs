@@ -29,6 +29,7 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tenancy;
 
 pub use policy::{
     compile, compile_for_edge, compile_policy, parse_policy, CompileOptions, Compiled,

@@ -399,14 +399,27 @@ async fn handle_snapshot(
     let generation = msg.scores_generation;
     let current = status.borrow().clone();
     if version == current.applied_version && !current.from_cache {
-        // Same policy, new scores: swap the scores only; nothing to ACK.
+        // Same policy, new scores or tenant state (keys, spend, leases):
+        // swap those only; nothing to ACK.
         if generation != current.scores_generation {
             let scores = msg
                 .scores
                 .clone()
                 .map(switchyard_proto::Scores::from)
                 .unwrap_or_default();
-            let next = shared.load().with_scores(Arc::new(scores));
+            let current = shared.load();
+            let next = match switchyard_proto::wire::tenants_from_wire(
+                msg.tenants.clone(),
+                msg.virtual_keys.clone(),
+                msg.spend.clone(),
+            ) {
+                Ok(tenants) => current.with_refresh(Arc::new(scores), tenants),
+                Err(e) => {
+                    // The version was valid; a bad refresh keeps its tenants.
+                    tracing::warn!(error = %e, "ignoring a tenant refresh");
+                    current.with_scores(Arc::new(scores))
+                }
+            };
             shared.store(Arc::new(next));
             status.send_modify(|s| s.scores_generation = generation);
             if let Some(path) = &config.cache_path {

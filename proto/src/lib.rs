@@ -783,6 +783,15 @@ impl Snapshot {
         parts.build()
     }
 
+    /// The same policy with refreshed scores and tenant state (virtual
+    /// keys, spend, leases), as the control plane pushes between versions.
+    pub fn with_refresh(&self, scores: Arc<Scores>, tenants: Tenants) -> Snapshot {
+        let mut parts = self.parts.clone();
+        parts.scores = scores;
+        parts.tenants = tenants;
+        parts.build()
+    }
+
     pub fn version(&self) -> u64 {
         self.parts.version
     }

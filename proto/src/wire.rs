@@ -594,96 +594,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                 }),
             );
         }
-        let mut tenants = Tenants::default();
-        let mut ids = HashSet::new();
-        for (i, t) in msg.tenants.into_iter().enumerate() {
-            let path = format!("tenants[{i}]");
-            let hash: [u8; 32] = t
-                .key_sha256
-                .as_slice()
-                .try_into()
-                .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
-            if !ids.insert(t.id.clone()) {
-                return Err(invalid(format!("{path}.id"), "duplicate tenant id"));
-            }
-            for (field, v) in [
-                ("monthly_budget_usd", t.monthly_budget_usd),
-                ("daily_budget_usd", t.daily_budget_usd),
-                ("budget_warn_ratio", t.budget_warn_ratio),
-                ("limit_share", t.limit_share),
-            ] {
-                if !v.is_finite() || v < 0.0 {
-                    return Err(invalid(format!("{path}.{field}"), "must be non-negative"));
-                }
-            }
-            if t.limit_share > 1.0 || t.budget_warn_ratio > 1.0 {
-                return Err(invalid(format!("{path}.limit_share"), "at most 1"));
-            }
-            let positive = |v: f64| (v > 0.0).then_some(v);
-            tenants.insert(
-                KeyHash(hash),
-                Tenant {
-                    id: t.id,
-                    allowed_models: t.allowed_models.map(|a| a.models),
-                    rpm: (t.rpm > 0).then_some(t.rpm),
-                    tpm: (t.tpm > 0).then_some(t.tpm),
-                    concurrency: (t.concurrency > 0).then_some(t.concurrency),
-                    daily_budget_usd: positive(t.daily_budget_usd),
-                    monthly_budget_usd: positive(t.monthly_budget_usd),
-                    budget_warn_ratio: positive(t.budget_warn_ratio),
-                    fail_closed: t.fail_closed,
-                    limit_share: positive(t.limit_share),
-                    residency: (!t.residency.is_empty()).then_some(t.residency),
-                    edge_residency_relaxed: t.edge_residency_relaxed,
-                },
-            );
-        }
-        for (i, k) in msg.virtual_keys.into_iter().enumerate() {
-            let path = format!("virtual_keys[{i}]");
-            let hash: [u8; 32] = k
-                .key_sha256
-                .as_slice()
-                .try_into()
-                .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
-            for (field, v) in [
-                ("daily_budget_usd", k.daily_budget_usd),
-                ("monthly_budget_usd", k.monthly_budget_usd),
-            ] {
-                if !v.is_finite() || v < 0.0 {
-                    return Err(invalid(format!("{path}.{field}"), "must be non-negative"));
-                }
-            }
-            let positive = |v: f64| (v > 0.0).then_some(v);
-            // A key of a tenant this snapshot does not have grants nothing.
-            tenants.insert_virtual_key(
-                KeyHash(hash),
-                VirtualKey {
-                    id: k.id,
-                    tenant: k.tenant,
-                    allowed_models: k.allowed_models.map(|a| a.models),
-                    limits: LimitSet {
-                        rpm: (k.rpm > 0).then_some(k.rpm),
-                        tpm: (k.tpm > 0).then_some(k.tpm),
-                        concurrency: (k.concurrency > 0).then_some(k.concurrency),
-                        daily_usd: positive(k.daily_budget_usd),
-                        monthly_usd: positive(k.monthly_budget_usd),
-                    },
-                    expires_at_ms: (k.expires_at_ms > 0).then_some(k.expires_at_ms),
-                },
-            );
-        }
-        for (scope, sp) in msg.spend {
-            let finite = |x: f64| if x.is_finite() && x >= 0.0 { x } else { 0.0 };
-            tenants.set_spend(
-                scope,
-                Spend {
-                    day_usd: finite(sp.day_usd),
-                    month_usd: finite(sp.month_usd),
-                    day: sp.day,
-                    month: sp.month,
-                },
-            );
-        }
+        let tenants = tenants_from_wire(msg.tenants, msg.virtual_keys, msg.spend)?;
         let l = msg.limits.ok_or_else(|| InvalidSnapshot::MissingField {
             path: "limits".into(),
         })?;
@@ -732,6 +643,107 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
         }
         .build())
     }
+}
+
+/// The tenant part of a snapshot message: tenants, virtual keys and the
+/// fleet's spend. Also what a node swaps in on a refresh of the same
+/// policy version (new keys, revocations, spend, leases).
+pub fn tenants_from_wire(
+    tenant_msgs: Vec<pb::TenantMsg>,
+    virtual_keys: Vec<pb::VirtualKeyMsg>,
+    spend: HashMap<String, pb::SpendMsg>,
+) -> Result<Tenants, InvalidSnapshot> {
+    let mut tenants = Tenants::default();
+    let mut ids = HashSet::new();
+    for (i, t) in tenant_msgs.into_iter().enumerate() {
+        let path = format!("tenants[{i}]");
+        let hash: [u8; 32] = t
+            .key_sha256
+            .as_slice()
+            .try_into()
+            .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
+        if !ids.insert(t.id.clone()) {
+            return Err(invalid(format!("{path}.id"), "duplicate tenant id"));
+        }
+        for (field, v) in [
+            ("monthly_budget_usd", t.monthly_budget_usd),
+            ("daily_budget_usd", t.daily_budget_usd),
+            ("budget_warn_ratio", t.budget_warn_ratio),
+            ("limit_share", t.limit_share),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(invalid(format!("{path}.{field}"), "must be non-negative"));
+            }
+        }
+        if t.limit_share > 1.0 || t.budget_warn_ratio > 1.0 {
+            return Err(invalid(format!("{path}.limit_share"), "at most 1"));
+        }
+        let positive = |v: f64| (v > 0.0).then_some(v);
+        tenants.insert(
+            KeyHash(hash),
+            Tenant {
+                id: t.id,
+                allowed_models: t.allowed_models.map(|a| a.models),
+                rpm: (t.rpm > 0).then_some(t.rpm),
+                tpm: (t.tpm > 0).then_some(t.tpm),
+                concurrency: (t.concurrency > 0).then_some(t.concurrency),
+                daily_budget_usd: positive(t.daily_budget_usd),
+                monthly_budget_usd: positive(t.monthly_budget_usd),
+                budget_warn_ratio: positive(t.budget_warn_ratio),
+                fail_closed: t.fail_closed,
+                limit_share: positive(t.limit_share),
+                residency: (!t.residency.is_empty()).then_some(t.residency),
+                edge_residency_relaxed: t.edge_residency_relaxed,
+            },
+        );
+    }
+    for (i, k) in virtual_keys.into_iter().enumerate() {
+        let path = format!("virtual_keys[{i}]");
+        let hash: [u8; 32] = k
+            .key_sha256
+            .as_slice()
+            .try_into()
+            .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
+        for (field, v) in [
+            ("daily_budget_usd", k.daily_budget_usd),
+            ("monthly_budget_usd", k.monthly_budget_usd),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(invalid(format!("{path}.{field}"), "must be non-negative"));
+            }
+        }
+        let positive = |v: f64| (v > 0.0).then_some(v);
+        // A key of a tenant this snapshot does not have grants nothing.
+        tenants.insert_virtual_key(
+            KeyHash(hash),
+            VirtualKey {
+                id: k.id,
+                tenant: k.tenant,
+                allowed_models: k.allowed_models.map(|a| a.models),
+                limits: LimitSet {
+                    rpm: (k.rpm > 0).then_some(k.rpm),
+                    tpm: (k.tpm > 0).then_some(k.tpm),
+                    concurrency: (k.concurrency > 0).then_some(k.concurrency),
+                    daily_usd: positive(k.daily_budget_usd),
+                    monthly_usd: positive(k.monthly_budget_usd),
+                },
+                expires_at_ms: (k.expires_at_ms > 0).then_some(k.expires_at_ms),
+            },
+        );
+    }
+    for (scope, sp) in spend {
+        let finite = |x: f64| if x.is_finite() && x >= 0.0 { x } else { 0.0 };
+        tenants.set_spend(
+            scope,
+            Spend {
+                day_usd: finite(sp.day_usd),
+                month_usd: finite(sp.month_usd),
+                day: sp.day,
+                month: sp.month,
+            },
+        );
+    }
+    Ok(tenants)
 }
 
 /// Scores carry no invariants a node relies on, so this cannot fail;
