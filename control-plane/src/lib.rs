@@ -22,6 +22,7 @@
 pub mod client;
 pub mod diff;
 pub mod http;
+pub mod ledger;
 pub mod limits;
 pub mod node_client;
 pub mod policy;

@@ -22,6 +22,7 @@ pub mod auth;
 pub mod ctx;
 pub mod guard;
 pub mod hooks;
+pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod node;

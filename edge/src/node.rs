@@ -51,6 +51,7 @@ use tokio::task::JoinHandle;
 
 use crate::app::EdgeApp;
 use crate::guard::EdgeLimits;
+use crate::ledger::LedgerHook;
 use crate::limits::Limiter;
 use crate::service::{edge_service, metrics_service, TlsFiles};
 
@@ -271,6 +272,7 @@ impl EdgeNode {
         let mut backhaul = None;
         let upstream: Arc<dyn Upstream>;
         let region;
+        let mut ledger = None;
         let mut egress_nodes = Vec::new();
         match self.mode {
             Mode::SingleNode => {
@@ -296,6 +298,7 @@ impl EdgeNode {
                     }
                 };
                 upstream = parts.router;
+                ledger = parts.ledger;
                 egress_nodes = parts.egress_nodes;
                 backhaul = Some(Backhaul {
                     rt,
@@ -322,6 +325,10 @@ impl EdgeNode {
         }
         if let Some(observer) = backhaul.as_ref().and_then(|b| b.observer.clone()) {
             app = app.with_observer(observer);
+        }
+        if let Some(ledger) = ledger {
+            let hook = LedgerHook::new(ledger, app.metrics().registry());
+            app = app.with_record_hook(Arc::new(hook));
         }
         let edge_metrics = app.metrics();
 
@@ -452,6 +459,7 @@ fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
 
 struct BackhaulParts {
     router: Arc<TunnelRouter>,
+    ledger: Option<switchyard_control::ledger::Ledger>,
     agent: Option<NodeAgent>,
     observer: Option<Arc<dyn RequestObserver>>,
     egress_nodes: Vec<(String, Vec<String>)>,
@@ -525,6 +533,7 @@ async fn start_backhaul(
         }) as Arc<dyn RequestObserver>
     });
     Ok(BackhaulParts {
+        ledger: agent.as_ref().map(|a| a.ledger()),
         router,
         agent,
         observer,

@@ -16,17 +16,19 @@ use crate::metrics::Observation;
 
 pub(crate) fn record(app: &EdgeApp, session: &ServerSession, snap: &Snapshot, ctx: &mut RequestCtx) {
     let stats = ctx.stats.as_deref();
+    let usage = stats.and_then(|s| s.usage());
+    let cost_usd = cost(snap, ctx, usage);
     let record = UsageRecord {
         status: ctx.final_status(),
         error: ctx.final_error(),
         latency: ctx.received_at.elapsed(),
         ttft: stats.and_then(|s| s.ttft_us()).map(Duration::from_micros),
-        usage: stats.and_then(|s| s.usage()),
+        usage,
         stream_failed: stats.is_some_and(|s| s.stream_failed()),
         client_gone: ctx.client_gone,
         attempts: ctx.attempts.len(),
+        cost_usd,
     };
-    let cost_usd = cost(snap, ctx, record.usage);
     if let (Some(limiter), Some(ticket)) = (&app.limiter, ctx.ticket.take()) {
         limiter.settle(ticket, record.usage, cost_usd);
     }
