@@ -411,6 +411,54 @@ impl ControlPlane {
     }
 }
 
+/// `7d`, `24h`, `30m`, `45s` before `now_ms`, or an absolute time in Unix
+/// milliseconds.
+pub fn parse_since(text: &str, now_ms: i64) -> Option<i64> {
+    let text = text.trim();
+    let unit = |c: char| match c {
+        'd' => Some(DAY_MS),
+        'h' => Some(3_600_000),
+        'm' => Some(60_000),
+        's' => Some(1000),
+        _ => None,
+    };
+    match text.chars().last().and_then(unit) {
+        Some(ms) => {
+            let n: i64 = text[..text.len() - 1].parse().ok()?;
+            (n >= 0).then(|| now_ms - n.saturating_mul(ms))
+        }
+        None => text.parse().ok().filter(|v: &i64| *v >= 0),
+    }
+}
+
+/// `30d`, `12h`, `45m`, `90s` from `now_ms`, or Unix milliseconds.
+pub fn parse_expiry(text: &str, now_ms: i64) -> Option<i64> {
+    let past = parse_since(text, 0)?;
+    let relative = text.trim().ends_with(['d', 'h', 'm', 's']);
+    Some(if relative { now_ms - past } else { past })
+}
+
+/// The rows as CSV, with a header line.
+pub fn usage_csv(rows: &[pb::UsageRowMsg], group_by: &str) -> String {
+    let mut out = format!(
+        "{group_by},requests,errors,input_tokens,output_tokens,cached_tokens,cost_usd,cache_hits\n"
+    );
+    for r in rows {
+        // Group values come from model/provider/key names; quote any that
+        // could break a CSV cell.
+        let g = if r.group.contains([',', '"', '\n']) {
+            format!("\"{}\"", r.group.replace('"', "\"\""))
+        } else {
+            r.group.clone()
+        };
+        out.push_str(&format!(
+            "{g},{},{},{},{},{},{:.6},{}\n",
+            r.requests, r.errors, r.input_tokens, r.output_tokens, r.cached_tokens, r.cost_usd, r.cache_hits
+        ));
+    }
+    out
+}
+
 fn info(k: &VirtualKeyRow) -> pb::VirtualKeyInfo {
     pb::VirtualKeyInfo {
         id: k.id.clone(),
@@ -432,6 +480,15 @@ fn info(k: &VirtualKeyRow) -> pb::VirtualKeyInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_parses_relative_and_absolute_times() {
+        assert_eq!(parse_since("7d", 10 * DAY_MS), Some(3 * DAY_MS));
+        assert_eq!(parse_since("2h", 7_200_000), Some(0));
+        assert_eq!(parse_since("1234", 0), Some(1234));
+        assert_eq!(parse_since("x", 0), None);
+        assert_eq!(parse_since("-1d", 0), None);
+    }
 
     #[test]
     fn month_of_days() {
