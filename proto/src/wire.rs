@@ -225,12 +225,21 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 (name.clone(), msg)
             })
             .collect();
-        let mut tenants: Vec<_> = s
+        let key_of: HashMap<&str, &KeyHash> = s
             .tenants()
             .keys()
-            .map(|(hash, t)| pb::TenantMsg {
+            .map(|(hash, t)| (t.id.as_str(), hash))
+            .collect();
+        let mut tenants: Vec<_> = s
+            .tenants()
+            .iter()
+            .map(|t| pb::TenantMsg {
                 id: t.id.clone(),
-                key_sha256: hash.0.to_vec(),
+                // Empty: a tenant reached through virtual keys only.
+                key_sha256: key_of
+                    .get(t.id.as_str())
+                    .map(|h| h.0.to_vec())
+                    .unwrap_or_default(),
                 allowed_models: t
                     .allowed_models
                     .as_ref()
@@ -657,11 +666,16 @@ pub fn tenants_from_wire(
     let mut ids = HashSet::new();
     for (i, t) in tenant_msgs.into_iter().enumerate() {
         let path = format!("tenants[{i}]");
-        let hash: [u8; 32] = t
-            .key_sha256
-            .as_slice()
-            .try_into()
-            .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
+        let hash: Option<[u8; 32]> = if t.key_sha256.is_empty() {
+            None
+        } else {
+            Some(
+                t.key_sha256
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?,
+            )
+        };
         if !ids.insert(t.id.clone()) {
             return Err(invalid(format!("{path}.id"), "duplicate tenant id"));
         }
@@ -679,9 +693,7 @@ pub fn tenants_from_wire(
             return Err(invalid(format!("{path}.limit_share"), "at most 1"));
         }
         let positive = |v: f64| (v > 0.0).then_some(v);
-        tenants.insert(
-            KeyHash(hash),
-            Tenant {
+        let tenant = Tenant {
                 id: t.id,
                 allowed_models: t.allowed_models.map(|a| a.models),
                 rpm: (t.rpm > 0).then_some(t.rpm),
@@ -694,8 +706,11 @@ pub fn tenants_from_wire(
                 limit_share: positive(t.limit_share),
                 residency: (!t.residency.is_empty()).then_some(t.residency),
                 edge_residency_relaxed: t.edge_residency_relaxed,
-            },
-        );
+        };
+        match hash {
+            Some(hash) => tenants.insert(KeyHash(hash), tenant),
+            None => tenants.insert_keyless(tenant),
+        }
     }
     for (i, k) in virtual_keys.into_iter().enumerate() {
         let path = format!("virtual_keys[{i}]");
