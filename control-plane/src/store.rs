@@ -709,10 +709,12 @@ impl Store {
     ) -> Result<Vec<UsageRow>, StoreError> {
         let sql = format!(
             "SELECT {col} AS grp, COUNT(*) AS requests,
-               SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors,
-               SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens,
-               SUM(cached_tokens) AS cached_tokens, SUM(cost_micro_usd) AS cost,
-               SUM(cache_hit) AS cache_hits
+               CAST(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS BIGINT) AS errors,
+               CAST(SUM(input_tokens) AS BIGINT) AS input_tokens,
+               CAST(SUM(output_tokens) AS BIGINT) AS output_tokens,
+               CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens,
+               CAST(SUM(cost_micro_usd) AS BIGINT) AS cost,
+               CAST(SUM(cache_hit) AS BIGINT) AS cache_hits
              FROM usage_records WHERE at_ms >= $1 AND ($2 = '' OR tenant = $2)
              GROUP BY {col} ORDER BY {col}",
             col = group.column()
@@ -755,8 +757,8 @@ impl Store {
         for (col, prefix) in [("tenant", ""), ("key_id", "key:")] {
             let sql = format!(
                 "SELECT {col} AS scope,
-                   SUM(CASE WHEN at_ms >= $1 THEN cost_micro_usd ELSE 0 END) AS day,
-                   SUM(cost_micro_usd) AS month
+                   CAST(SUM(CASE WHEN at_ms >= $1 THEN cost_micro_usd ELSE 0 END) AS BIGINT) AS day,
+                   CAST(SUM(cost_micro_usd) AS BIGINT) AS month
                  FROM usage_records WHERE at_ms >= $2 AND {col} <> '' GROUP BY {col}"
             );
             on_pool!(self, |pool| {
@@ -837,6 +839,77 @@ mod tests {
         assert!(got.connected, "another replica cannot disconnect it");
         store.set_connected("edge-1", false, "r1").await.unwrap();
         assert!(!store.nodes().await.unwrap()[0].connected);
+        exercise_tenancy(store).await;
+    }
+
+    /// Virtual keys and the usage ledger, the same on both backends.
+    async fn exercise_tenancy(store: &Store) {
+        let key = VirtualKeyRow {
+            id: "k1".into(),
+            tenant: "acme".into(),
+            key_sha256: "ab".repeat(32),
+            models: vec!["a/b".into(), "c/*".into()],
+            rpm: 5,
+            daily_usd: 1.5,
+            created_at_ms: 1,
+            created_by: "test".into(),
+            ..VirtualKeyRow::default()
+        };
+        store.insert_virtual_key(&key).await.unwrap();
+        assert!(store.insert_virtual_key(&key).await.is_err(), "ids are unique");
+        let listed = store.virtual_keys(Some("acme")).await.unwrap();
+        assert_eq!(listed, [key.clone()]);
+        assert!(store.virtual_keys(Some("other")).await.unwrap().is_empty());
+        assert!(store.revoke_virtual_key("k1").await.unwrap());
+        assert!(!store.revoke_virtual_key("k1").await.unwrap(), "once");
+        assert!(store.virtual_keys(None).await.unwrap()[0].revoked_at_ms > 0);
+
+        let day = 20_786i64;
+        let record = |uid: &str, model: &str, key: &str, at: i64, cost: f64, status: u32| {
+            switchyard_proto::control::UsageRecordMsg {
+                uid: uid.into(),
+                at_ms: at,
+                tenant: "acme".into(),
+                key_id: key.into(),
+                model: model.into(),
+                provider: "p".into(),
+                input_tokens: 10,
+                output_tokens: 5,
+                cached_tokens: 2,
+                cost_usd: cost,
+                status,
+                ..Default::default()
+            }
+        };
+        let batch = [
+            record("u1", "m1", "k1", day * 86_400_000 + 5, 0.25, 200),
+            record("u2", "m1", "", day * 86_400_000 + 6, 0.5, 200),
+            record("u3", "m2", "k1", (day - 1) * 86_400_000, 1.0, 429),
+        ];
+        assert_eq!(store.insert_usage("edge-1", &batch).await.unwrap(), 3);
+        // The same batch again (an answer that was lost): stored once.
+        assert_eq!(store.insert_usage("edge-1", &batch).await.unwrap(), 0);
+        let by_model = store.usage(Some("acme"), 0, UsageGroup::Model).await.unwrap();
+        assert_eq!(by_model.len(), 2);
+        assert_eq!((by_model[0].group.as_str(), by_model[0].requests), ("m1", 2));
+        assert_eq!(by_model[0].input_tokens, 20);
+        assert!((by_model[0].cost_usd - 0.75).abs() < 1e-9);
+        assert_eq!((by_model[1].errors, by_model[1].cached_tokens), (1, 2));
+        let by_day = store.usage(None, 0, UsageGroup::Day).await.unwrap();
+        assert_eq!(by_day[1].group, "2026-11-29");
+        let since = store
+            .usage(Some("acme"), day * 86_400_000, UsageGroup::Key)
+            .await
+            .unwrap();
+        assert_eq!(since.iter().map(|r| r.requests).sum::<u64>(), 2);
+        let spend = store
+            .spend(day * 86_400_000, (day - 28) * 86_400_000)
+            .await
+            .unwrap();
+        let acme = spend.iter().find(|s| s.scope == "acme").unwrap();
+        assert!((acme.day_usd - 0.75).abs() < 1e-9 && (acme.month_usd - 1.75).abs() < 1e-9);
+        let k1 = spend.iter().find(|s| s.scope == "key:k1").unwrap();
+        assert!((k1.day_usd - 0.25).abs() < 1e-9 && (k1.month_usd - 1.25).abs() < 1e-9);
     }
 
     #[tokio::test]

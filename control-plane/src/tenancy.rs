@@ -492,10 +492,10 @@ mod tests {
 
     #[test]
     fn month_of_days() {
-        // 2026-11-29 is day 20_421.
-        let (month, start) = month_of(20_421);
+        // 2026-11-29 is day 20_786.
+        let (month, start) = month_of(20_786);
         assert_eq!(month, 2026 * 12 + 10);
-        assert_eq!(start, 20_421 - 28);
+        assert_eq!(start, 20_786 - 28);
         assert_eq!(crate::store::day_name(start), "2026-11-01");
     }
 }
