@@ -294,8 +294,11 @@ async fn run_async(args: CtlArgs) -> anyhow::Result<()> {
             let now = switchyard_control::store::now_ms();
             let expires_at_ms = match expires {
                 None => 0,
-                Some(text) => switchyard_control::tenancy::parse_expiry(&text, now)
-                    .with_context(|| format!("--expires {text:?}: use 30d, 12h, 45m or Unix milliseconds"))?,
+                Some(text) => {
+                    switchyard_control::tenancy::parse_expiry(&text, now).with_context(|| {
+                        format!("--expires {text:?}: use 30d, 12h, 45m or Unix milliseconds")
+                    })?
+                }
             };
             let r = c
                 .create_virtual_key(pb::CreateVirtualKeyRequest {
@@ -349,7 +352,11 @@ async fn run_async(args: CtlArgs) -> anyhow::Result<()> {
                 if !k.models.is_empty() {
                     rules.push(format!("models={}", k.models.join(",")));
                 }
-                for (name, v) in [("rpm", u64::from(k.rpm)), ("tpm", k.tpm), ("concurrency", u64::from(k.concurrency))] {
+                for (name, v) in [
+                    ("rpm", u64::from(k.rpm)),
+                    ("tpm", k.tpm),
+                    ("concurrency", u64::from(k.concurrency)),
+                ] {
                     if v > 0 {
                         rules.push(format!("{name}={v}"));
                     }
@@ -390,8 +397,10 @@ async fn run_async(args: CtlArgs) -> anyhow::Result<()> {
             csv,
         } => {
             let now = switchyard_control::store::now_ms();
-            let since_ms = switchyard_control::tenancy::parse_since(&since, now)
-                .with_context(|| format!("--since {since:?}: use 7d, 24h, 30m or Unix milliseconds"))?;
+            let since_ms =
+                switchyard_control::tenancy::parse_since(&since, now).with_context(|| {
+                    format!("--since {since:?}: use 7d, 24h, 30m or Unix milliseconds")
+                })?;
             let r = c
                 .query_usage(pb::QueryUsageRequest {
                     tenant: tenant.unwrap_or_default(),
@@ -401,11 +410,20 @@ async fn run_async(args: CtlArgs) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             if csv {
-                print!("{}", switchyard_control::tenancy::usage_csv(&r.rows, &group_by));
+                print!(
+                    "{}",
+                    switchyard_control::tenancy::usage_csv(&r.rows, &group_by)
+                );
             } else {
                 println!(
                     "{:<32} {:>9} {:>7} {:>12} {:>12} {:>10} {:>12}",
-                    group_by.to_uppercase(), "REQUESTS", "ERRORS", "INPUT", "OUTPUT", "CACHED", "COST USD"
+                    group_by.to_uppercase(),
+                    "REQUESTS",
+                    "ERRORS",
+                    "INPUT",
+                    "OUTPUT",
+                    "CACHED",
+                    "COST USD"
                 );
                 for u in r.rows {
                     println!(

@@ -5,7 +5,7 @@
 //! and what each tenant's fail-open/fail-closed choice does when it stops.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -69,10 +69,10 @@ pub fn write_policy(text: &str) -> PathBuf {
     path
 }
 
-pub async fn edge(policy: &PathBuf, redis: Option<&str>) -> RunningEdge {
+pub async fn edge(policy: &Path, redis: Option<&str>) -> RunningEdge {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut node = EdgeNode::single_node()
-        .policy(PolicySource::File(policy.clone()))
+        .policy(PolicySource::File(policy.to_path_buf()))
         .listen("127.0.0.1:0")
         .simulate_header(true);
     if let Some(url) = redis {
@@ -127,7 +127,10 @@ async fn rpm_refuses_the_fourth_request_with_openai_headers_in_each_protocol() {
     for left in ["2", "1", "0"] {
         let r = chat(addr, RPM_KEY, &[]).await;
         assert_eq!(r.status(), 200);
-        assert_eq!(header(&r, "x-ratelimit-limit-requests").as_deref(), Some("3"));
+        assert_eq!(
+            header(&r, "x-ratelimit-limit-requests").as_deref(),
+            Some("3")
+        );
         assert_eq!(
             header(&r, "x-ratelimit-remaining-requests").as_deref(),
             Some(left)
@@ -138,7 +141,10 @@ async fn rpm_refuses_the_fourth_request_with_openai_headers_in_each_protocol() {
     assert_eq!(r.status(), 429);
     let retry_after: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
-    assert_eq!(header(&r, "x-ratelimit-limit-requests").as_deref(), Some("3"));
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-requests").as_deref(),
+        Some("3")
+    );
     assert_eq!(
         header(&r, "x-ratelimit-remaining-requests").as_deref(),
         Some("0")
@@ -183,7 +189,10 @@ async fn tpm_counts_the_real_usage_after_the_estimate() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(estimate_left > 80, "only the estimate is taken up front: {estimate_left}");
+    assert!(
+        estimate_left > 80,
+        "only the estimate is taken up front: {estimate_left}"
+    );
     let mut refused = None;
     let mut served = 1;
     for _ in 0..20 {
@@ -198,7 +207,10 @@ async fn tpm_counts_the_real_usage_after_the_estimate() {
     let refused = refused.expect("the token limit is reached");
     // Each answer has 24 completion tokens: 100 tokens allow at most 4.
     assert!(served <= 4, "{served} requests fit in 100 tokens");
-    assert_eq!(header(&refused, "x-ratelimit-limit-tokens").as_deref(), Some("100"));
+    assert_eq!(
+        header(&refused, "x-ratelimit-limit-tokens").as_deref(),
+        Some("100")
+    );
     assert!(header(&refused, "x-ratelimit-reset-tokens").is_some());
     let body: Value = refused.json().await.unwrap();
     assert!(body["error"]["message"]
@@ -214,19 +226,30 @@ async fn concurrency_limit_holds_while_a_request_is_in_flight() {
     let edge = edge(&policy, None).await;
     let addr = edge.local_addr().unwrap();
     // A slow request holds the tenant's only slot...
-    let slow = tokio::spawn(async move { chat(addr, CONC_KEY, &[("x-switchyard-simulate", "ttft_ms=3000")]).await });
+    let slow = tokio::spawn(async move {
+        chat(addr, CONC_KEY, &[("x-switchyard-simulate", "ttft_ms=3000")]).await
+    });
     let mut refused = false;
     for _ in 0..200 {
         let r = chat(addr, CONC_KEY, &[]).await;
         if r.status() == 429 {
             let body: Value = r.json().await.unwrap();
-            assert!(body["error"]["message"].as_str().unwrap().contains("at most 1 at once"), "{body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("at most 1 at once"),
+                "{body}"
+            );
             refused = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(refused, "a second request is refused while the first is in flight");
+    assert!(
+        refused,
+        "a second request is refused while the first is in flight"
+    );
     assert_eq!(slow.await.unwrap().status(), 200);
     // ...and gives it back when it ends (record runs after the answer).
     let mut ok = false;
@@ -264,7 +287,10 @@ async fn budget_warns_past_its_soft_threshold_then_refuses_with_insufficient_quo
     let r = refused.expect("the budget runs out");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("$0.05"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("$0.05"),
+        "{body}"
+    );
     edge.shutdown().await;
 }
 

@@ -38,9 +38,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::ledger::{ship_loop, Ledger};
 use crate::pb;
 use crate::pb::node_client::NodeClient;
-use crate::ledger::{ship_loop, Ledger};
 use crate::policy::resolve_provider_keys;
 use crate::telemetry::{self, Aggregator, TelemetryHandle};
 
@@ -219,7 +219,11 @@ impl NodeAgent {
                 shared,
                 status_tx,
             )),
-            runtime.spawn(ship_loop(config.id.clone(), channel.clone(), ledger.clone())),
+            runtime.spawn(ship_loop(
+                config.id.clone(),
+                channel.clone(),
+                ledger.clone(),
+            )),
             runtime.spawn(report_loop(config, channel, events)),
         ];
         Ok(NodeAgent {

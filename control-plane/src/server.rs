@@ -767,9 +767,7 @@ impl Operator for Services {
         let who = self.0.operator_principal(&req)?;
         let author = audit_author(who, "");
         Ok(Response::new(
-            self.0
-                .create_virtual_key(req.into_inner(), &author)
-                .await?,
+            self.0.create_virtual_key(req.into_inner(), &author).await?,
         ))
     }
 

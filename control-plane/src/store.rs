@@ -16,10 +16,11 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{Row, SqlSafeStr};
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "policy versions and node registry",
-    "CREATE TABLE policy_versions (
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "policy versions and node registry",
+        "CREATE TABLE policy_versions (
         version BIGINT PRIMARY KEY,
         yaml TEXT NOT NULL,
         author TEXT NOT NULL,
@@ -38,11 +39,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         connected BIGINT NOT NULL DEFAULT 0,
         replica TEXT NOT NULL DEFAULT ''
     );",
-),
-(
-    2,
-    "virtual keys",
-    "CREATE TABLE virtual_keys (
+    ),
+    (
+        2,
+        "virtual keys",
+        "CREATE TABLE virtual_keys (
         id TEXT PRIMARY KEY,
         tenant TEXT NOT NULL,
         key_sha256 TEXT NOT NULL UNIQUE,
@@ -58,11 +59,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         revoked_at_ms BIGINT NOT NULL DEFAULT 0
     );
     CREATE INDEX virtual_keys_tenant ON virtual_keys (tenant);",
-),
-(
-    3,
-    "usage ledger",
-    "CREATE TABLE usage_records (
+    ),
+    (
+        3,
+        "usage ledger",
+        "CREATE TABLE usage_records (
         uid TEXT PRIMARY KEY,
         at_ms BIGINT NOT NULL,
         request_id TEXT NOT NULL,
@@ -89,7 +90,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     );
     CREATE INDEX usage_records_tenant_time ON usage_records (tenant, at_ms);
     CREATE INDEX usage_records_time ON usage_records (at_ms);",
-)];
+    ),
+];
 
 /// One issued virtual key as stored: its hash, never the key.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -595,7 +597,10 @@ impl Store {
     }
 
     /// Every key (of one tenant), revoked ones included, oldest first.
-    pub async fn virtual_keys(&self, tenant: Option<&str>) -> Result<Vec<VirtualKeyRow>, StoreError> {
+    pub async fn virtual_keys(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<VirtualKeyRow>, StoreError> {
         let out = on_pool!(self, |pool| {
             let rows = sqlx::query(
                 "SELECT id, tenant, key_sha256, models, rpm, tpm, concurrency, daily_micro_usd,
@@ -728,7 +733,8 @@ impl Store {
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let n = |c: &str| r.try_get::<Option<i64>, _>(c).map(|v| v.unwrap_or(0));
-                let mut group_name: String = r.try_get::<Option<String>, _>("grp")?.unwrap_or_default();
+                let mut group_name: String =
+                    r.try_get::<Option<String>, _>("grp")?.unwrap_or_default();
                 if group == UsageGroup::Day {
                     group_name = group_name
                         .parse::<i64>()
@@ -752,7 +758,11 @@ impl Store {
     }
 
     /// Every tenant's and every virtual key's spend since the two starts.
-    pub async fn spend(&self, day_start_ms: i64, month_start_ms: i64) -> Result<Vec<SpendRow>, StoreError> {
+    pub async fn spend(
+        &self,
+        day_start_ms: i64,
+        month_start_ms: i64,
+    ) -> Result<Vec<SpendRow>, StoreError> {
         let mut out = Vec::new();
         for (col, prefix) in [("tenant", ""), ("key_id", "key:")] {
             let sql = format!(
@@ -772,7 +782,8 @@ impl Store {
                     out.push(SpendRow {
                         scope: format!("{prefix}{scope}"),
                         day_usd: r.try_get::<Option<i64>, _>("day")?.unwrap_or(0) as f64 / MICRO,
-                        month_usd: r.try_get::<Option<i64>, _>("month")?.unwrap_or(0) as f64 / MICRO,
+                        month_usd: r.try_get::<Option<i64>, _>("month")?.unwrap_or(0) as f64
+                            / MICRO,
                     });
                 }
             });
@@ -856,9 +867,12 @@ mod tests {
             ..VirtualKeyRow::default()
         };
         store.insert_virtual_key(&key).await.unwrap();
-        assert!(store.insert_virtual_key(&key).await.is_err(), "ids are unique");
+        assert!(
+            store.insert_virtual_key(&key).await.is_err(),
+            "ids are unique"
+        );
         let listed = store.virtual_keys(Some("acme")).await.unwrap();
-        assert_eq!(listed, [key.clone()]);
+        assert_eq!(listed, std::slice::from_ref(&key));
         assert!(store.virtual_keys(Some("other")).await.unwrap().is_empty());
         assert!(store.revoke_virtual_key("k1").await.unwrap());
         assert!(!store.revoke_virtual_key("k1").await.unwrap(), "once");
@@ -889,9 +903,15 @@ mod tests {
         assert_eq!(store.insert_usage("edge-1", &batch).await.unwrap(), 3);
         // The same batch again (an answer that was lost): stored once.
         assert_eq!(store.insert_usage("edge-1", &batch).await.unwrap(), 0);
-        let by_model = store.usage(Some("acme"), 0, UsageGroup::Model).await.unwrap();
+        let by_model = store
+            .usage(Some("acme"), 0, UsageGroup::Model)
+            .await
+            .unwrap();
         assert_eq!(by_model.len(), 2);
-        assert_eq!((by_model[0].group.as_str(), by_model[0].requests), ("m1", 2));
+        assert_eq!(
+            (by_model[0].group.as_str(), by_model[0].requests),
+            ("m1", 2)
+        );
         assert_eq!(by_model[0].input_tokens, 20);
         assert!((by_model[0].cost_usd - 0.75).abs() < 1e-9);
         assert_eq!((by_model[1].errors, by_model[1].cached_tokens), (1, 2));

@@ -285,7 +285,10 @@ impl ControlPlane {
         if current.snapshot.tenant(&r.tenant).is_none() {
             return Err(invalid(
                 "tenant",
-                format!("no tenant {:?} in policy version {}", r.tenant, current.version),
+                format!(
+                    "no tenant {:?} in policy version {}",
+                    r.tenant, current.version
+                ),
             ));
         }
         for (field, v) in [("daily_usd", r.daily_usd), ("monthly_usd", r.monthly_usd)] {
@@ -453,7 +456,13 @@ pub fn usage_csv(rows: &[pb::UsageRowMsg], group_by: &str) -> String {
         };
         out.push_str(&format!(
             "{g},{},{},{},{},{},{:.6},{}\n",
-            r.requests, r.errors, r.input_tokens, r.output_tokens, r.cached_tokens, r.cost_usd, r.cache_hits
+            r.requests,
+            r.errors,
+            r.input_tokens,
+            r.output_tokens,
+            r.cached_tokens,
+            r.cost_usd,
+            r.cache_hits
         ));
     }
     out

@@ -502,10 +502,11 @@ impl From<Arc<TenantSnapshot>> for Tenant {
 pub struct Tenants {
     by_key: HashMap<KeyHash, Arc<Tenant>>,
     by_id: HashMap<String, Arc<Tenant>>,
-    /// Virtual keys, each pointing at a tenant of `by_id` by id.
-    virtual_keys: HashMap<KeyHash, Arc<VirtualKey>>,
+    /// Virtual keys, each pointing at a tenant of `by_id` by id. Behind an
+    /// `Arc` (as `spend`) so snapshots stay small to move around.
+    virtual_keys: Arc<HashMap<KeyHash, Arc<VirtualKey>>>,
     /// Fleet-wide spend by tenant id, and by `key:<virtual key id>`.
-    spend: HashMap<String, Spend>,
+    spend: Arc<HashMap<String, Spend>>,
 }
 
 impl Tenants {
@@ -536,7 +537,7 @@ impl Tenants {
         if !self.by_id.contains_key(&vkey.tenant) || self.by_key.contains_key(&key) {
             return false;
         }
-        self.virtual_keys.insert(key, Arc::new(vkey));
+        Arc::make_mut(&mut self.virtual_keys).insert(key, Arc::new(vkey));
         true
     }
 
@@ -560,7 +561,7 @@ impl Tenants {
     }
 
     pub fn set_spend(&mut self, scope: impl Into<String>, spend: Spend) {
-        self.spend.insert(scope.into(), spend);
+        Arc::make_mut(&mut self.spend).insert(scope.into(), spend);
     }
 
     /// Fleet-wide spend of a tenant id or `key:<id>`.

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use crate::control as pb;
 use crate::{
-    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
+    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitSet, LimitsSnapshot, ModelPrice, PoolKey,
     ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
     Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder,
-    Spend, Strategy, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget, LimitSet,
+    Spend, Strategy, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget,
 };
 
 fn spend_to_wire(s: &Spend) -> pb::SpendMsg {
@@ -694,18 +694,18 @@ pub fn tenants_from_wire(
         }
         let positive = |v: f64| (v > 0.0).then_some(v);
         let tenant = Tenant {
-                id: t.id,
-                allowed_models: t.allowed_models.map(|a| a.models),
-                rpm: (t.rpm > 0).then_some(t.rpm),
-                tpm: (t.tpm > 0).then_some(t.tpm),
-                concurrency: (t.concurrency > 0).then_some(t.concurrency),
-                daily_budget_usd: positive(t.daily_budget_usd),
-                monthly_budget_usd: positive(t.monthly_budget_usd),
-                budget_warn_ratio: positive(t.budget_warn_ratio),
-                fail_closed: t.fail_closed,
-                limit_share: positive(t.limit_share),
-                residency: (!t.residency.is_empty()).then_some(t.residency),
-                edge_residency_relaxed: t.edge_residency_relaxed,
+            id: t.id,
+            allowed_models: t.allowed_models.map(|a| a.models),
+            rpm: (t.rpm > 0).then_some(t.rpm),
+            tpm: (t.tpm > 0).then_some(t.tpm),
+            concurrency: (t.concurrency > 0).then_some(t.concurrency),
+            daily_budget_usd: positive(t.daily_budget_usd),
+            monthly_budget_usd: positive(t.monthly_budget_usd),
+            budget_warn_ratio: positive(t.budget_warn_ratio),
+            fail_closed: t.fail_closed,
+            limit_share: positive(t.limit_share),
+            residency: (!t.residency.is_empty()).then_some(t.residency),
+            edge_residency_relaxed: t.edge_residency_relaxed,
         };
         match hash {
             Some(hash) => tenants.insert(KeyHash(hash), tenant),

@@ -4,7 +4,7 @@
 //! for tenants that fail open.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 use parking_lot::Mutex;
 
@@ -45,16 +45,14 @@ impl Default for LocalCounters {
 
 impl LocalCounters {
     fn shard(&self, tenant: &str) -> &Mutex<Shard> {
-        let mut h = self.hasher.build_hasher();
-        tenant.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+        &self.shards[self.hasher.hash_one(tenant) as usize % SHARDS]
     }
 
     /// All checks pass and are counted, or none is counted.
     pub fn acquire(&self, tenant: &str, checks: &[Check], now_ms: u64) -> Decision {
         let mut shard = self.shard(tenant).lock();
         shard.ops = shard.ops.wrapping_add(1);
-        if shard.ops % SWEEP_EVERY == 0 {
+        if shard.ops.is_multiple_of(SWEEP_EVERY) {
             shard.slots.retain(|_, s| s.expires_ms > now_ms);
         }
         let current = |shard: &Shard, key: &str| {

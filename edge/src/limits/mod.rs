@@ -227,7 +227,9 @@ impl Limiter {
             Some(shared) => match shared.acquire(&checks).await {
                 Ok(d) => (d, Store::Shared),
                 Err(e) if tenant.fail_closed => {
-                    self.counter_errors.with_label_values(&["fail_closed"]).inc();
+                    self.counter_errors
+                        .with_label_values(&["fail_closed"])
+                        .inc();
                     tracing::warn!(target: "switchyard::limits", error = %e, tenant = %tenant.id, "shared counters unreachable; refusing (fail-closed)");
                     let err = GatewayError::new(
                         ErrorKind::Overloaded,
@@ -646,8 +648,14 @@ mod tests {
         let snap = Snapshot::default();
         let t = tenant();
         let (ticket, h) = l.admit(&snap, &t, None, 10).await.unwrap();
-        assert!(h.contains(&("x-ratelimit-remaining-requests", "1".into())), "{h:?}");
-        assert!(h.contains(&("x-ratelimit-remaining-tokens", "90".into())), "{h:?}");
+        assert!(
+            h.contains(&("x-ratelimit-remaining-requests", "1".into())),
+            "{h:?}"
+        );
+        assert!(
+            h.contains(&("x-ratelimit-remaining-tokens", "90".into())),
+            "{h:?}"
+        );
         // The real usage was 50 tokens: the minute's counter says so.
         l.settle(
             ticket.unwrap(),
@@ -664,7 +672,10 @@ mod tests {
         let (e, h) = l.admit(&snap, &t, None, 60).await.unwrap_err();
         assert_eq!((e.status(), e.code), (429, Some("rate_limit_exceeded")));
         assert!(h.iter().any(|(k, _)| *k == "retry-after"), "{h:?}");
-        assert!(h.contains(&("x-ratelimit-limit-tokens", "100".into())), "{h:?}");
+        assert!(
+            h.contains(&("x-ratelimit-limit-tokens", "100".into())),
+            "{h:?}"
+        );
         l.admit(&snap, &t, None, 1).await.unwrap();
         let (e, _) = l.admit(&snap, &t, None, 1).await.unwrap_err();
         assert!(e.message.contains("2 requests per minute"), "{e}");
@@ -685,7 +696,8 @@ mod tests {
         l.settle(ticket.unwrap(), None, 0.006);
         let (ticket, h) = l.admit(&snap, &t, None, 1).await.unwrap();
         assert!(
-            h.iter().any(|(k, v)| *k == "x-switchyard-budget-warning" && v.contains("60%")),
+            h.iter()
+                .any(|(k, v)| *k == "x-switchyard-budget-warning" && v.contains("60%")),
             "{h:?}"
         );
         l.settle(ticket.unwrap(), None, 0.006);

@@ -262,7 +262,11 @@ fn may_use(ctx: &RequestCtx, tenant: &Tenant, model: &str) -> bool {
 /// here (unless its policy says `edge_residency: relaxed`), naming the
 /// regional hostnames it must use. An edge whose region the policy does
 /// not declare (single-node mode) cannot tell and lets the plan decide.
-fn check_edge_residency(app: &EdgeApp, snap: &Snapshot, tenant: &Tenant) -> Result<(), GatewayError> {
+fn check_edge_residency(
+    app: &EdgeApp,
+    snap: &Snapshot,
+    tenant: &Tenant,
+) -> Result<(), GatewayError> {
     let Some(allowed) = tenant.residency.as_deref() else {
         return Ok(());
     };

@@ -14,7 +14,12 @@ use crate::ctx::RequestCtx;
 use crate::hooks::UsageRecord;
 use crate::metrics::Observation;
 
-pub(crate) fn record(app: &EdgeApp, session: &ServerSession, snap: &Snapshot, ctx: &mut RequestCtx) {
+pub(crate) fn record(
+    app: &EdgeApp,
+    session: &ServerSession,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+) {
     let stats = ctx.stats.as_deref();
     let usage = stats.and_then(|s| s.usage());
     let cost_usd = cost(snap, ctx, usage);
