@@ -13,8 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+// Pingora's timer: tokio's wakes its timer driver when a new deadline is
+// registered from another worker, a thread wake-up per request.
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
+use pingora_timeout::fast_timeout::fast_timeout;
 use switchyard_llm::{ErrorKind, GatewayError, Source};
 use switchyard_proto::health::{self, Entry, InFlight, Outcome};
 use switchyard_proto::{Health, ProviderSnapshot, ResolvedKey, Snapshot};
@@ -163,7 +166,7 @@ impl Egress {
         ));
         let target_guard = target_entry.as_ref().map(|e| e.start());
         let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + snap.limits().upstream_timeout);
+        let deadline = started + snap.limits().upstream_timeout;
         let record_target = |outcome: Result<(), &GatewayError>| {
             let Some(entry) = &target_entry else { return };
             let now = Instant::now();
@@ -204,7 +207,7 @@ impl Egress {
                 request: &req,
                 limits: snap.limits(),
             };
-            let reply = match tokio::time::timeout_at(deadline, raw::call(&ctx, raw)).await {
+            let reply = match fast_timeout(left(deadline), raw::call(&ctx, raw)).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(e)) => {
                     if let Some(a) = &attempt {
@@ -293,7 +296,7 @@ impl Egress {
                 request: call_req,
                 limits: snap.limits(),
             };
-            match tokio::time::timeout_at(deadline, faults::call(adapter, ctx)).await {
+            match fast_timeout(left(deadline), faults::call(adapter, ctx)).await {
                 Ok(Ok(reply)) => break (reply, attempt),
                 Ok(Err(e)) => {
                     let another = attempt.as_ref().is_some_and(|a| {
@@ -400,6 +403,11 @@ fn hold<G: Send + 'static>(
             chunk
         })
         .boxed()
+}
+
+/// Time left until `deadline` (zero once it has passed).
+fn left(deadline: Instant) -> std::time::Duration {
+    deadline.saturating_duration_since(Instant::now())
 }
 
 #[cfg(test)]

@@ -34,6 +34,10 @@ pub fn build_client() -> Result<reqwest::Client, ClientError> {
         // Redirects from an LLM API are never expected; following one could
         // send the provider key elsewhere.
         .redirect(reqwest::redirect::Policy::none())
+        // The retry grammar: the egress rotates keys, the edge moves between
+        // targets, nothing else resends a request (reqwest would otherwise
+        // retry some connection-level refusals on its own).
+        .retry(reqwest::retry::never())
         .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(ClientError::Build)

@@ -8,6 +8,9 @@ use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
+// Tokio's timeout wakes its timer driver on another worker for each new
+// deadline; Pingora's shares 10 ms ticks and wakes no one.
+use pingora_timeout::fast_timeout::fast_timeout;
 use switchyard_backhaul::{RequestObserver, SharedSnapshot, Upstream};
 use switchyard_proto::{Health, Snapshot};
 
@@ -202,7 +205,7 @@ impl HttpServerApp for EdgeApp {
     ) -> Option<ReusedHttpStream> {
         // Pingora's timeouts are per read; a client sending a byte now and
         // then would never hit them, so the whole header gets one deadline.
-        match tokio::time::timeout(self.limits.header_timeout, session.read_request()).await {
+        match fast_timeout(self.limits.header_timeout, session.read_request()).await {
             Ok(Ok(true)) => {}
             Ok(Ok(false) | Err(_)) | Err(_) => return None,
         }

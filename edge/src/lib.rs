@@ -17,6 +17,7 @@
 //! edge` in the root crate are the runnable examples. The Pingora service
 //! alone comes from [`service::edge_service`].
 
+pub mod access_log;
 pub mod app;
 pub mod auth;
 pub mod ctx;

@@ -58,7 +58,7 @@ impl Provider for AnthropicAdapter {
         if let Some(key) = ctx.key {
             headers.push(("x-api-key", key.expose()));
         }
-        let url = format!("{}/{path}", ctx.provider.base_url);
+        let url = super::provider_url(ctx.provider, path)?;
         let resp = post_json(
             &ctx,
             url,

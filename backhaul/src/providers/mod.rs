@@ -81,13 +81,74 @@ pub(crate) fn endpoint_url(
             format!("The provider `{}` has an unusable base URL.", provider.name),
         )
     };
+    let key = format!(
+        "{}\n{}\n{}",
+        provider.base_url,
+        segments.join("\n"),
+        query.unwrap_or("")
+    );
+    if let Some(url) = URLS.get(&key) {
+        return Ok(url);
+    }
     let mut url = reqwest::Url::parse(&provider.base_url).map_err(|_| bad_base())?;
     url.path_segments_mut()
         .map_err(|_| bad_base())?
         .pop_if_empty()
         .extend(segments);
     url.set_query(query);
+    URLS.put(key, &url);
     Ok(url)
+}
+
+/// `{base_url}/{path}` for a fixed endpoint path of the adapter's own
+/// (`chat/completions`, `v1/messages`), parsed once per base URL.
+pub(crate) fn provider_url(
+    provider: &ProviderSnapshot,
+    path: &'static str,
+) -> Result<reqwest::Url, GatewayError> {
+    let key = format!("{}/{path}", provider.base_url);
+    if let Some(url) = URLS.get(&key) {
+        return Ok(url);
+    }
+    let url = reqwest::Url::parse(&key).map_err(|_| {
+        GatewayError::new(
+            ErrorKind::Internal,
+            format!("The provider `{}` has an unusable base URL.", provider.name),
+        )
+    })?;
+    URLS.put(key, &url);
+    Ok(url)
+}
+
+/// Parsed upstream URLs by their text. Parsing one (with IDNA) cost about a
+/// tenth of the egress's instructions per chat request; a lookup and a clone
+/// cost a few hundred. Keys are whole URLs, so a snapshot swap that changes
+/// a base URL simply misses; the bound keeps model names chosen by callers
+/// (Gemini puts them in the path) from growing it without end.
+static URLS: UrlCache = UrlCache::new();
+
+type UrlMap = std::collections::HashMap<String, reqwest::Url>;
+
+struct UrlCache(std::sync::LazyLock<std::sync::RwLock<UrlMap>>);
+
+impl UrlCache {
+    const MAX_ENTRIES: usize = 4096;
+
+    const fn new() -> Self {
+        UrlCache(std::sync::LazyLock::new(Default::default))
+    }
+
+    fn get(&self, key: &str) -> Option<reqwest::Url> {
+        self.0.read().ok()?.get(key).cloned()
+    }
+
+    fn put(&self, key: String, url: &reqwest::Url) {
+        if let Ok(mut map) = self.0.write() {
+            if map.len() < Self::MAX_ENTRIES {
+                map.insert(key, url.clone());
+            }
+        }
+    }
 }
 
 /// POSTs a JSON body and returns the response if it is a success; a failure

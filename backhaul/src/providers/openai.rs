@@ -32,7 +32,7 @@ impl Provider for OpenAiAdapter {
             model: &target.model,
             force_usage: stream,
         };
-        let url = format!("{}/{path}", ctx.provider.base_url);
+        let url = super::provider_url(ctx.provider, path)?;
         let auth = ctx.key.map(|k| format!("Bearer {}", k.expose()));
         let headers: Vec<(&'static str, &str)> = auth
             .as_deref()

@@ -416,7 +416,7 @@ async fn read_body(
     limit: usize,
     deadline: Duration,
 ) -> Result<Bytes, GatewayError> {
-    tokio::time::timeout(deadline, read_body_bytes(session, limit))
+    pingora_timeout::fast_timeout::fast_timeout(deadline, read_body_bytes(session, limit))
         .await
         .unwrap_or_else(|_| {
             Err(GatewayError::new(

@@ -185,18 +185,20 @@ async fn attempt(
         return run.await;
     };
     // Dropping `run` on the deadline cancels the provider call.
-    tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
-        Err(GatewayError::new(
-            ErrorKind::Timeout,
-            format!(
-                "`{provider}` sent no first event within {} ms.",
-                limit.as_millis()
-            ),
-        )
-        .with_code("first_token_timeout")
-        .with_source(Source::Provider)
-        .with_retry(Retry::AnotherTarget))
-    })
+    pingora_timeout::fast_timeout::fast_timeout(limit, run)
+        .await
+        .unwrap_or_else(|_| {
+            Err(GatewayError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "`{provider}` sent no first event within {} ms.",
+                    limit.as_millis()
+                ),
+            )
+            .with_code("first_token_timeout")
+            .with_source(Source::Provider)
+            .with_retry(Retry::AnotherTarget))
+        })
 }
 
 /// The status an upstream answered with, as far as it can be passed on:

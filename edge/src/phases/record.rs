@@ -9,6 +9,7 @@ use switchyard_backhaul::RequestReport;
 use switchyard_llm::openai::Usage;
 use switchyard_proto::Snapshot;
 
+use crate::access_log::{self, AccessLine};
 use crate::app::EdgeApp;
 use crate::ctx::RequestCtx;
 use crate::hooks::UsageRecord;
@@ -91,25 +92,24 @@ pub(crate) fn cost(snap: &Snapshot, ctx: &RequestCtx, usage: Option<Usage>) -> f
 /// One line per request. Prompt and completion text are never logged.
 fn log(session: &ServerSession, ctx: &RequestCtx, record: &UsageRecord) {
     let req = session.req_header();
-    tracing::info!(
-        target: "switchyard::access",
-        request_id = %ctx.request_id,
-        method = %req.method,
-        path = req.uri.path(),
-        tenant = ctx.tenant.as_ref().map_or("-", |t| t.id.as_str()),
-        model = ctx.model.as_deref().unwrap_or("-"),
-        provider = ctx.served.as_ref().map_or("-", |s| s.target.provider.as_str()),
-        status = record.status,
-        stream = ctx.stream,
-        latency_ms = record.latency.as_secs_f64() * 1000.0,
-        ttft_ms = record.ttft.map(|d| d.as_secs_f64() * 1000.0),
-        prompt_tokens = record.usage.map(|u| u.prompt_tokens),
-        completion_tokens = record.usage.map(|u| u.completion_tokens),
-        attempts = record.attempts,
-        cost_usd = record.cost_usd,
-        key = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
-        error = record.error,
-        client_gone = record.client_gone,
-        "request"
-    );
+    access_log::emit(&AccessLine {
+        request_id: &ctx.request_id,
+        method: req.method.as_str(),
+        path: req.uri.path(),
+        tenant: ctx.tenant.as_ref().map_or("-", |t| t.id.as_str()),
+        model: ctx.model.as_deref().unwrap_or("-"),
+        provider: ctx
+            .served
+            .as_ref()
+            .map_or("-", |s| s.target.provider.as_str()),
+        status: record.status,
+        stream: ctx.stream,
+        latency_ms: record.latency.as_secs_f64() * 1000.0,
+        ttft_ms: record.ttft.map(|d| d.as_secs_f64() * 1000.0),
+        prompt_tokens: record.usage.map(|u| u.prompt_tokens),
+        completion_tokens: record.usage.map(|u| u.completion_tokens),
+        attempts: record.attempts,
+        error: record.error,
+        client_gone: record.client_gone,
+    });
 }

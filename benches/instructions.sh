@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Instructions per request: the gateway's CPU work counted by valgrind's
+# callgrind, which counts instructions rather than time, so the figure is
+# the same on a busy and on an idle machine (wall-clock benchmarks on a
+# shared 2-core machine are not). The mock provider runs under callgrind too,
+# so the gateway's cost can be read against the work of the upstream it
+# fronts in the same run.
+#
+#   bash benches/instructions.sh              # builds release binaries first
+#   SKIP_BUILD=1 GW_BIN=... MOCK_BIN=... bash benches/instructions.sh
+#
+# Environment (all optional):
+#   N=300                 measured requests per kind (after WARMUP of them)
+#   WARMUP=50
+#   CARGO_TARGET_DIR=/tmp/bench-target
+#   GW_BIN / MOCK_BIN     binaries to measure (default: the release build)
+#   TOP=0                 print the TOP most expensive functions (inclusive)
+#   KEEP=<dir>            keep the gateway's callgrind dumps there
+#   OUT=benches/results/instructions-latest.md
+#
+# Prints a markdown table: instructions per request for a small chat
+# completion and a 14-event stream, through the gateway (`switchyard dev`,
+# JSON access log on) and at the mock, and their ratio.
+
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+cd "$ROOT"
+
+N=${N:-300}
+WARMUP=${WARMUP:-50}
+TOP=${TOP:-0}
+OUT=${OUT:-$HERE/results/instructions-latest.md}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/tmp/bench-target}
+KEY="sy-bench-key-0123456789"
+
+log() { echo "[instructions] $*" >&2; }
+die() { echo "[instructions] ERROR: $*" >&2; exit 1; }
+
+command -v valgrind >/dev/null || die "valgrind is not installed (Debian package valgrind)"
+command -v callgrind_control >/dev/null || die "callgrind_control is missing (Debian package valgrind)"
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    log "building release binaries into $CARGO_TARGET_DIR"
+    cargo build --release -p switchyard -p switchyard-testkit >&2
+fi
+GW_BIN=${GW_BIN:-$CARGO_TARGET_DIR/release/switchyard}
+MOCK_BIN=${MOCK_BIN:-$CARGO_TARGET_DIR/release/mock-upstream}
+[ -x "$GW_BIN" ] || die "missing $GW_BIN"
+[ -x "$MOCK_BIN" ] || die "missing $MOCK_BIN"
+
+WORK=$(mktemp -d /tmp/switchyard-instr.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r MOCK_PORT GW_PORT < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])
+for s in socks:
+    s.close()
+')
+: >"$WORK/policy.yaml"
+
+CG="valgrind --tool=callgrind --dump-instr=no --compress-strings=no"
+MOCK_EVENT_GAP_MS=0 $CG --callgrind-out-file="$WORK/mock.%p" \
+    "$MOCK_BIN" "127.0.0.1:$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
+MOCK_PID=$!
+PIDS+=("$MOCK_PID")
+env -u ANTHROPIC_API_KEY -u ANTHROPIC_BASE_URL -u GEMINI_API_KEY -u GEMINI_BASE_URL \
+    -u SWITCHYARD_LOG -u SWITCHYARD_LOG_FORMAT \
+    SWITCHYARD_DEV_KEY="$KEY" OPENAI_API_KEY=x \
+    OPENAI_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" \
+    $CG --callgrind-out-file="$WORK/gw.%p" \
+    "$GW_BIN" dev --listen "127.0.0.1:$GW_PORT" --config "$WORK/policy.yaml" \
+    --state-dir "$WORK/state" --threads 2 --log-format json \
+    >"$WORK/gw.stdout" 2>"$WORK/gw.log" &
+GW_PID=$!
+PIDS+=("$GW_PID")
+
+# The client: sequential requests over one kept-alive connection, checking
+# every answer, so a failing gateway cannot look cheap.
+cat >"$WORK/client.py" <<'EOF'
+import http.client, json, sys, time
+port, kind, n, key = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model = sys.argv[5]
+stream = kind == "stream"
+body = json.dumps({"model": model, "stream": stream,
+                   "messages": [{"role": "user", "content": "hi"}]})
+deadline = time.time() + 600
+conn = None
+while conn is None:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c.request("POST", "/v1/chat/completions", body,
+                  {"content-type": "application/json", "authorization": "Bearer " + key})
+        r = c.getresponse(); r.read()
+        conn = c
+    except OSError:
+        if time.time() > deadline:
+            sys.exit("not ready")
+        time.sleep(0.5)
+for _ in range(n):
+    conn.request("POST", "/v1/chat/completions", body,
+                 {"content-type": "application/json", "authorization": "Bearer " + key})
+    r = conn.getresponse()
+    data = r.read()
+    if r.status != 200 or (stream and b"[DONE]" not in data):
+        sys.exit(f"bad answer {r.status}: {data[:200]!r}")
+EOF
+
+total_ir() { # $1 = callgrind dump file -> total instructions
+    awk '/^(summary|totals):/ { print $2; exit }' "$1"
+}
+measure() { # $1 kind -> "gateway_ir mock_ir" per request
+    local kind=$1 gw mock
+    python3 "$WORK/client.py" "$GW_PORT" "$kind" "$WARMUP" "$KEY" openai/gpt-4o-mini ||
+        die "warm-up failed ($kind)"
+    callgrind_control -z "$GW_PID" >/dev/null 2>&1
+    callgrind_control -z "$MOCK_PID" >/dev/null 2>&1
+    python3 "$WORK/client.py" "$GW_PORT" "$kind" "$N" "$KEY" openai/gpt-4o-mini ||
+        die "measured run failed ($kind)"
+    rm -f "$WORK"/gw.*.* "$WORK"/mock.*.*
+    callgrind_control -d "$kind" "$GW_PID" >/dev/null 2>&1
+    callgrind_control -d "$kind" "$MOCK_PID" >/dev/null 2>&1
+    gw=$(ls "$WORK"/gw.*.* | head -1)
+    mock=$(ls "$WORK"/mock.*.* | head -1)
+    [ -n "$gw" ] && [ -n "$mock" ] || die "no callgrind dump"
+    if [ -n "${KEEP:-}" ]; then
+        mkdir -p "$KEEP" && cp "$gw" "$KEEP/gateway-$kind.callgrind"
+    fi
+    if [ "$TOP" -gt 0 ]; then
+        callgrind_annotate --inclusive=yes "$gw" 2>/dev/null | sed -n "1,$((TOP + 25))p" >&2
+    fi
+    echo "$(( $(total_ir "$gw") / (N + 1) )) $(( $(total_ir "$mock") / (N + 1) ))"
+}
+
+log "measuring $N chat requests (after $WARMUP warm-up), under callgrind"
+read -r CHAT_GW CHAT_MOCK < <(measure chat)
+log "measuring $N stream requests"
+read -r STREAM_GW STREAM_MOCK < <(measure stream)
+
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+{
+    echo "| Instructions per request (callgrind) | gateway | mock | gateway / mock |"
+    echo "|---|---|---|---|"
+    echo "| chat, non-streaming | $CHAT_GW | $CHAT_MOCK | $(ratio "$CHAT_GW" "$CHAT_MOCK") |"
+    echo "| chat, 14-event stream | $STREAM_GW | $STREAM_MOCK | $(ratio "$STREAM_GW" "$STREAM_MOCK") |"
+    echo
+    echo "Binary: \`$GW_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)); N=$N after $WARMUP warm-up requests."
+} | tee "$OUT"
