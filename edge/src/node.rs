@@ -51,6 +51,7 @@ use tokio::task::JoinHandle;
 
 use crate::app::EdgeApp;
 use crate::guard::EdgeLimits;
+use crate::hooks::RecordHook;
 use crate::ledger::LedgerHook;
 use crate::limits::Limiter;
 use crate::service::{edge_service, metrics_service, TlsFiles};
@@ -91,6 +92,7 @@ pub struct EdgeNode {
     redis: Option<String>,
     /// Single-node mode: the region this edge says it runs in.
     single_region: Option<String>,
+    record_hooks: Vec<Arc<dyn RecordHook>>,
 }
 
 impl EdgeNode {
@@ -108,6 +110,7 @@ impl EdgeNode {
             tenants: Vec::new(),
             redis: None,
             single_region: None,
+            record_hooks: Vec::new(),
         }
     }
 
@@ -194,6 +197,13 @@ impl EdgeNode {
             Mode::SingleNode => self.single_region = Some(region.into()),
             Mode::Backhaul { region: r, .. } => *r = region.into(),
         }
+        self
+    }
+
+    /// Another receiver of every request's usage record (besides the
+    /// ledger, which a node following a control plane gets by itself).
+    pub fn record_hook(mut self, hook: Arc<dyn RecordHook>) -> Self {
+        self.record_hooks.push(hook);
         self
     }
 
@@ -329,6 +339,9 @@ impl EdgeNode {
         if let Some(ledger) = ledger {
             let hook = LedgerHook::new(ledger, app.metrics().registry());
             app = app.with_record_hook(Arc::new(hook));
+        }
+        for hook in self.record_hooks {
+            app = app.with_record_hook(hook);
         }
         let edge_metrics = app.metrics();
 
