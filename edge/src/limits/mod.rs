@@ -189,10 +189,12 @@ impl Limiter {
         } else {
             Store::Local
         };
-        // Shared counters are global; a lease only splits local ones.
-        let share = match store {
-            Store::Shared => 1.0,
-            Store::Local => tenant.limit_share.unwrap_or(1.0),
+        // Shared counters are global; a lease only splits local ones. For
+        // the same reason the fleet's spend (from the ledger) only matters
+        // to local counters: Redis counts every edge's spend itself.
+        let (share, spend_of) = match store {
+            Store::Shared => (1.0, None),
+            Store::Local => (tenant.limit_share.unwrap_or(1.0), Some(snap.tenants())),
         };
         let mut checks = Vec::new();
         add_checks(
@@ -202,7 +204,7 @@ impl Limiter {
             &format!("t:{}", tenant.id),
             &tenant.limit_set(),
             share,
-            snap.tenants().spend(&tenant.id),
+            spend_of.and_then(|t| t.spend(&tenant.id)),
             estimate,
             now,
         );
@@ -214,7 +216,7 @@ impl Limiter {
                 &format!("k:{}", k.id),
                 &k.limits,
                 share,
-                snap.tenants().spend(&format!("key:{}", k.id)),
+                spend_of.and_then(|t| t.spend(&format!("key:{}", k.id))),
                 estimate,
                 now,
             );
@@ -394,6 +396,12 @@ fn add_checks(
         );
     }
     let (day, month, day_reset, month_reset) = calendar(now);
+    // A new fleet figure already includes what this edge shipped: local
+    // spend counting restarts with it (a fresh counter per figure), so the
+    // edge's own past spend is not counted twice.
+    let figure = fleet_spend.map_or(0, |s| {
+        (s.day_usd.to_bits() ^ s.month_usd.to_bits().rotate_left(17)) % 1_000_000_007
+    });
     if let Some(usd) = limits.daily_usd {
         let configured = (usd * MICRO).round() as i64;
         let spent = fleet_spend
@@ -402,7 +410,7 @@ fn add_checks(
         let left = ((configured - spent) as f64 * share).floor() as i64;
         push(
             Kind::DailyBudget,
-            format!("{prefix}:usd:d{day}"),
+            format!("{prefix}:usd:d{day}:f{figure}"),
             left,
             configured,
             0,
@@ -418,7 +426,7 @@ fn add_checks(
         let left = ((configured - spent) as f64 * share).floor() as i64;
         push(
             Kind::MonthlyBudget,
-            format!("{prefix}:usd:m{month}"),
+            format!("{prefix}:usd:m{month}:f{figure}"),
             left,
             configured,
             0,
@@ -703,6 +711,45 @@ mod tests {
         l.settle(ticket.unwrap(), None, 0.006);
         let (e, _) = l.admit(&snap, &t, None, 1).await.unwrap_err();
         assert_eq!((e.status(), e.code), (429, Some("insufficient_quota")));
+    }
+
+    #[tokio::test]
+    async fn the_fleets_spend_counts_against_local_budgets() {
+        let l = Limiter::local();
+        let t = Tenant {
+            id: "f".into(),
+            daily_budget_usd: Some(1.0),
+            monthly_budget_usd: Some(10.0),
+            ..Tenant::default()
+        };
+        let (day, month, ..) = calendar(now_ms());
+        let mut b = Snapshot::builder();
+        b.tenants.insert_keyless(t.clone());
+        b.tenants.set_spend(
+            "f",
+            Spend {
+                day_usd: 0.4,
+                month_usd: 9.0,
+                day,
+                month,
+            },
+        );
+        let snap = b.build();
+        l.admit(&snap, &t, None, 1).await.unwrap();
+        // The other edges spent the whole day's budget.
+        let mut b = snap.into_builder();
+        b.tenants.set_spend(
+            "f",
+            Spend {
+                day_usd: 1.0,
+                month_usd: 9.6,
+                day,
+                month,
+            },
+        );
+        let (e, _) = l.admit(&b.build(), &t, None, 1).await.unwrap_err();
+        assert_eq!(e.code, Some("insufficient_quota"));
+        assert!(e.message.contains("daily"), "{e}");
     }
 
     #[tokio::test]
