@@ -7,7 +7,9 @@
 //! - `redis`: the same tenant, counters in a real Redis (one Lua call at
 //!   admission, one at the end), when `redis-server` is installed;
 //! - `ledger`: the plain tenant with the usage-ledger hook (the record built
-//!   and buffered; shipping runs off the request path).
+//!   and buffered; shipping runs off the request path);
+//! - `cache hit`: the plain tenant asking for the response cache
+//!   (`x-switchyard-cache: use`), every request after the first a hit.
 //!
 //! Every edge serves the built-in simulated provider (no delay, 16 tokens)
 //! so the provider costs the same in every row. Latency is measured with one
@@ -19,7 +21,7 @@
 //! `N` (default 2000) requests per variant for latency, `SECONDS` (3) per
 //! throughput run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,15 +63,16 @@ tenants:
 struct Variant {
     name: &'static str,
     key: &'static str,
+    cache: bool,
     edge: RunningEdge,
     url: String,
     latencies: Vec<Duration>,
     rps: f64,
 }
 
-async fn start(policy: &PathBuf, redis: Option<&str>, ledger: bool) -> RunningEdge {
+async fn start(policy: &Path, redis: Option<&str>, ledger: bool) -> RunningEdge {
     let mut node = EdgeNode::single_node()
-        .policy(PolicySource::File(policy.clone()))
+        .policy(PolicySource::File(policy.to_path_buf()))
         .listen("127.0.0.1:0");
     if let Some(url) = redis {
         node = node.redis(url);
@@ -89,10 +92,12 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
-async fn one(client: &reqwest::Client, url: &str, key: &str) {
-    let r = client
-        .post(url)
-        .bearer_auth(key)
+async fn one(client: &reqwest::Client, url: &str, key: &str, cache: bool) {
+    let mut r = client.post(url).bearer_auth(key);
+    if cache {
+        r = r.header("x-switchyard-cache", "use");
+    }
+    let r = r
         .json(&json!({"model": "sim/small", "messages": [{"role": "user", "content": "hello"}]}))
         .send()
         .await
@@ -104,7 +109,10 @@ async fn one(client: &reqwest::Client, url: &str, key: &str) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let n: usize = std::env::var("N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
     let seconds: u64 = std::env::var("SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -115,28 +123,42 @@ async fn main() {
     let redis_server = redis::available().then(RedisServer::start);
 
     let mut variants = Vec::new();
-    let mut add = |name, key, edge: RunningEdge| {
-        let url = format!(
-            "http://{}/v1/chat/completions",
-            edge.local_addr().unwrap()
-        );
+    let mut add = |name, key, cache, edge: RunningEdge| {
+        let url = format!("http://{}/v1/chat/completions", edge.local_addr().unwrap());
         variants.push(Variant {
             name,
             key,
+            cache,
             edge,
             url,
             latencies: Vec::with_capacity(n),
             rps: 0.0,
         });
     };
-    add("plain", PLAIN_KEY, start(&path, None, false).await);
-    add("local limits", LIMITED_KEY, start(&path, None, false).await);
+    add("plain", PLAIN_KEY, false, start(&path, None, false).await);
+    add(
+        "local limits",
+        LIMITED_KEY,
+        false,
+        start(&path, None, false).await,
+    );
     if let Some(r) = &redis_server {
-        add("redis limits", LIMITED_KEY, start(&path, Some(&r.url()), false).await);
+        add(
+            "redis limits",
+            LIMITED_KEY,
+            false,
+            start(&path, Some(&r.url()), false).await,
+        );
     } else {
         eprintln!("redis-server not installed: no Redis row");
     }
-    add("ledger", PLAIN_KEY, start(&path, None, true).await);
+    add("ledger", PLAIN_KEY, false, start(&path, None, true).await);
+    add(
+        "cache hit",
+        PLAIN_KEY,
+        true,
+        start(&path, None, false).await,
+    );
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
@@ -145,13 +167,13 @@ async fn main() {
     // Warm-up: connections, Redis script cache, allocator.
     for v in &variants {
         for _ in 0..50 {
-            one(&client, &v.url, v.key).await;
+            one(&client, &v.url, v.key, v.cache).await;
         }
     }
     for _ in 0..n {
         for v in variants.iter_mut() {
             let t = Instant::now();
-            one(&client, &v.url, v.key).await;
+            one(&client, &v.url, v.key, v.cache).await;
             v.latencies.push(t.elapsed());
         }
     }
@@ -164,11 +186,11 @@ async fn main() {
             let until = Instant::now() + Duration::from_secs(1);
             let mut tasks = Vec::new();
             for _ in 0..16 {
-                let (client, url, key, done) =
-                    (client.clone(), v.url.clone(), v.key, done.clone());
+                let (client, url, key, cache, done) =
+                    (client.clone(), v.url.clone(), v.key, v.cache, done.clone());
                 tasks.push(tokio::spawn(async move {
                     while Instant::now() < until {
-                        one(&client, &url, key).await;
+                        one(&client, &url, key, cache).await;
                         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }));
@@ -183,7 +205,11 @@ async fn main() {
         v.rps = c as f64 / seconds as f64;
     }
 
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let mut table = format!(
         "Tenant limits and ledger overhead ({profile} build; in-process edges, simulated provider, N={n} interleaved requests per row at c=1, {seconds} one-second turns per row at c=16)\n\n\
          | path | p50 µs | p99 µs | p50 vs plain | p99 vs plain | req/s c=16 | req/s vs plain |\n|---|---|---|---|---|---|---|\n"
@@ -191,7 +217,10 @@ async fn main() {
     let mut base = None;
     for v in variants.iter_mut() {
         v.latencies.sort();
-        let (p50, p99) = (percentile(&v.latencies, 0.5), percentile(&v.latencies, 0.99));
+        let (p50, p99) = (
+            percentile(&v.latencies, 0.5),
+            percentile(&v.latencies, 0.99),
+        );
         let (b50, b99, brps) = *base.get_or_insert((p50, p99, v.rps));
         table.push_str(&format!(
             "| {} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.0} | {:.2}× |\n",

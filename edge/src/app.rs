@@ -14,6 +14,7 @@ use pingora_timeout::fast_timeout::fast_timeout;
 use switchyard_backhaul::{RequestObserver, SharedSnapshot, Upstream};
 use switchyard_proto::{Health, Snapshot};
 
+use crate::cache::{CacheTee, ResponseCache};
 use crate::ctx::RequestCtx;
 use crate::guard::EdgeLimits;
 use crate::hooks::{AdmitHook, Hooks, PlanHook, RecordHook, ResponseObserver};
@@ -40,6 +41,8 @@ pub struct EdgeApp {
     pub(crate) health: Arc<Health>,
     /// Tenant and key limits and budgets; `None` = nothing enforced.
     pub(crate) limiter: Option<Arc<Limiter>>,
+    /// Exact-match answers for requests that opt in.
+    pub(crate) cache: Option<Arc<ResponseCache>>,
     server_options: HttpServerOptions,
 }
 
@@ -56,6 +59,7 @@ impl EdgeApp {
             hooks: Hooks::default(),
             health: Arc::new(Health::new()),
             limiter: None,
+            cache: None,
             server_options: server_options(&EdgeLimits::default()),
         }
     }
@@ -113,6 +117,14 @@ impl EdgeApp {
     pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
         limiter.register(self.metrics.registry());
         self.limiter = Some(limiter);
+        self
+    }
+
+    /// Serves requests that opt in (`x-switchyard-cache: use`) from this
+    /// cache, and tees their answers into it.
+    pub fn with_cache(mut self, cache: Arc<ResponseCache>) -> Self {
+        self.hooks.response.push(Arc::new(CacheTee(cache.clone())));
+        self.cache = Some(cache);
         self
     }
 

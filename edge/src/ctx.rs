@@ -28,6 +28,11 @@ pub struct RequestCtx {
     /// Headers every answer to this request carries (rate-limit state,
     /// budget warnings), success or error.
     pub answer_headers: Vec<(&'static str, String)>,
+    /// Set when the request opted into the response cache and missed: its
+    /// answer is teed into the cache under this key.
+    pub cache_key: Option<crate::cache::CacheKey>,
+    /// Answered from the response cache.
+    pub cache_hit: bool,
     /// Jurisdictions the request may be served in: the tenant's, narrowed
     /// by `x-switchyard-residency`; `None` = anywhere.
     pub residency: Option<Vec<String>>,
@@ -73,6 +78,8 @@ impl RequestCtx {
             estimated_tokens: 0,
             ticket: None,
             answer_headers: Vec::new(),
+            cache_key: None,
+            cache_hit: false,
             residency: None,
             model: None,
             model_label: None,

@@ -55,7 +55,7 @@ impl RecordHook for LedgerHook {
             ttft_ms: record.ttft.map_or(0, |t| t.as_millis() as u64),
             status: u32::from(record.status),
             attempts: record.attempts as u32,
-            cache_hit: false,
+            cache_hit: ctx.cache_hit,
             node: String::new(),
             endpoint: ctx.endpoint.to_string(),
         };

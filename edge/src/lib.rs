@@ -20,6 +20,7 @@
 pub mod access_log;
 pub mod app;
 pub mod auth;
+pub mod cache;
 pub mod ctx;
 pub mod guard;
 pub mod hooks;

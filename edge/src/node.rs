@@ -50,6 +50,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::app::EdgeApp;
+use crate::cache::ResponseCache;
 use crate::guard::EdgeLimits;
 use crate::hooks::RecordHook;
 use crate::ledger::LedgerHook;
@@ -65,6 +66,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How long a request waits for the shared limit counters before its
 /// tenant's fail-open/fail-closed choice applies.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
+/// Memory the exact-match response cache may hold (requests opt in).
+const RESPONSE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 enum Mode {
     /// The egress logic in this process (`switchyard dev`).
@@ -326,10 +329,12 @@ impl EdgeNode {
             })?,
             None => Limiter::local(),
         };
+        let cache = ResponseCache::new(RESPONSE_CACHE_BYTES);
         let mut app = EdgeApp::new(shared.clone(), upstream)
             .with_simulate_header(self.simulate_header)
             .with_limits(self.limits)
-            .with_limiter(Arc::new(limiter));
+            .with_limiter(Arc::new(limiter))
+            .with_cache(cache.clone());
         if let Some(r) = &region {
             app = app.with_region(r.clone());
         }
@@ -395,6 +400,7 @@ impl EdgeNode {
                 services: Vec::new(),
                 rt: Some(rt),
                 backhaul,
+                cache,
             },
             pending,
             fds,
@@ -614,6 +620,7 @@ pub struct RunningEdge {
     /// `None` once shut down; see the `Drop` impl.
     rt: Option<tokio::runtime::Runtime>,
     backhaul: Option<Backhaul>,
+    cache: Arc<ResponseCache>,
 }
 
 impl RunningEdge {
@@ -632,6 +639,11 @@ impl RunningEdge {
 
     pub fn region(&self) -> Option<&str> {
         self.region.as_deref()
+    }
+
+    /// Answers held by the response cache.
+    pub fn cached_answers(&self) -> u64 {
+        self.cache.len()
     }
 
     /// The snapshot being served now.

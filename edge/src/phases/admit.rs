@@ -23,6 +23,7 @@ use switchyard_proto::{Snapshot, Tenant};
 use super::{fail, Failure};
 use crate::app::EdgeApp;
 use crate::auth::authenticate;
+use crate::cache::{self, CachedAnswer, ResponseCache};
 use crate::ctx::RequestCtx;
 use crate::respond;
 
@@ -213,6 +214,16 @@ pub(crate) async fn admit(
             }
             ctx.model = Some(requested.to_string());
             ctx.stream = op.is_stream();
+            if app.cache.is_some() && !matches!(op, Operation::CountTokens { .. }) {
+                ctx.cache_key = ResponseCache::key_for(
+                    header_text(session, cache::HEADER),
+                    header_text(session, cache::TTL_HEADER),
+                    &tenant.id,
+                    ctx.residency.as_deref(),
+                    ctx.endpoint,
+                    &body,
+                );
+            }
             // About four bytes a token: the estimate `tpm` takes up front,
             // corrected with the real usage when the request ends.
             ctx.estimated_tokens = (body.len() as u64).div_ceil(4);
@@ -224,7 +235,66 @@ pub(crate) async fn admit(
     };
     enforce_limits(app, snap, ctx).await?;
     run_hooks(app, ctx)?;
+    if let (Some(cache), Some(key)) = (&app.cache, &ctx.cache_key) {
+        if let Some(hit) = cache.get(key) {
+            ctx.cache_key = None;
+            ctx.cache_hit = true;
+            replay(app, session, snap, ctx, &hit).await;
+            return Ok(Admitted::Answered);
+        }
+        ctx.answer_headers.push((cache::HEADER, "miss".into()));
+    }
     Ok(Admitted::Proxy(request))
+}
+
+fn header_text<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
+    session.get_header(name).and_then(|v| v.to_str().ok())
+}
+
+/// Writes a cached answer: the body, or the stream's frames as they were
+/// first written (already in the caller's protocol).
+async fn replay(
+    app: &EdgeApp,
+    session: &mut ServerSession,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+    hit: &CachedAnswer,
+) {
+    ctx.status = 200;
+    let jurisdiction = app.jurisdiction(snap);
+    let common = app.common(&ctx.request_id, &jurisdiction);
+    let mut extra = ctx.answer_headers.clone();
+    extra.push((cache::HEADER, "hit".into()));
+    let gone = if hit.stream {
+        let mut h = respond::header(StatusCode::OK, &common);
+        let _ = h.insert_header("content-type", "text/event-stream");
+        let _ = h.insert_header("cache-control", "no-cache");
+        for (k, v) in &extra {
+            let _ = h.insert_header(*k, v.as_str());
+        }
+        if !session.is_http2() {
+            let _ = h.insert_header("transfer-encoding", "chunked");
+        }
+        'write: {
+            if session.write_response_header(h).await.is_err() {
+                break 'write true;
+            }
+            for frame in &hit.frames {
+                if session
+                    .write_response_body(frame.clone(), false)
+                    .await
+                    .is_err()
+                {
+                    break 'write true;
+                }
+            }
+            session.finish_body().await.is_err()
+        }
+    } else {
+        let body = hit.frames.first().cloned().unwrap_or_default();
+        !respond::json(session, StatusCode::OK, body, &common, &extra).await
+    };
+    ctx.client_gone |= gone;
 }
 
 /// Takes the request's slots in its tenant's and key's limits and budgets,

@@ -1,0 +1,285 @@
+//! Exact-match response cache at the edge, opt-in per request.
+//!
+//! A caller asks for it with `x-switchyard-cache: use` (and optionally
+//! `x-switchyard-cache-ttl: SECONDS`, at most a day; default five minutes).
+//! The key is the SHA-256 of the tenant, the request's jurisdictions, the
+//! endpoint and the body with its JSON keys sorted, so two tenants, or one
+//! tenant under two residency sets, never share an entry, and a request
+//! differing in any parameter (model, temperature, stream, ...) misses.
+//!
+//! A miss is teed as it is written ([`CacheTee`], a response observer):
+//! every frame of a stream or the whole body, already in the caller's
+//! protocol; a complete 200 answer is stored, a failed, cut or oversized
+//! one is not. A hit replays it (a stream as the same SSE frames) without
+//! planning or calling a provider, with `x-switchyard-cache: hit`; its
+//! ledger record says `cache_hit` and costs nothing. Entries live in a
+//! bounded in-memory cache (moka, weighed by bytes).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::ctx::RequestCtx;
+use crate::hooks::ResponseObserver;
+
+pub const HEADER: &str = "x-switchyard-cache";
+pub const TTL_HEADER: &str = "x-switchyard-cache-ttl";
+const DEFAULT_TTL: Duration = Duration::from_secs(300);
+const MAX_TTL: Duration = Duration::from_secs(86_400);
+/// Larger answers are not kept.
+const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+
+/// A stored answer, in the caller's protocol.
+#[derive(Debug)]
+pub struct CachedAnswer {
+    pub stream: bool,
+    /// The whole body, or each SSE frame as it was written.
+    pub frames: Vec<Bytes>,
+    expires_at: Instant,
+}
+
+/// What `admit` decided for a request that asked for the cache.
+#[derive(Debug, Clone)]
+pub struct CacheKey {
+    pub key: [u8; 32],
+    pub ttl: Duration,
+}
+
+pub struct ResponseCache {
+    entries: moka::sync::Cache<[u8; 32], Arc<CachedAnswer>>,
+    /// Answers being teed, by request id.
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+struct Pending {
+    key: CacheKey,
+    stream: bool,
+    frames: Vec<Bytes>,
+    bytes: usize,
+    ok: bool,
+}
+
+impl ResponseCache {
+    /// A cache holding at most `max_bytes` of answers.
+    pub fn new(max_bytes: u64) -> Arc<Self> {
+        Arc::new(ResponseCache {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_, v: &Arc<CachedAnswer>| {
+                    v.frames
+                        .iter()
+                        .map(|f| f.len() as u32)
+                        .fold(64u32, u32::saturating_add)
+                })
+                .time_to_live(MAX_TTL)
+                .build(),
+            pending: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The key of a request that opted in, or `None`.
+    pub fn key_for(
+        opt_in: Option<&str>,
+        ttl: Option<&str>,
+        tenant: &str,
+        residency: Option<&[String]>,
+        endpoint: &str,
+        body: &[u8],
+    ) -> Option<CacheKey> {
+        if !opt_in.is_some_and(|v| v.trim().eq_ignore_ascii_case("use")) {
+            return None;
+        }
+        let value: Value = serde_json::from_slice(body).ok()?;
+        let mut canonical = Vec::with_capacity(body.len());
+        write_sorted(&value, &mut canonical);
+        let mut h = Sha256::new();
+        for part in [tenant.as_bytes(), endpoint.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        match residency {
+            None => h.update(b"*"),
+            Some(list) => {
+                let mut list = list.to_vec();
+                list.sort();
+                for j in list {
+                    h.update((j.len() as u64).to_le_bytes());
+                    h.update(j.as_bytes());
+                }
+            }
+        }
+        h.update(&canonical);
+        let ttl = ttl
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .map_or(DEFAULT_TTL, Duration::from_secs)
+            .min(MAX_TTL);
+        Some(CacheKey {
+            key: h.finalize().into(),
+            ttl,
+        })
+    }
+
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        let hit = self.entries.get(&key.key)?;
+        if hit.expires_at <= Instant::now() {
+            self.entries.invalidate(&key.key);
+            return None;
+        }
+        Some(hit)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// JSON with object keys sorted at every level, so key order in the
+/// caller's body does not change the cache key.
+fn write_sorted(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
+                write_sorted(&map[k.as_str()], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_sorted(item, out);
+            }
+            out.push(b']');
+        }
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
+    }
+}
+
+/// Tees answers of requests that missed into the cache.
+pub struct CacheTee(pub Arc<ResponseCache>);
+
+impl ResponseObserver for CacheTee {
+    fn on_commit(&self, ctx: &RequestCtx, status: u16) {
+        if let Some(key) = &ctx.cache_key {
+            self.0.pending.lock().insert(
+                ctx.request_id.clone(),
+                Pending {
+                    key: key.clone(),
+                    stream: ctx.stream,
+                    frames: Vec::new(),
+                    bytes: 0,
+                    ok: status == 200,
+                },
+            );
+        }
+    }
+
+    fn on_body(&self, ctx: &RequestCtx, chunk: &Bytes) {
+        if ctx.cache_key.is_none() {
+            return;
+        }
+        let mut pending = self.0.pending.lock();
+        if let Some(p) = pending.get_mut(&ctx.request_id) {
+            p.bytes += chunk.len();
+            if p.bytes > MAX_ENTRY_BYTES {
+                p.ok = false;
+                p.frames.clear();
+            } else if p.ok {
+                p.frames.push(chunk.clone());
+            }
+        }
+    }
+
+    fn on_end(&self, ctx: &RequestCtx) {
+        if ctx.cache_key.is_none() {
+            return;
+        }
+        let Some(p) = self.0.pending.lock().remove(&ctx.request_id) else {
+            return;
+        };
+        let failed = ctx.client_gone || ctx.stats.as_ref().is_some_and(|s| s.stream_failed());
+        if p.ok && !failed && !p.frames.is_empty() {
+            self.0.entries.insert(
+                p.key.key,
+                Arc::new(CachedAnswer {
+                    stream: p.stream,
+                    frames: p.frames,
+                    expires_at: Instant::now() + p.key.ttl,
+                }),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_ignore_json_key_order_but_not_tenants_or_parameters() {
+        let k = |tenant: &str, res: Option<&[String]>, body: &str| {
+            ResponseCache::key_for(Some("use"), None, tenant, res, "chat", body.as_bytes())
+                .unwrap()
+                .key
+        };
+        let a = k(
+            "t",
+            None,
+            r#"{"model":"m","temperature":0,"messages":[{"role":"user","content":"x"}]}"#,
+        );
+        let b = k(
+            "t",
+            None,
+            r#"{"messages":[{"content":"x","role":"user"}],"temperature":0,"model":"m"}"#,
+        );
+        assert_eq!(a, b);
+        assert_ne!(
+            a,
+            k(
+                "u",
+                None,
+                r#"{"model":"m","temperature":0,"messages":[{"role":"user","content":"x"}]}"#
+            )
+        );
+        assert_ne!(
+            a,
+            k(
+                "t",
+                None,
+                r#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"x"}]}"#
+            )
+        );
+        let eu = ["eu".to_string()];
+        assert_ne!(
+            a,
+            k(
+                "t",
+                Some(&eu),
+                r#"{"model":"m","temperature":0,"messages":[{"role":"user","content":"x"}]}"#
+            )
+        );
+        assert!(ResponseCache::key_for(None, None, "t", None, "chat", b"{}").is_none());
+    }
+}
