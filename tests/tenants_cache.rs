@@ -46,6 +46,7 @@ tenants:
     EdgeNode::single_node()
         .policy(PolicySource::File(path))
         .listen("127.0.0.1:0")
+        .metrics("127.0.0.1:0")
         .start()
         .await
         .expect("edge starts")
@@ -129,5 +130,19 @@ async fn identical_requests_are_served_from_the_cache_per_tenant() {
     assert_eq!(first, replay);
     assert!(replay.trim_end().ends_with("data: [DONE]"), "{replay}");
     assert_eq!(mock.requests().len(), 4);
+    let metrics = reqwest::get(format!("http://{}/metrics", edge.metrics_addr().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchyard_cache_lookups_total{result=\"hit\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_cache_lookups_total{result=\"miss\"} 3"),
+        "{metrics}"
+    );
     edge.shutdown().await;
 }

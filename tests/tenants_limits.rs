@@ -74,6 +74,7 @@ pub async fn edge(policy: &Path, redis: Option<&str>) -> RunningEdge {
     let mut node = EdgeNode::single_node()
         .policy(PolicySource::File(policy.to_path_buf()))
         .listen("127.0.0.1:0")
+        .metrics("127.0.0.1:0")
         .simulate_header(true);
     if let Some(url) = redis {
         node = node.redis(url);
@@ -171,6 +172,18 @@ async fn rpm_refuses_the_fourth_request_with_openai_headers_in_each_protocol() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["type"], "error", "{body}");
     assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    let metrics = client()
+        .get(format!("http://{}/metrics", edge.metrics_addr().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchyard_limit_rejections_total{limit=\"requests\"} 2"),
+        "{metrics}"
+    );
     edge.shutdown().await;
 }
 

@@ -123,6 +123,7 @@ impl EdgeApp {
     /// Serves requests that opt in (`x-switchyard-cache: use`) from this
     /// cache, and tees their answers into it.
     pub fn with_cache(mut self, cache: Arc<ResponseCache>) -> Self {
+        cache.register(self.metrics.registry());
         self.hooks.response.push(Arc::new(CacheTee(cache.clone())));
         self.cache = Some(cache);
         self

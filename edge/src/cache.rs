@@ -52,6 +52,8 @@ pub struct CacheKey {
 
 pub struct ResponseCache {
     entries: moka::sync::Cache<[u8; 32], Arc<CachedAnswer>>,
+    /// `switchyard_cache_lookups_total{result="hit|miss"}`.
+    lookups: prometheus::IntCounterVec,
     /// Answers being teed, by request id.
     pending: Mutex<HashMap<String, Pending>>,
 }
@@ -78,6 +80,14 @@ impl ResponseCache {
                 })
                 .time_to_live(MAX_TTL)
                 .build(),
+            lookups: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "cache_lookups_total",
+                    "Response-cache lookups of requests that opted in, by result (hit|miss)",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
             pending: Mutex::new(HashMap::new()),
         })
     }
@@ -125,12 +135,18 @@ impl ResponseCache {
     }
 
     pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
-        let hit = self.entries.get(&key.key)?;
-        if hit.expires_at <= Instant::now() {
-            self.entries.invalidate(&key.key);
-            return None;
-        }
-        Some(hit)
+        let hit = self
+            .entries
+            .get(&key.key)
+            .filter(|hit| hit.expires_at > Instant::now());
+        self.lookups
+            .with_label_values(&[if hit.is_some() { "hit" } else { "miss" }])
+            .inc();
+        hit
+    }
+
+    pub fn register(&self, registry: &prometheus::Registry) {
+        let _ = registry.register(Box::new(self.lookups.clone()));
     }
 
     pub fn len(&self) -> u64 {
