@@ -303,11 +303,36 @@ async fn virtual_keys_work_everywhere_until_revoked_and_every_request_is_in_the_
     );
     assert_eq!(chat(b, &second, "sim/small").await.status(), 200);
 
+    // A cached answer is in the ledger too, as a hit.
+    for _ in 0..2 {
+        let r = client()
+            .post(format!("http://{a}/v1/chat/completions"))
+            .bearer_auth(&second)
+            .header("x-switchyard-cache", "use")
+            .json(&json!({"model": "sim/small", "messages": [{"role": "user", "content": "cache me"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let deadline = Instant::now() + WAIT;
+        while f.edges[0].cached_answers() == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     // The ledger has one record per request, by key, with a cost; and CSV.
+    let hits = |rows: &[Value]| {
+        rows.iter()
+            .find(|r| r["group"] == "ci-key-2")
+            .and_then(|r| r["cache_hits"].as_u64())
+            .unwrap_or(0)
+    };
     let deadline = Instant::now() + WAIT;
     let rows = loop {
         let rows = f.ledger_rows("beta", "key").await;
-        let done = requests_in(&rows, "ci-key") >= 3 && requests_in(&rows, "ci-key-2") >= 4;
+        let done = requests_in(&rows, "ci-key") >= 3
+            && requests_in(&rows, "ci-key-2") >= 6
+            && hits(&rows) >= 1;
         if done || Instant::now() > deadline {
             break rows;
         }
@@ -316,6 +341,7 @@ async fn virtual_keys_work_everywhere_until_revoked_and_every_request_is_in_the_
     // ci-key: one 200 per edge, the 403, and the 401s after revocation
     // are not its usage (refused before a key was known: no key id).
     assert!(requests_in(&rows, "ci-key") >= 3, "{rows:?}");
+    assert_eq!(hits(&rows), 1, "{rows:?}");
     let cost = rows
         .iter()
         .find(|r| r["group"] == "ci-key-2")
