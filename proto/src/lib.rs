@@ -908,6 +908,29 @@ mod tests {
     }
 
     #[test]
+    fn cached_input_tokens_cost_their_discounted_price() {
+        let price = ModelPrice {
+            input_per_million: 2.0,
+            output_per_million: 8.0,
+            cached_input_per_million: Some(0.5),
+        };
+        // 1M input of which 600k cached, 100k output.
+        let cost = price.cost_with_cache(1_000_000, 600_000, 100_000);
+        assert!(
+            (cost - (0.4 * 2.0 + 0.6 * 0.5 + 0.1 * 8.0)).abs() < 1e-9,
+            "{cost}"
+        );
+        // No cached price: cached tokens cost the input price.
+        let plain = ModelPrice {
+            cached_input_per_million: None,
+            ..price
+        };
+        assert!((plain.cost_with_cache(1_000_000, 600_000, 0) - 2.0).abs() < 1e-9);
+        // More cached than input (a provider's rounding) never goes negative.
+        assert!(price.cost_with_cache(10, 20, 0) >= 0.0);
+    }
+
+    #[test]
     fn key_hash_round_trip() {
         let h = KeyHash::of("sy-dev-abc");
         assert_eq!(KeyHash::from_hex(&h.to_hex()), Some(h));

@@ -253,7 +253,7 @@ impl Limiter {
         };
         match decision {
             Decision::Admitted { after } => {
-                let headers = headers(&checks, &after, tenant, key);
+                let headers = headers(&checks, &after, tenant);
                 let ticket = Ticket {
                     store,
                     tenant: tenant.id.clone(),
@@ -268,20 +268,15 @@ impl Limiter {
                 };
                 Ok((Some(ticket), headers))
             }
-            Decision::Refused { index, used } => {
+            Decision::Refused { index, .. } => {
                 let c = &checks[index];
                 self.rejections.with_label_values(&[c.kind.label()]).inc();
-                let mut after: Vec<i64> = Vec::with_capacity(checks.len());
-                for (i, _) in checks.iter().enumerate() {
-                    after.push(if i == index { used } else { 0 });
-                }
-                let mut h = headers(&checks, &after, tenant, key);
-                Err((refusal(c), {
-                    h.retain(|(k, _)| k.starts_with("x-ratelimit-limit"));
-                    let mut all = h;
-                    all.extend(refused_headers(c));
-                    all
-                }))
+                // The limits, then what is left of the one that refused
+                // (nothing) and when it resets.
+                let mut h = headers(&checks, &vec![0; checks.len()], tenant);
+                h.retain(|(k, _)| k.starts_with("x-ratelimit-limit"));
+                h.extend(refused_headers(c));
+                Err((refusal(c), h))
             }
         }
     }
@@ -496,7 +491,7 @@ fn reset_text(ms: u64) -> String {
 
 /// OpenAI's `x-ratelimit-*` headers for requests and tokens (the tightest
 /// counter of each kind), and a budget warning past the soft threshold.
-fn headers(checks: &[Check], after: &[i64], tenant: &Tenant, key: Option<&VirtualKey>) -> Headers {
+fn headers(checks: &[Check], after: &[i64], tenant: &Tenant) -> Headers {
     let mut out = Vec::new();
     for (kind, suffix) in [(Kind::Requests, "requests"), (Kind::Tokens, "tokens")] {
         let tightest = checks
@@ -522,9 +517,8 @@ fn headers(checks: &[Check], after: &[i64], tenant: &Tenant, key: Option<&Virtua
             out.push((reset, reset_text(c.reset_ms)));
         }
     }
-    let warn_at = tenant.budget_warn_ratio;
-    let _ = key;
-    if let Some(ratio) = warn_at {
+    // The tenant's soft threshold applies to its keys' budgets too.
+    if let Some(ratio) = tenant.budget_warn_ratio {
         for (c, used) in checks.iter().zip(after).filter(|(c, _)| c.kind.is_budget()) {
             if c.configured > 0 && (*used as f64) >= ratio * c.limit as f64 && c.limit > 0 {
                 let which = if c.kind == Kind::DailyBudget {
