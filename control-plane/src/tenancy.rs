@@ -35,6 +35,8 @@ use crate::store::{now_ms, UsageGroup, VirtualKeyRow};
 pub const FLOOR: f64 = 0.2;
 const QUANTUM: f64 = 0.01;
 const DAY_MS: i64 = 86_400_000;
+/// How often the fleet's spend is summed from the ledger.
+const SPEND_EVERY: Duration = Duration::from_secs(2);
 
 /// What every node gets besides the policy; edges also get their leases.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -54,7 +56,11 @@ pub struct Tenancy {
     pub(crate) edges: parking_lot_free::Mutex<BTreeSet<String>>,
     /// Edge → tenant → recent requests (decayed every refresh).
     pub(crate) demand: parking_lot_free::Mutex<HashMap<String, HashMap<String, f64>>>,
+    /// The last spend figures and when they were summed.
+    pub(crate) spend_at: parking_lot_free::Mutex<Option<(std::time::Instant, SpendMap)>>,
 }
+
+type SpendMap = HashMap<String, pb::SpendMsg>;
 
 /// `std::sync::Mutex` without poisoning noise: every critical section here
 /// is a few map operations that cannot panic half-way.
@@ -79,6 +85,7 @@ impl Default for Tenancy {
             wake: Notify::new(),
             edges: parking_lot_free::Mutex::new(BTreeSet::new()),
             demand: parking_lot_free::Mutex::new(HashMap::new()),
+            spend_at: parking_lot_free::Mutex::new(None),
         }
     }
 }
@@ -187,23 +194,42 @@ pub(crate) async fn refresh(cp: &ControlPlane) -> Result<(), ControlError> {
     virtual_keys.sort_by(|a, b| a.id.cmp(&b.id));
     let day = now.div_euclid(DAY_MS);
     let (month, month_start) = month_of(day);
-    let spend = cp
-        .store()
-        .spend(day * DAY_MS, month_start * DAY_MS)
-        .await?
-        .into_iter()
-        .map(|s| {
-            (
-                s.scope,
-                pb::SpendMsg {
-                    day_usd: s.day_usd,
-                    month_usd: s.month_usd,
-                    day,
-                    month,
-                },
-            )
-        })
-        .collect();
+    // Summing the month's ledger is the expensive part: it runs at most
+    // every SPEND_EVERY, keys and leases every time.
+    let stale = cp
+        .tenancy()
+        .spend_at
+        .lock()
+        .as_ref()
+        .is_none_or(|(at, _)| at.elapsed() >= SPEND_EVERY);
+    let spend = if stale {
+        let spend: HashMap<String, pb::SpendMsg> = cp
+            .store()
+            .spend(day * DAY_MS, month_start * DAY_MS)
+            .await?
+            .into_iter()
+            .map(|s| {
+                (
+                    s.scope,
+                    pb::SpendMsg {
+                        day_usd: s.day_usd,
+                        month_usd: s.month_usd,
+                        day,
+                        month,
+                    },
+                )
+            })
+            .collect();
+        *cp.tenancy().spend_at.lock() = Some((std::time::Instant::now(), spend.clone()));
+        spend
+    } else {
+        cp.tenancy()
+            .spend_at
+            .lock()
+            .as_ref()
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    };
     let published = cp.current();
     let leases = cp.tenancy().leases(published.as_ref().map(|p| &p.snapshot));
     let next = TenantState {
