@@ -28,6 +28,7 @@ const ADMIN: &str = "admin-token-tenants";
 const EU_ONLY_KEY: &str = "sy-test-eu-only-tenant";
 const RELAXED_KEY: &str = "sy-test-relaxed-tenant";
 const ACME_KEY: &str = "sy-test-acme-policy-key";
+const SPENDER_KEY: &str = "sy-test-spender-policy-key";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn policy() -> String {
@@ -50,6 +51,9 @@ tenants:
     key_sha256: "{}"
     limits: {{ rpm: 20 }}
   - id: beta
+  - id: spender
+    key_sha256: "{}"
+    budget: {{ daily_usd: 0.1 }}
   - id: euonly
     key_sha256: "{}"
     residency: [eu]
@@ -59,6 +63,7 @@ tenants:
     edge_residency: relaxed
 "#,
         h(ACME_KEY),
+        h(SPENDER_KEY),
         h(EU_ONLY_KEY),
         h(RELAXED_KEY),
     )
@@ -487,5 +492,54 @@ async fn an_eu_only_key_is_refused_at_the_us_edge_before_its_body_is_read() {
     assert_eq!(until_status(us, RELAXED_KEY, |s| s == 200).await, 200);
     // A tenant without residency is served anywhere.
     assert_eq!(until_status(us, ACME_KEY, |s| s == 200).await, 200);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_budget_holds_across_edges_through_the_ledger() {
+    let f = fleet("budget", &["eu", "eu"]).await;
+    let (a, b) = (f.edge(0), f.edge(1));
+    // Each answer costs about $0.03 (prompt + 24 tokens at $1000/M); the
+    // daily budget is $0.10. The edges only learn of each other's spend
+    // through the ledger the control plane sums and pushes back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut refused = [false, false];
+    let mut served = 0;
+    while refused != [true, true] && Instant::now() < deadline {
+        for (i, edge) in [a, b].into_iter().enumerate() {
+            let r = chat(edge, SPENDER_KEY, "sim/small").await;
+            match r.status().as_u16() {
+                200 => served += 1,
+                429 => {
+                    let body: Value = r.json().await.unwrap();
+                    assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+                    refused[i] = true;
+                }
+                s => panic!("status {s}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        refused,
+        [true, true],
+        "both edges refuse once the budget is spent"
+    );
+    // What was spent, from the ledger.
+    let deadline = Instant::now() + WAIT;
+    let spent = loop {
+        let rows = f.ledger_rows("spender", "tenant").await;
+        let n = requests_in(&rows, "spender");
+        let cost = rows
+            .first()
+            .and_then(|r| r["cost_usd"].as_f64())
+            .unwrap_or(0.0);
+        if n >= served || Instant::now() > deadline {
+            break cost;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("budget $0.10 across two edges: {served} answers served, ${spent:.4} spent");
+    assert!(spent >= 0.1, "the budget was used: {spent}");
     f.stop().await;
 }
