@@ -109,6 +109,8 @@ fn log(session: &ServerSession, ctx: &RequestCtx, record: &UsageRecord) {
         prompt_tokens: record.usage.map(|u| u.prompt_tokens),
         completion_tokens: record.usage.map(|u| u.completion_tokens),
         attempts: record.attempts,
+        cost_usd: record.cost_usd,
+        key: ctx.key.as_ref().map(|k| k.id.as_str()),
         error: record.error,
         client_gone: record.client_gone,
     });
