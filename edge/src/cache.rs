@@ -99,6 +99,7 @@ impl ResponseCache {
         tenant: &str,
         residency: Option<&[String]>,
         endpoint: &str,
+        raw: bool,
         body: &[u8],
     ) -> Option<CacheKey> {
         if !opt_in.is_some_and(|v| v.trim().eq_ignore_ascii_case("use")) {
@@ -112,6 +113,9 @@ impl ResponseCache {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
+        // A raw answer is in the provider's own format: never the entry of
+        // the normalised one.
+        h.update([u8::from(raw)]);
         match residency {
             None => h.update(b"*"),
             Some(list) => {
@@ -256,9 +260,17 @@ mod tests {
     #[test]
     fn keys_ignore_json_key_order_but_not_tenants_or_parameters() {
         let k = |tenant: &str, res: Option<&[String]>, body: &str| {
-            ResponseCache::key_for(Some("use"), None, tenant, res, "chat", body.as_bytes())
-                .unwrap()
-                .key
+            ResponseCache::key_for(
+                Some("use"),
+                None,
+                tenant,
+                res,
+                "chat",
+                false,
+                body.as_bytes(),
+            )
+            .unwrap()
+            .key
         };
         let a = k(
             "t",
@@ -296,6 +308,9 @@ mod tests {
                 r#"{"model":"m","temperature":0,"messages":[{"role":"user","content":"x"}]}"#
             )
         );
-        assert!(ResponseCache::key_for(None, None, "t", None, "chat", b"{}").is_none());
+        let raw = ResponseCache::key_for(Some("use"), None, "t", None, "chat", true, b"{}");
+        let normal = ResponseCache::key_for(Some("use"), None, "t", None, "chat", false, b"{}");
+        assert_ne!(raw.unwrap().key, normal.unwrap().key);
+        assert!(ResponseCache::key_for(None, None, "t", None, "chat", false, b"{}").is_none());
     }
 }

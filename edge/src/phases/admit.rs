@@ -221,6 +221,7 @@ pub(crate) async fn admit(
                     &tenant.id,
                     ctx.residency.as_deref(),
                     ctx.endpoint,
+                    raw_header,
                     &body,
                 );
             }
