@@ -17,6 +17,10 @@ const A: &str = "sy-test-cache-tenant-a";
 const B: &str = "sy-test-cache-tenant-b";
 
 async fn edge(mock: &MockUpstream) -> RunningEdge {
+    edge_with(mock, None).await
+}
+
+async fn edge_with(mock: &MockUpstream, redis: Option<&str>) -> RunningEdge {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = temp_dir("cache");
     let path = dir.join("policy.yaml");
@@ -43,13 +47,14 @@ tenants:
         ),
     )
     .unwrap();
-    EdgeNode::single_node()
+    let mut node = EdgeNode::single_node()
         .policy(PolicySource::File(path))
         .listen("127.0.0.1:0")
-        .metrics("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts")
+        .metrics("127.0.0.1:0");
+    if let Some(url) = redis {
+        node = node.redis(url);
+    }
+    node.start().await.expect("edge starts")
 }
 
 async fn ask(
@@ -145,4 +150,41 @@ async fn identical_requests_are_served_from_the_cache_per_tenant() {
         "{metrics}"
     );
     edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_sharing_a_redis_share_the_cache() {
+    if !switchyard_testkit::redis::available() {
+        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
+            panic!("redis-server is missing: run scripts/test.sh");
+        }
+        eprintln!("SKIPPED: redis-server is not installed (scripts/test.sh installs it)");
+        return;
+    }
+    let redis = switchyard_testkit::redis::RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let a = edge_with(&mock, Some(&redis.url())).await;
+    let b = edge_with(&mock, Some(&redis.url())).await;
+    let (_, h, first) = ask(&a, A, false, true).await;
+    assert_eq!(h.as_deref(), Some("miss"));
+    // Stored in Redis off the request path: wait (bounded) until it is.
+    for _ in 0..500 {
+        if redis.dbsize().unwrap_or(0) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (s, h, second) = ask(&b, A, false, true).await;
+    assert_eq!(
+        (s, h.as_deref()),
+        (200, Some("hit")),
+        "the other edge serves it"
+    );
+    assert_eq!(first, second);
+    assert_eq!(mock.requests().len(), 1);
+    // Another tenant still misses, even across edges.
+    let (_, h, _) = ask(&b, B, false, true).await;
+    assert_eq!(h.as_deref(), Some("miss"));
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -13,7 +13,9 @@
 //! one is not. A hit replays it (a stream as the same SSE frames) without
 //! planning or calling a provider, with `x-switchyard-cache: hit`; its
 //! ledger record says `cache_hit` and costs nothing. Entries live in a
-//! bounded in-memory cache (moka, weighed by bytes).
+//! bounded in-memory cache (moka, weighed by bytes) and, when the edge has
+//! a Redis, there too (with the entry's TTL), so every edge sharing it
+//! serves what one of them stored; the edge looks in its memory first.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ctx::RequestCtx;
 use crate::hooks::ResponseObserver;
+use crate::limits::RedisLink;
 
 pub const HEADER: &str = "x-switchyard-cache";
 pub const TTL_HEADER: &str = "x-switchyard-cache-ttl";
@@ -56,7 +59,10 @@ pub struct ResponseCache {
     lookups: prometheus::IntCounterVec,
     /// Answers being teed, by request id.
     pending: Mutex<HashMap<String, Pending>>,
+    shared: Option<Arc<RedisLink>>,
 }
+
+const REDIS_PREFIX: &str = "switchyard:cache:";
 
 struct Pending {
     key: CacheKey,
@@ -89,7 +95,15 @@ impl ResponseCache {
             )
             .expect("metric"),
             pending: Mutex::new(HashMap::new()),
+            shared: None,
         })
+    }
+
+    /// The same, with a second tier in Redis shared by edges.
+    pub fn with_redis(max_bytes: u64, link: Arc<RedisLink>) -> Arc<Self> {
+        let mut cache = Arc::into_inner(Self::new(max_bytes)).expect("new cache");
+        cache.shared = Some(link);
+        Arc::new(cache)
     }
 
     /// The key of a request that opted in, or `None`.
@@ -138,15 +152,58 @@ impl ResponseCache {
         })
     }
 
-    pub fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
-        let hit = self
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        let mut hit = self
             .entries
             .get(&key.key)
             .filter(|hit| hit.expires_at > Instant::now());
+        if hit.is_none() {
+            if let Some(link) = &self.shared {
+                hit = self.get_shared(link, key).await;
+            }
+        }
         self.lookups
             .with_label_values(&[if hit.is_some() { "hit" } else { "miss" }])
             .inc();
         hit
+    }
+
+    async fn get_shared(&self, link: &RedisLink, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        let mut conn = link.connection().await.ok()?;
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(redis_key(&key.key));
+        let read = tokio::time::timeout(
+            link.timeout(),
+            cmd.query_async::<Option<Vec<u8>>>(&mut conn),
+        );
+        let bytes = read.await.ok()?.ok()??;
+        let (stream, frames) = decode(&bytes)?;
+        // Redis expires the entry; here it lives at most as long again.
+        let answer = Arc::new(CachedAnswer {
+            stream,
+            frames,
+            expires_at: Instant::now() + key.ttl,
+        });
+        self.entries.insert(key.key, answer.clone());
+        Some(answer)
+    }
+
+    fn store(&self, key: &CacheKey, answer: CachedAnswer) {
+        if let Some(link) = self.shared.clone() {
+            let bytes = encode(answer.stream, &answer.frames);
+            let (name, ttl_ms) = (redis_key(&key.key), key.ttl.as_millis() as u64);
+            // Off the request path; a Redis that is down only costs misses.
+            tokio::spawn(async move {
+                let Ok(mut conn) = link.connection().await else {
+                    return;
+                };
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(name).arg(bytes).arg("PX").arg(ttl_ms.max(1));
+                let _ =
+                    tokio::time::timeout(link.timeout(), cmd.query_async::<()>(&mut conn)).await;
+            });
+        }
+        self.entries.insert(key.key, Arc::new(answer));
     }
 
     pub fn register(&self, registry: &prometheus::Registry) {
@@ -161,6 +218,44 @@ impl ResponseCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn redis_key(key: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(REDIS_PREFIX.len() + 64);
+    s.push_str(REDIS_PREFIX);
+    for b in key {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// `[stream flag][frame count u32][len u32, bytes]...`, little-endian.
+fn encode(stream: bool, frames: &[Bytes]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + frames.iter().map(|f| f.len() + 4).sum::<usize>());
+    out.push(u8::from(stream));
+    out.extend_from_slice(&(frames.len() as u32).to_le_bytes());
+    for f in frames {
+        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<(bool, Vec<Bytes>)> {
+    let stream = *bytes.first()? == 1;
+    let u32_at = |i: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?) as usize)
+    };
+    let n = u32_at(1)?;
+    let mut at = 5;
+    let mut frames = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let len = u32_at(at)?;
+        let frame = bytes.get(at + 4..at + 4 + len)?;
+        frames.push(Bytes::copy_from_slice(frame));
+        at += 4 + len;
+    }
+    (at == bytes.len()).then_some((stream, frames))
 }
 
 /// JSON with object keys sorted at every level, so key order in the
@@ -241,13 +336,13 @@ impl ResponseObserver for CacheTee {
         };
         let failed = ctx.client_gone || ctx.stats.as_ref().is_some_and(|s| s.stream_failed());
         if p.ok && !failed && !p.frames.is_empty() {
-            self.0.entries.insert(
-                p.key.key,
-                Arc::new(CachedAnswer {
+            self.0.store(
+                &p.key,
+                CachedAnswer {
                     stream: p.stream,
                     frames: p.frames,
                     expires_at: Instant::now() + p.key.ttl,
-                }),
+                },
             );
         }
     }
@@ -256,6 +351,16 @@ impl ResponseObserver for CacheTee {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_answers_round_trip_and_garbage_is_refused() {
+        let frames = vec![Bytes::from_static(b"data: 1\n\n"), Bytes::new()];
+        let bytes = encode(true, &frames);
+        assert_eq!(decode(&bytes), Some((true, frames)));
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decode(b""), None);
+        assert_eq!(decode(&[0, 255, 255, 255, 255]), None);
+    }
 
     #[test]
     fn keys_ignore_json_key_order_but_not_tenants_or_parameters() {

@@ -54,7 +54,7 @@ use crate::cache::ResponseCache;
 use crate::guard::EdgeLimits;
 use crate::hooks::RecordHook;
 use crate::ledger::LedgerHook;
-use crate::limits::Limiter;
+use crate::limits::{Limiter, RedisLink};
 use crate::service::{edge_service, metrics_service, TlsFiles};
 
 /// How the whole stack waits for the first backhaul connections at start.
@@ -322,14 +322,24 @@ impl EdgeNode {
             }
         }
 
-        let limiter = match &self.redis {
-            Some(url) => Limiter::redis(url, REDIS_TIMEOUT).map_err(|e| NodeError::Service {
-                what: "limits",
-                message: format!("--redis: {e}"),
-            })?,
-            None => Limiter::local(),
+        let redis = match &self.redis {
+            Some(url) => {
+                Some(
+                    RedisLink::new(url, REDIS_TIMEOUT).map_err(|e| NodeError::Service {
+                        what: "limits",
+                        message: format!("--redis: {e}"),
+                    })?,
+                )
+            }
+            None => None,
         };
-        let cache = ResponseCache::new(RESPONSE_CACHE_BYTES);
+        let (limiter, cache) = match redis {
+            Some(link) => (
+                Limiter::shared(link.clone()),
+                ResponseCache::with_redis(RESPONSE_CACHE_BYTES, link),
+            ),
+            None => (Limiter::local(), ResponseCache::new(RESPONSE_CACHE_BYTES)),
+        };
         let mut app = EdgeApp::new(shared.clone(), upstream)
             .with_simulate_header(self.simulate_header)
             .with_limits(self.limits)

@@ -36,7 +36,7 @@ use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::{LimitSet, Snapshot, Spend, Tenant, VirtualKey};
 
 pub use local::LocalCounters;
-pub use shared::{SharedCounters, SharedError};
+pub use shared::{RedisLink, SharedCounters, SharedError};
 
 const MINUTE_MS: u64 = 60_000;
 const DAY_MS: u64 = 86_400_000;
@@ -164,9 +164,14 @@ impl Limiter {
     /// Counters shared through Redis at `url`; each call waits at most
     /// `timeout`.
     pub fn redis(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+        Ok(Self::shared(RedisLink::new(url, timeout)?))
+    }
+
+    /// Counters shared through this Redis.
+    pub fn shared(link: Arc<RedisLink>) -> Self {
         let mut l = Self::local();
-        l.shared = Some(SharedCounters::new(url, timeout)?);
-        Ok(l)
+        l.shared = Some(SharedCounters::new(link));
+        l
     }
 
     pub fn register(&self, registry: &prometheus::Registry) {

@@ -6,6 +6,7 @@
 //! last slot. Each call has a deadline; a Redis that is down or slow is an
 //! error the caller turns into fail-open or fail-closed per tenant.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -53,12 +54,12 @@ const PREFIX: &str = "switchyard:limits:";
 /// long (they fail open or closed at once instead of each waiting).
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
-pub struct SharedCounters {
+/// One Redis for an edge (limit counters, response cache): a connection
+/// made on first use that reconnects by itself, and a deadline per call.
+pub struct RedisLink {
     client: redis::Client,
     timeout: Duration,
     conn: Mutex<Conn>,
-    acquire: Script,
-    adjust: Script,
 }
 
 #[derive(Default)]
@@ -77,20 +78,22 @@ pub enum SharedError {
     Unreachable,
 }
 
-impl SharedCounters {
+impl RedisLink {
     /// `url` as redis-rs reads it (`redis://host:port/db`); nothing is
-    /// dialled until the first request.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
-        Ok(SharedCounters {
+    /// dialled until the first call.
+    pub fn new(url: &str, timeout: Duration) -> Result<Arc<Self>, redis::RedisError> {
+        Ok(Arc::new(RedisLink {
             client: redis::Client::open(url)?,
             timeout,
             conn: Mutex::new(Conn::default()),
-            acquire: Script::new(ACQUIRE),
-            adjust: Script::new(ADJUST),
-        })
+        }))
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, SharedError> {
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub async fn connection(&self) -> Result<ConnectionManager, SharedError> {
         {
             let mut c = self.conn.lock();
             if let Some(m) = &c.manager {
@@ -116,6 +119,26 @@ impl SharedCounters {
         self.conn.lock().manager = Some(manager.clone());
         Ok(manager)
     }
+}
+
+pub struct SharedCounters {
+    link: Arc<RedisLink>,
+    acquire: Script,
+    adjust: Script,
+}
+
+impl SharedCounters {
+    pub fn new(link: Arc<RedisLink>) -> Self {
+        SharedCounters {
+            link,
+            acquire: Script::new(ACQUIRE),
+            adjust: Script::new(ADJUST),
+        }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, SharedError> {
+        self.link.connection().await
+    }
 
     pub async fn acquire(&self, checks: &[Check]) -> Result<Decision, SharedError> {
         let mut conn = self.connection().await?;
@@ -124,9 +147,10 @@ impl SharedCounters {
             call.key(format!("{PREFIX}{}", c.key));
             call.arg(c.limit).arg(c.cost).arg(c.ttl_ms);
         }
-        let reply: Vec<i64> = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
-            .await
-            .map_err(|_| SharedError::Timeout(self.timeout))??;
+        let reply: Vec<i64> =
+            tokio::time::timeout(self.link.timeout(), call.invoke_async(&mut conn))
+                .await
+                .map_err(|_| SharedError::Timeout(self.link.timeout()))??;
         match reply.split_first() {
             Some((0, after)) => Ok(Decision::Admitted {
                 after: after.to_vec(),
@@ -152,9 +176,9 @@ impl SharedCounters {
             call.key(format!("{PREFIX}{key}"));
             call.arg(*delta);
         }
-        let _: i64 = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
+        let _: i64 = tokio::time::timeout(self.link.timeout(), call.invoke_async(&mut conn))
             .await
-            .map_err(|_| SharedError::Timeout(self.timeout))??;
+            .map_err(|_| SharedError::Timeout(self.link.timeout()))??;
         Ok(())
     }
 }

@@ -237,7 +237,7 @@ pub(crate) async fn admit(
     enforce_limits(app, snap, ctx).await?;
     run_hooks(app, ctx)?;
     if let (Some(cache), Some(key)) = (&app.cache, &ctx.cache_key) {
-        if let Some(hit) = cache.get(key) {
+        if let Some(hit) = cache.get(key).await {
             ctx.cache_key = None;
             ctx.cache_hit = true;
             replay(app, session, snap, ctx, &hit).await;

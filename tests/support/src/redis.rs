@@ -73,6 +73,18 @@ impl RedisServer {
         format!("redis://{}", self.addr)
     }
 
+    /// Number of keys in the database (`DBSIZE`); `None` when it does not
+    /// answer.
+    pub fn dbsize(&self) -> Option<u64> {
+        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        s.write_all(b"DBSIZE\r\n").ok()?;
+        let mut buf = [0u8; 32];
+        let n = s.read(&mut buf).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        text.strip_prefix(':')?.trim_end().parse().ok()
+    }
+
     /// Stops the server now (to test what happens while it is down).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
