@@ -752,6 +752,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_virtual_keys_own_limit_refuses_before_its_tenants() {
+        let l = Limiter::local();
+        let snap = Snapshot::default();
+        let t = Tenant {
+            id: "k".into(),
+            rpm: Some(100),
+            ..Tenant::default()
+        };
+        let key = VirtualKey {
+            id: "ci".into(),
+            tenant: "k".into(),
+            limits: LimitSet {
+                rpm: Some(1),
+                ..LimitSet::default()
+            },
+            ..VirtualKey::default()
+        };
+        let (_, h) = l.admit(&snap, &t, Some(&key), 1).await.unwrap();
+        // The tightest counter is reported: the key's.
+        assert!(
+            h.contains(&("x-ratelimit-limit-requests", "1".into())),
+            "{h:?}"
+        );
+        let (e, _) = l.admit(&snap, &t, Some(&key), 1).await.unwrap_err();
+        assert!(e.message.contains("key ci"), "{e}");
+        // The tenant's other keys (or its policy key) are not held by it.
+        l.admit(&snap, &t, None, 1).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_lease_splits_local_limits() {
         let l = Limiter::local();
         let snap = Snapshot::default();
