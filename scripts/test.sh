@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SWITCHYARD_NEED_PYTHON=1 bash scripts/setup.sh
 
-if ! .venv/bin/python -c 'import openai, anthropic, pytest' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import openai, anthropic, google.genai, pytest' >/dev/null 2>&1; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
 fi

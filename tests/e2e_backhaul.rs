@@ -564,3 +564,104 @@ async fn a_request_the_egress_took_is_never_sent_again() {
     assert_eq!(fleet.mock.requests().len(), 2);
     drop(b);
 }
+
+/// The Responses API, legacy completions and Gemini's own API cross the
+/// backhaul as their own operations: the egress passes Responses and
+/// completions through to OpenAI, translates Gemini calls to chat, counts
+/// Gemini tokens itself, and errors keep the caller's shape.
+#[tokio::test]
+async fn every_inbound_protocol_crosses_the_backhaul() {
+    let fleet = Fleet::new(&[]).await;
+    let egress = fleet.egress(None);
+    let edge = fleet.edge(&[&egress]);
+    let call = |path: &str, body: Value| {
+        client()
+            .post(format!("{}{path}", edge.base_url().trim_end_matches("/v1")))
+            .bearer_auth(&edge.key)
+            .json(&body)
+            .send()
+    };
+
+    let r = call(
+        "/v1/responses",
+        json!({"model": "openai/gpt-5.5", "input": PROMPT, "stream": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = sse_data(r, Duration::from_secs(10)).await;
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["type"], "response.completed");
+
+    let r = call(
+        "/v1/completions",
+        json!({"model": "openai/gpt-3.5-turbo-instruct", "prompt": PROMPT}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "text_completion");
+
+    let contents = json!({"contents": [{"role": "user", "parts": [{"text": PROMPT}]}]});
+    let r = call(
+        "/v1beta/models/openai/gpt-4o-mini:generateContent",
+        contents.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["candidates"][0]["content"]["parts"][0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("4242"));
+
+    let r = call(
+        "/v1beta/models/openai/gpt-4o-mini:countTokens",
+        contents.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["totalTokens"].as_u64().unwrap() > 3);
+
+    // A provider error over the backhaul, in Google's shape.
+    let r = call(
+        "/v1beta/models/openai/echo-key-401:generateContent",
+        contents,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 502);
+    let text = r.text().await.unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["error"]["status"].is_string() && !text.contains(PROVIDER_KEY),
+        "{text}"
+    );
+
+    let paths: Vec<String> = fleet
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/responses",
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/v1/chat/completions"
+        ]
+    );
+    assert!(edge
+        .process
+        .wait_for_logs(Duration::from_secs(5), |l| count(
+            l,
+            &["switchyard::access", "\"status\":200"]
+        ) >= 4));
+    assert!(!edge.process.logs().contains("prompt-marker-5519"));
+}

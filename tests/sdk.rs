@@ -65,6 +65,7 @@ async fn run_pytest(file: &str) {
         "pytest failed:\n{stdout}\n{stderr}\n--- gateway log ---\n{}",
         gw.logs()
     );
+    eprintln!("{}", stdout.lines().last().unwrap_or(""));
     for secret in ["sk-sdk-test-openai", "sk-ant-sdk-test", "gm-sdk-test"] {
         assert!(!gw.logs().contains(secret), "provider key in gateway logs");
     }
@@ -79,4 +80,9 @@ async fn openai_sdk() {
 #[tokio::test]
 async fn translation_through_sdks() {
     run_pytest("test_translation_sdk.py").await;
+}
+
+#[tokio::test]
+async fn responses_completions_and_gemini_sdks() {
+    run_pytest("test_responses_gemini_sdk.py").await;
 }

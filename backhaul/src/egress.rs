@@ -22,19 +22,19 @@ use switchyard_llm::{ErrorKind, GatewayError, Source};
 use switchyard_proto::health::{self, Entry, InFlight, Outcome};
 use switchyard_proto::{Health, ProviderSnapshot, ResolvedKey, Snapshot};
 
-use switchyard_llm::anthropic;
+use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest};
+use switchyard_llm::responses::{self, RequestEcho};
 use switchyard_llm::translate::{Chain, StreamTranslator};
+use switchyard_llm::{anthropic, completions, gemini_native, tokens};
 use switchyard_proto::ProviderKind;
 
+use crate::discovery::Discovery;
 use crate::providers::raw::{self, RawBody};
-use crate::providers::{adapter_for, faults, pick_key, unsupported, CallContext, ProviderReply};
+use crate::providers::{adapter_for, faults, pick_key, CallContext, ProviderReply};
 use crate::request::{
-    EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody, EVENT_STREAM,
-    JSON,
+    EgressRequest, EgressResponse, Operation, RequestStats, ResponseBody, EVENT_STREAM, JSON,
 };
-use crate::stream::{
-    anthropic_error_frame, first_frame, openai_error_frame, raw_stream, translate_stream,
-};
+use crate::stream::{error_framer, first_frame, openai_error_frame, raw_stream, translate_stream};
 
 /// The snapshot every component of a node reads; swapped whole on change.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -45,6 +45,7 @@ pub struct Egress {
     /// Where ties between equally loaded keys start, so an idle pool rotates.
     key_cursor: AtomicUsize,
     health: Arc<Health>,
+    discovery: Arc<Discovery>,
 }
 
 /// The key chosen for one attempt, counted in flight while it is held.
@@ -66,12 +67,19 @@ impl Egress {
         snapshot: SharedSnapshot,
         health: Arc<Health>,
     ) -> Result<Self, crate::upstream::ClientError> {
+        let client = crate::upstream::build_client()?;
         Ok(Egress {
+            discovery: Arc::new(Discovery::new(snapshot.clone(), client.clone())),
             snapshot,
-            client: crate::upstream::build_client()?,
+            client,
             key_cursor: AtomicUsize::new(0),
             health,
         })
+    }
+
+    /// The providers' own model lists, as this node's keys see them.
+    pub fn discovery(&self) -> &Arc<Discovery> {
+        &self.discovery
     }
 
     /// The node's health board as this egress feeds it.
@@ -259,28 +267,26 @@ impl Egress {
             });
         }
 
+        if let Some(body) = local_count(&req.op, provider.kind) {
+            // No counting endpoint at this provider: counted here, and no
+            // key or provider call is spent on it.
+            stats.mark_first_byte(req.received_at);
+            return Ok(EgressResponse {
+                status: 200,
+                content_type: JSON.to_string(),
+                retry_after: None,
+                body: ResponseBody::Full(body),
+                stats,
+            });
+        }
         let adapter = adapter_for(provider.kind);
-        // An Anthropic-protocol caller served by a provider that does not speak
-        // Anthropic goes through the hub: Anthropic → OpenAI → provider, and back.
-        let via_hub = match &req.op {
-            Operation::Messages { chat, .. } if provider.kind != ProviderKind::Anthropic => {
-                let mut chat = chat.clone();
-                chat.include_usage = true;
-                Some(chat)
-            }
-            Operation::CountTokens { .. } if provider.kind != ProviderKind::Anthropic => {
-                return Err(unsupported(provider, "count_tokens"));
-            }
-            _ => None,
-        };
-        let to_anthropic = via_hub.is_some();
+        // A caller whose protocol the provider does not speak goes through
+        // the hub: caller's protocol → OpenAI chat → provider, and back.
+        let (hub, back) = hub_route(&req.op, provider)?;
         let hub_req;
-        let call_req = match via_hub {
-            Some(chat) => {
-                hub_req = EgressRequest {
-                    op: Operation::Chat(chat),
-                    ..req.clone()
-                };
+        let call_req = match hub {
+            Some(op) => {
+                hub_req = EgressRequest { op, ..req.clone() };
                 &hub_req
             }
             None => &req,
@@ -337,13 +343,14 @@ impl Egress {
                 if let Some(u) = usage {
                     stats.set_usage(u);
                 }
-                let body = if to_anthropic {
-                    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-                        GatewayError::new(ErrorKind::Internal, format!("hub response: {e}"))
-                    })?;
-                    Bytes::from(anthropic::openai_response_to_messages(&v, model).to_string())
-                } else {
-                    body
+                let body = match &back {
+                    Back::Native => body,
+                    back => {
+                        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                            GatewayError::new(ErrorKind::Internal, format!("hub response: {e}"))
+                        })?;
+                        Bytes::from(back.response(&v, model).to_string())
+                    }
                 };
                 Ok(EgressResponse {
                     status: 200,
@@ -357,18 +364,11 @@ impl Egress {
                 upstream,
                 translator,
             } => {
-                let translator: Box<dyn StreamTranslator> = if to_anthropic {
-                    Box::new(Chain::new(
-                        translator,
-                        Box::new(anthropic::MessagesStreamFromOpenAi::new(model)),
-                    ))
-                } else {
-                    translator
+                let translator: Box<dyn StreamTranslator> = match back.stream(model) {
+                    Some(second) => Box::new(Chain::new(translator, second)),
+                    None => translator,
                 };
-                let framer = match req.inbound {
-                    Protocol::OpenAi => openai_error_frame,
-                    Protocol::Anthropic => anthropic_error_frame,
-                };
+                let framer = error_framer(&req.op, req.inbound).unwrap_or(openai_error_frame);
                 let frames = translate_stream(
                     upstream,
                     translator,
@@ -388,6 +388,124 @@ impl Egress {
             }
         }
     }
+}
+
+/// How a hub answer goes back to the caller's protocol.
+enum Back {
+    /// The provider speaks the caller's protocol: nothing to translate.
+    Native,
+    /// The caller speaks the hub protocol (OpenAI chat).
+    Hub,
+    Anthropic,
+    Responses(Box<RequestEcho>),
+    Completions {
+        caller_wants_usage: bool,
+    },
+    Gemini,
+    GeminiEmbed {
+        batch: bool,
+    },
+}
+
+impl Back {
+    fn response(&self, v: &serde_json::Value, model: &str) -> serde_json::Value {
+        match self {
+            Back::Native | Back::Hub => v.clone(),
+            Back::Anthropic => anthropic::openai_response_to_messages(v, model),
+            Back::Responses(echo) => responses::from_chat_response(v, model, echo),
+            Back::Completions { .. } => completions::from_chat_response(v, model),
+            Back::Gemini => gemini_native::from_chat_response(v, model),
+            Back::GeminiEmbed { batch } => gemini_native::embed_from_openai(v, *batch),
+        }
+    }
+
+    /// The second translator of the chain, after provider → hub chunks.
+    fn stream(&self, model: &str) -> Option<Box<dyn StreamTranslator>> {
+        match self {
+            Back::Native | Back::Hub | Back::GeminiEmbed { .. } => None,
+            Back::Anthropic => Some(Box::new(anthropic::MessagesStreamFromOpenAi::new(model))),
+            Back::Responses(echo) => Some(Box::new(responses::ResponsesStreamFromChat::new(
+                model,
+                (**echo).clone(),
+            ))),
+            Back::Completions { caller_wants_usage } => Some(Box::new(
+                completions::CompletionsStreamFromChat::new(model, *caller_wants_usage),
+            )),
+            Back::Gemini => Some(Box::new(gemini_native::GenerateStreamFromChat::new(model))),
+        }
+    }
+}
+
+/// A token count answered by the egress itself, for providers without a
+/// counting endpoint of the caller's protocol.
+fn local_count(op: &Operation, kind: ProviderKind) -> Option<Bytes> {
+    let body = match op {
+        Operation::CountTokens { body } if kind != ProviderKind::Anthropic => {
+            serde_json::json!({"input_tokens": tokens::anthropic_input_tokens(body)})
+        }
+        Operation::GeminiCountTokens { body, .. } if kind != ProviderKind::Gemini => {
+            serde_json::json!({"totalTokens": tokens::gemini_input_tokens(body)})
+        }
+        _ => return None,
+    };
+    Some(Bytes::from(body.to_string()))
+}
+
+/// Whether `op` reaches `provider` natively or through the hub: the hub
+/// operation to send instead (chat with usage always asked for, since the
+/// caller's protocol accounts from it; or embeddings) and how the answer
+/// goes back.
+fn hub_route(
+    op: &Operation,
+    provider: &ProviderSnapshot,
+) -> Result<(Option<Operation>, Back), GatewayError> {
+    let with_usage = |mut chat: ChatRequest| {
+        chat.include_usage = true;
+        Operation::Chat(chat)
+    };
+    // What this provider cannot take (stored state, built-in tools) another
+    // target of the plan may: the request is fine, the pairing is not, and
+    // the target's health is not at stake.
+    let elsewhere = |e: GatewayError| {
+        e.with_source(Source::Client)
+            .with_retry(switchyard_llm::Retry::AnotherTarget)
+    };
+    Ok(match op {
+        Operation::Messages { chat, .. } if provider.kind != ProviderKind::Anthropic => {
+            (Some(with_usage(chat.clone())), Back::Anthropic)
+        }
+        Operation::Generate(g) if provider.kind != ProviderKind::Gemini => (
+            Some(with_usage(g.chat.clone().map_err(elsewhere)?)),
+            Back::Gemini,
+        ),
+        Operation::Responses(r) if provider.kind != ProviderKind::OpenAi => {
+            let chat = r.chat_for(&provider.name).map_err(elsewhere)?;
+            (
+                Some(with_usage(chat)),
+                Back::Responses(Box::new(RequestEcho::new(&r.body))),
+            )
+        }
+        Operation::Completions(c) if provider.kind != ProviderKind::OpenAi => {
+            let chat = c.chat.clone().map_err(elsewhere)?;
+            (
+                Some(with_usage(chat)),
+                Back::Completions {
+                    caller_wants_usage: c.include_usage,
+                },
+            )
+        }
+        Operation::GeminiEmbed(e) if provider.kind != ProviderKind::Gemini => {
+            let body = e.to_openai(&e.model);
+            let embeddings =
+                EmbeddingsRequest::parse(&serde_json::to_vec(&body).unwrap_or_default())?;
+            (
+                Some(Operation::Embeddings(embeddings)),
+                Back::GeminiEmbed { batch: e.batch },
+            )
+        }
+        Operation::Chat(_) | Operation::Embeddings(_) => (None, Back::Hub),
+        _ => (None, Back::Native),
+    })
 }
 
 /// Keeps `guard` (attempts counted in flight) alive as long as the stream:
@@ -421,6 +539,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::request::Protocol;
 
     /// An OpenAI-compatible mock on 127.0.0.1: refuses `sk-bad` with 401,
     /// answers every other key, and counts calls per key.

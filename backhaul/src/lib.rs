@@ -50,6 +50,7 @@
 //! The cost is one small protocol of our own (versioned, with round-trip
 //! unit tests in `tunnel::frame`) instead of HTTP on both ends.
 
+pub mod discovery;
 pub mod dns;
 pub mod egress;
 pub mod node;
@@ -76,6 +77,13 @@ pub trait Upstream: Send + Sync + 'static {
         &self,
         req: EgressRequest,
     ) -> Result<EgressResponse, switchyard_llm::GatewayError>;
+
+    /// `(provider, model)` pairs from the providers' own model lists, where
+    /// this upstream holds the keys to ask; none by default (an edge that
+    /// reaches its providers over the backhaul holds no keys).
+    async fn discovered_models(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 #[async_trait::async_trait]
@@ -85,5 +93,9 @@ impl Upstream for Egress {
         req: EgressRequest,
     ) -> Result<EgressResponse, switchyard_llm::GatewayError> {
         Egress::execute(self, req).await
+    }
+
+    async fn discovered_models(&self) -> Vec<(String, String)> {
+        self.discovery().models().await
     }
 }

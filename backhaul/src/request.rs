@@ -7,7 +7,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde_json::{Map, Value};
+use switchyard_llm::completions::CompletionsRequest;
+use switchyard_llm::gemini_native::{EmbedRequest, GenerateRequest};
 use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::GatewayError;
 use switchyard_proto::RouteTarget;
 
@@ -16,6 +19,7 @@ use switchyard_proto::RouteTarget;
 pub enum Protocol {
     OpenAi,
     Anthropic,
+    Gemini,
 }
 
 #[derive(Debug, Clone)]
@@ -32,6 +36,25 @@ pub enum Operation {
     CountTokens {
         body: Map<String, Value>,
     },
+    /// An OpenAI Responses request: passed through to OpenAI providers,
+    /// translated through the hub for the others.
+    Responses(ResponsesRequest),
+    /// Legacy completions: passed through to OpenAI providers, translated
+    /// to chat for the others.
+    Completions(CompletionsRequest),
+    /// Gemini `generateContent` / `streamGenerateContent`: passed through to
+    /// Gemini providers, translated through the hub for the others.
+    Generate(GenerateRequest),
+    /// Gemini `countTokens`: passed through to Gemini providers, counted
+    /// locally for the others.
+    GeminiCountTokens {
+        /// The model named in the URL.
+        model: String,
+        body: Map<String, Value>,
+    },
+    /// Gemini `embedContent` / `batchEmbedContents`: passed through to
+    /// Gemini providers, sent as OpenAI embeddings to the others.
+    GeminiEmbed(EmbedRequest),
     /// Forwarded to the provider untouched (raw passthrough).
     Raw(RawRequest),
 }
@@ -158,6 +181,9 @@ impl Operation {
         match self {
             Operation::Chat(c) => c.stream,
             Operation::Messages { chat, .. } => chat.stream,
+            Operation::Responses(r) => r.stream,
+            Operation::Completions(c) => c.stream,
+            Operation::Generate(g) => g.stream,
             _ => false,
         }
     }

@@ -214,6 +214,33 @@ pub fn anthropic_error_frame(e: &GatewayError) -> Bytes {
     switchyard_llm::sse::encode_event(Some("error"), &e.to_anthropic_json().to_string())
 }
 
+/// A Responses stream fails with its own `error` event.
+pub fn responses_error_frame(e: &GatewayError) -> Bytes {
+    switchyard_llm::responses::error_event(e)
+}
+
+/// How a stream of `op`, asked for in `inbound`'s protocol, reports a
+/// failure after its status was sent; `None` for raw bodies, whose
+/// protocol the gateway does not know.
+pub fn error_framer(
+    op: &crate::request::Operation,
+    inbound: crate::request::Protocol,
+) -> Option<ErrorFramer> {
+    use crate::request::{Operation, Protocol};
+    match (op, inbound) {
+        (Operation::Raw(_), _) => None,
+        (Operation::Responses(_), _) => Some(responses_error_frame),
+        (_, Protocol::OpenAi) => Some(openai_error_frame),
+        (_, Protocol::Anthropic) => Some(anthropic_error_frame),
+        (_, Protocol::Gemini) => Some(gemini_error_frame),
+    }
+}
+
+/// Gemini streams carry an error as a chunk holding Google's error object.
+pub fn gemini_error_frame(e: &GatewayError) -> Bytes {
+    switchyard_llm::sse::encode_event(None, &e.to_gemini_json().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,11 +5,31 @@ use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::{KeyHash, Principal, Snapshot};
 
 /// Reads the key from `Authorization: Bearer` (OpenAI SDK) or `x-api-key`
-/// (Anthropic SDK) and finds its tenant. The key is only ever hashed.
+/// (Anthropic SDK) and finds its tenant (and virtual key, refused once
+/// expired). The key is only ever hashed.
 pub fn authenticate(
     session: &ServerSession,
     snapshot: &Snapshot,
 ) -> Result<Principal, GatewayError> {
+    authenticate_with(session, snapshot, false)
+}
+
+/// As [`authenticate`]; Gemini-style callers (`google-genai`) may also send
+/// the key as `x-goog-api-key` or, on Gemini paths only (`url_key`), as
+/// `?key=`.
+pub fn authenticate_with(
+    session: &ServerSession,
+    snapshot: &Snapshot,
+    url_key: bool,
+) -> Result<Principal, GatewayError> {
+    let query_key = url_key
+        .then(|| session.req_header().uri.query())
+        .flatten()
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("key="))
+                .map(str::to_string)
+        });
     let bearer = session
         .get_header(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -17,12 +37,20 @@ pub fn authenticate(
             let (scheme, rest) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
-    let key = bearer.or_else(|| {
-        session
-            .get_header("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    });
+    let key = bearer
+        .or_else(|| {
+            session
+                .get_header("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        })
+        .or_else(|| {
+            session
+                .get_header("x-goog-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        })
+        .or(query_key.as_deref());
     let Some(key) = key.filter(|k| !k.is_empty()) else {
         return Err(GatewayError::new(
             ErrorKind::Unauthorized,

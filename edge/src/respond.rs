@@ -83,6 +83,7 @@ pub async fn error(
     let body = match protocol {
         Protocol::OpenAi => e.to_openai_json(),
         Protocol::Anthropic => e.to_anthropic_json(),
+        Protocol::Gemini => e.to_gemini_json(),
     };
     let body = Bytes::from(body.to_string());
     json(session, error_status(e), body, common, &extra).await

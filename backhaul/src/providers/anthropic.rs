@@ -37,7 +37,7 @@ impl Provider for AnthropicAdapter {
                 ("v1/messages/count_tokens", Value::Object(body), false)
             }
             Operation::Embeddings(_) => return Err(unsupported(ctx.provider, "embeddings")),
-            Operation::Raw(_) => return Err(unsupported(ctx.provider, "this endpoint")),
+            _ => return Err(unsupported(ctx.provider, "this endpoint")),
         };
         let version = ctx
             .request

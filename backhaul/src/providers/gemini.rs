@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use serde_json::Value;
 use switchyard_llm::gemini;
+use switchyard_llm::gemini_native::{usage_from_metadata, GeminiPassthrough};
 use switchyard_llm::GatewayError;
 
 use super::{
@@ -88,6 +89,73 @@ impl Provider for GeminiAdapter {
                         prompt_tokens,
                         ..Default::default()
                     }),
+                })
+            }
+            Operation::Generate(g) => {
+                // Same protocol: the caller's body as sent, the model in the URL.
+                let url = if g.stream {
+                    url("streamGenerateContent", Some("alt=sse"))?
+                } else {
+                    url("generateContent", None)?
+                };
+                let resp = post_json(
+                    &ctx,
+                    url,
+                    &g.body,
+                    &headers,
+                    g.stream,
+                    gemini::error_from_upstream,
+                )
+                .await?;
+                if g.stream {
+                    return Ok(ProviderReply::Stream {
+                        upstream: byte_stream(resp, provider),
+                        translator: Box::new(GeminiPassthrough::new()),
+                    });
+                }
+                let (raw, v) = full_body(resp, provider).await?;
+                let usage = v.get("usageMetadata").and_then(usage_from_metadata);
+                Ok(ProviderReply::Json { body: raw, usage })
+            }
+            Operation::GeminiEmbed(e) => {
+                let method = if e.batch {
+                    "batchEmbedContents"
+                } else {
+                    "embedContent"
+                };
+                let resp = post_json(
+                    &ctx,
+                    url(method, None)?,
+                    &e.upstream_body(model),
+                    &headers,
+                    false,
+                    gemini::error_from_upstream,
+                )
+                .await?;
+                let (raw, _) = full_body(resp, provider).await?;
+                Ok(ProviderReply::Json {
+                    body: raw,
+                    usage: Some(switchyard_llm::openai::Usage {
+                        prompt_tokens: estimate_tokens(&e.texts),
+                        ..Default::default()
+                    }),
+                })
+            }
+            Operation::GeminiCountTokens { body, .. } => {
+                let url = url("countTokens", None)?;
+                let resp = post_json(
+                    &ctx,
+                    url,
+                    body,
+                    &headers,
+                    false,
+                    gemini::error_from_upstream,
+                )
+                .await?;
+                let (raw, _) = full_body(resp, provider).await?;
+                Ok(ProviderReply::Json {
+                    body: raw,
+                    usage: None,
                 })
             }
             _ => Err(unsupported(ctx.provider, "this endpoint")),

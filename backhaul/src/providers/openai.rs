@@ -5,6 +5,8 @@ use async_trait::async_trait;
 use serde_json::{json, Map, Value};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::passthrough::OpenAiPassthrough;
+use switchyard_llm::responses::{usage_from_responses, ResponsesPassthrough};
+use switchyard_llm::translate::StreamTranslator;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::Secret;
 
@@ -25,12 +27,16 @@ impl Provider for OpenAiAdapter {
                 chat.include_usage,
             ),
             Operation::Embeddings(e) => ("embeddings", &e.body, false, false),
+            Operation::Completions(c) => ("completions", &c.body, c.stream, c.include_usage),
+            Operation::Responses(r) => ("responses", &r.body, r.stream, true),
             _ => return Err(unsupported(ctx.provider, "this endpoint")),
         };
+        let responses = matches!(ctx.request.op, Operation::Responses(_));
         let body = Rewritten {
             body,
             model: &target.model,
-            force_usage: stream,
+            // Responses streams always end with usage; the field does not exist there.
+            force_usage: stream && !responses,
         };
         let url = super::provider_url(ctx.provider, path)?;
         let auth = ctx.key.map(|k| format!("Bearer {}", k.expose()));
@@ -46,9 +52,14 @@ impl Provider for OpenAiAdapter {
         })
         .await?;
         if stream {
+            let translator: Box<dyn StreamTranslator> = if responses {
+                Box::new(ResponsesPassthrough::new())
+            } else {
+                Box::new(OpenAiPassthrough::new(caller_wants_usage))
+            };
             return Ok(ProviderReply::Stream {
                 upstream: byte_stream(resp, provider),
-                translator: Box::new(OpenAiPassthrough::new(caller_wants_usage)),
+                translator,
             });
         }
         let body = resp
@@ -64,7 +75,13 @@ impl Provider for OpenAiAdapter {
         let usage = serde_json::from_slice::<UsageOnly>(&body)
             .ok()
             .and_then(|u| u.usage)
-            .and_then(|u| Usage::from_openai(&u));
+            .and_then(|u| {
+                if responses {
+                    usage_from_responses(&u)
+                } else {
+                    Usage::from_openai(&u)
+                }
+            });
         Ok(ProviderReply::Json { body, usage })
     }
 }

@@ -252,9 +252,15 @@ impl Provider for SimulatedAdapter {
             }
         }
         match &ctx.request.op {
-            Operation::Messages { .. } | Operation::CountTokens { .. } | Operation::Raw(_) => {
-                Err(super::unsupported(ctx.provider, "this endpoint"))
-            }
+            // Other protocols reach this provider through the hub, as chat.
+            Operation::Messages { .. }
+            | Operation::CountTokens { .. }
+            | Operation::Responses(_)
+            | Operation::Completions(_)
+            | Operation::Generate(_)
+            | Operation::GeminiCountTokens { .. }
+            | Operation::GeminiEmbed(_)
+            | Operation::Raw(_) => Err(super::unsupported(ctx.provider, "this endpoint")),
             Operation::Embeddings(e) => {
                 tokio::time::sleep(profile.ttft).await;
                 Ok(ProviderReply::Json {

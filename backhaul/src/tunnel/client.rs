@@ -21,10 +21,8 @@ use super::tls::{speaks_accepted, NodeTls};
 use super::TunnelError;
 use crate::dns::{DnsError, HickoryResolver};
 use crate::egress::SharedSnapshot;
-use crate::request::{
-    EgressRequest, EgressResponse, Operation, Protocol, RequestStats, ResponseBody,
-};
-use crate::stream::{anthropic_error_frame, openai_error_frame, ErrorFramer};
+use crate::request::{EgressRequest, EgressResponse, RequestStats, ResponseBody};
+use crate::stream::ErrorFramer;
 use crate::Upstream;
 
 /// Where the egress nodes of each region are. The static implementation
@@ -583,11 +581,7 @@ impl Upstream for TunnelRouter {
         // One deadline covers the whole request, every attempt included.
         let deadline = req.received_at + snap.limits().upstream_timeout;
         let (mut header, body) = frame::request_to_wire(&req, Duration::ZERO);
-        let framer: Option<ErrorFramer> = match (&req.op, req.inbound) {
-            (Operation::Raw(_), _) => None,
-            (_, Protocol::OpenAi) => Some(openai_error_frame),
-            (_, Protocol::Anthropic) => Some(anthropic_error_frame),
-        };
+        let framer: Option<ErrorFramer> = crate::stream::error_framer(&req.op, req.inbound);
         let idle = snap.limits().stream_idle_timeout + SLACK;
         let wait_until = tokio::time::Instant::now() + WAIT_FOR_EGRESS;
         let mut tried: Vec<Arc<Node>> = Vec::new();

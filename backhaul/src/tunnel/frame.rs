@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use switchyard_llm::anthropic;
+use switchyard_llm::completions::CompletionsRequest;
+use switchyard_llm::gemini_native::{EmbedRequest, GenerateRequest};
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest, Usage};
+use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
 use switchyard_proto::backhaul as wire;
 use switchyard_proto::RouteTarget;
@@ -314,12 +317,27 @@ pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::Reques
     header.set_inbound(match req.inbound {
         Protocol::OpenAi => wire::InboundProtocol::Openai,
         Protocol::Anthropic => wire::InboundProtocol::Anthropic,
+        Protocol::Gemini => wire::InboundProtocol::Gemini,
     });
     let (kind, body) = match &req.op {
         Operation::Chat(c) => (wire::OperationKind::Chat, json_body(&c.body)),
         Operation::Embeddings(e) => (wire::OperationKind::Embeddings, json_body(&e.body)),
         Operation::Messages { body, .. } => (wire::OperationKind::Messages, json_body(body)),
         Operation::CountTokens { body } => (wire::OperationKind::CountTokens, json_body(body)),
+        Operation::Responses(r) => (wire::OperationKind::Responses, json_body(&r.body)),
+        Operation::Completions(c) => (wire::OperationKind::Completions, json_body(&c.body)),
+        Operation::Generate(g) if g.stream => (
+            wire::OperationKind::StreamGenerateContent,
+            json_body(&g.body),
+        ),
+        Operation::Generate(g) => (wire::OperationKind::GenerateContent, json_body(&g.body)),
+        Operation::GeminiEmbed(e) if e.batch => {
+            (wire::OperationKind::BatchEmbedContents, json_body(&e.body))
+        }
+        Operation::GeminiEmbed(e) => (wire::OperationKind::EmbedContent, json_body(&e.body)),
+        Operation::GeminiCountTokens { body, .. } => {
+            (wire::OperationKind::GeminiCountTokens, json_body(body))
+        }
         Operation::Raw(raw) => {
             header.raw_method = raw.method.clone();
             header.raw_path = raw.path.clone();
@@ -367,6 +385,32 @@ pub fn request_from_wire(
         wire::OperationKind::CountTokens => Operation::CountTokens {
             body: parse_json_object(&body)?,
         },
+        wire::OperationKind::Responses => {
+            Operation::Responses(ResponsesRequest::from_map(parse_json_object(&body)?)?)
+        }
+        wire::OperationKind::Completions => {
+            Operation::Completions(CompletionsRequest::from_map(parse_json_object(&body)?)?)
+        }
+        kind @ (wire::OperationKind::GenerateContent
+        | wire::OperationKind::StreamGenerateContent) => {
+            let stream = kind == wire::OperationKind::StreamGenerateContent;
+            Operation::Generate(GenerateRequest::new(
+                parse_json_object(&body)?,
+                &header.upstream_model,
+                stream,
+            )?)
+        }
+        kind @ (wire::OperationKind::EmbedContent | wire::OperationKind::BatchEmbedContents) => {
+            Operation::GeminiEmbed(EmbedRequest::new(
+                parse_json_object(&body)?,
+                &header.upstream_model,
+                kind == wire::OperationKind::BatchEmbedContents,
+            )?)
+        }
+        wire::OperationKind::GeminiCountTokens => Operation::GeminiCountTokens {
+            model: header.upstream_model.clone(),
+            body: parse_json_object(&body)?,
+        },
         wire::OperationKind::Raw => Operation::Raw(RawRequest {
             method: header.raw_method.clone(),
             path: header.raw_path.clone(),
@@ -383,6 +427,7 @@ pub fn request_from_wire(
     let inbound = match header.inbound() {
         wire::InboundProtocol::Openai => Protocol::OpenAi,
         wire::InboundProtocol::Anthropic => Protocol::Anthropic,
+        wire::InboundProtocol::Gemini => Protocol::Gemini,
     };
     let meta = RequestMeta {
         deadline: Duration::from_millis(header.deadline_ms),
@@ -525,6 +570,7 @@ pub const KNOWN_CODES: &[&str] = &[
     "residency_violation",
     "unknown_tenant",
     "unknown_url",
+    "unsupported_parameter",
     "upstream_auth_failed",
     "upstream_error",
     "upstream_stalled",
@@ -619,6 +665,83 @@ mod tests {
                 assert!(a.stream);
             }
             _ => panic!("operation changed"),
+        }
+    }
+
+    /// Every inbound protocol's operation crosses the backhaul whole: the
+    /// same kind, body, streaming and (for Gemini, whose model is in the
+    /// URL) the target's model.
+    #[test]
+    fn new_protocol_operations_round_trip() {
+        let map = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let contents = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+        let ops = [
+            (
+                Protocol::OpenAi,
+                Operation::Responses(
+                    ResponsesRequest::from_map(map(json!({"model": "fast", "input": "hi", "stream": true})))
+                        .unwrap(),
+                ),
+            ),
+            (
+                Protocol::OpenAi,
+                Operation::Completions(
+                    CompletionsRequest::from_map(map(json!({"model": "fast", "prompt": "hi"}))).unwrap(),
+                ),
+            ),
+            (
+                Protocol::Gemini,
+                Operation::Generate(GenerateRequest::new(map(contents.clone()), "fast", true).unwrap()),
+            ),
+            (
+                Protocol::Gemini,
+                Operation::Generate(GenerateRequest::new(map(contents.clone()), "fast", false).unwrap()),
+            ),
+            (
+                Protocol::Gemini,
+                Operation::GeminiCountTokens {
+                    model: "fast".into(),
+                    body: map(contents.clone()),
+                },
+            ),
+            (
+                Protocol::Gemini,
+                Operation::GeminiEmbed(
+                    EmbedRequest::new(
+                        map(json!({"requests": [{"model": "models/fast", "content": {"parts": [{"text": "a"}]}}]})),
+                        "fast",
+                        true,
+                    )
+                    .unwrap(),
+                ),
+            ),
+        ];
+        for (inbound, op) in ops {
+            let mut req = chat_request();
+            req.inbound = inbound;
+            req.op = op;
+            let (header, body) = request_to_wire(&req, Duration::from_secs(1));
+            let (back, _) = request_from_wire(header, body, Instant::now()).unwrap();
+            assert_eq!(back.inbound, inbound);
+            assert_eq!(back.op.is_stream(), req.op.is_stream());
+            match (&back.op, &req.op) {
+                (Operation::Responses(a), Operation::Responses(b)) => assert_eq!(a.body, b.body),
+                (Operation::Completions(a), Operation::Completions(b)) => {
+                    assert_eq!(a.body, b.body)
+                }
+                (Operation::Generate(a), Operation::Generate(b)) => {
+                    assert_eq!((&a.body, a.stream), (&b.body, b.stream));
+                    assert_eq!(a.model, "gpt-4o-mini", "the target's model");
+                }
+                (
+                    Operation::GeminiCountTokens { body: a, .. },
+                    Operation::GeminiCountTokens { body: b, .. },
+                ) => assert_eq!(a, b),
+                (Operation::GeminiEmbed(a), Operation::GeminiEmbed(b)) => {
+                    assert_eq!((&a.body, a.batch), (&b.body, b.batch))
+                }
+                (a, b) => panic!("{a:?} came back as {b:?}"),
+            }
         }
     }
 

@@ -15,14 +15,17 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 use switchyard_backhaul::{check_model_name, Operation, Protocol, RawPath, RawRequest};
 use switchyard_llm::anthropic;
+use switchyard_llm::completions::CompletionsRequest;
+use switchyard_llm::gemini_native::{EmbedRequest, GenerateRequest};
 use switchyard_llm::openai::{parse_json_object, ChatRequest, EmbeddingsRequest};
+use switchyard_llm::responses::ResponsesRequest;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::plan::narrow_residency;
-use switchyard_proto::{Snapshot, Tenant};
+use switchyard_proto::{ProviderKind, Snapshot, Tenant};
 
 use super::{fail, Failure};
 use crate::app::EdgeApp;
-use crate::auth::authenticate;
+use crate::auth::authenticate_with;
 use crate::cache::{self, CachedAnswer, ResponseCache};
 use crate::ctx::RequestCtx;
 use crate::respond;
@@ -48,6 +51,26 @@ pub(crate) enum Request {
 
 pub(crate) enum Endpoint {
     Chat,
+    Responses,
+    /// `GET`/`DELETE /v1/responses/{id}[/...]`: stored responses, which
+    /// only an OpenAI provider has.
+    StoredResponse(String),
+    Completions,
+    /// Gemini `models/{model}:generateContent` / `:streamGenerateContent`.
+    GeminiGenerate {
+        model: String,
+        stream: bool,
+    },
+    GeminiCountTokens {
+        model: String,
+    },
+    GeminiEmbed {
+        model: String,
+        batch: bool,
+    },
+    GeminiModels,
+    /// `GET /v1beta/models/{model}`.
+    GeminiModel(String),
     Embeddings,
     Messages,
     CountTokens,
@@ -65,6 +88,12 @@ impl Endpoint {
     fn label(&self) -> &'static str {
         match self {
             Endpoint::Chat => "chat",
+            Endpoint::Responses | Endpoint::StoredResponse(_) => "responses",
+            Endpoint::Completions => "completions",
+            Endpoint::GeminiGenerate { .. } => "generate_content",
+            Endpoint::GeminiCountTokens { .. } => "count_tokens",
+            Endpoint::GeminiEmbed { .. } => "embeddings",
+            Endpoint::GeminiModels | Endpoint::GeminiModel(_) => "models",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
             Endpoint::CountTokens => "count_tokens",
@@ -77,6 +106,11 @@ impl Endpoint {
     fn protocol(&self) -> Protocol {
         match self {
             Endpoint::Messages | Endpoint::CountTokens => Protocol::Anthropic,
+            Endpoint::GeminiGenerate { .. }
+            | Endpoint::GeminiCountTokens { .. }
+            | Endpoint::GeminiEmbed { .. }
+            | Endpoint::GeminiModels
+            | Endpoint::GeminiModel(_) => Protocol::Gemini,
             _ => Protocol::OpenAi,
         }
     }
@@ -123,7 +157,8 @@ pub(crate) async fn admit(
         answer(app, session, snap, ctx, body).await;
         return Ok(Admitted::Answered);
     }
-    let principal = authenticate(session, snap).map_err(fail)?;
+    let principal =
+        authenticate_with(session, snap, ctx.protocol == Protocol::Gemini).map_err(fail)?;
     let tenant = principal.tenant;
     ctx.tenant = Some(tenant.clone());
     ctx.key = principal.key;
@@ -141,14 +176,44 @@ pub(crate) async fn admit(
     let body_timeout = app.limits.body_timeout;
     let request = match endpoint {
         Endpoint::Health => return Ok(Admitted::Answered),
+        Endpoint::GeminiModel(id) => {
+            let discovered = app.upstream.discovered_models().await;
+            let Some((name, _)) = all_models(snap, ctx, &tenant, discovered)
+                .into_iter()
+                .find(|(m, _)| *m == id)
+            else {
+                return Err(fail(GatewayError::model_not_found(&id)));
+            };
+            run_hooks(app, ctx)?;
+            let body = Bytes::from(gemini_model_object(&name).to_string());
+            answer(app, session, snap, ctx, body).await;
+            return Ok(Admitted::Answered);
+        }
+        Endpoint::GeminiModels => {
+            run_hooks(app, ctx)?;
+            let discovered = app.upstream.discovered_models().await;
+            let body = gemini_models_list(&all_models(snap, ctx, &tenant, discovered));
+            answer(app, session, snap, ctx, body).await;
+            return Ok(Admitted::Answered);
+        }
         Endpoint::Models => {
             run_hooks(app, ctx)?;
-            let body = models_list(snap, ctx, &tenant);
+            let discovered = app.upstream.discovered_models().await;
+            let body = models_list(&all_models(snap, ctx, &tenant, discovered));
             answer(app, session, snap, ctx, body).await;
             return Ok(Admitted::Answered);
         }
         Endpoint::Model(id) => {
             let known = snap.model_names().into_iter().find(|(m, _)| *m == id);
+            let known = match known {
+                Some(k) => Some(k),
+                None => {
+                    let discovered = app.upstream.discovered_models().await;
+                    all_models(snap, ctx, &tenant, discovered)
+                        .into_iter()
+                        .find(|(m, _)| *m == id)
+                }
+            };
             let Some((name, owner)) = known.filter(|(m, _)| may_use(ctx, &tenant, m)) else {
                 return Err(fail(GatewayError::model_not_found(&id)));
             };
@@ -189,7 +254,26 @@ pub(crate) async fn admit(
             };
             Request::Passthrough { provider, raw }
         }
-        Endpoint::Chat | Endpoint::Embeddings | Endpoint::Messages | Endpoint::CountTokens => {
+        Endpoint::StoredResponse(rest) => {
+            let provider = stored_responses_provider(snap, &tenant).map_err(fail)?;
+            ctx.model = Some(format!("{provider}/*"));
+            let raw = RawRequest {
+                method: session.req_header().method.to_string(),
+                path: rest,
+                headers: copy_headers(session, RAW_HEADERS),
+                body: Bytes::new(),
+            };
+            Request::Passthrough { provider, raw }
+        }
+        Endpoint::Chat
+        | Endpoint::Responses
+        | Endpoint::Completions
+        | Endpoint::Embeddings
+        | Endpoint::Messages
+        | Endpoint::CountTokens
+        | Endpoint::GeminiGenerate { .. }
+        | Endpoint::GeminiCountTokens { .. }
+        | Endpoint::GeminiEmbed { .. } => {
             let raw_header = session.get_header("x-switchyard-raw").is_some_and(|v| {
                 v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true")
             });
@@ -409,6 +493,22 @@ async fn answer(
 fn parse_operation(endpoint: &Endpoint, body: &Bytes) -> Result<Operation, GatewayError> {
     Ok(match endpoint {
         Endpoint::Chat => Operation::Chat(ChatRequest::parse(body)?),
+        Endpoint::Responses => {
+            Operation::Responses(ResponsesRequest::from_map(parse_json_object(body)?)?)
+        }
+        Endpoint::Completions => Operation::Completions(CompletionsRequest::parse(body)?),
+        Endpoint::GeminiGenerate { model, stream } => Operation::Generate(GenerateRequest::new(
+            parse_json_object(body)?,
+            model,
+            *stream,
+        )?),
+        Endpoint::GeminiEmbed { model, batch } => {
+            Operation::GeminiEmbed(EmbedRequest::new(parse_json_object(body)?, model, *batch)?)
+        }
+        Endpoint::GeminiCountTokens { model } => Operation::GeminiCountTokens {
+            model: model.clone(),
+            body: parse_json_object(body)?,
+        },
         Endpoint::Embeddings => Operation::Embeddings(EmbeddingsRequest::parse(body)?),
         Endpoint::Messages => {
             let map = parse_json_object(body)?;
@@ -447,15 +547,34 @@ pub(crate) fn route(
         return Ok(Endpoint::Passthrough { provider, rest });
     }
     let path = path.trim_end_matches('/');
+    if let Some(found) = gemini_route(method, path)? {
+        return Ok(found);
+    }
     let (endpoint, allowed) = match path {
         "/v1/messages" => (Endpoint::Messages, "POST"),
         "/v1/messages/count_tokens" => (Endpoint::CountTokens, "POST"),
         "/v1/chat/completions" | "/chat/completions" => (Endpoint::Chat, "POST"),
+        "/v1/responses" | "/responses" => (Endpoint::Responses, "POST"),
+        "/v1/completions" | "/completions" => (Endpoint::Completions, "POST"),
         "/v1/embeddings" | "/embeddings" => (Endpoint::Embeddings, "POST"),
         "/v1/models" | "/models" => (Endpoint::Models, "GET"),
         "/health" | "/healthz" => (Endpoint::Health, "GET"),
         p => match p.strip_prefix("/v1/models/") {
             Some(id) if !id.is_empty() => (Endpoint::Model(percent_decode(id)), "GET"),
+            _ if p.starts_with("/v1/responses/") => {
+                let rest = p.trim_start_matches("/v1/");
+                let rest = match query {
+                    Some(q) => format!("{rest}?{q}"),
+                    None => rest.to_string(),
+                };
+                RawPath::parse(&rest).map_err(fail)?;
+                let allowed = if method == http::Method::DELETE {
+                    "DELETE"
+                } else {
+                    "GET"
+                };
+                (Endpoint::StoredResponse(rest), allowed)
+            }
             _ => {
                 return Err(fail(
                     GatewayError::new(
@@ -478,6 +597,79 @@ pub(crate) fn route(
         ));
     }
     Ok(endpoint)
+}
+
+/// Gemini's own paths: `/v1beta/models` (or `/v1/...`) and
+/// `.../models/{model}:{method}`, the model possibly `provider/model`.
+fn gemini_route(method: &http::Method, path: &str) -> Result<Option<Endpoint>, Failure> {
+    let rest = match path
+        .strip_prefix("/v1beta/")
+        .or_else(|| path.strip_prefix("/v1/"))
+    {
+        Some(r) => r,
+        None => return Ok(None),
+    };
+    let gemini_path = path.starts_with("/v1beta/");
+    // Under /v1/ only POSTs are Gemini calls: GET /v1/models/{id} is
+    // OpenAI's, and OpenAI fine-tune ids contain `:` too.
+    if !gemini_path && method != http::Method::POST {
+        return Ok(None);
+    }
+    let (endpoint, allowed) = if rest == "models" && gemini_path {
+        (Endpoint::GeminiModels, "GET")
+    } else if let Some(call) = rest.strip_prefix("models/") {
+        let Some((model, verb)) = call.rsplit_once(':') else {
+            if !gemini_path || call.is_empty() {
+                return Ok(None);
+            }
+            let endpoint = Endpoint::GeminiModel(percent_decode(call));
+            return check_method(method, path, "GET").map(|()| Some(endpoint));
+        };
+        let model = percent_decode(model);
+        let endpoint = match verb {
+            "generateContent" => Endpoint::GeminiGenerate {
+                model,
+                stream: false,
+            },
+            "streamGenerateContent" => Endpoint::GeminiGenerate {
+                model,
+                stream: true,
+            },
+            "countTokens" => Endpoint::GeminiCountTokens { model },
+            "embedContent" => Endpoint::GeminiEmbed {
+                model,
+                batch: false,
+            },
+            "batchEmbedContents" => Endpoint::GeminiEmbed { model, batch: true },
+            other => {
+                let e = GatewayError::new(
+                    ErrorKind::NotFound,
+                    format!("The Gemini method `{other}` is not served by this gateway; use /passthrough/{{provider}}/v1beta/... for it."),
+                )
+                .with_code("unknown_url");
+                return Err((e, None));
+            }
+        };
+        (endpoint, "POST")
+    } else {
+        return Ok(None);
+    };
+    check_method(method, path, allowed)?;
+    Ok(Some(endpoint))
+}
+
+fn check_method(method: &http::Method, path: &str, allowed: &'static str) -> Result<(), Failure> {
+    if method.as_str() == allowed {
+        return Ok(());
+    }
+    Err((
+        GatewayError::new(
+            ErrorKind::MethodNotAllowed,
+            format!("Method {method} is not allowed on {path}; use {allowed}."),
+        )
+        .with_code("method_not_allowed"),
+        Some(allowed),
+    ))
 }
 
 /// Reads the whole request body within `deadline` (a total, so a body
@@ -563,6 +755,11 @@ pub(crate) fn requested_model(op: &Operation) -> &str {
         Operation::Embeddings(e) => &e.model,
         Operation::Messages { chat, .. } => &chat.model,
         Operation::CountTokens { body } => body.get("model").and_then(|m| m.as_str()).unwrap_or(""),
+        Operation::Responses(r) => &r.model,
+        Operation::Completions(c) => &c.model,
+        Operation::Generate(g) => &g.model,
+        Operation::GeminiCountTokens { model, .. } => model,
+        Operation::GeminiEmbed(e) => &e.model,
         Operation::Raw(_) => "",
     }
 }
@@ -577,16 +774,69 @@ pub(crate) fn copy_headers(session: &ServerSession, names: &[&str]) -> Vec<(Stri
         .collect()
 }
 
+/// Where stored responses live: the gateway keeps none, so they are read
+/// from the first OpenAI provider (by name) the tenant may use raw.
+fn stored_responses_provider(snap: &Snapshot, tenant: &Tenant) -> Result<String, GatewayError> {
+    let mut names: Vec<&String> = snap
+        .providers()
+        .iter()
+        .filter(|(name, p)| p.kind == ProviderKind::OpenAi && tenant.may_use(&format!("{name}/*")))
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    names.first().map(|n| n.to_string()).ok_or_else(|| {
+        GatewayError::new(
+            ErrorKind::NotFound,
+            "Stored responses are kept by OpenAI providers only, and your key may not use one. The gateway itself stores no responses.",
+        )
+        .with_code("unknown_url")
+    })
+}
+
 fn model_object(id: &str, owner: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
 }
 
-fn models_list(snap: &Snapshot, ctx: &RequestCtx, tenant: &Tenant) -> Bytes {
-    let data: Vec<_> = snap
-        .model_names()
-        .into_iter()
-        .filter(|(m, _)| may_use(ctx, tenant, m))
-        .map(|(m, owner)| model_object(&m, &owner))
+/// What the tenant may use, as `(name, owner)`: the policy's models,
+/// aliases and routes, then the models the providers list themselves
+/// (`provider/model`) that the policy did not already name.
+fn all_models(
+    snap: &Snapshot,
+    ctx: &RequestCtx,
+    tenant: &Tenant,
+    discovered: Vec<(String, String)>,
+) -> Vec<(String, String)> {
+    let mut out = snap.model_names();
+    let known: std::collections::HashSet<String> = out.iter().map(|(m, _)| m.clone()).collect();
+    out.extend(
+        discovered
+            .into_iter()
+            .map(|(provider, model)| (format!("{provider}/{model}"), provider))
+            .filter(|(m, _)| !known.contains(m)),
+    );
+    out.retain(|(m, _)| may_use(ctx, tenant, m));
+    out
+}
+
+/// `GET /v1beta/models` in Gemini's shape; names keep the gateway's
+/// `provider/model` form so they can be used in paths as they are.
+fn gemini_models_list(models: &[(String, String)]) -> Bytes {
+    let models: Vec<_> = models.iter().map(|(m, _)| gemini_model_object(m)).collect();
+    Bytes::from(json!({ "models": models }).to_string())
+}
+
+fn gemini_model_object(name: &str) -> serde_json::Value {
+    json!({
+        "name": format!("models/{name}"),
+        "displayName": name,
+        "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens", "embedContent", "batchEmbedContents"],
+    })
+}
+
+fn models_list(models: &[(String, String)]) -> Bytes {
+    let data: Vec<_> = models
+        .iter()
+        .map(|(m, owner)| model_object(m, owner))
         .collect();
     Bytes::from(json!({ "object": "list", "data": data }).to_string())
 }

@@ -220,6 +220,11 @@ fn endpoint_name(op: &Operation) -> &'static str {
         Operation::Embeddings(_) => "embeddings",
         Operation::Messages { .. } => "messages",
         Operation::CountTokens { .. } => "messages/count_tokens",
+        Operation::Responses(_) => "responses",
+        Operation::Completions(_) => "completions",
+        Operation::Generate(_)
+        | Operation::GeminiCountTokens { .. }
+        | Operation::GeminiEmbed(_) => "gemini",
         Operation::Raw(_) => "",
     }
 }
@@ -231,6 +236,7 @@ fn raw_path(kind: Option<ProviderKind>, endpoint: &str) -> Result<String, Gatewa
         (Some(ProviderKind::OpenAi | ProviderKind::OpenAiCompatible), "chat/completions" | "embeddings") => {
             Ok(endpoint.to_string())
         }
+        (Some(ProviderKind::OpenAi), "responses" | "completions") => Ok(endpoint.to_string()),
         (Some(ProviderKind::Anthropic), "messages" | "messages/count_tokens") => Ok(format!("v1/{endpoint}")),
         _ => Err(GatewayError::invalid(
             "x-switchyard-raw needs a provider that speaks this endpoint's protocol; use /passthrough/{provider}/{path} for anything else.",

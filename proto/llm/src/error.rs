@@ -330,6 +330,24 @@ impl GatewayError {
         })
     }
 
+    /// Google's `{"error": {"code", "message", "status"}}`.
+    pub fn to_gemini_json(&self) -> Value {
+        let status = match self.status() {
+            400 | 413 => "INVALID_ARGUMENT",
+            401 => "UNAUTHENTICATED",
+            403 => "PERMISSION_DENIED",
+            404 => "NOT_FOUND",
+            405 => "UNIMPLEMENTED",
+            408 | 504 => "DEADLINE_EXCEEDED",
+            429 => "RESOURCE_EXHAUSTED",
+            503 => "UNAVAILABLE",
+            _ => "INTERNAL",
+        };
+        json!({
+            "error": { "code": self.status(), "message": self.message, "status": status }
+        })
+    }
+
     /// Maps an upstream HTTP status to our class: what the client should see
     /// when a provider answered `status`.
     pub fn kind_for_upstream_status(status: u16) -> ErrorKind {

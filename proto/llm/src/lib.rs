@@ -13,15 +13,25 @@
 //!   responses, streams, errors), thinking blocks preserved.
 //! - [`gemini`]: Gemini generateContent / streamGenerateContent /
 //!   batchEmbedContents ⇄ OpenAI.
+//! - [`completions`]: legacy OpenAI completions ⇄ OpenAI chat.
+//! - [`responses`]: the OpenAI Responses API ⇄ OpenAI chat, both
+//!   directions, streams included.
+//! - [`gemini_native`]: Gemini's own API as an inbound protocol ⇄ OpenAI chat.
+//! - [`tokens`]: local token counts (o200k_base BPE) where a provider has
+//!   no counting endpoint.
 //! - [`translate`]: the streaming translator trait the adapters implement.
 
 pub mod anthropic;
+pub mod completions;
 mod convert;
 pub mod error;
 pub mod gemini;
+pub mod gemini_native;
 pub mod openai;
 pub mod passthrough;
+pub mod responses;
 pub mod sse;
+pub mod tokens;
 pub mod translate;
 
 pub use error::{ErrorKind, GatewayError, Retry, Source};

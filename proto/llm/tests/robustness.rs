@@ -10,7 +10,9 @@ use serde_json::Value;
 use switchyard_llm::openai::ChatRequest;
 use switchyard_llm::sse::SseDecoder;
 use switchyard_llm::translate::{Chain, StreamTranslator};
-use switchyard_llm::{anthropic, gemini, passthrough};
+use switchyard_llm::{
+    anthropic, completions, gemini, gemini_native, passthrough, responses, tokens,
+};
 
 /// xorshift64*: a seeded generator, so a failure reproduces exactly.
 struct Rng(u64);
@@ -94,6 +96,25 @@ fn translators() -> Vec<Box<dyn StreamTranslator>> {
             Box::new(passthrough::OpenAiPassthrough::new(true)),
             Box::new(anthropic::MessagesStreamFromOpenAi::new("m")),
         )),
+        Box::new(responses::ResponsesStreamFromChat::new(
+            "m",
+            responses::RequestEcho::new(&serde_json::Map::new()),
+        )),
+        Box::new(responses::ResponsesPassthrough::new()),
+        Box::new(completions::CompletionsStreamFromChat::new("m", true)),
+        Box::new(gemini_native::GenerateStreamFromChat::new("m")),
+        Box::new(gemini_native::GeminiPassthrough::new()),
+        Box::new(Chain::new(
+            Box::new(anthropic::ChatStream::new("m", true)),
+            Box::new(responses::ResponsesStreamFromChat::new(
+                "m",
+                responses::RequestEcho::new(&serde_json::Map::new()),
+            )),
+        )),
+        Box::new(Chain::new(
+            Box::new(gemini::ChatStream::new("m", true)),
+            Box::new(gemini_native::GenerateStreamFromChat::new("m")),
+        )),
     ]
 }
 
@@ -129,7 +150,20 @@ fn mutated_recordings_never_panic() {
             let _ = anthropic::chat_response(&v, "m");
             let _ = gemini::chat_response(&v, "m");
             let _ = anthropic::openai_response_to_messages(&v, "m");
+            let _ = responses::from_chat_response(
+                &v,
+                "m",
+                &responses::RequestEcho::new(&Default::default()),
+            );
+            let _ = completions::from_chat_response(&v, "m");
+            let _ = gemini_native::from_chat_response(&v, "m");
             if let Value::Object(map) = v {
+                let _ = tokens::anthropic_input_tokens(&map);
+                let _ = tokens::gemini_input_tokens(&map);
+                let _ = responses::RequestEcho::new(&map);
+                let _ = responses::ResponsesRequest::from_map(map.clone()).map(|r| r.chat_for("p"));
+                let _ = completions::CompletionsRequest::from_map(map.clone());
+                let _ = gemini_native::GenerateRequest::new(map.clone(), "m", true);
                 let _ = anthropic::messages_to_openai(map);
             }
         }

@@ -16,7 +16,8 @@
 //! - anything else: a realistic default case for the endpoint.
 //!
 //! The provider is told by the path: OpenAI (`/v1/chat/completions`,
-//! `/v1/embeddings`), Anthropic (`/v1/messages`), Gemini (`/v1beta/models/..`).
+//! `/v1/embeddings`, `/v1/responses`, `/v1/completions`), Anthropic
+//! (`/v1/messages`), Gemini (`/v1beta/models/..`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -233,6 +234,9 @@ async fn handle(
         tokio::time::sleep(latency).await;
     }
 
+    if rec.method == "GET" && path.ends_with("/models") {
+        return Ok(model_list(&state, &path, rec.header("x-api-key").is_some()).await);
+    }
     let (provider, model, stream) = if path.starts_with("/v1beta/") {
         let model = path
             .split("/models/")
@@ -269,6 +273,12 @@ async fn handle(
             "application/json",
             json!({ "input_tokens": n }).to_string(),
         ));
+    }
+    if provider == Provider::OpenAi
+        && path.ends_with("/completions")
+        && !path.ends_with("/chat/completions")
+    {
+        return Ok(legacy_completion(&model, stream));
     }
     if let Some(case) = model.strip_prefix("case-") {
         return Ok(replay(&state, provider, case).await);
@@ -320,6 +330,11 @@ fn default_case(provider: Provider, path: &str, body: &Value, stream: bool) -> &
                 "embeddings-float"
             }
         }
+        Provider::OpenAi if path.ends_with("/responses") => match (stream, has_tools) {
+            (true, true) => "responses-tool-use-stream",
+            (true, false) => "responses-stream",
+            (false, _) => "responses-basic",
+        },
         Provider::OpenAi => match (stream, has_tools, last_is_tool_result) {
             (true, _, true) => "chat-tools-parallel-stream-2-result",
             (true, true, false) => "chat-tools-stream-single",
@@ -336,6 +351,7 @@ fn default_case(provider: Provider, path: &str, body: &Value, stream: bool) -> &
             (false, true, false) => "tools-parallel-1-tool-use",
             (false, false, _) => "messages-basic",
         },
+        Provider::Gemini if path.ends_with(":countTokens") => "count-tokens",
         Provider::Gemini
             if path.contains("embedContent") || path.contains("batchEmbedContents") =>
         {
@@ -474,6 +490,65 @@ fn special_stream(state: Arc<State>, mode: &str, gap: Duration) -> Response<BoxB
                     .await;
             }
             _ => {}
+        }
+    });
+    sse_response(rx)
+}
+
+/// `GET .../models`: Gemini's is the recorded list; OpenAI's and
+/// Anthropic's follow the shapes of their API references (no recording of
+/// them exists in the fixtures).
+async fn model_list(state: &Arc<State>, path: &str, anthropic: bool) -> Response<BoxBody> {
+    if path.starts_with("/v1beta/") {
+        return replay(state, Provider::Gemini, "models-list").await;
+    }
+    let body = if anthropic {
+        json!({"data": [
+            {"type": "model", "id": "claude-opus-4-1-20250805", "display_name": "Claude Opus 4.1", "created_at": "2025-08-05T00:00:00Z"},
+            {"type": "model", "id": "claude-haiku-4-5-20251001", "display_name": "Claude Haiku 4.5", "created_at": "2025-10-15T00:00:00Z"},
+        ], "has_more": false, "first_id": "claude-opus-4-1-20250805", "last_id": "claude-haiku-4-5-20251001"})
+    } else {
+        json!({"object": "list", "data": [
+            {"id": "gpt-4.1-nano", "object": "model", "created": 1744321025, "owned_by": "system"},
+            {"id": "text-embedding-3-large", "object": "model", "created": 1705953180, "owned_by": "system"},
+        ]})
+    };
+    full(200, "application/json", body.to_string())
+}
+
+/// Legacy `/v1/completions`: no recording of it exists in the fixtures, so
+/// the answer follows the shape of the example in OpenAI's API reference
+/// (`text_completion` object; chunks with `choices[].text`, `[DONE]` last).
+fn legacy_completion(model: &str, stream: bool) -> Response<BoxBody> {
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12});
+    if !stream {
+        let body = json!({"id": "cmpl-mock", "object": "text_completion", "created": 1589478378,
+            "model": model, "system_fingerprint": "fp_44709d6fcb",
+            "choices": [{"text": "\n\nThis is indeed a test", "index": 0, "logprobs": null, "finish_reason": "length"}],
+            "usage": usage});
+        return full(200, "application/json", body.to_string());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut frames: Vec<String> = ["\n\n", "This is", " indeed a test"]
+        .iter()
+        .map(|t| {
+            let c = json!({"id": "cmpl-mock", "object": "text_completion", "created": 1589478378, "model": model,
+                "choices": [{"text": t, "index": 0, "logprobs": null, "finish_reason": null}]});
+            format!("data: {c}\n\n")
+        })
+        .collect();
+    let fin = json!({"id": "cmpl-mock", "object": "text_completion", "created": 1589478378, "model": model,
+        "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": "length"}]});
+    frames.push(format!("data: {fin}\n\n"));
+    let u = json!({"id": "cmpl-mock", "object": "text_completion", "created": 1589478378, "model": model,
+        "choices": [], "usage": usage});
+    frames.push(format!("data: {u}\n\n"));
+    frames.push("data: [DONE]\n\n".to_string());
+    tokio::spawn(async move {
+        for f in frames {
+            if tx.send(Ok(Bytes::from(f))).await.is_err() {
+                return;
+            }
         }
     });
     sse_response(rx)

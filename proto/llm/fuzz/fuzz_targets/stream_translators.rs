@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use switchyard_llm::sse::SseDecoder;
 use switchyard_llm::translate::{Chain, StreamTranslator};
-use switchyard_llm::{anthropic, gemini, passthrough};
+use switchyard_llm::{anthropic, completions, gemini, gemini_native, passthrough, responses};
 
 fuzz_target!(|data: &[u8]| {
     let mut events = Vec::new();
@@ -21,6 +21,25 @@ fuzz_target!(|data: &[u8]| {
         Box::new(Chain::new(
             Box::new(passthrough::OpenAiPassthrough::new(true)),
             Box::new(anthropic::MessagesStreamFromOpenAi::new("m")),
+        )),
+        Box::new(responses::ResponsesStreamFromChat::new(
+            "m",
+            responses::RequestEcho::new(&serde_json::Map::new()),
+        )),
+        Box::new(responses::ResponsesPassthrough::new()),
+        Box::new(completions::CompletionsStreamFromChat::new("m", true)),
+        Box::new(gemini_native::GenerateStreamFromChat::new("m")),
+        Box::new(gemini_native::GeminiPassthrough::new()),
+        Box::new(Chain::new(
+            Box::new(anthropic::ChatStream::new("m", true)),
+            Box::new(responses::ResponsesStreamFromChat::new(
+                "m",
+                responses::RequestEcho::new(&serde_json::Map::new()),
+            )),
+        )),
+        Box::new(Chain::new(
+            Box::new(gemini::ChatStream::new("m", true)),
+            Box::new(gemini_native::GenerateStreamFromChat::new("m")),
         )),
     ];
     for mut t in translators {
