@@ -60,9 +60,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r MOCK_PORT GW_PORT < <(python3 -c '
+read -r MOCK_PORT GW_PORT GW_TLS_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(3)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
@@ -81,7 +81,7 @@ env -u ANTHROPIC_API_KEY -u ANTHROPIC_BASE_URL -u GEMINI_API_KEY -u GEMINI_BASE_
     SWITCHYARD_DEV_KEY="$KEY" OPENAI_API_KEY=x \
     OPENAI_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" \
     $CG --callgrind-out-file="$WORK/gw.%p" \
-    "$GW_BIN" dev --listen "127.0.0.1:$GW_PORT" --config "$WORK/policy.yaml" \
+    "$GW_BIN" dev --listen "127.0.0.1:$GW_PORT" --tls-listen "127.0.0.1:$GW_TLS_PORT" --config "$WORK/policy.yaml" \
     --state-dir "$WORK/state" --threads 2 --log-format json \
     >"$WORK/gw.stdout" 2>"$WORK/gw.log" &
 GW_PID=$!

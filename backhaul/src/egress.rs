@@ -2,11 +2,16 @@
 //! deadlines, and the response stream with accounting.
 //!
 //! Every attempt feeds the node's health board ([`Health`]): the target's
-//! and the key's outcome and latency, and keys in flight. The key for an
+//! and the key's outcome and latency, keys in flight, and what the
+//! provider's rate-limit headers say about each key. The key for an
 //! attempt is chosen from the board ([`pick_key`]); a key the provider
-//! refuses (401/403) or rate-limits (429) is set aside and, when the pool
-//! has another usable key, the same request is tried with it: the provider
-//! rejected it, so it was not executed.
+//! refuses (401/403) is disabled and one it rate-limits (429) cools down,
+//! and when the pool has another usable key the same request is tried
+//! with it at once: the provider rejected it, so it was not executed. When
+//! every key of the pool is out, the request is answered at once with
+//! `key_pool_exhausted` (429, its `retry-after` the time until the first
+//! key is back) without calling the provider, and the edge moves on to
+//! another target.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,7 +24,7 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use pingora_timeout::fast_timeout::fast_timeout;
 use switchyard_llm::{ErrorKind, GatewayError, Source};
-use switchyard_proto::health::{self, Entry, InFlight, Outcome};
+use switchyard_proto::health::{self, Entry, InFlight, Outcome, RateLimits};
 use switchyard_proto::{Health, ProviderSnapshot, ResolvedKey, Snapshot};
 
 use switchyard_llm::openai::{ChatRequest, EmbeddingsRequest};
@@ -30,7 +35,7 @@ use switchyard_proto::ProviderKind;
 
 use crate::discovery::Discovery;
 use crate::providers::raw::{self, RawBody};
-use crate::providers::{adapter_for, faults, pick_key, CallContext, ProviderReply};
+use crate::providers::{adapter_for, faults, pick_key, CallContext, KeyPick, ProviderReply};
 use crate::request::{
     EgressRequest, EgressResponse, Operation, RequestStats, ResponseBody, EVENT_STREAM, JSON,
 };
@@ -46,6 +51,9 @@ pub struct Egress {
     key_cursor: AtomicUsize,
     health: Arc<Health>,
     discovery: Arc<Discovery>,
+    /// Off when the board is shared with an in-process edge, which books
+    /// targets itself: each attempt must count once.
+    record_targets: bool,
 }
 
 /// The key chosen for one attempt, counted in flight while it is held.
@@ -54,6 +62,8 @@ struct KeyAttempt<'a> {
     key: &'a ResolvedKey,
     entry: Option<Arc<Entry>>,
     guard: Option<InFlight>,
+    /// Held while the attempt is a half-open probe of the key's breaker.
+    _probe: Option<health::Probe>,
 }
 
 impl Egress {
@@ -74,6 +84,7 @@ impl Egress {
             client,
             key_cursor: AtomicUsize::new(0),
             health,
+            record_targets: true,
         })
     }
 
@@ -82,61 +93,202 @@ impl Egress {
         &self.discovery
     }
 
+    /// An egress inside the edge's process (`switchyard dev`) on the edge's
+    /// own board: keys are booked here, targets by the edge, and the edge's
+    /// metrics show the key events.
+    pub fn sharing_edge_health(
+        snapshot: SharedSnapshot,
+        health: Arc<Health>,
+    ) -> Result<Self, crate::upstream::ClientError> {
+        let mut egress = Self::with_health(snapshot, health)?;
+        egress.record_targets = false;
+        Ok(egress)
+    }
+
     /// The node's health board as this egress feeds it.
     pub fn health(&self) -> &Arc<Health> {
         &self.health
     }
 
+    /// The key for the next attempt, booked against its minute and counted
+    /// in flight; `Ok(None)` when the provider has no key here.
     fn choose_key<'a>(
         &self,
         provider: &'a ProviderSnapshot,
+        model: &str,
         start: usize,
         tried: &[usize],
-    ) -> Option<KeyAttempt<'a>> {
-        let index = pick_key(
+        tokens: u64,
+    ) -> Result<Option<KeyAttempt<'a>>, GatewayError> {
+        let now = Instant::now();
+        let index = match pick_key(
             &provider.keys,
             &self.health,
             &provider.name,
+            model,
             start,
             tried,
-            Instant::now(),
-        )?;
+            tokens,
+            now,
+        ) {
+            KeyPick::Key(i) => i,
+            KeyPick::NoKey => return Ok(None),
+            KeyPick::Exhausted { until } => return Err(self.pool_exhausted(provider, until, now)),
+        };
         let key = &provider.keys[index];
-        let entry = self.health.key(&key.health_id(&provider.name));
+        let entry = self.health.key(&key.health_id(&provider.name, model));
+        let mut probe = None;
+        if let Some(e) = &entry {
+            self.health.book(e, 1, tokens, now);
+            // A breaker due for its probe goes half-open with this attempt;
+            // without a free slot the attempt goes ahead as the pool's
+            // choice (the board raced with another request).
+            if let Ok(Some((p, transition))) = self.health.try_probe(e, now) {
+                if let Some(t) = transition {
+                    tracing::info!(
+                        target: "switchyard::breaker",
+                        event = "breaker",
+                        scope = "key",
+                        provider = %provider.name,
+                        pool = %key.pool,
+                        key = %key.id,
+                        state = t.label(),
+                        "key breaker changed state"
+                    );
+                }
+                probe = Some(p);
+            }
+        }
         let guard = entry.as_ref().map(|e| e.start());
-        Some(KeyAttempt {
+        Ok(Some(KeyAttempt {
             index,
             key,
             entry,
             guard,
-        })
+            _probe: probe,
+        }))
+    }
+
+    fn pool_exhausted(
+        &self,
+        provider: &ProviderSnapshot,
+        until: Option<Instant>,
+        now: Instant,
+    ) -> GatewayError {
+        self.health.pool_exhausted();
+        let wait = until.map(|u| u.saturating_duration_since(now));
+        tracing::warn!(
+            target: "switchyard::keys",
+            event = "pool_exhausted",
+            provider = %provider.name,
+            keys = provider.keys.len(),
+            back_in_ms = wait.map(|w| w.as_millis() as u64),
+            "every key of the pool is cooling down, out of quota or refused; not calling the provider"
+        );
+        let err = GatewayError::new(
+            ErrorKind::RateLimited,
+            format!(
+                "Every key of the provider `{}` is rate-limited or refused right now.",
+                provider.name
+            ),
+        )
+        .with_code("key_pool_exhausted")
+        .with_source(Source::Key)
+        // The provider was not called: anything else may be tried.
+        .with_retry(switchyard_llm::Retry::AnotherTarget);
+        match wait {
+            Some(w) => err.with_retry_after(Some(w.as_secs_f64().ceil().max(1.0).to_string())),
+            None => err,
+        }
     }
 
     /// Books a failed attempt on its key; true when the pool may serve the
     /// same request with another key.
-    fn key_failed(&self, attempt: &KeyAttempt<'_>, e: &GatewayError) -> bool {
+    fn key_failed(&self, provider: &str, attempt: &KeyAttempt<'_>, e: &GatewayError) -> bool {
         let Some(entry) = &attempt.entry else {
             return e.may_try_another_key();
         };
         let now = Instant::now();
         if e.source == Source::Key {
-            self.health.refuse(entry, attempt.key.fingerprint);
-            self.health.record(entry, Outcome::Failure, now);
+            self.health.refuse(entry, attempt.key.fingerprint, now);
+            self.key_outcome(provider, attempt, Outcome::Failure, now);
+            tracing::warn!(
+                target: "switchyard::keys",
+                event = "key_disabled",
+                provider,
+                pool = %attempt.key.pool,
+                key = %attempt.key.id,
+                "the provider refused the key (401/403); it is left out until its value changes"
+            );
             return e.may_try_another_key();
         }
         if e.kind == ErrorKind::RateLimited {
-            self.rate_limited(entry, e.retry_after.as_deref(), now);
+            self.rate_limited(provider, attempt, e.retry_after.as_deref(), now);
             return true;
         }
         false
     }
 
-    fn rate_limited(&self, entry: &Entry, retry_after: Option<&str>, now: Instant) {
-        let wait = retry_after
-            .and_then(health::parse_retry_after)
-            .unwrap_or(health::DEFAULT_KEY_COOLDOWN);
-        self.health.cool_down(entry, wait, now);
-        self.health.record(entry, Outcome::Failure, now);
+    fn rate_limited(
+        &self,
+        provider: &str,
+        attempt: &KeyAttempt<'_>,
+        retry_after: Option<&str>,
+        now: Instant,
+    ) {
+        let Some(entry) = &attempt.entry else { return };
+        let wait =
+            self.health
+                .rate_limited(entry, retry_after.and_then(health::parse_retry_after), now);
+        self.key_outcome(provider, attempt, Outcome::Failure, now);
+        tracing::info!(
+            target: "switchyard::keys",
+            event = "key_cooldown",
+            provider,
+            pool = %attempt.key.pool,
+            key = %attempt.key.id,
+            cooldown_ms = wait.as_millis() as u64,
+            "the provider rate-limited the key; it cools down"
+        );
+    }
+
+    /// Books an outcome on the key, reporting its breaker's changes.
+    fn key_outcome(
+        &self,
+        provider: &str,
+        attempt: &KeyAttempt<'_>,
+        outcome: Outcome,
+        now: Instant,
+    ) {
+        let Some(entry) = &attempt.entry else { return };
+        if let Some(t) = self.health.record(entry, outcome, now) {
+            if matches!(t, health::Transition::Opened(_)) {
+                self.health
+                    .events()
+                    .key_breaker_opened
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::info!(
+                target: "switchyard::breaker",
+                event = "breaker",
+                scope = "key",
+                provider,
+                pool = %attempt.key.pool,
+                key = %attempt.key.id,
+                state = t.label(),
+                "key breaker changed state"
+            );
+        }
+    }
+
+    /// What the provider's rate-limit headers say goes to the key's entry.
+    fn limits_observer(
+        &self,
+        attempt: Option<&KeyAttempt<'_>>,
+    ) -> Option<impl Fn(&RateLimits) + Send + Sync + 'static> {
+        let entry = attempt?.entry.clone()?;
+        let health = self.health.clone();
+        Some(move |l: &RateLimits| health.observe_limits(&entry, l, Instant::now()))
     }
 
     /// Runs one request against its target. The future may be dropped at any
@@ -165,33 +317,43 @@ impl Egress {
             )
             .with_code("residency_violation"));
         }
+        // A malformed fault directive is the caller's error, whatever state
+        // the pool is in: checked before a key is chosen.
+        if provider.kind != ProviderKind::Simulated {
+            if let Some(directives) = req.simulate.as_deref() {
+                crate::providers::simulated::parse_directives(directives)?;
+            }
+        }
         let stats = Arc::new(RequestStats::default());
         let start = self.key_cursor.fetch_add(1, Ordering::Relaxed);
-        let target_entry = self.health.target(&health::target_id(
-            &provider.name,
-            &req.target.model,
-            provider.region.as_deref(),
-        ));
+        let tokens = req.op.estimated_prompt_tokens();
+        let target_entry = self
+            .record_targets
+            .then(|| {
+                self.health.target(&health::target_id(
+                    &provider.name,
+                    &req.target.model,
+                    provider.region.as_deref(),
+                ))
+            })
+            .flatten();
         let target_guard = target_entry.as_ref().map(|e| e.start());
         let started = Instant::now();
         let deadline = started + snap.limits().upstream_timeout;
         let record_target = |outcome: Result<(), &GatewayError>| {
             let Some(entry) = &target_entry else { return };
             let now = Instant::now();
-            match outcome {
-                Ok(()) => self.health.record(
-                    entry,
-                    Outcome::Success {
-                        latency: now.saturating_duration_since(started),
-                    },
-                    now,
-                ),
+            let outcome = match outcome {
+                Ok(()) => Outcome::Success {
+                    latency: now.saturating_duration_since(started),
+                },
                 // Only failures that say something about the target count.
-                Err(e) if matches!(e.source, Source::Provider | Source::Key) => {
-                    self.health.record(entry, Outcome::Failure, now)
-                }
-                Err(_) => {}
-            }
+                Err(e) if matches!(e.source, Source::Provider | Source::Key) => Outcome::Failure,
+                Err(_) => return,
+            };
+            // The edge plans; the egress's own target breakers are
+            // informational, so their changes are not reported here.
+            let _ = self.health.record(entry, outcome, now);
         };
         let timeout_error = || {
             GatewayError::new(
@@ -207,19 +369,23 @@ impl Egress {
         if let Operation::Raw(raw) = &req.op {
             // Raw answers pass through as the provider sent them, so a
             // refused or limited key is booked but the request not retried.
-            let attempt = self.choose_key(provider, start, &[]);
+            let attempt = self.choose_key(provider, &req.target.model, start, &[], tokens)?;
+            let observer = self.limits_observer(attempt.as_ref());
             let ctx = CallContext {
                 client: &self.client,
                 provider,
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: &req,
                 limits: snap.limits(),
+                on_limits: observer
+                    .as_ref()
+                    .map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
             };
             let reply = match fast_timeout(left(deadline), raw::call(&ctx, raw)).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(e)) => {
                     if let Some(a) = &attempt {
-                        self.key_failed(a, &e);
+                        self.key_failed(&provider.name, a, &e);
                     }
                     record_target(Err(&e));
                     return Err(e);
@@ -230,13 +396,13 @@ impl Egress {
                     return Err(e);
                 }
             };
-            if let Some(entry) = attempt.as_ref().and_then(|a| a.entry.as_ref()) {
+            if let Some(a) = &attempt {
                 let now = Instant::now();
                 if reply.status == 429 {
-                    self.rate_limited(entry, reply.retry_after.as_deref(), now);
+                    self.rate_limited(&provider.name, a, reply.retry_after.as_deref(), now);
                 } else if reply.status < 400 {
                     let latency = now.saturating_duration_since(started);
-                    self.health.record(entry, Outcome::Success { latency }, now);
+                    self.key_outcome(&provider.name, a, Outcome::Success { latency }, now);
                 }
             }
             if reply.status < 400 {
@@ -293,30 +459,49 @@ impl Egress {
         };
         // Each key at most once; the deadline covers every attempt.
         let mut tried: Vec<usize> = Vec::new();
+        let mut last_error: Option<GatewayError> = None;
         let (reply, attempt) = loop {
-            let attempt = self.choose_key(provider, start, &tried);
+            let attempt = match self.choose_key(provider, &req.target.model, start, &tried, tokens)
+            {
+                Ok(a) => a,
+                // Keys were tried and the rest are out: the provider's own
+                // answer says more than "exhausted".
+                Err(exhausted) => {
+                    let e = last_error.take().unwrap_or(exhausted);
+                    record_target(Err(&e));
+                    return Err(e);
+                }
+            };
+            let observer = self.limits_observer(attempt.as_ref());
             let ctx = CallContext {
                 client: &self.client,
                 provider,
                 key: attempt.as_ref().map(|a| &a.key.secret),
                 request: call_req,
                 limits: snap.limits(),
+                on_limits: observer
+                    .as_ref()
+                    .map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
             };
             match fast_timeout(left(deadline), faults::call(adapter, ctx)).await {
                 Ok(Ok(reply)) => break (reply, attempt),
                 Ok(Err(e)) => {
                     let another = attempt.as_ref().is_some_and(|a| {
                         tried.push(a.index);
-                        self.key_failed(a, &e)
+                        self.key_failed(&provider.name, a, &e)
                     });
                     let untried = provider.keys.len() > tried.len();
                     if another && untried {
                         tracing::info!(
+                            target: "switchyard::keys",
+                            event = "key_retry",
+                            request_id = %req.request_id,
                             provider = %provider.name,
                             key = attempt.as_ref().map_or("", |a| &*a.key.id),
                             source = e.source.label(),
-                            "provider refused the key; trying another key of the pool"
+                            "the provider refused or rate-limited the key; trying another key of the pool"
                         );
+                        last_error = Some(e);
                         continue;
                     }
                     record_target(Err(&e));
@@ -330,12 +515,22 @@ impl Egress {
             }
         };
         record_target(Ok(()));
-        if let Some(entry) = attempt.as_ref().and_then(|a| a.entry.as_ref()) {
+        if let Some(a) = &attempt {
             let now = Instant::now();
             let latency = now.saturating_duration_since(started);
-            self.health.record(entry, Outcome::Success { latency }, now);
+            self.key_outcome(&provider.name, a, Outcome::Success { latency }, now);
         }
-        let held = (target_guard, attempt.and_then(|a| a.guard));
+        // The answer's own tokens count against the key's minute once known.
+        let completion =
+            attempt
+                .as_ref()
+                .and_then(|a| a.entry.clone())
+                .map(|entry| BookCompletion {
+                    health: self.health.clone(),
+                    entry,
+                    stats: stats.clone(),
+                });
+        let held = (target_guard, attempt.and_then(|a| a.guard), completion);
         let model = &req.target.model;
         match reply {
             ProviderReply::Json { body, usage } => {
@@ -432,6 +627,23 @@ impl Back {
                 completions::CompletionsStreamFromChat::new(model, *caller_wants_usage),
             )),
             Back::Gemini => Some(Box::new(gemini_native::GenerateStreamFromChat::new(model))),
+        }
+    }
+}
+
+/// Books an answer's completion tokens against its key's minute when the
+/// answer is done (dropped), so policy `tpm` counts what was produced.
+struct BookCompletion {
+    health: Arc<Health>,
+    entry: Arc<Entry>,
+    stats: Arc<RequestStats>,
+}
+
+impl Drop for BookCompletion {
+    fn drop(&mut self) {
+        if let Some(u) = self.stats.usage() {
+            self.health
+                .book(&self.entry, 0, u.completion_tokens, Instant::now());
         }
     }
 }
@@ -678,8 +890,12 @@ mod tests {
         assert_eq!(calls.get("sk-bad").copied().unwrap_or(0), 1, "{calls:?}");
         assert_eq!(calls.get("sk-good").copied(), Some(4), "{calls:?}");
         let h = egress.health();
-        let bad = h.peek_key(&health::key_id("p", "main", "bad")).unwrap();
-        let good = h.peek_key(&health::key_id("p", "main", "good")).unwrap();
+        let bad = h
+            .peek_key(&health::key_id("p", "main", "bad", "m"))
+            .unwrap();
+        let good = h
+            .peek_key(&health::key_id("p", "main", "good", "m"))
+            .unwrap();
         assert_eq!((bad.failures(), good.successes()), (1, 4));
         assert_eq!((bad.in_flight(), good.in_flight()), (0, 0));
         let target = h.peek_target(&health::target_id("p", "m", None)).unwrap();

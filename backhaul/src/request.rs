@@ -187,6 +187,114 @@ impl Operation {
             _ => false,
         }
     }
+
+    /// A rough prompt size in tokens (about four characters of text per
+    /// token, plus a few per message), for key quotas and policy rules:
+    /// cheap, tokenizer-free, and the same on edge and egress. Images count
+    /// as a flat 1,000 tokens each rather than by their encoded size.
+    pub fn estimated_prompt_tokens(&self) -> u64 {
+        fn walk(v: &Value, chars: &mut u64, images: &mut u64) {
+            match v {
+                Value::String(s) => *chars += s.len() as u64,
+                Value::Array(a) => a.iter().for_each(|x| walk(x, chars, images)),
+                Value::Object(o) => {
+                    for (k, x) in o {
+                        if matches!(
+                            k.as_str(),
+                            "image_url" | "source" | "inline_data" | "inlineData"
+                        ) {
+                            *images += 1;
+                        } else {
+                            walk(x, chars, images);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (body, fields): (&Map<String, Value>, &[&str]) = match self {
+            Operation::Chat(c) => (&c.body, &["messages", "tools"]),
+            Operation::Messages { body, .. } | Operation::CountTokens { body } => {
+                (body, &["messages", "system", "tools"])
+            }
+            Operation::Embeddings(e) => (&e.body, &["input"]),
+            Operation::Responses(r) => (&r.body, &["input", "instructions", "tools"]),
+            Operation::Completions(c) => (&c.body, &["prompt"]),
+            Operation::Generate(g) => (&g.body, &["contents", "systemInstruction", "tools"]),
+            Operation::GeminiCountTokens { body, .. } => (body, &["contents"]),
+            Operation::GeminiEmbed(e) => (&e.body, &["content", "requests"]),
+            Operation::Raw(r) => return (r.body.len() as u64).div_ceil(4),
+        };
+        let (mut chars, mut images) = (0, 0);
+        let mut messages = 0;
+        for field in fields {
+            if let Some(v) = body.get(*field) {
+                messages += v.as_array().map_or(1, |a| a.len() as u64);
+                walk(v, &mut chars, &mut images);
+            }
+        }
+        chars.div_ceil(4) + 4 * messages + 1000 * images
+    }
+
+    /// The `max_tokens` (or `max_completion_tokens`) the caller asked for.
+    pub fn requested_max_tokens(&self) -> Option<u64> {
+        let body = match self {
+            Operation::Chat(c) => &c.body,
+            Operation::Messages { body, .. } => body,
+            Operation::Responses(r) => &r.body,
+            Operation::Completions(c) => &c.body,
+            Operation::Generate(g) => {
+                return g
+                    .body
+                    .get("generationConfig")
+                    .and_then(|c| c.get("maxOutputTokens"))
+                    .and_then(Value::as_u64)
+            }
+            _ => return None,
+        };
+        ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_u64))
+    }
+
+    /// Whether the request carries images (OpenAI `image_url` parts,
+    /// Anthropic `image` blocks).
+    pub fn has_images(&self) -> bool {
+        fn any_image(v: &Value) -> bool {
+            match v {
+                Value::Array(a) => a.iter().any(any_image),
+                Value::Object(o) => {
+                    o.contains_key("image_url")
+                        || o.contains_key("inline_data")
+                        || o.contains_key("inlineData")
+                        || matches!(
+                            o.get("type").and_then(Value::as_str),
+                            Some("image" | "input_image")
+                        )
+                        || o.values().any(any_image)
+                }
+                _ => false,
+            }
+        }
+        match self {
+            Operation::Chat(c) => c.body.get("messages").is_some_and(any_image),
+            Operation::Messages { body, .. } => body.get("messages").is_some_and(any_image),
+            Operation::Responses(r) => r.body.get("input").is_some_and(any_image),
+            Operation::Generate(g) => g.body.get("contents").is_some_and(any_image),
+            _ => false,
+        }
+    }
+
+    /// Whether the request declares tools.
+    pub fn has_tools(&self) -> bool {
+        match self {
+            Operation::Chat(c) => c.body.get("tools").is_some_and(|t| !t.is_null()),
+            Operation::Messages { body, .. } => body.get("tools").is_some_and(|t| !t.is_null()),
+            Operation::Responses(r) => r.body.get("tools").is_some_and(|t| !t.is_null()),
+            Operation::Generate(g) => g.body.get("tools").is_some_and(|t| !t.is_null()),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -48,16 +48,19 @@ pub struct EdgeApp {
 
 impl EdgeApp {
     pub fn new(snapshot: SharedSnapshot, upstream: Arc<dyn Upstream>) -> Self {
+        let health = Arc::new(Health::new());
+        let metrics = Arc::new(EdgeMetrics::new());
+        metrics.watch_health(health.clone());
         EdgeApp {
             snapshot,
             upstream,
-            metrics: Arc::new(EdgeMetrics::new()),
+            metrics,
             region: "local".to_string(),
             observer: None,
             simulate_header: false,
             limits: EdgeLimits::default(),
             hooks: Hooks::default(),
-            health: Arc::new(Health::new()),
+            health,
             limiter: None,
             cache: None,
             server_options: server_options(&EdgeLimits::default()),
@@ -132,6 +135,7 @@ impl EdgeApp {
     /// Shares a health board (e.g. with the in-process egress of
     /// `switchyard dev`) instead of the edge's own.
     pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.metrics.watch_health(health.clone());
         self.health = health;
         self
     }

@@ -5,6 +5,8 @@
 //! come from the policy (a model the policy does not advertise is `other`),
 //! statuses are HTTP codes.
 
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,6 +29,17 @@ pub struct EdgeMetrics {
     tokens: IntCounterVec,
     stream_failures: IntCounterVec,
     client_disconnects: IntCounterVec,
+    retries: IntCounterVec,
+    failovers: IntCounterVec,
+    retry_budget_exhausted: IntCounterVec,
+    breaker_transitions: IntCounterVec,
+    ejected_skips: IntCounterVec,
+    key_events: IntCounterVec,
+    rules: IntCounterVec,
+    downgrades: IntCounterVec,
+    /// The board whose key and pool events are rendered (shared with the
+    /// in-process egress in `switchyard dev`).
+    health: Mutex<Option<Arc<switchyard_proto::Health>>>,
 }
 
 /// One finished request, as the access log sees it.
@@ -101,7 +114,63 @@ impl EdgeMetrics {
             &["endpoint"],
         )
         .expect("metric");
-        for c in [&requests, &tokens, &stream_failures, &client_disconnects] {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("metric")
+        };
+        let retries = counter(
+            "retries_total",
+            "Attempts made again on a target that had failed this request, by provider and the error that caused it",
+            &["provider", "error"],
+        );
+        let failovers = counter(
+            "failovers_total",
+            "Moves to the next target of a plan after a failure, by the provider left and the one tried next",
+            &["from", "to"],
+        );
+        let retry_budget_exhausted = counter(
+            "retry_budget_exhausted_total",
+            "Retries not made because the route's retry budget was spent",
+            &["model"],
+        );
+        let breaker_transitions = counter(
+            "breaker_transitions_total",
+            "Circuit breaker state changes (open, half_open, closed), by scope (target) and provider",
+            &["scope", "provider", "state"],
+        );
+        let ejected_skips = counter(
+            "ejected_skips_total",
+            "Attempts not made on a target whose breaker was open with no probe slot free",
+            &["provider"],
+        );
+        let key_events = counter(
+            "key_events_total",
+            "Key pool events at the egress: cooldown (429), disabled (401/403), pool_exhausted, breaker_opened",
+            &["event"],
+        );
+        let rules = counter(
+            "rules_matched_total",
+            "Requests a policy rule sent to another route, by route and chosen route",
+            &["route", "to"],
+        );
+        let downgrades = counter(
+            "downgrades_total",
+            "Non-critical requests downgraded while the route's primary was degraded",
+            &["route", "to"],
+        );
+        for c in [
+            &rules,
+            &downgrades,
+            &requests,
+            &tokens,
+            &stream_failures,
+            &client_disconnects,
+            &retries,
+            &failovers,
+            &retry_budget_exhausted,
+            &breaker_transitions,
+            &ejected_skips,
+            &key_events,
+        ] {
             registry.register(Box::new(c.clone())).expect("register");
         }
         for h in [&latency, &ttft] {
@@ -115,6 +184,75 @@ impl EdgeMetrics {
             tokens,
             stream_failures,
             client_disconnects,
+            retries,
+            failovers,
+            retry_budget_exhausted,
+            breaker_transitions,
+            ejected_skips,
+            key_events,
+            rules,
+            downgrades,
+            health: Mutex::new(None),
+        }
+    }
+
+    /// Renders the key and pool events this board counts.
+    pub fn watch_health(&self, health: Arc<switchyard_proto::Health>) {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+    }
+
+    pub fn rule_matched(&self, route: &str, to: &str) {
+        self.rules.with_label_values(&[route, to]).inc();
+    }
+
+    pub fn downgrade(&self, route: &str, to: &str) {
+        self.downgrades.with_label_values(&[route, to]).inc();
+    }
+
+    pub fn retry(&self, provider: &str, error: &str) {
+        self.retries.with_label_values(&[provider, error]).inc();
+    }
+
+    pub fn failover(&self, from: &str, to: &str) {
+        self.failovers.with_label_values(&[from, to]).inc();
+    }
+
+    pub fn retry_budget_exhausted(&self, model: &str) {
+        self.retry_budget_exhausted
+            .with_label_values(&[model])
+            .inc();
+    }
+
+    pub fn breaker(&self, scope: &str, provider: &str, state: &str) {
+        self.breaker_transitions
+            .with_label_values(&[scope, provider, state])
+            .inc();
+    }
+
+    pub fn ejected_skip(&self, provider: &str) {
+        self.ejected_skips.with_label_values(&[provider]).inc();
+    }
+
+    /// Brings the key-event counters up to the board's (counters only
+    /// grow, so the difference is what happened since the last scrape).
+    fn sync_key_events(&self) {
+        // Held while syncing so two scrapes cannot both add a difference.
+        let guard = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(h) = guard.as_ref() else {
+            return;
+        };
+        let e = h.events();
+        for (event, cell) in [
+            ("cooldown", &e.key_cooldowns),
+            ("disabled", &e.key_disabled),
+            ("pool_exhausted", &e.pool_exhausted),
+            ("breaker_opened", &e.key_breaker_opened),
+        ] {
+            let c = self.key_events.with_label_values(&[event]);
+            let now = cell.load(Ordering::Relaxed);
+            if now > c.get() {
+                c.inc_by(now - c.get());
+            }
         }
     }
 
@@ -152,6 +290,7 @@ impl EdgeMetrics {
     }
 
     pub fn render(&self) -> Vec<u8> {
+        self.sync_key_events();
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out

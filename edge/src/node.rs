@@ -284,12 +284,14 @@ impl EdgeNode {
 
         let mut backhaul = None;
         let upstream: Arc<dyn Upstream>;
+        let health = Arc::new(switchyard_proto::Health::new());
         let region;
         let mut ledger = None;
         let mut egress_nodes = Vec::new();
         match self.mode {
             Mode::SingleNode => {
-                upstream = Arc::new(Egress::new(shared.clone())?);
+                // One board: the edge's metrics show the egress's key events.
+                upstream = Arc::new(Egress::sharing_edge_health(shared.clone(), health.clone())?);
                 region = self.single_region.clone();
             }
             Mode::Backhaul {
@@ -341,6 +343,7 @@ impl EdgeNode {
             None => (Limiter::local(), ResponseCache::new(RESPONSE_CACHE_BYTES)),
         };
         let mut app = EdgeApp::new(shared.clone(), upstream)
+            .with_health(health)
             .with_simulate_header(self.simulate_header)
             .with_limits(self.limits)
             .with_limiter(Arc::new(limiter))

@@ -15,12 +15,17 @@
 //! cannot grow it without bound; past the cap, new ids are simply not
 //! tracked and read as healthy.
 //!
-//! The planner ([`crate::plan::plan`]) and the egress's key choice read it;
-//! the resilience work (breakers, half-open probes) builds on the same
-//! entries.
+//! The planner ([`crate::plan::plan`]) and the egress's key choice read it.
+//! Each entry is also a circuit breaker (outlier ejection in Envoy's
+//! terms): it opens on consecutive failures or on a high error rate over a
+//! sliding window (never on one failure), stays open for an ejection time
+//! that doubles while the target keeps failing, then lets a few probe
+//! attempts through (half-open) and closes on the first success. Keys also
+//! carry what the provider said about them: cooldowns after 429s, refusals
+//! after 401/403, and the headroom its rate-limit headers announce.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,9 +47,12 @@ pub fn target_id(provider: &str, model: &str, region: Option<&str>) -> String {
     format!("{provider}{SEP}{model}{SEP}{}", region.unwrap_or(""))
 }
 
-/// The board's id of a key: its provider, pool and key id (never its value).
-pub fn key_id(provider: &str, pool: &str, key: &str) -> String {
-    format!("{provider}{SEP}{pool}{SEP}{key}")
+/// The board's id of a key as used for one model: its provider, pool and
+/// key id (never its value) and the model. Per model because providers
+/// rate-limit a key per model (OpenAI's limits and `x-ratelimit-*` headers
+/// are per model): a 429 on one model must not bench the key for others.
+pub fn key_id(provider: &str, pool: &str, key: &str, model: &str) -> String {
+    format!("{provider}{SEP}{pool}{SEP}{key}{SEP}{model}")
 }
 
 /// One attempt's result as the board counts it.
@@ -59,7 +67,7 @@ pub enum Outcome {
 
 /// Counters of one target, key or egress node. Every field is an atomic so
 /// concurrent requests update it without locks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Entry {
     successes: AtomicU64,
     failures: AtomicU64,
@@ -77,6 +85,170 @@ pub struct Entry {
     /// none. Tied to the value, so rotating the secret behind the same key
     /// id re-enables it.
     refused_fingerprint: AtomicU64,
+    /// Board milliseconds (plus one) of the refusal; a refused key is
+    /// probed again once [`KEY_REFUSAL_PROBE`] has passed.
+    refused_at_ms: AtomicU64,
+    /// 429s in a row: the cooldown without a `retry-after` doubles with it.
+    consecutive_429: AtomicU32,
+    consecutive_failures: AtomicU32,
+    /// Successes (a) and failures (b) per second over the last
+    /// [`WINDOW_SECS`] seconds.
+    window: Window,
+    breaker: AtomicU8,
+    /// Board milliseconds until which an open breaker rejects attempts.
+    open_until_ms: AtomicU64,
+    /// Ejections in a row without a success: each doubles the next
+    /// ejection time.
+    ejections: AtomicU32,
+    probes: AtomicU32,
+    /// What the provider's rate-limit headers last said; `u64::MAX` =
+    /// unknown. Reset times are board milliseconds.
+    remaining_requests: AtomicU64,
+    limit_requests: AtomicU64,
+    remaining_tokens: AtomicU64,
+    limit_tokens: AtomicU64,
+    limits_reset_ms: AtomicU64,
+    /// Requests and tokens booked against the key in the current minute
+    /// of the board (for policy `rpm`/`tpm`), with that minute's index.
+    minute: AtomicU64,
+    minute_requests: AtomicU64,
+    minute_tokens: AtomicU64,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Entry {
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            error_ewma: AtomicU64::new(0),
+            latency_ewma_us: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            cooldown_until_ms: AtomicU64::new(0),
+            refused_fingerprint: AtomicU64::new(0),
+            refused_at_ms: AtomicU64::new(0),
+            consecutive_429: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            window: Window::default(),
+            breaker: AtomicU8::new(CLOSED),
+            open_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            probes: AtomicU32::new(0),
+            remaining_requests: AtomicU64::new(u64::MAX),
+            limit_requests: AtomicU64::new(u64::MAX),
+            remaining_tokens: AtomicU64::new(u64::MAX),
+            limit_tokens: AtomicU64::new(u64::MAX),
+            limits_reset_ms: AtomicU64::new(0),
+            minute: AtomicU64::new(0),
+            minute_requests: AtomicU64::new(0),
+            minute_tokens: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Seconds the sliding error-rate window spans.
+pub const WINDOW_SECS: u64 = 10;
+
+/// Per-second buckets of two counters, reused round-robin: a bucket whose
+/// second is over is reset by the first writer of its new second. Racing
+/// writers may lose a count at a bucket's turnover, which a rate over
+/// seconds does not notice.
+#[derive(Debug, Default)]
+struct Window {
+    buckets: [Bucket; WINDOW_SECS as usize],
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    /// Second of the board (plus one) the counts belong to; 0 = unused.
+    second: AtomicU64,
+    a: AtomicU64,
+    b: AtomicU64,
+}
+
+impl Window {
+    fn add(&self, now_ms: u64, a: u64, b: u64) {
+        let second = now_ms / 1000 + 1;
+        let bucket = &self.buckets[(second % WINDOW_SECS) as usize];
+        let seen = bucket.second.load(Ordering::Acquire);
+        if seen != second
+            && bucket
+                .second
+                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            bucket.a.store(0, Ordering::Relaxed);
+            bucket.b.store(0, Ordering::Relaxed);
+        }
+        bucket.a.fetch_add(a, Ordering::Relaxed);
+        bucket.b.fetch_add(b, Ordering::Relaxed);
+    }
+
+    /// Sums over the seconds of the window that ends at `now_ms`.
+    fn sum(&self, now_ms: u64) -> (u64, u64) {
+        let second = now_ms / 1000 + 1;
+        let oldest = second.saturating_sub(WINDOW_SECS - 1);
+        self.buckets
+            .iter()
+            .filter(|b| {
+                let s = b.second.load(Ordering::Acquire);
+                s >= oldest && s <= second
+            })
+            .fold((0, 0), |(a, b), k| {
+                (
+                    a + k.a.load(Ordering::Relaxed),
+                    b + k.b.load(Ordering::Relaxed),
+                )
+            })
+    }
+}
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// Failures in a row that eject a target, key or egress node.
+pub const EJECT_CONSECUTIVE: u32 = 5;
+/// Error rate over the sliding window that ejects, once the window holds
+/// [`EJECT_MIN_REQUESTS`] attempts.
+pub const EJECT_ERROR_RATE: f64 = 0.5;
+pub const EJECT_MIN_REQUESTS: u64 = 10;
+/// First ejection time; doubles per ejection in a row up to the maximum.
+pub const EJECT_BASE: Duration = Duration::from_secs(2);
+pub const EJECT_MAX: Duration = Duration::from_secs(60);
+/// Attempts let through at once while half-open.
+pub const HALF_OPEN_PROBES: u32 = 2;
+/// How long a key the provider refused stays out before one probe.
+pub const KEY_REFUSAL_PROBE: Duration = Duration::from_secs(300);
+
+/// A breaker's state change, for the caller's event and metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Ejected, for this long.
+    Opened(Duration),
+    /// The ejection time is over: probes may go through.
+    HalfOpened,
+    /// A probe succeeded.
+    Closed,
+}
+
+impl Transition {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transition::Opened(_) => "open",
+            Transition::HalfOpened => "half_open",
+            Transition::Closed => "closed",
+        }
+    }
+}
+
+/// What a breaker allows right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Closed,
+    /// Half-open (or due to be) with a probe slot free.
+    Probe,
+    Ejected,
 }
 
 fn update_ewma(cell: &AtomicU64, sample: f64, first: bool) {
@@ -126,7 +298,7 @@ impl Entry {
         (us > 0.0).then(|| Duration::from_micros(us as u64))
     }
 
-    fn record(&self, outcome: Outcome, now_ms: u64) {
+    fn record(&self, outcome: Outcome, now_ms: u64) -> Option<Transition> {
         let first = self.samples() == 0;
         match outcome {
             Outcome::Success { latency } => {
@@ -135,13 +307,75 @@ impl Entry {
                 update_ewma(&self.error_ewma, 0.0, first);
                 let us = (latency.as_micros() as f64).max(1.0);
                 update_ewma(&self.latency_ewma_us, us, first_latency);
+                self.window.add(now_ms, 1, 0);
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                self.consecutive_429.store(0, Ordering::Relaxed);
+                // Only a probe closes a breaker: an attempt that started
+                // before it opened proves nothing about now.
+                if self
+                    .breaker
+                    .compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.ejections.store(0, Ordering::Relaxed);
+                    return Some(Transition::Closed);
+                }
+                None
             }
             Outcome::Failure => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 update_ewma(&self.error_ewma, 1.0, first);
                 self.last_failure_ms.store(now_ms + 1, Ordering::Relaxed);
+                self.window.add(now_ms, 0, 1);
+                let in_a_row = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                match self.breaker.load(Ordering::Acquire) {
+                    HALF_OPEN => self.open(HALF_OPEN, now_ms),
+                    CLOSED => {
+                        let (ok, failed) = self.window.sum(now_ms);
+                        let total = ok + failed;
+                        let by_rate = total >= EJECT_MIN_REQUESTS
+                            && failed as f64 >= EJECT_ERROR_RATE * total as f64;
+                        if in_a_row >= EJECT_CONSECUTIVE || by_rate {
+                            self.open(CLOSED, now_ms)
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                }
             }
         }
+    }
+
+    /// Opens the breaker if it still is in state `from`.
+    fn open(&self, from: u8, now_ms: u64) -> Option<Transition> {
+        if self
+            .breaker
+            .compare_exchange(from, OPEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return None;
+        }
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let time = EJECT_BASE.saturating_mul(1 << n).min(EJECT_MAX);
+        self.open_until_ms
+            .store(now_ms + time.as_millis() as u64, Ordering::Release);
+        Some(Transition::Opened(time))
+    }
+
+    /// Attempts over the sliding window: (successes, failures).
+    fn window_counts(&self, now_ms: u64) -> (u64, u64) {
+        self.window.sum(now_ms)
+    }
+}
+
+/// A half-open probe slot, given back when dropped.
+#[derive(Debug)]
+pub struct Probe(Arc<Entry>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.probes.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -156,13 +390,13 @@ impl Drop for InFlight {
 }
 
 /// One kind of id → entry, read without locks.
-struct Board {
-    entries: ArcSwap<HashMap<Box<str>, Arc<Entry>>>,
+struct Board<T = Entry> {
+    entries: ArcSwap<HashMap<Box<str>, Arc<T>>>,
     /// Serialises inserts only; readers never take it.
     insert: Mutex<()>,
 }
 
-impl Board {
+impl<T: Default> Board<T> {
     fn new() -> Self {
         Board {
             entries: ArcSwap::from_pointee(HashMap::new()),
@@ -170,11 +404,11 @@ impl Board {
         }
     }
 
-    fn get(&self, id: &str) -> Option<Arc<Entry>> {
+    fn get(&self, id: &str) -> Option<Arc<T>> {
         self.entries.load().get(id).cloned()
     }
 
-    fn entry(&self, id: &str) -> Option<Arc<Entry>> {
+    fn entry(&self, id: &str) -> Option<Arc<T>> {
         if let Some(e) = self.get(id) {
             return Some(e);
         }
@@ -189,7 +423,7 @@ impl Board {
             return None;
         }
         let mut next = (*current).clone();
-        let e = Arc::new(Entry::default());
+        let e = Arc::new(T::default());
         next.insert(id.into(), e.clone());
         self.entries.store(Arc::new(next));
         Some(e)
@@ -207,6 +441,28 @@ pub struct Health {
     targets: Board,
     keys: Board,
     egress: Board,
+    budgets: Board<RetryBudget>,
+    events: Events,
+}
+
+/// Counts of what the board decided, for metrics (the egress has no
+/// registry of its own; in `switchyard dev` the edge renders these).
+#[derive(Debug, Default)]
+pub struct Events {
+    pub key_cooldowns: AtomicU64,
+    pub key_disabled: AtomicU64,
+    /// Requests a pool could not serve because every key was out.
+    pub pool_exhausted: AtomicU64,
+    pub key_breaker_opened: AtomicU64,
+}
+
+/// A route's retry budget (Envoy's and Finagle's idea): retries may add at
+/// most a share of the requests the route saw over the sliding window,
+/// plus a small floor so a quiet route can still retry at all.
+#[derive(Debug, Default)]
+pub struct RetryBudget {
+    /// Requests (a) and retries (b) per second.
+    window: Window,
 }
 
 impl Default for Health {
@@ -243,7 +499,37 @@ impl Health {
             targets: Board::new(),
             keys: Board::new(),
             egress: Board::new(),
+            budgets: Board::new(),
+            events: Events::default(),
         }
+    }
+
+    /// Counters of key and pool events.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// The retry budget of a route (or of a bare model name).
+    pub fn budget(&self, route: &str) -> Option<Arc<RetryBudget>> {
+        self.budgets.entry(route)
+    }
+
+    /// Books one request against the route's budget.
+    pub fn budget_request(&self, budget: &RetryBudget, now: Instant) {
+        budget.window.add(self.millis(now), 1, 0);
+    }
+
+    /// Takes one retry from the budget when it allows it: retries over the
+    /// window stay under `ratio` × requests, or under `floor`.
+    pub fn budget_retry(&self, budget: &RetryBudget, ratio: f64, floor: u64, now: Instant) -> bool {
+        let now_ms = self.millis(now);
+        let (requests, retries) = budget.window.sum(now_ms);
+        let allowed = ((requests as f64 * ratio) as u64).max(floor);
+        if retries >= allowed {
+            return false;
+        }
+        budget.window.add(now_ms, 0, 1);
+        true
     }
 
     fn millis(&self, at: Instant) -> u64 {
@@ -283,8 +569,83 @@ impl Health {
         self.egress.get(addr)
     }
 
-    pub fn record(&self, entry: &Entry, outcome: Outcome, now: Instant) {
-        entry.record(outcome, self.millis(now));
+    /// Books an attempt's outcome; a breaker state change is returned for
+    /// the caller to report.
+    pub fn record(&self, entry: &Entry, outcome: Outcome, now: Instant) -> Option<Transition> {
+        entry.record(outcome, self.millis(now))
+    }
+
+    /// What the entry's breaker allows at `now`, without changing it (the
+    /// planner's view).
+    pub fn availability(&self, entry: &Entry, now: Instant) -> Availability {
+        match entry.breaker.load(Ordering::Acquire) {
+            CLOSED => Availability::Closed,
+            state => {
+                let due = state == HALF_OPEN
+                    || self.millis(now) >= entry.open_until_ms.load(Ordering::Acquire);
+                if due && entry.probes.load(Ordering::Relaxed) < HALF_OPEN_PROBES {
+                    Availability::Probe
+                } else {
+                    Availability::Ejected
+                }
+            }
+        }
+    }
+
+    /// When an open breaker lets its first probe through (`None`: not open).
+    pub fn probe_at(&self, entry: &Entry) -> Option<Instant> {
+        (entry.breaker.load(Ordering::Acquire) == OPEN).then(|| {
+            self.epoch + Duration::from_millis(entry.open_until_ms.load(Ordering::Acquire))
+        })
+    }
+
+    /// Whether the breaker is open or half-open.
+    pub fn is_ejected(&self, entry: &Entry) -> bool {
+        entry.breaker.load(Ordering::Acquire) != CLOSED
+    }
+
+    /// Takes a probe slot of an open breaker whose ejection time is over
+    /// (moving it to half-open, reported as the transition) or of a
+    /// half-open one. `None`: closed (no probe needed) is `Ok(None)`, no
+    /// slot free is `Err(())`.
+    #[allow(clippy::result_unit_err)]
+    pub fn try_probe(
+        &self,
+        entry: &Arc<Entry>,
+        now: Instant,
+    ) -> Result<Option<(Probe, Option<Transition>)>, ()> {
+        let mut transition = None;
+        match entry.breaker.load(Ordering::Acquire) {
+            CLOSED => return Ok(None),
+            OPEN => {
+                if self.millis(now) < entry.open_until_ms.load(Ordering::Acquire) {
+                    return Err(());
+                }
+                if entry
+                    .breaker
+                    .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    transition = Some(Transition::HalfOpened);
+                }
+            }
+            _ => {}
+        }
+        let taken = entry
+            .probes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < HALF_OPEN_PROBES).then_some(n + 1)
+            })
+            .is_ok();
+        if !taken {
+            return Err(());
+        }
+        Ok(Some((Probe(entry.clone()), transition)))
+    }
+
+    /// Successes and failures over the sliding window.
+    pub fn window(&self, entry: &Entry, now: Instant) -> (u64, u64) {
+        entry.window_counts(self.millis(now))
     }
 
     /// When the entry last failed, if it has.
@@ -313,17 +674,156 @@ impl Health {
         (until > self.millis(now)).then(|| self.epoch + Duration::from_millis(until))
     }
 
-    /// The provider refused this key value: leave it out until the value
-    /// behind the id changes.
-    pub fn refuse(&self, entry: &Entry, fingerprint: u64) {
-        entry
-            .refused_fingerprint
-            .store(fingerprint.max(1), Ordering::Relaxed);
+    /// A 429 on the key: cool it down for the provider's `retry-after`, or,
+    /// without one, for a backoff that doubles with each 429 in a row.
+    /// Returns the cooldown.
+    pub fn rate_limited(
+        &self,
+        entry: &Entry,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> Duration {
+        let in_a_row = entry
+            .consecutive_429
+            .fetch_add(1, Ordering::Relaxed)
+            .min(16);
+        let wait = retry_after
+            .unwrap_or_else(|| DEFAULT_KEY_COOLDOWN.saturating_mul(1 << in_a_row))
+            .min(MAX_KEY_COOLDOWN);
+        self.cool_down(entry, wait, now);
+        self.events.key_cooldowns.fetch_add(1, Ordering::Relaxed);
+        wait
     }
 
-    pub fn is_refused(&self, entry: &Entry, fingerprint: u64) -> bool {
+    /// The provider refused this key value: leave it out until the value
+    /// behind the id changes (or, once [`KEY_REFUSAL_PROBE`] has passed,
+    /// for one probe: a revoked key that was restored comes back).
+    pub fn refuse(&self, entry: &Entry, fingerprint: u64, now: Instant) {
+        let fresh = entry
+            .refused_fingerprint
+            .swap(fingerprint.max(1), Ordering::Relaxed)
+            != fingerprint.max(1);
+        entry
+            .refused_at_ms
+            .store(self.millis(now) + 1, Ordering::Relaxed);
+        if fresh {
+            self.events.key_disabled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_refused(&self, entry: &Entry, fingerprint: u64, now: Instant) -> bool {
         let refused = entry.refused_fingerprint.load(Ordering::Relaxed);
-        refused != 0 && refused == fingerprint.max(1)
+        if refused == 0 || refused != fingerprint.max(1) {
+            return false;
+        }
+        let at = entry
+            .refused_at_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(1);
+        self.millis(now).saturating_sub(at) < KEY_REFUSAL_PROBE.as_millis() as u64
+    }
+
+    /// Stores what a provider's rate-limit headers said about the key.
+    pub fn observe_limits(&self, entry: &Entry, limits: &RateLimits, now: Instant) {
+        let set = |cell: &AtomicU64, v: Option<u64>| {
+            if let Some(v) = v {
+                cell.store(v, Ordering::Relaxed);
+            }
+        };
+        set(&entry.remaining_requests, limits.remaining_requests);
+        set(&entry.limit_requests, limits.limit_requests);
+        set(&entry.remaining_tokens, limits.remaining_tokens);
+        set(&entry.limit_tokens, limits.limit_tokens);
+        if let Some(reset) = limits.reset {
+            let at = self.millis(now + reset.min(MAX_KEY_COOLDOWN)).max(1);
+            entry.limits_reset_ms.store(at, Ordering::Relaxed);
+        }
+    }
+
+    /// Until when the key's announced quota is used up (remaining requests
+    /// or tokens at zero before the announced reset).
+    pub fn quota_exhausted_until(&self, entry: &Entry, now: Instant) -> Option<Instant> {
+        let reset = entry.limits_reset_ms.load(Ordering::Relaxed);
+        if reset <= self.millis(now) {
+            return None;
+        }
+        let empty = entry.remaining_requests.load(Ordering::Relaxed) == 0
+            || entry.remaining_tokens.load(Ordering::Relaxed) == 0;
+        empty.then(|| self.epoch + Duration::from_millis(reset))
+    }
+
+    /// Share of the key's announced quota left, in [0, 1]; 1 when the
+    /// provider announced nothing or its reset has passed.
+    pub fn headroom(&self, entry: &Entry, now: Instant) -> f64 {
+        if entry.limits_reset_ms.load(Ordering::Relaxed) <= self.millis(now) {
+            return 1.0;
+        }
+        let share = |rem: &AtomicU64, lim: &AtomicU64| {
+            let (r, l) = (rem.load(Ordering::Relaxed), lim.load(Ordering::Relaxed));
+            if r == u64::MAX || l == u64::MAX || l == 0 {
+                1.0
+            } else {
+                (r as f64 / l as f64).clamp(0.0, 1.0)
+            }
+        };
+        share(&entry.remaining_requests, &entry.limit_requests)
+            .min(share(&entry.remaining_tokens, &entry.limit_tokens))
+    }
+
+    /// Books a request (and its estimated tokens) against the key's
+    /// current minute, for policy `rpm`/`tpm`.
+    pub fn book(&self, entry: &Entry, requests: u64, tokens: u64, now: Instant) {
+        let minute = self.millis(now) / 60_000 + 1;
+        let seen = entry.minute.load(Ordering::Acquire);
+        if seen != minute
+            && entry
+                .minute
+                .compare_exchange(seen, minute, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            entry.minute_requests.store(0, Ordering::Relaxed);
+            entry.minute_tokens.store(0, Ordering::Relaxed);
+        }
+        entry.minute_requests.fetch_add(requests, Ordering::Relaxed);
+        entry.minute_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Requests and tokens booked in the current minute, and when it ends.
+    pub fn minute_usage(&self, entry: &Entry, now: Instant) -> (u64, u64, Instant) {
+        let ms = self.millis(now);
+        let minute = ms / 60_000 + 1;
+        let end = self.epoch + Duration::from_millis(minute * 60_000);
+        if entry.minute.load(Ordering::Acquire) != minute {
+            return (0, 0, end);
+        }
+        (
+            entry.minute_requests.load(Ordering::Relaxed),
+            entry.minute_tokens.load(Ordering::Relaxed),
+            end,
+        )
+    }
+
+    /// Counts a pool that had no key to offer.
+    pub fn pool_exhausted(&self) {
+        self.events.pool_exhausted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a provider's rate-limit headers announce about a key; `None` =
+/// not said.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RateLimits {
+    pub remaining_requests: Option<u64>,
+    pub limit_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub limit_tokens: Option<u64>,
+    /// When the exhausted (or, if none is, the later) quota resets.
+    pub reset: Option<Duration>,
+}
+
+impl RateLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == RateLimits::default()
     }
 }
 
@@ -405,7 +905,7 @@ mod tests {
     #[test]
     fn in_flight_guard_counts_until_dropped() {
         let h = Health::new();
-        let e = h.key(&key_id("p", "pool", "k0")).unwrap();
+        let e = h.key(&key_id("p", "pool", "k0", "m")).unwrap();
         let g1 = e.start();
         let g2 = e.start();
         assert_eq!(e.in_flight(), 2);
@@ -430,12 +930,150 @@ mod tests {
                 .is_none(),
             "an outside retry-after is clamped"
         );
-        h.refuse(&e, 42);
-        assert!(h.is_refused(&e, 42));
-        assert!(!h.is_refused(&e, 43), "a rotated value is usable again");
+        h.refuse(&e, 42, now);
+        assert!(h.is_refused(&e, 42, now));
+        assert!(
+            !h.is_refused(&e, 43, now),
+            "a rotated value is usable again"
+        );
+        assert!(
+            !h.is_refused(&e, 42, now + KEY_REFUSAL_PROBE),
+            "a refused key is probed again after a long while"
+        );
+        assert_eq!(h.events().key_disabled.load(Ordering::Relaxed), 1);
         assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    #[test]
+    fn breakers_open_on_failures_in_a_row_probe_and_close() {
+        let h = Health::new();
+        let now = Instant::now();
+        let e = h.target("t").unwrap();
+        for _ in 0..EJECT_CONSECUTIVE - 1 {
+            assert_eq!(h.record(&e, Outcome::Failure, now), None);
+        }
+        assert_eq!(h.availability(&e, now), Availability::Closed);
+        assert_eq!(
+            h.record(&e, Outcome::Failure, now),
+            Some(Transition::Opened(EJECT_BASE))
+        );
+        assert_eq!(h.availability(&e, now), Availability::Ejected);
+        assert!(h.try_probe(&e, now).is_err(), "no probe while ejected");
+        let later = now + EJECT_BASE;
+        assert_eq!(h.availability(&e, later), Availability::Probe);
+        let (p1, t) = h.try_probe(&e, later).unwrap().unwrap();
+        assert_eq!(t, Some(Transition::HalfOpened));
+        let (p2, t) = h.try_probe(&e, later).unwrap().unwrap();
+        assert_eq!(t, None);
+        assert!(h.try_probe(&e, later).is_err(), "probe slots are bounded");
+        assert_eq!(h.availability(&e, later), Availability::Ejected);
+        drop(p1);
+        // A failed probe ejects again, for twice as long.
+        assert_eq!(
+            h.record(&e, Outcome::Failure, later),
+            Some(Transition::Opened(EJECT_BASE * 2))
+        );
+        drop(p2);
+        let again = later + EJECT_BASE * 2;
+        let (_p, _) = h.try_probe(&e, again).unwrap().unwrap();
+        let ok = Outcome::Success {
+            latency: Duration::from_millis(1),
+        };
+        assert_eq!(h.record(&e, ok, again), Some(Transition::Closed));
+        assert_eq!(h.availability(&e, again), Availability::Closed);
+        assert!(h.try_probe(&e, again).unwrap().is_none());
+    }
+
+    #[test]
+    fn breakers_open_on_the_window_error_rate_not_on_one_failure() {
+        let h = Health::new();
+        let now = Instant::now();
+        let e = h.target("t").unwrap();
+        let ok = Outcome::Success {
+            latency: Duration::from_millis(1),
+        };
+        assert_eq!(h.record(&e, Outcome::Failure, now), None);
+        // Alternating: never 5 in a row, but half of the window fails.
+        let mut opened = None;
+        for i in 0..EJECT_MIN_REQUESTS {
+            let outcome = if i % 2 == 0 { ok } else { Outcome::Failure };
+            if let Some(t) = h.record(&e, outcome, now) {
+                opened = Some(t);
+            }
+        }
+        assert!(matches!(opened, Some(Transition::Opened(_))), "{opened:?}");
+        assert_eq!(
+            h.window(&e, now),
+            (EJECT_MIN_REQUESTS / 2, EJECT_MIN_REQUESTS / 2 + 1)
+        );
+        // The window forgets: eleven seconds later it is empty.
+        assert_eq!(
+            h.window(&e, now + Duration::from_secs(WINDOW_SECS + 1)),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn retry_budgets_cap_retries_to_a_share_of_requests() {
+        let h = Health::new();
+        let now = Instant::now();
+        let b = h.budget("chat").unwrap();
+        let granted = |n: usize| (0..n).filter(|_| h.budget_retry(&b, 0.2, 3, now)).count();
+        assert_eq!(granted(10), 3, "the floor lets a quiet route retry");
+        for _ in 0..100 {
+            h.budget_request(&b, now);
+        }
+        assert_eq!(granted(100), 17, "20 % of 100 requests, 3 already used");
+        let later = now + Duration::from_secs(WINDOW_SECS + 1);
+        assert!(h.budget_retry(&b, 0.2, 3, later), "the window slides");
+    }
+
+    #[test]
+    fn keys_learn_from_429s_rate_limit_headers_and_their_minute() {
+        let h = Health::new();
+        let now = Instant::now();
+        let e = h.key("k").unwrap();
+        assert_eq!(h.rate_limited(&e, None, now), DEFAULT_KEY_COOLDOWN);
+        assert_eq!(h.rate_limited(&e, None, now), DEFAULT_KEY_COOLDOWN * 2);
+        assert_eq!(
+            h.rate_limited(&e, Some(Duration::from_millis(1500)), now),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(h.events().key_cooldowns.load(Ordering::Relaxed), 3);
+        assert_eq!(h.headroom(&e, now), 1.0);
+        h.observe_limits(
+            &e,
+            &RateLimits {
+                remaining_requests: Some(25),
+                limit_requests: Some(100),
+                remaining_tokens: Some(500),
+                limit_tokens: Some(1000),
+                reset: Some(Duration::from_secs(10)),
+            },
+            now,
+        );
+        assert_eq!(h.headroom(&e, now), 0.25);
+        assert!(h.quota_exhausted_until(&e, now).is_none());
+        h.observe_limits(
+            &e,
+            &RateLimits {
+                remaining_requests: Some(0),
+                ..RateLimits::default()
+            },
+            now,
+        );
+        assert!(h.quota_exhausted_until(&e, now).is_some());
+        let after = now + Duration::from_secs(11);
+        assert!(h.quota_exhausted_until(&e, after).is_none(), "reset passed");
+        assert_eq!(h.headroom(&e, after), 1.0);
+        h.book(&e, 1, 40, now);
+        h.book(&e, 1, 60, now);
+        let (requests, tokens, _) = h.minute_usage(&e, now);
+        assert_eq!((requests, tokens), (2, 100));
+        let (requests, _, _) = h.minute_usage(&e, now + Duration::from_secs(61));
+        assert_eq!(requests, 0, "a new minute starts empty");
     }
 }

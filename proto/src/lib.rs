@@ -303,9 +303,9 @@ impl ResolvedKey {
         self.secret.expose()
     }
 
-    /// This key's id on the health board.
-    pub fn health_id(&self, provider: &str) -> String {
-        health::key_id(provider, &self.pool, &self.id)
+    /// This key's id on the health board, for `model`.
+    pub fn health_id(&self, provider: &str, model: &str) -> String {
+        health::key_id(provider, &self.pool, &self.id, model)
     }
 }
 
@@ -606,8 +606,10 @@ pub enum Strategy {
     Latency,
     /// Cheapest (input + output price) first.
     Cost,
-    /// Highest weight first; the data plane may randomise by weight.
+    /// Randomised by weight per request.
     Weighted,
+    /// Fewest attempts in flight on this node first.
+    LeastBusy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -617,8 +619,78 @@ pub struct WeightedTarget {
     pub weight: u32,
 }
 
-/// A named route: ordered targets, then the routes to fall back to.
+/// How a route retries (beyond trying each target of its plan once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Extra attempts after the plan's targets were each tried once: a
+    /// target whose failure allows it is tried again after a backoff.
+    pub attempts: u32,
+    /// Retries may add at most this share (percent) of the route's
+    /// requests over a sliding window...
+    pub budget_percent: u32,
+    /// ...or this many per window, whichever is more (a quiet route can
+    /// still retry).
+    pub budget_floor: u32,
+    /// First backoff; each further retry doubles it, with full jitter.
+    pub backoff: Duration,
+    /// Longest wait before a retry, backoff or the provider's
+    /// `retry-after`: a target asking for longer is not retried.
+    pub max_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 3,
+            budget_percent: 20,
+            budget_floor: 10,
+            backoff: Duration::from_millis(25),
+            max_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A policy rule of a route: when a request matches `when`, it is planned
+/// on `route` instead (the first matching rule wins; the chosen route's own
+/// rules are not evaluated again).
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRule {
+    pub when: RuleCondition,
+    pub route: String,
+}
+
+/// Every condition set must hold (an empty condition matches everything).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleCondition {
+    /// Estimated prompt tokens above this.
+    pub prompt_tokens_over: Option<u64>,
+    /// Requested `max_tokens` above this.
+    pub max_tokens_over: Option<u64>,
+    /// The request declares tools (true) or does not (false).
+    pub tools: Option<bool>,
+    /// The request carries images (true) or does not (false).
+    pub images: Option<bool>,
+    /// A request header with this value (name lower-case; value compared
+    /// case-insensitively), e.g. `x-switchyard-priority: low`.
+    pub header: Option<(String, String)>,
+    /// One of the comma-separated `x-switchyard-tags`.
+    pub tag: Option<String>,
+    /// The request's tenant is one of these.
+    pub tenants: Vec<String>,
+}
+
+/// Downgrade: while the route's primary (its first target) is degraded —
+/// ejected, failing lately, or with a first-token p95 over `ttft_over` —
+/// requests marked non-critical (`x-switchyard-priority: low`) are planned
+/// on `route` instead; the rest keep the primary chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downgrade {
+    pub route: String,
+    pub ttft_over: Option<Duration>,
+}
+
+/// A named route: ordered targets, then the routes to fall back to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteSnapshot {
     pub name: String,
     pub strategy: Strategy,
@@ -630,6 +702,14 @@ pub struct RouteSnapshot {
     /// At most this many targets of the route's plan (fallbacks included)
     /// are tried per request; `None` = every target.
     pub max_attempts: Option<u32>,
+    pub retry: RetryPolicy,
+    /// Longest a single attempt may take to its answer (a stream: to its
+    /// first event) before the next is tried; `None` = only the request's
+    /// deadline (and `first_token_timeout` for streams).
+    pub attempt_timeout: Option<Duration>,
+    /// Evaluated in order before planning.
+    pub rules: Vec<RouteRule>,
+    pub downgrade: Option<Downgrade>,
 }
 
 /// Latency and error scores the control plane folds from every node's

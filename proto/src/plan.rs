@@ -8,8 +8,9 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::health::{self, Health};
+use crate::health::{self, Availability, Health};
 use crate::{
     PlanTables, ProviderSnapshot, RouteSnapshot, RouteTarget, ScoreKey, Snapshot, Strategy,
 };
@@ -82,12 +83,19 @@ fn jurisdiction_key(set: &[String]) -> Vec<String> {
 }
 
 /// Every target `requested` may go to, best first, for one request: the
-/// snapshot's order ([`static_plan`]) with targets the health board has
-/// seen failing lately moved behind the others. Demoted targets are kept,
-/// in their order: a doubtful target is still better than none.
+/// snapshot's order ([`static_plan`]) as runtime health amends it:
+/// - targets whose breaker is open (ejected) are left out, unless every
+///   target is: then the plan is kept whole, so the caller can still tell
+///   a cut-off model (dispatch answers `circuit_open` with when it is
+///   probed again) from an unknown one;
+/// - targets due for a half-open probe keep their place, so real traffic
+///   probes them;
+/// - targets failing lately (local error rate, or the fleet-wide error
+///   rate the control plane pushes in the scores while this node has seen
+///   no success of its own to contradict it) move behind the healthy ones.
 ///
-/// This is the one planning entry point of the data plane; breakers and
-/// other runtime rules are added here.
+/// Residency is decided before: health only orders and removes, it never
+/// adds a target. This is the one planning entry point of the data plane.
 pub fn plan(
     snapshot: &Snapshot,
     health: &Health,
@@ -95,33 +103,209 @@ pub fn plan(
     jurisdictions: Option<&[String]>,
 ) -> Result<Plan, PlanError> {
     let targets = static_plan(snapshot, requested, jurisdictions)?;
-    Ok(demote_degraded(targets, health))
+    let now = Instant::now();
+    let targets = apply_strategy(snapshot, health, requested, targets);
+    Ok(apply_health(snapshot, targets, health, now))
 }
 
-/// Stable partition: healthy targets first, each group in plan order.
-/// The snapshot's plan is shared as is unless something is demoted.
-fn demote_degraded(targets: Plan, health: &Health) -> Plan {
-    if targets.len() < 2 || !health.has_targets() {
+/// Share of requests on a `latency` route that go first to a target with
+/// no latency data yet, so a new or recovered target gets measured.
+pub const EXPLORE: f64 = 0.1;
+/// Local samples a target needs before its own latency is trusted over
+/// the fleet's.
+const LOCAL_MIN_SAMPLES: u64 = 3;
+
+/// Orders the requested route's own targets (the plan's leading ones; its
+/// fallbacks keep their place after them) per request, for the strategies
+/// that decide per request:
+/// - `weighted`: a random order drawn by weight (Efraimidis–Spirakis), so
+///   traffic splits by weight instead of always hitting the heaviest;
+/// - `least_busy`: fewest attempts in flight from this node first;
+/// - `latency`: power of two choices — two targets drawn at random, the
+///   one with the lower p95 first-token time scaled by its error rate
+///   goes first (this node's own moving averages once it has a few
+///   samples, else the fleet's scores); with probability [`EXPLORE`] a
+///   target without any data goes first instead.
+///
+/// Other strategies are compiled into the snapshot's order already.
+fn apply_strategy(snapshot: &Snapshot, health: &Health, requested: &str, targets: Plan) -> Plan {
+    let Some(route) = snapshot.route(requested) else {
         return targets;
-    }
-    let degraded = |t: &PlannedTarget| {
-        let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
-        health
-            .peek_target(&id)
-            .is_some_and(|e| health.is_degraded(&e))
     };
-    let flags: Vec<bool> = targets.iter().map(degraded).collect();
-    if !flags.iter().any(|d| *d) {
+    if !matches!(
+        route.strategy,
+        Strategy::Weighted | Strategy::LeastBusy | Strategy::Latency
+    ) {
         return targets;
     }
-    let pick = |want: bool| {
+    let own = targets
+        .iter()
+        .take_while(|t| {
+            route
+                .targets
+                .iter()
+                .any(|w| w.provider == t.target.provider && w.model == t.target.model)
+        })
+        .count();
+    if own < 2 {
+        return targets;
+    }
+    let entry = |t: &PlannedTarget| {
+        health.peek_target(&health::target_id(
+            &t.target.provider,
+            &t.target.model,
+            t.region.as_deref(),
+        ))
+    };
+    let mut head: Vec<PlannedTarget> = targets[..own].to_vec();
+    match route.strategy {
+        Strategy::Weighted => {
+            let weight = |t: &PlannedTarget| {
+                route
+                    .targets
+                    .iter()
+                    .find(|w| w.provider == t.target.provider && w.model == t.target.model)
+                    .map_or(1.0, |w| f64::from(w.weight.max(1)))
+            };
+            let mut keyed: Vec<(f64, PlannedTarget)> = head
+                .into_iter()
+                .map(|t| (fastrand::f64().powf(1.0 / weight(&t)), t))
+                .collect();
+            keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+            head = keyed.into_iter().map(|(_, t)| t).collect();
+        }
+        Strategy::LeastBusy => {
+            head.sort_by_key(|t| entry(t).map_or(0, |e| e.in_flight()));
+        }
+        Strategy::Latency => {
+            let score = |t: &PlannedTarget| -> Option<f64> {
+                if let Some(e) = entry(t).filter(|e| e.successes() >= LOCAL_MIN_SAMPLES) {
+                    let ms = e.latency()?.as_secs_f64() * 1000.0;
+                    return Some(ms * (1.0 + 4.0 * e.error_rate()));
+                }
+                snapshot
+                    .scores()
+                    .targets
+                    .get(&ScoreKey {
+                        provider: t.target.provider.clone(),
+                        model: t.target.model.clone(),
+                        region: t.region.clone().unwrap_or_default(),
+                    })
+                    .filter(|s| s.requests > 0)
+                    .map(|s| s.ttft_p95_ms * (1.0 + 4.0 * s.error_rate))
+            };
+            let scored: Vec<(Option<f64>, PlannedTarget)> =
+                head.into_iter().map(|t| (score(&t), t)).collect();
+            let unknown: Vec<usize> = (0..scored.len())
+                .filter(|i| scored[*i].0.is_none())
+                .collect();
+            let known: Vec<usize> = (0..scored.len())
+                .filter(|i| scored[*i].0.is_some())
+                .collect();
+            let first = if !unknown.is_empty() && (known.is_empty() || fastrand::f64() < EXPLORE) {
+                Some(unknown[fastrand::usize(..unknown.len())])
+            } else if known.len() >= 2 {
+                let a = fastrand::usize(..known.len());
+                let mut b = fastrand::usize(..known.len() - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (known[a], known[b]);
+                Some(if scored[a].0 <= scored[b].0 { a } else { b })
+            } else {
+                known.first().copied()
+            };
+            let mut rest: Vec<usize> = (0..scored.len()).filter(|i| Some(*i) != first).collect();
+            rest.sort_by(|a, b| {
+                let key = |i: &usize| scored[*i].0.unwrap_or(f64::INFINITY);
+                key(a).total_cmp(&key(b))
+            });
+            let mut slots: Vec<Option<PlannedTarget>> =
+                scored.into_iter().map(|(_, t)| Some(t)).collect();
+            head = first
+                .into_iter()
+                .chain(rest)
+                .filter_map(|i| slots[i].take())
+                .collect();
+        }
+        Strategy::Priority | Strategy::Cost => {}
+    }
+    if head[..] == targets[..own] {
+        return targets;
+    }
+    head.extend(targets[own..].iter().cloned());
+    head.into()
+}
+
+/// A fleet-wide error rate at or above this (over at least
+/// [`FLEET_MIN_REQUESTS`] requests) marks a target degraded everywhere.
+pub const FLEET_ERROR_RATE: f64 = 0.5;
+pub const FLEET_MIN_REQUESTS: u64 = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Standing {
+    Healthy,
+    Degraded,
+    Ejected,
+}
+
+fn standing(snapshot: &Snapshot, health: &Health, t: &PlannedTarget, now: Instant) -> Standing {
+    let id = health::target_id(&t.target.provider, &t.target.model, t.region.as_deref());
+    let local = health.peek_target(&id);
+    if let Some(e) = &local {
+        match health.availability(e, now) {
+            Availability::Ejected => return Standing::Ejected,
+            Availability::Probe => return Standing::Healthy,
+            Availability::Closed => {}
+        }
+        if health.is_degraded(e) {
+            return Standing::Degraded;
+        }
+    }
+    let fleet_failing = !snapshot.scores().targets.is_empty()
+        && snapshot
+            .scores()
+            .targets
+            .get(&ScoreKey {
+                provider: t.target.provider.clone(),
+                model: t.target.model.clone(),
+                region: t.region.clone().unwrap_or_default(),
+            })
+            .is_some_and(|s| s.requests >= FLEET_MIN_REQUESTS && s.error_rate >= FLEET_ERROR_RATE);
+    let locally_fine = local.as_ref().is_some_and(|e| health.window(e, now).0 > 0);
+    if fleet_failing && !locally_fine {
+        return Standing::Degraded;
+    }
+    Standing::Healthy
+}
+
+/// Stable partition by standing; ejected targets are dropped unless none
+/// would be left. The snapshot's plan is shared as is when nothing moves.
+fn apply_health(snapshot: &Snapshot, targets: Plan, health: &Health, now: Instant) -> Plan {
+    if targets.is_empty() || (!health.has_targets() && snapshot.scores().targets.is_empty()) {
+        return targets;
+    }
+    let standings: Vec<Standing> = targets
+        .iter()
+        .map(|t| standing(snapshot, health, t, now))
+        .collect();
+    if standings.iter().all(|s| *s == Standing::Healthy) {
+        return targets;
+    }
+    let keep_ejected = standings.iter().all(|s| *s == Standing::Ejected);
+    let pick = |want: Standing| {
         targets
             .iter()
-            .zip(&flags)
-            .filter(move |(_, d)| **d == want)
+            .zip(&standings)
+            .filter(move |(_, s)| **s == want)
             .map(|(t, _)| t.clone())
     };
-    pick(false).chain(pick(true)).collect()
+    let ordered = pick(Standing::Healthy).chain(pick(Standing::Degraded));
+    if keep_ejected {
+        ordered.chain(pick(Standing::Ejected)).collect()
+    } else {
+        ordered.collect()
+    }
 }
 
 /// The snapshot's own order for `requested`, without runtime health: the
@@ -257,7 +441,8 @@ fn expand_route<'a>(
         .filter(|t| snap.providers().contains_key(&t.provider))
         .collect();
     match route.strategy {
-        Strategy::Priority => {}
+        // Reordered per request from the health board (`plan`).
+        Strategy::Priority | Strategy::LeastBusy => {}
         Strategy::Weighted => targets.sort_by_key(|t| std::cmp::Reverse(t.weight)),
         Strategy::Cost => targets.sort_by(|a, b| {
             let price = |t: &crate::WeightedTarget| {
@@ -282,7 +467,7 @@ fn expand_route<'a>(
                         region,
                     })
                     .filter(|s| s.requests > 0)
-                    .map(|s| s.ttft_p50_ms)
+                    .map(|s| s.ttft_p95_ms * (1.0 + 4.0 * s.error_rate))
                     .unwrap_or(f64::INFINITY)
             };
             ttft(a).total_cmp(&ttft(b))
@@ -352,6 +537,7 @@ mod tests {
                 fallbacks: vec!["backup".into()],
                 first_token_timeout: None,
                 max_attempts: None,
+                ..RouteSnapshot::default()
             }),
         );
         s.routes.insert(
@@ -363,6 +549,7 @@ mod tests {
                 fallbacks: vec!["chat".into()],
                 first_token_timeout: None,
                 max_attempts: None,
+                ..RouteSnapshot::default()
             }),
         );
         s.routes.insert(
@@ -374,6 +561,7 @@ mod tests {
                 fallbacks: vec![],
                 first_token_timeout: None,
                 max_attempts: None,
+                ..RouteSnapshot::default()
             }),
         );
         s
@@ -406,7 +594,7 @@ mod tests {
                 },
                 TargetScore {
                     requests: 10,
-                    ttft_p50_ms: ms,
+                    ttft_p95_ms: ms,
                     ..TargetScore::default()
                 },
             );
@@ -462,9 +650,7 @@ mod tests {
             .target(&health::target_id("eu", "m", Some("eu-west")))
             .unwrap();
         let now = std::time::Instant::now();
-        for _ in 0..crate::health::DEMOTE_MIN_SAMPLES {
-            health.record(&eu, crate::health::Outcome::Failure, now);
-        }
+        degrade(&health, &eu, now);
         let demoted = plan(&s, &health, "chat", Some(&both)).unwrap();
         assert_eq!(providers(&demoted), ["us", "eu"]);
         assert_eq!(
@@ -472,6 +658,26 @@ mod tests {
             ["eu", "us"],
             "the shared plan is untouched"
         );
+    }
+
+    /// Fails often enough to be demoted (error rate), never enough in a
+    /// row or in the window to be ejected.
+    fn degrade(health: &Health, e: &crate::health::Entry, now: std::time::Instant) {
+        use crate::health::Outcome;
+        let ok = Outcome::Success {
+            latency: std::time::Duration::from_millis(5),
+        };
+        for o in [
+            Outcome::Failure,
+            Outcome::Failure,
+            Outcome::Failure,
+            ok,
+            Outcome::Failure,
+            Outcome::Failure,
+        ] {
+            assert_eq!(health.record(e, o, now), None);
+        }
+        assert!(health.is_degraded(e) && !health.is_ejected(e));
     }
 
     #[test]
@@ -494,7 +700,12 @@ mod tests {
             providers(&plan(&s, &health, "chat", None).unwrap()),
             ["eu", "us"]
         );
+        let ok = crate::health::Outcome::Success {
+            latency: std::time::Duration::from_millis(5),
+        };
+        health.record(&eu, ok, now);
         health.record(&eu, crate::health::Outcome::Failure, now);
+        assert!(health.is_degraded(&eu) && !health.is_ejected(&eu));
         assert_eq!(
             providers(&plan(&s, &health, "chat", None).unwrap()),
             ["us", "eu"],
@@ -509,18 +720,70 @@ mod tests {
         // The snapshot's own order is untouched.
         assert_eq!(providers(&s.plan("chat", None).unwrap()), ["eu", "us"]);
         for _ in 0..10 {
-            health.record(
-                &eu,
-                crate::health::Outcome::Success {
-                    latency: std::time::Duration::from_millis(5),
-                },
-                now,
-            );
+            health.record(&eu, ok, now);
         }
         assert_eq!(
             providers(&plan(&s, &health, "chat", None).unwrap()),
             ["eu", "us"],
             "a healed target is back in its place"
+        );
+    }
+
+    #[test]
+    fn ejected_targets_are_skipped_probed_in_place_and_kept_when_alone() {
+        let s = snapshot(Strategy::Priority);
+        let health = Health::new();
+        let now = std::time::Instant::now();
+        let eu = health
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
+        for _ in 0..crate::health::EJECT_CONSECUTIVE {
+            health.record(&eu, crate::health::Outcome::Failure, now);
+        }
+        assert!(health.is_ejected(&eu));
+        let at =
+            |t| providers(&apply_health(&s, s.plan("chat", None).unwrap(), &health, t)).join(",");
+        assert_eq!(at(now), "us", "an ejected target is skipped");
+        // Residency left only the ejected target: the plan keeps it.
+        let only_eu = vec!["eu".to_string()];
+        let kept = apply_health(&s, s.plan("chat", Some(&only_eu)).unwrap(), &health, now);
+        assert_eq!(providers(&kept), ["eu"]);
+        // Once the ejection time is over it is probed where it stands.
+        assert_eq!(at(now + crate::health::EJECT_BASE), "eu,us");
+    }
+
+    #[test]
+    fn fleet_error_rates_demote_until_local_successes_say_otherwise() {
+        let s = snapshot(Strategy::Priority);
+        let mut scores = Scores::default();
+        scores.targets.insert(
+            ScoreKey {
+                provider: "eu".into(),
+                model: "m".into(),
+                region: "eu-west".into(),
+            },
+            TargetScore {
+                requests: FLEET_MIN_REQUESTS,
+                error_rate: 0.9,
+                ..TargetScore::default()
+            },
+        );
+        let s = s.with_scores(Arc::new(scores));
+        let health = Health::new();
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", None).unwrap()),
+            ["us", "eu"]
+        );
+        let eu = health
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
+        let ok = crate::health::Outcome::Success {
+            latency: std::time::Duration::from_millis(5),
+        };
+        health.record(&eu, ok, std::time::Instant::now());
+        assert_eq!(
+            providers(&plan(&s, &health, "chat", None).unwrap()),
+            ["eu", "us"]
         );
     }
 
@@ -549,5 +812,58 @@ mod tests {
         assert_eq!(narrow_residency(Some(&tenant), Some("us")), Some(vec![]));
         assert_eq!(narrow_residency(Some(&tenant), Some("EU, us")), Some(eu));
         assert_eq!(narrow_residency(None, None), None);
+    }
+
+    #[test]
+    fn weighted_least_busy_and_latency_decide_per_request() {
+        let now = std::time::Instant::now();
+        let draws = 2000;
+        let first = |s: &Snapshot, h: &Health| {
+            let p = apply_strategy(s, h, "chat", s.plan("chat", None).unwrap());
+            assert_eq!(p.len(), 2);
+            p[0].target.provider.clone()
+        };
+        // Weighted 1:9, drawn per request rather than always the heaviest.
+        let s = snapshot(Strategy::Weighted);
+        let h = Health::new();
+        let eu_first = (0..draws).filter(|_| first(&s, &h) == "eu").count();
+        assert!((100..=320).contains(&eu_first), "{eu_first} of {draws}");
+
+        // Least busy: the target with attempts in flight goes second.
+        let s = snapshot(Strategy::LeastBusy);
+        assert_eq!(first(&s, &h), "eu");
+        let eu = h
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
+        let busy = eu.start();
+        assert_eq!(first(&s, &h), "us");
+        drop(busy);
+        assert_eq!(first(&s, &h), "eu");
+
+        // Latency: measured p95 × error rate; the faster wins both choices.
+        let s = snapshot(Strategy::Latency);
+        let h = Health::new();
+        let ok = |ms| crate::health::Outcome::Success {
+            latency: std::time::Duration::from_millis(ms),
+        };
+        let us = h
+            .target(&health::target_id("us", "m", Some("us-east")))
+            .unwrap();
+        for _ in 0..LOCAL_MIN_SAMPLES {
+            h.record(&us, ok(300), now);
+        }
+        // eu has no data: explored about one request in ten.
+        let explored = (0..draws).filter(|_| first(&s, &h) == "eu").count();
+        assert!((100..=320).contains(&explored), "{explored} of {draws}");
+        let eu = h
+            .target(&health::target_id("eu", "m", Some("eu-west")))
+            .unwrap();
+        for _ in 0..LOCAL_MIN_SAMPLES {
+            h.record(&eu, ok(100), now);
+        }
+        assert!(
+            (0..100).all(|_| first(&s, &h) == "eu"),
+            "the faster goes first"
+        );
     }
 }

@@ -13,11 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::control as pb;
+
+/// Most retries a route may ask for; the policy compiler refuses more, a
+/// snapshot from the wire is clamped.
+pub const MAX_RETRIES: u32 = 10;
 use crate::{
-    FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitSet, LimitsSnapshot, ModelPrice, PoolKey,
-    ProviderKind, ProviderSnapshot, RegionSnapshot, RouteSnapshot, RouteTarget, RttScore, ScoreKey,
-    Scores, Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder,
-    Spend, Strategy, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget,
+    Downgrade, FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitSet, LimitsSnapshot,
+    ModelPrice, PoolKey, ProviderKind, ProviderSnapshot, RegionSnapshot, RetryPolicy, RouteRule,
+    RouteSnapshot, RouteTarget, RttScore, RuleCondition, ScoreKey, Scores, Secret, SimulatedFault,
+    SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Spend, Strategy, TargetScore,
+    Tenant, Tenants, VirtualKey, WeightedTarget,
 };
 
 fn spend_to_wire(s: &Spend) -> pb::SpendMsg {
@@ -87,6 +92,7 @@ impl From<Strategy> for pb::StrategyMsg {
             Strategy::Latency => pb::StrategyMsg::StrategyLatency,
             Strategy::Cost => pb::StrategyMsg::StrategyCost,
             Strategy::Weighted => pb::StrategyMsg::StrategyWeighted,
+            Strategy::LeastBusy => pb::StrategyMsg::StrategyLeastBusy,
         }
     }
 }
@@ -319,6 +325,38 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                             fallbacks: r.fallbacks.clone(),
                             first_token_timeout_ms: millis(r.first_token_timeout),
                             max_attempts: r.max_attempts.unwrap_or(0),
+                            retry: Some(pb::RetryMsg {
+                                attempts: r.retry.attempts,
+                                budget_percent: r.retry.budget_percent,
+                                budget_floor: r.retry.budget_floor,
+                                backoff_ms: r.retry.backoff.as_millis() as u64,
+                                max_wait_ms: r.retry.max_wait.as_millis() as u64,
+                            }),
+                            attempt_timeout_ms: millis(r.attempt_timeout),
+                            rules: r
+                                .rules
+                                .iter()
+                                .map(|rule| {
+                                    let w = &rule.when;
+                                    let (header_name, header_value) =
+                                        w.header.clone().unwrap_or_default();
+                                    pb::RouteRuleMsg {
+                                        prompt_tokens_over: w.prompt_tokens_over,
+                                        max_tokens_over: w.max_tokens_over,
+                                        tools: w.tools,
+                                        images: w.images,
+                                        header_name,
+                                        header_value,
+                                        tag: w.tag.clone().unwrap_or_default(),
+                                        tenants: w.tenants.clone(),
+                                        route: rule.route.clone(),
+                                    }
+                                })
+                                .collect(),
+                            downgrade: r.downgrade.as_ref().map(|d| pb::DowngradeMsg {
+                                route: d.route.clone(),
+                                ttft_over_ms: millis(d.ttft_over),
+                            }),
                         },
                     )
                 })
@@ -566,6 +604,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                 Ok(pb::StrategyMsg::StrategyLatency) => Strategy::Latency,
                 Ok(pb::StrategyMsg::StrategyCost) => Strategy::Cost,
                 Ok(pb::StrategyMsg::StrategyWeighted) => Strategy::Weighted,
+                Ok(pb::StrategyMsg::StrategyLeastBusy) => Strategy::LeastBusy,
                 Err(_) => {
                     return Err(InvalidSnapshot::InvalidEnum {
                         path: format!("{path}.strategy"),
@@ -590,6 +629,32 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     ));
                 }
             }
+            let rules: Result<Vec<RouteRule>, InvalidSnapshot> = r
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    if !msg.routes.contains_key(&m.route) {
+                        return Err(invalid(
+                            format!("{path}.rules[{i}].route"),
+                            format!("unknown route {:?}", m.route),
+                        ));
+                    }
+                    Ok(RouteRule {
+                        when: RuleCondition {
+                            prompt_tokens_over: m.prompt_tokens_over,
+                            max_tokens_over: m.max_tokens_over,
+                            tools: m.tools,
+                            images: m.images,
+                            header: (!m.header_name.is_empty())
+                                .then(|| (m.header_name.clone(), m.header_value.clone())),
+                            tag: (!m.tag.is_empty()).then(|| m.tag.clone()),
+                            tenants: m.tenants.clone(),
+                        },
+                        route: m.route.clone(),
+                    })
+                })
+                .collect();
             routes.insert(
                 name.clone(),
                 Arc::new(RouteSnapshot {
@@ -600,6 +665,33 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                     first_token_timeout: (r.first_token_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.first_token_timeout_ms)),
                     max_attempts: (r.max_attempts > 0).then_some(r.max_attempts),
+                    retry: match &r.retry {
+                        None => RetryPolicy::default(),
+                        Some(m) => RetryPolicy {
+                            attempts: m.attempts.min(MAX_RETRIES),
+                            budget_percent: m.budget_percent,
+                            budget_floor: m.budget_floor,
+                            backoff: Duration::from_millis(m.backoff_ms),
+                            max_wait: Duration::from_millis(m.max_wait_ms),
+                        },
+                    },
+                    attempt_timeout: (r.attempt_timeout_ms > 0)
+                        .then(|| Duration::from_millis(r.attempt_timeout_ms)),
+                    rules: rules?,
+                    downgrade: match &r.downgrade {
+                        None => None,
+                        Some(d) if !msg.routes.contains_key(&d.route) => {
+                            return Err(invalid(
+                                format!("{path}.downgrade.route"),
+                                format!("unknown route {:?}", d.route),
+                            ))
+                        }
+                        Some(d) => Some(Downgrade {
+                            route: d.route.clone(),
+                            ttft_over: (d.ttft_over_ms > 0)
+                                .then(|| Duration::from_millis(d.ttft_over_ms)),
+                        }),
+                    },
                 }),
             );
         }
@@ -936,6 +1028,10 @@ mod tests {
                 fallbacks: vec![],
                 first_token_timeout_ms: 0,
                 max_attempts: 0,
+                retry: None,
+                attempt_timeout_ms: 0,
+                rules: vec![],
+                downgrade: None,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();

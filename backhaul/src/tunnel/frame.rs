@@ -558,6 +558,7 @@ pub const KNOWN_CODES: &[&str] = &[
     "invalid_passthrough_path",
     "invalid_path",
     "invalid_simulate_header",
+    "key_pool_exhausted",
     "method_not_allowed",
     "missing_api_key",
     "model_not_allowed",

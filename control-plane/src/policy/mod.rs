@@ -164,10 +164,11 @@ pub struct KeyDoc {
     pub id: Option<String>,
     /// Share of traffic among the pool's keys; default 1.
     pub weight: Option<u32>,
-    /// Refused until the egress enforces per-key limits (carried in the
-    /// snapshot's key identity for when it does).
+    /// Requests per minute this key may be sent; the egress leaves the key
+    /// out for the rest of a minute once it is reached.
     pub rpm: Option<u32>,
-    /// Refused, as `rpm`.
+    /// Tokens per minute (estimated prompt tokens when sent, completion
+    /// tokens when known), enforced the same way.
     pub tpm: Option<u64>,
     /// Environment variable on the egress (comma-separated values = several keys).
     pub env: Option<String>,
@@ -222,6 +223,27 @@ pub enum StrategyDoc {
     Latency,
     Cost,
     Weighted,
+    #[serde(rename = "least_busy")]
+    LeastBusy,
+}
+
+/// `routes.R.retry`: how the route retries after each target was tried
+/// once. Every field is optional; defaults in [`switchyard_proto::RetryPolicy`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryDoc {
+    /// Extra attempts per request (0 = none; at most 10). Default 3.
+    pub attempts: Option<u32>,
+    /// Retries may add at most this percentage of the route's requests over
+    /// a 10 s sliding window. Default 20.
+    pub budget_percent: Option<u32>,
+    /// ...or this many retries per window, whichever is more. Default 10.
+    pub min_retries: Option<u32>,
+    /// First backoff (doubling, full jitter). Default 25.
+    pub backoff_ms: Option<u64>,
+    /// Longest wait before a retry; a `retry-after` over it is not waited
+    /// for (the next target is, or the error goes back). Default 1000.
+    pub max_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +261,58 @@ pub struct RouteDoc {
     /// At most this many targets (fallbacks included) are tried per
     /// request. Unset = every target of the plan.
     pub max_attempts: Option<u32>,
+    /// Retries after each target was tried once, under a retry budget.
+    #[serde(default)]
+    pub retry: RetryDoc,
+    /// Longest one attempt may take (a stream: to its first event) before
+    /// the next target is tried. Unset = only the request's deadline.
+    pub attempt_timeout_ms: Option<u64>,
+    /// Evaluated in order before planning: the first whose `when` matches
+    /// sends the request to its `route` instead.
+    #[serde(default)]
+    pub rules: Vec<RuleDoc>,
+    /// Non-critical requests (`x-switchyard-priority: low`) go to another
+    /// route while this one's primary is degraded.
+    pub downgrade: Option<DowngradeDoc>,
+}
+
+/// `routes.R.rules[]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleDoc {
+    pub when: WhenDoc,
+    pub route: String,
+}
+
+/// Conditions of a rule; every one given must hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhenDoc {
+    /// Estimated prompt tokens (≈ 4 characters each) above this.
+    pub prompt_tokens_over: Option<u64>,
+    /// Requested `max_tokens` above this.
+    pub max_tokens_over: Option<u64>,
+    /// Tools declared (true) or not (false).
+    pub tools: Option<bool>,
+    /// Images present (true) or not (false).
+    pub images: Option<bool>,
+    /// One request header and its value, e.g. `{ x-switchyard-priority: low }`.
+    pub header: Option<std::collections::BTreeMap<String, String>>,
+    /// One of the comma-separated `x-switchyard-tags`.
+    pub tag: Option<String>,
+    /// Tenant ids.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+}
+
+/// `routes.R.downgrade`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DowngradeDoc {
+    pub route: String,
+    /// The primary also counts as degraded while its first-token p95 (the
+    /// fleet's, or this edge's moving average) is over this.
+    pub ttft_p95_over_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1226,7 +1300,7 @@ tenants:
 
     #[test]
     fn key_pools_keep_identity_weight_and_limits() {
-        let yaml = "providers:\n  p:\n    kind: openai\n    key_pools:\n      - name: main\n        keys:\n          - { env: A, id: primary, weight: 3 }\n          - { env: B }\n";
+        let yaml = "providers:\n  p:\n    kind: openai\n    key_pools:\n      - name: main\n        keys:\n          - { env: A, id: primary, weight: 3, rpm: 500, tpm: 90000 }\n          - { env: B }\n";
         let doc = parse_policy(yaml).unwrap();
         let env = |k: &str| matches!(k, "A" | "B").then(|| format!("sk-{k}"));
         let c = compile(
@@ -1247,7 +1321,7 @@ tenants:
                 pool.keys[0].rpm,
                 pool.keys[0].tpm
             ),
-            ("primary", 3, None, None)
+            ("primary", 3, Some(500), Some(90000))
         );
         assert_eq!((pool.keys[1].id.as_str(), pool.keys[1].weight), ("k1", 1));
         let resolved: Vec<_> = p
@@ -1257,7 +1331,7 @@ tenants:
             .collect();
         assert_eq!(
             resolved,
-            [("main", "primary", 3, None), ("main", "k1", 1, None)]
+            [("main", "primary", 3, Some(500)), ("main", "k1", 1, None)]
         );
         assert!(!format!("{:?}", p.keys).contains("sk-"), "keys never print");
 

@@ -395,13 +395,12 @@ fn key_pools(
                 Some(w) => identity.weight = w,
                 None => {}
             }
-            // Carried in the snapshot for the adaptive key pools, but a
-            // limit the egress does not enforce yet must not be trusted.
-            for (field, set) in [("rpm", key.rpm.is_some()), ("tpm", key.tpm.is_some())] {
-                if set {
+            // Enforced by the egress's key choice per minute of its board.
+            for (field, zero) in [("rpm", key.rpm == Some(0)), ("tpm", key.tpm == Some(0))] {
+                if zero {
                     err(
                         format!("{kpath}.{field}"),
-                        "per-key rate limits are not enforced yet; remove this field (the egress already steers away from keys the provider rate-limits)".into(),
+                        "must be greater than 0 (leave it out for no limit)".into(),
                     );
                 }
             }

@@ -4,7 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_proto::{ProviderSnapshot, RouteSnapshot, RouteTarget, Strategy, WeightedTarget};
+use switchyard_proto::wire::MAX_RETRIES;
+use switchyard_proto::{
+    Downgrade, ProviderSnapshot, RetryPolicy, RouteRule, RouteSnapshot, RouteTarget, RuleCondition,
+    Strategy, WeightedTarget,
+};
 
 use super::{Errors, PolicyDocument, PolicyOptions, StrategyDoc, ENV_PROVIDERS};
 
@@ -114,6 +118,113 @@ pub(super) fn routes(
         if r.max_attempts == Some(0) {
             err(format!("{path}.max_attempts"), "must be at least 1".into());
         }
+        if r.attempt_timeout_ms == Some(0) {
+            err(
+                format!("{path}.attempt_timeout_ms"),
+                "must be greater than 0".into(),
+            );
+        }
+        let dflt = RetryPolicy::default();
+        let retry = RetryPolicy {
+            attempts: r.retry.attempts.unwrap_or(dflt.attempts),
+            budget_percent: r.retry.budget_percent.unwrap_or(dflt.budget_percent),
+            budget_floor: r.retry.min_retries.unwrap_or(dflt.budget_floor),
+            backoff: r
+                .retry
+                .backoff_ms
+                .map_or(dflt.backoff, Duration::from_millis),
+            max_wait: r
+                .retry
+                .max_wait_ms
+                .map_or(dflt.max_wait, Duration::from_millis),
+        };
+        if retry.attempts > MAX_RETRIES {
+            err(
+                format!("{path}.retry.attempts"),
+                format!("at most {MAX_RETRIES}"),
+            );
+        }
+        if retry.budget_percent > 100 {
+            err(format!("{path}.retry.budget_percent"), "at most 100".into());
+        }
+        if retry.max_wait > Duration::from_secs(60) {
+            err(format!("{path}.retry.max_wait_ms"), "at most 60000".into());
+        }
+        let mut rules = Vec::new();
+        for (i, rule) in r.rules.iter().enumerate() {
+            let rpath = format!("{path}.rules[{i}]");
+            if !doc.routes.contains_key(&rule.route) {
+                err(
+                    format!("{rpath}.route"),
+                    format!("unknown route {:?}", rule.route),
+                );
+            } else if rule.route == *name {
+                err(
+                    format!("{rpath}.route"),
+                    "a rule cannot send a route to itself".into(),
+                );
+            }
+            let w = &rule.when;
+            let header = match &w.header {
+                None => None,
+                Some(h) if h.len() == 1 => h
+                    .iter()
+                    .next()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+                Some(_) => {
+                    err(
+                        format!("{rpath}.when.header"),
+                        "exactly one header name and value".into(),
+                    );
+                    None
+                }
+            };
+            for (j, t) in w.tenants.iter().enumerate() {
+                if !doc.tenants.iter().any(|d| d.id == *t) {
+                    err(
+                        format!("{rpath}.when.tenants[{j}]"),
+                        format!("unknown tenant {t:?}"),
+                    );
+                }
+            }
+            let when = RuleCondition {
+                prompt_tokens_over: w.prompt_tokens_over,
+                max_tokens_over: w.max_tokens_over,
+                tools: w.tools,
+                images: w.images,
+                header,
+                tag: w.tag.clone(),
+                tenants: w.tenants.clone(),
+            };
+            if when == RuleCondition::default() {
+                err(
+                    format!("{rpath}.when"),
+                    "a rule needs at least one condition".into(),
+                );
+            }
+            rules.push(RouteRule {
+                when,
+                route: rule.route.clone(),
+            });
+        }
+        let downgrade = r.downgrade.as_ref().map(|d| {
+            if !doc.routes.contains_key(&d.route) || d.route == *name {
+                err(
+                    format!("{path}.downgrade.route"),
+                    format!("unknown route {:?} (or the route itself)", d.route),
+                );
+            }
+            if d.ttft_p95_over_ms == Some(0) {
+                err(
+                    format!("{path}.downgrade.ttft_p95_over_ms"),
+                    "must be greater than 0".into(),
+                );
+            }
+            Downgrade {
+                route: d.route.clone(),
+                ttft_over: d.ttft_p95_over_ms.map(Duration::from_millis),
+            }
+        });
         if r.first_token_timeout_ms == Some(0) {
             err(
                 format!("{path}.first_token_timeout_ms"),
@@ -142,11 +253,16 @@ pub(super) fn routes(
                     StrategyDoc::Latency => Strategy::Latency,
                     StrategyDoc::Cost => Strategy::Cost,
                     StrategyDoc::Weighted => Strategy::Weighted,
+                    StrategyDoc::LeastBusy => Strategy::LeastBusy,
                 },
                 targets,
                 fallbacks: r.fallbacks.clone(),
                 first_token_timeout: r.first_token_timeout_ms.map(Duration::from_millis),
                 max_attempts: r.max_attempts,
+                retry,
+                attempt_timeout: r.attempt_timeout_ms.map(Duration::from_millis),
+                rules,
+                downgrade,
             }),
         );
     }

@@ -15,7 +15,7 @@ use switchyard_backhaul::{Operation, RawRequest};
 use switchyard_llm::openai::parse_json_object;
 use switchyard_llm::{ErrorKind, GatewayError, Retry};
 use switchyard_proto::{
-    Health, PlanError, PlannedTarget, ProviderKind, RouteTarget, Snapshot, Tenant,
+    Health, PlanError, PlannedTarget, ProviderKind, RetryPolicy, RouteTarget, Snapshot, Tenant,
 };
 
 use super::admit::{copy_headers, requested_model, Request, RAW_HEADERS};
@@ -33,6 +33,12 @@ pub struct Plan {
     pub excluded: usize,
     /// Deadline for each attempt's first streamed event.
     pub first_token_timeout: Option<Duration>,
+    /// Deadline of each attempt (a stream: to its first event).
+    pub attempt_timeout: Option<Duration>,
+    /// How the request may retry, and whose budget it draws on (the
+    /// route's, or the model name's when it names no route).
+    pub retry: RetryPolicy,
+    pub budget_key: String,
 }
 
 /// What `dispatch` sends to each target of the plan.
@@ -65,8 +71,9 @@ pub(crate) fn plan(
         Request::Api { op, raw_body } => {
             let tenant = ctx.tenant.as_deref().ok_or_else(|| fail(no_tenant()))?;
             let requested = requested_model(&op);
+            let name = choose_route(app, session, snap, ctx, tenant, requested, &op);
             let mut plan =
-                route_plan(snap, &app.health, tenant, requested, residency).map_err(fail)?;
+                plan_as(snap, &app.health, tenant, requested, name, residency).map_err(fail)?;
             let first = plan
                 .targets
                 .first()
@@ -86,6 +93,7 @@ pub(crate) fn plan(
                     // Raw mode talks to one provider as it is: no fallbacks.
                     plan.targets = plan.targets[..1].into();
                     plan.excluded = 0;
+                    plan.retry.attempts = 0;
                     (plan, Operation::Raw(raw))
                 }
             }
@@ -101,6 +109,126 @@ pub(crate) fn plan(
         forward_headers: copy_headers(session, FORWARDED_HEADERS),
     };
     Ok((plan, outbound))
+}
+
+/// Marks a request non-critical: it may be downgraded.
+const PRIORITY_HEADER: &str = "x-switchyard-priority";
+const TAGS_HEADER: &str = "x-switchyard-tags";
+
+/// The route a request is planned on: the requested route unless one of
+/// its rules matches (first match wins) or, for a non-critical request,
+/// its downgrade applies. Both are events and metrics.
+fn choose_route<'a>(
+    app: &EdgeApp,
+    session: &ServerSession,
+    snap: &'a Snapshot,
+    ctx: &RequestCtx,
+    tenant: &Tenant,
+    requested: &'a str,
+    op: &Operation,
+) -> &'a str {
+    let Some(route) = snap.route(requested) else {
+        return requested;
+    };
+    let header = |name: &str| {
+        session
+            .get_header(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if !route.rules.is_empty() {
+        // Estimated once, only when some rule asks.
+        let mut tokens = None;
+        for (i, rule) in route.rules.iter().enumerate() {
+            let w = &rule.when;
+            let mut prompt = || *tokens.get_or_insert_with(|| op.estimated_prompt_tokens());
+            let holds = w.prompt_tokens_over.is_none_or(|n| prompt() > n)
+                && w.max_tokens_over
+                    .is_none_or(|n| op.requested_max_tokens().is_some_and(|m| m > n))
+                && w.tools.is_none_or(|t| op.has_tools() == t)
+                && w.images.is_none_or(|i| op.has_images() == i)
+                && w.header.as_ref().is_none_or(|(name, value)| {
+                    header(name).is_some_and(|v| v.eq_ignore_ascii_case(value))
+                })
+                && w.tag.as_ref().is_none_or(|tag| {
+                    header(TAGS_HEADER).is_some_and(|tags| tags.split(',').any(|t| t.trim() == tag))
+                })
+                && (w.tenants.is_empty() || w.tenants.contains(&tenant.id));
+            if holds {
+                tracing::info!(
+                    target: "switchyard::rules",
+                    event = "rule",
+                    request_id = %ctx.request_id,
+                    route = %route.name,
+                    rule = i,
+                    to = %rule.route,
+                    "a policy rule chose the route"
+                );
+                app.metrics.rule_matched(&route.name, &rule.route);
+                return &rule.route;
+            }
+        }
+    }
+    if let Some(d) = &route.downgrade {
+        let non_critical = header(PRIORITY_HEADER).is_some_and(|p| p.eq_ignore_ascii_case("low"));
+        if non_critical && primary_degraded(app, snap, route, d) {
+            tracing::info!(
+                target: "switchyard::downgrade",
+                event = "downgrade",
+                request_id = %ctx.request_id,
+                route = %route.name,
+                to = %d.route,
+                "the route's primary is degraded; non-critical request downgraded"
+            );
+            app.metrics.downgrade(&route.name, &d.route);
+            return &d.route;
+        }
+    }
+    requested
+}
+
+/// Whether the route's first target is ejected, failing lately, or slower
+/// to its first token (p95) than the downgrade's threshold.
+fn primary_degraded(
+    app: &EdgeApp,
+    snap: &Snapshot,
+    route: &switchyard_proto::RouteSnapshot,
+    d: &switchyard_proto::Downgrade,
+) -> bool {
+    let Some(primary) = route.targets.first() else {
+        return false;
+    };
+    let region = snap
+        .provider(&primary.provider)
+        .and_then(|p| p.region.clone());
+    let entry = app.health.peek_target(&switchyard_proto::health::target_id(
+        &primary.provider,
+        &primary.model,
+        region.as_deref(),
+    ));
+    if entry
+        .as_ref()
+        .is_some_and(|e| app.health.is_ejected(e) || app.health.is_degraded(e))
+    {
+        return true;
+    }
+    let Some(limit) = d.ttft_over else {
+        return false;
+    };
+    let local = entry
+        .as_ref()
+        .and_then(|e| e.latency())
+        .is_some_and(|l| l > limit);
+    let fleet = snap
+        .scores()
+        .targets
+        .get(&switchyard_proto::ScoreKey {
+            provider: primary.provider.clone(),
+            model: primary.model.clone(),
+            region: region.unwrap_or_default(),
+        })
+        .is_some_and(|s| s.requests > 0 && s.ttft_p95_ms > limit.as_secs_f64() * 1000.0);
+    local || fleet
 }
 
 /// Whether `target` may honour the client's `x-switchyard-simulate`.
@@ -187,6 +315,13 @@ fn passthrough_plan(
         }]),
         excluded: 0,
         first_token_timeout: None,
+        attempt_timeout: None,
+        // Raw passthrough answers are passed on as they are: no retries.
+        retry: RetryPolicy {
+            attempts: 0,
+            ..RetryPolicy::default()
+        },
+        budget_key: String::new(),
     })
 }
 
@@ -255,6 +390,20 @@ pub fn route_plan(
     requested: &str,
     residency: Option<&[String]>,
 ) -> Result<Plan, GatewayError> {
+    plan_as(snap, health, tenant, requested, requested, residency)
+}
+
+/// [`route_plan`] of `name`, the route a rule or a downgrade chose for
+/// what the caller asked (`requested`, which permissions are checked on:
+/// a route the policy chose is the policy's business, not the tenant's).
+fn plan_as(
+    snap: &Snapshot,
+    health: &Health,
+    tenant: &Tenant,
+    requested: &str,
+    name: &str,
+    residency: Option<&[String]>,
+) -> Result<Plan, GatewayError> {
     if !tenant.may_use(requested) {
         // Checked first so an unknown model does not reveal the catalogue.
         if snap.resolve(requested).is_some() {
@@ -267,29 +416,36 @@ pub fn route_plan(
         }
         return Err(GatewayError::model_not_found(requested));
     }
-    let first_token_timeout = snap
-        .routes()
-        .get(requested)
+    let route = snap.routes().get(name);
+    let first_token_timeout = route
         .and_then(|r| r.first_token_timeout)
         .or(snap.limits().first_token_timeout);
+    let attempt_timeout = route.and_then(|r| r.attempt_timeout);
+    let retry = route.map(|r| r.retry).unwrap_or_default();
+    let budget_key = name.to_string();
     let plan = match residency {
         // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
-            targets: switchyard_proto::plan::plan(snap, health, requested, None)
+            targets: switchyard_proto::plan::plan(snap, health, name, None)
                 .map_err(|_| GatewayError::model_not_found(requested))?,
             excluded: 0,
             first_token_timeout,
+            attempt_timeout,
+            retry,
+            budget_key,
         },
-        Some(allowed) => match switchyard_proto::plan::plan(snap, health, requested, Some(allowed))
-        {
+        Some(allowed) => match switchyard_proto::plan::plan(snap, health, name, Some(allowed)) {
             Ok(targets) => {
                 let all = snap
-                    .plan(requested, None)
+                    .plan(name, None)
                     .map_err(|_| GatewayError::model_not_found(requested))?;
                 Plan {
                     excluded: all.len().saturating_sub(targets.len()),
                     targets,
                     first_token_timeout,
+                    attempt_timeout,
+                    retry,
+                    budget_key,
                 }
             }
             Err(PlanError::Residency { blocked, .. }) => {
@@ -325,7 +481,7 @@ pub fn route_plan(
     }
     Ok(bounded(
         plan,
-        snap.routes().get(requested).and_then(|r| r.max_attempts),
+        snap.routes().get(name).and_then(|r| r.max_attempts),
     ))
 }
 
@@ -383,6 +539,7 @@ mod tests {
             fallbacks: vec![],
             first_token_timeout: ftt.map(Duration::from_millis),
             max_attempts: None,
+            ..RouteSnapshot::default()
         })
     }
 

@@ -39,6 +39,15 @@ pub(crate) async fn respond(
     if let Some(ra) = answer.retry_after {
         extra.push(("retry-after", ra));
     }
+    // Which target served, after how many attempts: failover is invisible
+    // to the answer itself, not to whoever wants to know.
+    extra.push(("x-switchyard-attempts", ctx.attempts.len().to_string()));
+    if let Some(s) = served.as_ref().filter(|s| !s.target.model.is_empty()) {
+        extra.push((
+            "x-switchyard-target",
+            format!("{}/{}", s.target.provider, s.target.model),
+        ));
+    }
     extra.extend(ctx.answer_headers.iter().cloned());
     let observers = &app.hooks.response;
     for o in observers {
@@ -107,6 +116,9 @@ pub(crate) async fn failure(
     let mut extra = allow
         .map(|a| vec![("allow", a.to_string())])
         .unwrap_or_default();
+    if !ctx.attempts.is_empty() {
+        extra.push(("x-switchyard-attempts", ctx.attempts.len().to_string()));
+    }
     extra.extend(ctx.answer_headers.iter().cloned());
     // An unread request body (413, early errors) makes the connection unusable.
     let reusable = session.is_body_done();

@@ -64,6 +64,18 @@ impl Case {
             _ => None,
         }
     }
+
+    /// Every recorded response header whose name starts with one of
+    /// `prefixes`.
+    pub fn headers_with_prefixes(&self, prefixes: &[&str]) -> Vec<(String, String)> {
+        let Some(map) = self.response["headers"].as_object() else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
+            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+            .collect()
+    }
 }
 
 /// Splits recorded SSE text into its events, each with its blank line, so a

@@ -13,6 +13,15 @@
 //!   stream, then drop the connection / go silent before its first event
 //!   (a silence the gateway ends is counted as a cancellation).
 //! - `echo-key-401`: a 401 whose message quotes the bearer key it received.
+//! - `storm-429`: OpenAI's recorded 429 (`rate_limit_exceeded`, with its
+//!   `x-ratelimit-*` headers) but `retry-after: 1`, to every request.
+//! - `flaky-<N>`: fails N % of requests at random (the mock's seeded
+//!   generator, [`MockUpstream::seed`]) with a 500 in OpenAI's shape;
+//!   answers the rest as the default case.
+//! - `fail-<status>`: that status, in OpenAI's error shape, every time.
+//!
+//! A bearer key passed to [`MockUpstream::revoke_key`] is answered with
+//! OpenAI's recorded 401 (`invalid_api_key`) whatever the model.
 //! - anything else: a realistic default case for the endpoint.
 //!
 //! The provider is told by the path: OpenAI (`/v1/chat/completions`,
@@ -67,6 +76,9 @@ struct State {
     event_gap: Mutex<Duration>,
     /// Extra latency before every answer.
     latency: Mutex<Duration>,
+    /// Bearer keys answered with 401.
+    revoked: Mutex<Vec<String>>,
+    rng: Mutex<Option<fastrand::Rng>>,
 }
 
 pub struct MockUpstream {
@@ -145,6 +157,39 @@ impl MockUpstream {
     pub fn set_latency(&self, latency: Duration) {
         *self.state.latency.lock().unwrap() = latency;
     }
+
+    /// Every later request with `Authorization: Bearer <key>` gets a 401.
+    pub fn revoke_key(&self, key: &str) {
+        self.state.revoked.lock().unwrap().push(key.to_string());
+    }
+
+    /// Seeds the generator behind `flaky-<N>` (unseeded: random).
+    pub fn seed(&self, seed: u64) {
+        *self.state.rng.lock().unwrap() = Some(fastrand::Rng::with_seed(seed));
+    }
+
+    /// Requests seen for `model`, and with `Authorization: Bearer <key>`.
+    pub fn count(&self, model: Option<&str>, key: Option<&str>) -> usize {
+        let bearer = key.map(|k| format!("Bearer {k}"));
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| model.is_none_or(|m| r.body["model"] == m))
+            .filter(|r| {
+                bearer
+                    .as_deref()
+                    .is_none_or(|b| r.header("authorization") == Some(b))
+            })
+            .count()
+    }
+}
+
+fn openai_error(status: u16, message: &str, code: &str) -> Response<BoxBody> {
+    let body =
+        json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
+    full(status, "application/json", body.to_string())
 }
 
 impl Drop for MockUpstream {
@@ -274,6 +319,13 @@ async fn handle(
             json!({ "input_tokens": n }).to_string(),
         ));
     }
+    let bearer = rec
+        .header("authorization")
+        .unwrap_or("")
+        .trim_start_matches("Bearer ");
+    if state.revoked.lock().unwrap().iter().any(|k| k == bearer) {
+        return Ok(replay(&state, provider, "error-401-invalid-api-key").await);
+    }
     if provider == Provider::OpenAi
         && path.ends_with("/completions")
         && !path.ends_with("/chat/completions")
@@ -282,6 +334,34 @@ async fn handle(
     }
     if let Some(case) = model.strip_prefix("case-") {
         return Ok(replay(&state, provider, case).await);
+    }
+    if model == "storm-429" {
+        let mut resp = replay(&state, Provider::OpenAi, "error-429-rate-limit-exceeded").await;
+        resp.headers_mut()
+            .insert("retry-after", "1".parse().unwrap());
+        return Ok(resp);
+    }
+    if let Some(status) = model
+        .strip_prefix("fail-")
+        .and_then(|s| s.parse::<u16>().ok())
+    {
+        return Ok(openai_error(status, "mock failure", "mock_failure"));
+    }
+    if let Some(pct) = model
+        .strip_prefix("flaky-")
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        let roll = match state.rng.lock().unwrap().as_mut() {
+            Some(rng) => rng.u32(0..100),
+            None => fastrand::u32(0..100),
+        };
+        if roll < pct {
+            return Ok(openai_error(
+                500,
+                "The server had an error while processing your request.",
+                "server_error",
+            ));
+        }
     }
     let gap = *state.event_gap.lock().unwrap();
     match model.as_str() {
@@ -409,13 +489,21 @@ async fn replay(state: &Arc<State>, provider: Provider, case_name: &str) -> Resp
         "x-request-id",
         "openai-organization",
         "anthropic-organization-id",
-        "x-ratelimit-limit-requests",
         "request-id",
     ] {
         if let Some(v) = case.header(h) {
             if let Ok(v) = v.parse() {
                 resp.headers_mut().insert(h, v);
             }
+        }
+    }
+    // Rate-limit headers as recorded (the gateway steers keys by them).
+    for (name, value) in case.headers_with_prefixes(&["x-ratelimit-", "anthropic-ratelimit-"]) {
+        if let (Ok(n), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(name.as_bytes()),
+            value.parse(),
+        ) {
+            resp.headers_mut().insert(n, v);
         }
     }
     if status == 429 && !resp.headers().contains_key("retry-after") {

@@ -1,0 +1,350 @@
+//! A bounded, seeded chaos run through a real edge and two egress nodes of
+//! one region joined by the QUIC backhaul (in-process builders, real
+//! sockets), the fixture-replaying mock as every provider:
+//!
+//! - `storm`: the primary answers 429 (`retry-after: 1`) to everything, the
+//!   fallback fails 6 % of requests at random;
+//! - `pooled/...`: one provider, two keys, one of them revoked (401);
+//! - `random`: three targets each failing 6 % at random;
+//! - `hanging`: the primary never answers; the route's per-attempt
+//!   deadline moves on to the fallback;
+//! - half-way through, one egress node is shut down.
+//!
+//! The assertions are counts (requests served, calls the mock saw), never
+//! durations. A second test holds residency under the same kind of faults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use switchyard_backhaul::node::{EgressNode, PolicySource, RunningEgress};
+use switchyard_backhaul::tunnel::{generate_node_cert, CertScope, NodeTls};
+use switchyard_edge::node::EdgeNode;
+use switchyard_proto::KeyHash;
+use switchyard_testkit::gateway::{temp_dir, TEST_KEY};
+use switchyard_testkit::mock::MockUpstream;
+
+const EU_KEY: &str = "sy-test-eu-tenant-key-42";
+
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn client() -> reqwest::Client {
+    install_crypto();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn chaos_policy(dir: &Path, mock: &MockUpstream) -> PathBuf {
+    let url = mock.url();
+    let provider = |key: &str| {
+        format!(
+            "    kind: openai\n    base_url: \"{url}/v1\"\n    region: eu\n    key_pools: [ {{ keys: [ {{ value: \"{key}\" }} ] }} ]\n"
+        )
+    };
+    let mut providers = String::new();
+    for (name, key) in [
+        ("storm", "sk-chaos-storm"),
+        ("steady", "sk-chaos-steady"),
+        ("a", "sk-chaos-a"),
+        ("b", "sk-chaos-b"),
+        ("c", "sk-chaos-c"),
+        ("slow", "sk-chaos-slow"),
+    ] {
+        providers.push_str(&format!("  {name}:\n{}", provider(key)));
+    }
+    let policy = format!(
+        r#"
+limits: {{ upstream_timeout_ms: 10000, stream_idle_timeout_ms: 5000 }}
+regions:
+  eu: {{ jurisdiction: eu }}
+providers:
+{providers}  pooled:
+    kind: openai
+    base_url: "{url}/v1"
+    region: eu
+    key_pools:
+      - keys:
+          - {{ id: good, value: "sk-chaos-good" }}
+          - {{ id: revoked, value: "sk-chaos-revoked" }}
+routes:
+  # Four retries rather than the default three: with 6 % random faults a
+  # request then fails with odds under one in a million, so this test does
+  # not flake; the benchmark measures the defaults.
+  storm:
+    retry: {{ attempts: 4 }}
+    targets:
+      - {{ provider: storm, model: storm-429 }}
+      - {{ provider: steady, model: flaky-6 }}
+  random:
+    retry: {{ attempts: 4 }}
+    targets:
+      - {{ provider: a, model: flaky-6 }}
+      - {{ provider: b, model: flaky-6 }}
+      - {{ provider: c, model: flaky-6 }}
+  hanging:
+    attempt_timeout_ms: 300
+    targets:
+      - {{ provider: slow, model: hang }}
+      - {{ provider: steady, model: gpt-4o-mini }}
+tenants:
+  - id: test
+    key_sha256: "{}"
+"#,
+        KeyHash::of(TEST_KEY).to_hex()
+    );
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, policy).unwrap();
+    path
+}
+
+/// `Err` with what the client saw when the request was not served whole.
+async fn served(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    model: &str,
+    stream: bool,
+) -> Result<(), String> {
+    let resp = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(TEST_KEY)
+        .json(&json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let attempts = resp
+        .headers()
+        .get("x-switchyard-attempts")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let body = resp.text().await.map_err(|e| e.to_string())?;
+    let ok = status == 200
+        && if stream {
+            body.ends_with("data: [DONE]\n\n") && !body.contains("\"error\"")
+        } else {
+            serde_json::from_str::<Value>(&body)
+                .is_ok_and(|v| v["choices"][0]["message"]["content"].is_string())
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{status} after {attempts} attempt(s): {body}"))
+    }
+}
+
+/// One round: `per_model` requests to each scenario, eight at a time,
+/// streamed and not in turn. Returns the requests that failed, with why.
+async fn round(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    per_model: usize,
+) -> Vec<(String, String)> {
+    let models = ["storm", "pooled/gpt-4o-mini", "random", "hanging"];
+    let jobs: Vec<(String, bool)> = (0..per_model)
+        .flat_map(|i| models.iter().map(move |m| (m.to_string(), i % 2 == 1)))
+        .collect();
+    let results: Vec<(String, Result<(), String>)> = futures::stream::iter(jobs)
+        .map(|(model, stream)| async move {
+            let r = served(http, addr, &model, stream).await;
+            (model, r)
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    results
+        .into_iter()
+        .filter_map(|(m, r)| r.err().map(|e| (m, e)))
+        .collect()
+}
+
+async fn egress_node(policy: &Path, tls: NodeTls) -> RunningEgress {
+    EgressNode::new("eu", tls)
+        .policy(PolicySource::File(policy.to_path_buf()))
+        .start()
+        .await
+        .expect("egress starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_storm_revoked_key_random_faults_hanging_target_and_a_killed_egress() {
+    install_crypto();
+    let mock = MockUpstream::start().await;
+    mock.seed(20261129);
+    let dir = temp_dir("res-chaos");
+    let policy = chaos_policy(&dir, &mock);
+    mock.revoke_key("sk-chaos-revoked");
+    let pki = dir.join("pki");
+    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
+    let egress_cert =
+        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
+    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
+        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
+    };
+    let first = egress_node(&policy, tls(&egress_cert)).await;
+    let second = egress_node(&policy, tls(&egress_cert)).await;
+    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
+        .policy(PolicySource::File(policy))
+        .egress("eu", first.local_addr().to_string())
+        .egress("eu", second.local_addr().to_string())
+        .listen("127.0.0.1:0")
+        .start()
+        .await
+        .expect("edge starts");
+    let addr = edge.local_addr().unwrap();
+    let http = client();
+
+    const PER_MODEL: usize = 100;
+    let failed = round(&http, addr, PER_MODEL).await;
+    assert!(failed.is_empty(), "round 1 failures: {failed:?}");
+
+    // One egress goes away between rounds; the edge carries on with the other.
+    first.shutdown().await;
+    let failed = round(&http, addr, PER_MODEL).await;
+    assert!(
+        failed.is_empty(),
+        "round 2 (one egress down) failures: {failed:?}"
+    );
+
+    let requests = 2 * PER_MODEL;
+    let storm = mock.count(Some("storm-429"), None);
+    assert!(
+        storm * 10 <= requests,
+        "the storming upstream saw {storm} of {requests} requests"
+    );
+    // Each egress keeps its own key board: the revoked key is met at most
+    // once per egress node.
+    let revoked = mock.count(None, Some("sk-chaos-revoked"));
+    assert!(revoked <= 2, "the revoked key was used {revoked} times");
+    assert_eq!(mock.count(None, Some("sk-chaos-good")), requests);
+    // Breakers cut the hanging target off after a few timeouts.
+    let hung = mock.count(Some("hang"), None);
+    assert!(
+        hung * 10 <= requests,
+        "the hanging target saw {hung} requests"
+    );
+
+    edge.shutdown().await;
+    second.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn residency_holds_while_every_permitted_target_fails() {
+    install_crypto();
+    let mock = MockUpstream::start().await;
+    mock.seed(7);
+    let dir = temp_dir("res-residency");
+    let url = mock.url();
+    let policy = format!(
+        r#"
+regions:
+  eu-west: {{ jurisdiction: eu }}
+  us-east: {{ jurisdiction: us }}
+providers:
+  eu-storm:
+    kind: openai
+    base_url: "{url}/v1"
+    region: eu-west
+    key_pools: [ {{ keys: [ {{ value: "sk-res-eu1" }} ] }} ]
+  eu-flaky:
+    kind: openai
+    base_url: "{url}/v1"
+    region: eu-west
+    key_pools: [ {{ keys: [ {{ value: "sk-res-eu2" }} ] }} ]
+  us-steady:
+    kind: openai
+    base_url: "{url}/v1"
+    region: us-east
+    key_pools: [ {{ keys: [ {{ value: "sk-res-us" }} ] }} ]
+routes:
+  chat:
+    retry: {{ attempts: 3, budget_percent: 100 }}
+    targets:
+      - {{ provider: eu-storm, model: storm-429 }}
+      - {{ provider: us-steady, model: us-model }}
+      - {{ provider: eu-flaky, model: flaky-50 }}
+tenants:
+  - id: eu-tenant
+    key_sha256: "{}"
+    residency: [eu]
+  - id: anywhere
+    key_sha256: "{}"
+"#,
+        KeyHash::of(EU_KEY).to_hex(),
+        KeyHash::of(TEST_KEY).to_hex(),
+    );
+    std::fs::write(dir.join("policy.yaml"), policy).unwrap();
+    let edge = EdgeNode::single_node()
+        .policy(PolicySource::File(dir.join("policy.yaml")))
+        .listen("127.0.0.1:0")
+        .start()
+        .await
+        .expect("edge starts");
+    let addr = edge.local_addr().unwrap();
+    let http = client();
+    let send = |key: &'static str, stream: bool| {
+        let http = http.clone();
+        async move {
+            let resp = http
+                .post(format!("http://{addr}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let jurisdiction = resp
+                .headers()
+                .get("x-switchyard-jurisdiction")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let target = resp
+                .headers()
+                .get("x-switchyard-target")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = resp.text().await.unwrap();
+            (status, jurisdiction, target, body)
+        }
+    };
+    let mut served = 0;
+    let mut refused = 0;
+    for i in 0..120 {
+        let (status, jurisdiction, target, body) = send(EU_KEY, i % 2 == 1).await;
+        match status {
+            200 => {
+                served += 1;
+                assert_eq!(jurisdiction.as_deref(), Some("eu"), "{body}");
+                assert_eq!(target.as_deref(), Some("eu-flaky/flaky-50"));
+            }
+            // Every EU target failed: refused naming the rule, or cut off.
+            403 => {
+                refused += 1;
+                assert!(body.contains("residency_blocked"), "{body}");
+            }
+            503 => assert!(body.contains("circuit_open"), "{body}"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(served > 0 && refused + served <= 120);
+    assert_eq!(
+        mock.count(Some("us-model"), None),
+        0,
+        "no retry, failover or probe left the EU"
+    );
+    // The same route does fail over to the US for a tenant allowed there.
+    for _ in 0..20 {
+        let (status, _, _, body) = send(TEST_KEY, false).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(mock.count(Some("us-model"), None) > 0);
+    edge.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
