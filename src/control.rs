@@ -1,4 +1,5 @@
-//! `switchyard control-plane`: runs one control-plane replica until SIGINT/SIGTERM.
+//! `switchyard control-plane`: runs one control-plane replica until SIGINT/SIGTERM
+//! (then drains: readiness false, operator calls in progress finish).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +68,12 @@ pub struct ControlPlaneArgs {
     /// Seconds between latency-score refreshes pushed to nodes (at most 10).
     #[arg(long, default_value_t = 5.0)]
     score_seconds: f64,
+    /// Admin listener: `/healthz`, `/readyz` (503 from the first SIGTERM),
+    /// `/metrics` (policy version, nodes by state).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    drain: crate::signals::DrainArgs,
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -106,6 +113,7 @@ pub fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     config.admin_token = admin_token;
     config.operator_cert_sha256 = args.operator_cert_sha256;
     config.http_listen = args.http_listen;
+    config.admin_listen = args.admin_listen;
     config.master_keys = master_keys;
     if let Some(id) = args.replica_id {
         config.replica_id = id;
@@ -123,24 +131,12 @@ pub fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         if let Some(http) = running.http_addr {
             println!("  HTTP:     http://{http}/v1/policy");
         }
+        if let Some(admin) = running.admin_addr {
+            println!("  admin:    http://{admin}/readyz");
+        }
         println!("  version:  {}", running.state.current_version());
-        shutdown_signal().await;
-        running.shutdown().await;
+        crate::signals::wait_for_stop().await;
+        running.drain(args.drain.grace()).await;
         anyhow::Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -32,12 +32,14 @@ pub struct DevArgs {
     /// Where the dev key and the generated certificate are kept.
     #[arg(long, default_value = ".switchyard")]
     state_dir: PathBuf,
-    /// Prometheus metrics listener (`GET /metrics`).
+    /// Admin listener: `/metrics`, `/healthz`, `/readyz`.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_listen: String,
     /// Worker threads of the edge.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    #[command(flatten)]
+    drain: crate::signals::DrainArgs,
     #[command(flatten)]
     limits: EdgeLimitArgs,
 }
@@ -125,7 +127,7 @@ fn dev_key(state_dir: &Path) -> anyhow::Result<String> {
 }
 
 /// Writes a file only its owner can read (the dev key, the TLS key).
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -178,12 +180,17 @@ fn tls_files(args: &DevArgs) -> anyhow::Result<(TlsFiles, bool)> {
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
-    let doc = load_policy(&args.config)?;
+    // A file is watched and reloaded; a missing default file is an empty policy.
+    let source = if args.config.exists() {
+        PolicySource::File(args.config.clone())
+    } else {
+        PolicySource::Document(load_policy(&args.config)?)
+    };
     let key = dev_key(&args.state_dir)?;
     let (tls, generated) = tls_files(&args)?;
     let cert_path = tls.cert_path.clone();
     let node = EdgeNode::single_node()
-        .policy(PolicySource::Document(doc))
+        .policy(source)
         .tenant(
             KeyHash::of(&key),
             TenantSnapshot {
@@ -230,8 +237,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("         -H 'content-type: application/json' -d '{{\"model\":\"simulated/sim-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
         // Accepting only after the banner: whoever waits for the port finds it printed.
         let edge = edge.serve();
-        crate::node::shutdown_signal().await;
-        edge.shutdown().await;
+        crate::signals::run_until_stop(|force| edge.reload(force), false).await;
+        edge.drain(args.drain.delay(), args.drain.grace()).await;
         anyhow::Ok(())
     })
 }

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod control;
 mod ctl;
 mod dev;
+mod fleet;
 mod node;
+mod signals;
 
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "Multi-region LLM API gateway")]
@@ -43,6 +45,9 @@ enum Command {
     /// Run a control-plane replica: policy versions in SQLite or PostgreSQL,
     /// snapshots pushed to every node over gRPC, operator API (gRPC + HTTP/JSON).
     ControlPlane(control::ControlPlaneArgs),
+    /// Run a whole two-region fleet on loopback (control plane, and an
+    /// edge and an egress per region with simulated providers) until Ctrl-C.
+    Fleet(fleet::FleetArgs),
     /// Operate the control plane: apply, get, rollback, nodes, keys rotate.
     Ctl(ctl::CtlArgs),
     /// Print the SHA-256 of a virtual key, for `tenants[].key_sha256` in policy YAML.
@@ -88,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args),
         Command::ControlPlane(args) => control::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Fleet(args) => fleet::run(args),
         Command::Edge(args) => node::run_edge(args),
         Command::Egress(args) => node::run_egress(args),
         Command::GenCerts(args) => node::run_gen_certs(args),

@@ -3,9 +3,10 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use switchyard_backhaul::node::{ControlLink, EgressNode, PolicySource};
+use switchyard_backhaul::node::{ControlLink, EgressNode, NodeTlsFiles, PolicySource};
 use switchyard_backhaul::tunnel::{
     generate_node_cert, CertScope, ConnectionLimits, NodeTls, StaticDirectory,
 };
@@ -13,6 +14,8 @@ use switchyard_control::node_client;
 use switchyard_edge::node::EdgeNode;
 use switchyard_edge::service::TlsFiles;
 use switchyard_proto::{Secret, Snapshot};
+
+use crate::signals::{run_until_stop, DrainArgs, Stop};
 
 #[derive(clap::Args)]
 pub struct NodeTlsArgs {
@@ -30,6 +33,15 @@ pub struct NodeTlsArgs {
 impl NodeTlsArgs {
     fn load(&self) -> anyhow::Result<NodeTls> {
         Ok(NodeTls::from_files(&self.cert, &self.key, &self.ca)?)
+    }
+
+    /// The files, for reloading them when they change.
+    fn files(&self) -> NodeTlsFiles {
+        NodeTlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+        }
     }
 
     /// The same node identity, for the control plane's mutual TLS.
@@ -108,6 +120,21 @@ pub struct EdgeArgs {
     /// Worker threads of the edge.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Admin listener: `/healthz`, `/readyz` (503 from the first SIGTERM),
+    /// `/metrics`. Keep it off the client-facing network.
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_listen: Option<String>,
+    #[command(flatten)]
+    drain: DrainArgs,
+    /// Unix socket for graceful upgrades: on SIGQUIT this edge sends its
+    /// listening sockets there (to a new process started with --upgrade)
+    /// and drains; no connection is refused.
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
+    /// Take the listening sockets from the edge running now (it is sent
+    /// SIGQUIT next) through --upgrade-socket instead of binding them.
+    #[arg(long, requires = "upgrade_socket")]
+    upgrade: bool,
     #[command(flatten)]
     limits: crate::dev::EdgeLimitArgs,
     /// Redis holding tenants' limit and budget counters, shared by every
@@ -145,6 +172,12 @@ pub struct EgressArgs {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Admin listener: `/healthz`, `/readyz` (503 from the first SIGTERM),
+    /// `/metrics`.
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_listen: Option<String>,
+    #[command(flatten)]
+    drain: DrainArgs,
 }
 
 #[derive(clap::Args)]
@@ -210,12 +243,19 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         tracing::warn!("SWITCHYARD_DEV_KEY is ignored by `switchyard edge` (only `switchyard dev` uses it); give tenants in the policy");
     }
     let mut node = EdgeNode::backhaul(args.region.clone(), args.node_tls.load()?)
+        .node_tls_files(args.node_tls.files())
         .policy(policy_source(&args.config))
         .listen(args.listen.clone())
         .threads(args.threads)
         .limits(args.limits.limits());
     if let Some(url) = &args.redis {
         node = node.redis(url.clone());
+    }
+    if let Some(addr) = &args.admin_listen {
+        node = node.admin(addr.clone());
+    }
+    if let (true, Some(socket)) = (args.upgrade, &args.upgrade_socket) {
+        node = node.upgrade_from(socket.clone());
     }
     for flag in &args.egress {
         let (region, addr) = StaticDirectory::parse_flag(flag).map_err(|e| anyhow::anyhow!(e))?;
@@ -243,14 +283,37 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         if let Some(a) = edge.tls_addr() {
             println!("  HTTPS:  https://{a}/v1");
         }
+        if let Some(a) = edge.admin_addr() {
+            println!("  admin:  http://{a}/readyz");
+        }
         for (region, addrs) in edge.egress_nodes() {
             println!("  egress {region}: {}", addrs.join(", "));
         }
         print_providers(&edge.snapshot());
         // Accepting only after the banner: whoever waits for the port finds it printed.
         let edge = edge.serve();
-        shutdown_signal().await;
-        edge.shutdown().await;
+        let upgrade = args.upgrade_socket.as_deref();
+        loop {
+            match run_until_stop(|force| edge.reload(force), upgrade.is_some()).await {
+                Stop::Drain => {
+                    edge.drain(args.drain.delay(), args.drain.grace()).await;
+                    break;
+                }
+                Stop::Upgrade => {
+                    let Some(socket) = upgrade else { break };
+                    match edge.hand_over(socket).await {
+                        // The new process accepts already: no delay.
+                        Ok(()) => {
+                            crate::signals::exit_on_next_stop_signal();
+                            edge.drain(Duration::ZERO, args.drain.grace()).await;
+                            break;
+                        }
+                        Err(error) => tracing::error!(target: "switchyard::lifecycle", %error,
+                            "graceful upgrade failed; this edge keeps serving"),
+                    }
+                }
+            }
+        }
         Ok(())
     })
 }
@@ -264,6 +327,7 @@ fn resolve_listen(addr: &str) -> anyhow::Result<SocketAddr> {
 
 pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
     let mut node = EgressNode::new(args.region.clone(), args.node_tls.load()?)
+        .tls_files(args.node_tls.files())
         .listen(resolve_listen(&args.listen)?)
         .policy(policy_source(&args.config))
         .threads(args.threads)
@@ -274,6 +338,9 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
     if let Some(link) = args.cp.link(&args.node_tls)? {
         node = node.control_plane(link);
     }
+    if let Some(addr) = &args.admin_listen {
+        node = node.admin(resolve_listen(addr)?);
+    }
     command_runtime()?.block_on(async move {
         let egress = node.start().await?;
         println!(
@@ -281,26 +348,14 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
             egress.region(),
             egress.local_addr()
         );
+        if let Some(a) = egress.admin_addr() {
+            println!("  admin: http://{a}/readyz");
+        }
         print_providers(&egress.snapshot());
-        shutdown_signal().await;
-        egress.shutdown().await;
+        run_until_stop(|force| egress.reload(force), false).await;
+        egress.drain(args.drain.grace()).await;
         Ok(())
     })
-}
-
-pub(crate) async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 pub fn run_gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {

@@ -2,6 +2,10 @@
 //! SQLite store), two edges and two egress nodes in two jurisdictions, all
 //! following pushed snapshots, with fixture-replaying mock providers whose
 //! call logs prove where each request went.
+//!
+//! The second test runs the one-command local fleet (`switchyard fleet`):
+//! both regional ports, a policy change reaching both regions, an egress
+//! restart survived, everything stopped with the fleet.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard_testkit::cluster::{
-    free_udp_port, gen_certs, gen_scoped_certs, ControlPlaneNode, EdgeNode, EgressNode, NodeCerts,
+    free_udp_port, gen_certs, gen_scoped_certs, ControlPlaneNode, EdgeNode, EgressNode, LocalFleet,
+    NodeCerts,
 };
 use switchyard_testkit::gateway::temp_dir;
 use switchyard_testkit::mock::MockUpstream;
@@ -482,4 +487,116 @@ async fn control_plane_drives_a_two_jurisdiction_fleet() {
     }
     drop((edge_eu, edge_us, egress_eu, egress_us));
     let _ = std::fs::remove_dir_all(PathBuf::from(&dir));
+}
+
+fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+// Several threads: the test blocks on process waits while nodes answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_fleet_serves_both_regions_follows_policy_and_survives_an_egress_restart() {
+    let mut fleet = LocalFleet::start(binary());
+    let (global, eu_only) = (fleet.secret("tenant-key"), fleet.secret("tenant-key-eu"));
+
+    // Both regional ports answer; the route prefers eu-west.
+    for base in [&fleet.eu, &fleet.us] {
+        let (status, region, body) = fleet.chat(base, &global).await;
+        assert_eq!(
+            (status, region.as_str()),
+            (200, "eu-west"),
+            "{base}: {body}"
+        );
+    }
+    let (status, region, body) = fleet.chat(&fleet.us, &eu_only).await;
+    assert_eq!((status, region.as_str()), (200, "eu-west"), "{body}");
+
+    // The EU egress restarts (SIGTERM: it drains, the fleet starts it
+    // again). Traffic that may leave the EU never fails meanwhile; EU-bound
+    // traffic is served again once it is back.
+    let old_pid = fleet.pid("egress-eu").expect("egress-eu pid");
+    assert!(Command::new("kill")
+        .args(["-TERM", &old_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut during = 0;
+    loop {
+        let (status, _, body) = fleet.chat(&fleet.eu, &global).await;
+        assert_eq!(
+            status, 200,
+            "a request failed during the egress restart: {body}"
+        );
+        during += 1;
+        let restarted = fleet.pid("egress-eu").is_some_and(|p| p != old_pid);
+        if restarted && fleet.chat(&fleet.eu, &eu_only).await.0 == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the EU egress never came back: {}",
+            fleet.process.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alive(old_pid), "the old egress process is still running");
+    println!("egress restart: {during} requests during it, none failed");
+
+    // A policy change reaches both regions: the route now prefers us-east.
+    let policy = std::fs::read_to_string(fleet.dir.join("policy.yaml")).unwrap();
+    let swapped = policy
+        .replace(
+            "      - { provider: sim-eu, model: sim-small }\n      - { provider: sim-us, model: sim-small }",
+            "      - { provider: sim-us, model: sim-small }\n      - { provider: sim-eu, model: sim-small }",
+        );
+    assert_ne!(swapped, policy);
+    let r = client()
+        .post(format!("{}/v1/policy?author=test", fleet.operator_api))
+        .bearer_auth(fleet.secret("admin-token"))
+        .body(swapped)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for base in [fleet.eu.clone(), fleet.us.clone()] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, region, body) = fleet.chat(&base, &global).await;
+            assert_eq!(status, 200, "{body}");
+            if region == "us-east" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{base} kept the old policy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The EU-bound tenant still stays in the EU.
+    let (status, region, body) = fleet.chat(&fleet.us, &eu_only).await;
+    assert_eq!((status, region.as_str()), (200, "eu-west"), "{body}");
+
+    // Stopping the fleet stops everything it started.
+    let pids: Vec<u32> = [
+        "control-plane",
+        "egress-eu",
+        "egress-us",
+        "edge-eu",
+        "edge-us",
+    ]
+    .iter()
+    .map(|n| fleet.pid(n).unwrap())
+    .collect();
+    fleet.process.terminate();
+    let status = fleet
+        .process
+        .wait_exit(Duration::from_secs(60))
+        .expect("the fleet stops");
+    assert!(status.success(), "{status}: {}", fleet.process.logs());
+    for pid in pids {
+        assert!(!alive(pid), "node {pid} outlived the fleet");
+    }
 }

@@ -26,9 +26,11 @@ use switchyard_control::{
 use switchyard_proto::Snapshot;
 use tokio::task::JoinHandle;
 
+use crate::tunnel::server::{Drainer, TlsReloader};
 use crate::tunnel::{ConnectionLimits, EgressServer, NodeTls, TunnelError};
 use crate::upstream::ClientError;
 use crate::Egress;
+use switchyard_control::admin::{AdminListener, Lifecycle, MetricsFn};
 
 /// How long a node that follows a control plane and has nothing cached
 /// waits for its first snapshot before serving anyway.
@@ -131,6 +133,113 @@ pub fn load_policy(path: &Path) -> Result<PolicyDocument, NodeError> {
         path: path.to_path_buf(),
         error,
     })
+}
+
+/// A file a node reloads when its content changes (policy, certificates).
+///
+/// Polled by content, not watched with inotify: Kubernetes swaps a
+/// ConfigMap's or Secret's files by replacing a symlinked directory, editors
+/// save by renaming, and both defeat a watch on the file itself, while one
+/// small read a second sees every kind of change and costs nothing.
+pub struct WatchedFile {
+    path: PathBuf,
+    seen: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl WatchedFile {
+    /// Remembers the file's content now.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let seen = std::fs::read(&path).ok();
+        WatchedFile {
+            path,
+            seen: std::sync::Mutex::new(seen),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the content differs from the last look; the new content is
+    /// remembered either way. An unreadable file is no change (it may be
+    /// mid-replace); the next look sees it when it is back.
+    pub fn changed(&self) -> bool {
+        let Ok(now) = std::fs::read(&self.path) else {
+            return false;
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.as_deref() == Some(now.as_slice()) {
+            return false;
+        }
+        *seen = Some(now);
+        true
+    }
+}
+
+/// The node identity files, to reload when they change.
+#[derive(Debug, Clone)]
+pub struct NodeTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// The node identity files as watched files.
+pub struct WatchedTls {
+    files: NodeTlsFiles,
+    watched: [WatchedFile; 3],
+}
+
+impl WatchedTls {
+    pub fn new(files: NodeTlsFiles) -> Self {
+        let watched = [
+            WatchedFile::new(&files.cert),
+            WatchedFile::new(&files.key),
+            WatchedFile::new(&files.ca),
+        ];
+        WatchedTls { files, watched }
+    }
+
+    /// The identity when any file changed (or `force`), else `None`.
+    pub fn load_if_changed(&self, force: bool) -> Option<Result<NodeTls, TunnelError>> {
+        // Every file is looked at, so each remembers its new content.
+        let changed = self.watched.iter().filter(|w| w.changed()).count() > 0;
+        (changed || force).then(|| {
+            NodeTls::from_files(&self.files.cert, &self.files.key, &self.files.ca)
+                .map_err(TunnelError::from)
+        })
+    }
+}
+
+/// Prepares a new snapshot from the policy file and swaps it in, or keeps
+/// the old one when the file does not compile (the same prepare → refuse
+/// or swap as a control-plane snapshot). Logs what changed or why not.
+/// `prepare` turns the document into the role's snapshot.
+pub fn reload_policy_file(
+    path: &Path,
+    shared: &Arc<ArcSwap<Snapshot>>,
+    prepare: impl FnOnce(PolicyDocument) -> Result<Snapshot, NodeError>,
+) -> Result<u64, NodeError> {
+    let prepared = load_policy(path).and_then(prepare);
+    let next = match prepared {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(target: "switchyard::reload", file = %path.display(), %error,
+                version = shared.load().version(), "policy reload refused; the old policy stays");
+            return Err(error);
+        }
+    };
+    let old = shared.load_full();
+    let mut parts = next.into_builder();
+    parts.version = old.version() + 1;
+    let next = parts.build();
+    let changes = switchyard_control::diff::diff(Some(&old), &next);
+    let version = next.version();
+    shared.store(Arc::new(next));
+    tracing::info!(target: "switchyard::reload", file = %path.display(), version, changes = %changes,
+        "policy reloaded");
+    Ok(version)
 }
 
 /// Following a control plane: snapshots pushed to the node, telemetry up.
@@ -251,6 +360,8 @@ pub struct EgressNode {
     control: Option<ControlLink>,
     limits: ConnectionLimits,
     threads: usize,
+    admin: Option<SocketAddr>,
+    tls_files: Option<NodeTlsFiles>,
 }
 
 impl EgressNode {
@@ -265,7 +376,22 @@ impl EgressNode {
             control: None,
             limits: ConnectionLimits::default(),
             threads: 2,
+            admin: None,
+            tls_files: None,
         }
+    }
+
+    /// Admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub fn admin(mut self, addr: SocketAddr) -> Self {
+        self.admin = Some(addr);
+        self
+    }
+
+    /// Where the node identity came from: [`RunningEgress::reload`]
+    /// reloads it when these files change.
+    pub fn tls_files(mut self, files: NodeTlsFiles) -> Self {
+        self.tls_files = Some(files);
+        self
     }
 
     /// QUIC (UDP) listen address; port 0 picks a free one ([`RunningEgress::local_addr`]).
@@ -299,26 +425,29 @@ impl EgressNode {
     /// Compiles the policy, starts the agent, binds the QUIC endpoint and
     /// serves on a runtime of the node's own. May be awaited from any runtime.
     pub async fn start(self) -> Result<RunningEgress, NodeError> {
-        let env = |k: &str| std::env::var(k).ok();
-        let snapshot = self
+        // A static policy file is reloaded on change; one from a control
+        // plane is replaced by its snapshots instead.
+        let policy_file = match (&self.policy, &self.control) {
+            (PolicySource::File(path), None) => Some(WatchedFile::new(path)),
+            _ => None,
+        };
+        let region = self.region.clone();
+        let snapshot = match self
             .policy
-            .compile(|doc| compile(&doc, &single_process(&env)))?
-            .map(|c| c.snapshot)
-            .unwrap_or_default();
-        if !snapshot.regions().is_empty() && !snapshot.regions().contains_key(&self.region) {
-            let known: Vec<String> = snapshot.regions().keys().cloned().collect();
-            return Err(NodeError::UnknownRegion {
-                region: self.region,
-                known: known.join(", "),
-            });
-        }
-        let snapshot = keep_region_keys(snapshot, &self.region);
+            .compile(|doc| compile(&doc, &single_process(&env_var)))?
+        {
+            Some(c) => prepare_egress(c.snapshot, &region)?,
+            None => Snapshot::default(),
+        };
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+        let lifecycle = Lifecycle::new();
         let rt = node_runtime("egress", self.threads)?;
         let started = {
             let shared = shared.clone();
             let region = self.region.clone();
-            let (tls, limits, listen, control) = (self.tls, self.limits, self.listen, self.control);
+            let lifecycle = lifecycle.clone();
+            let (tls, limits, listen, control, admin) =
+                (self.tls, self.limits, self.listen, self.control, self.admin);
             run_on(&rt, async move {
                 // The control plane sends this egress only its own region's keys.
                 let agent = match &control {
@@ -329,17 +458,46 @@ impl EgressNode {
                     }
                     None => None,
                 };
+                let admin = match admin {
+                    Some(addr) => Some(AdminListener::bind(addr).await.map_err(|source| {
+                        NodeError::Bind {
+                            addr: addr.to_string(),
+                            source,
+                        }
+                    })?),
+                    None => None,
+                };
                 let egress = Egress::new(shared.clone())?;
-                let server = EgressServer::bind(listen, &tls, egress, shared.clone(), &region, limits)?;
+                let server = EgressServer::bind(listen, &tls, egress, shared.clone(), &region, limits)?
+                    .with_lifecycle(lifecycle.clone());
                 let addr = server.local_addr()?;
                 let endpoint = server.endpoint();
+                let drainer = server.drainer();
+                let tls_reloader = server.tls_reloader();
+                let connections = server.connection_gauge();
                 tracing::info!(target: "switchyard::backhaul", bound = %addr, %region, "egress listening");
                 let serve = tokio::spawn(server.run());
-                Ok::<_, NodeError>((addr, endpoint, serve, agent))
+                let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
+                let admin_addr = admin.as_ref().map(AdminListener::local_addr);
+                if let Some(admin) = admin {
+                    let metrics = egress_metrics(shared.clone(), connections);
+                    admin.serve(lifecycle.clone(), metrics, admin_rx);
+                }
+                lifecycle.mark_ready();
+                Ok::<_, NodeError>(EgressParts {
+                    addr,
+                    endpoint,
+                    serve,
+                    agent,
+                    drainer,
+                    tls_reloader,
+                    admin_addr,
+                    admin_stop,
+                })
             })
             .await
         };
-        let (addr, endpoint, serve, agent) = match started {
+        let parts = match started {
             Ok(Ok(parts)) => parts,
             Ok(Err(e)) | Err(e) => {
                 stop_runtime(rt, Duration::from_secs(1)).await;
@@ -347,15 +505,73 @@ impl EgressNode {
             }
         };
         Ok(RunningEgress {
-            addr,
+            addr: parts.addr,
             region: self.region,
             shared,
-            endpoint,
-            serve,
-            agent,
+            endpoint: parts.endpoint,
+            serve: parts.serve,
+            agent: parts.agent,
+            lifecycle,
+            drainer: parts.drainer,
+            tls_reloader: parts.tls_reloader,
+            policy_file,
+            tls_files: self.tls_files.map(WatchedTls::new),
+            admin_addr: parts.admin_addr,
+            admin_stop: parts.admin_stop,
             rt: Some(rt),
         })
     }
+}
+
+fn env_var(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+/// What the egress serves from a compiled snapshot: its region must be in
+/// the policy, and only its region's keys stay.
+fn prepare_egress(snapshot: Snapshot, region: &str) -> Result<Snapshot, NodeError> {
+    if !snapshot.regions().is_empty() && !snapshot.regions().contains_key(region) {
+        let known: Vec<String> = snapshot.regions().keys().cloned().collect();
+        return Err(NodeError::UnknownRegion {
+            region: region.to_string(),
+            known: known.join(", "),
+        });
+    }
+    Ok(keep_region_keys(snapshot, region))
+}
+
+/// The egress's `/metrics`: snapshot version and open edge connections
+/// (the lifecycle's gauges are added by the admin listener).
+fn egress_metrics(
+    shared: Arc<ArcSwap<Snapshot>>,
+    connections: Arc<dyn Fn() -> usize + Send + Sync>,
+) -> MetricsFn {
+    use prometheus::{IntGauge, Registry};
+    let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
+    let version =
+        IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
+    let open = IntGauge::new("egress_connections", "Edge connections open on this egress")
+        .expect("metric");
+    for g in [&version, &open] {
+        registry.register(Box::new(g.clone())).expect("register");
+    }
+    Arc::new(move || {
+        version.set(shared.load().version() as i64);
+        open.set(connections() as i64);
+        let page = switchyard_control::admin::render(&[&registry]);
+        Box::pin(async move { page })
+    })
+}
+
+struct EgressParts {
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    serve: JoinHandle<()>,
+    agent: Option<NodeAgent>,
+    drainer: Drainer,
+    tls_reloader: TlsReloader,
+    admin_addr: Option<SocketAddr>,
+    admin_stop: tokio::sync::watch::Sender<bool>,
 }
 
 /// A started egress node.
@@ -366,6 +582,13 @@ pub struct RunningEgress {
     endpoint: quinn::Endpoint,
     serve: JoinHandle<()>,
     agent: Option<NodeAgent>,
+    lifecycle: Arc<Lifecycle>,
+    drainer: Drainer,
+    tls_reloader: TlsReloader,
+    policy_file: Option<WatchedFile>,
+    tls_files: Option<WatchedTls>,
+    admin_addr: Option<SocketAddr>,
+    admin_stop: tokio::sync::watch::Sender<bool>,
     /// `None` once shut down; see the `Drop` impl.
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -385,6 +608,69 @@ impl RunningEgress {
         self.shared.load_full()
     }
 
+    /// The admin listener's address (the real port when asked for port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    /// Reloads what changed on disk (or everything, with `force`, as on
+    /// SIGHUP): the policy file of a static-policy node, compiled and
+    /// swapped or refused with the old one kept; the node certificate, for
+    /// new connections only. Each outcome is logged.
+    pub fn reload(&self, force: bool) {
+        if let Some(file) = &self.policy_file {
+            if file.changed() || force {
+                let _ = reload_policy_file(file.path(), &self.shared, |doc| {
+                    let compiled = compile(&doc, &single_process(&env_var)).map_err(|errors| {
+                        NodeError::Policy {
+                            path: file.path().to_path_buf(),
+                            errors,
+                        }
+                    })?;
+                    prepare_egress(compiled.snapshot, &self.region)
+                });
+            }
+        }
+        if let Some(tls) = &self.tls_files {
+            match tls.load_if_changed(force) {
+                None => {}
+                Some(Ok(identity)) => match self.tls_reloader.reload(&identity) {
+                    Ok(()) => tracing::info!(target: "switchyard::reload",
+                        "node certificate reloaded; new backhaul connections use it"),
+                    Err(error) => tracing::error!(target: "switchyard::reload", %error,
+                        "node certificate reload refused; the old one stays"),
+                },
+                Some(Err(error)) => tracing::error!(target: "switchyard::reload", %error,
+                    "node certificate reload refused; the old one stays"),
+            }
+        }
+    }
+
+    /// Drains, then shuts down: readiness goes false, every edge is told
+    /// GOAWAY (they send new requests to other egress nodes), new
+    /// connections and streams are refused, and streams in flight get up to
+    /// `grace` to finish. Returns how many were still running when it ran out.
+    pub async fn drain(self, grace: Duration) -> usize {
+        self.drainer.start();
+        let started = std::time::Instant::now();
+        tracing::info!(target: "switchyard::lifecycle", in_flight = self.lifecycle.in_flight(),
+            grace_s = grace.as_secs(), "draining: readiness is false, edges are told GOAWAY");
+        let idle = self.lifecycle.wait_idle(grace).await;
+        let left = self.lifecycle.in_flight();
+        if idle {
+            tracing::info!(target: "switchyard::lifecycle", waited_ms = started.elapsed().as_millis() as u64,
+                "drained: every stream finished");
+        } else {
+            tracing::warn!(target: "switchyard::lifecycle", cut = left, "grace period over; cutting the streams left");
+        }
+        self.shutdown().await;
+        left
+    }
+
     /// Closes the endpoint (telling every edge at once, instead of after its
     /// idle timeout), stops the agent and the node's runtime. Returns when
     /// the UDP port is free again.
@@ -395,7 +681,9 @@ impl RunningEgress {
         let endpoint = self.endpoint.clone();
         let serve = self.serve.abort_handle();
         let agent = self.agent.take();
+        let admin_stop = self.admin_stop.clone();
         let _ = run_on(&rt, async move {
+            let _ = admin_stop.send(true);
             endpoint.close(0u32.into(), b"egress shutting down");
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
             serve.abort();

@@ -15,10 +15,13 @@
 //! - [`node_client`]: what an edge or egress process calls to follow the
 //!   control plane: [`node_client::NodeAgent::start`].
 //! - [`client`]: the operator client behind `switchyard ctl`.
+//! - [`admin`]: every role's lifecycle (ready, draining, in flight) and
+//!   its admin listener (`/healthz`, `/readyz`, `/metrics`).
 //!
 //! `tests/e2e_control.rs` (root package) runs all of it in-process on real
 //! sockets; `docs/control-plane.md` is the operator's guide.
 
+pub mod admin;
 pub mod client;
 pub mod diff;
 pub mod http;

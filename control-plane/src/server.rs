@@ -18,6 +18,8 @@ use futures::Stream;
 use switchyard_proto::{Secret, Snapshot};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
+
+use crate::admin::{AdminListener, Lifecycle, MetricsFn};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -70,6 +72,8 @@ pub struct ServerConfig {
     /// with a bearer token over plaintext on a non-loopback address.
     pub insecure_open_operator_api: bool,
     pub limits: ListenerLimits,
+    /// Admin listener (`/healthz`, `/readyz`, `/metrics`; see [`crate::admin`]).
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// The DNS name a node certificate carries when it is scoped to one role
@@ -104,6 +108,7 @@ impl ServerConfig {
             require_node_scope: true,
             insecure_open_operator_api: false,
             limits: ListenerLimits::default(),
+            admin_listen: None,
         }
     }
 }
@@ -1006,8 +1011,11 @@ pub const MAX_USAGE_BATCH: usize = 1000;
 pub struct RunningControlPlane {
     pub grpc_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
     pub state: Arc<ControlPlane>,
+    pub lifecycle: Arc<Lifecycle>,
     shutdown: watch::Sender<bool>,
+    admin_shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -1017,9 +1025,24 @@ impl RunningControlPlane {
         self.grpc_addr
     }
 
+    /// Readiness goes false, then the replica stops: operator calls in
+    /// progress finish (up to `grace`), node streams end and the nodes
+    /// reconnect to another replica (they keep serving their snapshot
+    /// meanwhile).
+    pub async fn drain(self, grace: Duration) {
+        self.lifecycle.start_draining();
+        tracing::info!(target: "switchyard::lifecycle", grace_s = grace.as_secs(), "draining: readiness is false");
+        let admin_shutdown = self.admin_shutdown.clone();
+        if tokio::time::timeout(grace, self.shutdown()).await.is_err() {
+            tracing::warn!(target: "switchyard::lifecycle", "grace period over; stopping now");
+        }
+        let _ = admin_shutdown.send(true);
+    }
+
     /// Stops listening and closes every node stream.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        let _ = self.admin_shutdown.send(true);
         for mut t in self.tasks {
             // Node streams end on the signal, so the graceful stop is quick;
             // the timeout only guards against a stuck peer.
@@ -1183,12 +1206,30 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         config.score_interval,
         shutdown_rx,
     )));
-    tracing::info!(%grpc_addr, ?http_addr, replica = %config.replica_id, version = state.current_version(), "control plane listening");
+    let lifecycle = Lifecycle::new();
+    let (admin_shutdown, admin_rx) = watch::channel(false);
+    let admin_addr = match config.admin_listen {
+        Some(addr) => {
+            let admin = AdminListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let local = admin.local_addr();
+            // Not in `tasks`: it answers `/readyz` until the drain is over.
+            admin.serve(lifecycle.clone(), control_metrics(state.clone()), admin_rx);
+            Some(local)
+        }
+        None => None,
+    };
+    lifecycle.mark_ready();
+    tracing::info!(%grpc_addr, ?http_addr, ?admin_addr, replica = %config.replica_id, version = state.current_version(), "control plane listening");
     Ok(RunningControlPlane {
         grpc_addr,
         http_addr,
+        admin_addr,
         state,
+        lifecycle,
         shutdown,
+        admin_shutdown,
         tasks,
     })
 }
@@ -1196,6 +1237,73 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
 /// How often virtual keys (also from other replicas), spend and leases are
 /// refreshed; creating or revoking a key on this replica pushes at once.
 const TENANT_REFRESH: Duration = Duration::from_millis(500);
+/// The control plane's `/metrics`: the latest policy version and how many
+/// nodes are in each state (the lifecycle's gauges are added by the admin
+/// listener). Node counts, not per-node series: node ids change with
+/// every restart, and a series per id would grow without bound.
+fn control_metrics(cp: Arc<ControlPlane>) -> MetricsFn {
+    use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+    let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
+    let version = IntGauge::new(
+        "control_policy_version",
+        "Latest policy version in the store",
+    )
+    .expect("metric");
+    let nodes = IntGaugeVec::new(
+        Opts::new(
+            "control_nodes",
+            "Nodes known to the store by role and state: ok (acknowledged the latest version), behind (connected, not acknowledged yet), rejected (NACKed it), disconnected",
+        ),
+        &["role", "state"],
+    )
+    .expect("metric");
+    let store_up = IntGauge::new(
+        "control_store_up",
+        "1 when the last scrape could read the store",
+    )
+    .expect("metric");
+    registry
+        .register(Box::new(version.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(nodes.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(store_up.clone()))
+        .expect("register");
+    let registry = Arc::new(registry);
+    Arc::new(move || {
+        let (cp, registry) = (cp.clone(), registry.clone());
+        let (version, nodes, store_up) = (version.clone(), nodes.clone(), store_up.clone());
+        Box::pin(async move {
+            match cp.list_nodes().await {
+                Ok(list) => {
+                    store_up.set(1);
+                    version.set(list.current_version as i64);
+                    nodes.reset();
+                    for role in ["edge", "egress"] {
+                        for state in ["ok", "behind", "rejected", "disconnected"] {
+                            nodes.with_label_values(&[role, state]).set(0);
+                        }
+                    }
+                    for n in &list.nodes {
+                        let role = if n.role == "edge" { "edge" } else { "egress" };
+                        let state = match n.health.as_str() {
+                            s @ ("ok" | "behind" | "rejected" | "disconnected") => s,
+                            _ => "disconnected",
+                        };
+                        nodes.with_label_values(&[role, state]).inc();
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "metrics: cannot read the node registry");
+                    store_up.set(0);
+                }
+            }
+            crate::admin::render(&[&registry])
+        })
+    })
+}
 
 /// Picks up versions stored by other replicas: PostgreSQL NOTIFY when
 /// available, polling always (a missed notification costs one interval).

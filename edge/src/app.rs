@@ -12,6 +12,7 @@ use pingora::server::ShutdownWatch;
 // deadline; Pingora's shares 10 ms ticks and wakes no one.
 use pingora_timeout::fast_timeout::fast_timeout;
 use switchyard_backhaul::{RequestObserver, SharedSnapshot, Upstream};
+use switchyard_control::admin::Lifecycle;
 use switchyard_proto::{Health, Snapshot};
 
 use crate::cache::{CacheTee, ResponseCache};
@@ -43,6 +44,8 @@ pub struct EdgeApp {
     pub(crate) limiter: Option<Arc<Limiter>>,
     /// Exact-match answers for requests that opt in.
     pub(crate) cache: Option<Arc<ResponseCache>>,
+    /// Readiness and requests in flight, for the admin listener and drains.
+    pub(crate) lifecycle: Arc<Lifecycle>,
     server_options: HttpServerOptions,
 }
 
@@ -63,6 +66,7 @@ impl EdgeApp {
             health,
             limiter: None,
             cache: None,
+            lifecycle: Lifecycle::new(),
             server_options: server_options(&EdgeLimits::default()),
         }
     }
@@ -140,6 +144,17 @@ impl EdgeApp {
         self
     }
 
+    /// Shares a lifecycle (the node's): requests are counted in it, and a
+    /// draining lifecycle closes each connection after its answer.
+    pub fn with_lifecycle(mut self, lifecycle: Arc<Lifecycle>) -> Self {
+        self.lifecycle = lifecycle;
+        self
+    }
+
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
     /// The runtime health board the planner reads.
     pub fn health(&self) -> &Arc<Health> {
         &self.health
@@ -166,7 +181,7 @@ impl EdgeApp {
         }
     }
 
-    /// The edge's Prometheus metrics, for a [`crate::metrics::MetricsApp`] listener.
+    /// The edge's Prometheus metrics, for a [`crate::metrics::AdminApp`] listener.
     pub fn metrics(&self) -> Arc<EdgeMetrics> {
         self.metrics.clone()
     }
@@ -227,10 +242,13 @@ impl HttpServerApp for EdgeApp {
             Ok(Ok(false) | Err(_)) | Err(_) => return None,
         }
         let received_at = Instant::now();
+        // Counted until the answer's last byte: a drain waits for it.
+        let _busy = self.lifecycle.busy();
+        let draining = *shutdown.borrow() || self.lifecycle.is_draining();
         // The next request on this connection must start within the same
         // deadline (0 would mean "forever" to Pingora).
         let idle = self.limits.header_timeout.as_secs().max(1);
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(idle) });
+        session.set_keepalive(if draining { None } else { Some(idle) });
         session.set_read_timeout(Some(self.limits.body_timeout));
         // A client that closes its side mid-request has gone away: treat
         // EOF as abort so the provider call is cancelled, not left running.
@@ -242,7 +260,9 @@ impl HttpServerApp for EdgeApp {
         }
         let persistent = HttpPersistentSettings::for_session(&session);
         match session.finish().await {
-            Ok(Some(stream)) if reusable => {
+            // A node that started draining during the answer closes the
+            // connection after it, so the client reconnects to one that stays.
+            Ok(Some(stream)) if reusable && !self.lifecycle.is_draining() => {
                 Some(ReusedHttpStream::from_reusable_stream(stream, persistent))
             }
             _ => None,

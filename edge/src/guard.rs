@@ -15,12 +15,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::listeners::tls::Acceptor;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
 use crate::app::EdgeApp;
+use crate::service::ListenerTls;
 
 /// How long and how many: what one client may hold on the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,13 +141,13 @@ impl Drop for ConnectionSlot {
 pub struct GuardedEdge {
     app: Arc<EdgeApp>,
     counter: Arc<ConnectionCounter>,
-    /// The TLS listen address and its acceptor.
-    tls: Option<(SocketAddr, Acceptor)>,
+    /// The TLS listen address and its (reloadable) certificate.
+    tls: Option<(SocketAddr, Arc<ListenerTls>)>,
     handshake_timeout: Duration,
 }
 
 impl GuardedEdge {
-    pub fn new(app: EdgeApp, tls: Option<(SocketAddr, Acceptor)>) -> Self {
+    pub fn new(app: EdgeApp, tls: Option<(SocketAddr, Arc<ListenerTls>)>) -> Self {
         let limits = *app.limits();
         GuardedEdge {
             app: Arc::new(app),
@@ -160,11 +160,11 @@ impl GuardedEdge {
         }
     }
 
-    fn is_tls(&self, local: Option<SocketAddr>) -> Option<&Acceptor> {
-        let (addr, acceptor) = self.tls.as_ref()?;
+    fn is_tls(&self, local: Option<SocketAddr>) -> Option<&ListenerTls> {
+        let (addr, tls) = self.tls.as_ref()?;
         let local = local?;
         let same_ip = addr.ip().is_unspecified() || addr.ip() == local.ip();
-        (same_ip && addr.port() == local.port()).then_some(acceptor)
+        (same_ip && addr.port() == local.port()).then_some(&**tls)
     }
 }
 
@@ -189,7 +189,8 @@ impl ServerApp for GuardedEdge {
         };
         let stream = match self.is_tls(local) {
             None => stream,
-            Some(acceptor) => {
+            Some(tls) => {
+                let acceptor = tls.acceptor();
                 let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
                 match tokio::time::timeout(self.handshake_timeout, acceptor.tls_handshake(*l4))
                     .await

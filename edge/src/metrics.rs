@@ -15,6 +15,7 @@ use pingora::protocols::http::ServerSession;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
+use switchyard_control::admin::{answer, Lifecycle, MetricsFn};
 
 /// Seconds; LLM latencies span milliseconds (cache, errors) to minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -54,14 +55,6 @@ pub struct Observation<'a> {
     pub completion_tokens: u64,
     pub stream_failed: bool,
     pub client_gone: bool,
-}
-
-impl EdgeMetrics {
-    /// Where other parts of the edge (limits, ledger) register their
-    /// metrics, so they appear on the same listener.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
 }
 
 impl EdgeMetrics {
@@ -295,6 +288,11 @@ impl EdgeMetrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+
+    /// The registry, for pages that render several (the admin listener).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
 }
 
 impl Default for EdgeMetrics {
@@ -303,18 +301,19 @@ impl Default for EdgeMetrics {
     }
 }
 
-/// The `/metrics` listener.
-pub struct MetricsApp(pub std::sync::Arc<EdgeMetrics>);
+/// The admin listener (`/healthz`, `/readyz`, `/metrics`; see
+/// [`switchyard_control::admin`]). A Pingora service like the client
+/// listeners, so its socket is handed over with theirs on an upgrade.
+pub struct AdminApp {
+    pub lifecycle: std::sync::Arc<Lifecycle>,
+    pub metrics: MetricsFn,
+}
 
 #[async_trait]
-impl ServeHttp for MetricsApp {
+impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
-        let path = session.req_header().uri.path();
-        let (status, body, content_type) = if path == "/metrics" {
-            (200, self.0.render(), "text/plain; version=0.0.4")
-        } else {
-            (404, b"not found\n".to_vec(), "text/plain")
-        };
+        let path = session.req_header().uri.path().to_string();
+        let (status, content_type, body) = answer(&path, &self.lifecycle, &self.metrics).await;
         http::Response::builder()
             .status(status)
             .header("content-type", content_type)

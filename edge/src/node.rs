@@ -27,6 +27,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::IntoRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,16 +35,18 @@ use arc_swap::ArcSwap;
 use pingora::server::{Fds, ListenFds, ShutdownWatch};
 use pingora::services::Service as PingoraService;
 use switchyard_backhaul::node::{
-    node_runtime, run_on, single_process, stop_runtime, wait_for_first_snapshot, ControlLink,
-    NodeError, PolicySource,
+    node_runtime, reload_policy_file, run_on, single_process, stop_runtime,
+    wait_for_first_snapshot, ControlLink, NodeError, NodeTlsFiles, PolicySource, WatchedFile,
+    WatchedTls,
 };
 use switchyard_backhaul::tunnel::{
     EgressDirectory, NodeTls, StaticDirectory, TunnelConfig, TunnelRouter,
 };
 use switchyard_backhaul::{Egress, RequestObserver, RequestReport, Upstream};
+use switchyard_control::admin::{Lifecycle, MetricsFn};
 use switchyard_control::node_client::{NodeAgent, Role};
 use switchyard_control::telemetry::{RequestRecord, TelemetryHandle};
-use switchyard_control::{compile, compile_for_edge};
+use switchyard_control::{compile, compile_for_edge, PolicyDocument};
 use switchyard_proto::{KeyHash, Snapshot, TenantSnapshot};
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
@@ -55,7 +58,8 @@ use crate::guard::EdgeLimits;
 use crate::hooks::RecordHook;
 use crate::ledger::LedgerHook;
 use crate::limits::{Limiter, RedisLink};
-use crate::service::{edge_service, metrics_service, TlsFiles};
+use crate::metrics::{AdminApp, EdgeMetrics};
+use crate::service::{admin_service, edge_service, ListenerTls, TlsFiles};
 
 /// How the whole stack waits for the first backhaul connections at start.
 const BACKHAUL_WARM_UP: Duration = Duration::from_secs(5);
@@ -87,7 +91,9 @@ pub struct EdgeNode {
     control: Option<ControlLink>,
     listen: Option<String>,
     tls_listen: Option<(String, TlsFiles)>,
-    metrics_listen: Option<String>,
+    admin_listen: Option<String>,
+    node_tls_files: Option<NodeTlsFiles>,
+    upgrade_from: Option<PathBuf>,
     threads: usize,
     limits: EdgeLimits,
     simulate_header: bool,
@@ -106,7 +112,9 @@ impl EdgeNode {
             control: None,
             listen: None,
             tls_listen: None,
-            metrics_listen: None,
+            admin_listen: None,
+            node_tls_files: None,
+            upgrade_from: None,
             threads: 2,
             limits: EdgeLimits::default(),
             simulate_header: false,
@@ -164,9 +172,30 @@ impl EdgeNode {
         self
     }
 
-    /// Prometheus listener (`GET /metrics`).
-    pub fn metrics(mut self, addr: impl Into<String>) -> Self {
-        self.metrics_listen = Some(addr.into());
+    /// Admin listener: `/healthz`, `/readyz` (false once draining) and
+    /// `/metrics` (see [`switchyard_control::admin`]).
+    pub fn admin(mut self, addr: impl Into<String>) -> Self {
+        self.admin_listen = Some(addr.into());
+        self
+    }
+
+    /// The admin listener under its old name (it served only `/metrics`).
+    pub fn metrics(self, addr: impl Into<String>) -> Self {
+        self.admin(addr)
+    }
+
+    /// Takes the listening sockets from the edge running now instead of
+    /// binding them (graceful upgrade): it sends them to `socket` when told
+    /// ([`RunningEdge::upgrade`]), and no connection is refused meanwhile.
+    pub fn upgrade_from(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.upgrade_from = Some(socket.into());
+        self
+    }
+
+    /// Where the backhaul identity came from: [`RunningEdge::reload`]
+    /// reloads it when these files change.
+    pub fn node_tls_files(mut self, files: NodeTlsFiles) -> Self {
+        self.node_tls_files = Some(files);
         self
     }
 
@@ -227,41 +256,46 @@ impl EdgeNode {
     /// every listener, without accepting yet: the caller can announce the
     /// addresses (a start-up banner) before the first client gets in.
     pub async fn bind(self) -> Result<BoundEdge, NodeError> {
-        let env = |k: &str| std::env::var(k).ok();
-        let compiled = match &self.mode {
-            Mode::SingleNode => self
-                .policy
-                .compile(|doc| compile(&doc, &single_process(&env)))?,
-            Mode::Backhaul { .. } => self
-                .policy
-                .compile(|doc| compile_for_edge(doc, &single_process(&env)))?,
+        let preparer = Preparer {
+            backhaul: matches!(self.mode, Mode::Backhaul { .. }),
+            tenants: self.tenants,
         };
+        // A static policy file is reloaded on change; one from a control
+        // plane is replaced by its snapshots instead.
+        let policy_file = match (&self.policy, &self.control) {
+            (PolicySource::File(path), None) => Some(WatchedFile::new(path)),
+            _ => None,
+        };
+        let compiled = self.policy.compile(|doc| preparer.compile(doc))?;
         let (snapshot, provider_status) = compiled
             .map(|c| (c.snapshot, c.provider_status))
             .unwrap_or_default();
-        let mut parts = snapshot.into_builder();
-        if let Mode::Backhaul { .. } = self.mode {
-            // Whatever the source, an edge holds no key material.
-            for p in parts.providers.values_mut() {
-                if !p.keys.is_empty() || !p.key_pools.is_empty() {
-                    let p = Arc::make_mut(p);
-                    p.keys.clear();
-                    p.key_pools.clear();
+        let snapshot = preparer.finish(snapshot);
+        let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+        let listener_tls = match &self.tls_listen {
+            Some((_, files)) => Some(Arc::new(ListenerTls::load(files.clone()).map_err(|e| {
+                NodeError::Service {
+                    what: "edge",
+                    message: e.to_string(),
                 }
-            }
-        }
-        for (key, tenant) in self.tenants {
-            parts.tenants.insert(key, Arc::new(tenant));
-        }
-        let shared = Arc::new(ArcSwap::from_pointee(parts.build()));
+            })?)),
+            None => None,
+        };
 
+        // Listening sockets handed over by the process this one replaces
+        // (graceful upgrade); addresses it had are taken from it, not bound.
+        let inherited = match &self.upgrade_from {
+            Some(path) => receive_listeners(path.clone()).await?,
+            None => Fds::new(),
+        };
+        let bind = |addr: &str| bind(addr, &inherited);
         // Bound first, so a taken port fails here and port 0 has an answer.
         let plain = self.listen.as_deref().map(bind).transpose()?;
         let tls = match &self.tls_listen {
             Some((addr, files)) => Some((bind(addr)?, files)),
             None => None,
         };
-        let metrics = self.metrics_listen.as_deref().map(bind).transpose()?;
+        let metrics = self.admin_listen.as_deref().map(bind).transpose()?;
         {
             // Not listening yet, two sockets with SO_REUSEADDR may share an
             // address; only one of them could ever listen.
@@ -283,6 +317,7 @@ impl EdgeNode {
         }
 
         let mut backhaul = None;
+        let mut router = None;
         let upstream: Arc<dyn Upstream>;
         let health = Arc::new(switchyard_proto::Health::new());
         let region;
@@ -312,6 +347,7 @@ impl EdgeNode {
                         return Err(e);
                     }
                 };
+                router = Some(parts.router.clone());
                 upstream = parts.router;
                 ledger = parts.ledger;
                 egress_nodes = parts.egress_nodes;
@@ -342,12 +378,14 @@ impl EdgeNode {
             ),
             None => (Limiter::local(), ResponseCache::new(RESPONSE_CACHE_BYTES)),
         };
+        let lifecycle = Lifecycle::new();
         let mut app = EdgeApp::new(shared.clone(), upstream)
             .with_health(health)
             .with_simulate_header(self.simulate_header)
             .with_limits(self.limits)
             .with_limiter(Arc::new(limiter))
-            .with_cache(cache.clone());
+            .with_cache(cache.clone())
+            .with_lifecycle(lifecycle.clone());
         if let Some(r) = &region {
             app = app.with_region(r.clone());
         }
@@ -362,8 +400,22 @@ impl EdgeNode {
             app = app.with_record_hook(hook);
         }
         let edge_metrics = app.metrics();
+        let health = app.health().clone();
 
-        let fds = Fds::new();
+        let mut fds = inherited;
+        {
+            // An inherited socket nobody here listens on would take
+            // connections and never answer them.
+            let keep = [&plain, &metrics]
+                .into_iter()
+                .flatten()
+                .map(|(a, _)| a.to_string())
+                .chain(tls.as_ref().map(|((a, _), _)| a.to_string()))
+                .collect();
+            for addr in fds.close_unclaimed(&keep) {
+                tracing::warn!(target: "switchyard::lifecycle", %addr, "an inherited listener is not in this configuration; closed");
+            }
+        }
         let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
         let plain_addr = plain.as_ref().map(|(a, _)| *a);
         let tls_addr = tls.as_ref().map(|((a, _), _)| *a);
@@ -373,9 +425,7 @@ impl EdgeNode {
         let service = edge_service(
             app,
             plain_str.as_deref(),
-            tls.as_ref()
-                .zip(tls_str.as_deref())
-                .map(|((_, f), a)| (a, *f)),
+            tls_str.as_deref().zip(listener_tls.clone()),
             self.threads,
         )
         .map_err(|e| NodeError::Service {
@@ -383,7 +433,9 @@ impl EdgeNode {
             message: e.to_string(),
         })?;
         for (addr, socket) in [plain, tls.map(|(l, _)| l), metrics].into_iter().flatten() {
-            fds.lock().add(addr.to_string(), socket.into_raw_fd());
+            if let Some(socket) = socket {
+                fds.lock().add(addr.to_string(), socket.into_raw_fd());
+            }
         }
 
         let rt = match node_runtime("edge", self.threads) {
@@ -395,11 +447,17 @@ impl EdgeNode {
                 return Err(e);
             }
         };
-        let mut pending: Vec<Box<dyn PingoraService>> = vec![Box::new(service)];
-        if let Some(addr) = metrics_addr {
-            pending.push(Box::new(metrics_service(edge_metrics, &addr.to_string())));
-        }
+        let pending: Vec<Box<dyn PingoraService>> = vec![Box::new(service)];
+        let admin_pending = metrics_addr.map(|addr| {
+            let app = AdminApp {
+                lifecycle: lifecycle.clone(),
+                metrics: edge_metrics_page(edge_metrics, shared.clone(), router.clone(), health),
+            };
+            Box::new(admin_service(app, &addr.to_string())) as Box<dyn PingoraService>
+        });
         let (shutdown_tx, _) = watch::channel(false);
+        let (admin_shutdown_tx, _) = watch::channel(false);
+        let node_tls = self.node_tls_files.map(WatchedTls::new);
         Ok(BoundEdge {
             edge: RunningEdge {
                 plain_addr,
@@ -410,15 +468,150 @@ impl EdgeNode {
                 provider_status,
                 egress_nodes,
                 shutdown_tx,
+                admin_shutdown_tx,
                 services: Vec::new(),
+                admin_services: Vec::new(),
                 rt: Some(rt),
                 backhaul,
                 cache,
+                lifecycle,
+                reload: Reload {
+                    preparer,
+                    policy_file,
+                    listener_tls,
+                    node_tls,
+                    router,
+                },
+                listen_fds: fds.clone(),
             },
             pending,
+            admin_pending,
             fds,
         })
     }
+}
+
+/// Turns a policy document into what this edge serves, at start and on
+/// every reload alike.
+struct Preparer {
+    backhaul: bool,
+    /// Added to every snapshot (the dev key).
+    tenants: Vec<(KeyHash, TenantSnapshot)>,
+}
+
+impl Preparer {
+    fn compile(
+        &self,
+        doc: PolicyDocument,
+    ) -> Result<switchyard_control::Compiled, Vec<switchyard_control::PolicyError>> {
+        let env = |k: &str| std::env::var(k).ok();
+        if self.backhaul {
+            compile_for_edge(doc, &single_process(&env))
+        } else {
+            compile(&doc, &single_process(&env))
+        }
+    }
+
+    fn finish(&self, snapshot: Snapshot) -> Snapshot {
+        if !self.backhaul && self.tenants.is_empty() {
+            return snapshot;
+        }
+        let mut parts = snapshot.into_builder();
+        if self.backhaul {
+            // Whatever the source, an edge holds no key material.
+            for p in parts.providers.values_mut() {
+                if !p.keys.is_empty() || !p.key_pools.is_empty() {
+                    let p = Arc::make_mut(p);
+                    p.keys.clear();
+                    p.key_pools.clear();
+                }
+            }
+        }
+        for (key, tenant) in &self.tenants {
+            parts.tenants.insert(*key, Arc::new(tenant.clone()));
+        }
+        parts.build()
+    }
+}
+
+/// What [`RunningEdge::reload`] looks at.
+struct Reload {
+    preparer: Preparer,
+    policy_file: Option<WatchedFile>,
+    listener_tls: Option<Arc<ListenerTls>>,
+    node_tls: Option<WatchedTls>,
+    router: Option<Arc<TunnelRouter>>,
+}
+
+/// The edge's `/metrics`: request metrics, the snapshot version and the
+/// state of every backhaul connection (the lifecycle's gauges are added by
+/// the admin listener).
+fn edge_metrics_page(
+    metrics: Arc<EdgeMetrics>,
+    shared: Arc<ArcSwap<Snapshot>>,
+    router: Option<Arc<TunnelRouter>>,
+    health: Arc<switchyard_proto::Health>,
+) -> MetricsFn {
+    use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+    let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
+    let version =
+        IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
+    let connected = IntGaugeVec::new(
+        Opts::new(
+            "backhaul_connected",
+            "1 while the backhaul connection to this egress node is up and not draining",
+        ),
+        &["region", "egress"],
+    )
+    .expect("metric");
+    let degraded = IntGaugeVec::new(
+        Opts::new(
+            "targets_degraded",
+            "Targets (provider and model) the health board has demoted behind healthy ones for their recent errors",
+        ),
+        &["provider"],
+    )
+    .expect("metric");
+    for g in [&connected, &degraded] {
+        registry.register(Box::new(g.clone())).expect("register");
+    }
+    registry
+        .register(Box::new(version.clone()))
+        .expect("register");
+    Arc::new(move || {
+        let snap = shared.load();
+        version.set(snap.version() as i64);
+        // One series per provider of the policy: bounded, and present at 0.
+        degraded.reset();
+        for p in snap.providers().values() {
+            let count = p
+                .models
+                .iter()
+                .filter_map(|m| {
+                    health.peek_target(&switchyard_proto::health::target_id(
+                        &p.name,
+                        m,
+                        p.region.as_deref(),
+                    ))
+                })
+                .filter(|entry| health.is_degraded(entry))
+                .count();
+            degraded
+                .with_label_values(&[p.name.as_str()])
+                .set(count as i64);
+        }
+        if let Some(router) = &router {
+            // Reset first: an egress removed from the policy leaves the page.
+            connected.reset();
+            for (region, addr, up, draining) in router.egress_states() {
+                connected
+                    .with_label_values(&[region.as_str(), addr.as_str()])
+                    .set(i64::from(up && !draining));
+            }
+        }
+        let page = switchyard_control::admin::render(&[metrics.registry(), &registry]);
+        Box::pin(async move { page })
+    })
 }
 
 /// An edge whose sockets are bound but not accepting yet; its addresses
@@ -426,6 +619,7 @@ impl EdgeNode {
 pub struct BoundEdge {
     edge: RunningEdge,
     pending: Vec<Box<dyn PingoraService>>,
+    admin_pending: Option<Box<dyn PingoraService>>,
     fds: ListenFds,
 }
 
@@ -444,6 +638,7 @@ impl BoundEdge {
         let BoundEdge {
             mut edge,
             pending,
+            admin_pending,
             fds,
         } = self;
         if let Some(rt) = &edge.rt {
@@ -454,15 +649,26 @@ impl BoundEdge {
                     service.start_service(Some(fds), shutdown, 1).await;
                 }));
             }
+            // The admin listener has a stop signal of its own: it answers
+            // `/readyz` (503) until the very end of a drain.
+            if let Some(mut service) = admin_pending {
+                let fds = fds.clone();
+                let shutdown: ShutdownWatch = edge.admin_shutdown_tx.subscribe();
+                edge.admin_services.push(rt.spawn(async move {
+                    service.start_service(Some(fds), shutdown, 1).await;
+                }));
+            }
         }
+        edge.lifecycle.mark_ready();
         edge
     }
 }
 
 /// Binds a socket for Pingora to take over. It is not listening yet:
 /// connections are refused until [`BoundEdge::serve`], whose Pingora
-/// listener calls `listen` on it.
-fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
+/// listener calls `listen` on it. An address found in `inherited` (a
+/// graceful upgrade) is not bound: Pingora takes the inherited socket.
+fn bind(addr: &str, inherited: &Fds) -> Result<(SocketAddr, Option<TcpSocket>), NodeError> {
     let failed = |source| NodeError::Bind {
         addr: addr.to_string(),
         source,
@@ -477,6 +683,9 @@ fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
                 "no address",
             ))
         })?;
+    if inherited.get(&resolved.to_string()).is_some() {
+        return Ok((resolved, None));
+    }
     let socket = match resolved {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -486,7 +695,31 @@ fn bind(addr: &str) -> Result<(SocketAddr, TcpSocket), NodeError> {
     socket.set_reuseaddr(true).map_err(failed)?;
     socket.bind(resolved).map_err(failed)?;
     let local = socket.local_addr().map_err(failed)?;
-    Ok((local, socket))
+    Ok((local, Some(socket)))
+}
+
+/// Waits (about 6 s, Pingora's bound) for the running edge to send its
+/// listening sockets to `path` (`switchyard edge --upgrade`, then SIGQUIT
+/// to the old process).
+async fn receive_listeners(path: PathBuf) -> Result<Fds, NodeError> {
+    let failed = |message: String| NodeError::Service {
+        what: "upgrade",
+        message,
+    };
+    let name = path
+        .to_str()
+        .ok_or_else(|| failed(format!("{} is not UTF-8", path.display())))?
+        .to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut fds = Fds::new();
+        fds.get_from_sock(name.as_str())
+            .map_err(|e| failed(format!("no listening sockets received on {name}: {e}")))?;
+        tracing::info!(target: "switchyard::lifecycle", socket = %name, listeners = ?fds.serialize().0,
+            "took over the listening sockets of the running edge");
+        Ok(fds)
+    })
+    .await
+    .map_err(|_| NodeError::Interrupted)?
 }
 
 struct BackhaulParts {
@@ -629,11 +862,17 @@ pub struct RunningEdge {
     provider_status: Vec<(String, String)>,
     egress_nodes: Vec<(String, Vec<String>)>,
     shutdown_tx: watch::Sender<bool>,
+    admin_shutdown_tx: watch::Sender<bool>,
     services: Vec<JoinHandle<()>>,
+    admin_services: Vec<JoinHandle<()>>,
     /// `None` once shut down; see the `Drop` impl.
     rt: Option<tokio::runtime::Runtime>,
     backhaul: Option<Backhaul>,
     cache: Arc<ResponseCache>,
+    lifecycle: Arc<Lifecycle>,
+    reload: Reload,
+    /// The listening sockets, for a graceful upgrade.
+    listen_fds: ListenFds,
 }
 
 impl RunningEdge {
@@ -646,8 +885,114 @@ impl RunningEdge {
         self.tls_addr
     }
 
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The admin listener under its old name.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    /// Reloads what changed on disk (or everything, with `force`, as on
+    /// SIGHUP): the policy file of a static-policy node (compiled and
+    /// swapped, or refused with the old policy kept), the listener
+    /// certificate and the backhaul identity (for new connections; open
+    /// ones keep theirs). Each outcome is logged.
+    pub fn reload(&self, force: bool) {
+        let r = &self.reload;
+        if let Some(file) = &r.policy_file {
+            if file.changed() || force {
+                let _ = reload_policy_file(file.path(), &self.shared, |doc| {
+                    let compiled = r
+                        .preparer
+                        .compile(doc)
+                        .map_err(|errors| NodeError::Policy {
+                            path: file.path().to_path_buf(),
+                            errors,
+                        })?;
+                    Ok(r.preparer.finish(compiled.snapshot))
+                });
+            }
+        }
+        if let Some(tls) = &r.listener_tls {
+            tls.reload(force);
+        }
+        if let (Some(tls), Some(router)) = (&r.node_tls, &r.router) {
+            let loaded = tls
+                .load_if_changed(force)
+                .map(|identity| identity.and_then(|identity| router.reload_tls(identity)));
+            match loaded {
+                None => {}
+                Some(Ok(())) => tracing::info!(target: "switchyard::reload",
+                    "node certificate reloaded; new backhaul connections use it"),
+                Some(Err(error)) => tracing::error!(target: "switchyard::reload", %error,
+                    "node certificate reload refused; the old one stays"),
+            }
+        }
+    }
+
+    /// Graceful upgrade, the old process's half: sends every listening
+    /// socket to the new process waiting on `socket` (`switchyard edge
+    /// --upgrade`), then drains as on SIGTERM with no delay. The sockets
+    /// never close, so no client is refused. On failure nothing changed and
+    /// this edge keeps serving.
+    pub async fn hand_over(&self, socket: &Path) -> Result<(), NodeError> {
+        let failed = |message: String| NodeError::Service {
+            what: "upgrade",
+            message,
+        };
+        let name = socket
+            .to_str()
+            .ok_or_else(|| failed(format!("{} is not UTF-8", socket.display())))?
+            .to_string();
+        let fds = self.listen_fds.clone();
+        tokio::task::spawn_blocking(move || {
+            fds.lock()
+                .send_to_sock(name.as_str())
+                .map(|_| ())
+                .map_err(|e| failed(format!("cannot send the listening sockets to {name}: {e}")))
+        })
+        .await
+        .map_err(|_| NodeError::Interrupted)??;
+        tracing::info!(target: "switchyard::lifecycle", socket = %socket.display(),
+            "listening sockets handed to the new process");
+        Ok(())
+    }
+
+    /// Drains, then shuts down: readiness goes false at once; after `delay`
+    /// (for load balancers to notice) the client listeners stop accepting;
+    /// requests and streams in flight get up to `grace` to finish, each
+    /// connection closing after its answer. Returns how many requests were
+    /// still running when the grace period ran out.
+    pub async fn drain(mut self, delay: Duration, grace: Duration) -> usize {
+        let started = std::time::Instant::now();
+        self.lifecycle.start_draining();
+        tracing::info!(target: "switchyard::lifecycle", in_flight = self.lifecycle.in_flight(),
+            delay_s = delay.as_secs(), grace_s = grace.as_secs(), "draining: readiness is false");
+        tokio::time::sleep(delay).await;
+        let _ = self.shutdown_tx.send(true);
+        for service in std::mem::take(&mut self.services) {
+            // The accept loops end at once; what they spawned goes on.
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, service).await;
+        }
+        tracing::info!(target: "switchyard::lifecycle", in_flight = self.lifecycle.in_flight(),
+            "listeners closed; waiting for requests in flight");
+        let idle = self.lifecycle.wait_idle(grace).await;
+        let left = self.lifecycle.in_flight();
+        if idle {
+            tracing::info!(target: "switchyard::lifecycle", waited_ms = started.elapsed().as_millis() as u64,
+                "drained: every request finished");
+        } else {
+            tracing::warn!(target: "switchyard::lifecycle", cut = left, "grace period over; cutting the requests left");
+        }
+        self.shutdown().await;
+        left
     }
 
     pub fn region(&self) -> Option<&str> {
@@ -679,7 +1024,12 @@ impl RunningEdge {
     /// ports are free again.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown_tx.send(true);
-        for service in std::mem::take(&mut self.services) {
+        let _ = self.admin_shutdown_tx.send(true);
+        let services = std::mem::take(&mut self.services);
+        for service in services
+            .into_iter()
+            .chain(std::mem::take(&mut self.admin_services))
+        {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, service).await;
         }
         if let Some(rt) = self.rt.take() {
@@ -696,6 +1046,7 @@ impl Drop for RunningEdge {
     /// be dropped inside async code, so it is let go without waiting.
     fn drop(&mut self) {
         let _ = self.shutdown_tx.send(true);
+        let _ = self.admin_shutdown_tx.send(true);
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }

@@ -2,16 +2,101 @@
 
 use std::net::SocketAddr;
 
-use pingora::listeners::tls::TlsSettings;
+use arc_swap::ArcSwap;
+use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::services::listening::Service;
 use pingora::tls::load_certs_and_key_files;
 
 use crate::app::EdgeApp;
 use crate::guard::GuardedEdge;
+use switchyard_backhaul::node::WatchedFile;
 
+#[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert_path: String,
     pub key_path: String,
+}
+
+/// The client-facing certificate, swappable while the listener runs:
+/// handshakes after [`ListenerTls::reload`] use the new one, connections
+/// already open keep theirs.
+pub struct ListenerTls {
+    files: TlsFiles,
+    acceptor: ArcSwap<Acceptor>,
+    watched: [WatchedFile; 2],
+}
+
+fn bad(what: String) -> Box<pingora::Error> {
+    pingora::Error::explain(pingora::ErrorType::InternalError, what)
+}
+
+/// A rustls acceptor (ALPN h2 and http/1.1) for the files.
+fn build_acceptor(files: &TlsFiles) -> pingora::Result<Acceptor> {
+    // `build` panics on unreadable files and on a key that does not match
+    // the certificate (a pair caught mid-rotation); check both here instead.
+    let (chain, key) = load_certs_and_key_files(&files.cert_path, &files.key_path)
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            bad(format!(
+                "cannot load the TLS certificate {} or key {}",
+                files.cert_path, files.key_path
+            ))
+        })?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| {
+            bad(format!(
+                "the TLS certificate {} and key {} do not go together: {e}",
+                files.cert_path, files.key_path
+            ))
+        })?;
+    let mut settings = TlsSettings::intermediate(&files.cert_path, &files.key_path)?;
+    settings.enable_h2();
+    Ok(settings.build())
+}
+
+impl ListenerTls {
+    pub fn load(files: TlsFiles) -> pingora::Result<Self> {
+        let watched = [
+            WatchedFile::new(&files.cert_path),
+            WatchedFile::new(&files.key_path),
+        ];
+        let acceptor = ArcSwap::from_pointee(build_acceptor(&files)?);
+        Ok(ListenerTls {
+            files,
+            acceptor,
+            watched,
+        })
+    }
+
+    /// The acceptor for the next handshake.
+    pub fn acceptor(&self) -> std::sync::Arc<Acceptor> {
+        self.acceptor.load_full()
+    }
+
+    /// Rebuilds the acceptor when the certificate or key file changed (or
+    /// `force`) and logs the outcome; a pair that does not load is refused
+    /// and the old certificate stays.
+    pub fn reload(&self, force: bool) {
+        let changed = self.watched.iter().filter(|w| w.changed()).count() > 0;
+        if !(changed || force) {
+            return;
+        }
+        match build_acceptor(&self.files) {
+            Ok(acceptor) => {
+                self.acceptor.store(std::sync::Arc::new(acceptor));
+                tracing::info!(target: "switchyard::reload", cert = %self.files.cert_path,
+                    "listener certificate reloaded; new connections use it");
+            }
+            Err(error) => {
+                tracing::error!(target: "switchyard::reload", cert = %self.files.cert_path, %error,
+                    "listener certificate reload refused; the old one stays");
+            }
+        }
+    }
 }
 
 /// One service with a plain-HTTP listener and an optional TLS listener
@@ -24,33 +109,19 @@ pub struct TlsFiles {
 pub fn edge_service(
     app: EdgeApp,
     plain: Option<&str>,
-    tls: Option<(&str, &TlsFiles)>,
+    tls: Option<(&str, std::sync::Arc<ListenerTls>)>,
     threads: usize,
 ) -> pingora::Result<Service<GuardedEdge>> {
     let acceptor = match tls {
         None => None,
-        Some((addr, files)) => {
-            let bad =
-                |what: String| pingora::Error::explain(pingora::ErrorType::InternalError, what);
+        Some((addr, tls)) => {
             let addr: SocketAddr = addr
                 .parse()
                 .map_err(|e| bad(format!("TLS listen address {addr}: {e}")))?;
             if plain.and_then(|p| p.parse::<SocketAddr>().ok()) == Some(addr) {
                 return Err(bad(format!("{addr} cannot serve both HTTP and HTTPS")));
             }
-            // `build` panics on unreadable files; check them here instead.
-            load_certs_and_key_files(&files.cert_path, &files.key_path)
-                .ok()
-                .flatten()
-                .ok_or_else(|| {
-                    bad(format!(
-                        "cannot load the TLS certificate {} or key {}",
-                        files.cert_path, files.key_path
-                    ))
-                })?;
-            let mut settings = TlsSettings::intermediate(&files.cert_path, &files.key_path)?;
-            settings.enable_h2();
-            Some((addr, settings.build()))
+            Some((addr, tls))
         }
     };
     let tls_addr = acceptor.as_ref().map(|(a, _)| a.to_string());
@@ -68,15 +139,13 @@ pub fn edge_service(
     Ok(service)
 }
 
-/// The Prometheus listener (`GET /metrics`), separate from client traffic.
-pub fn metrics_service(
-    metrics: std::sync::Arc<crate::metrics::EdgeMetrics>,
+/// The admin listener (`/healthz`, `/readyz`, `/metrics`), separate from
+/// client traffic.
+pub fn admin_service(
+    app: crate::metrics::AdminApp,
     addr: &str,
-) -> Service<crate::metrics::MetricsApp> {
-    let mut service = Service::new(
-        "switchyard-metrics".to_string(),
-        crate::metrics::MetricsApp(metrics),
-    );
+) -> Service<crate::metrics::AdminApp> {
+    let mut service = Service::new("switchyard-admin".to_string(), app);
     service.add_tcp(addr);
     service.threads = Some(1);
     service

@@ -155,10 +155,15 @@ struct Node {
     region: String,
     addr: String,
     conn: ArcSwapOption<quinn::Connection>,
+    /// What the next dial presents and trusts (swapped on a certificate reload).
+    client: ArcSwap<quinn::ClientConfig>,
     in_flight: AtomicUsize,
     /// Missed an acknowledgement deadline and has sent nothing since: new
     /// requests go elsewhere while any other node is healthy.
     suspect: AtomicBool,
+    /// Said GOAWAY (or refused a request as draining): its open streams
+    /// finish, new requests go to other nodes until a new connection.
+    draining: AtomicBool,
     removed: AtomicBool,
     remove: Notify,
 }
@@ -173,6 +178,19 @@ impl Node {
 
     fn is_suspect(&self) -> bool {
         self.suspect.load(Ordering::Relaxed)
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The egress is going away: no new requests on this connection.
+    fn mark_draining(&self, changed: &watch::Sender<u64>) {
+        if !self.draining.swap(true, Ordering::Relaxed) {
+            tracing::info!(target: "switchyard::backhaul", region = %self.region, egress = %self.addr,
+                "egress is draining; new requests go to other egress nodes");
+            changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 
     /// Lower is better: RTT scaled by the requests already in flight.
@@ -208,8 +226,8 @@ pub struct TunnelConfig {
 pub struct TunnelRouter {
     endpoint: quinn::Endpoint,
     /// Client configurations are per egress region: each accepts only that
-    /// region's egress certificates.
-    tls: NodeTls,
+    /// region's egress certificates. Swapped by [`TunnelRouter::reload_tls`].
+    tls: ArcSwap<NodeTls>,
     resolver: Option<HickoryResolver>,
     region: String,
     snapshot: SharedSnapshot,
@@ -249,7 +267,7 @@ impl TunnelRouter {
         config.tls.client_config(&config.region)?;
         let router = Arc::new(TunnelRouter {
             endpoint,
-            tls: config.tls,
+            tls: ArcSwap::from_pointee(config.tls),
             resolver,
             region: config.region,
             snapshot,
@@ -278,7 +296,7 @@ impl TunnelRouter {
                     continue;
                 }
                 if client.is_none() {
-                    match self.tls.client_config(region) {
+                    match self.tls.load().client_config(region) {
                         Ok(c) => client = Some(c),
                         Err(error) => {
                             tracing::error!(target: "switchyard::backhaul", %region, %error, "cannot dial this region's egress nodes");
@@ -291,15 +309,16 @@ impl TunnelRouter {
                     region: region.clone(),
                     addr: addr.clone(),
                     conn: ArcSwapOption::empty(),
+                    client: ArcSwap::from_pointee(client.clone()),
                     in_flight: AtomicUsize::new(0),
                     suspect: AtomicBool::new(false),
+                    draining: AtomicBool::new(false),
                     removed: AtomicBool::new(false),
                     remove: Notify::new(),
                 });
                 self.runtime.spawn(maintain(
                     node.clone(),
                     self.endpoint.clone(),
-                    client,
                     self.resolver.clone(),
                     self.changed.clone(),
                 ));
@@ -313,6 +332,26 @@ impl TunnelRouter {
             }
         }
         self.nodes.store(Arc::new(next));
+    }
+
+    /// Swaps the node identity: the next dial of every egress presents the
+    /// new certificate; open connections keep theirs (nothing is dropped).
+    /// Fails, changing nothing, when a region's configuration cannot be built.
+    pub fn reload_tls(&self, tls: NodeTls) -> Result<(), TunnelError> {
+        let nodes = self.nodes.load();
+        let mut configs: BTreeMap<&str, quinn::ClientConfig> = BTreeMap::new();
+        for n in nodes.iter() {
+            if !configs.contains_key(n.region.as_str()) {
+                configs.insert(&n.region, tls.client_config(&n.region)?);
+            }
+        }
+        for n in nodes.iter() {
+            if let Some(c) = configs.get(n.region.as_str()) {
+                n.client.store(Arc::new(c.clone()));
+            }
+        }
+        self.tls.store(Arc::new(tls));
+        Ok(())
     }
 
     /// The measured backhaul round trip to every connected egress node:
@@ -356,7 +395,7 @@ impl TunnelRouter {
         tried: &[Arc<Node>],
     ) -> Vec<(Arc<Node>, quinn::Connection)> {
         let nodes = self.nodes.load();
-        let usable = |n: &&Arc<Node>| !tried.iter().any(|t| Arc::ptr_eq(t, n));
+        let usable = |n: &&Arc<Node>| !n.is_draining() && !tried.iter().any(|t| Arc::ptr_eq(t, n));
         let mut out: Vec<(Arc<Node>, quinn::Connection)> = match region {
             Some(r) => nodes
                 .iter()
@@ -413,6 +452,22 @@ impl TunnelRouter {
         });
     }
 
+    /// Every egress node: (region, address, connected, draining), for metrics.
+    pub fn egress_states(&self) -> Vec<(String, String, bool, bool)> {
+        self.nodes
+            .load()
+            .iter()
+            .map(|n| {
+                (
+                    n.region.clone(),
+                    n.addr.clone(),
+                    n.connection().is_some(),
+                    n.is_draining(),
+                )
+            })
+            .collect()
+    }
+
     fn has_nodes(&self, region: Option<&str>) -> bool {
         let nodes = self.nodes.load();
         match region {
@@ -447,13 +502,13 @@ impl TunnelRouter {
 async fn maintain(
     node: Arc<Node>,
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
     resolver: Option<HickoryResolver>,
     changed: watch::Sender<u64>,
 ) {
     let mut backoff = BACKOFF_MIN;
     let bump = || changed.send_modify(|v| *v = v.wrapping_add(1));
     while !node.removed.load(Ordering::Relaxed) {
+        let client = node.client.load_full();
         let dial = tokio::select! {
             r = dial(&endpoint, &client, resolver.as_ref(), &node.addr) => r,
             _ = node.remove.notified() => return,
@@ -464,8 +519,15 @@ async fn maintain(
                 tracing::info!(target: "switchyard::backhaul", region = %node.region, egress = %node.addr,
                     rtt_ms = conn.rtt().as_secs_f64() * 1000.0, "backhaul connected");
                 node.conn.store(Some(Arc::new(conn.clone())));
-                // A fresh handshake is proof of life.
+                // A fresh handshake is proof of life, and of a node that
+                // takes new work.
                 node.suspect.store(false, Ordering::Relaxed);
+                node.draining.store(false, Ordering::Relaxed);
+                tokio::spawn(listen_for_goaway(
+                    node.clone(),
+                    conn.clone(),
+                    changed.clone(),
+                ));
                 bump();
                 let reason = tokio::select! {
                     r = conn.closed() => r,
@@ -495,6 +557,19 @@ async fn maintain(
             _ = node.remove.notified() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Waits for the egress's GOAWAY on this connection (its only
+/// unidirectional stream); ends with the connection.
+async fn listen_for_goaway(node: Arc<Node>, conn: quinn::Connection, changed: watch::Sender<u64>) {
+    let Ok(mut uni) = conn.accept_uni().await else {
+        return;
+    };
+    let mut head = [0u8; 5];
+    let read = tokio::time::timeout(Duration::from_secs(2), uni.read_exact(&mut head)).await;
+    if matches!(read, Ok(Ok(()))) && head == frame::GOAWAY {
+        node.mark_draining(&changed);
     }
 }
 
@@ -618,6 +693,9 @@ impl Upstream for TunnelRouter {
                 Ok((head, recv)) => {
                     if let Some(e) = head.error.as_ref().filter(|_| tried.len() < MAX_ATTEMPTS) {
                         let e = frame::error_from_wire(e.clone());
+                        if e.code == Some("egress_draining") {
+                            node.mark_draining(&self.changed);
+                        }
                         if e.may_try_another_egress() {
                             tracing::warn!(target: "switchyard::backhaul", request_id = %req.request_id,
                                 egress = %node.addr, region = %node.region, error = %e.message,

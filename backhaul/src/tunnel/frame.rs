@@ -39,6 +39,11 @@ pub enum FrameKind {
     /// Egress → edge, empty: the request header was read. Sent only on
     /// connections that negotiated [`super::tls::ALPN_V2`].
     Accepted = 5,
+    /// Egress → edge, empty, alone on a unidirectional stream: the egress
+    /// is draining. Streams already open finish; new requests go to another
+    /// egress of the region (QUIC has no GOAWAY of its own; HTTP/3's is an
+    /// application frame too).
+    GoAway = 6,
 }
 
 impl FrameKind {
@@ -49,6 +54,7 @@ impl FrameKind {
             3 => FrameKind::Data,
             4 => FrameKind::Trailer,
             5 => FrameKind::Accepted,
+            6 => FrameKind::GoAway,
             _ => return None,
         })
     }
@@ -56,6 +62,9 @@ impl FrameKind {
 
 /// The whole ACCEPTED frame: it has no payload.
 pub const ACCEPTED: [u8; 5] = [FrameKind::Accepted as u8, 0, 0, 0, 0];
+
+/// The whole GOAWAY frame: it has no payload.
+pub const GOAWAY: [u8; 5] = [FrameKind::GoAway as u8, 0, 0, 0, 0];
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -226,7 +235,7 @@ pub fn inspect(data: &[u8]) -> Result<Vec<FrameKind>, InspectError> {
                 let t: wire::Trailer = decode(kind, payload)?;
                 apply_trailer(&t, &RequestStats::default());
             }
-            FrameKind::Data | FrameKind::Accepted => {}
+            FrameKind::Data | FrameKind::Accepted | FrameKind::GoAway => {}
         }
         buf = rest;
     }
@@ -552,6 +561,7 @@ pub const KNOWN_CODES: &[&str] = &[
     "backhaul_failed",
     "backhaul_lost",
     "backhaul_timeout",
+    "egress_draining",
     "egress_overloaded",
     "invalid_api_key",
     "invalid_model",

@@ -7,6 +7,7 @@
 //! bytes it may have buffered, so one edge cannot take the egress's memory.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,11 +16,12 @@ use futures::StreamExt;
 use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
 use switchyard_proto::backhaul as wire;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use switchyard_control::admin::Lifecycle;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::admit;
 use super::frame::{self, FrameKind};
-use super::tls::{speaks_accepted, NodeTls, DEFAULT_MAX_STREAMS};
+use super::tls::{speaks_accepted, EdgeRegions, NodeTls, DEFAULT_MAX_STREAMS};
 use super::TunnelError;
 use crate::egress::{Egress, SharedSnapshot};
 use crate::request::ResponseBody;
@@ -28,6 +30,8 @@ use crate::request::ResponseBody;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The request header and body must arrive within this once a stream opens.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a finished stream waits for the edge to acknowledge its tail.
+const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Stream reset code: the request could not be read.
 const RESET_BAD_REQUEST: u32 = 1;
 /// Stream stop code: the request was refused before it was read whole.
@@ -58,11 +62,35 @@ struct Ctx {
     snapshot: SharedSnapshot,
     region: String,
     limits: ConnectionLimits,
+    /// Streams are counted here; a draining lifecycle refuses new streams
+    /// and connections and sends GOAWAY on the open ones.
+    lifecycle: Arc<Lifecycle>,
+    /// Flipped once when the drain starts, for every connection task.
+    drain: watch::Receiver<bool>,
+    connections: AtomicUsize,
 }
 
 pub struct EgressServer {
     endpoint: quinn::Endpoint,
     ctx: Arc<Ctx>,
+    edge_regions: EdgeRegions,
+    drain: watch::Sender<bool>,
+}
+
+/// Starts the drain of an [`EgressServer`] (see [`EgressServer::drainer`]).
+#[derive(Clone)]
+pub struct Drainer {
+    lifecycle: Arc<Lifecycle>,
+    drain: Arc<watch::Sender<bool>>,
+}
+
+impl Drainer {
+    /// Readiness goes false, new connections and streams are refused, and
+    /// every open connection is told GOAWAY; streams in flight go on.
+    pub fn start(&self) {
+        self.lifecycle.start_draining();
+        let _ = self.drain.send(true);
+    }
 }
 
 impl EgressServer {
@@ -80,7 +108,7 @@ impl EgressServer {
         region: &str,
         limits: ConnectionLimits,
     ) -> Result<Self, TunnelError> {
-        let edge_regions = {
+        let edge_regions: EdgeRegions = {
             let snapshot = snapshot.clone();
             let own = region.to_string();
             Arc::new(move || {
@@ -93,9 +121,10 @@ impl EgressServer {
                 regions
             })
         };
-        let config = tls.server_config(edge_regions, limits.max_streams)?;
+        let config = tls.server_config(edge_regions.clone(), limits.max_streams)?;
         let endpoint = quinn::Endpoint::server(config, addr)
             .map_err(|e| TunnelError::Bind(addr.to_string(), e))?;
+        let (drain, drain_rx) = watch::channel(false);
         Ok(EgressServer {
             endpoint,
             ctx: Arc::new(Ctx {
@@ -103,8 +132,45 @@ impl EgressServer {
                 snapshot,
                 region: region.to_string(),
                 limits,
+                lifecycle: Lifecycle::new(),
+                drain: drain_rx,
+                connections: AtomicUsize::new(0),
             }),
+            edge_regions,
+            drain,
         })
+    }
+
+    /// Counts streams in `lifecycle` (the node's) instead of a private one.
+    pub fn with_lifecycle(mut self, lifecycle: Arc<Lifecycle>) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.lifecycle = lifecycle;
+        }
+        self
+    }
+
+    /// What starts this server's drain, usable after `run` took the server.
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            lifecycle: self.ctx.lifecycle.clone(),
+            drain: Arc::new(self.drain.clone()),
+        }
+    }
+
+    /// What swaps the node certificate for new connections, usable after
+    /// `run` took the server.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        TlsReloader {
+            endpoint: self.endpoint.clone(),
+            edge_regions: self.edge_regions.clone(),
+            max_streams: self.ctx.limits.max_streams,
+        }
+    }
+
+    /// Edge connections open now.
+    pub fn connection_gauge(&self) -> Arc<dyn Fn() -> usize + Send + Sync> {
+        let ctx = self.ctx.clone();
+        Arc::new(move || ctx.connections.load(Ordering::Relaxed))
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TunnelError> {
@@ -121,10 +187,44 @@ impl EgressServer {
     /// Accepts connections until the endpoint is closed.
     pub async fn run(self) {
         while let Some(incoming) = self.endpoint.accept().await {
+            if self.ctx.lifecycle.is_draining() {
+                // The edge redials with backoff and meanwhile sends its
+                // requests to the region's other egress nodes.
+                incoming.refuse();
+                continue;
+            }
             let ctx = self.ctx.clone();
             tokio::spawn(serve_connection(ctx, incoming));
         }
     }
+}
+
+/// Swaps the egress's node certificate: new handshakes use the new one,
+/// open connections keep theirs (nothing is dropped).
+pub struct TlsReloader {
+    endpoint: quinn::Endpoint,
+    edge_regions: EdgeRegions,
+    max_streams: u32,
+}
+
+impl TlsReloader {
+    pub fn reload(&self, tls: &NodeTls) -> Result<(), TunnelError> {
+        let config = tls.server_config(self.edge_regions.clone(), self.max_streams)?;
+        self.endpoint.set_server_config(Some(config));
+        Ok(())
+    }
+}
+
+/// Tells the edge, on a stream of its own, that this egress is draining.
+/// Bounded: an edge that does not take the stream (an older build allows
+/// none) learns it from the refusal of its next request instead.
+async fn send_goaway(conn: quinn::Connection) {
+    let sent = async {
+        let mut uni = conn.open_uni().await.ok()?;
+        uni.write_all(&frame::GOAWAY).await.ok()?;
+        uni.finish().ok()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), sent).await;
 }
 
 async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
@@ -146,8 +246,22 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
     let budget = Arc::new(Semaphore::new(
         ctx.limits.max_request_bytes.min(Semaphore::MAX_PERMITS),
     ));
+    ctx.connections.fetch_add(1, Ordering::Relaxed);
+    let _counted = scopeguard(|| {
+        ctx.connections.fetch_sub(1, Ordering::Relaxed);
+    });
+    let mut drain = ctx.drain.clone();
+    let mut told = false;
     loop {
-        match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            r = conn.accept_bi() => r,
+            _ = async { let _ = drain.wait_for(|d| *d).await; }, if !told => {
+                told = true;
+                tokio::spawn(send_goaway(conn.clone()));
+                continue;
+            }
+        };
+        match accepted {
             Ok((send, recv)) => {
                 tokio::spawn(serve_stream(
                     ctx.clone(),
@@ -163,6 +277,19 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
             }
         }
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// Why a request was not read.
@@ -253,6 +380,22 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) {
     let received_at = Instant::now();
+    if ctx.lifecycle.is_draining() {
+        // Sent before the edge saw GOAWAY: refused unread, so the edge may
+        // send it to another egress.
+        let _ = recv.stop(STOP_REFUSED.into());
+        let e = GatewayError::new(
+            ErrorKind::Overloaded,
+            "The egress node is draining for a restart; retry on another node.",
+        )
+        .with_code("egress_draining")
+        .with_source(Source::Egress)
+        .with_retry(Retry::AnotherEgress);
+        let _ = write_error(&mut send, &e).await;
+        return;
+    }
+    // Counted until the answer's last byte: a drain waits for it.
+    let _busy = ctx.lifecycle.busy();
     let snap = ctx.snapshot.load_full();
     // The edge enforced the limit on the client's bytes; the re-serialised
     // JSON may differ slightly in size, hence the margin.
@@ -385,6 +528,11 @@ async fn serve_stream(
             .await
             .map_err(Ended::WriteFailed)?;
         let _ = send.finish();
+        // Still counted until the edge has every byte: a drain that closed
+        // the endpoint the moment the last write returned would throw away
+        // the stream's tail still in flight. Bounded, as a vanished edge
+        // never acknowledges.
+        let _ = tokio::time::timeout(ACK_WAIT, send.stopped()).await;
         Ok(())
     };
     match sent.await {

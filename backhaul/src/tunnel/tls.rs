@@ -193,8 +193,10 @@ impl NodeTls {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(config_err)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut t = transport();
-        // The egress never opens streams towards an edge.
+        // The egress never opens request streams towards an edge; its one
+        // unidirectional stream carries GOAWAY when it drains.
         t.max_concurrent_bidi_streams(0u32.into());
+        t.max_concurrent_uni_streams(1u32.into());
         config.transport_config(Arc::new(t));
         Ok(config)
     }

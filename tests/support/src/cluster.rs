@@ -114,6 +114,11 @@ impl NodeProcess {
         }
     }
 
+    /// Any `switchyard` command line, output captured, killed when dropped.
+    pub fn start(binary: &Path, args: &[String], env: &[(String, String)]) -> NodeProcess {
+        Self::spawn(binary, args, env)
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }
@@ -156,6 +161,38 @@ impl NodeProcess {
     /// SIGCONT after [`Self::pause`].
     pub fn resume(&self) {
         self.signal("-CONT");
+    }
+
+    /// SIGTERM: the node drains (readiness false, work in flight finishes).
+    pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// SIGQUIT: an edge with `--upgrade-socket` hands its listening
+    /// sockets to the new process waiting there, then drains.
+    pub fn quit(&self) {
+        self.signal("-QUIT");
+    }
+
+    /// SIGHUP: the node reloads its policy file and certificates.
+    pub fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
+    /// Waits (bounded) for the process to exit; its status, or `None` if
+    /// it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn signal(&self, signal: &str) {
@@ -399,5 +436,120 @@ impl ControlPlaneNode {
 
     pub fn url(&self) -> String {
         format!("https://localhost:{}", self.grpc_addr.port())
+    }
+}
+
+/// `switchyard fleet --base-port 0` as a test sees it: the regional edge
+/// URLs, the operator API and every admin listener it printed, and the
+/// files it keeps (tenant keys, admin token, `fleet.pids`).
+pub struct LocalFleet {
+    pub process: NodeProcess,
+    pub dir: PathBuf,
+    /// `http://addr/v1` of the eu-west and us-east edges.
+    pub eu: String,
+    pub us: String,
+    /// `http://addr` of the control plane's HTTP operator API.
+    pub operator_api: String,
+    /// Admin listeners: control plane, egress eu, egress us, edge eu, edge us.
+    pub admin: Vec<SocketAddr>,
+}
+
+impl LocalFleet {
+    /// Starts it and waits (bounded) until it says it is ready.
+    pub fn start(binary: &Path) -> LocalFleet {
+        let dir = crate::gateway::temp_dir("local-fleet");
+        let args: Vec<String> = vec![
+            "fleet".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--base-port".into(),
+            "0".into(),
+            "--shutdown-grace-seconds".into(),
+            "10".into(),
+        ];
+        let process = NodeProcess::spawn(binary, &args, &[]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !process.stdout().contains("switchyard fleet ready") {
+            assert!(
+                Instant::now() < deadline,
+                "the fleet did not come up: {}\n{}",
+                process.stdout(),
+                process.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = process.stdout();
+        let line = |label: &str| -> String {
+            out.lines()
+                .find(|l| l.contains(label))
+                .unwrap_or_else(|| panic!("no {label:?} in {out}"))
+                .to_string()
+        };
+        let url_after = |label: &str| -> String {
+            let l = line(label);
+            let start = l.find("http://").unwrap();
+            l[start..].split_whitespace().next().unwrap().to_string()
+        };
+        let admin = line("admin:")
+            .split_whitespace()
+            .filter_map(|w| w.trim_start_matches("http://").parse::<SocketAddr>().ok())
+            .collect();
+        LocalFleet {
+            eu: url_after("eu-west edge:"),
+            us: url_after("us-east edge:"),
+            operator_api: url_after("control plane:")
+                .trim_end_matches("/v1/policy")
+                .to_string(),
+            admin,
+            process,
+            dir,
+        }
+    }
+
+    /// A file the fleet keeps (`tenant-key`, `tenant-key-eu`, `admin-token`).
+    pub fn secret(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// A node's pid from `fleet.pids`.
+    pub fn pid(&self, node: &str) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("fleet.pids"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{node} ")))
+            .and_then(|p| p.trim().parse().ok())
+    }
+
+    /// A chat request for the `chat` route: (status, answering region, body).
+    pub async fn chat(&self, base: &str, key: &str) -> (u16, String, String) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let r = reqwest::Client::new()
+            .post(format!("{base}/chat/completions"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let region = r
+            .headers()
+            .get("x-switchyard-region")
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        (status, region, r.text().await.unwrap())
+    }
+}
+
+impl Drop for LocalFleet {
+    fn drop(&mut self) {
+        // SIGTERM first: the fleet stops the nodes it started.
+        if self.process.wait_exit(Duration::ZERO).is_none() {
+            self.process.terminate();
+            let _ = self.process.wait_exit(Duration::from_secs(30));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

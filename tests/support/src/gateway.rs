@@ -209,6 +209,20 @@ impl Gateway {
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
+
+    /// The policy file the gateway was started with (and watches).
+    pub fn policy_path(&self) -> PathBuf {
+        self.state_dir.join("policy.yaml")
+    }
+
+    /// SIGHUP: reload the policy file and certificates now.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
 }
 
 impl Drop for Gateway {
