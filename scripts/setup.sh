@@ -4,7 +4,7 @@
 # for the SDK tests, and for the deployment tests (SWITCHYARD_NEED_OPS=1)
 # kubectl (Debian's kubernetes-client: `kubectl kustomize` renders the
 # overlays) and promtool (Debian's prometheus: checks the alert rules).
-# Sourced by dev.sh and test.sh.
+# redis-server for the shared-limit tests. Sourced by dev.sh and test.sh.
 set -euo pipefail
 
 missing=()
@@ -13,6 +13,8 @@ command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 if [ "${SWITCHYARD_NEED_PYTHON:-0}" = 1 ]; then
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+  # Shared tenant limit counters: tests start throwaway instances.
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 fi
 if [ "${SWITCHYARD_NEED_OPS:-0}" = 1 ]; then
   command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)

@@ -57,11 +57,66 @@ enum CtlCommand {
     Rollback { version: u64 },
     /// List nodes: id, role, region, acknowledged version, last seen, health.
     Nodes,
-    /// Key operations.
+    /// Provider-key operations (the master key sealing provider keys).
     Keys {
         #[command(subcommand)]
         op: KeysOp,
     },
+    /// Virtual keys: the keys tenants' applications use (stored as hashes).
+    Vkeys {
+        #[command(subcommand)]
+        op: VkeysOp,
+    },
+    /// The usage ledger: requests, tokens and cost, grouped.
+    Usage {
+        /// One tenant (default: all).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// How far back: 7d, 24h, 30m, or Unix milliseconds.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// model | provider | key | day | tenant
+        #[arg(long, default_value = "model")]
+        group_by: String,
+        /// CSV on stdout instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VkeysOp {
+    /// Issue a key for a tenant; it is printed once and only its hash kept.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// A name for the key (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        /// Lifetime (30d, 12h, ...) or expiry in Unix milliseconds.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Models the key may use (comma-separated; default: the tenant's).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        #[arg(long)]
+        rpm: Option<u32>,
+        #[arg(long)]
+        tpm: Option<u64>,
+        #[arg(long)]
+        concurrency: Option<u32>,
+        #[arg(long)]
+        daily_usd: Option<f64>,
+        #[arg(long)]
+        monthly_usd: Option<f64>,
+    },
+    /// List keys (ids, hash prefixes, rules, expiry, revocation).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key; every edge refuses it once the push reaches it.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -220,6 +275,168 @@ async fn run_async(args: CtlArgs) -> anyhow::Result<()> {
                     n.replica,
                     nack
                 );
+            }
+        }
+        CtlCommand::Vkeys {
+            op:
+                VkeysOp::Create {
+                    tenant,
+                    id,
+                    expires,
+                    models,
+                    rpm,
+                    tpm,
+                    concurrency,
+                    daily_usd,
+                    monthly_usd,
+                },
+        } => {
+            let now = switchyard_control::store::now_ms();
+            let expires_at_ms = match expires {
+                None => 0,
+                Some(text) => {
+                    switchyard_control::tenancy::parse_expiry(&text, now).with_context(|| {
+                        format!("--expires {text:?}: use 30d, 12h, 45m or Unix milliseconds")
+                    })?
+                }
+            };
+            let r = c
+                .create_virtual_key(pb::CreateVirtualKeyRequest {
+                    tenant,
+                    id: id.unwrap_or_default(),
+                    models,
+                    rpm: rpm.unwrap_or(0),
+                    tpm: tpm.unwrap_or(0),
+                    concurrency: concurrency.unwrap_or(0),
+                    daily_usd: daily_usd.unwrap_or(0.0),
+                    monthly_usd: monthly_usd.unwrap_or(0.0),
+                    expires_at_ms,
+                })
+                .await?
+                .into_inner();
+            let key = r.key.unwrap_or_default();
+            eprintln!(
+                "created virtual key {} for tenant {} (shown once; only its hash is stored)",
+                key.id, key.tenant
+            );
+            println!("{}", r.secret);
+        }
+        CtlCommand::Vkeys {
+            op: VkeysOp::List { tenant },
+        } => {
+            let r = c
+                .list_virtual_keys(pb::ListVirtualKeysRequest {
+                    tenant: tenant.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "{:<20} {:<14} {:<13} {:<9} {:<20} {:<14} RULES",
+                "ID", "TENANT", "HASH", "STATE", "EXPIRES", "CREATED"
+            );
+            let now = switchyard_control::store::now_ms();
+            for k in r.keys {
+                let state = if k.revoked_at_ms > 0 {
+                    "revoked"
+                } else if k.expires_at_ms > 0 && k.expires_at_ms <= now {
+                    "expired"
+                } else {
+                    "active"
+                };
+                let expires = if k.expires_at_ms == 0 {
+                    "never".to_string()
+                } else {
+                    format!("in {}s", (k.expires_at_ms - now) / 1000)
+                };
+                let mut rules = Vec::new();
+                if !k.models.is_empty() {
+                    rules.push(format!("models={}", k.models.join(",")));
+                }
+                for (name, v) in [
+                    ("rpm", u64::from(k.rpm)),
+                    ("tpm", k.tpm),
+                    ("concurrency", u64::from(k.concurrency)),
+                ] {
+                    if v > 0 {
+                        rules.push(format!("{name}={v}"));
+                    }
+                }
+                for (name, v) in [("daily_usd", k.daily_usd), ("monthly_usd", k.monthly_usd)] {
+                    if v > 0.0 {
+                        rules.push(format!("{name}={v}"));
+                    }
+                }
+                println!(
+                    "{:<20} {:<14} {:<13} {:<9} {:<20} {:<14} {}",
+                    k.id,
+                    k.tenant,
+                    k.hash_prefix,
+                    state,
+                    expires,
+                    when(k.created_at_ms),
+                    rules.join(" ")
+                );
+            }
+        }
+        CtlCommand::Vkeys {
+            op: VkeysOp::Revoke { id },
+        } => {
+            let r = c
+                .revoke_virtual_key(pb::RevokeVirtualKeyRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            if !r.revoked {
+                anyhow::bail!("no active virtual key {id:?}");
+            }
+            println!("revoked {id}");
+        }
+        CtlCommand::Usage {
+            tenant,
+            since,
+            group_by,
+            csv,
+        } => {
+            let now = switchyard_control::store::now_ms();
+            let since_ms =
+                switchyard_control::tenancy::parse_since(&since, now).with_context(|| {
+                    format!("--since {since:?}: use 7d, 24h, 30m or Unix milliseconds")
+                })?;
+            let r = c
+                .query_usage(pb::QueryUsageRequest {
+                    tenant: tenant.unwrap_or_default(),
+                    since_ms,
+                    group_by: group_by.clone(),
+                })
+                .await?
+                .into_inner();
+            if csv {
+                print!(
+                    "{}",
+                    switchyard_control::tenancy::usage_csv(&r.rows, &group_by)
+                );
+            } else {
+                println!(
+                    "{:<32} {:>9} {:>7} {:>12} {:>12} {:>10} {:>12}",
+                    group_by.to_uppercase(),
+                    "REQUESTS",
+                    "ERRORS",
+                    "INPUT",
+                    "OUTPUT",
+                    "CACHED",
+                    "COST USD"
+                );
+                for u in r.rows {
+                    println!(
+                        "{:<32} {:>9} {:>7} {:>12} {:>12} {:>10} {:>12.6}",
+                        if u.group.is_empty() { "-" } else { &u.group },
+                        u.requests,
+                        u.errors,
+                        u.input_tokens,
+                        u.output_tokens,
+                        u.cached_tokens,
+                        u.cost_usd
+                    );
+                }
             }
         }
         CtlCommand::Keys { op: KeysOp::Rotate } => {

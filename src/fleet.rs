@@ -235,6 +235,9 @@ tenants:
   - id: fleet-eu
     key_sha256: "{eu_hash}"
     residency: [eu]
+    # Served through either regional port (the US edge forwards to the EU);
+    # `strict`, the default, would refuse it at the US edge.
+    edge_residency: relaxed
 "#,
         eu = egress[0],
         us = egress[1],

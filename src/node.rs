@@ -137,6 +137,11 @@ pub struct EdgeArgs {
     upgrade: bool,
     #[command(flatten)]
     limits: crate::dev::EdgeLimitArgs,
+    /// Redis holding tenants' limit and budget counters, shared by every
+    /// edge (`redis://host:port`). Without it each edge counts in memory
+    /// within the share of each limit the control plane leases it.
+    #[arg(long, env = "SWITCHYARD_REDIS_URL")]
+    redis: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -243,6 +248,9 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
         .listen(args.listen.clone())
         .threads(args.threads)
         .limits(args.limits.limits());
+    if let Some(url) = &args.redis {
+        node = node.redis(url.clone());
+    }
     if let Some(addr) = &args.admin_listen {
         node = node.admin(addr.clone());
     }

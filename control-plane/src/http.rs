@@ -8,6 +8,10 @@
 //! | `POST /v1/rollback/N`            | Rollback        | as apply |
 //! | `GET /v1/nodes`                  | ListNodes       | `{current_version, nodes: [...]}` |
 //! | `POST /v1/keys/rotate`           | RotateKeys      | as apply |
+//! | `POST /v1/vkeys`                 | CreateVirtualKey | `{tenant, id?, models?, rpm?, tpm?, concurrency?, daily_usd?, monthly_usd?, expires_at_ms?}` in, `{key, secret}` (the key, shown once) |
+//! | `GET /v1/vkeys[?tenant=T]`       | ListVirtualKeys | `{keys: [...]}` (hash prefixes, never keys) |
+//! | `POST /v1/vkeys/{id}/revoke`     | RevokeVirtualKey | `{revoked}` |
+//! | `GET /v1/usage?tenant=T&since=7d&group_by=model[&format=csv]` | QueryUsage | `{rows: [...]}` or CSV |
 //!
 //! Authentication: `authorization: Bearer <admin token>`. The listener is
 //! plain HTTP; bind it to loopback or put it behind a TLS proxy.
@@ -141,6 +145,53 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+fn vkey_json(k: &pb::VirtualKeyInfo) -> Value {
+    json!({
+        "id": k.id, "tenant": k.tenant, "models": k.models, "rpm": k.rpm, "tpm": k.tpm,
+        "concurrency": k.concurrency, "daily_usd": k.daily_usd, "monthly_usd": k.monthly_usd,
+        "expires_at_ms": k.expires_at_ms, "created_at_ms": k.created_at_ms,
+        "created_by": k.created_by, "revoked_at_ms": k.revoked_at_ms,
+        "hash_prefix": k.hash_prefix,
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    tenant: String,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    rpm: u32,
+    #[serde(default)]
+    tpm: u64,
+    #[serde(default)]
+    concurrency: u32,
+    #[serde(default)]
+    daily_usd: f64,
+    #[serde(default)]
+    monthly_usd: f64,
+    #[serde(default)]
+    expires_at_ms: i64,
+}
+
+fn create_request(body: &[u8]) -> Result<pb::CreateVirtualKeyRequest, String> {
+    let b: CreateBody = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
+    Ok(pb::CreateVirtualKeyRequest {
+        tenant: b.tenant,
+        id: b.id,
+        models: b.models,
+        rpm: b.rpm,
+        tpm: b.tpm,
+        concurrency: b.concurrency,
+        daily_usd: b.daily_usd,
+        monthly_usd: b.monthly_usd,
+        expires_at_ms: b.expires_at_ms,
+    })
+}
+
 async fn handle(
     cp: &ControlPlane,
     req: Request<Incoming>,
@@ -232,6 +283,87 @@ async fn handle(
             Ok(o) => outcome(o),
             Err(e) => control_error(e),
         },
+        (Method::POST, "/v1/vkeys") => {
+            let collect = Limited::new(req.into_body(), 64 * 1024).collect();
+            let body = match tokio::time::timeout(body_timeout, collect).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(e)) => return error(StatusCode::PAYLOAD_TOO_LARGE, e),
+                Err(_) => {
+                    return error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body did not arrive in time",
+                    )
+                }
+            };
+            let request = match create_request(&body) {
+                Ok(r) => r,
+                Err(message) => return error(StatusCode::BAD_REQUEST, message),
+            };
+            match cp.create_virtual_key(request, &author).await {
+                Ok(r) => reply(
+                    StatusCode::OK,
+                    json!({"key": r.key.as_ref().map(vkey_json), "secret": r.secret}),
+                ),
+                Err(e) => control_error(e),
+            }
+        }
+        (Method::GET, "/v1/vkeys") => {
+            match cp
+                .list_virtual_keys(query_param(query, "tenant").unwrap_or(""))
+                .await
+            {
+                Ok(r) => reply(
+                    StatusCode::OK,
+                    json!({"keys": r.keys.iter().map(vkey_json).collect::<Vec<_>>()}),
+                ),
+                Err(e) => control_error(e),
+            }
+        }
+        (Method::POST, p) if p.starts_with("/v1/vkeys/") && p.ends_with("/revoke") => {
+            let id = &p["/v1/vkeys/".len()..p.len() - "/revoke".len()];
+            match cp.revoke_virtual_key(id, &author).await {
+                Ok(true) => reply(StatusCode::OK, json!({"revoked": true})),
+                Ok(false) => error(StatusCode::NOT_FOUND, format!("no active key {id:?}")),
+                Err(e) => control_error(e),
+            }
+        }
+        (Method::GET, "/v1/usage") => {
+            let since = query_param(query, "since").unwrap_or("30d");
+            let Some(since_ms) = crate::tenancy::parse_since(since, crate::store::now_ms()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "since: a duration such as 7d, 24h, 30m, or Unix milliseconds",
+                );
+            };
+            let group_by = query_param(query, "group_by").unwrap_or("model");
+            let request = pb::QueryUsageRequest {
+                tenant: query_param(query, "tenant").unwrap_or("").to_string(),
+                since_ms,
+                group_by: group_by.to_string(),
+            };
+            match cp.query_usage(&request).await {
+                Ok(r) if query_param(query, "format") == Some("csv") => {
+                    let mut resp = Response::new(Full::new(Bytes::from(
+                        crate::tenancy::usage_csv(&r.rows, group_by),
+                    )));
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/csv"),
+                    );
+                    resp
+                }
+                Ok(r) => reply(
+                    StatusCode::OK,
+                    json!({"group_by": group_by, "since_ms": since_ms, "rows": r.rows.iter().map(|u| json!({
+                        "group": u.group, "requests": u.requests, "errors": u.errors,
+                        "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                        "cached_tokens": u.cached_tokens, "cost_usd": u.cost_usd,
+                        "cache_hits": u.cache_hits,
+                    })).collect::<Vec<_>>()}),
+                ),
+                Err(e) => control_error(e),
+            }
+        }
         _ => error(StatusCode::NOT_FOUND, format!("no route for {path}")),
     }
 }

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod client;
 pub mod diff;
 pub mod http;
+pub mod ledger;
 pub mod limits;
 pub mod node_client;
 pub mod policy;
@@ -32,6 +33,7 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tenancy;
 
 pub use policy::{
     compile, compile_for_edge, compile_policy, parse_policy, CompileOptions, Compiled,

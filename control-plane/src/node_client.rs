@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::ledger::{ship_loop, Ledger};
 use crate::pb;
 use crate::pb::node_client::NodeClient;
 use crate::policy::resolve_provider_keys;
@@ -99,6 +100,8 @@ pub struct NodeConfig {
     pub report_interval: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Usage records buffered while the control plane is unreachable.
+    pub ledger_capacity: usize,
 }
 
 impl NodeConfig {
@@ -121,6 +124,7 @@ impl NodeConfig {
             report_interval: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            ledger_capacity: crate::ledger::DEFAULT_CAPACITY,
         }
     }
 
@@ -177,6 +181,7 @@ pub struct AgentStatus {
 pub struct NodeAgent {
     status: watch::Receiver<AgentStatus>,
     telemetry: TelemetryHandle,
+    ledger: Ledger,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -205,6 +210,7 @@ impl NodeAgent {
             }
         }
         let (telemetry, events) = telemetry::channel(8192);
+        let ledger = Ledger::new(config.ledger_capacity);
         let config = Arc::new(config);
         let tasks = vec![
             runtime.spawn(watch_loop(
@@ -213,11 +219,17 @@ impl NodeAgent {
                 shared,
                 status_tx,
             )),
+            runtime.spawn(ship_loop(
+                config.id.clone(),
+                channel.clone(),
+                ledger.clone(),
+            )),
             runtime.spawn(report_loop(config, channel, events)),
         ];
         Ok(NodeAgent {
             status,
             telemetry,
+            ledger,
             tasks,
         })
     }
@@ -229,6 +241,11 @@ impl NodeAgent {
     /// Changes of [`AgentStatus`], e.g. to wait for a version in tests.
     pub fn watch_status(&self) -> watch::Receiver<AgentStatus> {
         self.status.clone()
+    }
+
+    /// Where the data plane buffers its usage-ledger records.
+    pub fn ledger(&self) -> Ledger {
+        self.ledger.clone()
     }
 
     /// Where the data plane records per-request telemetry.
@@ -399,14 +416,27 @@ async fn handle_snapshot(
     let generation = msg.scores_generation;
     let current = status.borrow().clone();
     if version == current.applied_version && !current.from_cache {
-        // Same policy, new scores: swap the scores only; nothing to ACK.
+        // Same policy, new scores or tenant state (keys, spend, leases):
+        // swap those only; nothing to ACK.
         if generation != current.scores_generation {
             let scores = msg
                 .scores
                 .clone()
                 .map(switchyard_proto::Scores::from)
                 .unwrap_or_default();
-            let next = shared.load().with_scores(Arc::new(scores));
+            let current = shared.load();
+            let next = match switchyard_proto::wire::tenants_from_wire(
+                msg.tenants.clone(),
+                msg.virtual_keys.clone(),
+                msg.spend.clone(),
+            ) {
+                Ok(tenants) => current.with_refresh(Arc::new(scores), tenants),
+                Err(e) => {
+                    // The version was valid; a bad refresh keeps its tenants.
+                    tracing::warn!(error = %e, "ignoring a tenant refresh");
+                    current.with_scores(Arc::new(scores))
+                }
+            };
             shared.store(Arc::new(next));
             status.send_modify(|s| s.scores_generation = generation);
             if let Some(path) = &config.cache_path {

@@ -7,6 +7,7 @@
 //! snapshot to that node before sending it. Nothing here is on the data
 //! plane's request path.
 
+use crate::tenancy::{tailor_tenants, Tenancy};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -235,6 +236,8 @@ pub struct ControlPlane {
     /// Set on shutdown: ends node streams so the server's graceful stop
     /// does not wait for them forever.
     stopping: watch::Receiver<bool>,
+    /// Virtual keys, fleet spend and edge leases (`crate::tenancy`).
+    tenancy: Tenancy,
 }
 
 impl ControlPlane {
@@ -283,6 +286,10 @@ impl ControlPlane {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn tenancy(&self) -> &Tenancy {
+        &self.tenancy
     }
 
     fn publish(&self, version: u64, yaml: String) -> Result<(), Vec<PolicyError>> {
@@ -757,6 +764,48 @@ impl Operator for Services {
         let author = audit_author(who, &r.author);
         Ok(Response::new(self.0.rotate_keys(&author).await?.into()))
     }
+
+    async fn create_virtual_key(
+        &self,
+        req: Request<pb::CreateVirtualKeyRequest>,
+    ) -> Result<Response<pb::CreateVirtualKeyResponse>, Status> {
+        let who = self.0.operator_principal(&req)?;
+        let author = audit_author(who, "");
+        Ok(Response::new(
+            self.0.create_virtual_key(req.into_inner(), &author).await?,
+        ))
+    }
+
+    async fn list_virtual_keys(
+        &self,
+        req: Request<pb::ListVirtualKeysRequest>,
+    ) -> Result<Response<pb::ListVirtualKeysResponse>, Status> {
+        self.0.operator_principal(&req)?;
+        Ok(Response::new(
+            self.0.list_virtual_keys(&req.into_inner().tenant).await?,
+        ))
+    }
+
+    async fn revoke_virtual_key(
+        &self,
+        req: Request<pb::RevokeVirtualKeyRequest>,
+    ) -> Result<Response<pb::RevokeVirtualKeyResponse>, Status> {
+        let who = self.0.operator_principal(&req)?;
+        let author = audit_author(who, "");
+        let revoked = self
+            .0
+            .revoke_virtual_key(&req.into_inner().id, &author)
+            .await?;
+        Ok(Response::new(pb::RevokeVirtualKeyResponse { revoked }))
+    }
+
+    async fn query_usage(
+        &self,
+        req: Request<pb::QueryUsageRequest>,
+    ) -> Result<Response<pb::QueryUsageResponse>, Status> {
+        self.0.operator_principal(&req)?;
+        Ok(Response::new(self.0.query_usage(&req.into_inner()).await?))
+    }
 }
 
 #[tonic::async_trait]
@@ -816,19 +865,29 @@ impl Node for Services {
             .await
             .map_err(ControlError::from)?;
         tracing::info!(node = %hello.id, role = ?role, region = %hello.region, have = hello.have_version, "node connected");
+        let edge_id = (role == pb::NodeRole::Edge).then(|| hello.id.clone());
+        if let Some(id) = &edge_id {
+            cp.tenancy.edge_connected(id);
+        }
         let (tx, rx) = mpsc::channel::<Result<pb::SnapshotMsg, Status>>(4);
         tokio::spawn(async move {
             let _session = session;
             let mut stopping = cp.stopping.clone();
             let mut policy = cp.current.subscribe();
             let mut scores = cp.scores.subscribe();
+            let mut tenants = cp.tenancy.state.subscribe();
             let mut sent = (0u64, 0u64);
             loop {
                 let published = policy.borrow_and_update().clone();
-                let (generation, score_msg) = scores.borrow_and_update().clone();
+                let (score_generation, score_msg) = scores.borrow_and_update().clone();
+                let (tenant_generation, tenant_state) = tenants.borrow_and_update().clone();
+                // Both only grow, so their sum changes whenever either does:
+                // the node sees one "refresh" generation for both.
+                let generation = score_generation + tenant_generation;
                 if let Some(p) = published {
                     if (p.version, generation) != sent {
                         let mut msg = tailor(&p.wire, &p.snapshot, role, &hello.region);
+                        tailor_tenants(&mut msg, &tenant_state, edge_id.as_deref());
                         msg.scores = Some((*score_msg).clone());
                         msg.scores_generation = generation;
                         if tx.send(Ok(msg)).await.is_err() {
@@ -840,11 +899,15 @@ impl Node for Services {
                 tokio::select! {
                     r = policy.changed() => if r.is_err() { break },
                     r = scores.changed() => if r.is_err() { break },
+                    r = tenants.changed() => if r.is_err() { break },
                     _ = tx.closed() => break,
                     _ = stopping.wait_for(|s| *s) => break,
                 }
             }
             tracing::info!(node = %hello.id, "node disconnected");
+            if let Some(id) = &edge_id {
+                cp.tenancy.edge_disconnected(id);
+            }
             if let Err(e) = cp.store.set_connected(&hello.id, false, &cp.replica).await {
                 tracing::warn!(error = %e, node = %hello.id, "cannot record disconnect");
             }
@@ -913,7 +976,36 @@ impl Node for Services {
         }
         Ok(Response::new(pb::ReportResponse {}))
     }
+
+    async fn ship_usage(
+        &self,
+        req: Request<pb::UsageBatch>,
+    ) -> Result<Response<pb::UsageAck>, Status> {
+        let fingerprint = self.0.authorize_node(&req)?;
+        let batch = req.into_inner();
+        if let Some(fp) = &fingerprint {
+            self.0.bound_region(&batch.node_id, fp)?;
+        }
+        if batch.records.len() > MAX_USAGE_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_USAGE_BATCH} records per batch"
+            )));
+        }
+        let stored = self
+            .0
+            .store
+            .insert_usage(&batch.node_id, &batch.records)
+            .await
+            .map_err(ControlError::from)?;
+        self.0.tenancy.observe(&batch.node_id, &batch.records);
+        Ok(Response::new(pb::UsageAck {
+            stored: stored as u32,
+        }))
+    }
 }
+
+/// Records one `ShipUsage` call may carry (nodes send at most this many).
+pub const MAX_USAGE_BATCH: usize = 1000;
 
 /// A running replica; dropping it does not stop it, [`Self::shutdown`] does.
 pub struct RunningControlPlane {
@@ -1025,6 +1117,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         acks,
         apply_lock: tokio::sync::Mutex::new(()),
         stopping: shutdown_rx.clone(),
+        tenancy: Tenancy::default(),
     });
     state.sync_from_store().await?;
     if !state.require_node_cert {
@@ -1103,6 +1196,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         config.poll_interval,
         shutdown_rx.clone(),
     )));
+    tasks.push(tokio::spawn(crate::tenancy::refresh_loop(
+        state.clone(),
+        TENANT_REFRESH,
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(refresh_scores(
         state.clone(),
         config.score_interval,
@@ -1136,6 +1234,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
     })
 }
 
+/// How often virtual keys (also from other replicas), spend and leases are
+/// refreshed; creating or revoking a key on this replica pushes at once.
+const TENANT_REFRESH: Duration = Duration::from_millis(500);
 /// The control plane's `/metrics`: the latest policy version and how many
 /// nodes are in each state (the lifecycle's gauges are added by the admin
 /// listener). Node counts, not per-node series: node ids change with

@@ -16,10 +16,11 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{Row, SqlSafeStr};
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "policy versions and node registry",
-    "CREATE TABLE policy_versions (
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "policy versions and node registry",
+        "CREATE TABLE policy_versions (
         version BIGINT PRIMARY KEY,
         yaml TEXT NOT NULL,
         author TEXT NOT NULL,
@@ -38,7 +39,138 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         connected BIGINT NOT NULL DEFAULT 0,
         replica TEXT NOT NULL DEFAULT ''
     );",
-)];
+    ),
+    (
+        2,
+        "virtual keys",
+        "CREATE TABLE virtual_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        key_sha256 TEXT NOT NULL UNIQUE,
+        models TEXT NOT NULL DEFAULT '',
+        rpm BIGINT NOT NULL DEFAULT 0,
+        tpm BIGINT NOT NULL DEFAULT 0,
+        concurrency BIGINT NOT NULL DEFAULT 0,
+        daily_micro_usd BIGINT NOT NULL DEFAULT 0,
+        monthly_micro_usd BIGINT NOT NULL DEFAULT 0,
+        expires_at_ms BIGINT NOT NULL DEFAULT 0,
+        created_at_ms BIGINT NOT NULL,
+        created_by TEXT NOT NULL,
+        revoked_at_ms BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX virtual_keys_tenant ON virtual_keys (tenant);",
+    ),
+    (
+        3,
+        "usage ledger",
+        "CREATE TABLE usage_records (
+        uid TEXT PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        request_id TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        region TEXT NOT NULL,
+        egress TEXT NOT NULL,
+        key_pool TEXT NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cached_tokens BIGINT NOT NULL,
+        reasoning_tokens BIGINT NOT NULL,
+        cost_micro_usd BIGINT NOT NULL,
+        latency_ms BIGINT NOT NULL,
+        ttft_ms BIGINT NOT NULL,
+        status BIGINT NOT NULL,
+        attempts BIGINT NOT NULL,
+        cache_hit BIGINT NOT NULL,
+        node TEXT NOT NULL,
+        endpoint TEXT NOT NULL
+    );
+    CREATE INDEX usage_records_tenant_time ON usage_records (tenant, at_ms);
+    CREATE INDEX usage_records_time ON usage_records (at_ms);",
+    ),
+];
+
+/// One issued virtual key as stored: its hash, never the key.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct VirtualKeyRow {
+    pub id: String,
+    pub tenant: String,
+    pub key_sha256: String,
+    /// Empty = the tenant's models.
+    pub models: Vec<String>,
+    pub rpm: u32,
+    pub tpm: u64,
+    pub concurrency: u32,
+    pub daily_usd: f64,
+    pub monthly_usd: f64,
+    /// 0 = never.
+    pub expires_at_ms: i64,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    /// 0 = not revoked.
+    pub revoked_at_ms: i64,
+}
+
+/// What `usage` groups records by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGroup {
+    Model,
+    Provider,
+    Key,
+    Day,
+    Tenant,
+}
+
+impl UsageGroup {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "model" => UsageGroup::Model,
+            "provider" => UsageGroup::Provider,
+            "key" => UsageGroup::Key,
+            "day" => UsageGroup::Day,
+            "tenant" => UsageGroup::Tenant,
+            _ => return None,
+        })
+    }
+
+    /// A fixed column expression: never text from the caller.
+    fn column(self) -> &'static str {
+        match self {
+            UsageGroup::Model => "model",
+            UsageGroup::Provider => "provider",
+            UsageGroup::Key => "key_id",
+            UsageGroup::Day => "CAST(at_ms / 86400000 AS TEXT)",
+            UsageGroup::Tenant => "tenant",
+        }
+    }
+}
+
+/// One group of usage records.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct UsageRow {
+    pub group: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    pub cost_usd: f64,
+    pub cache_hits: u64,
+}
+
+/// Spend of a tenant (or `key:<id>`) since the start of the UTC day and
+/// month.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SpendRow {
+    pub scope: String,
+    pub day_usd: f64,
+    pub month_usd: f64,
+}
+
+const MICRO: f64 = 1_000_000.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -438,6 +570,242 @@ async fn fresh_postgres_database(admin_url: &str) -> Result<String, StoreError> 
     Ok(format!("{base}/{name}{query}"))
 }
 
+impl Store {
+    pub async fn insert_virtual_key(&self, k: &VirtualKeyRow) -> Result<(), StoreError> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO virtual_keys (id, tenant, key_sha256, models, rpm, tpm, concurrency,
+                   daily_micro_usd, monthly_micro_usd, expires_at_ms, created_at_ms, created_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(&k.id)
+            .bind(&k.tenant)
+            .bind(&k.key_sha256)
+            .bind(k.models.join(","))
+            .bind(i64::from(k.rpm))
+            .bind(k.tpm as i64)
+            .bind(i64::from(k.concurrency))
+            .bind((k.daily_usd * MICRO).round() as i64)
+            .bind((k.monthly_usd * MICRO).round() as i64)
+            .bind(k.expires_at_ms)
+            .bind(k.created_at_ms)
+            .bind(&k.created_by)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Every key (of one tenant), revoked ones included, oldest first.
+    pub async fn virtual_keys(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<VirtualKeyRow>, StoreError> {
+        let out = on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT id, tenant, key_sha256, models, rpm, tpm, concurrency, daily_micro_usd,
+                   monthly_micro_usd, expires_at_ms, created_at_ms, created_by, revoked_at_ms
+                 FROM virtual_keys WHERE ($1 = '' OR tenant = $1) ORDER BY created_at_ms, id",
+            )
+            .bind(tenant.unwrap_or(""))
+            .fetch_all(pool)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let models: String = r.try_get("models")?;
+                out.push(VirtualKeyRow {
+                    id: r.try_get("id")?,
+                    tenant: r.try_get("tenant")?,
+                    key_sha256: r.try_get("key_sha256")?,
+                    models: models
+                        .split(',')
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                    rpm: r.try_get::<i64, _>("rpm")? as u32,
+                    tpm: r.try_get::<i64, _>("tpm")? as u64,
+                    concurrency: r.try_get::<i64, _>("concurrency")? as u32,
+                    daily_usd: r.try_get::<i64, _>("daily_micro_usd")? as f64 / MICRO,
+                    monthly_usd: r.try_get::<i64, _>("monthly_micro_usd")? as f64 / MICRO,
+                    expires_at_ms: r.try_get("expires_at_ms")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                    created_by: r.try_get("created_by")?,
+                    revoked_at_ms: r.try_get("revoked_at_ms")?,
+                });
+            }
+            out
+        });
+        Ok(out)
+    }
+
+    /// Marks a key revoked; false when there is no such (unrevoked) key.
+    pub async fn revoke_virtual_key(&self, id: &str) -> Result<bool, StoreError> {
+        let n = on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE virtual_keys SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms = 0",
+            )
+            .bind(now_ms())
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Stores ledger records; a record already stored (same uid, a batch
+    /// sent again after a lost answer) is skipped. Returns how many are new.
+    pub async fn insert_usage(
+        &self,
+        node: &str,
+        records: &[switchyard_proto::control::UsageRecordMsg],
+    ) -> Result<u64, StoreError> {
+        let mut stored = 0;
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for r in records {
+                stored += sqlx::query(
+                    "INSERT INTO usage_records (uid, at_ms, request_id, tenant, key_id, route, model,
+                       provider, region, egress, key_pool, input_tokens, output_tokens, cached_tokens,
+                       reasoning_tokens, cost_micro_usd, latency_ms, ttft_ms, status, attempts,
+                       cache_hit, node, endpoint)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                       $17, $18, $19, $20, $21, $22, $23)
+                     ON CONFLICT (uid) DO NOTHING",
+                )
+                .bind(&r.uid)
+                .bind(r.at_ms)
+                .bind(&r.request_id)
+                .bind(&r.tenant)
+                .bind(&r.key_id)
+                .bind(&r.route)
+                .bind(&r.model)
+                .bind(&r.provider)
+                .bind(&r.region)
+                .bind(&r.egress)
+                .bind(&r.key_pool)
+                .bind(r.input_tokens as i64)
+                .bind(r.output_tokens as i64)
+                .bind(r.cached_tokens as i64)
+                .bind(r.reasoning_tokens as i64)
+                .bind(if r.cost_usd.is_finite() { (r.cost_usd * MICRO).round() as i64 } else { 0 })
+                .bind(r.latency_ms as i64)
+                .bind(r.ttft_ms as i64)
+                .bind(i64::from(r.status))
+                .bind(i64::from(r.attempts))
+                .bind(i64::from(r.cache_hit))
+                .bind(node)
+                .bind(&r.endpoint)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+            tx.commit().await?;
+        });
+        Ok(stored)
+    }
+
+    /// Usage since `since_ms`, of one tenant or all, grouped.
+    pub async fn usage(
+        &self,
+        tenant: Option<&str>,
+        since_ms: i64,
+        group: UsageGroup,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let sql = format!(
+            "SELECT {col} AS grp, COUNT(*) AS requests,
+               CAST(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS BIGINT) AS errors,
+               CAST(SUM(input_tokens) AS BIGINT) AS input_tokens,
+               CAST(SUM(output_tokens) AS BIGINT) AS output_tokens,
+               CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens,
+               CAST(SUM(cost_micro_usd) AS BIGINT) AS cost,
+               CAST(SUM(cache_hit) AS BIGINT) AS cache_hits
+             FROM usage_records WHERE at_ms >= $1 AND ($2 = '' OR tenant = $2)
+             GROUP BY {col} ORDER BY {col}",
+            col = group.column()
+        );
+        let out = on_pool!(self, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(since_ms)
+                .bind(tenant.unwrap_or(""))
+                .fetch_all(pool)
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let n = |c: &str| r.try_get::<Option<i64>, _>(c).map(|v| v.unwrap_or(0));
+                let mut group_name: String =
+                    r.try_get::<Option<String>, _>("grp")?.unwrap_or_default();
+                if group == UsageGroup::Day {
+                    group_name = group_name
+                        .parse::<i64>()
+                        .map(day_name)
+                        .unwrap_or(group_name);
+                }
+                out.push(UsageRow {
+                    group: group_name,
+                    requests: n("requests")? as u64,
+                    errors: n("errors")? as u64,
+                    input_tokens: n("input_tokens")? as u64,
+                    output_tokens: n("output_tokens")? as u64,
+                    cached_tokens: n("cached_tokens")? as u64,
+                    cost_usd: n("cost")? as f64 / MICRO,
+                    cache_hits: n("cache_hits")? as u64,
+                });
+            }
+            out
+        });
+        Ok(out)
+    }
+
+    /// Every tenant's and every virtual key's spend since the two starts.
+    pub async fn spend(
+        &self,
+        day_start_ms: i64,
+        month_start_ms: i64,
+    ) -> Result<Vec<SpendRow>, StoreError> {
+        let mut out = Vec::new();
+        for (col, prefix) in [("tenant", ""), ("key_id", "key:")] {
+            let sql = format!(
+                "SELECT {col} AS scope,
+                   CAST(SUM(CASE WHEN at_ms >= $1 THEN cost_micro_usd ELSE 0 END) AS BIGINT) AS day,
+                   CAST(SUM(cost_micro_usd) AS BIGINT) AS month
+                 FROM usage_records WHERE at_ms >= $2 AND {col} <> '' GROUP BY {col}"
+            );
+            on_pool!(self, |pool| {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(day_start_ms)
+                    .bind(month_start_ms.min(day_start_ms))
+                    .fetch_all(pool)
+                    .await?;
+                for r in rows {
+                    let scope: String = r.try_get("scope")?;
+                    out.push(SpendRow {
+                        scope: format!("{prefix}{scope}"),
+                        day_usd: r.try_get::<Option<i64>, _>("day")?.unwrap_or(0) as f64 / MICRO,
+                        month_usd: r.try_get::<Option<i64>, _>("month")?.unwrap_or(0) as f64
+                            / MICRO,
+                    });
+                }
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// `2026-11-29` for a day number since the epoch.
+pub fn day_name(day: i64) -> String {
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,6 +850,86 @@ mod tests {
         assert!(got.connected, "another replica cannot disconnect it");
         store.set_connected("edge-1", false, "r1").await.unwrap();
         assert!(!store.nodes().await.unwrap()[0].connected);
+        exercise_tenancy(store).await;
+    }
+
+    /// Virtual keys and the usage ledger, the same on both backends.
+    async fn exercise_tenancy(store: &Store) {
+        let key = VirtualKeyRow {
+            id: "k1".into(),
+            tenant: "acme".into(),
+            key_sha256: "ab".repeat(32),
+            models: vec!["a/b".into(), "c/*".into()],
+            rpm: 5,
+            daily_usd: 1.5,
+            created_at_ms: 1,
+            created_by: "test".into(),
+            ..VirtualKeyRow::default()
+        };
+        store.insert_virtual_key(&key).await.unwrap();
+        assert!(
+            store.insert_virtual_key(&key).await.is_err(),
+            "ids are unique"
+        );
+        let listed = store.virtual_keys(Some("acme")).await.unwrap();
+        assert_eq!(listed, std::slice::from_ref(&key));
+        assert!(store.virtual_keys(Some("other")).await.unwrap().is_empty());
+        assert!(store.revoke_virtual_key("k1").await.unwrap());
+        assert!(!store.revoke_virtual_key("k1").await.unwrap(), "once");
+        assert!(store.virtual_keys(None).await.unwrap()[0].revoked_at_ms > 0);
+
+        let day = 20_786i64;
+        let record = |uid: &str, model: &str, key: &str, at: i64, cost: f64, status: u32| {
+            switchyard_proto::control::UsageRecordMsg {
+                uid: uid.into(),
+                at_ms: at,
+                tenant: "acme".into(),
+                key_id: key.into(),
+                model: model.into(),
+                provider: "p".into(),
+                input_tokens: 10,
+                output_tokens: 5,
+                cached_tokens: 2,
+                cost_usd: cost,
+                status,
+                ..Default::default()
+            }
+        };
+        let batch = [
+            record("u1", "m1", "k1", day * 86_400_000 + 5, 0.25, 200),
+            record("u2", "m1", "", day * 86_400_000 + 6, 0.5, 200),
+            record("u3", "m2", "k1", (day - 1) * 86_400_000, 1.0, 429),
+        ];
+        assert_eq!(store.insert_usage("edge-1", &batch).await.unwrap(), 3);
+        // The same batch again (an answer that was lost): stored once.
+        assert_eq!(store.insert_usage("edge-1", &batch).await.unwrap(), 0);
+        let by_model = store
+            .usage(Some("acme"), 0, UsageGroup::Model)
+            .await
+            .unwrap();
+        assert_eq!(by_model.len(), 2);
+        assert_eq!(
+            (by_model[0].group.as_str(), by_model[0].requests),
+            ("m1", 2)
+        );
+        assert_eq!(by_model[0].input_tokens, 20);
+        assert!((by_model[0].cost_usd - 0.75).abs() < 1e-9);
+        assert_eq!((by_model[1].errors, by_model[1].cached_tokens), (1, 2));
+        let by_day = store.usage(None, 0, UsageGroup::Day).await.unwrap();
+        assert_eq!(by_day[1].group, "2026-11-29");
+        let since = store
+            .usage(Some("acme"), day * 86_400_000, UsageGroup::Key)
+            .await
+            .unwrap();
+        assert_eq!(since.iter().map(|r| r.requests).sum::<u64>(), 2);
+        let spend = store
+            .spend(day * 86_400_000, (day - 28) * 86_400_000)
+            .await
+            .unwrap();
+        let acme = spend.iter().find(|s| s.scope == "acme").unwrap();
+        assert!((acme.day_usd - 0.75).abs() < 1e-9 && (acme.month_usd - 1.75).abs() < 1e-9);
+        let k1 = spend.iter().find(|s| s.scope == "key:k1").unwrap();
+        assert!((k1.day_usd - 0.25).abs() < 1e-9 && (k1.month_usd - 1.25).abs() < 1e-9);
     }
 
     #[tokio::test]

@@ -37,6 +37,11 @@ pub(crate) struct AccessLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_tokens: Option<u64>,
     pub attempts: usize,
+    /// USD at the served target's prices (0 when unpriced or unserved).
+    pub cost_usd: f64,
+    /// The virtual key's id, when the caller used one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
     pub client_gone: bool,
@@ -133,6 +138,8 @@ fn via_tracing(line: &AccessLine<'_>) {
         prompt_tokens = line.prompt_tokens,
         completion_tokens = line.completion_tokens,
         attempts = line.attempts,
+        cost_usd = line.cost_usd,
+        key = line.key,
         error = line.error,
         client_gone = line.client_gone,
         "request"
@@ -159,6 +166,8 @@ mod tests {
             prompt_tokens: Some(3),
             completion_tokens: Some(4),
             attempts: 1,
+            cost_usd: 0.25,
+            key: Some("vk_1"),
             error: None,
             client_gone: false,
         };
@@ -171,6 +180,10 @@ mod tests {
         assert_eq!(v["request_id"], "r\"1");
         assert_eq!(v["status"], 200);
         assert_eq!(v["prompt_tokens"], 3);
+        assert_eq!(
+            (v["cost_usd"].as_f64(), v["key"].as_str()),
+            (Some(0.25), Some("vk_1"))
+        );
         assert!(v.get("ttft_ms").is_none() && v.get("error").is_none());
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
     }

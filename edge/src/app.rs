@@ -15,9 +15,11 @@ use switchyard_backhaul::{RequestObserver, SharedSnapshot, Upstream};
 use switchyard_control::admin::Lifecycle;
 use switchyard_proto::{Health, Snapshot};
 
+use crate::cache::{CacheTee, ResponseCache};
 use crate::ctx::RequestCtx;
 use crate::guard::EdgeLimits;
 use crate::hooks::{AdmitHook, Hooks, PlanHook, RecordHook, ResponseObserver};
+use crate::limits::Limiter;
 use crate::metrics::EdgeMetrics;
 use crate::phases::admit::{self, Admitted};
 use crate::phases::{dispatch, plan, record, respond, Failure};
@@ -38,6 +40,10 @@ pub struct EdgeApp {
     /// Runtime health of targets, fed by every attempt and read by the
     /// planner; outlives snapshot swaps.
     pub(crate) health: Arc<Health>,
+    /// Tenant and key limits and budgets; `None` = nothing enforced.
+    pub(crate) limiter: Option<Arc<Limiter>>,
+    /// Exact-match answers for requests that opt in.
+    pub(crate) cache: Option<Arc<ResponseCache>>,
     /// Readiness and requests in flight, for the admin listener and drains.
     pub(crate) lifecycle: Arc<Lifecycle>,
     server_options: HttpServerOptions,
@@ -58,6 +64,8 @@ impl EdgeApp {
             limits: EdgeLimits::default(),
             hooks: Hooks::default(),
             health,
+            limiter: None,
+            cache: None,
             lifecycle: Lifecycle::new(),
             server_options: server_options(&EdgeLimits::default()),
         }
@@ -109,6 +117,23 @@ impl EdgeApp {
 
     pub fn limits(&self) -> &EdgeLimits {
         &self.limits
+    }
+
+    /// Enforces tenants' and virtual keys' limits and budgets with these
+    /// counters (in memory, or shared through Redis).
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
+        limiter.register(self.metrics.registry());
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Serves requests that opt in (`x-switchyard-cache: use`) from this
+    /// cache, and tees their answers into it.
+    pub fn with_cache(mut self, cache: Arc<ResponseCache>) -> Self {
+        cache.register(self.metrics.registry());
+        self.hooks.response.push(Arc::new(CacheTee(cache.clone())));
+        self.cache = Some(cache);
+        self
     }
 
     /// Shares a health board (e.g. with the in-process egress of
@@ -194,7 +219,7 @@ impl EdgeApp {
             Ok(()) => true,
             Err(failure) => respond::failure(self, session, &snap, ctx, failure).await,
         };
-        record::record(self, session, ctx);
+        record::record(self, session, &snap, ctx);
         reusable
     }
 }

@@ -1,17 +1,16 @@
 //! Virtual-key authentication against the snapshot's hashed keys.
 
-use std::sync::Arc;
-
 use pingora::protocols::http::ServerSession;
 use switchyard_llm::{ErrorKind, GatewayError};
-use switchyard_proto::{Snapshot, Tenant};
+use switchyard_proto::{KeyHash, Principal, Snapshot};
 
 /// Reads the key from `Authorization: Bearer` (OpenAI SDK) or `x-api-key`
-/// (Anthropic SDK) and finds its tenant. The key is only ever hashed.
+/// (Anthropic SDK) and finds its tenant (and virtual key, refused once
+/// expired). The key is only ever hashed.
 pub fn authenticate(
     session: &ServerSession,
     snapshot: &Snapshot,
-) -> Result<Arc<Tenant>, GatewayError> {
+) -> Result<Principal, GatewayError> {
     authenticate_with(session, snapshot, false)
 }
 
@@ -22,7 +21,7 @@ pub fn authenticate_with(
     session: &ServerSession,
     snapshot: &Snapshot,
     url_key: bool,
-) -> Result<Arc<Tenant>, GatewayError> {
+) -> Result<Principal, GatewayError> {
     let query_key = url_key
         .then(|| session.req_header().uri.query())
         .flatten()
@@ -59,8 +58,21 @@ pub fn authenticate_with(
         )
         .with_code("missing_api_key"));
     };
-    snapshot.tenant_for_key(key).cloned().ok_or_else(|| {
-        GatewayError::new(ErrorKind::Unauthorized, "Incorrect API key provided.")
-            .with_code("invalid_api_key")
-    })
+    let principal = snapshot
+        .tenants()
+        .principal(&KeyHash::of(key))
+        .ok_or_else(|| {
+            GatewayError::new(ErrorKind::Unauthorized, "Incorrect API key provided.")
+                .with_code("invalid_api_key")
+        })?;
+    if let Some(k) = &principal.key {
+        if k.expired_at(crate::limits::now_ms() as i64) {
+            return Err(GatewayError::new(
+                ErrorKind::Unauthorized,
+                format!("The API key {} has expired.", k.id),
+            )
+            .with_code("expired_api_key"));
+        }
+    }
+    Ok(principal)
 }

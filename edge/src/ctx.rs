@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_backhaul::{Protocol, RequestStats};
-use switchyard_proto::{PlannedTarget, Tenant};
+use switchyard_proto::{PlannedTarget, Tenant, VirtualKey};
 
 /// Per-request state every phase reads and fills, in the spirit of
 /// pingora's `ProxyHttp::CTX`. Hooks see it read-only.
@@ -18,6 +18,21 @@ pub struct RequestCtx {
     pub endpoint: &'static str,
     /// Set by `admit` once the virtual key is known.
     pub tenant: Option<Arc<Tenant>>,
+    /// The virtual key used, when it is one (`ctl vkeys`), not the
+    /// policy's key of the tenant.
+    pub key: Option<Arc<VirtualKey>>,
+    /// Prompt tokens estimated from the body at admission (for `tpm`).
+    pub estimated_tokens: u64,
+    /// The request's hold on its tenant's counters, settled in `record`.
+    pub(crate) ticket: Option<crate::limits::Ticket>,
+    /// Headers every answer to this request carries (rate-limit state,
+    /// budget warnings), success or error.
+    pub answer_headers: Vec<(&'static str, String)>,
+    /// Set when the request opted into the response cache and missed: its
+    /// answer is teed into the cache under this key.
+    pub cache_key: Option<crate::cache::CacheKey>,
+    /// Answered from the response cache.
+    pub cache_hit: bool,
     /// Jurisdictions the request may be served in: the tenant's, narrowed
     /// by `x-switchyard-residency`; `None` = anywhere.
     pub residency: Option<Vec<String>>,
@@ -59,6 +74,12 @@ impl RequestCtx {
             protocol: Protocol::OpenAi,
             endpoint: "other",
             tenant: None,
+            key: None,
+            estimated_tokens: 0,
+            ticket: None,
+            answer_headers: Vec::new(),
+            cache_key: None,
+            cache_hit: false,
             residency: None,
             model: None,
             model_label: None,

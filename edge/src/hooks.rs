@@ -63,6 +63,9 @@ pub struct UsageRecord {
     pub stream_failed: bool,
     pub client_gone: bool,
     pub attempts: usize,
+    /// USD at the served target's prices (cached input at its discount);
+    /// 0 when the policy has no price for it.
+    pub cost_usd: f64,
 }
 
 #[derive(Clone, Default)]

@@ -20,9 +20,12 @@
 pub mod access_log;
 pub mod app;
 pub mod auth;
+pub mod cache;
 pub mod ctx;
 pub mod guard;
 pub mod hooks;
+pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub(crate) mod phases;

@@ -53,7 +53,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::app::EdgeApp;
+use crate::cache::ResponseCache;
 use crate::guard::EdgeLimits;
+use crate::hooks::RecordHook;
+use crate::ledger::LedgerHook;
+use crate::limits::{Limiter, RedisLink};
 use crate::metrics::{AdminApp, EdgeMetrics};
 use crate::service::{admin_service, edge_service, ListenerTls, TlsFiles};
 
@@ -63,6 +67,11 @@ const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
 /// What in-flight connections get after `shutdown()` (the old
 /// `graceful_shutdown_timeout_seconds`).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long a request waits for the shared limit counters before its
+/// tenant's fail-open/fail-closed choice applies.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
+/// Memory the exact-match response cache may hold (requests opt in).
+const RESPONSE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 enum Mode {
     /// The egress logic in this process (`switchyard dev`).
@@ -89,6 +98,10 @@ pub struct EdgeNode {
     limits: EdgeLimits,
     simulate_header: bool,
     tenants: Vec<(KeyHash, TenantSnapshot)>,
+    redis: Option<String>,
+    /// Single-node mode: the region this edge says it runs in.
+    single_region: Option<String>,
+    record_hooks: Vec<Arc<dyn RecordHook>>,
 }
 
 impl EdgeNode {
@@ -106,6 +119,9 @@ impl EdgeNode {
             limits: EdgeLimits::default(),
             simulate_header: false,
             tenants: Vec::new(),
+            redis: None,
+            single_region: None,
+            record_hooks: Vec::new(),
         }
     }
 
@@ -205,6 +221,32 @@ impl EdgeNode {
         self
     }
 
+    /// The region a single-node edge runs in (backhaul edges take it from
+    /// [`Self::backhaul`]): its jurisdiction decides which tenants it may
+    /// serve at all (`edge_residency`).
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        match &mut self.mode {
+            Mode::SingleNode => self.single_region = Some(region.into()),
+            Mode::Backhaul { region: r, .. } => *r = region.into(),
+        }
+        self
+    }
+
+    /// Another receiver of every request's usage record (besides the
+    /// ledger, which a node following a control plane gets by itself).
+    pub fn record_hook(mut self, hook: Arc<dyn RecordHook>) -> Self {
+        self.record_hooks.push(hook);
+        self
+    }
+
+    /// Shares tenants' limit and budget counters with every other edge
+    /// through the Redis at `url` (`redis://host:port`); without it each
+    /// edge counts in memory within the share the control plane leases it.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.redis = Some(url.into());
+        self
+    }
+
     /// [`Self::bind`], then [`BoundEdge::serve`]. May be awaited from any runtime.
     pub async fn start(self) -> Result<RunningEdge, NodeError> {
         Ok(self.bind().await?.serve())
@@ -278,12 +320,14 @@ impl EdgeNode {
         let mut router = None;
         let upstream: Arc<dyn Upstream>;
         let health = Arc::new(switchyard_proto::Health::new());
-        let mut region = None;
+        let region;
+        let mut ledger = None;
         let mut egress_nodes = Vec::new();
         match self.mode {
             Mode::SingleNode => {
                 // One board: the edge's metrics show the egress's key events.
                 upstream = Arc::new(Egress::sharing_edge_health(shared.clone(), health.clone())?);
+                region = self.single_region.clone();
             }
             Mode::Backhaul {
                 region: r,
@@ -305,6 +349,7 @@ impl EdgeNode {
                 };
                 router = Some(parts.router.clone());
                 upstream = parts.router;
+                ledger = parts.ledger;
                 egress_nodes = parts.egress_nodes;
                 backhaul = Some(Backhaul {
                     rt,
@@ -315,17 +360,44 @@ impl EdgeNode {
             }
         }
 
+        let redis = match &self.redis {
+            Some(url) => {
+                Some(
+                    RedisLink::new(url, REDIS_TIMEOUT).map_err(|e| NodeError::Service {
+                        what: "limits",
+                        message: format!("--redis: {e}"),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let (limiter, cache) = match redis {
+            Some(link) => (
+                Limiter::shared(link.clone()),
+                ResponseCache::with_redis(RESPONSE_CACHE_BYTES, link),
+            ),
+            None => (Limiter::local(), ResponseCache::new(RESPONSE_CACHE_BYTES)),
+        };
         let lifecycle = Lifecycle::new();
         let mut app = EdgeApp::new(shared.clone(), upstream)
             .with_health(health)
             .with_simulate_header(self.simulate_header)
             .with_limits(self.limits)
+            .with_limiter(Arc::new(limiter))
+            .with_cache(cache.clone())
             .with_lifecycle(lifecycle.clone());
         if let Some(r) = &region {
             app = app.with_region(r.clone());
         }
         if let Some(observer) = backhaul.as_ref().and_then(|b| b.observer.clone()) {
             app = app.with_observer(observer);
+        }
+        if let Some(ledger) = ledger {
+            let hook = LedgerHook::new(ledger, app.metrics().registry());
+            app = app.with_record_hook(Arc::new(hook));
+        }
+        for hook in self.record_hooks {
+            app = app.with_record_hook(hook);
         }
         let edge_metrics = app.metrics();
         let health = app.health().clone();
@@ -401,6 +473,7 @@ impl EdgeNode {
                 admin_services: Vec::new(),
                 rt: Some(rt),
                 backhaul,
+                cache,
                 lifecycle,
                 reload: Reload {
                     preparer,
@@ -651,6 +724,7 @@ async fn receive_listeners(path: PathBuf) -> Result<Fds, NodeError> {
 
 struct BackhaulParts {
     router: Arc<TunnelRouter>,
+    ledger: Option<switchyard_control::ledger::Ledger>,
     agent: Option<NodeAgent>,
     observer: Option<Arc<dyn RequestObserver>>,
     egress_nodes: Vec<(String, Vec<String>)>,
@@ -724,6 +798,7 @@ async fn start_backhaul(
         }) as Arc<dyn RequestObserver>
     });
     Ok(BackhaulParts {
+        ledger: agent.as_ref().map(|a| a.ledger()),
         router,
         agent,
         observer,
@@ -793,6 +868,7 @@ pub struct RunningEdge {
     /// `None` once shut down; see the `Drop` impl.
     rt: Option<tokio::runtime::Runtime>,
     backhaul: Option<Backhaul>,
+    cache: Arc<ResponseCache>,
     lifecycle: Arc<Lifecycle>,
     reload: Reload,
     /// The listening sockets, for a graceful upgrade.
@@ -921,6 +997,11 @@ impl RunningEdge {
 
     pub fn region(&self) -> Option<&str> {
         self.region.as_deref()
+    }
+
+    /// Answers held by the response cache.
+    pub fn cached_answers(&self) -> u64 {
+        self.cache.len()
     }
 
     /// The snapshot being served now.

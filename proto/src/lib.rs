@@ -191,11 +191,25 @@ pub struct ProviderSnapshot {
 pub struct ModelPrice {
     pub input_per_million: f64,
     pub output_per_million: f64,
+    /// Price of input tokens the provider served from its prompt cache;
+    /// `None` = the input price.
+    pub cached_input_per_million: Option<f64>,
 }
 
 impl ModelPrice {
     pub fn cost(&self, input_tokens: u64, output_tokens: u64) -> f64 {
-        (input_tokens as f64 * self.input_per_million
+        self.cost_with_cache(input_tokens, 0, output_tokens)
+    }
+
+    /// Cost when `cached` of the `input_tokens` came from the provider's
+    /// prompt cache (they are part of `input_tokens`, as OpenAI counts them).
+    pub fn cost_with_cache(&self, input_tokens: u64, cached: u64, output_tokens: u64) -> f64 {
+        let cached = cached.min(input_tokens);
+        let cached_price = self
+            .cached_input_per_million
+            .unwrap_or(self.input_per_million);
+        ((input_tokens - cached) as f64 * self.input_per_million
+            + cached as f64 * cached_price
             + output_tokens as f64 * self.output_per_million)
             / 1_000_000.0
     }
@@ -328,6 +342,9 @@ pub struct RegionSnapshot {
     pub jurisdiction: Option<String>,
     /// Egress node addresses (`host:port`), resolved by the edge.
     pub egress: Vec<String>,
+    /// The public hostname clients of this region use (named in errors
+    /// that send a tenant to its own region).
+    pub hostname: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -373,9 +390,94 @@ pub struct Tenant {
     pub rpm: Option<u32>,
     /// Tokens (input + output) per minute.
     pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrency: Option<u32>,
+    pub daily_budget_usd: Option<f64>,
     pub monthly_budget_usd: Option<f64>,
+    /// Fraction of a budget after which answers carry a warning header.
+    pub budget_warn_ratio: Option<f64>,
+    /// Refuse requests while shared counters cannot be reached (otherwise
+    /// they are let through, counted locally).
+    pub fail_closed: bool,
+    /// The fraction of each limit one edge may use on its own, leased by
+    /// the control plane when counters are not shared; `None` = all of it.
+    pub limit_share: Option<f64>,
     /// Jurisdictions the tenant's requests may be processed in; `None` = any.
     pub residency: Option<Vec<String>>,
+    /// With residency: an edge outside it still reads the request and sends
+    /// it to a permitted region (otherwise it is refused from the key alone).
+    pub edge_residency_relaxed: bool,
+}
+
+/// The limits and budgets one tenant or one virtual key is held to.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LimitSet {
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub concurrency: Option<u32>,
+    pub daily_usd: Option<f64>,
+    pub monthly_usd: Option<f64>,
+}
+
+impl LimitSet {
+    pub fn is_empty(&self) -> bool {
+        *self == LimitSet::default()
+    }
+}
+
+impl Tenant {
+    pub fn limit_set(&self) -> LimitSet {
+        LimitSet {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            concurrency: self.concurrency,
+            daily_usd: self.daily_budget_usd,
+            monthly_usd: self.monthly_budget_usd,
+        }
+    }
+}
+
+/// A virtual key issued to a tenant (`switchyard ctl vkeys create`): its
+/// own id, expiry, and rules that narrow the tenant's, never widen them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VirtualKey {
+    pub id: String,
+    pub tenant: String,
+    /// `None` = whatever the tenant may use.
+    pub allowed_models: Option<Vec<String>>,
+    pub limits: LimitSet,
+    /// Unix milliseconds after which the key is refused; `None` = never.
+    pub expires_at_ms: Option<i64>,
+}
+
+impl VirtualKey {
+    pub fn may_use(&self, requested: &str) -> bool {
+        models_allow(self.allowed_models.as_deref(), requested)
+    }
+
+    pub fn expired_at(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_some_and(|t| now_ms >= t)
+    }
+}
+
+/// USD a tenant (or key) spent in the current UTC day and month across the
+/// fleet, as the control plane's ledger knows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spend {
+    pub day_usd: f64,
+    pub month_usd: f64,
+    /// Days since the Unix epoch (UTC) `day_usd` belongs to.
+    pub day: i64,
+    /// `year * 12 + month - 1` (UTC) `month_usd` belongs to.
+    pub month: i64,
+}
+
+/// What a key authenticates as.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub tenant: Arc<Tenant>,
+    /// Set when the key is a virtual key rather than the policy's key.
+    pub key: Option<Arc<VirtualKey>>,
 }
 
 impl From<TenantSnapshot> for Tenant {
@@ -400,6 +502,11 @@ impl From<Arc<TenantSnapshot>> for Tenant {
 pub struct Tenants {
     by_key: HashMap<KeyHash, Arc<Tenant>>,
     by_id: HashMap<String, Arc<Tenant>>,
+    /// Virtual keys, each pointing at a tenant of `by_id` by id. Behind an
+    /// `Arc` (as `spend`) so snapshots stay small to move around.
+    virtual_keys: Arc<HashMap<KeyHash, Arc<VirtualKey>>>,
+    /// Fleet-wide spend by tenant id, and by `key:<virtual key id>`.
+    spend: Arc<HashMap<String, Spend>>,
 }
 
 impl Tenants {
@@ -410,12 +517,60 @@ impl Tenants {
         self.by_key.insert(key, tenant);
     }
 
+    /// A tenant reachable only through virtual keys.
+    pub fn insert_keyless(&mut self, tenant: impl Into<Tenant>) {
+        let tenant = Arc::new(tenant.into());
+        self.by_id.insert(tenant.id.clone(), tenant);
+    }
+
     pub fn by_key(&self, key: &KeyHash) -> Option<&Arc<Tenant>> {
         self.by_key.get(key)
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<Tenant>> {
         self.by_id.get(id)
+    }
+
+    /// Adds a virtual key; one whose tenant is unknown is ignored (the
+    /// tenant was removed from the policy, so the key grants nothing).
+    pub fn insert_virtual_key(&mut self, key: KeyHash, vkey: VirtualKey) -> bool {
+        if !self.by_id.contains_key(&vkey.tenant) || self.by_key.contains_key(&key) {
+            return false;
+        }
+        Arc::make_mut(&mut self.virtual_keys).insert(key, Arc::new(vkey));
+        true
+    }
+
+    /// The tenant (and virtual key) a key hash authenticates as.
+    pub fn principal(&self, key: &KeyHash) -> Option<Principal> {
+        if let Some(t) = self.by_key.get(key) {
+            return Some(Principal {
+                tenant: t.clone(),
+                key: None,
+            });
+        }
+        let vkey = self.virtual_keys.get(key)?;
+        Some(Principal {
+            tenant: self.by_id.get(&vkey.tenant)?.clone(),
+            key: Some(vkey.clone()),
+        })
+    }
+
+    pub fn virtual_keys(&self) -> impl Iterator<Item = (&KeyHash, &Arc<VirtualKey>)> {
+        self.virtual_keys.iter()
+    }
+
+    pub fn set_spend(&mut self, scope: impl Into<String>, spend: Spend) {
+        Arc::make_mut(&mut self.spend).insert(scope.into(), spend);
+    }
+
+    /// Fleet-wide spend of a tenant id or `key:<id>`.
+    pub fn spend(&self, scope: &str) -> Option<&Spend> {
+        self.spend.get(scope)
+    }
+
+    pub fn spends(&self) -> impl Iterator<Item = (&String, &Spend)> {
+        self.spend.iter()
     }
 
     pub fn contains_key(&self, key: &KeyHash) -> bool {
@@ -593,18 +748,22 @@ pub struct RttScore {
 impl Tenant {
     /// `allowed_models` entries are exact names, `*`, or `provider/*`.
     pub fn may_use(&self, requested: &str) -> bool {
-        match &self.allowed_models {
-            None => true,
-            Some(list) => list.iter().any(|m| {
-                m == requested
-                    || m == "*"
-                    || m.strip_suffix("/*").is_some_and(|p| {
-                        requested
-                            .strip_prefix(p)
-                            .is_some_and(|r| r.starts_with('/'))
-                    })
-            }),
-        }
+        models_allow(self.allowed_models.as_deref(), requested)
+    }
+}
+
+fn models_allow(allowed: Option<&[String]>, requested: &str) -> bool {
+    match allowed {
+        None => true,
+        Some(list) => list.iter().any(|m| {
+            m == requested
+                || m == "*"
+                || m.strip_suffix("/*").is_some_and(|p| {
+                    requested
+                        .strip_prefix(p)
+                        .is_some_and(|r| r.starts_with('/'))
+                })
+        }),
     }
 }
 
@@ -702,6 +861,15 @@ impl Snapshot {
     pub fn with_scores(&self, scores: Arc<Scores>) -> Snapshot {
         let mut parts = self.parts.clone();
         parts.scores = scores;
+        parts.build()
+    }
+
+    /// The same policy with refreshed scores and tenant state (virtual
+    /// keys, spend, leases), as the control plane pushes between versions.
+    pub fn with_refresh(&self, scores: Arc<Scores>, tenants: Tenants) -> Snapshot {
+        let mut parts = self.parts.clone();
+        parts.scores = scores;
+        parts.tenants = tenants;
         parts.build()
     }
 
@@ -817,6 +985,29 @@ mod tests {
         let s = Secret::new("sk-live-123");
         assert!(!format!("{s:?} {s}").contains("sk-live"));
         assert_eq!(s.expose(), "sk-live-123");
+    }
+
+    #[test]
+    fn cached_input_tokens_cost_their_discounted_price() {
+        let price = ModelPrice {
+            input_per_million: 2.0,
+            output_per_million: 8.0,
+            cached_input_per_million: Some(0.5),
+        };
+        // 1M input of which 600k cached, 100k output.
+        let cost = price.cost_with_cache(1_000_000, 600_000, 100_000);
+        assert!(
+            (cost - (0.4 * 2.0 + 0.6 * 0.5 + 0.1 * 8.0)).abs() < 1e-9,
+            "{cost}"
+        );
+        // No cached price: cached tokens cost the input price.
+        let plain = ModelPrice {
+            cached_input_per_million: None,
+            ..price
+        };
+        assert!((plain.cost_with_cache(1_000_000, 600_000, 0) - 2.0).abs() < 1e-9);
+        // More cached than input (a provider's rounding) never goes negative.
+        assert!(price.cost_with_cache(10, 20, 0) >= 0.0);
     }
 
     #[test]

@@ -506,6 +506,7 @@ mod tests {
                 ModelPrice {
                     input_per_million: if name == "us" { 1.0 } else { 5.0 },
                     output_per_million: 1.0,
+                    cached_input_per_million: None,
                 },
             )]),
             key_pools: vec![],

@@ -18,12 +18,21 @@ use crate::control as pb;
 /// snapshot from the wire is clamped.
 pub const MAX_RETRIES: u32 = 10;
 use crate::{
-    Downgrade, FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitsSnapshot, ModelPrice, PoolKey,
-    ProviderKind, ProviderSnapshot, RegionSnapshot, RetryPolicy, RouteRule, RouteSnapshot,
-    RouteTarget, RttScore, RuleCondition, ScoreKey, Scores, Secret, SimulatedFault,
-    SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Strategy, TargetScore, Tenant,
-    Tenants, WeightedTarget,
+    Downgrade, FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitSet, LimitsSnapshot,
+    ModelPrice, PoolKey, ProviderKind, ProviderSnapshot, RegionSnapshot, RetryPolicy, RouteRule,
+    RouteSnapshot, RouteTarget, RttScore, RuleCondition, ScoreKey, Scores, Secret, SimulatedFault,
+    SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Spend, Strategy, TargetScore,
+    Tenant, Tenants, VirtualKey, WeightedTarget,
 };
+
+fn spend_to_wire(s: &Spend) -> pb::SpendMsg {
+    pb::SpendMsg {
+        day_usd: s.day_usd,
+        month_usd: s.month_usd,
+        day: s.day,
+        month: s.month,
+    }
+}
 
 /// Why a snapshot message cannot become a [`Snapshot`]; `path` names the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +203,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                 pb::PriceMsg {
                                     input_per_million: price.input_per_million,
                                     output_per_million: price.output_per_million,
+                                    cached_input_per_million: price.cached_input_per_million,
                                 },
                             )
                         })
@@ -221,12 +231,21 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 (name.clone(), msg)
             })
             .collect();
-        let mut tenants: Vec<_> = s
+        let key_of: HashMap<&str, &KeyHash> = s
             .tenants()
             .keys()
-            .map(|(hash, t)| pb::TenantMsg {
+            .map(|(hash, t)| (t.id.as_str(), hash))
+            .collect();
+        let mut tenants: Vec<_> = s
+            .tenants()
+            .iter()
+            .map(|t| pb::TenantMsg {
                 id: t.id.clone(),
-                key_sha256: hash.0.to_vec(),
+                // Empty: a tenant reached through virtual keys only.
+                key_sha256: key_of
+                    .get(t.id.as_str())
+                    .map(|h| h.0.to_vec())
+                    .unwrap_or_default(),
                 allowed_models: t
                     .allowed_models
                     .as_ref()
@@ -235,9 +254,40 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 tpm: t.tpm.unwrap_or(0),
                 monthly_budget_usd: t.monthly_budget_usd.unwrap_or(0.0),
                 residency: t.residency.clone().unwrap_or_default(),
+                concurrency: t.concurrency.unwrap_or(0),
+                daily_budget_usd: t.daily_budget_usd.unwrap_or(0.0),
+                budget_warn_ratio: t.budget_warn_ratio.unwrap_or(0.0),
+                fail_closed: t.fail_closed,
+                limit_share: t.limit_share.unwrap_or(0.0),
+                edge_residency_relaxed: t.edge_residency_relaxed,
             })
             .collect();
         tenants.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut virtual_keys: Vec<_> = s
+            .tenants()
+            .virtual_keys()
+            .map(|(hash, k)| pb::VirtualKeyMsg {
+                id: k.id.clone(),
+                key_sha256: hash.0.to_vec(),
+                tenant: k.tenant.clone(),
+                allowed_models: k
+                    .allowed_models
+                    .as_ref()
+                    .map(|m| pb::AllowedModels { models: m.clone() }),
+                rpm: k.limits.rpm.unwrap_or(0),
+                tpm: k.limits.tpm.unwrap_or(0),
+                concurrency: k.limits.concurrency.unwrap_or(0),
+                daily_budget_usd: k.limits.daily_usd.unwrap_or(0.0),
+                monthly_budget_usd: k.limits.monthly_usd.unwrap_or(0.0),
+                expires_at_ms: k.expires_at_ms.unwrap_or(0),
+            })
+            .collect();
+        virtual_keys.sort_by(|a, b| a.id.cmp(&b.id));
+        let spend = s
+            .tenants()
+            .spends()
+            .map(|(scope, sp)| (scope.clone(), spend_to_wire(sp)))
+            .collect();
         pb::SnapshotMsg {
             version: s.version(),
             providers,
@@ -312,6 +362,8 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 })
                 .collect(),
             tenants,
+            virtual_keys,
+            spend,
             limits: Some(pb::LimitsMsg {
                 max_body_bytes: s.limits().max_body_bytes as u64,
                 upstream_timeout_ms: s.limits().upstream_timeout.as_millis() as u64,
@@ -328,6 +380,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                             name: r.name.clone(),
                             jurisdiction: r.jurisdiction.clone().unwrap_or_default(),
                             egress: r.egress.clone(),
+                            hostname: r.hostname.clone().unwrap_or_default(),
                         },
                     )
                 })
@@ -411,9 +464,13 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
     }
     let mut pricing = HashMap::new();
     for (model, price) in p.pricing {
-        if [price.input_per_million, price.output_per_million]
-            .iter()
-            .any(|p| p.is_nan() || *p < 0.0)
+        if [
+            price.input_per_million,
+            price.output_per_million,
+            price.cached_input_per_million.unwrap_or(0.0),
+        ]
+        .iter()
+        .any(|p| p.is_nan() || *p < 0.0)
         {
             return Err(invalid(
                 format!("{path}.pricing.{model}"),
@@ -425,6 +482,7 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
             ModelPrice {
                 input_per_million: price.input_per_million,
                 output_per_million: price.output_per_million,
+                cached_input_per_million: price.cached_input_per_million,
             },
         );
     }
@@ -637,37 +695,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                 }),
             );
         }
-        let mut tenants = Tenants::default();
-        let mut ids = HashSet::new();
-        for (i, t) in msg.tenants.into_iter().enumerate() {
-            let path = format!("tenants[{i}]");
-            let hash: [u8; 32] = t
-                .key_sha256
-                .as_slice()
-                .try_into()
-                .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
-            if !ids.insert(t.id.clone()) {
-                return Err(invalid(format!("{path}.id"), "duplicate tenant id"));
-            }
-            if t.monthly_budget_usd.is_nan() || t.monthly_budget_usd < 0.0 {
-                return Err(invalid(
-                    format!("{path}.monthly_budget_usd"),
-                    "must be non-negative",
-                ));
-            }
-            tenants.insert(
-                KeyHash(hash),
-                Tenant {
-                    id: t.id,
-                    allowed_models: t.allowed_models.map(|a| a.models),
-                    rpm: (t.rpm > 0).then_some(t.rpm),
-                    tpm: (t.tpm > 0).then_some(t.tpm),
-                    monthly_budget_usd: (t.monthly_budget_usd > 0.0)
-                        .then_some(t.monthly_budget_usd),
-                    residency: (!t.residency.is_empty()).then_some(t.residency),
-                },
-            );
-        }
+        let tenants = tenants_from_wire(msg.tenants, msg.virtual_keys, msg.spend)?;
         let l = msg.limits.ok_or_else(|| InvalidSnapshot::MissingField {
             path: "limits".into(),
         })?;
@@ -698,6 +726,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                         name,
                         jurisdiction: opt(&r.jurisdiction),
                         egress: r.egress,
+                        hostname: opt(&r.hostname),
                     },
                 )
             })
@@ -715,6 +744,113 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
         }
         .build())
     }
+}
+
+/// The tenant part of a snapshot message: tenants, virtual keys and the
+/// fleet's spend. Also what a node swaps in on a refresh of the same
+/// policy version (new keys, revocations, spend, leases).
+pub fn tenants_from_wire(
+    tenant_msgs: Vec<pb::TenantMsg>,
+    virtual_keys: Vec<pb::VirtualKeyMsg>,
+    spend: HashMap<String, pb::SpendMsg>,
+) -> Result<Tenants, InvalidSnapshot> {
+    let mut tenants = Tenants::default();
+    let mut ids = HashSet::new();
+    for (i, t) in tenant_msgs.into_iter().enumerate() {
+        let path = format!("tenants[{i}]");
+        let hash: Option<[u8; 32]> = if t.key_sha256.is_empty() {
+            None
+        } else {
+            Some(
+                t.key_sha256
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?,
+            )
+        };
+        if !ids.insert(t.id.clone()) {
+            return Err(invalid(format!("{path}.id"), "duplicate tenant id"));
+        }
+        for (field, v) in [
+            ("monthly_budget_usd", t.monthly_budget_usd),
+            ("daily_budget_usd", t.daily_budget_usd),
+            ("budget_warn_ratio", t.budget_warn_ratio),
+            ("limit_share", t.limit_share),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(invalid(format!("{path}.{field}"), "must be non-negative"));
+            }
+        }
+        if t.limit_share > 1.0 || t.budget_warn_ratio > 1.0 {
+            return Err(invalid(format!("{path}.limit_share"), "at most 1"));
+        }
+        let positive = |v: f64| (v > 0.0).then_some(v);
+        let tenant = Tenant {
+            id: t.id,
+            allowed_models: t.allowed_models.map(|a| a.models),
+            rpm: (t.rpm > 0).then_some(t.rpm),
+            tpm: (t.tpm > 0).then_some(t.tpm),
+            concurrency: (t.concurrency > 0).then_some(t.concurrency),
+            daily_budget_usd: positive(t.daily_budget_usd),
+            monthly_budget_usd: positive(t.monthly_budget_usd),
+            budget_warn_ratio: positive(t.budget_warn_ratio),
+            fail_closed: t.fail_closed,
+            limit_share: positive(t.limit_share),
+            residency: (!t.residency.is_empty()).then_some(t.residency),
+            edge_residency_relaxed: t.edge_residency_relaxed,
+        };
+        match hash {
+            Some(hash) => tenants.insert(KeyHash(hash), tenant),
+            None => tenants.insert_keyless(tenant),
+        }
+    }
+    for (i, k) in virtual_keys.into_iter().enumerate() {
+        let path = format!("virtual_keys[{i}]");
+        let hash: [u8; 32] = k
+            .key_sha256
+            .as_slice()
+            .try_into()
+            .map_err(|_| invalid(format!("{path}.key_sha256"), "must be 32 bytes"))?;
+        for (field, v) in [
+            ("daily_budget_usd", k.daily_budget_usd),
+            ("monthly_budget_usd", k.monthly_budget_usd),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(invalid(format!("{path}.{field}"), "must be non-negative"));
+            }
+        }
+        let positive = |v: f64| (v > 0.0).then_some(v);
+        // A key of a tenant this snapshot does not have grants nothing.
+        tenants.insert_virtual_key(
+            KeyHash(hash),
+            VirtualKey {
+                id: k.id,
+                tenant: k.tenant,
+                allowed_models: k.allowed_models.map(|a| a.models),
+                limits: LimitSet {
+                    rpm: (k.rpm > 0).then_some(k.rpm),
+                    tpm: (k.tpm > 0).then_some(k.tpm),
+                    concurrency: (k.concurrency > 0).then_some(k.concurrency),
+                    daily_usd: positive(k.daily_budget_usd),
+                    monthly_usd: positive(k.monthly_budget_usd),
+                },
+                expires_at_ms: (k.expires_at_ms > 0).then_some(k.expires_at_ms),
+            },
+        );
+    }
+    for (scope, sp) in spend {
+        let finite = |x: f64| if x.is_finite() && x >= 0.0 { x } else { 0.0 };
+        tenants.set_spend(
+            scope,
+            Spend {
+                day_usd: finite(sp.day_usd),
+                month_usd: finite(sp.month_usd),
+                day: sp.day,
+                month: sp.month,
+            },
+        );
+    }
+    Ok(tenants)
 }
 
 /// Scores carry no invariants a node relies on, so this cannot fail;
@@ -812,9 +948,9 @@ mod tests {
                 id: "t".into(),
                 allowed_models: Some(vec!["p/m".into()]),
                 rpm: Some(5),
-                tpm: None,
                 monthly_budget_usd: Some(10.0),
                 residency: Some(vec!["eu".into()]),
+                ..Tenant::default()
             },
         );
         s.build()

@@ -59,6 +59,9 @@ pub struct RegionDoc {
     /// Egress node addresses (`host:port`) serving this region.
     #[serde(default)]
     pub egress: Vec<String>,
+    /// Public hostname of the region's edges (`api.eu.example.com`):
+    /// tenants refused at another region's edge are told to use it.
+    pub hostname: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +135,9 @@ pub struct PriceDoc {
     pub input: f64,
     /// USD per million output tokens.
     pub output: f64,
+    /// USD per million input tokens served from the provider's prompt
+    /// cache; absent = the input price.
+    pub cached_input: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -322,8 +328,9 @@ pub struct TargetDoc {
 #[serde(deny_unknown_fields)]
 pub struct TenantDoc {
     pub id: String,
-    /// Hex SHA-256 of the virtual key; the key itself is never stored.
-    pub key_sha256: String,
+    /// Hex SHA-256 of the tenant's policy key; the key itself is never
+    /// stored. Optional: keys may also be issued with `ctl vkeys create`.
+    pub key_sha256: Option<String>,
     /// Model names (as clients write them) the tenant may use; absent = all.
     pub allowed_models: Option<Vec<String>>,
     #[serde(default)]
@@ -331,6 +338,17 @@ pub struct TenantDoc {
     pub budget: Option<BudgetDoc>,
     /// Jurisdictions the tenant's requests may be processed in; absent = any.
     pub residency: Option<Vec<String>>,
+    /// `strict` (the default with `residency`): an edge outside the
+    /// tenant's jurisdictions refuses its requests from the key alone,
+    /// before reading the body. `relaxed`: it reads and forwards them.
+    pub edge_residency: Option<EdgeResidencyDoc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EdgeResidencyDoc {
+    Strict,
+    Relaxed,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -338,14 +356,31 @@ pub struct TenantDoc {
 pub struct TenantLimitsDoc {
     /// Requests per minute.
     pub rpm: Option<u32>,
-    /// Tokens per minute.
+    /// Tokens (prompt estimate at admission, corrected with the real
+    /// usage) per minute.
     pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrency: Option<u32>,
+    /// What edges do while shared counters (Redis) are unreachable:
+    /// `open` (default) admits and counts locally, `closed` refuses.
+    pub on_counter_error: Option<CounterErrorDoc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CounterErrorDoc {
+    Open,
+    Closed,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetDoc {
-    pub monthly_usd: f64,
+    pub monthly_usd: Option<f64>,
+    pub daily_usd: Option<f64>,
+    /// Fraction (0..1) of a budget after which answers carry an
+    /// `x-switchyard-budget-warning` header.
+    pub warn_at: Option<f64>,
 }
 
 /// One problem in a policy document, located by path.

@@ -60,6 +60,7 @@ pub(super) fn regions(
                 name: name.clone(),
                 jurisdiction: r.jurisdiction.clone(),
                 egress: r.egress.clone(),
+                hostname: r.hostname.clone(),
             },
         );
     }
@@ -275,7 +276,7 @@ fn pricing(
     let mut pricing = HashMap::new();
     for (model, price) in &p.pricing {
         let ok = |x: f64| x.is_finite() && x >= 0.0;
-        if !ok(price.input) || !ok(price.output) {
+        if !ok(price.input) || !ok(price.output) || !price.cached_input.is_none_or(ok) {
             err(
                 format!("{path}.pricing.{model}"),
                 "input and output must be non-negative numbers (USD per million tokens)".into(),
@@ -287,6 +288,7 @@ fn pricing(
             ModelPrice {
                 input_per_million: price.input,
                 output_per_million: price.output,
+                cached_input_per_million: price.cached_input,
             },
         );
     }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use switchyard_proto::{KeyHash, PlanError, Snapshot, Tenant, Tenants};
 
-use super::{Errors, PolicyDocument};
+use super::{CounterErrorDoc, EdgeResidencyDoc, Errors, PolicyDocument};
 
 pub(super) fn tenants(
     doc: &PolicyDocument,
@@ -23,38 +23,58 @@ pub(super) fn tenants(
                 format!("duplicate tenant id {:?}", t.id),
             );
         }
-        let key = KeyHash::from_hex(&t.key_sha256);
-        match &key {
-            Some(hash) => {
-                if tenants.contains_key(hash) {
+        let key = match &t.key_sha256 {
+            None => None,
+            Some(hex) => match KeyHash::from_hex(hex) {
+                Some(hash) => {
+                    if tenants.contains_key(&hash) {
+                        err(
+                            format!("{path}.key_sha256"),
+                            "another tenant has the same key".into(),
+                        );
+                    }
+                    Some(hash)
+                }
+                None => {
                     err(
                         format!("{path}.key_sha256"),
-                        "another tenant has the same key".into(),
+                        "must be 64 hex characters (SHA-256 of the virtual key)".into(),
+                    );
+                    None
+                }
+            },
+        };
+        for (field, zero) in [
+            ("rpm", t.limits.rpm == Some(0)),
+            ("tpm", t.limits.tpm == Some(0)),
+            ("concurrency", t.limits.concurrency == Some(0)),
+        ] {
+            if zero {
+                err(
+                    format!("{path}.limits.{field}"),
+                    "must be greater than 0".into(),
+                );
+            }
+        }
+        if let Some(b) = &t.budget {
+            for (field, v) in [("monthly_usd", b.monthly_usd), ("daily_usd", b.daily_usd)] {
+                if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                    err(
+                        format!("{path}.budget.{field}"),
+                        "must be a positive number".into(),
                     );
                 }
             }
-            None => err(
-                format!("{path}.key_sha256"),
-                "must be 64 hex characters (SHA-256 of the virtual key)".into(),
-            ),
-        }
-        if t.limits.rpm == Some(0) {
-            err(
-                format!("{path}.limits.rpm"),
-                "must be greater than 0".into(),
-            );
-        }
-        if t.limits.tpm == Some(0) {
-            err(
-                format!("{path}.limits.tpm"),
-                "must be greater than 0".into(),
-            );
-        }
-        if let Some(b) = &t.budget {
-            if !(b.monthly_usd.is_finite() && b.monthly_usd > 0.0) {
+            if b.monthly_usd.is_none() && b.daily_usd.is_none() {
                 err(
-                    format!("{path}.budget.monthly_usd"),
-                    "must be a positive number".into(),
+                    format!("{path}.budget"),
+                    "set monthly_usd, daily_usd or both".into(),
+                );
+            }
+            if b.warn_at.is_some_and(|w| !(w > 0.0 && w < 1.0)) {
+                err(
+                    format!("{path}.budget.warn_at"),
+                    "must be a fraction between 0 and 1 (0.8 warns at 80 %)".into(),
                 );
             }
         }
@@ -73,20 +93,29 @@ pub(super) fn tenants(
                     );
                 }
             }
-        }
-        // Without a valid key the document is refused anyway.
-        if let Some(key) = key {
-            tenants.insert(
-                key,
-                Tenant {
-                    id: t.id.clone(),
-                    allowed_models: t.allowed_models.clone(),
-                    rpm: t.limits.rpm,
-                    tpm: t.limits.tpm,
-                    monthly_budget_usd: t.budget.as_ref().map(|b| b.monthly_usd),
-                    residency: t.residency.clone(),
-                },
+        } else if t.edge_residency.is_some() {
+            err(
+                format!("{path}.edge_residency"),
+                "only means something with `residency`".into(),
             );
+        }
+        let tenant = Tenant {
+            id: t.id.clone(),
+            allowed_models: t.allowed_models.clone(),
+            rpm: t.limits.rpm,
+            tpm: t.limits.tpm,
+            concurrency: t.limits.concurrency,
+            daily_budget_usd: t.budget.as_ref().and_then(|b| b.daily_usd),
+            monthly_budget_usd: t.budget.as_ref().and_then(|b| b.monthly_usd),
+            budget_warn_ratio: t.budget.as_ref().and_then(|b| b.warn_at),
+            fail_closed: t.limits.on_counter_error == Some(CounterErrorDoc::Closed),
+            limit_share: None,
+            residency: t.residency.clone(),
+            edge_residency_relaxed: t.edge_residency == Some(EdgeResidencyDoc::Relaxed),
+        };
+        match key {
+            Some(key) => tenants.insert(key, tenant),
+            None => tenants.insert_keyless(tenant),
         }
     }
     tenants

@@ -26,6 +26,7 @@ use switchyard_proto::{ProviderKind, Snapshot, Tenant};
 use super::{fail, Failure};
 use crate::app::EdgeApp;
 use crate::auth::authenticate_with;
+use crate::cache::{self, CachedAnswer, ResponseCache};
 use crate::ctx::RequestCtx;
 use crate::respond;
 
@@ -156,9 +157,14 @@ pub(crate) async fn admit(
         answer(app, session, snap, ctx, body).await;
         return Ok(Admitted::Answered);
     }
-    let tenant =
+    let principal =
         authenticate_with(session, snap, ctx.protocol == Protocol::Gemini).map_err(fail)?;
+    let tenant = principal.tenant;
     ctx.tenant = Some(tenant.clone());
+    ctx.key = principal.key;
+    // From the key alone, before a byte of the body is read: a tenant
+    // bound to other jurisdictions never has its prompt decrypted here.
+    check_edge_residency(app, snap, &tenant).map_err(fail)?;
     // The tenant's jurisdictions, narrowed (never widened) by the header.
     ctx.residency = narrow_residency(
         tenant.residency.as_deref(),
@@ -172,7 +178,7 @@ pub(crate) async fn admit(
         Endpoint::Health => return Ok(Admitted::Answered),
         Endpoint::GeminiModel(id) => {
             let discovered = app.upstream.discovered_models().await;
-            let Some((name, _)) = all_models(snap, &tenant, discovered)
+            let Some((name, _)) = all_models(snap, ctx, &tenant, discovered)
                 .into_iter()
                 .find(|(m, _)| *m == id)
             else {
@@ -186,14 +192,14 @@ pub(crate) async fn admit(
         Endpoint::GeminiModels => {
             run_hooks(app, ctx)?;
             let discovered = app.upstream.discovered_models().await;
-            let body = gemini_models_list(&all_models(snap, &tenant, discovered));
+            let body = gemini_models_list(&all_models(snap, ctx, &tenant, discovered));
             answer(app, session, snap, ctx, body).await;
             return Ok(Admitted::Answered);
         }
         Endpoint::Models => {
             run_hooks(app, ctx)?;
             let discovered = app.upstream.discovered_models().await;
-            let body = models_list(&all_models(snap, &tenant, discovered));
+            let body = models_list(&all_models(snap, ctx, &tenant, discovered));
             answer(app, session, snap, ctx, body).await;
             return Ok(Admitted::Answered);
         }
@@ -203,12 +209,12 @@ pub(crate) async fn admit(
                 Some(k) => Some(k),
                 None => {
                     let discovered = app.upstream.discovered_models().await;
-                    all_models(snap, &tenant, discovered)
+                    all_models(snap, ctx, &tenant, discovered)
                         .into_iter()
                         .find(|(m, _)| *m == id)
                 }
             };
-            let Some((name, owner)) = known.filter(|(m, _)| tenant.may_use(m)) else {
+            let Some((name, owner)) = known.filter(|(m, _)| may_use(ctx, &tenant, m)) else {
                 return Err(fail(GatewayError::model_not_found(&id)));
             };
             run_hooks(app, ctx)?;
@@ -227,7 +233,7 @@ pub(crate) async fn admit(
                 ));
             }
             let wildcard = format!("{provider}/*");
-            if !tenant.may_use(&wildcard) {
+            if !may_use(ctx, &tenant, &wildcard) {
                 return Err(fail(
                     GatewayError::new(
                         ErrorKind::Forbidden,
@@ -277,16 +283,190 @@ pub(crate) async fn admit(
             let op = parse_operation(&endpoint, &body).map_err(fail)?;
             let requested = requested_model(&op);
             check_model_name(requested).map_err(fail)?;
+            if let Some(key) = ctx.key.as_deref().filter(|k| !k.may_use(requested)) {
+                return Err(fail(
+                    GatewayError::new(
+                        ErrorKind::Forbidden,
+                        format!(
+                            "The API key {} is not allowed to use the model `{requested}`.",
+                            key.id
+                        ),
+                    )
+                    .with_code("model_not_allowed")
+                    .with_param("model"),
+                ));
+            }
             ctx.model = Some(requested.to_string());
             ctx.stream = op.is_stream();
+            if app.cache.is_some() && !matches!(op, Operation::CountTokens { .. }) {
+                ctx.cache_key = ResponseCache::key_for(
+                    header_text(session, cache::HEADER),
+                    header_text(session, cache::TTL_HEADER),
+                    &tenant.id,
+                    ctx.residency.as_deref(),
+                    ctx.endpoint,
+                    raw_header,
+                    &body,
+                );
+            }
+            // About four bytes a token: the estimate `tpm` takes up front,
+            // corrected with the real usage when the request ends.
+            ctx.estimated_tokens = (body.len() as u64).div_ceil(4);
             Request::Api {
                 op,
                 raw_body: raw_header.then_some(body),
             }
         }
     };
+    enforce_limits(app, snap, ctx).await?;
     run_hooks(app, ctx)?;
+    if let (Some(cache), Some(key)) = (&app.cache, &ctx.cache_key) {
+        if let Some(hit) = cache.get(key).await {
+            ctx.cache_key = None;
+            ctx.cache_hit = true;
+            replay(app, session, snap, ctx, &hit).await;
+            return Ok(Admitted::Answered);
+        }
+        ctx.answer_headers.push((cache::HEADER, "miss".into()));
+    }
     Ok(Admitted::Proxy(request))
+}
+
+fn header_text<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
+    session.get_header(name).and_then(|v| v.to_str().ok())
+}
+
+/// Writes a cached answer: the body, or the stream's frames as they were
+/// first written (already in the caller's protocol).
+async fn replay(
+    app: &EdgeApp,
+    session: &mut ServerSession,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+    hit: &CachedAnswer,
+) {
+    ctx.status = 200;
+    let jurisdiction = app.jurisdiction(snap);
+    let common = app.common(&ctx.request_id, &jurisdiction);
+    let mut extra = ctx.answer_headers.clone();
+    extra.push((cache::HEADER, "hit".into()));
+    let gone = if hit.stream {
+        let mut h = respond::header(StatusCode::OK, &common);
+        let _ = h.insert_header("content-type", "text/event-stream");
+        let _ = h.insert_header("cache-control", "no-cache");
+        for (k, v) in &extra {
+            let _ = h.insert_header(*k, v.as_str());
+        }
+        if !session.is_http2() {
+            let _ = h.insert_header("transfer-encoding", "chunked");
+        }
+        'write: {
+            if session.write_response_header(h).await.is_err() {
+                break 'write true;
+            }
+            for frame in &hit.frames {
+                if session
+                    .write_response_body(frame.clone(), false)
+                    .await
+                    .is_err()
+                {
+                    break 'write true;
+                }
+            }
+            session.finish_body().await.is_err()
+        }
+    } else {
+        let body = hit.frames.first().cloned().unwrap_or_default();
+        !respond::json(session, StatusCode::OK, body, &common, &extra).await
+    };
+    ctx.client_gone |= gone;
+}
+
+/// Takes the request's slots in its tenant's and key's limits and budgets,
+/// or refuses it with a 429 carrying OpenAI's rate-limit headers.
+async fn enforce_limits(
+    app: &EdgeApp,
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+) -> Result<(), Failure> {
+    let (Some(limiter), Some(tenant)) = (&app.limiter, ctx.tenant.clone()) else {
+        return Ok(());
+    };
+    let key = ctx.key.clone();
+    match limiter
+        .admit(snap, &tenant, key.as_deref(), ctx.estimated_tokens)
+        .await
+    {
+        Ok((ticket, headers)) => {
+            ctx.ticket = ticket;
+            ctx.answer_headers.extend(headers);
+            Ok(())
+        }
+        Err((e, headers)) => {
+            ctx.answer_headers.extend(headers);
+            Err(fail(e))
+        }
+    }
+}
+
+fn may_use(ctx: &RequestCtx, tenant: &Tenant, model: &str) -> bool {
+    tenant.may_use(model) && ctx.key.as_ref().is_none_or(|k| k.may_use(model))
+}
+
+/// A tenant whose residency excludes this edge's jurisdiction is refused
+/// here (unless its policy says `edge_residency: relaxed`), naming the
+/// regional hostnames it must use. An edge whose region the policy does
+/// not declare (single-node mode) cannot tell and lets the plan decide.
+fn check_edge_residency(
+    app: &EdgeApp,
+    snap: &Snapshot,
+    tenant: &Tenant,
+) -> Result<(), GatewayError> {
+    let Some(allowed) = tenant.residency.as_deref() else {
+        return Ok(());
+    };
+    if tenant.edge_residency_relaxed {
+        return Ok(());
+    }
+    let Some(region) = snap.regions().get(&app.region) else {
+        return Ok(());
+    };
+    if region
+        .jurisdiction
+        .as_ref()
+        .is_some_and(|j| allowed.contains(j))
+    {
+        return Ok(());
+    }
+    let mut hosts: Vec<&str> = snap
+        .regions()
+        .values()
+        .filter(|r| r.jurisdiction.as_ref().is_some_and(|j| allowed.contains(j)))
+        .filter_map(|r| r.hostname.as_deref())
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let here = region.jurisdiction.as_deref().unwrap_or("unspecified");
+    let message = if hosts.is_empty() {
+        format!(
+            "This key's data must stay in {}; this edge is in {here} ({}). Use an endpoint in {}.",
+            allowed.join(", "),
+            app.region,
+            allowed.join(", ")
+        )
+    } else {
+        format!(
+            "This key's data must stay in {}; this edge is in {here} ({}). Use {}.",
+            allowed.join(", "),
+            app.region,
+            hosts
+                .iter()
+                .map(|h| format!("https://{h}"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )
+    };
+    Err(GatewayError::new(ErrorKind::Forbidden, message).with_code("residency_wrong_edge"))
 }
 
 fn run_hooks(app: &EdgeApp, ctx: &RequestCtx) -> Result<(), Failure> {
@@ -622,6 +802,7 @@ fn model_object(id: &str, owner: &str) -> serde_json::Value {
 /// (`provider/model`) that the policy did not already name.
 fn all_models(
     snap: &Snapshot,
+    ctx: &RequestCtx,
     tenant: &Tenant,
     discovered: Vec<(String, String)>,
 ) -> Vec<(String, String)> {
@@ -633,7 +814,7 @@ fn all_models(
             .map(|(provider, model)| (format!("{provider}/{model}"), provider))
             .filter(|(m, _)| !known.contains(m)),
     );
-    out.retain(|(m, _)| tenant.may_use(m));
+    out.retain(|(m, _)| may_use(ctx, tenant, m));
     out
 }
 

@@ -48,6 +48,7 @@ pub(crate) async fn respond(
             format!("{}/{}", s.target.provider, s.target.model),
         ));
     }
+    extra.extend(ctx.answer_headers.iter().cloned());
     let observers = &app.hooks.response;
     for o in observers {
         o.on_commit(ctx, ctx.status);
@@ -118,6 +119,7 @@ pub(crate) async fn failure(
     if !ctx.attempts.is_empty() {
         extra.push(("x-switchyard-attempts", ctx.attempts.len().to_string()));
     }
+    extra.extend(ctx.answer_headers.iter().cloned());
     // An unread request body (413, early errors) makes the connection unusable.
     let reusable = session.is_body_done();
     if !reusable {

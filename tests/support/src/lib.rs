@@ -10,9 +10,12 @@
 //! - [`cluster`]: the same for `switchyard edge` / `switchyard egress`
 //!   processes joined by the QUIC backhaul, with certificates from
 //!   `switchyard gen-certs`.
+//! - [`redis::RedisServer`]: a throwaway `redis-server` on a free loopback
+//!   port (shared limit counters), stopped when dropped.
 
 pub mod cluster;
 pub mod fixtures;
 pub mod gateway;
 pub mod mock;
+pub mod redis;
 pub mod sse;
