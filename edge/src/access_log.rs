@@ -5,14 +5,13 @@
 //! a write to stderr under its lock on the request's own thread). When the
 //! binary logs JSON it installs [`install_json_writer`]: the line is then
 //! serialised straight from the request's fields into one buffer and
-//! handed to a writer thread that batches writes to stderr. The line has the
+//! written to stderr in one call. The line has the
 //! same fields as the `tracing` one (`timestamp`, `level`, `target`,
 //! `message` and the request's fields), so readers of the log see no
 //! difference. Without it (pretty logs, tests, embedders) the line goes
 //! through `tracing` as before.
 
 use std::io::Write;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::OnceLock;
 
 use serde::Serialize;
@@ -47,40 +46,12 @@ pub(crate) struct AccessLine<'a> {
     pub client_gone: bool,
 }
 
-/// Lines waiting for the writer thread. When it falls this far behind,
-/// requests wait for it rather than lose lines.
-const QUEUE_LINES: usize = 16 * 1024;
+static JSON_LINES: OnceLock<()> = OnceLock::new();
 
-static JSON_WRITER: OnceLock<SyncSender<Vec<u8>>> = OnceLock::new();
-
-/// Writes access lines as JSON on a thread of their own, to stderr. Called
-/// once by a binary that logs JSON; later calls change nothing.
+/// Writes access lines as JSON straight to stderr. Called once by a binary
+/// that logs JSON.
 pub fn install_json_writer() {
-    JSON_WRITER.get_or_init(|| {
-        let (tx, rx) = sync_channel(QUEUE_LINES);
-        let spawned = std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_lines(rx));
-        if spawned.is_err() {
-            // No thread: `emit` finds the channel closed and logs through
-            // `tracing` instead.
-            tracing::warn!("cannot start the access-log writer thread");
-        }
-        tx
-    });
-}
-
-fn write_lines(rx: Receiver<Vec<u8>>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(&line);
-        // Drain what else is queued, then flush: one write per burst, and a
-        // line never waits for the next request to be seen.
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(&line);
-        }
-        let _ = out.flush();
-    }
+    let _ = JSON_LINES.set(());
 }
 
 /// Logs one request's line.
@@ -88,9 +59,12 @@ pub(crate) fn emit(line: &AccessLine<'_>) {
     if !tracing::enabled!(target: "switchyard::access", tracing::Level::INFO) {
         return;
     }
-    if let Some(tx) = JSON_WRITER.get() {
+    if JSON_LINES.get().is_some() {
         if let Some(bytes) = json_line(line) {
-            if tx.send(bytes).is_ok() {
+            // One write of a whole line on the request's own thread: a
+            // writer thread cost a cross-thread wake-up per request, more
+            // than the write itself when requests come one at a time.
+            if std::io::stderr().lock().write_all(&bytes).is_ok() {
                 return;
             }
         }
