@@ -10,8 +10,12 @@ same machine noise, and measures per request (perf_counter, microseconds):
   total_us  request sent -> stream complete ("data: [DONE]")
 
 Usage: ttfb.py N DIRECT_PORT DIRECT_MODEL GATEWAY_PORT GATEWAY_MODEL KEY
-Prints one `TTFB tag=... ` line per target (parsed by benches/run.sh).
-Standard library only.
+       ttfb.py N TAG:PORT:MODEL[:KEY] [TAG:PORT:MODEL[:KEY] ...]
+
+The second form takes any number of targets (benches/peers.sh: direct,
+nginx, LiteLLM, Switchyard, ...), visited in rotation; the key defaults to
+"x". Prints one `TTFB tag=... ` line per target (parsed by benches/run.sh
+and benches/peers.sh). Standard library only.
 """
 import http.client
 import json
@@ -88,18 +92,39 @@ class Target:
             print("TTFB-FAILURE tag=%s %s" % (self.tag, msg), file=sys.stderr)
 
 
+def parse_targets(args):
+    """The positional form of run.sh, or TAG:PORT:MODEL[:KEY] specs."""
+    if len(args) == 5 and ":" not in args[0]:
+        return [Target("direct", int(args[0]), args[1], args[4]),
+                Target("gateway", int(args[2]), args[3], args[4])]
+    targets = []
+    for spec in args:
+        parts = spec.split(":", 3)
+        if len(parts) < 3:
+            sys.exit("bad target %r: want TAG:PORT:MODEL[:KEY]" % spec)
+        targets.append(Target(parts[0], int(parts[1]), parts[2], parts[3] if len(parts) > 3 else "x"))
+    return targets
+
+
 def main():
     n = int(sys.argv[1])
-    direct = Target("direct", int(sys.argv[2]), sys.argv[3], sys.argv[6])
-    gateway = Target("gateway", int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    targets = parse_targets(sys.argv[2:])
+    if not targets:
+        sys.exit(__doc__)
     for i in range(WARMUP + n):
         record = i >= WARMUP
-        # Alternate which goes first so neither always follows the other.
-        pair = (direct, gateway) if i % 2 == 0 else (gateway, direct)
-        for t in pair:
-            t.one(record)
-    direct.report()
-    gateway.report()
+        # Rotate which goes first so no target always follows the same one.
+        k = i % len(targets)
+        for t in targets[k:] + targets[:k]:
+            try:
+                t.one(record)
+            except (OSError, http.client.HTTPException) as e:
+                t.failures.append("%s: %s" % (type(e).__name__, e))
+                if t.conn is not None:
+                    t.conn.close()
+                    t.conn = None
+    for t in targets:
+        t.report()
 
 
 if __name__ == "__main__":
