@@ -20,6 +20,8 @@
 #   WARMUP=3          seconds of c=CONNS chat load per target before measuring
 #   CONNS=50          connections for the throughput / p99 runs
 #   TTFB_N=200        streamed requests per target for the first-token times
+#   WRK_TIMEOUT=30s   wrk's per-request timeout (a timeout counts as a failure)
+#   SETTLE_MAX=60     longest wait for a target to go idle after each run
 #   MOCK_EVENT_GAP_MS=1  gap between the mock's 14 SSE events
 #   LITELLM=1         0 skips LiteLLM; it is installed (PyPI `litellm[proxy]`)
 #                     into $BENCH_CACHE/litellm-venv on first use
@@ -49,6 +51,8 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-3}
 CONNS=${CONNS:-50}
 TTFB_N=${TTFB_N:-200}
+WRK_TIMEOUT=${WRK_TIMEOUT:-30s}
+SETTLE_MAX=${SETTLE_MAX:-60}
 MOCK_EVENT_GAP_MS=${MOCK_EVENT_GAP_MS:-1}
 LITELLM=${LITELLM:-1}
 NGINX=${NGINX:-1}
@@ -244,7 +248,7 @@ parse_line() { # "PREFIX tag=T k=v ..." -> R[T.k]=v
 run_wrk() { # $1 tag, $2 target, $3 conns, $4 seconds, $5 stream (0/1)
     local out="$WORK/wrk-$1.txt" line
     BENCH_TAG="$1" BENCH_MODEL="${MODEL[$2]}" BENCH_KEY="${TKEY[$2]}" BENCH_STREAM="$5" \
-        $LOAD_PIN wrk -t1 -c"$3" -d"$4s" --timeout 10s --latency -s "$HERE/chat.lua" \
+        $LOAD_PIN wrk -t1 -c"$3" -d"$4s" --timeout "$WRK_TIMEOUT" --latency -s "$HERE/chat.lua" \
         "http://127.0.0.1:${PORT[$2]}" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed ($1)"; }
     line=$(grep '^BENCH ' "$out") || { cat "$out" >&2; die "no result line from wrk ($1)"; }
     echo "$line" >>"$WORK/raw.txt"
@@ -258,21 +262,38 @@ read -r BUSY0 TOTAL0 < <(machine_jiffies)
 OURS0=0
 for t in "${TAGS[@]}"; do OURS0=$((OURS0 + $(tree_ticks "${TPID[$t]}"))); done
 
+# settle PID: waits (at most SETTLE_MAX s) until the target's tree uses less
+# than 5 % of a core over 0.5 s, so work left from one run (requests still in
+# flight when wrk stopped) is finished, and counted, before the next starts.
+settle() {
+    local a b i
+    for i in $(seq 1 $((SETTLE_MAX * 2))); do
+        a=$(tree_ticks "$1"); sleep 0.5; b=$(tree_ticks "$1")
+        [ $(( (b - a) * 100 * 2 )) -lt $(( CLK_TCK * 5 )) ] && return 0
+    done
+    log "still busy after ${SETTLE_MAX}s; going on"
+}
+measured() { # $1 run tag, $2 target, $3 conns, $4 seconds, $5 stream: CPU from start to settled
+    local c0 c1 w0 w1
+    c0=$(tree_ticks "${TPID[$2]}"); w0=$(date +%s%N)
+    run_wrk "$1" "$2" "$3" "$4" "$5"
+    settle "${TPID[$2]}"
+    c1=$(tree_ticks "${TPID[$2]}"); w1=$(date +%s%N)
+    R["$1.cpu_ticks"]=$((c1 - c0))
+    R["$1.window_us"]=$(( (w1 - w0) / 1000 ))
+}
+
 for t in "${TAGS[@]}"; do
     pid=${TPID[$t]}
     log "$t: warm-up ${WARMUP}s at c=$CONNS"
     run_wrk "$t-warm" "$t" "$CONNS" "$WARMUP" 0
+    settle "$pid"
     log "$t: chat c=$CONNS ${DURATION}s"
-    c0=$(tree_ticks "$pid")
-    run_wrk "$t-chat" "$t" "$CONNS" "$DURATION" 0
-    c1=$(tree_ticks "$pid")
-    R["$t-chat.cpu_ticks"]=$((c1 - c0))
+    measured "$t-chat" "$t" "$CONNS" "$DURATION" 0
     log "$t: stream c=$CONNS ${DURATION}s"
-    run_wrk "$t-stream" "$t" "$CONNS" "$DURATION" 1
-    c2=$(tree_ticks "$pid")
-    R["$t-stream.cpu_ticks"]=$((c2 - c1))
+    measured "$t-stream" "$t" "$CONNS" "$DURATION" 1
     log "$t: chat c=1 ${DURATION}s"
-    run_wrk "$t-c1" "$t" 1 "$DURATION" 0
+    measured "$t-c1" "$t" 1 "$DURATION" 0
     read -r _ rss nprocs < <(tree_stat "$pid")
     R["$t.rss_kib"]=$rss
     R["$t.nprocs"]=$nprocs
@@ -321,6 +342,7 @@ R = dict(l.split("=", 1) for l in e["R_DUMP"].splitlines() if "=" in l)
 LABEL = dict(l.split("=", 1) for l in e["LABELS_DUMP"].splitlines() if "=" in l)
 tags = e["TAGS_LIST"].split()
 tck = float(e["CLK_TCK"])
+conns = int(e["CONNS"])
 num = lambda k: float(R.get(k, "0") or 0)
 
 def rps(run):
@@ -328,7 +350,9 @@ def rps(run):
     return num(run + ".requests") / (d / 1e6) if d else 0.0
 
 def cpu_us(run):
-    n = num(run + ".requests")
+    # Requests still in flight when wrk stopped (at most one per connection)
+    # were served before the target settled: their CPU is in the window.
+    n = num(run + ".requests") + (1 if run.endswith("-c1") else conns)
     return num(run + ".cpu_ticks") * 1e6 / tck / n if n else None
 
 def ms(us):
@@ -348,7 +372,7 @@ for t in tags:
     n_cc = cpu_us(base + "-chat") if base else None
     n_sc = cpu_us(base + "-stream") if base else None
     n_p99 = num(base + "-chat.p99_us") if base else None
-    busy = num(t + "-chat.cpu_ticks") / tck / (num(t + "-chat.duration_us") / 1e6 or 1) * 100
+    busy = num(t + "-chat.cpu_ticks") / tck / (num(t + "-chat.window_us") / 1e6 or 1) * 100
     rows.append("| %s | %s | %s | %s / %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s | %s / %s | %.1f (%d) |" % (
         LABEL.get(t, t),
         "{:,.0f}".format(chat), "—" if direct else ratio(chat, rps("direct-chat")),
@@ -410,8 +434,9 @@ out.extend(rows)
 out.append("")
 out.append("CPU per request is utime+stime of the target's whole process tree (`/proc/<pid>/stat`, nginx master + "
            "worker, LiteLLM's python processes) over the run, divided by the requests wrk completed; 1 s ÷ it ≈ "
-           "requests per second per fully used core. The direct row has no gateway (its load runs the mock only). "
-           "*Its CPU use* is that CPU time over the run's wall time: well below 100 % while the gateway is the "
+           "requests per second per fully used core. The CPU window runs from the start of the wrk run until the target is "
+           "idle again, and the requests counted include those in flight when wrk stopped (one per connection). The direct row has no gateway (its load runs the mock only). "
+           "*Its CPU use* is that CPU time over the same window's wall time: well below 100 % while the gateway is the "
            "bottleneck means other processes took its core (see Machine load), which lowers req/s and raises "
            "latency but not CPU per request. RSS is the sum over the tree (shared pages counted per process).")
 out.append("")
