@@ -6,6 +6,8 @@
 --   BENCH_KEY    bearer key (default "x")
 --   BENCH_TAG    label printed on the result line (default "run")
 --   BENCH_STREAM "1" to request an SSE stream (the whole stream is timed)
+--   BENCH_DELAY_MS  pause (ms) before each request on a connection, for a
+--                   modest rate instead of saturation (default: none)
 
 local model = os.getenv("BENCH_MODEL") or "openai/gpt-4o-mini"
 local key = os.getenv("BENCH_KEY") or "x"
@@ -16,6 +18,14 @@ local stream = os.getenv("BENCH_STREAM") == "1" and "true" or "false"
 wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"hi"}],"stream":' .. stream .. '}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. key
+
+local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "")
+if delay_ms and delay_ms > 0 then
+   -- Only defined when asked for: wrk calls it before every request.
+   function delay()
+      return delay_ms
+   end
+end
 
 -- No response() callback on purpose: defining one makes wrk hand every
 -- response's headers and body to Lua, which would slow the client down.

@@ -148,7 +148,8 @@ start_mock() {
 
 # start_switchyard PORT TLS_PORT METRICS_PORT THREADS MOCK_PORT [EXTRA ARGS...]:
 # `switchyard dev` with the empty policy, its openai provider pointed at the
-# mock and the JSON access log on (to $WORK/gateway.log); sets GW_PID.
+# mock and the JSON access log on (appended to $WORK/gateway.log, so it can
+# be truncated while the gateway runs); sets GW_PID.
 # GW_PIN (e.g. "taskset -c 1") is prefixed when set.
 start_switchyard() {
     local port=$1 tls=$2 metrics=$3 threads=$4 mock=$5
@@ -163,7 +164,7 @@ start_switchyard() {
             --metrics-listen "127.0.0.1:$metrics" \
             --config "$WORK/policy.yaml" --state-dir "$WORK/state" \
             --threads "$threads" --log-format json "$@" \
-        >"$WORK/gateway.stdout" 2>"$WORK/gateway.log" &
+        >"$WORK/gateway.stdout" 2>>"$WORK/gateway.log" &
     GW_PID=$!
     PIDS+=("$GW_PID")
 }
