@@ -7,7 +7,7 @@
 #   bash benches/peers.sh                       # builds, ~4 min with DURATION=10
 #   LITELLM=0 DURATION=5 bash benches/peers.sh  # without LiteLLM, quicker
 #   PEER_BIN=/opt/busbar/busbar PEER_NAME=busbar \
-#     PEER_ARGS='--listen 127.0.0.1:{port} --openai-base-url {upstream}' bash benches/peers.sh
+#     PEER_ARGS='<its own flags, with {port} and {upstream} where it wants them>' bash benches/peers.sh
 #
 # The gateway under test runs alone on core 1 (`taskset -c 1`), wrk, the
 # mock and the TTFB client on core 0; on a 1-core machine nothing is pinned
