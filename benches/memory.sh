@@ -49,15 +49,19 @@ KEY="sy-bench-key-0123456789"
 for t in python3 curl; do command -v "$t" >/dev/null 2>&1 || die "$t is required"; done
 build_binaries
 
-# Every stream is a client socket in the client, two in the gateway (client
-# and upstream) and one in the mock: raise the open-file limit to fit.
-NEED=$(( 2 * (STREAMS + HALF_OPEN + PER_IP_PROBE) + 1024 ))
+# Every open stream is two sockets in the gateway (client and upstream), one
+# in the client and one in the mock; the half-open step comes after the
+# streams are gone. Raise the open-file limit to fit (raising the hard limit
+# needs root with CAP_SYS_RESOURCE; some containers cap it, e.g. at 20,000,
+# which holds at most ~9,900 streams).
+BIG=$(( STREAMS > HALF_OPEN + PER_IP_PROBE ? STREAMS : HALF_OPEN + PER_IP_PROBE ))
+NEED=$(( 2 * BIG + 200 ))
 if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$NEED" ]; then
-    ulimit -Hn "$NEED" 2>/dev/null || log "cannot raise the hard open-file limit to $NEED (not root?)"
+    ulimit -Hn "$NEED" 2>/dev/null || log "cannot raise the hard open-file limit $(ulimit -Hn) to $NEED"
 fi
 ulimit -n "$NEED" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$NEED" ] ||
-    die "open-file limit $(ulimit -n) is below the $NEED this needs; lower STREAMS/HALF_OPEN"
+    die "open-file limit $(ulimit -n) is below the $NEED that $BIG connections need; lower STREAMS (at most $(( ($(ulimit -n) - 200) / 2 )) here)"
 log "open-file limit $(ulimit -n)"
 
 start_work_dir memory
