@@ -139,6 +139,12 @@ commit_line() {
     echo "$c"
 }
 
+# The binary measured, with its build time: with SKIP_BUILD=1 it need not
+# come from the commit above.
+binary_line() {
+    echo "\`$GW_BIN\` (built $(date -u -r "$GW_BIN" '+%Y-%m-%d %H:%M UTC')$([ "${SKIP_BUILD:-0}" = 1 ] && echo ', SKIP_BUILD=1: not necessarily from this commit'))"
+}
+
 # start_mock PORT [GAP_MS]: the fixture-replaying mock; sets MOCK_PID.
 start_mock() {
     MOCK_EVENT_GAP_MS=${2:-1} ${MOCK_PIN:-} "$MOCK_BIN" "127.0.0.1:$1" >"$WORK/mock.log" 2>&1 &

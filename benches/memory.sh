@@ -91,7 +91,7 @@ HEADER_TIMEOUT=${HEADER_TIMEOUT:-10000 (default)}
 
 mkdir -p "$(dirname "$OUT")"
 RAW="$(cat "$WORK/client.txt")" DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" MACHINE="$(machine_line)" \
-COMMIT="$(commit_line)" GAP="$MOCK_EVENT_GAP_MS" GW_THREADS="$GW_THREADS" MAX_CONNS="$MAX_CONNS" \
+COMMIT="$(commit_line)" BINARY="$(binary_line)" GAP="$MOCK_EVENT_GAP_MS" GW_THREADS="$GW_THREADS" MAX_CONNS="$MAX_CONNS" \
 HEADER_TIMEOUT="$HEADER_TIMEOUT" GW_ARGS="${GW_ARGS:-}" T_KB="$TARGET_KB_PER_STREAM" T_RATIO="$TARGET_IDLE_RATIO" \
 LOAD="$(cut -d' ' -f1-3 /proc/loadavg)" BAD_FILE="$WORK/bad.txt" python3 - >"$WORK/report.md" <<'PY'
 import os
@@ -118,6 +118,7 @@ o.append("## Gateway memory: open streams, bursts, half-open connections")
 o.append("")
 o.append("- Date: %s; commit %s" % (e["DATE"], e["COMMIT"]))
 o.append("- Machine: %s; load average at the end %s (other sessions' builds share the machine)" % (e["MACHINE"], e["LOAD"]))
+o.append("- Gateway binary: %s" % e["BINARY"])
 o.append("- Settings: `switchyard dev --threads %s --max-connections %s %s`, JSON access log on, header-read timeout "
          "%s ms; mock: 14 SSE events %s ms apart; streams opened at most 256 at a time, client sockets "
          "spread over 127.0.0.x (≤ 200 per address)" % (e["GW_THREADS"], e["MAX_CONNS"], e["GW_ARGS"],

@@ -330,7 +330,7 @@ R_DUMP=$(for k in "${!R[@]}"; do echo "$k=${R[$k]}"; done)
 TAGS_LIST="${TAGS[*]}"
 LABELS_DUMP=$(for t in "${TAGS[@]}"; do echo "$t=${LABEL[$t]}"; done)
 SKIPPED_DUMP=$(printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}") \
-DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" MACHINE="$(machine_line)" COMMIT="$(commit_line)" \
+DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" MACHINE="$(machine_line)" COMMIT="$(commit_line)" BINARY="$(binary_line)" \
 PINNING="$PINNING" DURATION="$DURATION" WARMUP="$WARMUP" CONNS="$CONNS" TTFB_N="$TTFB_N" \
 GAP="$MOCK_EVENT_GAP_MS" CLK_TCK="$CLK_TCK" LOAD_BEFORE="$LOAD_BEFORE" NCPU="$NCPU" \
 CORES_BUSY="$CORES_BUSY" CORES_OTHER="$CORES_OTHER" RAW="$(cat "$WORK/raw.txt")" \
@@ -411,6 +411,7 @@ out.append("## Switchyard and its peers: the same load, one run")
 out.append("")
 out.append("- Date: %s; commit %s" % (e["DATE"], e["COMMIT"]))
 out.append("- Machine: %s" % e["MACHINE"])
+out.append("- Gateway binary: %s" % e["BINARY"])
 out.append("- Pinning: %s" % e["PINNING"])
 out.append("- Machine load: load average %s before; during the run %s of %s cores busy on average, "
            "**%s cores' worth by processes outside this benchmark**" % (

@@ -103,7 +103,7 @@ python3 "$HERE/ttfb.py" 20 "after:$GW_PORT:$MODEL:$KEY" >"$WORK/ttfb.txt" 2>"$WO
 
 mkdir -p "$(dirname "$OUT")"
 RAW="$(grep -h '^BENCH \|^TTFB ' "$WORK"/wrk-*.txt "$WORK/ttfb.txt")" SAMPLES="$(cat "$WORK/samples.txt")" \
-DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" MACHINE="$(machine_line)" COMMIT="$(commit_line)" \
+DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" MACHINE="$(machine_line)" COMMIT="$(commit_line)" BINARY="$(binary_line)" \
 DURATION="$DURATION" SAMPLE_EVERY="$SAMPLE_EVERY" WARMUP_FRAC="$WARMUP_FRAC" FLAT_PCT="$FLAT_PCT" \
 IDLE="$IDLE" HWM="$(hwm_kib "$GW_PID")" CPU_TICKS=$((C1 - C0)) CLK_TCK="$CLK_TCK" GW_THREADS="$GW_THREADS" \
 SETTINGS="chat c=$CHAT_CONNS pause ${CHAT_DELAY_MS} ms; stream c=$STREAM_CONNS pause ${STREAM_DELAY_MS} ms; mock event gap ${MOCK_EVENT_GAP_MS} ms" \
@@ -159,6 +159,7 @@ o.append("## Soak: gateway RSS under mixed chat and stream load")
 o.append("")
 o.append("- Date: %s; commit %s" % (e["DATE"], e["COMMIT"]))
 o.append("- Machine: %s; load average at the end %s (shared with other sessions' builds)" % (e["MACHINE"], e["LOAD"]))
+o.append("- Gateway binary: %s" % e["BINARY"])
 o.append("- Settings: %s s of load; `switchyard dev --threads %s`, JSON access log on; %s; RSS sampled every %s s"
          % (e["DURATION"], e["GW_THREADS"], e["SETTINGS"], e["SAMPLE_EVERY"]))
 o.append("")
