@@ -151,6 +151,7 @@ if int(float(after.get("failures", 1))) or int(float(after.get("n", 0))) == 0:
 total = sum(reqs.values())
 cpu_us = float(e["CPU_TICKS"]) / float(e["CLK_TCK"]) * 1e6 / total if total else 0
 
+
 step = max(1, len(r) // 12)
 series = ", ".join("%.0fs %.1f" % (t[i], r[i]) for i in list(range(0, len(r), step)) + ([len(r) - 1] if (len(r) - 1) % step else []))
 
@@ -172,6 +173,10 @@ o.append("| min / max under load | %.1f / %.1f |" % (min(r), max(r)))
 o.append("| end (t = %.0f s) | %.1f (%+.1f %% vs reference) |" % (t[-1], end, change))
 o.append("| least-squares slope after warm-up | %+.2f MiB/hour |" % slope)
 o.append("| peak (VmHWM) | %.1f |" % (float(e["HWM"]) / 1024))
+# Requests served after the reference sample, assuming an even rate.
+after_ref = total * (t[-1] - t[wi]) / t[-1] if t[-1] else 0
+if after_ref:
+    o.append("| growth after warm-up per request served | %+.0f bytes |" % ((end - ref) * 1048576 / after_ref))
 o.append("")
 o.append("**RSS %s**: end within ±%.0f %% of the value after warm-up → %s (%+.1f %%, slope %+.2f MiB/h)." % (
     "stayed flat" if flat else "did NOT stay flat", flat_pct, "holds" if flat else "does not hold", change, slope))
