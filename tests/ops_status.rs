@@ -2,8 +2,9 @@
 //! local fleet (`switchyard fleet`) serves some traffic, then headless
 //! Chromium opens `/status` on the control plane's admin listener, lets its
 //! script fetch `/status.json`, and the rendered DOM must name the nodes,
-//! the regions, the targets and the tenants by spend, with a tenant name
-//! full of markup shown as text, never run.
+//! the regions, the targets, an egress node's key pool (one key refused by
+//! the provider) and the tenants by spend, with a tenant name full of
+//! markup shown as text, never run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard_testkit::cluster::LocalFleet;
+use switchyard_testkit::mock::MockUpstream;
 
 fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_switchyard"))
@@ -38,6 +40,9 @@ fn chromium() -> Option<PathBuf> {
 /// it as text.
 const MARKUP_TENANT: &str = "<img src=x onerror=\"document.title='pwned'\">mallory";
 const MARKUP_KEY: &str = "sy-test-status-page-markup-tenant";
+/// Provider keys of the mock's pool: the mock answers the first with 401.
+const REFUSED_KEY: &str = "sk-status-page-refused-0123456789";
+const GOOD_KEY: &str = "sk-status-page-good-0123456789";
 
 fn hash_key(key: &str) -> String {
     let out = Command::new(binary())
@@ -49,10 +54,14 @@ fn hash_key(key: &str) -> String {
 }
 
 async fn chat(base: &str, key: &str) -> u16 {
+    chat_model(base, key, "chat").await
+}
+
+async fn chat_model(base: &str, key: &str, model: &str) -> u16 {
     reqwest::Client::new()
         .post(format!("{base}/chat/completions"))
         .bearer_auth(key)
-        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
         .unwrap()
@@ -123,16 +132,28 @@ async fn the_status_page_shows_the_fleet_in_headless_chromium() {
     let control_admin = fleet.admin[0];
     let global = fleet.secret("tenant-key");
 
-    // A tenant named with markup, added through the operator API.
+    // A tenant named with markup, and a provider with a key pool of two
+    // keys in eu-west (a mock upstream that refuses one of them), added
+    // through the operator API.
+    let mock = MockUpstream::start().await;
+    mock.revoke_key(REFUSED_KEY);
     let policy = std::fs::read_to_string(fleet.dir.join("policy.yaml")).unwrap();
-    let with_markup = policy.replace(
-        "tenants:\n",
-        &format!(
-            "tenants:\n  - id: {}\n    key_sha256: \"{}\"\n    budget: {{ monthly_usd: 50 }}\n",
-            serde_json::to_string(MARKUP_TENANT).unwrap(),
-            hash_key(MARKUP_KEY)
-        ),
-    );
+    let with_markup = policy
+        .replace(
+            "tenants:\n",
+            &format!(
+                "tenants:\n  - id: {}\n    key_sha256: \"{}\"\n    budget: {{ monthly_usd: 50 }}\n",
+                serde_json::to_string(MARKUP_TENANT).unwrap(),
+                hash_key(MARKUP_KEY)
+            ),
+        )
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  mock-eu:\n    kind: openai-compatible\n    base_url: \"{}/v1\"\n    region: eu-west\n    models: [m]\n    key_pools:\n      - name: main\n        keys:\n          - {{ id: team-a, value: \"{REFUSED_KEY}\" }}\n          - {{ id: team-b, value: \"{GOOD_KEY}\" }}\n",
+                mock.url()
+            ),
+        );
     assert_ne!(with_markup, policy);
     let r = reqwest::Client::new()
         .post(format!("{}/v1/policy?author=test", fleet.operator_api))
@@ -157,9 +178,16 @@ async fn the_status_page_shows_the_fleet_in_headless_chromium() {
     }
 
     // The JSON the page renders from: every node acknowledged, telemetry
-    // and the ledger arrived.
+    // and the ledger arrived, and the egress reported its pool with the
+    // refused key (the pool rotates keys: requests go on until one met it).
     let started = Instant::now();
     let status_url = format!("http://{control_admin}/status.json");
+    let key_state = |v: &Value, id: &str| -> Option<String> {
+        v["keys"].as_array()?.iter().find_map(|k| {
+            (k["key_id"] == id && k["node"] == "egress-eu")
+                .then(|| k["state"].as_str().unwrap_or_default().to_string())
+        })
+    };
     let status = loop {
         let v: Value = reqwest::get(&status_url)
             .await
@@ -167,6 +195,9 @@ async fn the_status_page_shows_the_fleet_in_headless_chromium() {
             .json()
             .await
             .unwrap();
+        if key_state(&v, "team-a").as_deref() != Some("refused") {
+            assert_eq!(chat_model(&fleet.eu, &global, "mock-eu/m").await, 200);
+        }
         let nodes = ids(&v, "nodes", "id");
         let ok = v["nodes"]
             .as_array()
@@ -174,6 +205,8 @@ async fn the_status_page_shows_the_fleet_in_headless_chromium() {
         let tenants = ids(&v, "top_tenants", "tenant");
         let complete = nodes.len() == 4
             && ok
+            && key_state(&v, "team-a").as_deref() == Some("refused")
+            && key_state(&v, "team-b").as_deref() == Some("ok")
             && !ids(&v, "targets", "provider").is_empty()
             && tenants.contains(&"fleet-global".to_string())
             && tenants.contains(&MARKUP_TENANT.to_string());
@@ -190,6 +223,11 @@ async fn the_status_page_shows_the_fleet_in_headless_chromium() {
         "status.json complete after {:?}: {} bytes",
         started.elapsed(),
         status.to_string().len()
+    );
+    let text = status.to_string();
+    assert!(
+        !text.contains(REFUSED_KEY) && !text.contains(GOOD_KEY),
+        "a provider key on the status page: {text}"
     );
     let spend = status["top_tenants"]
         .as_array()
@@ -238,6 +276,9 @@ async fn the_status_page_shows_the_fleet_in_headless_chromium() {
         "sim-eu",
         "fleet-global",
         "policy version",
+        "team-a",
+        "team-b",
+        "refused",
     ] {
         assert!(dom.contains(needle), "{needle} is not on the page:\n{dom}");
     }
@@ -257,4 +298,13 @@ async fn the_status_page_shows_the_fleet_in_headless_chromium() {
         "markup from a tenant id became an element:\n{dom}"
     );
     assert!(dom.contains("<title>Switchyard status</title>"), "{dom}");
+    assert!(
+        !dom.contains("sk-status-page"),
+        "a provider key on the page"
+    );
+    println!(
+        "mock upstream: {} requests with the refused key, {} with the good one",
+        mock.count(None, Some(REFUSED_KEY)),
+        mock.count(None, Some(GOOD_KEY))
+    );
 }
