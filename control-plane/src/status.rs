@@ -400,7 +400,7 @@ function render(s) {
   table("backhaul", ["edge region", "egress region", "RTT p50", "RTT p95"], s.backhaul, (r, x) => {
     cell(r, x.edge_region); cell(r, x.egress_region); cell(r, ms(x.p50_ms), "n"); cell(r, ms(x.p95_ms), "n");
   });
-  table("ejections", ["edge", "provider", "model", "region", "state", "error rate"], s.ejections, (r, x) => {
+  table("ejections", ["node", "provider", "model", "region", "state", "error rate"], s.ejections, (r, x) => {
     cell(r, x.node); cell(r, x.provider); cell(r, x.model); cell(r, x.region);
     cell(r, x.state, stateClass(x.state)); cell(r, pct(x.error_rate), "n");
   });
