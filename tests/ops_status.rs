@@ -80,7 +80,13 @@ fn dump_dom(chromium: &Path, url: &str) -> String {
             "--disable-dev-shm-usage",
             "--no-first-run",
             "--disable-extensions",
+            // Loopback only: none of Chromium's own calls home.
             "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--disable-domain-reliability",
+            "--disable-client-side-phishing-detection",
             // Virtual time runs the page's timers; fetches still take real
             // time, and the budget waits for them.
             "--virtual-time-budget=8000",
