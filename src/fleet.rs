@@ -450,6 +450,7 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
         ports.admin_edge[0],
         ports.admin_edge[1]
     );
+    println!("  status page:    http://{}/status", ports.admin_cp);
     println!("  tenant keys:    {global_key} (any region), {eu_key} (EU only)");
     println!(
         "  files:          {} (certificates, logs/, policy.yaml, fleet.pids)",
