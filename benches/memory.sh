@@ -141,6 +141,9 @@ if "open" in P:
     o.append("| RSS %ss / %ss after the burst (MiB) | %s / %s |" % (
         os.environ.get("SETTLE", "10"), os.environ.get("SETTLE_LONG", "30"), mib(after), mib(after_long)))
     o.append("| **After the burst (%ss) ÷ idle** | **%.2f×** |" % (os.environ.get("SETTLE_LONG", "30"), ratio))
+    o.append("| RSS after %d more sequential chat requests (MiB), ÷ idle | %s, %.2f× |" % (
+        g("after_streams", "light_n"), mib(g("after_streams", "rss_light_kib")),
+        g("after_streams", "rss_light_kib") / idle if idle else 0))
 o.append("| Half-open connections held (partial request head) | %d |" % ho_n)
 o.append("| RSS before → with them (MiB) | %s → %s |" % (mib(g("half_open", "rss_before_kib")), mib(g("half_open", "rss_kib"))))
 o.append("| **KB per half-open connection** | **%.1f** |" % per_ho)
@@ -175,6 +178,9 @@ print("\n".join(o))
 with open(e["BAD_FILE"], "w") as f:
     if g("after_streams", "failed"):
         f.write("%d of %d streams failed\n" % (g("after_streams", "failed"), streams))
+    if "open" in P and g("after_streams", "light_ok") != g("after_streams", "light_n"):
+        f.write("%d of %d chat requests after the burst failed\n" % (
+            g("after_streams", "light_n") - g("after_streams", "light_ok"), g("after_streams", "light_n")))
 PY
 cp "$WORK/report.md" "$OUT"
 cat "$WORK/report.md"

@@ -10,7 +10,8 @@ from /proc/<pid>/status itself, so each figure is taken at the right moment:
      has received its first SSE event (all open at once), RSS -> KB per
      open stream; every stream is then read to `data: [DONE]` and checked;
   3. SETTLE and SETTLE_LONG seconds after the last one ended, RSS again
-     -> ratio to idle (the later reading is the one judged);
+     -> ratio to idle (the later reading is the one judged), and once more
+     after LIGHT_N sequential small requests;
   4. HALF_OPEN connections that send part of a request head and stall:
      RSS -> KB per connection; then how many the gateway closes, and when
      (its header-read timeout); RSS once they are gone;
@@ -25,6 +26,7 @@ Usage: memory_client.py GATEWAY_PID PORT MODEL KEY   (settings from env)
 Prints `MEM key=value ...` lines (parsed by memory.sh) and progress on stderr.
 """
 import asyncio
+import http.client
 import os
 import sys
 import time
@@ -39,6 +41,7 @@ SETTLE = float(os.environ.get("SETTLE", "10"))
 # A second after-burst reading: allocators that give memory back do it with
 # a delay (mimalloc, jemalloc's decay), glibc mostly not at all.
 SETTLE_LONG = float(os.environ.get("SETTLE_LONG", "30"))
+LIGHT_N = int(os.environ.get("LIGHT_N", "200"))  # requests after SETTLE_LONG
 HALF_OPEN_WAIT = float(os.environ.get("HALF_OPEN_WAIT", "40"))
 
 BODY = ('{"model":"%s","messages":[{"role":"user","content":"hi"}],"stream":true}' % MODEL).encode()
@@ -71,6 +74,22 @@ def source_ip(i):
     """127.0.0.2, 127.0.0.3, ... with at most PER_IP connections each."""
     n = 2 + i // PER_IP
     return "127.0.%d.%d" % (n // 250, n % 250 + 1) if n >= 250 else "127.0.0.%d" % n
+
+
+def light_traffic(n):
+    """n sequential small chat completions on one connection: some
+    allocators only give freed memory back when a thread allocates again."""
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+    body = BODY.replace(b'"stream":true', b'"stream":false')
+    ok = 0
+    for _ in range(n):
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"Authorization": "Bearer " + KEY, "Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        ok += r.status == 200
+    conn.close()
+    return ok
 
 
 def out(**kv):
@@ -203,7 +222,11 @@ async def stream_burst(idle):
     after = rss()
     await asyncio.sleep(max(0.0, SETTLE_LONG - SETTLE))
     after_long = rss()
-    out(phase="after_streams", rss_kib=after, rss_long_kib=after_long, hwm_kib=peak_after_streams,
+    light_ok = await asyncio.to_thread(light_traffic, LIGHT_N)
+    await asyncio.sleep(1.0)
+    after_light = rss()
+    out(phase="after_streams", rss_kib=after, rss_long_kib=after_long, rss_light_kib=after_light,
+        light_ok=light_ok, light_n=LIGHT_N, hwm_kib=peak_after_streams,
         complete=s.done, failed=len(s.failed), done_before_all_open=s.done_before_all_open,
         seconds="%.1f" % t_end)
     return len(s.failed)
