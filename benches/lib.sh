@@ -49,6 +49,7 @@ build_binaries() {
     MOCK_BIN="$CARGO_TARGET_DIR/release/mock-upstream"
     [ -x "$GW_BIN" ] || die "missing $GW_BIN"
     [ -x "$MOCK_BIN" ] || die "missing $MOCK_BIN"
+    BINARY_DESC="\`$GW_BIN\` (built $(date -u -r "$GW_BIN" '+%Y-%m-%d %H:%M:%S UTC')$([ "${SKIP_BUILD:-0}" = 1 ] && echo ', SKIP_BUILD=1: not necessarily from this commit'))"
 }
 
 # start_work_dir NAME: a temp dir, and a trap stopping every pid in PIDS
@@ -141,9 +142,9 @@ commit_line() {
 
 # The binary measured, with its build time: with SKIP_BUILD=1 it need not
 # come from the commit above.
-binary_line() {
-    echo "\`$GW_BIN\` (built $(date -u -r "$GW_BIN" '+%Y-%m-%d %H:%M UTC')$([ "${SKIP_BUILD:-0}" = 1 ] && echo ', SKIP_BUILD=1: not necessarily from this commit'))"
-}
+# Taken when the binaries are chosen: a rebuild during the run does not change
+# what the running process is.
+binary_line() { echo "$BINARY_DESC"; }
 
 # start_mock PORT [GAP_MS]: the fixture-replaying mock; sets MOCK_PID.
 start_mock() {
