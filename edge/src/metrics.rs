@@ -38,6 +38,7 @@ pub struct EdgeMetrics {
     key_events: IntCounterVec,
     rules: IntCounterVec,
     downgrades: IntCounterVec,
+    hedges: IntCounterVec,
     /// The board whose key and pool events are rendered (shared with the
     /// in-process egress in `switchyard dev`).
     health: Mutex<Option<Arc<switchyard_proto::Health>>>,
@@ -150,7 +151,13 @@ impl EdgeMetrics {
             "Non-critical requests downgraded while the route's primary was degraded",
             &["route", "to"],
         );
+        let hedges = counter(
+            "hedges_total",
+            "Hedged requests by route and outcome: started, won_hedge, won_primary, both_failed, budget_refused, no_target",
+            &["route", "outcome"],
+        );
         for c in [
+            &hedges,
             &rules,
             &downgrades,
             &requests,
@@ -185,6 +192,7 @@ impl EdgeMetrics {
             key_events,
             rules,
             downgrades,
+            hedges,
             health: Mutex::new(None),
         }
     }
@@ -192,6 +200,10 @@ impl EdgeMetrics {
     /// Renders the key and pool events this board counts.
     pub fn watch_health(&self, health: Arc<switchyard_proto::Health>) {
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+    }
+
+    pub fn hedge(&self, route: &str, outcome: &str) {
+        self.hedges.with_label_values(&[route, outcome]).inc();
     }
 
     pub fn rule_matched(&self, route: &str, to: &str) {

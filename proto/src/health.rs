@@ -75,6 +75,9 @@ pub struct Entry {
     error_ewma: AtomicU64,
     /// f64 bits, microseconds; 0 until the first success.
     latency_ewma_us: AtomicU64,
+    /// f64 bits: natural log of the p95 latency estimate in microseconds
+    /// (stochastic quantile tracking; see [`P95_STEP`]).
+    latency_p95_ln_us: AtomicU64,
     /// Milliseconds since the board's epoch, plus one; 0 = never.
     last_failure_ms: AtomicU64,
     in_flight: AtomicU32,
@@ -122,6 +125,7 @@ impl Default for Entry {
             failures: AtomicU64::new(0),
             error_ewma: AtomicU64::new(0),
             latency_ewma_us: AtomicU64::new(0),
+            latency_p95_ln_us: AtomicU64::new(0),
             last_failure_ms: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             cooldown_until_ms: AtomicU64::new(0),
@@ -251,6 +255,29 @@ pub enum Availability {
     Ejected,
 }
 
+/// Step (in log space) of the p95 estimate: each sample above it raises it
+/// by 0.95 × this, each below lowers it by 0.05 × this, so it settles where
+/// 5 % of samples lie above (frugal streaming quantiles). Lock-free and
+/// constant memory; it follows a target that gets slower within a dozen
+/// samples and one that gets faster more slowly, which errs on the side
+/// of hedging later.
+pub const P95_STEP: f64 = 0.2;
+
+fn update_p95(cell: &AtomicU64, sample_us: f64, first: bool) {
+    let ln = sample_us.max(1.0).ln();
+    let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+        let old = f64::from_bits(bits);
+        let next = if first {
+            ln
+        } else if ln >= old {
+            old + P95_STEP * 0.95
+        } else {
+            old - P95_STEP * 0.05
+        };
+        Some(next.to_bits())
+    });
+}
+
 fn update_ewma(cell: &AtomicU64, sample: f64, first: bool) {
     let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
         let old = f64::from_bits(bits);
@@ -298,6 +325,16 @@ impl Entry {
         (us > 0.0).then(|| Duration::from_micros(us as u64))
     }
 
+    /// Estimated 95th percentile of successful attempts' latency (to the
+    /// first byte), once there is a success.
+    pub fn latency_p95(&self) -> Option<Duration> {
+        if self.successes() == 0 {
+            return None;
+        }
+        let ln = f64::from_bits(self.latency_p95_ln_us.load(Ordering::Relaxed));
+        Some(Duration::from_micros(ln.exp().min(3.6e9) as u64))
+    }
+
     fn record(&self, outcome: Outcome, now_ms: u64) -> Option<Transition> {
         let first = self.samples() == 0;
         match outcome {
@@ -307,6 +344,7 @@ impl Entry {
                 update_ewma(&self.error_ewma, 0.0, first);
                 let us = (latency.as_micros() as f64).max(1.0);
                 update_ewma(&self.latency_ewma_us, us, first_latency);
+                update_p95(&self.latency_p95_ln_us, us, first_latency);
                 self.window.add(now_ms, 1, 0);
                 self.consecutive_failures.store(0, Ordering::Relaxed);
                 self.consecutive_429.store(0, Ordering::Relaxed);
@@ -442,6 +480,8 @@ pub struct Health {
     keys: Board,
     egress: Board,
     budgets: Board<RetryBudget>,
+    /// Per tenant: requests on hedged routes (a) and hedges (b).
+    hedge_budgets: Board<RetryBudget>,
     events: Events,
 }
 
@@ -500,6 +540,7 @@ impl Health {
             keys: Board::new(),
             egress: Board::new(),
             budgets: Board::new(),
+            hedge_budgets: Board::new(),
             events: Events::default(),
         }
     }
@@ -512,6 +553,14 @@ impl Health {
     /// The retry budget of a route (or of a bare model name).
     pub fn budget(&self, route: &str) -> Option<Arc<RetryBudget>> {
         self.budgets.entry(route)
+    }
+
+    /// A tenant's hedge budget: the same sliding-window machinery as the
+    /// retry budget, counting the tenant's requests on hedged routes and
+    /// the hedges they started ([`Health::budget_request`],
+    /// [`Health::budget_retry`]).
+    pub fn hedge_budget(&self, tenant: &str) -> Option<Arc<RetryBudget>> {
+        self.hedge_budgets.entry(tenant)
     }
 
     /// Books one request against the route's budget.

@@ -407,7 +407,14 @@ pub struct Tenant {
     /// With residency: an edge outside it still reads the request and sends
     /// it to a permitted region (otherwise it is refused from the key alone).
     pub edge_residency_relaxed: bool,
+    /// Hedged attempts may add at most this percentage of the tenant's
+    /// requests on hedged routes over a sliding window; `None` = the
+    /// default ([`DEFAULT_HEDGE_BUDGET_PERCENT`]), 0 = never hedge.
+    pub hedge_budget_percent: Option<u32>,
 }
+
+/// A tenant's hedge budget when the policy names none.
+pub const DEFAULT_HEDGE_BUDGET_PERCENT: u32 = 10;
 
 /// The limits and budgets one tenant or one virtual key is held to.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -656,7 +663,44 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteRule {
     pub when: RuleCondition,
+    /// The route to plan on instead; empty = the route itself (a rule
+    /// that only filters).
     pub route: String,
+    /// Narrows the planned targets (fallbacks included); `None` = all.
+    pub filter: Option<TargetFilter>,
+}
+
+/// A rule's `filter` action: keep only the targets matching one of `keep`
+/// (when any is given), then leave out those matching one of `drop`.
+/// Applied after residency, so it can only narrow what was permitted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetFilter {
+    pub keep: Vec<TargetMatch>,
+    pub drop: Vec<TargetMatch>,
+}
+
+/// Every field given must equal the target's (`None` matches anything).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetMatch {
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// The region whose egress calls the provider.
+    pub region: Option<String>,
+}
+
+impl TargetMatch {
+    pub fn matches(&self, provider: &str, model: &str, region: Option<&str>) -> bool {
+        self.provider.as_deref().is_none_or(|p| p == provider)
+            && self.model.as_deref().is_none_or(|m| m == model)
+            && self.region.as_deref().is_none_or(|r| Some(r) == region)
+    }
+}
+
+impl TargetFilter {
+    pub fn admits(&self, provider: &str, model: &str, region: Option<&str>) -> bool {
+        (self.keep.is_empty() || self.keep.iter().any(|m| m.matches(provider, model, region)))
+            && !self.drop.iter().any(|m| m.matches(provider, model, region))
+    }
 }
 
 /// Every condition set must hold (an empty condition matches everything).
@@ -710,6 +754,23 @@ pub struct RouteSnapshot {
     /// Evaluated in order before planning.
     pub rules: Vec<RouteRule>,
     pub downgrade: Option<Downgrade>,
+    /// Hedged requests: `None` = off.
+    pub hedge: Option<HedgePolicy>,
+}
+
+/// A route's hedging: when an attempt has not answered (a complete body,
+/// or a stream's first event) after the delay, a second attempt starts on
+/// the plan's next target and the first to answer wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HedgePolicy {
+    /// The delay; with `after_p95`, the delay used while the target's p95
+    /// first-byte time is unknown.
+    pub delay: Duration,
+    /// Wait the target's p95 time to its first byte (this edge's estimate
+    /// once it has a few samples, else the fleet's) instead.
+    pub after_p95: bool,
+    /// Floor of the p95 delay, so a fast target is not hedged on noise.
+    pub min_delay: Duration,
 }
 
 /// Latency and error scores the control plane folds from every node's

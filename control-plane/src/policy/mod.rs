@@ -274,6 +274,29 @@ pub struct RouteDoc {
     /// Non-critical requests (`x-switchyard-priority: low`) go to another
     /// route while this one's primary is degraded.
     pub downgrade: Option<DowngradeDoc>,
+    /// Hedged requests: a second attempt on the next target when the first
+    /// has not answered after a delay; the first answer wins.
+    pub hedge: Option<HedgeDoc>,
+}
+
+/// `routes.R.hedge`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HedgeDoc {
+    /// The delay before the second attempt; with `after: p95`, the delay
+    /// while the target's p95 first-byte time is unknown. Default 1000.
+    pub delay_ms: Option<u64>,
+    /// `p95`: wait the target's p95 first-byte time (this edge's, else the
+    /// fleet's) instead of a fixed delay.
+    pub after: Option<HedgeAfterDoc>,
+    /// Floor of the `after: p95` delay. Default 50.
+    pub min_delay_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HedgeAfterDoc {
+    P95,
 }
 
 /// `routes.R.rules[]`.
@@ -281,7 +304,31 @@ pub struct RouteDoc {
 #[serde(deny_unknown_fields)]
 pub struct RuleDoc {
     pub when: WhenDoc,
-    pub route: String,
+    /// Plan the request on this route instead.
+    pub route: Option<String>,
+    /// Keep only some of the planned targets (after `route`, if given).
+    pub filter: Option<FilterDoc>,
+}
+
+/// `routes.R.rules[].filter`: `keep` only targets matching one of these
+/// (when given), then `drop` those matching one of these.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterDoc {
+    #[serde(default)]
+    pub keep: Vec<MatchDoc>,
+    #[serde(default)]
+    pub drop: Vec<MatchDoc>,
+}
+
+/// Every field given must equal the target's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchDoc {
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// The provider's region.
+    pub region: Option<String>,
 }
 
 /// Conditions of a rule; every one given must hold.
@@ -342,6 +389,11 @@ pub struct TenantDoc {
     /// tenant's jurisdictions refuses its requests from the key alone,
     /// before reading the body. `relaxed`: it reads and forwards them.
     pub edge_residency: Option<EdgeResidencyDoc>,
+    /// Hedged attempts (routes with `hedge`) may add at most this
+    /// percentage of the tenant's requests on hedged routes over a 10 s
+    /// sliding window (at least one per window); 0 = never hedge.
+    /// Default 10.
+    pub hedge_budget_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -14,6 +14,7 @@
 
 pub(crate) mod admit;
 pub(crate) mod dispatch;
+pub(crate) mod hedge;
 pub(crate) mod plan;
 pub(crate) mod record;
 pub(crate) mod respond;

@@ -19,6 +19,9 @@
 //!   generator, [`MockUpstream::seed`]) with a 500 in OpenAI's shape;
 //!   answers the rest as the default case.
 //! - `fail-<status>`: that status, in OpenAI's error shape, every time.
+//! - `slow-<ms>`: waits that long, then answers as the default case; a
+//!   request the gateway drops during the wait is counted in
+//!   [`MockUpstream::cancellations`] (how hedging's loser is seen cut).
 //!
 //! A bearer key passed to [`MockUpstream::revoke_key`] is answered with
 //! OpenAI's recorded 401 (`invalid_api_key`) whatever the model.
@@ -362,6 +365,24 @@ async fn handle(
                 "server_error",
             ));
         }
+    }
+    if let Some(ms) = model
+        .strip_prefix("slow-")
+        .and_then(|m| m.parse::<u64>().ok())
+    {
+        // Counts the wait as cancelled unless it runs to its end: hyper
+        // drops this future when the gateway closes the connection.
+        struct Waiting(Arc<State>, bool);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.cancellations.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        let mut waiting = Waiting(state.clone(), false);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        waiting.1 = true;
     }
     let gap = *state.event_gap.lock().unwrap();
     match model.as_str() {
