@@ -908,6 +908,32 @@ mod tests {
     }
 
     #[test]
+    fn the_p95_estimate_settles_where_one_sample_in_twenty_is_slower() {
+        let h = Health::new();
+        let now = Instant::now();
+        let e = h.target("t").unwrap();
+        assert_eq!(e.latency_p95(), None);
+        let ok = |ms| Outcome::Success {
+            latency: Duration::from_millis(ms),
+        };
+        // 95 % of answers at 100 ms, 5 % at 1 s, in a fixed interleaving.
+        for i in 0..2000 {
+            h.record(&e, ok(if i % 20 == 0 { 1000 } else { 100 }), now);
+        }
+        let p95 = e.latency_p95().unwrap();
+        println!("p95 estimate {p95:?}, mean {:?}", e.latency());
+        assert!(
+            p95 >= Duration::from_millis(100) && p95 <= Duration::from_millis(1000),
+            "{p95:?}"
+        );
+        // Everything gets ten times slower: the estimate follows upwards.
+        for _ in 0..100 {
+            h.record(&e, ok(5000), now);
+        }
+        assert!(e.latency_p95().unwrap() > Duration::from_millis(1000));
+    }
+
+    #[test]
     fn board_is_capped() {
         let h = Health::new();
         for i in 0..MAX_ENTRIES {

@@ -1055,6 +1055,76 @@ tenants:
     }
 
     #[test]
+    fn hedging_and_rule_filters_are_carried_and_checked() {
+        let yaml = r#"
+routes:
+  r:
+    hedge: { after: p95, delay_ms: 400, min_delay_ms: 80 }
+    rules:
+      - when: { tag: eu }
+        filter: { keep: [{ provider: simulated }], drop: [{ model: m2 }] }
+    targets: [{ provider: simulated, model: m }, { provider: simulated, model: m2 }]
+  fixed:
+    hedge: { delay_ms: 150 }
+    targets: [{ provider: simulated, model: m }]
+tenants:
+  - { id: a, hedge_budget_percent: 25 }
+"#;
+        let snap = compile_with(yaml, &[]).unwrap().snapshot;
+        for s in [
+            snap.clone(),
+            Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap(),
+        ] {
+            let h = s.routes()["r"].hedge.unwrap();
+            assert!(h.after_p95);
+            assert_eq!(
+                (h.delay, h.min_delay),
+                (Duration::from_millis(400), Duration::from_millis(80))
+            );
+            let f = s.routes()["fixed"].hedge.unwrap();
+            assert!(!f.after_p95);
+            assert_eq!(f.delay, Duration::from_millis(150));
+            assert!(s.routes()["fixed"].rules.is_empty());
+            let rule = &s.routes()["r"].rules[0];
+            assert_eq!(rule.route, "");
+            let filter = rule.filter.as_ref().unwrap();
+            assert!(filter.admits("simulated", "m", None));
+            assert!(!filter.admits("simulated", "m2", None));
+            assert!(!filter.admits("other", "m", None));
+            let a = s.tenants().by_id("a").unwrap();
+            assert_eq!(a.hedge_budget_percent, Some(25));
+        }
+        let bad = r#"
+routes:
+  r:
+    hedge: { delay_ms: 0, min_delay_ms: 5 }
+    rules:
+      - when: { tag: x }
+      - when: { tag: y }
+        filter: {}
+      - when: { tag: z }
+        filter: { keep: [{}], drop: [{ provider: ghost }, { region: mars }] }
+    targets: [{ provider: simulated, model: m }]
+tenants:
+  - { id: a, hedge_budget_percent: 101 }
+"#;
+        let errs = compile_with(bad, &[]).unwrap_err();
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "routes.r.hedge.delay_ms",
+            "routes.r.hedge.min_delay_ms",
+            "routes.r.rules[0]",
+            "routes.r.rules[1].filter",
+            "routes.r.rules[2].filter.keep[0]",
+            "routes.r.rules[2].filter.drop[0].provider",
+            "routes.r.rules[2].filter.drop[1].region",
+            "tenants[0].hedge_budget_percent",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
     fn max_attempts_is_carried_and_zero_is_refused() {
         let yaml = "routes:\n  r:\n    max_attempts: 2\n    targets: [{ provider: simulated, model: m }]\n";
         let snap = compile_with(yaml, &[]).unwrap().snapshot;
