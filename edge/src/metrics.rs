@@ -39,6 +39,7 @@ pub struct EdgeMetrics {
     rules: IntCounterVec,
     downgrades: IntCounterVec,
     hedges: IntCounterVec,
+    fleet_ejections: prometheus::IntCounter,
     /// The board whose key and pool events are rendered (shared with the
     /// in-process egress in `switchyard dev`).
     health: Mutex<Option<Arc<switchyard_proto::Health>>>,
@@ -156,6 +157,14 @@ impl EdgeMetrics {
             "Hedged requests by route and outcome: started, won_hedge, won_primary, both_failed, budget_refused, no_target",
             &["route", "outcome"],
         );
+        let fleet_ejections = prometheus::IntCounter::new(
+            "fleet_ejections_total",
+            "Target breakers this node opened because the fleet-wide error rate was over the ejection threshold",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fleet_ejections.clone()))
+            .expect("register");
         for c in [
             &hedges,
             &rules,
@@ -193,6 +202,7 @@ impl EdgeMetrics {
             rules,
             downgrades,
             hedges,
+            fleet_ejections,
             health: Mutex::new(None),
         }
     }
@@ -258,6 +268,11 @@ impl EdgeMetrics {
             if now > c.get() {
                 c.inc_by(now - c.get());
             }
+        }
+        let now = e.fleet_ejections.load(Ordering::Relaxed);
+        if now > self.fleet_ejections.get() {
+            self.fleet_ejections
+                .inc_by(now - self.fleet_ejections.get());
         }
     }
 

@@ -494,6 +494,9 @@ pub struct Events {
     /// Requests a pool could not serve because every key was out.
     pub pool_exhausted: AtomicU64,
     pub key_breaker_opened: AtomicU64,
+    /// Target breakers opened because the fleet-wide error rate the
+    /// control plane pushed was over the ejection threshold.
+    pub fleet_ejections: AtomicU64,
 }
 
 /// A route's retry budget (Envoy's and Finagle's idea): retries may add at
@@ -646,6 +649,19 @@ impl Health {
         (entry.breaker.load(Ordering::Acquire) == OPEN).then(|| {
             self.epoch + Duration::from_millis(entry.open_until_ms.load(Ordering::Acquire))
         })
+    }
+
+    /// Opens a closed breaker because the fleet says the target fails (the
+    /// control plane's error rate over the ejection threshold) while this
+    /// node has no success of its own to contradict it. From there the
+    /// breaker runs as if it had opened on local failures: ejected, then
+    /// half-open probes, closed by a successful one.
+    pub fn eject_by_fleet(&self, entry: &Entry, now: Instant) -> Option<Transition> {
+        let t = entry.open(CLOSED, self.millis(now));
+        if t.is_some() {
+            self.events.fleet_ejections.fetch_add(1, Ordering::Relaxed);
+        }
+        t
     }
 
     /// Whether the breaker is open or half-open.
