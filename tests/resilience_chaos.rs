@@ -348,3 +348,85 @@ tenants:
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_egress_shows_its_key_pools_on_its_admin_metrics() {
+    install_crypto();
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("res-egress-metrics");
+    let policy = chaos_policy(&dir, &mock);
+    mock.revoke_key("sk-chaos-revoked");
+    let pki = dir.join("pki");
+    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
+    let egress_cert =
+        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
+    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
+        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
+    };
+    let egress = EgressNode::new("eu", tls(&egress_cert))
+        .policy(PolicySource::File(policy.clone()))
+        .admin("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .expect("egress starts");
+    let admin = egress.admin_addr().expect("admin listener");
+    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
+        .policy(PolicySource::File(policy))
+        .egress("eu", egress.local_addr().to_string())
+        .listen("127.0.0.1:0")
+        .start()
+        .await
+        .expect("edge starts");
+    let addr = edge.local_addr().unwrap();
+    let http = client();
+    for i in 0..6 {
+        served(&http, addr, "pooled/gpt-4o-mini", i % 2 == 1)
+            .await
+            .unwrap();
+    }
+    // The storming target: its key is cooled down by the 429s.
+    for _ in 0..3 {
+        let _ = served(&http, addr, "storm/storm-429", false).await;
+    }
+    let page = http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |fragments: &[&str]| -> f64 {
+        page.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find(|l| fragments.iter().all(|f| l.contains(f)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(
+        value(&["switchyard_key_events_total", "event=\"disabled\""]),
+        1.0,
+        "{page}"
+    );
+    assert!(value(&["switchyard_key_events_total", "event=\"cooldown\""]) >= 1.0);
+    assert_eq!(
+        value(&[
+            "switchyard_key_state",
+            "key=\"revoked\"",
+            "state=\"disabled\""
+        ]),
+        1.0
+    );
+    assert_eq!(
+        value(&["switchyard_key_state", "key=\"good\"", "state=\"ok\""]),
+        1.0
+    );
+    assert_eq!(value(&["switchyard_key_in_flight", "key=\"good\""]), 0.0);
+    assert_eq!(value(&["switchyard_key_error_rate", "key=\"good\""]), 0.0);
+    assert!(value(&["switchyard_key_error_rate", "key=\"revoked\""]) > 0.0);
+    assert!(!page.contains("sk-chaos"), "a key value leaked: {page}");
+    edge.shutdown().await;
+    egress.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -495,6 +495,7 @@ impl EgressNode {
                     None => None,
                 };
                 let egress = Egress::new(shared.clone())?;
+                let board = egress.health().clone();
                 if let Some(agent) = &agent {
                     // Key pools as this node sees them, for the status page.
                     let (shared, health) = (shared.clone(), egress.health().clone());
@@ -514,7 +515,7 @@ impl EgressNode {
                 let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
                 let admin_addr = admin.as_ref().map(AdminListener::local_addr);
                 if let Some(admin) = admin {
-                    let metrics = egress_metrics(shared.clone(), connections);
+                    let metrics = egress_metrics(shared.clone(), connections, board);
                     admin.serve(lifecycle.clone(), metrics, admin_rx);
                 }
                 lifecycle.mark_ready();
@@ -574,13 +575,17 @@ fn prepare_egress(snapshot: Snapshot, region: &str) -> Result<Snapshot, NodeErro
     Ok(keep_region_keys(snapshot, region))
 }
 
-/// The egress's `/metrics`: snapshot version and open edge connections
-/// (the lifecycle's gauges are added by the admin listener).
+/// The egress's `/metrics`: snapshot version, open edge connections, and
+/// its key pools as its health board sees them (the lifecycle's gauges are
+/// added by the admin listener). Key gauges are labelled by provider, pool
+/// and key id (never the value) and rebuilt per scrape from the policy's
+/// keys, so a key removed from the policy disappears.
 fn egress_metrics(
     shared: Arc<ArcSwap<Snapshot>>,
     connections: Arc<dyn Fn() -> usize + Send + Sync>,
+    health: Arc<switchyard_proto::Health>,
 ) -> MetricsFn {
-    use prometheus::{IntGauge, Registry};
+    use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
     let version =
         IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
@@ -589,9 +594,116 @@ fn egress_metrics(
     for g in [&version, &open] {
         registry.register(Box::new(g.clone())).expect("register");
     }
+    let labels = ["provider", "pool", "key"];
+    let key_events = IntCounterVec::new(
+        Opts::new(
+            "key_events_total",
+            "Key pool events on this egress: cooldown (429), disabled (401/403), pool_exhausted, breaker_opened",
+        ),
+        &["event"],
+    )
+    .expect("metric");
+    let in_flight = IntGaugeVec::new(
+        Opts::new("key_in_flight", "Provider calls in flight on the key"),
+        &labels,
+    )
+    .expect("metric");
+    let error_rate = GaugeVec::new(
+        Opts::new(
+            "key_error_rate",
+            "Recent share of failed calls on the key (its worst model)",
+        ),
+        &labels,
+    )
+    .expect("metric");
+    let headroom = GaugeVec::new(
+        Opts::new(
+            "key_headroom",
+            "Share of the key's announced quota left (1 = unknown or full), its worst model",
+        ),
+        &labels,
+    )
+    .expect("metric");
+    let state = IntGaugeVec::new(
+        Opts::new(
+            "key_state",
+            "1 for the key's state: ok, cooling (after a 429), quota_exhausted, ejected (breaker open), disabled (refused by the provider)",
+        ),
+        &["provider", "pool", "key", "state"],
+    )
+    .expect("metric");
+    registry
+        .register(Box::new(key_events.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(in_flight.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(error_rate.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(headroom.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(state.clone()))
+        .expect("register");
     Arc::new(move || {
-        version.set(shared.load().version() as i64);
+        let snapshot = shared.load();
+        version.set(snapshot.version() as i64);
         open.set(connections() as i64);
+        let e = health.events();
+        for (event, cell) in [
+            ("cooldown", &e.key_cooldowns),
+            ("disabled", &e.key_disabled),
+            ("pool_exhausted", &e.pool_exhausted),
+            ("breaker_opened", &e.key_breaker_opened),
+        ] {
+            let c = key_events.with_label_values(&[event]);
+            let now = cell.load(std::sync::atomic::Ordering::Relaxed);
+            if now > c.get() {
+                c.inc_by(now - c.get());
+            }
+        }
+        for g in [&in_flight, &state] {
+            g.reset();
+        }
+        for g in [&error_rate, &headroom] {
+            g.reset();
+        }
+        let now = std::time::Instant::now();
+        for p in snapshot.providers().values() {
+            for k in &p.keys {
+                let (mut flying, mut rate, mut room) = (0i64, 0f64, 1f64);
+                let mut worst = 0;
+                for entry in health.key_models(&p.name, &k.pool, &k.id) {
+                    flying += i64::from(entry.in_flight());
+                    rate = rate.max(entry.error_rate());
+                    room = room.min(health.headroom(&entry, now));
+                    let s = if health.is_refused(&entry, k.fingerprint, now) {
+                        4
+                    } else if health.is_ejected(&entry) {
+                        3
+                    } else if health.quota_exhausted_until(&entry, now).is_some() {
+                        2
+                    } else if health.cooling_until(&entry, now).is_some() {
+                        1
+                    } else {
+                        0
+                    };
+                    worst = worst.max(s);
+                }
+                let l = [p.name.as_str(), &*k.pool, &*k.id];
+                in_flight.with_label_values(&l).set(flying);
+                error_rate.with_label_values(&l).set(rate);
+                headroom.with_label_values(&l).set(room);
+                let names = ["ok", "cooling", "quota_exhausted", "ejected", "disabled"];
+                for (i, name) in names.iter().enumerate() {
+                    state
+                        .with_label_values(&[l[0], l[1], l[2], name])
+                        .set(i64::from(i == worst));
+                }
+            }
+        }
         let page = switchyard_control::admin::render(&[&registry]);
         Box::pin(async move { page })
     })

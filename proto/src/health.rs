@@ -617,6 +617,19 @@ impl Health {
         self.keys.get(id)
     }
 
+    /// Every entry of a key, one per model it served: for a metrics scrape,
+    /// not the request path (it walks the whole key board).
+    pub fn key_models(&self, provider: &str, pool: &str, key: &str) -> Vec<Arc<Entry>> {
+        let prefix = key_id(provider, pool, key, "");
+        self.keys
+            .entries
+            .load()
+            .iter()
+            .filter(|(id, _)| id.starts_with(&prefix))
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
     pub fn peek_egress(&self, addr: &str) -> Option<Arc<Entry>> {
         self.egress.get(addr)
     }
