@@ -339,7 +339,10 @@ async fn bench() {
         let out = run(&http, addr, model, true, hedge_n, 1).await;
         let mut t: Vec<Duration> = out.iter().filter(|o| o.ok).map(|o| o.ttfb).collect();
         t.sort();
-        let extra = out.iter().map(|o| o.attempts.saturating_sub(1)).sum::<u32>();
+        let extra = out
+            .iter()
+            .map(|o| o.attempts.saturating_sub(1))
+            .sum::<u32>();
         hedge_rows.push(format!(
             "| {label} | {} | {:.2} % | {} | {} | {:.0} % |",
             out.len(),

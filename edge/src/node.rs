@@ -569,8 +569,19 @@ fn edge_metrics_page(
         &["region", "egress"],
     )
     .expect("metric");
+    let ejected = IntGaugeVec::new(
+        Opts::new(
+            "backhaul_ejected",
+            "1 while this egress node's breaker is open or half-open (its streams kept failing at the transport level)",
+        ),
+        &["region", "egress"],
+    )
+    .expect("metric");
     registry
         .register(Box::new(connected.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(ejected.clone()))
         .expect("register");
     registry
         .register(Box::new(version.clone()))
@@ -589,6 +600,12 @@ fn edge_metrics_page(
                 connected
                     .with_label_values(&[region.as_str(), addr.as_str()])
                     .set(i64::from(up && !draining));
+            }
+            ejected.reset();
+            for (region, addr) in router.ejected_egress() {
+                ejected
+                    .with_label_values(&[region.as_str(), addr.as_str()])
+                    .set(1);
             }
         }
         let page = switchyard_control::admin::render(&[metrics.registry(), &registry]);

@@ -572,7 +572,10 @@ pub(crate) fn answer_status(status: u16) -> Result<StatusCode, GatewayError> {
 }
 
 /// Feeds the planner's health board: what the attempt says about the
-/// target. A client's or the policy's fault says nothing about it.
+/// target. A client's or the policy's fault says nothing about it, nor
+/// does the backhaul's: an egress whose streams fail is cut off by its
+/// own breaker in the tunnel, and the target stays usable through the
+/// region's other egress nodes.
 fn record_health(
     app: &EdgeApp,
     entry: Option<&health::Entry>,
@@ -583,7 +586,9 @@ fn record_health(
         None => Outcome::Success {
             latency: started.elapsed(),
         },
-        Some(e) if matches!(e.source, Source::Client | Source::Policy) => return None,
+        Some(e) if matches!(e.source, Source::Client | Source::Policy | Source::Backhaul) => {
+            return None
+        }
         Some(_) => Outcome::Failure,
     };
     app.health.record(entry?, outcome, Instant::now())
