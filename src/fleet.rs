@@ -232,6 +232,8 @@ routes:
 tenants:
   - id: fleet-global
     key_sha256: "{global}"
+    # Shows budget use on the edges' `/metrics` (budget_used_ratio).
+    budget: {{ monthly_usd: 1000 }}
   - id: fleet-eu
     key_sha256: "{eu_hash}"
     residency: [eu]

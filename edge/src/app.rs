@@ -123,6 +123,7 @@ impl EdgeApp {
     /// counters (in memory, or shared through Redis).
     pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
         limiter.register(self.metrics.registry());
+        limiter.publish_to(self.metrics.clone());
         self.limiter = Some(limiter);
         self
     }
@@ -254,6 +255,10 @@ impl HttpServerApp for EdgeApp {
         // EOF as abort so the provider call is cancelled, not left running.
         session.set_abort_on_close(true);
         let mut ctx = RequestCtx::new(admit::request_id(&session), received_at);
+        if let Some(parent) = admit::traceparent(&session) {
+            ctx.trace = parent.child();
+            ctx.trace_parent = Some(parent);
+        }
         let reusable = self.handle(&mut session, &mut ctx).await;
         if ctx.client_gone {
             return None;

@@ -131,6 +131,8 @@ pub struct Limiter {
     shared: Option<SharedCounters>,
     rejections: IntCounterVec,
     counter_errors: IntCounterVec,
+    /// Where budget use is published (`switchyard_budget_used_ratio`).
+    metrics: std::sync::OnceLock<Arc<crate::metrics::EdgeMetrics>>,
 }
 
 /// What the caller gets when admitted: headers for its answer.
@@ -158,6 +160,7 @@ impl Limiter {
                 &["outcome"],
             )
             .expect("metric"),
+            metrics: std::sync::OnceLock::new(),
         }
     }
 
@@ -175,8 +178,43 @@ impl Limiter {
     }
 
     pub fn register(&self, registry: &prometheus::Registry) {
+        // Every series exists from the start: a rate of refusals is 0, not absent.
+        for kind in [
+            Kind::Requests,
+            Kind::Tokens,
+            Kind::Concurrency,
+            Kind::DailyBudget,
+            Kind::MonthlyBudget,
+        ] {
+            self.rejections.with_label_values(&[kind.label()]);
+        }
         let _ = registry.register(Box::new(self.rejections.clone()));
         let _ = registry.register(Box::new(self.counter_errors.clone()));
+    }
+
+    /// Publishes each tenant's budget use to these metrics at admission.
+    pub fn publish_to(&self, metrics: Arc<crate::metrics::EdgeMetrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// `switchyard_budget_used_ratio` of the tenant's budgets: what the
+    /// fleet spent of each, as far as this edge knows (its lease of what
+    /// was left, `limit`, and what it counted against it since, `used`).
+    fn publish_budgets(&self, tenant: &str, checks: &[Check], used: &[i64], share: f64) {
+        let Some(m) = self.metrics.get() else { return };
+        for (c, used) in checks.iter().zip(used) {
+            if !c.kind.is_budget() || c.scope != "tenant" || c.configured <= 0 {
+                continue;
+            }
+            let left = (c.limit - used) as f64 / share.max(f64::MIN_POSITIVE);
+            let ratio = (1.0 - left / c.configured as f64).max(0.0);
+            let period = if c.kind == Kind::DailyBudget {
+                "day"
+            } else {
+                "month"
+            };
+            m.budget_used(tenant, period, ratio);
+        }
     }
 
     /// Takes the request's slots, or refuses it. On success the headers
@@ -258,6 +296,7 @@ impl Limiter {
         };
         match decision {
             Decision::Admitted { after } => {
+                self.publish_budgets(&tenant.id, &checks, &after, share);
                 let headers = headers(&checks, &after, tenant);
                 let ticket = Ticket {
                     store,
@@ -273,8 +312,18 @@ impl Limiter {
                 };
                 Ok((Some(ticket), headers))
             }
-            Decision::Refused { index, .. } => {
+            Decision::Refused { index, used } => {
                 let c = &checks[index];
+                if c.kind.is_budget() {
+                    // Only the refusing counter's value is known: the
+                    // others keep their last figure.
+                    self.publish_budgets(
+                        &tenant.id,
+                        std::slice::from_ref(c),
+                        &[used.max(c.limit)],
+                        share,
+                    );
+                }
                 self.rejections.with_label_values(&[c.kind.label()]).inc();
                 // The limits, then what is left of the one that refused
                 // (nothing) and when it resets.
@@ -670,6 +719,7 @@ mod tests {
                 prompt_tokens: 20,
                 completion_tokens: 30,
                 cached_tokens: 0,
+                reasoning_tokens: 0,
             }),
             0.0,
         );

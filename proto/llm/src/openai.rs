@@ -203,6 +203,10 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    /// Of the completion tokens, those spent thinking (OpenAI
+    /// `completion_tokens_details.reasoning_tokens`, Responses
+    /// `output_tokens_details.reasoning_tokens`, Gemini `thoughtsTokenCount`).
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -217,16 +221,28 @@ impl Usage {
                 .and_then(|d| d.get("cached_tokens"))
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
+            reasoning_tokens: u
+                .get("completion_tokens_details")
+                .and_then(|d| d.get("reasoning_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
         })
     }
 
     pub fn to_openai(self) -> Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
-        })
+        });
+        // Only when there were any: answers of models that do not reason
+        // keep the shape they always had.
+        if self.reasoning_tokens > 0 {
+            v["completion_tokens_details"] =
+                serde_json::json!({ "reasoning_tokens": self.reasoning_tokens });
+        }
+        v
     }
 }
 

@@ -1,0 +1,507 @@
+//! Telemetry on every role (issue 10, point 6).
+//!
+//! - every role's `/metrics` (control plane, egress and edge of the local
+//!   fleet, and `switchyard dev`) after traffic: `promtool check metrics`
+//!   finds no problem in any page, and each role has its families;
+//! - W3C `traceparent`: the caller's trace id reaches the provider through
+//!   edge → QUIC → egress (and through `switchyard dev`, whose access log
+//!   line carries it too);
+//! - the usage ledger's `egress`, `key_pool` and `reasoning_tokens` come
+//!   back over the backhaul from recorded OpenAI and Gemini payloads.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use switchyard_backhaul::node::{ControlLink, EgressNode};
+use switchyard_backhaul::trace::TraceContext;
+use switchyard_backhaul::tunnel::{generate_node_cert, CertScope, NodeTls};
+use switchyard_control::server::{self, ServerConfig};
+use switchyard_edge::node::EdgeNode;
+use switchyard_proto::{KeyHash, Secret};
+use switchyard_testkit::cluster::LocalFleet;
+use switchyard_testkit::gateway::{temp_dir, Gateway, GatewayOptions};
+use switchyard_testkit::mock::MockUpstream;
+
+const ADMIN: &str = "admin-token-telemetry";
+const TENANT_KEY: &str = "sy-test-telemetry-tenant";
+const PROVIDER_KEY: &str = "sk-telemetry-SECRET-9f8e7d";
+/// The W3C specification's own example.
+const CALLER_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const CALLER_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("promtool"))
+            .find(|p| p.exists())
+    });
+    if found.is_none() {
+        if std::env::var("SWITCHYARD_REQUIRE_OPS").as_deref() == Ok("1") {
+            panic!("promtool is not installed: run scripts/test.sh");
+        }
+        eprintln!(
+            "SKIPPED: promtool is not installed (scripts/test.sh installs Debian's prometheus)"
+        );
+    }
+    found
+}
+
+/// `promtool check metrics` on one page: (success, what it said).
+fn promtool_check(promtool: &Path, page: &str) -> (bool, String) {
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+/// The metric families a page declares (`# TYPE name kind`).
+fn families(page: &str) -> BTreeSet<String> {
+    page.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+async fn scrape(admin: SocketAddr) -> String {
+    client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn chat(base: &str, key: &str, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = client()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(key)
+        .json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+fn dev_policy(mock: &MockUpstream) -> String {
+    format!(
+        r#"
+providers:
+  oai:
+    kind: openai
+    base_url: {url}/v1
+    models: [gpt-4o-mini]
+    pricing:
+      gpt-4o-mini: {{ input: 150, output: 600 }}
+    key_pools:
+      - name: main
+        keys: [{{ env: TELEMETRY_KEY, id: k-main }}]
+tenants:
+  - id: budgeted
+    key_sha256: "{hash}"
+    budget: {{ monthly_usd: 10, daily_usd: 1 }}
+    limits: {{ rpm: 1000 }}
+"#,
+        url = mock.url(),
+        hash = KeyHash::of(TENANT_KEY).to_hex(),
+    )
+}
+
+const FLEET_PAGES: [&str; 5] = [
+    "control plane",
+    "egress eu-west",
+    "egress us-east",
+    "edge eu-west",
+    "edge us-east",
+];
+
+/// The families each role must export (beyond the lifecycle's).
+fn required(role: &str) -> &'static [&'static str] {
+    match role {
+        "control plane" => &[
+            "switchyard_control_policy_version",
+            "switchyard_control_nodes",
+            "switchyard_control_snapshot_acks_total",
+        ],
+        r if r.starts_with("egress") => &[
+            "switchyard_snapshot_version",
+            "switchyard_snapshot_updates_total",
+            "switchyard_egress_connections",
+            "switchyard_egress_requests_total",
+            "switchyard_upstream_wait_seconds",
+            "switchyard_egress_tokens_total",
+            "switchyard_key_events_total",
+            "switchyard_in_flight",
+        ],
+        r if r.starts_with("edge") => &[
+            "switchyard_requests_total",
+            "switchyard_request_duration_seconds",
+            "switchyard_time_to_first_token_seconds",
+            "switchyard_gateway_overhead_seconds",
+            "switchyard_tokens_total",
+            "switchyard_tenant_tokens_total",
+            "switchyard_budget_used_ratio",
+            "switchyard_limit_rejections_total",
+            "switchyard_cache_lookups_total",
+            "switchyard_key_events_total",
+            "switchyard_backhaul_connected",
+            "switchyard_backhaul_rtt_seconds",
+            "switchyard_backhaul_streams_open",
+            "switchyard_snapshot_version",
+            "switchyard_snapshot_updates_total",
+        ],
+        // `switchyard dev`: the edge and its in-process egress.
+        _ => &[
+            "switchyard_requests_total",
+            "switchyard_request_duration_seconds",
+            "switchyard_time_to_first_token_seconds",
+            "switchyard_gateway_overhead_seconds",
+            "switchyard_tokens_total",
+            "switchyard_tenant_tokens_total",
+            "switchyard_tenant_cost_usd_total",
+            "switchyard_budget_used_ratio",
+            "switchyard_limit_rejections_total",
+            "switchyard_cache_lookups_total",
+            "switchyard_key_events_total",
+            "switchyard_key_pool_keys",
+            "switchyard_snapshot_version",
+        ],
+    }
+}
+
+// Several threads: the fleet's start-up wait blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_exports_its_metrics_and_promtool_finds_no_problem() {
+    let Some(promtool) = promtool() else { return };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mock = MockUpstream::start().await;
+    let dev = Gateway::start(
+        GatewayOptions::new(binary())
+            .policy(dev_policy(&mock))
+            .env("TELEMETRY_KEY", PROVIDER_KEY),
+    );
+    let fleet = LocalFleet::start(binary());
+    let key = fleet.secret("tenant-key");
+    assert_eq!(fleet.admin.len(), 5, "{:?}", fleet.admin);
+
+    // Traffic on every edge: answers, a stream, a cache miss then hit.
+    let hi = |model: &str, stream: bool| json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    // The `chat` route prefers the EU: each region's provider is also
+    // asked by name, so both egress nodes serve.
+    for base in [&fleet.eu, &fleet.us] {
+        for (model, stream) in [("chat", false), ("chat", true), ("sim-us/sim-small", true)] {
+            let r = chat(base, &key, hi(model, stream), &[]).await;
+            assert_eq!(r.status(), 200, "{model}");
+            let _ = r.bytes().await;
+        }
+    }
+    let dev_base = dev.base_url();
+    for stream in [false, true, false] {
+        let r = chat(
+            &dev_base,
+            TENANT_KEY,
+            hi("oai/gpt-4o-mini", stream),
+            &[
+                ("traceparent", CALLER_TRACEPARENT),
+                ("x-switchyard-cache", "use"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+
+    // The caller's trace reached the provider through `switchyard dev`,
+    // as a child span, and its access log line names it.
+    let up = mock.requests();
+    let sent = up
+        .iter()
+        .filter_map(|r| r.header("traceparent"))
+        .collect::<Vec<_>>();
+    assert!(!sent.is_empty(), "no traceparent reached the provider");
+    for t in &sent {
+        let t = TraceContext::parse(t).expect("a valid traceparent");
+        assert_eq!(t.trace_id_hex(), CALLER_TRACE_ID);
+        assert_ne!(t.span_id_hex(), "00f067aa0ba902b7", "a child span");
+    }
+    assert!(
+        dev.wait_for_log(CALLER_TRACE_ID, Duration::from_secs(5)),
+        "the access log does not name the trace: {}",
+        dev.logs()
+    );
+
+    let mut pages: Vec<(&str, String)> = Vec::new();
+    for (role, admin) in FLEET_PAGES.iter().zip(&fleet.admin) {
+        pages.push((role, scrape(*admin).await));
+    }
+    pages.push(("switchyard dev", scrape(dev.metrics_addr).await));
+    let mut problems = Vec::new();
+    for (role, page) in &pages {
+        let found = families(page);
+        let (ok, said) = promtool_check(&promtool, page);
+        println!(
+            "{role}: {} families, {} bytes, promtool: {}",
+            found.len(),
+            page.len(),
+            if said.trim().is_empty() {
+                "no problems"
+            } else {
+                said.trim()
+            }
+        );
+        if !ok || !said.trim().is_empty() {
+            problems.push(format!("{role}: {said}"));
+        }
+        let missing: Vec<_> = required(role)
+            .iter()
+            .filter(|f| !found.contains(**f))
+            .collect();
+        assert!(missing.is_empty(), "{role} lacks {missing:?}:\n{page}");
+        for f in [
+            "switchyard_ready",
+            "switchyard_draining",
+            "switchyard_in_flight",
+        ] {
+            assert!(found.contains(f), "{role} lacks {f}");
+        }
+    }
+    assert!(problems.is_empty(), "promtool: {problems:?}");
+
+    // A few values that prove the families are fed, not only declared.
+    let dev_page = &pages.last().unwrap().1;
+    for needle in [
+        "switchyard_cache_lookups_total{result=\"hit\"} 1",
+        "switchyard_key_pool_keys{pool=\"main\",provider=\"oai\",state=\"ok\"} 1",
+        "switchyard_budget_used_ratio{period=\"month\",tenant=\"budgeted\"}",
+        "switchyard_tenant_tokens_total{kind=\"completion\",tenant=\"budgeted\"}",
+    ] {
+        assert!(dev_page.contains(needle), "{needle} not in\n{dev_page}");
+    }
+    // Four nodes acknowledged at least the fleet's policy.
+    let cp = &pages[0].1;
+    let acks = value(cp, "switchyard_control_snapshot_acks_total{result=\"ack\"}");
+    assert!(acks >= 4.0, "{cp}");
+    for (role, page) in &pages[1..5] {
+        let acked = value(page, "switchyard_snapshot_updates_total{result=\"ack\"}");
+        assert!(acked >= 1.0, "{role}: {page}");
+        assert!(value(page, "switchyard_snapshot_version") >= 1.0, "{role}");
+    }
+}
+
+/// The value of one series of a page (0 when absent).
+fn value(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn backhaul_policy(mock: &MockUpstream, key_file: &Path) -> String {
+    format!(
+        r#"
+regions:
+  eu: {{ jurisdiction: eu }}
+providers:
+  oai:
+    kind: openai
+    base_url: {url}/v1
+    region: eu
+    models: [case-chat-stream-reasoning-tokens]
+    key_pools:
+      - name: main
+        keys: [{{ file: "{key}", id: k-main }}]
+  gem:
+    kind: gemini
+    base_url: {url}
+    region: eu
+    models: [case-thinking-nonstream]
+    key_pools:
+      - name: thinking
+        keys: [{{ file: "{key}", id: g1 }}]
+tenants:
+  - id: traced
+    key_sha256: "{hash}"
+"#,
+        url = mock.url(),
+        key = key_file.display(),
+        hash = KeyHash::of(TENANT_KEY).to_hex(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_and_the_ledgers_egress_fields_cross_the_backhaul() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("telemetry");
+    let key_file = dir.join("provider.key");
+    std::fs::write(&key_file, PROVIDER_KEY).unwrap();
+    let mut config = ServerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("sqlite://{}/cp.db", dir.display()),
+    );
+    config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.admin_token = Some(Secret::new(ADMIN));
+    config.poll_interval = Duration::from_millis(200);
+    let cp = server::start(config).await.expect("control plane starts");
+    let (grpc, http) = (cp.grpc_addr, cp.http_addr.unwrap());
+    let r = client()
+        .post(format!("http://{http}/v1/policy"))
+        .bearer_auth(ADMIN)
+        .body(backhaul_policy(&mock, &key_file))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let link = |id: &str| ControlLink {
+        url: format!("http://{grpc}"),
+        node_id: Some(id.to_string()),
+        state_dir: dir.join(id),
+        tls: None,
+    };
+    let pki = dir.join("pki");
+    let tls = |name: &str, scope: CertScope| {
+        let g = generate_node_cert(&pki, name, &[], &scope).unwrap();
+        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
+    };
+    let egress = EgressNode::new("eu", tls("egress-eu-7", CertScope::Egress("eu".into())))
+        .control_plane(link("egress-eu-7"))
+        .start()
+        .await
+        .expect("egress starts");
+    let edge = EdgeNode::backhaul("eu", tls("edge-eu", CertScope::Edge("eu".into())))
+        .control_plane(link("edge-eu"))
+        .egress("eu", egress.local_addr().to_string())
+        .listen("127.0.0.1:0")
+        .start()
+        .await
+        .expect("edge starts");
+    let base = format!("http://{}/v1", edge.local_addr().unwrap());
+
+    // OpenAI's recorded stream with 100 reasoning tokens, traced by the caller.
+    let started = Instant::now();
+    let r = chat(
+        &base,
+        TENANT_KEY,
+        json!({"model": "oai/case-chat-stream-reasoning-tokens", "stream": true,
+               "stream_options": {"include_usage": true},
+               "messages": [{"role": "user", "content": "think"}]}),
+        &[("traceparent", CALLER_TRACEPARENT)],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    println!(
+        "traced stream through edge → QUIC → egress: {:?}",
+        started.elapsed()
+    );
+    // Gemini's recorded thinking answer (1754 thoughts tokens), through the hub.
+    let r = chat(
+        &base,
+        TENANT_KEY,
+        json!({"model": "gem/case-thinking-nonstream",
+               "messages": [{"role": "user", "content": "think"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+
+    let up = mock.requests();
+    let traced: Vec<_> = up
+        .iter()
+        .filter_map(|r| r.header("traceparent"))
+        .filter_map(TraceContext::parse)
+        .collect();
+    assert_eq!(traced.len(), 2, "each provider call carries a traceparent");
+    assert_eq!(
+        traced[0].trace_id_hex(),
+        CALLER_TRACE_ID,
+        "the caller's trace"
+    );
+    assert_ne!(traced[0].span_id_hex(), "00f067aa0ba902b7");
+    // Without a caller's trace the edge starts one.
+    assert_ne!(traced[1].trace_id_hex(), CALLER_TRACE_ID);
+
+    // Both requests in the ledger, with the egress's name, the key that
+    // paid and the reasoning tokens the providers reported.
+    let rows = |group: &'static str| async move {
+        let v: Value = client()
+            .get(format!(
+                "http://{http}/v1/usage?tenant=traced&since=1h&group_by={group}"
+            ))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["rows"].as_array().cloned().unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let by_egress = loop {
+        let r = rows("egress").await;
+        let n: u64 = r.iter().filter_map(|x| x["requests"].as_u64()).sum();
+        if n >= 2 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(by_egress.len(), 1, "{by_egress:?}");
+    assert_eq!(by_egress[0]["group"], "egress-eu-7");
+    assert_eq!(by_egress[0]["requests"], 2);
+    assert_eq!(
+        by_egress[0]["reasoning_tokens"],
+        100 + 1754,
+        "{by_egress:?}"
+    );
+    let by_pool = rows("key_pool").await;
+    let pools: BTreeSet<String> = by_pool
+        .iter()
+        .filter_map(|r| r["group"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        pools,
+        BTreeSet::from(["main/k-main".to_string(), "thinking/g1".to_string()]),
+        "{by_pool:?}"
+    );
+
+    edge.shutdown().await;
+    egress.shutdown().await;
+    cp.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
