@@ -7,14 +7,22 @@
 //!   edge → QUIC → egress (and through `switchyard dev`, whose access log
 //!   line carries it too);
 //! - the usage ledger's `egress`, `key_pool` and `reasoning_tokens` come
-//!   back over the backhaul from recorded OpenAI and Gemini payloads.
+//!   back over the backhaul from recorded OpenAI and Gemini payloads;
+//! - OTLP: edge and egress export their spans to a small OTLP/HTTP
+//!   receiver in this test, which decodes them and finds the request, the
+//!   attempt and the provider call linked under the caller's trace.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use prost::Message;
+use switchyard_proto::otlp::{ExportTraceServiceRequest, Span};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use serde_json::{json, Value};
 use switchyard_backhaul::node::{ControlLink, EgressNode};
@@ -330,6 +338,101 @@ fn value(page: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// An OTLP/HTTP trace receiver: answers `POST /v1/traces` with 200 and
+/// keeps every span it decodes. Plain HTTP/1.1, as collectors speak it.
+struct OtlpReceiver {
+    url: String,
+    spans: Arc<Mutex<Vec<Span>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpReceiver {
+    async fn start() -> OtlpReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let kept = spans.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut conn = BufReader::new(stream);
+                    loop {
+                        let mut head = String::new();
+                        let mut length = 0usize;
+                        let mut path = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if head.is_empty() {
+                                path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                            }
+                            if let Some((k, v)) = line.split_once(':') {
+                                if k.eq_ignore_ascii_case("content-length") {
+                                    length = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                            head.push_str(&line);
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0u8; length.min(16 << 20)];
+                        if conn.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let ok = path == "/v1/traces"
+                            && head.to_ascii_lowercase().contains("application/x-protobuf");
+                        if ok {
+                            let req = ExportTraceServiceRequest::decode(body.as_slice())
+                                .expect("an OTLP export request");
+                            let mut kept = kept.lock().unwrap();
+                            for rs in req.resource_spans {
+                                for ss in rs.scope_spans {
+                                    kept.extend(ss.spans);
+                                }
+                            }
+                        }
+                        let status = if ok { "200 OK" } else { "400 Bad Request" };
+                        let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                        if conn.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        OtlpReceiver { url, spans, task }
+    }
+
+    /// Waits (bounded) until `n` spans of `trace_id` arrived.
+    async fn trace(&self, trace_id: &[u8], n: usize) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found: Vec<Span> = self
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.trace_id == trace_id)
+                .cloned()
+                .collect();
+            if found.len() >= n || Instant::now() > deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 fn backhaul_policy(mock: &MockUpstream, key_file: &Path) -> String {
     format!(
         r#"
@@ -397,8 +500,10 @@ async fn the_trace_and_the_ledgers_egress_fields_cross_the_backhaul() {
         let g = generate_node_cert(&pki, name, &[], &scope).unwrap();
         NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
     };
+    let otlp = OtlpReceiver::start().await;
     let egress = EgressNode::new("eu", tls("egress-eu-7", CertScope::Egress("eu".into())))
         .control_plane(link("egress-eu-7"))
+        .otlp(otlp.url.clone())
         .start()
         .await
         .expect("egress starts");
@@ -406,6 +511,7 @@ async fn the_trace_and_the_ledgers_egress_fields_cross_the_backhaul() {
         .control_plane(link("edge-eu"))
         .egress("eu", egress.local_addr().to_string())
         .listen("127.0.0.1:0")
+        .otlp(otlp.url.clone())
         .start()
         .await
         .expect("edge starts");
@@ -498,6 +604,49 @@ async fn the_trace_and_the_ledgers_egress_fields_cross_the_backhaul() {
         pools,
         BTreeSet::from(["main/k-main".to_string(), "thinking/g1".to_string()]),
         "{by_pool:?}"
+    );
+
+    // The caller's trace as the two nodes exported it: the edge's request
+    // span under the caller's span, its attempt under the request, the
+    // egress's provider call under the attempt, and the provider got the
+    // provider call's own id as its parent.
+    let caller = TraceContext::parse(CALLER_TRACEPARENT).unwrap();
+    let spans = otlp.trace(&caller.trace_id, 3).await;
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
+    };
+    let request = named("edge.request");
+    let attempt = named("edge.attempt");
+    let call = named("egress.provider_call");
+    assert_eq!(request.parent_span_id, caller.span_id.to_vec());
+    assert_eq!(attempt.parent_span_id, request.span_id);
+    assert_eq!(call.parent_span_id, attempt.span_id);
+    assert_eq!(call.span_id, traced[0].span_id.to_vec(), "the provider's parent");
+    for s in [request, attempt, call] {
+        assert!(s.end_time_unix_nano >= s.start_time_unix_nano && s.start_time_unix_nano > 0);
+        assert_eq!(s.status.as_ref().map(|st| st.code), Some(1), "{s:?}");
+    }
+    let attr = |s: &Span, key: &str| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.clone())
+            .and_then(|v| v.value)
+    };
+    assert!(matches!(
+        attr(call, "switchyard.key_pool"),
+        Some(switchyard_proto::otlp::any_value::Value::StringValue(p)) if p == "main"
+    ));
+    assert!(matches!(
+        attr(request, "switchyard.tenant"),
+        Some(switchyard_proto::otlp::any_value::Value::StringValue(t)) if t == "traced"
+    ));
+    println!(
+        "spans of the caller's trace: {:?}",
+        spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
     );
 
     edge.shutdown().await;
