@@ -624,7 +624,11 @@ async fn the_trace_and_the_ledgers_egress_fields_cross_the_backhaul() {
     assert_eq!(request.parent_span_id, caller.span_id.to_vec());
     assert_eq!(attempt.parent_span_id, request.span_id);
     assert_eq!(call.parent_span_id, attempt.span_id);
-    assert_eq!(call.span_id, traced[0].span_id.to_vec(), "the provider's parent");
+    assert_eq!(
+        call.span_id,
+        traced[0].span_id.to_vec(),
+        "the provider's parent"
+    );
     for s in [request, attempt, call] {
         assert!(s.end_time_unix_nano >= s.start_time_unix_nano && s.start_time_unix_nano > 0);
         assert_eq!(s.status.as_ref().map(|st| st.code), Some(1), "{s:?}");
