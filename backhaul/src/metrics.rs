@@ -31,6 +31,21 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// The provider and model labels of a request: the policy's names, or
+/// `other` for anything the policy does not list (an edge may name any
+/// model for a provider that takes any), so a peer cannot grow the label
+/// set.
+pub fn labels<'a>(
+    snap: &Snapshot,
+    target: &'a switchyard_proto::RouteTarget,
+) -> (&'a str, &'a str) {
+    match snap.providers().get(&target.provider) {
+        Some(p) if p.models.contains(&target.model) => (&target.provider, &target.model),
+        Some(_) => (&target.provider, "other"),
+        None => ("other", "other"),
+    }
+}
+
 /// Key events and the state of every key of every pool, read from a
 /// health board at scrape time.
 pub struct KeyPoolMetrics {
@@ -182,8 +197,7 @@ impl EgressMetrics {
     }
 
     /// One request answered with `status`; `stats` when an answer existed.
-    /// The provider and model are the policy's (the egress refuses others
-    /// before it gets here), so the labels stay bounded.
+    /// `provider` and `model` come from [`labels`].
     pub fn observe(&self, provider: &str, model: &str, status: u16, stats: Option<&RequestStats>) {
         self.requests
             .with_label_values(&[provider, model, status_class(status)])

@@ -506,8 +506,8 @@ async fn serve_stream(
     let response = match result {
         Ok(r) => r,
         Err(e) => {
-            ctx.metrics
-                .observe(&target.provider, &target.model, e.status(), None);
+            let (provider, model) = crate::metrics::labels(&snap, &target);
+            ctx.metrics.observe(provider, model, e.status(), None);
             let _ = write_error(&mut send, &e).await;
             return;
         }
@@ -552,8 +552,8 @@ async fn serve_stream(
     };
     let ended = sent.await;
     // Once the answer is over: a stream's usage is known only at its end.
-    ctx.metrics
-        .observe(&target.provider, &target.model, status, Some(&stats));
+    let (provider, model) = crate::metrics::labels(&snap, &target);
+    ctx.metrics.observe(provider, model, status, Some(&stats));
     match ended {
         Ok(()) => {}
         Err(Ended::Cancelled) | Err(Ended::WriteFailed(quinn::WriteError::Stopped(_))) => {
