@@ -123,7 +123,6 @@ impl EdgeApp {
     /// counters (in memory, or shared through Redis).
     pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
         limiter.register(self.metrics.registry());
-        limiter.publish_to(self.metrics.clone());
         self.limiter = Some(limiter);
         self
     }

@@ -15,8 +15,7 @@ use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 use switchyard_backhaul::metrics::{status_class, KeyPoolMetrics};
 use switchyard_control::admin::{answer, Lifecycle, MetricsFn};
@@ -92,7 +91,6 @@ pub struct EdgeMetrics {
     overhead: HistogramVec,
     tenant_tokens: IntCounterVec,
     tenant_cost: CounterVec,
-    budget_used: GaugeVec,
     tenants: TenantLabels,
     /// The board whose key and pool events are rendered (shared with the
     /// in-process egress in `switchyard dev`).
@@ -230,14 +228,6 @@ impl EdgeMetrics {
             &["tenant"],
         )
         .expect("metric");
-        let budget_used = GaugeVec::new(
-            Opts::new(
-                "budget_used_ratio",
-                "Share of the tenant's budget spent in its period (day|month) as of its last admission here; 1 = spent",
-            ),
-            &["tenant", "period"],
-        )
-        .expect("metric");
         let overhead = HistogramVec::new(
             HistogramOpts::new(
                 "gateway_overhead_seconds",
@@ -269,9 +259,6 @@ impl EdgeMetrics {
         registry
             .register(Box::new(tenant_cost.clone()))
             .expect("register");
-        registry
-            .register(Box::new(budget_used.clone()))
-            .expect("register");
         let keys = KeyPoolMetrics::new();
         keys.register(&registry);
         EdgeMetrics {
@@ -293,17 +280,9 @@ impl EdgeMetrics {
             overhead,
             tenant_tokens,
             tenant_cost,
-            budget_used,
             tenants: TenantLabels::new(cap),
             health: Mutex::new(None),
         }
-    }
-
-    /// Share of a tenant's `period` (`day`/`month`) budget spent.
-    pub fn budget_used(&self, tenant: &str, period: &str, ratio: f64) {
-        self.budget_used
-            .with_label_values(&[self.tenants.label(tenant), period])
-            .set(ratio);
     }
 
     /// Renders the key and pool events this board counts.
@@ -337,6 +316,16 @@ impl EdgeMetrics {
         self.breaker_transitions
             .with_label_values(&[scope, provider, state])
             .inc();
+    }
+
+    /// Makes a policy provider's target-breaker series exist at 0, so
+    /// alerts and dashboards see them before the first ejection.
+    pub fn init_provider(&self, provider: &str) {
+        for state in ["open", "half_open", "closed"] {
+            self.breaker_transitions
+                .with_label_values(&["target", provider, state]);
+        }
+        self.ejected_skips.with_label_values(&[provider]);
     }
 
     pub fn ejected_skip(&self, provider: &str) {
@@ -500,8 +489,6 @@ mod tests {
                 client_gone: false,
             });
         }
-        m.budget_used("acme", "day", 0.75);
-        m.budget_used("zeta", "month", 0.5);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text.contains(
             "switchyard_requests_total{class=\"2xx\",endpoint=\"chat\",model=\"gpt-4o-mini\",provider=\"openai\",route=\"fast\",status=\"200\"} 4"
@@ -512,10 +499,6 @@ mod tests {
         assert!(!text.contains("tenant=\"gamma\""));
         assert!(
             text.contains("switchyard_tenant_tokens_total{kind=\"reasoning\",tenant=\"beta\"} 3")
-        );
-        assert!(text.contains("switchyard_budget_used_ratio{period=\"day\",tenant=\"acme\"} 0.75"));
-        assert!(
-            text.contains("switchyard_budget_used_ratio{period=\"month\",tenant=\"other\"} 0.5")
         );
         assert!(text.contains("switchyard_gateway_overhead_seconds_count{endpoint=\"chat\"} 4"));
         assert!(text.contains(

@@ -385,6 +385,13 @@ impl EdgeNode {
                 upstream = parts.router;
                 ledger = parts.ledger;
                 egress_nodes = parts.egress_nodes;
+                if let Some(agent) = &parts.agent {
+                    // Ejected and demoted targets, for the status page.
+                    let (shared, health) = (shared.clone(), health.clone());
+                    agent.report_health(Arc::new(move || {
+                        switchyard_control::telemetry::health_report(&shared.load(), &health, false)
+                    }));
+                }
                 backhaul = Some(Backhaul {
                     rt,
                     agent: parts.agent,
@@ -437,7 +444,6 @@ impl EdgeNode {
             app = app.with_record_hook(Arc::new(crate::otlp::OtlpHook::new(exporter)));
         }
         let edge_metrics = app.metrics();
-        let health = app.health().clone();
 
         let mut fds = inherited;
         {
@@ -492,7 +498,6 @@ impl EdgeNode {
                     edge_metrics,
                     shared.clone(),
                     router.clone(),
-                    health,
                     backhaul
                         .as_ref()
                         .and_then(|b| b.agent.as_ref())
@@ -596,7 +601,6 @@ fn edge_metrics_page(
     metrics: Arc<EdgeMetrics>,
     shared: Arc<ArcSwap<Snapshot>>,
     router: Option<Arc<TunnelRouter>>,
-    health: Arc<switchyard_proto::Health>,
     agent_status: Option<
         tokio::sync::watch::Receiver<switchyard_control::node_client::AgentStatus>,
     >,
@@ -630,15 +634,7 @@ fn edge_metrics_page(
         &["region", "egress"],
     )
     .expect("metric");
-    let degraded = IntGaugeVec::new(
-        Opts::new(
-            "targets_degraded",
-            "Targets (provider and model) the health board has demoted behind healthy ones for their recent errors",
-        ),
-        &["provider"],
-    )
-    .expect("metric");
-    for g in [&connected, &degraded, &streams] {
+    for g in [&connected, &streams] {
         registry.register(Box::new(g.clone())).expect("register");
     }
     registry.register(Box::new(rtt.clone())).expect("register");
@@ -655,24 +651,9 @@ fn edge_metrics_page(
         if let Some(a) = &agent {
             a.update();
         }
-        // One series per provider of the policy: bounded, and present at 0.
-        degraded.reset();
-        for p in snap.providers().values() {
-            let count = p
-                .models
-                .iter()
-                .filter_map(|m| {
-                    health.peek_target(&switchyard_proto::health::target_id(
-                        &p.name,
-                        m,
-                        p.region.as_deref(),
-                    ))
-                })
-                .filter(|entry| health.is_degraded(entry))
-                .count();
-            degraded
-                .with_label_values(&[p.name.as_str()])
-                .set(count as i64);
+        // Bounded by the policy's providers.
+        for p in snap.providers().keys() {
+            metrics.init_provider(p);
         }
         if let Some(router) = &router {
             // Reset first: an egress removed from the policy leaves the page.
@@ -1014,8 +995,13 @@ impl RunningEdge {
                 .map(|identity| identity.and_then(|identity| router.reload_tls(identity)));
             match loaded {
                 None => {}
-                Some(Ok(())) => tracing::info!(target: "switchyard::reload",
-                    "node certificate reloaded; new backhaul connections use it"),
+                Some(Ok(())) => {
+                    tracing::info!(target: "switchyard::reload",
+                        "node certificate reloaded; new backhaul connections use it");
+                    if let Some(agent) = self.backhaul.as_ref().and_then(|b| b.agent.as_ref()) {
+                        tls.renew_agent(agent);
+                    }
+                }
                 Some(Err(error)) => tracing::error!(target: "switchyard::reload", %error,
                     "node certificate reload refused; the old one stays"),
             }

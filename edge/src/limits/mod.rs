@@ -33,7 +33,7 @@ mod shared;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{GaugeVec, IntCounterVec, Opts};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::{LimitSet, Snapshot, Spend, Tenant, VirtualKey};
@@ -98,6 +98,10 @@ pub struct Check {
     /// `weight_ppm` millionths (the share of it still inside the window).
     pub previous: Option<String>,
     pub weight_ppm: i64,
+    /// Budgets: what the fleet had spent when this edge's counter started
+    /// (the control plane's figure; 0 with shared counters, which count
+    /// every edge's spend themselves).
+    pub spent: i64,
 }
 
 impl Check {
@@ -180,8 +184,7 @@ pub struct Limiter {
     shared: Option<SharedCounters>,
     rejections: IntCounterVec,
     counter_errors: IntCounterVec,
-    /// Where budget use is published (`switchyard_budget_used_ratio`).
-    metrics: std::sync::OnceLock<Arc<crate::metrics::EdgeMetrics>>,
+    budget_used: GaugeVec,
 }
 
 /// What the caller gets when admitted: headers for its answer.
@@ -209,7 +212,14 @@ impl Limiter {
                 &["outcome"],
             )
             .expect("metric"),
-            metrics: std::sync::OnceLock::new(),
+            budget_used: GaugeVec::new(
+                Opts::new(
+                    "budget_used_ratio",
+                    "Share of a tenant's budget spent (fleet spend as this edge last saw it), by tenant and period (day|month); above 1 once spent",
+                ),
+                &["tenant", "period"],
+            )
+            .expect("metric"),
         }
     }
 
@@ -227,7 +237,11 @@ impl Limiter {
     }
 
     pub fn register(&self, registry: &prometheus::Registry) {
-        // Every series exists from the start: a rate of refusals is 0, not absent.
+        let _ = registry.register(Box::new(self.rejections.clone()));
+        let _ = registry.register(Box::new(self.counter_errors.clone()));
+        let _ = registry.register(Box::new(self.budget_used.clone()));
+        // Present at 0 from the start, so dashboards and alerts see a
+        // series before the first refusal.
         for kind in [
             Kind::Requests,
             Kind::Tokens,
@@ -237,32 +251,25 @@ impl Limiter {
         ] {
             self.rejections.with_label_values(&[kind.label()]);
         }
-        let _ = registry.register(Box::new(self.rejections.clone()));
-        let _ = registry.register(Box::new(self.counter_errors.clone()));
     }
 
-    /// Publishes each tenant's budget use to these metrics at admission.
-    pub fn publish_to(&self, metrics: Arc<crate::metrics::EdgeMetrics>) {
-        let _ = self.metrics.set(metrics);
-    }
-
-    /// `switchyard_budget_used_ratio` of the tenant's budgets: what the
-    /// fleet spent of each, as far as this edge knows (its lease of what
-    /// was left, `limit`, and what it counted against it since, `used`).
-    fn publish_budgets(&self, tenant: &str, checks: &[Check], used: &[i64], share: f64) {
-        let Some(m) = self.metrics.get() else { return };
-        for (c, used) in checks.iter().zip(used) {
-            if !c.kind.is_budget() || c.scope != "tenant" || c.configured <= 0 {
+    /// Sets `budget_used_ratio` from a budget check's counters: one series
+    /// per policy tenant and period (keys would be unbounded).
+    fn observe_budgets(&self, checks: &[Check], used: impl Fn(usize) -> Option<i64>) {
+        for (i, c) in checks.iter().enumerate() {
+            if c.scope != "tenant" || !c.kind.is_budget() || c.configured <= 0 {
                 continue;
             }
-            let left = (c.limit - used) as f64 / share.max(f64::MIN_POSITIVE);
-            let ratio = (1.0 - left / c.configured as f64).max(0.0);
+            let Some(used) = used(i) else { continue };
             let period = if c.kind == Kind::DailyBudget {
                 "day"
             } else {
                 "month"
             };
-            m.budget_used(tenant, period, ratio);
+            let ratio = (c.spent + used) as f64 / c.configured as f64;
+            self.budget_used
+                .with_label_values(&[c.owner.as_str(), period])
+                .set(ratio);
         }
     }
 
@@ -345,7 +352,7 @@ impl Limiter {
         };
         match decision {
             Decision::Admitted { after } => {
-                self.publish_budgets(&tenant.id, &checks, &after, share);
+                self.observe_budgets(&checks, |i| after.get(i).copied());
                 let headers = headers(&checks, &after, tenant);
                 let ticket = Ticket {
                     store,
@@ -366,20 +373,13 @@ impl Limiter {
                 used,
                 retry_ms,
             } => {
+                // Refused by a budget: that one is spent. Nothing was
+                // counted, so the others are left as they were.
+                self.observe_budgets(&checks, |i| (i == index).then(|| used.max(checks[i].limit)));
                 // `retry-after` and the reset headers say when it would fit.
                 let mut c = checks[index].clone();
                 c.reset_ms = retry_ms;
                 let c = &c;
-                if c.kind.is_budget() {
-                    // Only the refusing counter's value is known: the
-                    // others keep their last figure.
-                    self.publish_budgets(
-                        &tenant.id,
-                        std::slice::from_ref(c),
-                        &[used.max(c.limit)],
-                        share,
-                    );
-                }
                 self.rejections.with_label_values(&[c.kind.label()]).inc();
                 // The limits, then what is left of the one that refused
                 // (nothing) and when it resets.
@@ -495,8 +495,10 @@ fn add_checks(
             reset_ms,
             weight_ppm: if previous.is_some() { weight_ppm } else { 0 },
             previous,
+            spent: 0,
         })
     };
+    let mut spent_by = [0i64; 2];
     // Counters live two minutes: the previous minute's is still there.
     if let Some(rpm) = limits.rpm {
         push(
@@ -547,6 +549,7 @@ fn add_checks(
             .filter(|s| s.day == day)
             .map_or(0, |s| (s.day_usd * MICRO).round() as i64);
         let left = ((configured - spent) as f64 * share).floor() as i64;
+        spent_by[0] = spent;
         push(
             Kind::DailyBudget,
             format!("{prefix}:usd:d{day}:f{figure}"),
@@ -564,6 +567,7 @@ fn add_checks(
             .filter(|s| s.month == month)
             .map_or(0, |s| (s.month_usd * MICRO).round() as i64);
         let left = ((configured - spent) as f64 * share).floor() as i64;
+        spent_by[1] = spent;
         push(
             Kind::MonthlyBudget,
             format!("{prefix}:usd:m{month}:f{figure}"),
@@ -574,6 +578,13 @@ fn add_checks(
             month_reset,
             None,
         );
+    }
+    for c in checks.iter_mut().filter(|c| c.scope == scope) {
+        match c.kind {
+            Kind::DailyBudget => c.spent = spent_by[0],
+            Kind::MonthlyBudget => c.spent = spent_by[1],
+            _ => {}
+        }
     }
 }
 
@@ -903,9 +914,12 @@ mod tests {
                 .any(|(k, v)| *k == "x-switchyard-budget-warning" && v.contains("60%")),
             "{h:?}"
         );
+        let used = |l: &Limiter| l.budget_used.with_label_values(&["b", "day"]).get();
+        assert!((used(&l) - 0.6).abs() < 1e-9, "{}", used(&l));
         l.settle(ticket.unwrap(), None, 0.006);
         let (e, _) = l.admit(&snap, &t, None, 1).await.unwrap_err();
         assert_eq!((e.status(), e.code), (429, Some("insufficient_quota")));
+        assert!(used(&l) >= 1.0, "spent: {}", used(&l));
     }
 
     #[tokio::test]
@@ -931,6 +945,9 @@ mod tests {
         );
         let snap = b.build();
         l.admit(&snap, &t, None, 1).await.unwrap();
+        // The gauge counts the fleet's spend, not only this edge's.
+        let month_used = l.budget_used.with_label_values(&["f", "month"]).get();
+        assert!((month_used - 0.9).abs() < 1e-3, "{month_used}");
         // The other edges spent the whole day's budget.
         let mut b = snap.into_builder();
         b.tenants.set_spend(
