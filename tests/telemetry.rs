@@ -309,6 +309,17 @@ async fn every_role_exports_its_metrics_and_promtool_finds_no_problem() {
         }
     }
     assert!(problems.is_empty(), "promtool: {problems:?}");
+    // What the gateway added before the first byte, per page (figures only).
+    for (role, page) in &pages {
+        let count: f64 = sum_series(page, "switchyard_gateway_overhead_seconds_count");
+        if count > 0.0 {
+            let sum = sum_series(page, "switchyard_gateway_overhead_seconds_sum");
+            println!(
+                "{role}: gateway overhead before the first byte, mean of {count} requests: {:.2} ms",
+                1000.0 * sum / count
+            );
+        }
+    }
 
     // A few values that prove the families are fed, not only declared.
     let dev_page = &pages.last().unwrap().1;
@@ -329,6 +340,17 @@ async fn every_role_exports_its_metrics_and_promtool_finds_no_problem() {
         assert!(acked >= 1.0, "{role}: {page}");
         assert!(value(page, "switchyard_snapshot_version") >= 1.0, "{role}");
     }
+}
+
+/// The sum of every series of a family (any labels).
+fn sum_series(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The value of one series of a page (0 when absent).
