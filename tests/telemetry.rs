@@ -526,6 +526,7 @@ async fn the_trace_and_the_ledgers_egress_fields_cross_the_backhaul() {
     let egress = EgressNode::new("eu", tls("egress-eu-7", CertScope::Egress("eu".into())))
         .control_plane(link("egress-eu-7"))
         .otlp(otlp.url.clone())
+        .admin("127.0.0.1:0".parse().unwrap())
         .start()
         .await
         .expect("egress starts");
@@ -533,6 +534,7 @@ async fn the_trace_and_the_ledgers_egress_fields_cross_the_backhaul() {
         .control_plane(link("edge-eu"))
         .egress("eu", egress.local_addr().to_string())
         .listen("127.0.0.1:0")
+        .admin("127.0.0.1:0")
         .otlp(otlp.url.clone())
         .start()
         .await
@@ -673,6 +675,40 @@ async fn the_trace_and_the_ledgers_egress_fields_cross_the_backhaul() {
     println!(
         "spans of the caller's trace: {:?}",
         spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+    );
+
+    // The same two answers on the egress's and the edge's pages: the key
+    // pools' health, the reasoning tokens, the provider's wait, the
+    // gateway's overhead and the backhaul's round trip.
+    let egress_page = scrape(egress.admin_addr().unwrap()).await;
+    for needle in [
+        "switchyard_key_pool_keys{pool=\"main\",provider=\"oai\",state=\"ok\"} 1",
+        "switchyard_key_pool_keys{pool=\"thinking\",provider=\"gem\",state=\"ok\"} 1",
+        "switchyard_egress_tokens_total{kind=\"reasoning\",provider=\"oai\"} 100",
+        "switchyard_egress_tokens_total{kind=\"reasoning\",provider=\"gem\"} 1754",
+        "switchyard_egress_requests_total{class=\"2xx\",model=\"case-thinking-nonstream\",provider=\"gem\"} 1",
+    ] {
+        assert!(egress_page.contains(needle), "{needle} not in\n{egress_page}");
+    }
+    assert_eq!(
+        sum_series(&egress_page, "switchyard_upstream_wait_seconds_count"),
+        2.0
+    );
+    let edge_page = scrape(edge.admin_addr().unwrap()).await;
+    assert_eq!(
+        sum_series(&edge_page, "switchyard_gateway_overhead_seconds_count"),
+        2.0
+    );
+    let rtt = sum_series(&edge_page, "switchyard_backhaul_rtt_seconds");
+    assert!(rtt > 0.0, "{edge_page}");
+    assert!(
+        edge_page.contains("switchyard_backhaul_streams_open{"),
+        "{edge_page}"
+    );
+    println!(
+        "backhaul RTT {:.3} ms; gateway overhead mean {:.2} ms over edge → QUIC → egress",
+        rtt * 1000.0,
+        1000.0 * sum_series(&edge_page, "switchyard_gateway_overhead_seconds_sum") / 2.0
     );
 
     edge.shutdown().await;
