@@ -282,6 +282,30 @@ pub fn inspect_chunk(data: &str) -> ChunkInfo {
 mod tests {
     use super::*;
 
+    /// Reasoning tokens as each provider reports them (shapes from the
+    /// recorded fixtures), and OpenAI's usage keeps its shape without any.
+    #[test]
+    fn reasoning_tokens_from_every_usage_shape() {
+        let openai = serde_json::json!({"prompt_tokens": 12, "completion_tokens": 140,
+            "completion_tokens_details": {"reasoning_tokens": 100}});
+        let u = Usage::from_openai(&openai).unwrap();
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (140, 100));
+        assert_eq!(
+            u.to_openai()["completion_tokens_details"]["reasoning_tokens"],
+            100
+        );
+        let plain = Usage::from_openai(&serde_json::json!({"prompt_tokens": 1})).unwrap();
+        assert!(plain.to_openai().get("completion_tokens_details").is_none());
+        let responses = serde_json::json!({"input_tokens": 9, "output_tokens": 300,
+            "output_tokens_details": {"reasoning_tokens": 256}});
+        let u = crate::responses::usage_from_responses(&responses).unwrap();
+        assert_eq!(u.reasoning_tokens, 256);
+        let gemini = serde_json::json!({"promptTokenCount": 8, "candidatesTokenCount": 20,
+            "thoughtsTokenCount": 1754});
+        let u = crate::gemini_native::usage_from_metadata(&gemini).unwrap();
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (1774, 1754));
+    }
+
     #[test]
     fn json_errors_name_the_position() {
         let e = ChatRequest::parse(b"{\n  \"model\": \"x\",\n  oops\n}").unwrap_err();
