@@ -389,6 +389,7 @@ pub struct EgressNode {
     threads: usize,
     admin: Option<SocketAddr>,
     tls_files: Option<NodeTlsFiles>,
+    otlp: Option<String>,
 }
 
 impl EgressNode {
@@ -405,7 +406,15 @@ impl EgressNode {
             threads: 2,
             admin: None,
             tls_files: None,
+            otlp: None,
         }
+    }
+
+    /// Exports a span per provider call over OTLP/HTTP to this collector
+    /// (`http://collector:4318`); off by default.
+    pub fn otlp(mut self, endpoint: impl Into<String>) -> Self {
+        self.otlp = Some(endpoint.into());
+        self
     }
 
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`).
@@ -473,8 +482,14 @@ impl EgressNode {
             let shared = shared.clone();
             let region = self.region.clone();
             let lifecycle = lifecycle.clone();
-            let (tls, limits, listen, control, admin) =
-                (self.tls, self.limits, self.listen, self.control, self.admin);
+            let (tls, limits, listen, control, admin, otlp) = (
+                self.tls,
+                self.limits,
+                self.listen,
+                self.control,
+                self.admin,
+                self.otlp,
+            );
             run_on(&rt, async move {
                 // The control plane sends this egress only its own region's keys.
                 let agent = match &control {
@@ -494,7 +509,26 @@ impl EgressNode {
                     })?),
                     None => None,
                 };
-                let egress = Egress::new(shared.clone())?;
+                // The name the control plane knows the node by, so ledger
+                // rows and `ctl nodes` agree.
+                let name = control
+                    .as_ref()
+                    .and_then(|c| c.node_id.clone())
+                    .unwrap_or_else(|| format!("egress-{region}-{}", std::process::id()));
+                let exporter = match &otlp {
+                    Some(endpoint) => Some(
+                        crate::otlp::Exporter::start(endpoint, &name).map_err(|e| {
+                            NodeError::Service {
+                                what: "otlp",
+                                message: e.to_string(),
+                            }
+                        })?,
+                    ),
+                    None => None,
+                };
+                let egress = Egress::new(shared.clone())?
+                    .with_node_name(&name)
+                    .with_otlp(exporter);
                 if let Some(agent) = &agent {
                     // Key pools as this node sees them, for the status page.
                     let (shared, health) = (shared.clone(), egress.health().clone());
@@ -509,12 +543,14 @@ impl EgressNode {
                 let drainer = server.drainer();
                 let tls_reloader = server.tls_reloader();
                 let connections = server.connection_gauge();
+                let served = (server.metrics(), server.health());
                 tracing::info!(target: "switchyard::backhaul", bound = %addr, %region, "egress listening");
                 let serve = tokio::spawn(server.run());
                 let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
                 let admin_addr = admin.as_ref().map(AdminListener::local_addr);
                 if let Some(admin) = admin {
-                    let metrics = egress_metrics(shared.clone(), connections);
+                    let agent_status = agent.as_ref().map(|a| a.watch_status());
+                    let metrics = egress_metrics(shared.clone(), connections, served, agent_status);
                     admin.serve(lifecycle.clone(), metrics, admin_rx);
                 }
                 lifecycle.mark_ready();
@@ -574,13 +610,23 @@ fn prepare_egress(snapshot: Snapshot, region: &str) -> Result<Snapshot, NodeErro
     Ok(keep_region_keys(snapshot, region))
 }
 
-/// The egress's `/metrics`: snapshot version and open edge connections
-/// (the lifecycle's gauges are added by the admin listener).
+/// The egress's `/metrics`: what it served (requests, provider waits,
+/// tokens), key-pool health, snapshot version and ACK/NACK counts, open
+/// edge connections (the lifecycle's gauges, among them the streams in
+/// flight, are added by the admin listener).
 fn egress_metrics(
     shared: Arc<ArcSwap<Snapshot>>,
     connections: Arc<dyn Fn() -> usize + Send + Sync>,
+    (served, health): (
+        Arc<crate::metrics::EgressMetrics>,
+        Arc<switchyard_proto::Health>,
+    ),
+    agent_status: Option<
+        tokio::sync::watch::Receiver<switchyard_control::node_client::AgentStatus>,
+    >,
 ) -> MetricsFn {
     use prometheus::{IntGauge, Registry};
+    let agent = agent_status.map(switchyard_control::admin::AgentMetrics::new);
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
     let version =
         IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
@@ -589,10 +635,18 @@ fn egress_metrics(
     for g in [&version, &open] {
         registry.register(Box::new(g.clone())).expect("register");
     }
+    if let Some(a) = &agent {
+        a.register(&registry);
+    }
     Arc::new(move || {
-        version.set(shared.load().version() as i64);
+        let snap = shared.load();
+        version.set(snap.version() as i64);
         open.set(connections() as i64);
-        let page = switchyard_control::admin::render(&[&registry]);
+        served.keys.update(&snap, &health);
+        if let Some(a) = &agent {
+            a.update();
+        }
+        let page = switchyard_control::admin::render(&[&registry, served.registry()]);
         Box::pin(async move { page })
     })
 }

@@ -254,6 +254,10 @@ impl HttpServerApp for EdgeApp {
         // EOF as abort so the provider call is cancelled, not left running.
         session.set_abort_on_close(true);
         let mut ctx = RequestCtx::new(admit::request_id(&session), received_at);
+        if let Some(parent) = admit::traceparent(&session) {
+            ctx.trace = parent.child();
+            ctx.trace_parent = Some(parent);
+        }
         let reusable = self.handle(&mut session, &mut ctx).await;
         if ctx.client_gone {
             return None;

@@ -29,6 +29,11 @@ pub mod wire;
 pub use health::Health;
 pub use plan::{Plan, PlanError, PlannedTarget};
 
+/// OTLP trace export messages (see `otlp.proto`).
+pub mod otlp {
+    tonic::include_proto!("switchyard.otlp");
+}
+
 /// The edge ↔ egress framing's messages (`backhaul.proto`).
 pub mod backhaul {
     tonic::include_proto!("switchyard.backhaul");

@@ -345,6 +345,9 @@ pub(crate) async fn post_json(
     if stream {
         req = req.header(reqwest::header::ACCEPT, "text/event-stream");
     }
+    if let Some(t) = &ctx.request.trace {
+        req = req.header("traceparent", t.header());
+    }
     let resp = req
         .send()
         .await

@@ -342,6 +342,7 @@ impl Attempts<'_> {
             }
         };
         ctx.served = Some(planned.clone());
+        let span = ctx.trace.child();
         let req = EgressRequest {
             request_id: ctx.request_id.clone(),
             tenant: ctx
@@ -359,6 +360,7 @@ impl Attempts<'_> {
             inbound: ctx.protocol,
             forward_headers: self.forward_headers.clone(),
             residency: ctx.residency.clone().unwrap_or_default(),
+            trace: Some(span),
         };
         let started = Instant::now();
         // Counted in flight for `least_busy` until the answer ends.
@@ -369,7 +371,7 @@ impl Attempts<'_> {
             r = attempt(app.upstream.as_ref(), req, self.limit) => r,
             _ = session.read_body_or_idle(true) => {
                 ctx.client_gone = true;
-                ctx.attempts.push(Attempt { target: i, elapsed: started.elapsed(), error: Some("client_gone") });
+                ctx.attempts.push(Attempt { target: i, elapsed: started.elapsed(), error: Some("client_gone"), span: Some(span), started_after: started.saturating_duration_since(ctx.received_at) });
                 return Step::ClientGone;
             }
         };
@@ -385,6 +387,8 @@ impl Attempts<'_> {
             target: i,
             elapsed: started.elapsed(),
             error,
+            span: Some(span),
+            started_after: started.saturating_duration_since(ctx.received_at),
         });
         match result {
             Ok(mut answer) => {

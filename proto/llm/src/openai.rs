@@ -204,6 +204,10 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    /// Of the completion tokens, those spent thinking (OpenAI
+    /// `completion_tokens_details.reasoning_tokens`, Responses
+    /// `output_tokens_details.reasoning_tokens`, Gemini `thoughtsTokenCount`).
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -218,16 +222,28 @@ impl Usage {
                 .and_then(|d| d.get("cached_tokens"))
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
+            reasoning_tokens: u
+                .get("completion_tokens_details")
+                .and_then(|d| d.get("reasoning_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
         })
     }
 
     pub fn to_openai(self) -> Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
-        })
+        });
+        // Only when there were any: answers of models that do not reason
+        // keep the shape they always had.
+        if self.reasoning_tokens > 0 {
+            v["completion_tokens_details"] =
+                serde_json::json!({ "reasoning_tokens": self.reasoning_tokens });
+        }
+        v
     }
 }
 
@@ -296,6 +312,30 @@ fn inspect_chunk_tree(data: &str) -> ChunkInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reasoning tokens as each provider reports them (shapes from the
+    /// recorded fixtures), and OpenAI's usage keeps its shape without any.
+    #[test]
+    fn reasoning_tokens_from_every_usage_shape() {
+        let openai = serde_json::json!({"prompt_tokens": 12, "completion_tokens": 140,
+            "completion_tokens_details": {"reasoning_tokens": 100}});
+        let u = Usage::from_openai(&openai).unwrap();
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (140, 100));
+        assert_eq!(
+            u.to_openai()["completion_tokens_details"]["reasoning_tokens"],
+            100
+        );
+        let plain = Usage::from_openai(&serde_json::json!({"prompt_tokens": 1})).unwrap();
+        assert!(plain.to_openai().get("completion_tokens_details").is_none());
+        let responses = serde_json::json!({"input_tokens": 9, "output_tokens": 300,
+            "output_tokens_details": {"reasoning_tokens": 256}});
+        let u = crate::responses::usage_from_responses(&responses).unwrap();
+        assert_eq!(u.reasoning_tokens, 256);
+        let gemini = serde_json::json!({"promptTokenCount": 8, "candidatesTokenCount": 20,
+            "thoughtsTokenCount": 1754});
+        let u = crate::gemini_native::usage_from_metadata(&gemini).unwrap();
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (1774, 1754));
+    }
 
     #[test]
     fn json_errors_name_the_position() {
