@@ -848,6 +848,7 @@ mod tests {
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );

@@ -126,6 +126,23 @@ pub struct ProviderDoc {
     pub region: Option<String>,
     /// Where the provider processes data; defaults to the region's.
     pub jurisdiction: Option<String>,
+    /// How the provider continues a partial assistant answer, for
+    /// mid-stream resume (`routes.R.resume`). Default: `trailing_assistant`
+    /// for kind anthropic, `none` for the others.
+    pub prefill: Option<PrefillDoc>,
+}
+
+/// `providers.P.prefill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefillDoc {
+    None,
+    /// A trailing assistant message is continued (Anthropic).
+    TrailingAssistant,
+    /// A trailing assistant message with `"prefix": true` (DeepSeek, Mistral).
+    Prefix,
+    /// `continue_final_message: true` with a trailing assistant message (vLLM).
+    ContinueFinalMessage,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -274,6 +291,10 @@ pub struct RouteDoc {
     /// Non-critical requests (`x-switchyard-priority: low`) go to another
     /// route while this one's primary is degraded.
     pub downgrade: Option<DowngradeDoc>,
+    /// A text-only stream the provider cuts after it reached the client
+    /// continues on another target of the plan that supports prefill.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// `routes.R.rules[]`.

@@ -578,6 +578,7 @@ mod tests {
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );
