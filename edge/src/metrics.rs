@@ -38,6 +38,7 @@ pub struct EdgeMetrics {
     key_events: IntCounterVec,
     rules: IntCounterVec,
     downgrades: IntCounterVec,
+    resumes: IntCounterVec,
     /// The board whose key and pool events are rendered (shared with the
     /// in-process egress in `switchyard dev`).
     health: Mutex<Option<Arc<switchyard_proto::Health>>>,
@@ -150,7 +151,13 @@ impl EdgeMetrics {
             "Non-critical requests downgraded while the route's primary was degraded",
             &["route", "to"],
         );
+        let resumes = counter(
+            "stream_resumes_total",
+            "Streams cut mid-answer: resumed on another target, or why not, by the provider cut (or the resume target that failed)",
+            &["provider", "outcome"],
+        );
         for c in [
+            &resumes,
             &rules,
             &downgrades,
             &requests,
@@ -185,6 +192,7 @@ impl EdgeMetrics {
             key_events,
             rules,
             downgrades,
+            resumes,
             health: Mutex::new(None),
         }
     }
@@ -196,6 +204,10 @@ impl EdgeMetrics {
 
     pub fn rule_matched(&self, route: &str, to: &str) {
         self.rules.with_label_values(&[route, to]).inc();
+    }
+
+    pub fn resume(&self, provider: &str, outcome: &str) {
+        self.resumes.with_label_values(&[provider, outcome]).inc();
     }
 
     pub fn downgrade(&self, route: &str, to: &str) {
