@@ -409,3 +409,54 @@ async fn without_resume_with_a_tool_call_in_flight_or_outside_the_residency_the_
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The venv `scripts/test.sh` creates; see tests/sdk.rs.
+fn python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SWITCHYARD_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    venv.exists().then_some(venv)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdks_read_a_resumed_stream_as_one_answer() {
+    let Some(python) = python() else {
+        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
+            panic!("no Python venv with the SDKs: run scripts/test.sh");
+        }
+        eprintln!("SKIPPED: SDK tests need .venv (run scripts/test.sh)");
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("resume-sdk");
+    let (edge, addr, _) = start(&dir, &mock).await;
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/test_resume_sdk.py");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .arg(file)
+            .env("SWITCHYARD_BASE_URL", format!("http://{addr}"))
+            .env("SWITCHYARD_KEY", TEST_KEY)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("run pytest");
+    assert!(
+        out.status.success(),
+        "pytest failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        prefill_sent(&mock, "cont-messages"),
+        json!({"role": "assistant", "content": [{"type": "text", "text": ANTHROPIC_FIRST_3}]})
+    );
+    assert_eq!(
+        prefill_sent(&mock, "cont-prefix"),
+        json!({"role": "assistant", "content": OPENAI_FIRST_4, "prefix": true})
+    );
+    edge.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -172,6 +172,8 @@ struct Segment {
     merge_first: Option<u64>,
     /// Its usage, added to the earlier segments' in the record.
     stats: Option<Arc<RequestStats>>,
+    /// Length of the client's text when it started.
+    start_chars: usize,
 }
 
 /// The committed stream, spliced across resumes. Without a [`Resume`] it
@@ -211,7 +213,10 @@ impl Spliced {
         };
         if let Some(first) = first {
             if s.resume.is_some() {
-                s.feed(&first);
+                if let Some(cut) = s.feed(&first) {
+                    // Cut within its first chunk: `next` meets the error.
+                    s.inner = futures::stream::once(async move { cut }).boxed();
+                }
             } else {
                 s.out.push_back(first);
             }
@@ -403,6 +408,7 @@ impl Spliced {
                         offset: None,
                         merge_first: self.seen.open_text,
                         stats: Some(stats),
+                        start_chars: self.seen.text.len(),
                     });
                     if let Some(first) = first {
                         if let Some(cut) = self.feed(&first) {
@@ -466,18 +472,15 @@ impl Spliced {
     /// request.
     fn account_segment(&mut self, ctx: &RequestCtx) {
         let reported = ctx.stats.as_ref().and_then(|s| s.usage());
-        let first = self.segment.is_none();
+        let start = self.segment.as_ref().map_or(0, |s| s.start_chars);
+        let emitted = self.seen.text.len().saturating_sub(start) as u64;
         let u = match reported {
             Some(u) if u.completion_tokens > 1 => u,
             _ => Usage {
                 prompt_tokens: reported
                     .map_or(0, |u| u.prompt_tokens)
                     .max(ctx.estimated_tokens),
-                completion_tokens: if first {
-                    (self.seen.text.len() as u64).div_ceil(4)
-                } else {
-                    0
-                },
+                completion_tokens: emitted.div_ceil(4),
                 cached_tokens: 0,
             },
         };
@@ -705,10 +708,8 @@ fn messages_event(seen: &mut Seen, seg: Option<&mut Segment>, ev: &SseEvent) -> 
                     seen.text.push_str(t);
                 }
             }
-            "content_block_stop" => {
-                if index.is_some() && seen.open_text == index {
-                    seen.open_text = None;
-                }
+            "content_block_stop" if index.is_some() && seen.open_text == index => {
+                seen.open_text = None;
             }
             "message_stop" => seen.done = true,
             _ => {}
@@ -728,12 +729,27 @@ fn messages_event(seen: &mut Seen, seg: Option<&mut Segment>, ev: &SseEvent) -> 
                     .and_then(|b| b.get("type"))
                     .and_then(Value::as_str)
                     == Some("text");
-                match seg.merge_first.filter(|_| is_text) {
-                    Some(open) => {
+                match (seg.merge_first, is_text) {
+                    (Some(open), true) => {
                         seg.offset = Some(open as i64 - i as i64);
                         return Step::Drop;
                     }
-                    None => seg.offset = Some(seen.next_index as i64 - i as i64),
+                    (Some(open), false) => {
+                        // The open text block ends before anything else
+                        // starts, as the protocol requires.
+                        seen.open_text = None;
+                        seg.offset = Some(seen.next_index as i64 - i as i64);
+                        let stop = sse(
+                            Some("content_block_stop"),
+                            &json!({"type": "content_block_stop", "index": open}),
+                        );
+                        let mapped = seen.next_index;
+                        seen.next_index += 1;
+                        data.insert("index".into(), json!(mapped));
+                        let start = sse(Some(&kind), &Value::Object(data));
+                        return Step::Forward(Bytes::from([stop, start].concat()));
+                    }
+                    (None, _) => seg.offset = Some(seen.next_index as i64 - i as i64),
                 }
             }
             let mapped = (i as i64 + seg.offset.unwrap_or(0)).max(0) as u64;
@@ -861,5 +877,213 @@ fn append_assistant(list: &mut Vec<Value>, text: &str, anthropic_blocks: bool) {
         list.push(json!({"role": "assistant", "content": [{"type": "text", "text": text}]}));
     } else {
         list.push(json!({"role": "assistant", "content": text}));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_llm::openai::ChatRequest;
+
+    fn chat(messages: Value) -> ChatRequest {
+        let body = json!({"model": "m", "stream": true, "messages": messages});
+        ChatRequest::from_map(body.as_object().unwrap().clone()).unwrap()
+    }
+
+    fn last(op: &Operation) -> (Value, Value) {
+        match op {
+            Operation::Chat(c) => (c.messages().last().unwrap().clone(), Value::Null),
+            Operation::Messages { body, chat } => (
+                chat.messages().last().unwrap().clone(),
+                body["messages"].as_array().unwrap().last().unwrap().clone(),
+            ),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn each_prefill_style_carries_the_text_as_the_assistants() {
+        let op = Operation::Chat(chat(json!([{"role": "user", "content": "q"}])));
+        let (p, _) = prefilled(&op, "Hello ", Prefill::Prefix).unwrap();
+        assert_eq!(
+            last(&p).0,
+            json!({"role": "assistant", "content": "Hello ", "prefix": true})
+        );
+        let (p, trimmed) = prefilled(&op, "Hello ", Prefill::TrailingAssistant).unwrap();
+        assert!(trimmed, "Anthropic refuses trailing whitespace");
+        assert_eq!(last(&p).0, json!({"role": "assistant", "content": "Hello"}));
+        let (p, _) = prefilled(&op, "Hi", Prefill::ContinueFinalMessage).unwrap();
+        let Operation::Chat(c) = &p else { panic!() };
+        assert_eq!(c.body["continue_final_message"], true);
+        assert_eq!(c.body["add_generation_prompt"], false);
+        // Nothing emitted yet: the request as it was.
+        let (p, _) = prefilled(&op, "", Prefill::Prefix).unwrap();
+        assert_eq!(last(&p).0["role"], "user");
+    }
+
+    #[test]
+    fn a_callers_own_prefill_is_extended_not_followed_by_a_second() {
+        let body = json!({"model": "m", "max_tokens": 9, "stream": true, "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "text", "text": "{\"a\":"}]}]});
+        let body = body.as_object().unwrap().clone();
+        let chat = switchyard_llm::anthropic::messages_to_openai(body.clone()).unwrap();
+        let op = Operation::Messages { body, chat };
+        let (p, _) = prefilled(&op, " 1", Prefill::TrailingAssistant).unwrap();
+        let (hub, native) = last(&p);
+        assert_eq!(
+            native,
+            json!({"role": "assistant", "content": [{"type": "text", "text": "{\"a\": 1"}]})
+        );
+        assert_eq!(hub["role"], "assistant");
+        let Operation::Messages { body, .. } = &p else {
+            panic!()
+        };
+        assert_eq!(body["messages"].as_array().unwrap().len(), 2);
+    }
+
+    fn event(name: &str, data: Value) -> SseEvent {
+        let raw = sse(Some(name), &data);
+        SseEvent {
+            event: Some(name.into()),
+            data: data.to_string(),
+            raw,
+        }
+    }
+
+    fn out(step: Step) -> String {
+        match step {
+            Step::Forward(b) => String::from_utf8(b.to_vec()).unwrap(),
+            Step::Drop => String::new(),
+            Step::Cut => "CUT".into(),
+        }
+    }
+
+    #[test]
+    fn a_resumed_messages_stream_joins_the_open_block_and_drops_the_whitespace_the_prefill_lost() {
+        let mut seen = Seen::default();
+        for e in [
+            event(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_1"}}),
+            ),
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello "}}),
+            ),
+        ] {
+            assert!(!out(messages_event(&mut seen, None, &e)).is_empty());
+        }
+        let cut = event(
+            "error",
+            json!({"type": "error", "error": {"type": "overloaded_error"}}),
+        );
+        assert_eq!(out(messages_event(&mut seen, None, &cut)), "CUT");
+        assert_eq!((seen.text.as_str(), seen.open_text), ("Hello ", Some(0)));
+
+        let mut seg = Segment {
+            skip_ws: true,
+            merge_first: seen.open_text,
+            ..Segment::default()
+        };
+        let resumed = [
+            event(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_2"}}),
+            ),
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " "}}),
+            ),
+            event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " world"}}),
+            ),
+            event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}),
+            ),
+        ];
+        let outs: Vec<String> = resumed
+            .iter()
+            .map(|e| out(messages_event(&mut seen, Some(&mut seg), e)))
+            .collect();
+        assert_eq!(outs[0], "", "no second message_start");
+        assert_eq!(outs[1], "", "the open block continues");
+        assert_eq!(outs[2], "", "whitespace the client already has");
+        assert!(outs[3].contains("\"text\":\"world\""), "{}", outs[3]);
+        assert!(outs[4].contains("\"index\":0"));
+        assert!(outs[5].contains("\"index\":1") && outs[5].contains("tool_use"));
+        assert_eq!(seen.text, "Hello world");
+        assert_eq!(seen.unresumable, Some("tool_call"));
+    }
+
+    #[test]
+    fn a_resumed_block_of_another_kind_closes_the_open_text_block_first() {
+        let mut seen = Seen {
+            open_text: Some(0),
+            next_index: 1,
+            ..Seen::default()
+        };
+        let mut seg = Segment {
+            merge_first: Some(0),
+            ..Segment::default()
+        };
+        let e = event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}),
+        );
+        let o = out(messages_event(&mut seen, Some(&mut seg), &e));
+        let stop = o.find("content_block_stop").unwrap();
+        let start = o.find("\"index\":1").unwrap();
+        assert!(stop < start, "{o}");
+    }
+
+    #[test]
+    fn resumed_chat_chunks_take_the_first_streams_identity_and_lose_their_role() {
+        let mut seen = Seen::default();
+        let first = |d: Value| SseEvent {
+            event: None,
+            data: d.to_string(),
+            raw: sse(None, &d),
+        };
+        let e = first(
+            json!({"id": "a", "created": 1, "model": "m1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": null}]}),
+        );
+        assert_eq!(
+            out(chat_event(&mut seen, None, &e)),
+            out(Step::Forward(e.raw.clone()))
+        );
+        let mut seg = Segment::default();
+        let role = first(
+            json!({"id": "b", "created": 2, "model": "m2", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+        );
+        assert_eq!(out(chat_event(&mut seen, Some(&mut seg), &role)), "");
+        let text = first(
+            json!({"id": "b", "created": 2, "model": "m2", "choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": null}]}),
+        );
+        let o = out(chat_event(&mut seen, Some(&mut seg), &text));
+        assert!(
+            o.contains("\"id\":\"a\"")
+                && o.contains("\"model\":\"m1\"")
+                && o.contains("\"created\":1"),
+            "{o}"
+        );
+        assert!(!o.contains("system_fingerprint"), "{o}");
+        assert_eq!(seen.text, "Hi there");
+        let error = first(json!({"error": {"message": "cut"}}));
+        assert_eq!(out(chat_event(&mut seen, Some(&mut seg), &error)), "CUT");
     }
 }
