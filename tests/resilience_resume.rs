@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchyard_backhaul::node::PolicySource;
+use switchyard_backhaul::node::{EgressNode, PolicySource};
+use switchyard_backhaul::tunnel::{generate_node_cert, CertScope, NodeTls};
 use switchyard_edge::node::{EdgeNode, RunningEdge};
 use switchyard_proto::KeyHash;
 use switchyard_testkit::gateway::{temp_dir, TEST_KEY};
@@ -44,6 +45,7 @@ fn client() -> reqwest::Client {
 fn policy(url: &str) -> String {
     format!(
         r#"
+limits: {{ stream_idle_timeout_ms: 1500 }}
 regions:
   eu-west: {{ jurisdiction: eu }}
   us-east: {{ jurisdiction: us }}
@@ -106,6 +108,11 @@ routes:
       - {{ provider: claude-eu, model: cut-after-3 }}
       - {{ provider: claude-eu, model: cut-after-4 }}
       - {{ provider: prefixer, model: cont-twice }}
+  stalled:
+    resume: true
+    targets:
+      - {{ provider: cutter, model: stall }}
+      - {{ provider: prefixer, model: cont-stall }}
   resident:
     resume: true
     targets:
@@ -458,5 +465,85 @@ async fn the_official_sdks_read_a_resumed_stream_as_one_answer() {
         json!({"role": "assistant", "content": OPENAI_FIRST_4, "prefix": true})
     );
     edge.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Over the real QUIC backhaul (edge and egress in-process): the cut
+/// reaches the edge as an error frame in a data frame, then a trailer; a
+/// provider that goes silent is ended by the egress's idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_resume_across_the_quic_backhaul_after_a_cut_or_a_stall() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("resume-backhaul");
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, policy(&mock.url())).unwrap();
+    let pki = dir.join("pki");
+    let scope = |edge: bool| {
+        if edge {
+            CertScope::Edge("eu-west".into())
+        } else {
+            CertScope::Egress("eu-west".into())
+        }
+    };
+    let edge_cert = generate_node_cert(&pki, "edge", &[], &scope(true)).unwrap();
+    let egress_cert = generate_node_cert(&pki, "egress", &[], &scope(false)).unwrap();
+    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
+        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
+    };
+    let egress = EgressNode::new("eu-west", tls(&egress_cert))
+        .policy(PolicySource::File(path.clone()))
+        .start()
+        .await
+        .expect("egress starts");
+    let edge = EdgeNode::backhaul("eu-west", tls(&edge_cert))
+        .policy(PolicySource::File(path))
+        .egress("eu-west", egress.local_addr().to_string())
+        .listen("127.0.0.1:0")
+        .start()
+        .await
+        .expect("edge starts");
+    let addr = edge.local_addr().unwrap();
+    let http = client();
+
+    let started = std::time::Instant::now();
+    let events = chat_stream(&http, addr, TEST_KEY, "chat", false).await;
+    println!("resumed chat stream over QUIC: {:?}", started.elapsed());
+    assert_eq!(chat_text(&events), format!("{OPENAI_FIRST_4}{OPENAI_TEXT}"));
+    assert_eq!(
+        prefill_sent(&mock, "cont-prefix"),
+        json!({"role": "assistant", "content": OPENAI_FIRST_4, "prefix": true})
+    );
+
+    let events = messages_stream(&http, addr, "messages").await;
+    assert_eq!(
+        messages_text(&events),
+        format!("{ANTHROPIC_FIRST_3}{ANTHROPIC_TEXT}")
+    );
+
+    // `stall`: one chunk ("w0 ", no role chunk), then silence.
+    let events = chat_stream(&http, addr, TEST_KEY, "stalled", false).await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:#?}"
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, format!("w0 {OPENAI_TEXT}"));
+    assert_eq!(
+        prefill_sent(&mock, "cont-stall"),
+        json!({"role": "assistant", "content": "w0 ", "prefix": true})
+    );
+
+    edge.shutdown().await;
+    egress.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
