@@ -108,6 +108,11 @@ routes:
       - {{ provider: claude-eu, model: cut-after-3 }}
       - {{ provider: claude-eu, model: cut-after-4 }}
       - {{ provider: prefixer, model: cont-twice }}
+  whole-on:
+    resume: true
+    targets: [ {{ provider: prefixer, model: whole-on }} ]
+  whole-off:
+    targets: [ {{ provider: prefixer, model: whole-off }} ]
   stalled:
     resume: true
     targets:
@@ -541,6 +546,28 @@ async fn streams_resume_across_the_quic_backhaul_after_a_cut_or_a_stall() {
     assert_eq!(
         prefill_sent(&mock, "cont-stall"),
         json!({"role": "assistant", "content": "w0 ", "prefix": true})
+    );
+
+    // Figures, not thresholds: what watching a stream costs (resume on,
+    // nothing cut, versus off) and what a resume adds (a cut stream
+    // versus a whole one), over the backhaul on this machine.
+    const N: u32 = 20;
+    let mean = |route: &'static str| {
+        let http = http.clone();
+        async move {
+            let started = std::time::Instant::now();
+            for _ in 0..N {
+                let events = chat_stream(&http, addr, TEST_KEY, route, false).await;
+                assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+            }
+            started.elapsed() / N
+        }
+    };
+    let off = mean("whole-off").await;
+    let on = mean("whole-on").await;
+    let resumed = mean("chat").await;
+    println!(
+        "mean stream over QUIC (n={N}): resume off {off:?}, resume on {on:?}, cut and resumed {resumed:?}"
     );
 
     edge.shutdown().await;
