@@ -3,7 +3,8 @@
 # cmake and a C compiler (Pingora builds zlib-ng with CMake), python3-venv
 # for the SDK tests, and for the deployment tests (SWITCHYARD_NEED_OPS=1)
 # kubectl (Debian's kubernetes-client: `kubectl kustomize` renders the
-# overlays) and promtool (Debian's prometheus: checks the alert rules).
+# overlays), promtool (Debian's prometheus: checks the alert rules) and
+# chromium (loads the control plane's status page).
 # redis-server for the shared-limit tests. Sourced by dev.sh and test.sh.
 set -euo pipefail
 
@@ -19,6 +20,8 @@ fi
 if [ "${SWITCHYARD_NEED_OPS:-0}" = 1 ]; then
   command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  # The status page is loaded in headless Chromium (tests/ops_status.rs).
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2

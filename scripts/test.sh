@@ -3,7 +3,8 @@
 # sockets, mock providers, QUIC backhaul, control plane on SQLite and
 # PostgreSQL), the official OpenAI/Anthropic Python SDKs, and the deployment
 # files (kustomize overlays rendered, schema-validated and checked by
-# checkov; alert rules checked and unit-tested by promtool).
+# checkov; alert rules checked and unit-tested by promtool; the status page
+# loaded in headless Chromium).
 # Installs what the tests need on a fresh machine first.
 set -euo pipefail
 cd "$(dirname "$0")/.."

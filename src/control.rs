@@ -1,5 +1,6 @@
 //! `switchyard control-plane`: runs one control-plane replica until SIGINT/SIGTERM
-//! (then drains: readiness false, operator calls in progress finish).
+//! (then drains: readiness false, operator calls in progress finish). Its
+//! TLS certificate files are reloaded on change and on SIGHUP.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -110,6 +111,13 @@ pub fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     config.limits.max_connections = args.max_connections;
     config.limits.max_connections_per_ip = args.max_connections_per_ip;
     config.tls = tls;
+    config.tls_files = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(switchyard_control::tls::ServerTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
     config.admin_token = admin_token;
     config.operator_cert_sha256 = args.operator_cert_sha256;
     config.http_listen = args.http_listen;
@@ -135,7 +143,14 @@ pub fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
             println!("  admin:    http://{admin}/readyz");
         }
         println!("  version:  {}", running.state.current_version());
-        crate::signals::wait_for_stop().await;
+        // The certificate files are looked at every second and on SIGHUP.
+        crate::signals::run_until_stop(
+            |force| {
+                running.reload_tls(force);
+            },
+            false,
+        )
+        .await;
         running.drain(args.drain.grace()).await;
         anyhow::Ok(())
     })

@@ -216,12 +216,16 @@ providers:
     kind: simulated
     region: eu-west
     models: [sim-small, sim-slow]
+    # Made-up prices (USD per million tokens), so spend and budgets move.
+    pricing: {{ sim-small: {{ input: 1, output: 2 }}, sim-slow: {{ input: 3, output: 15 }} }}
     # The fleet is for trying things: `x-switchyard-simulate` drives faults.
     simulated: {{ ttft_ms: 20, tokens_per_second: 200, output_tokens: 24, allow_header: true }}
   sim-us:
     kind: simulated
     region: us-east
     models: [sim-small, sim-slow]
+    # Made-up prices (USD per million tokens), so spend and budgets move.
+    pricing: {{ sim-small: {{ input: 1, output: 2 }}, sim-slow: {{ input: 3, output: 15 }} }}
     # The fleet is for trying things: `x-switchyard-simulate` drives faults.
     simulated: {{ ttft_ms: 20, tokens_per_second: 200, output_tokens: 24, allow_header: true }}
 routes:
@@ -232,6 +236,8 @@ routes:
 tenants:
   - id: fleet-global
     key_sha256: "{global}"
+    # Spend shows on the status page and in switchyard_budget_used_ratio.
+    budget: {{ monthly_usd: 100 }}
   - id: fleet-eu
     key_sha256: "{eu_hash}"
     residency: [eu]
@@ -444,6 +450,7 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
         ports.admin_edge[0],
         ports.admin_edge[1]
     );
+    println!("  status page:    http://{}/status", ports.admin_cp);
     println!("  tenant keys:    {global_key} (any region), {eu_key} (EU only)");
     println!(
         "  files:          {} (certificates, logs/, policy.yaml, fleet.pids)",

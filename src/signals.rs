@@ -114,8 +114,3 @@ pub fn exit_on_next_stop_signal() {
         std::process::exit(130);
     });
 }
-
-/// [`run_until_stop`] for roles with nothing to reload.
-pub async fn wait_for_stop() {
-    run_until_stop(|_| {}, false).await;
-}

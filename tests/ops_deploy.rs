@@ -194,10 +194,32 @@ fn systemd_command_lines() -> Vec<(String, Vec<String>)> {
         if path.extension().is_none_or(|e| e != "service") {
             continue;
         }
-        let text = std::fs::read_to_string(&path).unwrap().replace("\\\n", " ");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\\\n", " ")
+            .replace("%i", "a");
         for line in text.lines() {
             if let Some(cmd) = line.strip_prefix("ExecStart=") {
                 let words: Vec<String> = cmd.split_whitespace().skip(1).map(concrete).collect();
+                // The edge's upgrade word is empty, or --upgrade when
+                // switchyard-edge-upgrade starts the instance: both must hold.
+                let upgrade = "$SWITCHYARD_EDGE_UPGRADE".to_string();
+                if words.contains(&upgrade) {
+                    for with in [None, Some("--upgrade")] {
+                        let variant = words
+                            .iter()
+                            .filter_map(|w| {
+                                if *w == upgrade {
+                                    with.map(str::to_string)
+                                } else {
+                                    Some(w.clone())
+                                }
+                            })
+                            .collect();
+                        out.push((path.display().to_string(), variant));
+                    }
+                    continue;
+                }
                 out.push((path.display().to_string(), words));
             }
         }
@@ -240,8 +262,9 @@ fn every_command_line_in_the_manifests_is_accepted_by_the_binary() {
         .chain(systemd_command_lines())
         .chain(compose_command_lines())
         .collect();
-    // Three Kubernetes roles, three units, five compose services.
-    assert!(lines.len() >= 11, "{lines:?}");
+    // Three Kubernetes roles, three units (the edge's twice: with and
+    // without --upgrade), five compose services.
+    assert!(lines.len() >= 12, "{lines:?}");
     for (file, args) in lines {
         assert!(!args.is_empty(), "{file}: empty command line");
         let (ok, out) = accepts(&args);
@@ -273,10 +296,20 @@ fn systemd_units_pass_systemd_analyze_verify() {
     let mut units = Vec::new();
     for entry in std::fs::read_dir(root().join("deploy/systemd")).unwrap() {
         let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "service") {
+            continue;
+        }
         let text = std::fs::read_to_string(&path)
             .unwrap()
             .replace("/usr/local/bin/switchyard", &binary().display().to_string());
-        let copy = dir.join(path.file_name().unwrap());
+        // A template is verified as one of its instances.
+        let name = path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .replace("@.service", "@a.service");
+        let copy = dir.join(name);
         std::fs::write(&copy, text).unwrap();
         units.push(copy);
     }
@@ -286,4 +319,32 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .args(&units));
     assert!(ok && out.trim().is_empty(), "systemd-analyze verify: {out}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The systemd binary upgrade for edges: the script is valid bash and
+/// drives the template's two instances through the variable the unit's
+/// `ExecStart` expands (an empty one binds, `--upgrade` takes sockets
+/// over; both command lines are checked above).
+#[test]
+fn the_systemd_edge_upgrade_script_matches_its_unit() {
+    let dir = root().join("deploy/systemd");
+    let script = dir.join("switchyard-edge-upgrade");
+    let (ok, out) = run(Command::new("bash").arg("-n").arg(&script));
+    assert!(ok, "bash -n: {out}");
+    let script = std::fs::read_to_string(&script).unwrap();
+    let unit = std::fs::read_to_string(dir.join("switchyard-edge@.service")).unwrap();
+    for needle in [
+        "SWITCHYARD_EDGE_UPGRADE",
+        "/run/switchyard/edge-%i.upgrade",
+        "--upgrade-socket",
+    ] {
+        assert!(unit.contains(needle), "the unit lacks {needle}");
+    }
+    assert!(script.contains("SWITCHYARD_EDGE_UPGRADE=--upgrade"));
+    assert!(script.contains("/run/switchyard/edge-$new.upgrade"));
+    assert!(script.contains("--signal=QUIT"));
+    // The log line the script waits for is the one the edge writes.
+    let edge_node = std::fs::read_to_string(root().join("edge/src/node.rs")).unwrap();
+    assert!(edge_node.contains("took over the listening sockets"));
+    assert!(script.contains("took over the listening sockets"));
 }

@@ -279,3 +279,181 @@ async fn a_static_fleet_reloads_policy_and_node_certificates() {
     drop((edge, newcomer, egress));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The leaf certificate a TLS server at `addr` presents to a client
+/// trusting `ca_pem` (the fleet CA), as DER.
+fn served_leaf(addr: SocketAddr, ca_pem: &[u8]) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(tls.conn.peer_certificates().unwrap()[0].to_vec())
+}
+
+fn leaf_der(pem_file: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(pem_file)
+        .unwrap()
+        .to_vec()
+}
+
+fn regenerate(pki: &Path, name: &str, scope: &[&str]) {
+    let out = std::process::Command::new(binary())
+        .args(["gen-certs", "--out"])
+        .arg(pki)
+        .args(["--name", name])
+        .args(scope)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Renewed certificates on the control plane's side of node sessions: the
+/// control plane's own gRPC certificate (new handshakes get the new one,
+/// the nodes' open Watch streams are not dropped) and the client
+/// certificate an edge presents to it (its session moves to the new
+/// certificate; it keeps following policy and serving).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_and_node_client_certificates_reload_and_nodes_stay_connected() {
+    let fleet = switchyard_testkit::cluster::LocalFleet::start(binary());
+    let pki = fleet.dir.join("pki");
+    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
+    let grpc: SocketAddr = {
+        let out = fleet.process.stdout();
+        let line = out.lines().find(|l| l.contains("(gRPC)")).unwrap();
+        let port = line
+            .split("https://localhost:")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        format!("127.0.0.1:{port}").parse().unwrap()
+    };
+    let cp_log = || std::fs::read_to_string(fleet.dir.join("logs/control-plane.log")).unwrap();
+    let global = fleet.secret("tenant-key");
+    let before = served_leaf(grpc, &ca).unwrap();
+    assert_eq!(before, leaf_der(&pki.join("control-plane.pem")));
+    let disconnects = count(&cp_log(), "node disconnected");
+
+    // 1. The control plane's certificate.
+    let started = Instant::now();
+    regenerate(&pki, "control-plane", &[]);
+    let renewed = leaf_der(&pki.join("control-plane.pem"));
+    assert_ne!(renewed, before);
+    loop {
+        if served_leaf(grpc, &ca).ok().as_ref() == Some(&renewed) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the control plane still serves its old certificate: {}",
+            cp_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "control-plane certificate served {:?} after the files changed",
+        started.elapsed()
+    );
+    assert_eq!(
+        count(&cp_log(), "node disconnected"),
+        disconnects,
+        "a node session was dropped: {}",
+        cp_log()
+    );
+
+    // 2. The client certificate the EU edge presents to the control plane.
+    let started = Instant::now();
+    regenerate(&pki, "edge-eu", &["--role", "edge", "--region", "eu-west"]);
+    let edge_leaf = leaf_der(&pki.join("edge-eu.pem"));
+    let fingerprint = hex(ring::digest::digest(&ring::digest::SHA256, &edge_leaf).as_ref());
+    // The control plane logs the first 16 hex digits of the certificate
+    // holding each node session.
+    let needle = fingerprint[..16].to_string();
+    loop {
+        let log = cp_log();
+        let moved = log
+            .lines()
+            .any(|l| l.contains("node connected") && l.contains("edge-eu") && l.contains(&needle));
+        if moved {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the edge never presented its renewed certificate: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "edge session on its renewed certificate {:?} after the files changed",
+        started.elapsed()
+    );
+
+    // Both regions still serve, and a new policy version reaches every
+    // node, the renewed edge included: ACKed under its new certificate.
+    let (status, _, body) = fleet.chat(&fleet.eu, &global).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = fleet.chat(&fleet.us, &global).await;
+    assert_eq!(status, 200, "{body}");
+    let policy = std::fs::read_to_string(fleet.dir.join("policy.yaml")).unwrap();
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/v1/policy?author=test", fleet.operator_api))
+        .bearer_auth(fleet.secret("admin-token"))
+        .body(format!("{policy}\n# renewed certificates\n"))
+        .send()
+        .await
+        .unwrap();
+    let applied: serde_json::Value = r.json().await.unwrap();
+    let version = applied["version"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes: serde_json::Value = client
+            .get(format!("{}/v1/nodes", fleet.operator_api))
+            .bearer_auth(fleet.secret("admin-token"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let list = nodes["nodes"].as_array().cloned().unwrap_or_default();
+        let all_ok = list.len() == 4
+            && list
+                .iter()
+                .all(|n| n["health"] == "ok" && n["acked_version"].as_u64() == Some(version));
+        if all_ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every node acknowledged version {version}: {nodes:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -201,6 +201,33 @@ impl WatchedTls {
         WatchedTls { files, watched }
     }
 
+    pub fn files(&self) -> &NodeTlsFiles {
+        &self.files
+    }
+
+    /// Hands a renewed identity (already checked to load) to the node's
+    /// control-plane agent, whose new connections then present it too.
+    pub fn renew_agent(&self, agent: &NodeAgent) {
+        let read = |p: &Path| std::fs::read(p);
+        let renewed = (|| -> Result<(), String> {
+            let key = String::from_utf8(read(&self.files.key).map_err(|e| e.to_string())?)
+                .map_err(|_| "the node key is not PEM text".to_string())?;
+            agent
+                .set_identity(
+                    read(&self.files.ca).map_err(|e| e.to_string())?,
+                    read(&self.files.cert).map_err(|e| e.to_string())?,
+                    switchyard_proto::Secret::new(key),
+                )
+                .map_err(|e| e.to_string())
+        })();
+        match renewed {
+            Ok(()) => tracing::info!(target: "switchyard::reload",
+                "node certificate reloaded for the control plane; new connections present it"),
+            Err(error) => tracing::error!(target: "switchyard::reload", %error,
+                "node certificate not reloaded for the control plane; the old one stays"),
+        }
+    }
+
     /// The identity when any file changed (or `force`), else `None`.
     pub fn load_if_changed(&self, force: bool) -> Option<Result<NodeTls, TunnelError>> {
         // Every file is looked at, so each remembers its new content.
@@ -468,6 +495,13 @@ impl EgressNode {
                     None => None,
                 };
                 let egress = Egress::new(shared.clone())?;
+                if let Some(agent) = &agent {
+                    // Key pools as this node sees them, for the status page.
+                    let (shared, health) = (shared.clone(), egress.health().clone());
+                    agent.report_health(Arc::new(move || {
+                        switchyard_control::telemetry::health_report(&shared.load(), &health, true)
+                    }));
+                }
                 let server = EgressServer::bind(listen, &tls, egress, shared.clone(), &region, limits)?
                     .with_lifecycle(lifecycle.clone());
                 let addr = server.local_addr()?;
@@ -639,8 +673,13 @@ impl RunningEgress {
             match tls.load_if_changed(force) {
                 None => {}
                 Some(Ok(identity)) => match self.tls_reloader.reload(&identity) {
-                    Ok(()) => tracing::info!(target: "switchyard::reload",
-                        "node certificate reloaded; new backhaul connections use it"),
+                    Ok(()) => {
+                        tracing::info!(target: "switchyard::reload",
+                            "node certificate reloaded; new backhaul connections use it");
+                        if let Some(agent) = &self.agent {
+                            tls.renew_agent(agent);
+                        }
+                    }
                     Err(error) => tracing::error!(target: "switchyard::reload", %error,
                         "node certificate reload refused; the old one stays"),
                 },

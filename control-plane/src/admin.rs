@@ -7,6 +7,7 @@
 //! | `/healthz` | 200 while the process runs (liveness: a restart would not help otherwise) |
 //! | `/readyz`  | 200 when the node takes new work; 503 before it is serving and from the moment it starts draining |
 //! | `/metrics` | Prometheus text: the role's metrics plus `switchyard_ready`, `switchyard_draining`, `switchyard_in_flight` |
+//! | `/status`, `/status.json` | control plane only: the fleet's status page ([`crate::status`]) |
 //!
 //! Readiness goes false first on SIGTERM so load balancers and Kubernetes
 //! stop sending new work while the node finishes what it has; the listener
@@ -160,6 +161,21 @@ pub fn render(registries: &[&Registry]) -> Vec<u8> {
 /// How a role renders its `/metrics` page (it may need to ask a store).
 pub type MetricsFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> + Send + Sync>;
 
+/// A page a role adds to its admin listener (the control plane's status
+/// page).
+pub struct AdminPage {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+/// An admin page being produced.
+pub type PageFuture = Pin<Box<dyn Future<Output = AdminPage> + Send>>;
+
+/// The pages a role adds: `None` for a path it does not serve.
+pub type PagesFn = Arc<dyn Fn(&str) -> Option<PageFuture> + Send + Sync>;
+
 /// Status, content type and body of an admin request; shared by this
 /// crate's listener and the edge's (a Pingora service, so it is handed to a
 /// new process with the client listeners on a graceful upgrade).
@@ -207,6 +223,17 @@ impl AdminListener {
         self,
         lifecycle: Arc<Lifecycle>,
         metrics: MetricsFn,
+        stop: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        self.serve_with_pages(lifecycle, metrics, None, stop)
+    }
+
+    /// [`Self::serve`] with the role's own pages next to the probes.
+    pub fn serve_with_pages(
+        self,
+        lifecycle: Arc<Lifecycle>,
+        metrics: MetricsFn,
+        pages: Option<PagesFn>,
         mut stop: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
         let slots = Arc::new(tokio::sync::Semaphore::new(64));
@@ -226,18 +253,35 @@ impl AdminListener {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     continue;
                 };
-                let (lifecycle, metrics) = (lifecycle.clone(), metrics.clone());
+                let (lifecycle, metrics, pages) =
+                    (lifecycle.clone(), metrics.clone(), pages.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let (lifecycle, metrics) = (lifecycle.clone(), metrics.clone());
+                        let page = pages.as_ref().and_then(|p| p(req.uri().path()));
                         async move {
-                            let (status, content_type, body) =
-                                answer(req.uri().path(), &lifecycle, &metrics).await;
-                            let response = Response::builder()
-                                .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
-                                .header("content-type", content_type)
-                                .body(Full::new(Bytes::from(body)))
+                            let page = match page {
+                                Some(page) => page.await,
+                                None => {
+                                    let (status, content_type, body) =
+                                        answer(req.uri().path(), &lifecycle, &metrics).await;
+                                    AdminPage {
+                                        status,
+                                        content_type,
+                                        headers: Vec::new(),
+                                        body,
+                                    }
+                                }
+                            };
+                            let mut response = Response::builder()
+                                .status(StatusCode::from_u16(page.status).unwrap_or(StatusCode::OK))
+                                .header("content-type", page.content_type);
+                            for (name, value) in page.headers {
+                                response = response.header(name, value);
+                            }
+                            let response = response
+                                .body(Full::new(Bytes::from(page.body)))
                                 .expect("valid response");
                             Ok::<_, Infallible>(response)
                         }

@@ -90,8 +90,11 @@ impl Ledger {
 
 /// Ships the buffer's oldest records in batches, retrying with backoff;
 /// runs for the agent's lifetime.
-pub(crate) async fn ship_loop(node_id: String, channel: Channel, ledger: Ledger) {
-    let mut client = NodeClient::new(channel);
+pub(crate) async fn ship_loop(
+    node_id: String,
+    channels: tokio::sync::watch::Receiver<Channel>,
+    ledger: Ledger,
+) {
     let mut failures = 0u32;
     loop {
         let pause = if failures == 0 {
@@ -103,6 +106,8 @@ pub(crate) async fn ship_loop(node_id: String, channel: Channel, ledger: Ledger)
             _ = tokio::time::sleep(pause) => {}
             _ = ledger.0.wake.notified(), if failures == 0 => {}
         }
+        // The current channel: a renewed certificate applies from here.
+        let mut client = NodeClient::new(channels.borrow().clone());
         loop {
             let batch = ledger.front(MAX_USAGE_BATCH);
             if batch.is_empty() {

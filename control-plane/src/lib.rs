@@ -31,9 +31,11 @@ pub mod node_client;
 pub mod policy;
 pub mod secrets;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tenancy;
+pub mod tls;
 
 pub use policy::{
     compile, compile_for_edge, compile_policy, parse_policy, CompileOptions, Compiled,

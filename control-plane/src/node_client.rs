@@ -178,10 +178,20 @@ pub struct AgentStatus {
     pub scores_generation: u64,
 }
 
+/// What a node's health board says now; called once per report interval.
+pub type HealthSource = Arc<dyn Fn() -> pb::NodeHealthMsg + Send + Sync>;
+
+type HealthCell = Arc<std::sync::Mutex<Option<HealthSource>>>;
+
 pub struct NodeAgent {
     status: watch::Receiver<AgentStatus>,
     telemetry: TelemetryHandle,
     ledger: Ledger,
+    health: HealthCell,
+    config: Arc<NodeConfig>,
+    /// The channel new calls use; replaced when the node's certificate is
+    /// renewed ([`NodeAgent::set_identity`]).
+    channels: watch::Sender<Channel>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -190,7 +200,8 @@ impl NodeAgent {
     /// prepares), then follows the control plane in the background.
     pub fn start(config: NodeConfig, shared: Arc<ArcSwap<Snapshot>>) -> Result<Self, AgentError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| AgentError::NoRuntime)?;
-        let channel = channel(&config)?;
+        let channel = channel(&config, config.tls.as_ref())?;
+        let (channels, _) = watch::channel(channel);
         let (status_tx, status) = watch::channel(AgentStatus::default());
         if let Some(path) = &config.cache_path {
             match load_cache(path, &config) {
@@ -211,25 +222,34 @@ impl NodeAgent {
         }
         let (telemetry, events) = telemetry::channel(8192);
         let ledger = Ledger::new(config.ledger_capacity);
+        let health: HealthCell = Arc::default();
         let config = Arc::new(config);
         let tasks = vec![
             runtime.spawn(watch_loop(
                 config.clone(),
-                channel.clone(),
+                channels.subscribe(),
                 shared,
                 status_tx,
             )),
             runtime.spawn(ship_loop(
                 config.id.clone(),
-                channel.clone(),
+                channels.subscribe(),
                 ledger.clone(),
             )),
-            runtime.spawn(report_loop(config, channel, events)),
+            runtime.spawn(report_loop(
+                config.clone(),
+                channels.subscribe(),
+                events,
+                health.clone(),
+            )),
         ];
         Ok(NodeAgent {
             status,
             telemetry,
             ledger,
+            health,
+            config,
+            channels,
             tasks,
         })
     }
@@ -253,6 +273,30 @@ impl NodeAgent {
         self.telemetry.clone()
     }
 
+    /// A renewed node certificate (and CA) for the control plane's mutual
+    /// TLS: new connections present it. The node's id is bound to the
+    /// certificate that holds its Watch stream, so the agent moves that
+    /// stream (and the telemetry one) to a connection with the new
+    /// certificate at once; it keeps serving its snapshot meanwhile, and
+    /// calls already under way finish on the old connection.
+    pub fn set_identity(&self, ca: Vec<u8>, cert: Vec<u8>, key: Secret) -> Result<(), AgentError> {
+        let tls = NodeTls {
+            ca,
+            cert,
+            key,
+            domain: self.config.tls.as_ref().and_then(|t| t.domain.clone()),
+        };
+        let next = channel(&self.config, Some(&tls))?;
+        self.channels.send_replace(next);
+        Ok(())
+    }
+
+    /// Reports the node's health board with every telemetry batch (see
+    /// [`crate::telemetry::health_report`]).
+    pub fn report_health(&self, source: HealthSource) {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
     /// Stops following; the last snapshot stays in the `ArcSwap`.
     pub async fn shutdown(self) {
         for t in self.tasks {
@@ -262,7 +306,15 @@ impl NodeAgent {
     }
 }
 
-fn channel(config: &NodeConfig) -> Result<Channel, AgentError> {
+/// Resolves when the channel is replaced; never when the agent is gone
+/// (its loops are being aborted then).
+pub(crate) async fn renewed(channels: &mut watch::Receiver<Channel>) {
+    if channels.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn channel(config: &NodeConfig, tls: Option<&NodeTls>) -> Result<Channel, AgentError> {
     let err = |source| AgentError::Endpoint {
         endpoint: config.endpoint.clone(),
         source,
@@ -272,7 +324,7 @@ fn channel(config: &NodeConfig) -> Result<Channel, AgentError> {
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(15))
         .keep_alive_timeout(Duration::from_secs(10));
-    if let Some(tls) = &config.tls {
+    if let Some(tls) = tls {
         let mut t = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&tls.ca))
             .identity(Identity::from_pem(&tls.cert, tls.key.expose()));
@@ -363,13 +415,15 @@ fn backoff(attempt: u32, config: &NodeConfig) -> Duration {
 
 async fn watch_loop(
     config: Arc<NodeConfig>,
-    channel: Channel,
+    mut channels: watch::Receiver<Channel>,
     shared: Arc<ArcSwap<Snapshot>>,
     status: watch::Sender<AgentStatus>,
 ) {
-    let mut client = NodeClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
     let mut attempt = 0u32;
     loop {
+        let mut client = NodeClient::new(channels.borrow_and_update().clone())
+            .max_decoding_message_size(MAX_SNAPSHOT_BYTES);
+        let mut renewed_now = false;
         let hello = pb::Hello {
             id: config.id.clone(),
             role: pb::NodeRole::from(config.role) as i32,
@@ -383,7 +437,17 @@ async fn watch_loop(
                 status.send_modify(|s| s.connected = true);
                 let mut stream = resp.into_inner();
                 loop {
-                    match stream.message().await {
+                    let message = tokio::select! {
+                        m = stream.message() => m,
+                        _ = renewed(&mut channels) => {
+                            // Dropping the stream frees the node's id for the
+                            // new certificate's Watch.
+                            tracing::info!(target: "switchyard::reload", "control-plane session moves to the renewed certificate");
+                            renewed_now = true;
+                            break;
+                        }
+                    };
+                    match message {
                         Ok(Some(msg)) => {
                             handle_snapshot(&config, &mut client, &shared, &status, msg).await
                         }
@@ -399,6 +463,9 @@ async fn watch_loop(
             Err(e) => {
                 tracing::debug!(error = %e, attempt, "control plane unreachable");
             }
+        }
+        if renewed_now {
+            continue;
         }
         tokio::time::sleep(backoff(attempt, &config)).await;
         attempt = attempt.saturating_add(1);
@@ -483,13 +550,14 @@ async fn handle_snapshot(
 
 async fn report_loop(
     config: Arc<NodeConfig>,
-    channel: Channel,
+    mut channels: watch::Receiver<Channel>,
     mut events: tokio::sync::mpsc::Receiver<telemetry::Event>,
+    health: HealthCell,
 ) {
-    let mut client = NodeClient::new(channel);
     let mut agg = Aggregator::default();
     let mut attempt = 0u32;
     loop {
+        let mut client = NodeClient::new(channels.borrow_and_update().clone());
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::TelemetryBatch>(16);
         let stream =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
@@ -500,17 +568,38 @@ async fn report_loop(
         let ended = loop {
             tokio::select! {
                 r = &mut call => break r.err(),
+                _ = renewed(&mut channels) => break None,
                 e = events.recv() => match e {
                     Some(e) => agg.apply(e),
                     None => return,
                 },
                 _ = tick.tick() => {
-                    if let Some(batch) = agg.take_batch(
+                    let source = health.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let report = source.map(|f| f());
+                    let batch = agg.take_batch(
                         &config.id,
                         &config.region,
                         config.role.into(),
                         config.report_interval,
-                    ) {
+                    );
+                    // The board's state goes up on every tick, idle or not:
+                    // a breaker that closed again must leave the page.
+                    let batch = match (batch, report) {
+                        (Some(mut b), r) => {
+                            b.health = r;
+                            Some(b)
+                        }
+                        (None, Some(r)) => Some(pb::TelemetryBatch {
+                            node_id: config.id.clone(),
+                            region: config.region.clone(),
+                            role: pb::NodeRole::from(config.role) as i32,
+                            window_ms: config.report_interval.as_millis() as u64,
+                            health: Some(r),
+                            ..Default::default()
+                        }),
+                        (None, None) => None,
+                    };
+                    if let Some(batch) = batch {
                         if tx.send(batch).await.is_err() {
                             break None;
                         }

@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{AdminListener, Lifecycle, MetricsFn};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::limits::{ConnLimiter, ListenerLimits};
@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub limits: ListenerLimits,
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`; see [`crate::admin`]).
     pub admin_listen: Option<SocketAddr>,
+    /// The files `tls` came from: [`RunningControlPlane::reload_tls`]
+    /// follows them (new connections get a renewed certificate).
+    pub tls_files: Option<crate::tls::ServerTlsFiles>,
 }
 
 /// The DNS name a node certificate carries when it is scoped to one role
@@ -109,6 +112,7 @@ impl ServerConfig {
             insecure_open_operator_api: false,
             limits: ListenerLimits::default(),
             admin_listen: None,
+            tls_files: None,
         }
     }
 }
@@ -124,6 +128,8 @@ pub enum ServeError {
     },
     #[error("TLS configuration: {0}")]
     Tls(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    ServerTls(#[from] crate::tls::TlsError),
     #[error("stored policy version {version} no longer compiles: {errors}")]
     StoredPolicy { version: u64, errors: String },
     #[error("the operator API would be open to anyone who reaches it: set --admin-token-env or --operator-cert-sha256 (or, for local development only, --insecure-open-operator-api)")]
@@ -238,6 +244,8 @@ pub struct ControlPlane {
     stopping: watch::Receiver<bool>,
     /// Virtual keys, fleet spend and edge leases (`crate::tenancy`).
     tenancy: Tenancy,
+    /// Each node's latest health board, for the status page.
+    health_reports: crate::status::HealthReports,
 }
 
 impl ControlPlane {
@@ -290,6 +298,29 @@ impl ControlPlane {
 
     pub fn tenancy(&self) -> &Tenancy {
         &self.tenancy
+    }
+
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    /// What nodes last said about their health boards.
+    pub fn health_reports(&self) -> &crate::status::HealthReports {
+        &self.health_reports
+    }
+
+    /// Per-target and per-region-pair telemetry over the score window.
+    pub fn board_status(
+        &self,
+        now: Instant,
+    ) -> (
+        Vec<crate::telemetry::TargetStatus>,
+        Vec<crate::telemetry::RttStatus>,
+    ) {
+        self.board
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status(now)
     }
 
     fn publish(&self, version: u64, yaml: String) -> Result<(), Vec<PolicyError>> {
@@ -846,6 +877,11 @@ impl Node for Services {
                 tracing::warn!(node = %hello.id, role = role_name, region = %hello.region, "INSECURE: node certificate not scoped to its claimed role and region (--insecure-allow-unscoped-node-certs)");
             }
         }
+        // Which certificate holds the session (public; shows renewals).
+        let cert: String = fingerprint
+            .as_deref()
+            .map(|f| f.chars().take(16).collect())
+            .unwrap_or_default();
         let session = self.0.bind_node(&hello.id, fingerprint, &hello.region)?;
         let cp = self.0.clone();
         cp.store
@@ -864,14 +900,14 @@ impl Node for Services {
             })
             .await
             .map_err(ControlError::from)?;
-        tracing::info!(node = %hello.id, role = ?role, region = %hello.region, have = hello.have_version, "node connected");
+        tracing::info!(node = %hello.id, role = ?role, region = %hello.region, have = hello.have_version, %cert, "node connected");
         let edge_id = (role == pb::NodeRole::Edge).then(|| hello.id.clone());
         if let Some(id) = &edge_id {
             cp.tenancy.edge_connected(id);
         }
         let (tx, rx) = mpsc::channel::<Result<pb::SnapshotMsg, Status>>(4);
         tokio::spawn(async move {
-            let _session = session;
+            let held: Option<SessionGuard> = session;
             let mut stopping = cp.stopping.clone();
             let mut policy = cp.current.subscribe();
             let mut scores = cp.scores.subscribe();
@@ -908,8 +944,32 @@ impl Node for Services {
             if let Some(id) = &edge_id {
                 cp.tenancy.edge_disconnected(id);
             }
+            let bound = held.is_some();
+            drop(held);
+            // A node that moved to a renewed certificate has already
+            // watched again: it is connected, whatever this old stream says.
+            let rebound = bound
+                && cp
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&hello.id);
+            if rebound {
+                return;
+            }
             if let Err(e) = cp.store.set_connected(&hello.id, false, &cp.replica).await {
                 tracing::warn!(error = %e, node = %hello.id, "cannot record disconnect");
+            }
+            // Bound again while the store was written: the new stream's
+            // "connected" may have landed first.
+            let bound_now = bound
+                && cp
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&hello.id);
+            if bound_now {
+                let _ = cp.store.set_connected(&hello.id, true, &cp.replica).await;
             }
         });
         let stream =
@@ -966,6 +1026,12 @@ impl Node for Services {
                 // not from what the batch says.
                 batch.region = self.0.bound_region(&batch.node_id, fp)?;
             }
+            let health = batch.health.take();
+            if let Some(health) = health.filter(|_| (1..=128).contains(&batch.node_id.len())) {
+                self.0
+                    .health_reports
+                    .record(&batch.node_id, &batch.region, health);
+            }
             self.0.known_scores(&mut batch);
             let now = Instant::now();
             self.0
@@ -1014,6 +1080,7 @@ pub struct RunningControlPlane {
     pub admin_addr: Option<SocketAddr>,
     pub state: Arc<ControlPlane>,
     pub lifecycle: Arc<Lifecycle>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     shutdown: watch::Sender<bool>,
     admin_shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -1023,6 +1090,12 @@ impl RunningControlPlane {
     /// The bound gRPC address (the real port when asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Reloads the gRPC certificate when its files changed (or `force`,
+    /// on SIGHUP): new connections use it, open ones keep theirs.
+    pub fn reload_tls(&self, force: bool) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.reload(force))
     }
 
     /// Readiness goes false, then the replica stops: operator calls in
@@ -1118,6 +1191,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         apply_lock: tokio::sync::Mutex::new(()),
         stopping: shutdown_rx.clone(),
         tenancy: Tenancy::default(),
+        health_reports: Default::default(),
     });
     state.sync_from_store().await?;
     if !state.require_node_cert {
@@ -1144,19 +1218,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         .max_concurrent_streams(Some(64))
         .concurrency_limit_per_connection(64)
         .http2_max_header_list_size(Some(16 * 1024));
-    if let Some(tls) = &config.tls {
-        let mut t = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&tls.cert, tls.key.expose()))
-            .timeout(config.limits.header_timeout);
-        if let Some(ca) = &tls.client_ca {
-            // Optional at the TLS layer so operators may use a token; the
-            // Node service insists on a certificate itself.
-            t = t
-                .client_ca_root(Certificate::from_pem(ca))
-                .client_auth_optional(true);
-        }
-        builder = builder.tls_config(t)?;
-    }
+    // TLS is terminated by `crate::tls` rather than tonic, so the
+    // certificate can be renewed under a running replica.
+    let server_tls = match &config.tls {
+        Some(tls) => Some(Arc::new(crate::tls::ServerTls::new(
+            &tls.cert,
+            tls.key.expose().as_bytes(),
+            tls.client_ca.as_deref(),
+            config.tls_files.clone(),
+        )?)),
+        None => None,
+    };
     let services = Services(state.clone());
     let mut stop = shutdown_rx.clone();
     let router = builder
@@ -1164,12 +1236,23 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         .add_service(NodeServer::new(services));
     let mut tasks = Vec::new();
     let grpc_limiter = ConnLimiter::new(&config.limits);
+    let handshake_timeout = config.limits.header_timeout;
+    let server_tls_task = server_tls.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = crate::limits::incoming(listener, grpc_limiter);
         let signal = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
+        let served = match server_tls_task {
+            Some(tls) => {
+                let incoming = tls.incoming(listener, grpc_limiter, handshake_timeout);
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            None => {
+                let incoming = crate::limits::incoming(listener, grpc_limiter);
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "gRPC server failed");
         }
     }));
@@ -1215,7 +1298,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
                 .map_err(|source| ServeError::Bind { addr, source })?;
             let local = admin.local_addr();
             // Not in `tasks`: it answers `/readyz` until the drain is over.
-            admin.serve(lifecycle.clone(), control_metrics(state.clone()), admin_rx);
+            admin.serve_with_pages(
+                lifecycle.clone(),
+                control_metrics(state.clone()),
+                Some(crate::status::pages(state.clone())),
+                admin_rx,
+            );
             Some(local)
         }
         None => None,
@@ -1228,6 +1316,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         admin_addr,
         state,
         lifecycle,
+        tls: server_tls,
         shutdown,
         admin_shutdown,
         tasks,

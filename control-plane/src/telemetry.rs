@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use switchyard_proto::{RttScore, ScoreKey, Scores, TargetScore};
+use switchyard_proto::health;
+use switchyard_proto::{Health, RttScore, ScoreKey, Scores, Snapshot, TargetScore};
 use tokio::sync::mpsc;
 
 use crate::pb;
@@ -218,7 +219,112 @@ impl Aggregator {
                     },
                 )
                 .collect(),
+            health: None,
         })
+    }
+}
+
+/// Most targets and keys one node's health report carries: the status
+/// page needs the unhealthy ones and a pool's keys, not an unbounded list.
+pub const MAX_HEALTH_ENTRIES: usize = 512;
+
+/// The health board as it stands, for the control plane's status page.
+/// Edges (`keys: false`) report the targets their breakers eject or their
+/// planning demotes; egress nodes also every key of the pools they hold,
+/// healthy ones included, so an operator sees a pool's size and what is
+/// out of it. Key ids and pool names only: never a key's value.
+pub fn health_report(snapshot: &Snapshot, health: &Health, keys: bool) -> pb::NodeHealthMsg {
+    let now = Instant::now();
+    let mut out = pb::NodeHealthMsg::default();
+    let mut providers: Vec<_> = snapshot.providers().values().collect();
+    providers.sort_by(|a, b| a.name.cmp(&b.name));
+    for p in providers {
+        for m in &p.models {
+            let id = health::target_id(&p.name, m, p.region.as_deref());
+            let Some(entry) = health.peek_target(&id) else {
+                continue;
+            };
+            let state = if health.is_ejected(&entry) {
+                if health.probe_at(&entry).is_some() {
+                    "open"
+                } else {
+                    "half_open"
+                }
+            } else if health.is_degraded(&entry) {
+                "degraded"
+            } else {
+                continue;
+            };
+            if out.targets.len() < MAX_HEALTH_ENTRIES {
+                out.targets.push(pb::TargetHealthMsg {
+                    provider: p.name.clone(),
+                    model: m.clone(),
+                    region: p.region.clone().unwrap_or_default(),
+                    state: state.into(),
+                    error_rate: entry.error_rate(),
+                });
+            }
+        }
+        if !keys {
+            continue;
+        }
+        for k in &p.keys {
+            if out.keys.len() >= MAX_HEALTH_ENTRIES {
+                break;
+            }
+            // A key is booked per model; its worst model says what it is.
+            let (mut state, mut headroom, mut in_flight) = (KeyState::Ok, 1.0f64, 0u32);
+            for m in &p.models {
+                let Some(e) = health.peek_key(&k.health_id(&p.name, m)) else {
+                    continue;
+                };
+                let s = if health.is_refused(&e, k.fingerprint, now) {
+                    KeyState::Refused
+                } else if health.is_ejected(&e) {
+                    KeyState::Ejected
+                } else if health.quota_exhausted_until(&e, now).is_some() {
+                    KeyState::QuotaExhausted
+                } else if health.cooling_until(&e, now).is_some() {
+                    KeyState::Cooling
+                } else {
+                    KeyState::Ok
+                };
+                state = state.max(s);
+                headroom = headroom.min(health.headroom(&e, now));
+                in_flight += e.in_flight();
+            }
+            out.keys.push(pb::KeyHealthMsg {
+                provider: p.name.clone(),
+                pool: k.pool.to_string(),
+                key_id: k.id.to_string(),
+                state: state.label().into(),
+                headroom,
+                in_flight,
+            });
+        }
+    }
+    out
+}
+
+/// Ordered from healthy to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum KeyState {
+    Ok,
+    Cooling,
+    QuotaExhausted,
+    Ejected,
+    Refused,
+}
+
+impl KeyState {
+    fn label(self) -> &'static str {
+        match self {
+            KeyState::Ok => "ok",
+            KeyState::Cooling => "cooling",
+            KeyState::QuotaExhausted => "quota_exhausted",
+            KeyState::Ejected => "ejected",
+            KeyState::Refused => "refused",
+        }
     }
 }
 
@@ -227,6 +333,32 @@ struct Slot {
     requests: u64,
     errors: u64,
     buckets: Vec<u64>,
+    /// Whole-request latency (targets only; empty for round trips).
+    latency: Vec<u64>,
+}
+
+/// One target's figures over the window, for the status page.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TargetStatus {
+    pub provider: String,
+    pub model: String,
+    pub region: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p95_ms: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+}
+
+/// Round trips from one edge region to one egress region over the window.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RttStatus {
+    pub edge_region: String,
+    pub egress_region: String,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
 }
 
 /// The control plane's sliding window over every node's reports.
@@ -271,6 +403,11 @@ impl ScoreBoard {
                 requests: t.requests,
                 errors: t.errors_by_class.values().sum(),
                 buckets: t.ttft_buckets.clone(),
+                latency: if t.latency_buckets.len() == n {
+                    t.latency_buckets.clone()
+                } else {
+                    Vec::new()
+                },
             });
         }
         for r in &batch.backhaul {
@@ -286,6 +423,7 @@ impl ScoreBoard {
                 requests: r.rtt_buckets.iter().sum(),
                 errors: 0,
                 buckets: r.rtt_buckets.clone(),
+                latency: Vec::new(),
             });
         }
     }
@@ -301,6 +439,80 @@ impl ScoreBoard {
             }
         }
         (req, err, buckets)
+    }
+
+    /// Per-target and per-region-pair figures over the window, without
+    /// changing the board (the status page reads; the score loop expires).
+    pub fn status(&self, now: Instant) -> (Vec<TargetStatus>, Vec<RttStatus>) {
+        let window = self.window;
+        fn live(slots: &VecDeque<Slot>, now: Instant, window: Duration) -> Vec<&Slot> {
+            slots
+                .iter()
+                .filter(|s| now.saturating_duration_since(s.at) <= window)
+                .collect()
+        }
+        let n = BUCKET_BOUNDS_MS.len();
+        let mut targets = Vec::new();
+        for (k, slots) in &self.targets {
+            let slots = live(slots, now, window);
+            if slots.is_empty() {
+                continue;
+            }
+            let (mut req, mut err) = (0, 0);
+            let (mut ttft, mut latency) = (vec![0; n], vec![0; n]);
+            for s in &slots {
+                req += s.requests;
+                err += s.errors;
+                for (b, v) in ttft.iter_mut().zip(&s.buckets) {
+                    *b += v;
+                }
+                for (b, v) in latency.iter_mut().zip(&s.latency) {
+                    *b += v;
+                }
+            }
+            targets.push(TargetStatus {
+                provider: k.provider.clone(),
+                model: k.model.clone(),
+                region: k.region.clone(),
+                requests: req,
+                errors: err,
+                error_rate: if req == 0 {
+                    0.0
+                } else {
+                    err as f64 / req as f64
+                },
+                ttft_p50_ms: percentile(&ttft, 0.50),
+                ttft_p95_ms: percentile(&ttft, 0.95),
+                latency_p50_ms: percentile(&latency, 0.50),
+                latency_p95_ms: percentile(&latency, 0.95),
+            });
+        }
+        targets.sort_by(|a, b| {
+            (&a.provider, &a.model, &a.region).cmp(&(&b.provider, &b.model, &b.region))
+        });
+        let mut rtt = Vec::new();
+        for ((edge_region, egress_region), slots) in &self.rtt {
+            let slots = live(slots, now, window);
+            if slots.is_empty() {
+                continue;
+            }
+            let mut b = vec![0; n];
+            for s in &slots {
+                for (x, v) in b.iter_mut().zip(&s.buckets) {
+                    *x += v;
+                }
+            }
+            rtt.push(RttStatus {
+                edge_region: edge_region.clone(),
+                egress_region: egress_region.clone(),
+                p50_ms: percentile(&b, 0.50),
+                p95_ms: percentile(&b, 0.95),
+            });
+        }
+        rtt.sort_by(|a, b| {
+            (&a.edge_region, &a.egress_region).cmp(&(&b.edge_region, &b.egress_region))
+        });
+        (targets, rtt)
     }
 
     /// Drops what left the window and computes the scores of what is left.
@@ -422,6 +634,81 @@ mod tests {
         // Out of the window, the scores are gone.
         let later = t0 + Duration::from_secs(61);
         assert!(board.scores(later).targets.is_empty());
+    }
+
+    #[test]
+    fn the_health_report_names_ejected_targets_and_every_key_by_id() {
+        use switchyard_proto::health::Outcome;
+        use switchyard_proto::{KeySource, PoolKey, ProviderKind, ProviderSnapshot, ResolvedKey};
+        let key = |id: &str, value: &str| {
+            ResolvedKey::new(
+                "main",
+                id,
+                &PoolKey::new(0, KeySource::Env("X".into())),
+                switchyard_proto::Secret::new(value),
+            )
+        };
+        let mut b = Snapshot::builder();
+        b.providers.insert(
+            "p".into(),
+            Arc::new(ProviderSnapshot {
+                name: "p".into(),
+                kind: ProviderKind::OpenAi,
+                base_url: "http://127.0.0.1:1/v1".into(),
+                keys: vec![key("good", "sk-good-value"), key("slow", "sk-slow-value")],
+                models: vec!["m".into(), "n".into()],
+                simulated: None,
+                region: Some("eu".into()),
+                jurisdiction: None,
+                pricing: HashMap::new(),
+                key_pools: vec![],
+            }),
+        );
+        let snap = b.build();
+        let health = Health::new();
+        let now = Instant::now();
+        // Model m's target fails until its breaker opens; n stays healthy.
+        let target = health
+            .target(&health::target_id("p", "m", Some("eu")))
+            .unwrap();
+        for _ in 0..20 {
+            health.record(&target, Outcome::Failure, now);
+        }
+        let fine = health
+            .target(&health::target_id("p", "n", Some("eu")))
+            .unwrap();
+        health.record(
+            &fine,
+            Outcome::Success {
+                latency: Duration::from_millis(5),
+            },
+            now,
+        );
+        // Key `slow` got a 429 on model n.
+        let slow = &snap.providers()["p"].keys[1];
+        let entry = health.key(&slow.health_id("p", "n")).unwrap();
+        health.rate_limited(&entry, Some(Duration::from_secs(30)), now);
+
+        let edge = health_report(&snap, &health, false);
+        assert_eq!(edge.targets.len(), 1, "{edge:?}");
+        assert_eq!(
+            (
+                edge.targets[0].model.as_str(),
+                edge.targets[0].state.as_str()
+            ),
+            ("m", "open")
+        );
+        assert!(edge.keys.is_empty(), "edges hold no keys");
+
+        let egress = health_report(&snap, &health, true);
+        let states: Vec<_> = egress
+            .keys
+            .iter()
+            .map(|k| (k.key_id.as_str(), k.state.as_str()))
+            .collect();
+        assert_eq!(states, [("good", "ok"), ("slow", "cooling")]);
+        let text = format!("{egress:?}");
+        assert!(!text.contains("sk-"), "no key value in a report: {text}");
     }
 
     #[test]

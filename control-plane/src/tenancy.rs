@@ -34,7 +34,7 @@ use crate::store::{now_ms, UsageGroup, VirtualKeyRow};
 /// that has been idle can still admit its first requests.
 pub const FLOOR: f64 = 0.2;
 const QUANTUM: f64 = 0.01;
-const DAY_MS: i64 = 86_400_000;
+pub(crate) const DAY_MS: i64 = 86_400_000;
 /// How often the fleet's spend is summed from the ledger.
 const SPEND_EVERY: Duration = Duration::from_secs(2);
 
@@ -267,7 +267,7 @@ pub(crate) async fn refresh_loop(
 }
 
 /// (`year * 12 + month - 1`, first day of that month) for a day number.
-fn month_of(day: i64) -> (i64, i64) {
+pub(crate) fn month_of(day: i64) -> (i64, i64) {
     let z = day + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

@@ -234,6 +234,16 @@ impl EdgeMetrics {
             .inc();
     }
 
+    /// Makes a policy provider's target-breaker series exist at 0, so
+    /// alerts and dashboards see them before the first ejection.
+    pub fn init_provider(&self, provider: &str) {
+        for state in ["open", "half_open", "closed"] {
+            self.breaker_transitions
+                .with_label_values(&["target", provider, state]);
+        }
+        self.ejected_skips.with_label_values(&[provider]);
+    }
+
     pub fn ejected_skip(&self, provider: &str) {
         self.ejected_skips.with_label_values(&[provider]).inc();
     }

@@ -351,6 +351,13 @@ impl EdgeNode {
                 upstream = parts.router;
                 ledger = parts.ledger;
                 egress_nodes = parts.egress_nodes;
+                if let Some(agent) = &parts.agent {
+                    // Ejected and demoted targets, for the status page.
+                    let (shared, health) = (shared.clone(), health.clone());
+                    agent.report_health(Arc::new(move || {
+                        switchyard_control::telemetry::health_report(&shared.load(), &health, false)
+                    }));
+                }
                 backhaul = Some(Backhaul {
                     rt,
                     agent: parts.agent,
@@ -400,7 +407,6 @@ impl EdgeNode {
             app = app.with_record_hook(hook);
         }
         let edge_metrics = app.metrics();
-        let health = app.health().clone();
 
         let mut fds = inherited;
         {
@@ -451,7 +457,7 @@ impl EdgeNode {
         let admin_pending = metrics_addr.map(|addr| {
             let app = AdminApp {
                 lifecycle: lifecycle.clone(),
-                metrics: edge_metrics_page(edge_metrics, shared.clone(), router.clone(), health),
+                metrics: edge_metrics_page(edge_metrics, shared.clone(), router.clone()),
             };
             Box::new(admin_service(app, &addr.to_string())) as Box<dyn PingoraService>
         });
@@ -550,7 +556,6 @@ fn edge_metrics_page(
     metrics: Arc<EdgeMetrics>,
     shared: Arc<ArcSwap<Snapshot>>,
     router: Option<Arc<TunnelRouter>>,
-    health: Arc<switchyard_proto::Health>,
 ) -> MetricsFn {
     use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
@@ -564,41 +569,18 @@ fn edge_metrics_page(
         &["region", "egress"],
     )
     .expect("metric");
-    let degraded = IntGaugeVec::new(
-        Opts::new(
-            "targets_degraded",
-            "Targets (provider and model) the health board has demoted behind healthy ones for their recent errors",
-        ),
-        &["provider"],
-    )
-    .expect("metric");
-    for g in [&connected, &degraded] {
-        registry.register(Box::new(g.clone())).expect("register");
-    }
+    registry
+        .register(Box::new(connected.clone()))
+        .expect("register");
     registry
         .register(Box::new(version.clone()))
         .expect("register");
     Arc::new(move || {
         let snap = shared.load();
         version.set(snap.version() as i64);
-        // One series per provider of the policy: bounded, and present at 0.
-        degraded.reset();
-        for p in snap.providers().values() {
-            let count = p
-                .models
-                .iter()
-                .filter_map(|m| {
-                    health.peek_target(&switchyard_proto::health::target_id(
-                        &p.name,
-                        m,
-                        p.region.as_deref(),
-                    ))
-                })
-                .filter(|entry| health.is_degraded(entry))
-                .count();
-            degraded
-                .with_label_values(&[p.name.as_str()])
-                .set(count as i64);
+        // Bounded by the policy's providers.
+        for p in snap.providers().keys() {
+            metrics.init_provider(p);
         }
         if let Some(router) = &router {
             // Reset first: an egress removed from the policy leaves the page.
@@ -929,8 +911,13 @@ impl RunningEdge {
                 .map(|identity| identity.and_then(|identity| router.reload_tls(identity)));
             match loaded {
                 None => {}
-                Some(Ok(())) => tracing::info!(target: "switchyard::reload",
-                    "node certificate reloaded; new backhaul connections use it"),
+                Some(Ok(())) => {
+                    tracing::info!(target: "switchyard::reload",
+                        "node certificate reloaded; new backhaul connections use it");
+                    if let Some(agent) = self.backhaul.as_ref().and_then(|b| b.agent.as_ref()) {
+                        tls.renew_agent(agent);
+                    }
+                }
                 Some(Err(error)) => tracing::error!(target: "switchyard::reload", %error,
                     "node certificate reload refused; the old one stays"),
             }

@@ -30,7 +30,7 @@ mod shared;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{GaugeVec, IntCounterVec, Opts};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::{LimitSet, Snapshot, Spend, Tenant, VirtualKey};
@@ -89,6 +89,10 @@ pub struct Check {
     pub ttl_ms: u64,
     /// Milliseconds until the counter's window ends.
     pub reset_ms: u64,
+    /// Budgets: what the fleet had spent when this edge's counter started
+    /// (the control plane's figure; 0 with shared counters, which count
+    /// every edge's spend themselves).
+    pub spent: i64,
 }
 
 impl Check {
@@ -131,6 +135,7 @@ pub struct Limiter {
     shared: Option<SharedCounters>,
     rejections: IntCounterVec,
     counter_errors: IntCounterVec,
+    budget_used: GaugeVec,
 }
 
 /// What the caller gets when admitted: headers for its answer.
@@ -158,6 +163,14 @@ impl Limiter {
                 &["outcome"],
             )
             .expect("metric"),
+            budget_used: GaugeVec::new(
+                Opts::new(
+                    "budget_used_ratio",
+                    "Share of a tenant's budget spent (fleet spend as this edge last saw it), by tenant and period (day|month); above 1 once spent",
+                ),
+                &["tenant", "period"],
+            )
+            .expect("metric"),
         }
     }
 
@@ -177,6 +190,38 @@ impl Limiter {
     pub fn register(&self, registry: &prometheus::Registry) {
         let _ = registry.register(Box::new(self.rejections.clone()));
         let _ = registry.register(Box::new(self.counter_errors.clone()));
+        let _ = registry.register(Box::new(self.budget_used.clone()));
+        // Present at 0 from the start, so dashboards and alerts see a
+        // series before the first refusal.
+        for kind in [
+            Kind::Requests,
+            Kind::Tokens,
+            Kind::Concurrency,
+            Kind::DailyBudget,
+            Kind::MonthlyBudget,
+        ] {
+            self.rejections.with_label_values(&[kind.label()]);
+        }
+    }
+
+    /// Sets `budget_used_ratio` from a budget check's counters: one series
+    /// per policy tenant and period (keys would be unbounded).
+    fn observe_budgets(&self, checks: &[Check], used: impl Fn(usize) -> Option<i64>) {
+        for (i, c) in checks.iter().enumerate() {
+            if c.scope != "tenant" || !c.kind.is_budget() || c.configured <= 0 {
+                continue;
+            }
+            let Some(used) = used(i) else { continue };
+            let period = if c.kind == Kind::DailyBudget {
+                "day"
+            } else {
+                "month"
+            };
+            let ratio = (c.spent + used) as f64 / c.configured as f64;
+            self.budget_used
+                .with_label_values(&[c.owner.as_str(), period])
+                .set(ratio);
+        }
     }
 
     /// Takes the request's slots, or refuses it. On success the headers
@@ -258,6 +303,7 @@ impl Limiter {
         };
         match decision {
             Decision::Admitted { after } => {
+                self.observe_budgets(&checks, |i| after.get(i).copied());
                 let headers = headers(&checks, &after, tenant);
                 let ticket = Ticket {
                     store,
@@ -273,7 +319,10 @@ impl Limiter {
                 };
                 Ok((Some(ticket), headers))
             }
-            Decision::Refused { index, .. } => {
+            Decision::Refused { index, used } => {
+                // Refused by a budget: that one is spent. Nothing was
+                // counted, so the others are left as they were.
+                self.observe_budgets(&checks, |i| (i == index).then(|| used.max(checks[i].limit)));
                 let c = &checks[index];
                 self.rejections.with_label_values(&[c.kind.label()]).inc();
                 // The limits, then what is left of the one that refused
@@ -360,8 +409,10 @@ fn add_checks(
             cost,
             ttl_ms,
             reset_ms,
+            spent: 0,
         })
     };
+    let mut spent_by = [0i64; 2];
     if let Some(rpm) = limits.rpm {
         push(
             Kind::Requests,
@@ -408,6 +459,7 @@ fn add_checks(
             .filter(|s| s.day == day)
             .map_or(0, |s| (s.day_usd * MICRO).round() as i64);
         let left = ((configured - spent) as f64 * share).floor() as i64;
+        spent_by[0] = spent;
         push(
             Kind::DailyBudget,
             format!("{prefix}:usd:d{day}:f{figure}"),
@@ -424,6 +476,7 @@ fn add_checks(
             .filter(|s| s.month == month)
             .map_or(0, |s| (s.month_usd * MICRO).round() as i64);
         let left = ((configured - spent) as f64 * share).floor() as i64;
+        spent_by[1] = spent;
         push(
             Kind::MonthlyBudget,
             format!("{prefix}:usd:m{month}:f{figure}"),
@@ -433,6 +486,13 @@ fn add_checks(
             32 * DAY_MS,
             month_reset,
         );
+    }
+    for c in checks.iter_mut().filter(|c| c.scope == scope) {
+        match c.kind {
+            Kind::DailyBudget => c.spent = spent_by[0],
+            Kind::MonthlyBudget => c.spent = spent_by[1],
+            _ => {}
+        }
     }
 }
 
@@ -707,9 +767,12 @@ mod tests {
                 .any(|(k, v)| *k == "x-switchyard-budget-warning" && v.contains("60%")),
             "{h:?}"
         );
+        let used = |l: &Limiter| l.budget_used.with_label_values(&["b", "day"]).get();
+        assert!((used(&l) - 0.6).abs() < 1e-9, "{}", used(&l));
         l.settle(ticket.unwrap(), None, 0.006);
         let (e, _) = l.admit(&snap, &t, None, 1).await.unwrap_err();
         assert_eq!((e.status(), e.code), (429, Some("insufficient_quota")));
+        assert!(used(&l) >= 1.0, "spent: {}", used(&l));
     }
 
     #[tokio::test]
@@ -735,6 +798,9 @@ mod tests {
         );
         let snap = b.build();
         l.admit(&snap, &t, None, 1).await.unwrap();
+        // The gauge counts the fleet's spend, not only this edge's.
+        let month_used = l.budget_used.with_label_values(&["f", "month"]).get();
+        assert!((month_used - 0.9).abs() < 1e-3, "{month_used}");
         // The other edges spent the whole day's budget.
         let mut b = snap.into_builder();
         b.tenants.set_spend(

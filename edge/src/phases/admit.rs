@@ -693,6 +693,9 @@ async fn read_body(
         })
 }
 
+/// What a multi-chunk body reserves at most before its bytes arrive.
+const INITIAL_BODY_RESERVE: usize = 64 * 1024;
+
 /// Reads the whole request body, refusing more than `limit` bytes.
 async fn read_body_bytes(session: &mut ServerSession, limit: usize) -> Result<Bytes, GatewayError> {
     let too_large = || {
@@ -709,16 +712,32 @@ async fn read_body_bytes(session: &mut ServerSession, limit: usize) -> Result<By
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
+    // Most bodies arrive in one chunk: that chunk is the body, no copy. The
+    // buffer for the others grows as bytes arrive: a declared length is a
+    // claim, and reserving it up front would let idle senders pin memory.
+    let mut first: Option<Bytes> = None;
+    let mut body = BytesMut::new();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > limit {
+                let held = first.as_ref().map_or(0, Bytes::len) + body.len();
+                if held + chunk.len() > limit {
                     return Err(too_large());
                 }
-                body.extend_from_slice(&chunk);
+                if let Some(head) = first.take() {
+                    body.reserve(
+                        (head.len() + chunk.len())
+                            .max(declared.unwrap_or(0).min(INITIAL_BODY_RESERVE)),
+                    );
+                    body.extend_from_slice(&head);
+                }
+                if body.is_empty() {
+                    first = Some(chunk);
+                } else {
+                    body.extend_from_slice(&chunk);
+                }
             }
-            Ok(None) => return Ok(body.freeze()),
+            Ok(None) => return Ok(first.unwrap_or_else(|| body.freeze())),
             Err(e) => {
                 return Err(GatewayError::invalid(format!(
                     "The request body could not be read: {}",
