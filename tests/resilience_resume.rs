@@ -108,6 +108,18 @@ routes:
       - {{ provider: claude-eu, model: cut-after-3 }}
       - {{ provider: claude-eu, model: cut-after-4 }}
       - {{ provider: prefixer, model: cont-twice }}
+  always-cut:
+    resume: true
+    targets:
+      - {{ provider: cutter, model: cut-after-4 }}
+      - {{ provider: prefixer, model: cut-after-2 }}
+      - {{ provider: prefixer, model: cut-after-3 }}
+      - {{ provider: prefixer, model: never-reached }}
+  resume-fails:
+    resume: true
+    targets:
+      - {{ provider: cutter, model: cut-after-4 }}
+      - {{ provider: prefixer, model: fail-500 }}
   whole-on:
     resume: true
     targets: [ {{ provider: prefixer, model: whole-on }} ]
@@ -414,10 +426,23 @@ async fn without_resume_with_a_tool_call_in_flight_or_outside_the_residency_the_
         format!("{OPENAI_FIRST_4}{ANTHROPIC_TEXT}")
     );
 
+    // Bounded: cut, resumed, cut, resumed, cut: two resumes are spent.
+    let events = chat_stream(&http, addr, TEST_KEY, "always-cut", false).await;
+    ends_with_error(&events);
+    assert_eq!(mock.count(Some("never-reached"), None), 0);
+    // The only resume target fails.
+    let events = chat_stream(&http, addr, TEST_KEY, "resume-fails", false).await;
+    ends_with_error(&events);
+    assert_eq!(mock.count(Some("fail-500"), None), 1);
+
     let m = metrics(&http, maddr).await;
     assert_eq!(resumes(&m, "cutter", "tool_call"), 1.0, "{m}");
     assert_eq!(resumes(&m, "cutter", "no_prefill_target"), 1.0, "{m}");
-    assert_eq!(resumes(&m, "cutter", "resumed"), 1.0, "{m}");
+    assert_eq!(resumes(&m, "cutter", "resumed"), 2.0, "{m}");
+    assert_eq!(resumes(&m, "prefixer", "resumed"), 1.0, "{m}");
+    assert_eq!(resumes(&m, "prefixer", "resumes_exhausted"), 1.0, "{m}");
+    assert_eq!(resumes(&m, "prefixer", "attempt_failed"), 1.0, "{m}");
+    assert_eq!(resumes(&m, "cutter", "every_resume_failed"), 1.0, "{m}");
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -340,6 +340,15 @@ impl Spliced {
                     continue;
                 }
             }
+            let entry = app.health.target(&health::target_id(
+                &planned.target.provider,
+                &planned.target.model,
+                planned.region.as_deref(),
+            ));
+            // A resume is no breaker probe: an ejected target is passed over.
+            if entry.as_deref().is_some_and(|e| app.health.is_ejected(e)) {
+                continue;
+            }
             let Some((op, trimmed)) = prefilled(&resume.op, &self.seen.text, c.prefill) else {
                 continue;
             };
@@ -356,11 +365,6 @@ impl Spliced {
                 "stream cut mid-answer; resuming on another target"
             );
             let started = Instant::now();
-            let entry = app.health.target(&health::target_id(
-                &planned.target.provider,
-                &planned.target.model,
-                planned.region.as_deref(),
-            ));
             let req = EgressRequest {
                 request_id: ctx.request_id.clone(),
                 tenant: ctx
@@ -376,6 +380,8 @@ impl Spliced {
                 forward_headers: resume.forward_headers.clone(),
                 residency: ctx.residency.clone().unwrap_or_default(),
             };
+            // Counted in flight for `least_busy` until its stream ends.
+            let in_flight = entry.as_ref().map(|e| e.start());
             let result = attempt(app.upstream.as_ref(), req, resume.limit).await;
             let _ = record_health(app, entry.as_deref(), result.as_ref().err(), started);
             // A resumed answer must be a stream; anything else failed it.
@@ -401,7 +407,12 @@ impl Spliced {
                     app.metrics.resume(&provider, "resumed");
                     ctx.served = Some(planned);
                     ctx.stats = Some(stats.clone());
-                    self.inner = rest;
+                    self.inner = rest
+                        .map(move |chunk| {
+                            let _held = &in_flight;
+                            chunk
+                        })
+                        .boxed();
                     self.decoder = SseDecoder::new();
                     self.segment = Some(Segment {
                         skip_ws: trimmed,
