@@ -1060,6 +1060,7 @@ mod tests {
                 attempt_timeout_ms: 0,
                 rules: vec![],
                 downgrade: None,
+                resume: false,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();
