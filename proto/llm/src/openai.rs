@@ -4,6 +4,7 @@
 //! the caller sent (including ones we do not know) with only `model` changed.
 //! What routing and accounting need is read out once into typed fields.
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
@@ -242,6 +243,36 @@ pub struct ChunkInfo {
 }
 
 pub fn inspect_chunk(data: &str) -> ChunkInfo {
+    // Every chunk of every stream passes here: read only these fields and
+    // skip the rest without building it (a whole `Value` tree per chunk was
+    // a third of a stream's CPU). Anything the typed view cannot take
+    // (a field of an unexpected type, a duplicate key) gets the tree.
+    #[derive(Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        usage: Option<Value>,
+        #[serde(default)]
+        choices: Option<Vec<Choice>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        finish_reason: Option<serde::de::IgnoredAny>,
+    }
+    let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
+        return inspect_chunk_tree(data);
+    };
+    let usage = chunk.usage.as_ref().and_then(Usage::from_openai);
+    let choices = chunk.choices.unwrap_or_default();
+    ChunkInfo {
+        usage,
+        usage_only: usage.is_some() && choices.is_empty(),
+        has_content: !choices.is_empty(),
+        finished: choices.iter().any(|c| c.finish_reason.is_some()),
+    }
+}
+
+fn inspect_chunk_tree(data: &str) -> ChunkInfo {
     let Ok(v) = serde_json::from_str::<Value>(data) else {
         return ChunkInfo::default();
     };
@@ -290,6 +321,26 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("stream"));
         assert!(ChatRequest::parse(b"[1]").is_err());
         assert!(ChatRequest::parse(b"").is_err());
+    }
+
+    #[test]
+    fn the_typed_chunk_view_reads_what_the_tree_reads() {
+        let chunks = [
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi \"x\""},"finish_reason":null}],"usage":null}"#,
+            r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}"#,
+            r#"{"choices":[{"finish_reason":"length"},{"finish_reason":null}]}"#,
+            r#"{"choices":"odd","usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[],"choices":[{"finish_reason":"stop"}]}"#,
+            r#"not json"#,
+        ];
+        for c in chunks {
+            assert_eq!(inspect_chunk(c), inspect_chunk_tree(c), "{c}");
+        }
+        let last = inspect_chunk(chunks[2]);
+        assert!(last.usage_only && !last.has_content);
+        assert_eq!(last.usage.map(|u| u.cached_tokens), Some(2));
+        assert!(inspect_chunk(chunks[1]).finished);
     }
 
     #[test]
