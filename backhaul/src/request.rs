@@ -390,6 +390,12 @@ impl RequestStats {
             .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed);
     }
 
+    /// Overrides the first-token time: a resumed stream's first token is
+    /// the one its first attempt sent.
+    pub fn set_ttft_us(&self, us: u64) {
+        self.ttft_us.store(us.max(1), Ordering::Relaxed);
+    }
+
     pub fn ttft_us(&self) -> Option<u64> {
         match self.ttft_us.load(Ordering::Relaxed) {
             0 => None,

@@ -92,6 +92,7 @@ pub struct EdgeMetrics {
     tenant_tokens: IntCounterVec,
     tenant_cost: CounterVec,
     tenants: TenantLabels,
+    resumes: IntCounterVec,
     /// The board whose key and pool events are rendered (shared with the
     /// in-process egress in `switchyard dev`).
     health: Mutex<Option<Arc<switchyard_proto::Health>>>,
@@ -237,7 +238,13 @@ impl EdgeMetrics {
             &["endpoint"],
         )
         .expect("metric");
+        let resumes = counter(
+            "stream_resumes_total",
+            "Streams cut mid-answer: resumed on another target, or why not, by the provider cut (or the resume target that failed)",
+            &["provider", "outcome"],
+        );
         for c in [
+            &resumes,
             &rules,
             &downgrades,
             &requests,
@@ -281,6 +288,7 @@ impl EdgeMetrics {
             tenant_tokens,
             tenant_cost,
             tenants: TenantLabels::new(cap),
+            resumes,
             health: Mutex::new(None),
         }
     }
@@ -292,6 +300,10 @@ impl EdgeMetrics {
 
     pub fn rule_matched(&self, route: &str, to: &str) {
         self.rules.with_label_values(&[route, to]).inc();
+    }
+
+    pub fn resume(&self, provider: &str, outcome: &str) {
+        self.resumes.with_label_values(&[provider, outcome]).inc();
     }
 
     pub fn downgrade(&self, route: &str, to: &str) {

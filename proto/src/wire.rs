@@ -19,10 +19,10 @@ use crate::control as pb;
 pub const MAX_RETRIES: u32 = 10;
 use crate::{
     Downgrade, FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitSet, LimitsSnapshot,
-    ModelPrice, PoolKey, ProviderKind, ProviderSnapshot, RegionSnapshot, RetryPolicy, RouteRule,
-    RouteSnapshot, RouteTarget, RttScore, RuleCondition, ScoreKey, Scores, Secret, SimulatedFault,
-    SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Spend, Strategy, TargetScore,
-    Tenant, Tenants, VirtualKey, WeightedTarget,
+    ModelPrice, PoolKey, Prefill, ProviderKind, ProviderSnapshot, RegionSnapshot, RetryPolicy,
+    RouteRule, RouteSnapshot, RouteTarget, RttScore, RuleCondition, ScoreKey, Scores, Secret,
+    SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Spend,
+    Strategy, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget,
 };
 
 fn spend_to_wire(s: &Spend) -> pb::SpendMsg {
@@ -188,6 +188,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
             .iter()
             .map(|(name, p)| {
                 let msg = pb::ProviderMsg {
+                    prefill: pb::PrefillMsg::from(p.prefill) as i32,
                     name: p.name.clone(),
                     kind: pb::ProviderKindMsg::from(p.kind) as i32,
                     base_url: p.base_url.clone(),
@@ -357,6 +358,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                 route: d.route.clone(),
                                 ttft_over_ms: millis(d.ttft_over),
                             }),
+                            resume: r.resume,
                         },
                     )
                 })
@@ -451,6 +453,18 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
             return Err(InvalidSnapshot::InvalidEnum {
                 path: format!("{path}.kind"),
                 value: p.kind,
+            })
+        }
+    };
+    let prefill = match pb::PrefillMsg::try_from(p.prefill) {
+        Ok(pb::PrefillMsg::PrefillNone) => Prefill::None,
+        Ok(pb::PrefillMsg::PrefillTrailingAssistant) => Prefill::TrailingAssistant,
+        Ok(pb::PrefillMsg::PrefillPrefix) => Prefill::Prefix,
+        Ok(pb::PrefillMsg::PrefillContinueFinalMessage) => Prefill::ContinueFinalMessage,
+        Err(_) => {
+            return Err(InvalidSnapshot::InvalidEnum {
+                path: format!("{path}.prefill"),
+                value: p.prefill,
             })
         }
     };
@@ -563,7 +577,19 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
         jurisdiction: opt(&p.jurisdiction),
         pricing,
         key_pools,
+        prefill,
     })
+}
+
+impl From<Prefill> for pb::PrefillMsg {
+    fn from(p: Prefill) -> Self {
+        match p {
+            Prefill::None => pb::PrefillMsg::PrefillNone,
+            Prefill::TrailingAssistant => pb::PrefillMsg::PrefillTrailingAssistant,
+            Prefill::Prefix => pb::PrefillMsg::PrefillPrefix,
+            Prefill::ContinueFinalMessage => pb::PrefillMsg::PrefillContinueFinalMessage,
+        }
+    }
 }
 
 impl TryFrom<pb::SnapshotMsg> for Snapshot {
@@ -692,6 +718,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                                 .then(|| Duration::from_millis(d.ttft_over_ms)),
                         }),
                     },
+                    resume: r.resume,
                 }),
             );
         }
@@ -925,6 +952,7 @@ mod tests {
                 region: Some("eu-west".into()),
                 jurisdiction: Some("eu".into()),
                 pricing: HashMap::from([("m".into(), ModelPrice::default())]),
+                prefill: Default::default(),
                 key_pools: vec![KeyPoolSnapshot {
                     name: "main".into(),
                     region: Some("eu-west".into()),
@@ -1032,6 +1060,7 @@ mod tests {
                 attempt_timeout_ms: 0,
                 rules: vec![],
                 downgrade: None,
+                resume: false,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();

@@ -430,7 +430,7 @@ fn report_breaker(app: &EdgeApp, ctx: &RequestCtx, planned: &PlannedTarget, t: T
 }
 
 /// One attempt, up to the moment its answer can be committed.
-async fn attempt(
+pub(crate) async fn attempt(
     upstream: &dyn Upstream,
     req: EgressRequest,
     limit: Option<(Duration, &'static str)>,
@@ -500,7 +500,7 @@ pub(crate) fn answer_status(status: u16) -> Result<StatusCode, GatewayError> {
 
 /// Feeds the planner's health board: what the attempt says about the
 /// target. A client's or the policy's fault says nothing about it.
-fn record_health(
+pub(crate) fn record_health(
     app: &EdgeApp,
     entry: Option<&health::Entry>,
     error: Option<&GatewayError>,

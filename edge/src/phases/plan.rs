@@ -39,6 +39,8 @@ pub struct Plan {
     /// route's, or the model name's when it names no route).
     pub retry: RetryPolicy,
     pub budget_key: String,
+    /// The route continues cut text streams elsewhere (`routes.R.resume`).
+    pub resume: bool,
 }
 
 /// What `dispatch` sends to each target of the plan.
@@ -322,6 +324,7 @@ fn passthrough_plan(
             ..RetryPolicy::default()
         },
         budget_key: String::new(),
+        resume: false,
     })
 }
 
@@ -423,6 +426,7 @@ fn plan_as(
     let attempt_timeout = route.and_then(|r| r.attempt_timeout);
     let retry = route.map(|r| r.retry).unwrap_or_default();
     let budget_key = name.to_string();
+    let resume = route.is_some_and(|r| r.resume);
     let plan = match residency {
         // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
@@ -433,6 +437,7 @@ fn plan_as(
             attempt_timeout,
             retry,
             budget_key,
+            resume,
         },
         Some(allowed) => match switchyard_proto::plan::plan(snap, health, name, Some(allowed)) {
             Ok(targets) => {
@@ -446,6 +451,7 @@ fn plan_as(
                     attempt_timeout,
                     retry,
                     budget_key,
+                    resume,
                 }
             }
             Err(PlanError::Residency { blocked, .. }) => {
@@ -578,6 +584,7 @@ mod tests {
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );
