@@ -389,6 +389,7 @@ pub struct EgressNode {
     threads: usize,
     admin: Option<SocketAddr>,
     tls_files: Option<NodeTlsFiles>,
+    otlp: Option<String>,
 }
 
 impl EgressNode {
@@ -405,7 +406,15 @@ impl EgressNode {
             threads: 2,
             admin: None,
             tls_files: None,
+            otlp: None,
         }
+    }
+
+    /// Exports a span per provider call over OTLP/HTTP to this collector
+    /// (`http://collector:4318`); off by default.
+    pub fn otlp(mut self, endpoint: impl Into<String>) -> Self {
+        self.otlp = Some(endpoint.into());
+        self
     }
 
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`).
@@ -473,8 +482,14 @@ impl EgressNode {
             let shared = shared.clone();
             let region = self.region.clone();
             let lifecycle = lifecycle.clone();
-            let (tls, limits, listen, control, admin) =
-                (self.tls, self.limits, self.listen, self.control, self.admin);
+            let (tls, limits, listen, control, admin, otlp) = (
+                self.tls,
+                self.limits,
+                self.listen,
+                self.control,
+                self.admin,
+                self.otlp,
+            );
             run_on(&rt, async move {
                 // The control plane sends this egress only its own region's keys.
                 let agent = match &control {
@@ -494,8 +509,26 @@ impl EgressNode {
                     })?),
                     None => None,
                 };
-                let egress = Egress::new(shared.clone())?;
-                let board = egress.health().clone();
+                // The name the control plane knows the node by, so ledger
+                // rows and `ctl nodes` agree.
+                let name = control
+                    .as_ref()
+                    .and_then(|c| c.node_id.clone())
+                    .unwrap_or_else(|| format!("egress-{region}-{}", std::process::id()));
+                let exporter = match &otlp {
+                    Some(endpoint) => Some(
+                        crate::otlp::Exporter::start(endpoint, &name).map_err(|e| {
+                            NodeError::Service {
+                                what: "otlp",
+                                message: e.to_string(),
+                            }
+                        })?,
+                    ),
+                    None => None,
+                };
+                let egress = Egress::new(shared.clone())?
+                    .with_node_name(&name)
+                    .with_otlp(exporter);
                 if let Some(agent) = &agent {
                     // Key pools as this node sees them, for the status page.
                     let (shared, health) = (shared.clone(), egress.health().clone());
@@ -510,12 +543,14 @@ impl EgressNode {
                 let drainer = server.drainer();
                 let tls_reloader = server.tls_reloader();
                 let connections = server.connection_gauge();
+                let served = (server.metrics(), server.health());
                 tracing::info!(target: "switchyard::backhaul", bound = %addr, %region, "egress listening");
                 let serve = tokio::spawn(server.run());
                 let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
                 let admin_addr = admin.as_ref().map(AdminListener::local_addr);
                 if let Some(admin) = admin {
-                    let metrics = egress_metrics(shared.clone(), connections, board);
+                    let agent_status = agent.as_ref().map(|a| a.watch_status());
+                    let metrics = egress_metrics(shared.clone(), connections, served, agent_status);
                     admin.serve(lifecycle.clone(), metrics, admin_rx);
                 }
                 lifecycle.mark_ready();
@@ -575,17 +610,26 @@ fn prepare_egress(snapshot: Snapshot, region: &str) -> Result<Snapshot, NodeErro
     Ok(keep_region_keys(snapshot, region))
 }
 
-/// The egress's `/metrics`: snapshot version, open edge connections, and
-/// its key pools as its health board sees them (the lifecycle's gauges are
-/// added by the admin listener). Key gauges are labelled by provider, pool
-/// and key id (never the value) and rebuilt per scrape from the policy's
-/// keys, so a key removed from the policy disappears.
+/// The egress's `/metrics`: what it served (requests, provider waits,
+/// tokens), key-pool health, snapshot version and ACK/NACK counts, open
+/// edge connections (the lifecycle's gauges, among them the streams in
+/// flight, are added by the admin listener), and per key (labels
+/// provider, pool and key id, never the value) its state, calls in
+/// flight, error rate and quota headroom from the egress's own board,
+/// rebuilt per scrape so a key removed from the policy disappears.
 fn egress_metrics(
     shared: Arc<ArcSwap<Snapshot>>,
     connections: Arc<dyn Fn() -> usize + Send + Sync>,
-    health: Arc<switchyard_proto::Health>,
+    (served, health): (
+        Arc<crate::metrics::EgressMetrics>,
+        Arc<switchyard_proto::Health>,
+    ),
+    agent_status: Option<
+        tokio::sync::watch::Receiver<switchyard_control::node_client::AgentStatus>,
+    >,
 ) -> MetricsFn {
-    use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+    use prometheus::{GaugeVec, IntGauge, IntGaugeVec, Opts, Registry};
+    let agent = agent_status.map(switchyard_control::admin::AgentMetrics::new);
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
     let version =
         IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
@@ -595,14 +639,6 @@ fn egress_metrics(
         registry.register(Box::new(g.clone())).expect("register");
     }
     let labels = ["provider", "pool", "key"];
-    let key_events = IntCounterVec::new(
-        Opts::new(
-            "key_events_total",
-            "Key pool events on this egress: cooldown (429), disabled (401/403), pool_exhausted, breaker_opened",
-        ),
-        &["event"],
-    )
-    .expect("metric");
     let in_flight = IntGaugeVec::new(
         Opts::new("key_in_flight", "Provider calls in flight on the key"),
         &labels,
@@ -633,9 +669,6 @@ fn egress_metrics(
     )
     .expect("metric");
     registry
-        .register(Box::new(key_events.clone()))
-        .expect("register");
-    registry
         .register(Box::new(in_flight.clone()))
         .expect("register");
     registry
@@ -647,22 +680,16 @@ fn egress_metrics(
     registry
         .register(Box::new(state.clone()))
         .expect("register");
+    if let Some(a) = &agent {
+        a.register(&registry);
+    }
     Arc::new(move || {
         let snapshot = shared.load();
         version.set(snapshot.version() as i64);
         open.set(connections() as i64);
-        let e = health.events();
-        for (event, cell) in [
-            ("cooldown", &e.key_cooldowns),
-            ("disabled", &e.key_disabled),
-            ("pool_exhausted", &e.pool_exhausted),
-            ("breaker_opened", &e.key_breaker_opened),
-        ] {
-            let c = key_events.with_label_values(&[event]);
-            let now = cell.load(std::sync::atomic::Ordering::Relaxed);
-            if now > c.get() {
-                c.inc_by(now - c.get());
-            }
+        served.keys.update(&snapshot, &health);
+        if let Some(a) = &agent {
+            a.update();
         }
         for g in [&in_flight, &state] {
             g.reset();
@@ -704,7 +731,7 @@ fn egress_metrics(
                 }
             }
         }
-        let page = switchyard_control::admin::render(&[&registry]);
+        let page = switchyard_control::admin::render(&[&registry, served.registry()]);
         Box::pin(async move { page })
     })
 }

@@ -44,7 +44,7 @@ const SEP: char = '\u{1f}';
 
 /// The board's id of a target: a provider's model as called from a region.
 pub fn target_id(provider: &str, model: &str, region: Option<&str>) -> String {
-    format!("{provider}{SEP}{model}{SEP}{}", region.unwrap_or(""))
+    join_id(&[provider, model, region.unwrap_or("")])
 }
 
 /// The board's id of a key as used for one model: its provider, pool and
@@ -52,7 +52,21 @@ pub fn target_id(provider: &str, model: &str, region: Option<&str>) -> String {
 /// rate-limit a key per model (OpenAI's limits and `x-ratelimit-*` headers
 /// are per model): a 429 on one model must not bench the key for others.
 pub fn key_id(provider: &str, pool: &str, key: &str, model: &str) -> String {
-    format!("{provider}{SEP}{pool}{SEP}{key}{SEP}{model}")
+    join_id(&[provider, pool, key, model])
+}
+
+/// Ids are built several times per request: one exact allocation, not the
+/// formatting machinery.
+fn join_id(parts: &[&str]) -> String {
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() + parts.len();
+    let mut id = String::with_capacity(len);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            id.push(SEP);
+        }
+        id.push_str(part);
+    }
+    id
 }
 
 /// One attempt's result as the board counts it.

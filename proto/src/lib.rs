@@ -29,6 +29,11 @@ pub mod wire;
 pub use health::Health;
 pub use plan::{Plan, PlanError, PlannedTarget};
 
+/// OTLP trace export messages (see `otlp.proto`).
+pub mod otlp {
+    tonic::include_proto!("switchyard.otlp");
+}
+
 /// The edge ↔ egress framing's messages (`backhaul.proto`).
 pub mod backhaul {
     tonic::include_proto!("switchyard.backhaul");
@@ -184,6 +189,37 @@ pub struct ProviderSnapshot {
     /// Where `keys` come from, per region. Egress nodes receive only the
     /// pools of their own region; edges receive none.
     pub key_pools: Vec<KeyPoolSnapshot>,
+    /// How it continues a partial assistant answer; mid-stream resume only
+    /// moves a cut stream to providers that declare one.
+    pub prefill: Prefill,
+}
+
+/// How a provider is asked to continue an assistant answer it is handed
+/// (assistant prefill). Declared, never guessed: a provider that does not
+/// support it would start a new answer and duplicate the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prefill {
+    #[default]
+    None,
+    /// A trailing assistant message is continued (Anthropic Messages).
+    TrailingAssistant,
+    /// A trailing assistant message marked `"prefix": true` (DeepSeek's
+    /// and Mistral's chat prefix completion).
+    Prefix,
+    /// A trailing assistant message with `continue_final_message: true`
+    /// and `add_generation_prompt: false` (vLLM).
+    ContinueFinalMessage,
+}
+
+impl Prefill {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prefill::None => "none",
+            Prefill::TrailingAssistant => "trailing_assistant",
+            Prefill::Prefix => "prefix",
+            Prefill::ContinueFinalMessage => "continue_final_message",
+        }
+    }
 }
 
 /// USD per million tokens.
@@ -754,6 +790,9 @@ pub struct RouteSnapshot {
     /// Evaluated in order before planning.
     pub rules: Vec<RouteRule>,
     pub downgrade: Option<Downgrade>,
+    /// A text-only stream cut after it was committed continues on another
+    /// of the plan's targets that supports prefill (see `Prefill`).
+    pub resume: bool,
     /// Hedged requests: `None` = off.
     pub hedge: Option<HedgePolicy>,
 }
@@ -1093,6 +1132,7 @@ mod tests {
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );

@@ -533,6 +533,7 @@ mod tests {
                     cached_input_per_million: None,
                 },
             )]),
+            prefill: Default::default(),
             key_pools: vec![],
         })
     }

@@ -19,7 +19,7 @@ use crate::control as pb;
 pub const MAX_RETRIES: u32 = 10;
 use crate::{
     Downgrade, FaultMode, HedgePolicy, KeyHash, KeyPoolSnapshot, KeySource, LimitSet,
-    LimitsSnapshot, ModelPrice, PoolKey, ProviderKind, ProviderSnapshot, RegionSnapshot,
+    LimitsSnapshot, ModelPrice, PoolKey, Prefill, ProviderKind, ProviderSnapshot, RegionSnapshot,
     RetryPolicy, RouteRule, RouteSnapshot, RouteTarget, RttScore, RuleCondition, ScoreKey, Scores,
     Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Spend,
     Strategy, TargetFilter, TargetMatch, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget,
@@ -188,6 +188,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
             .iter()
             .map(|(name, p)| {
                 let msg = pb::ProviderMsg {
+                    prefill: pb::PrefillMsg::from(p.prefill) as i32,
                     name: p.name.clone(),
                     kind: pb::ProviderKindMsg::from(p.kind) as i32,
                     base_url: p.base_url.clone(),
@@ -367,6 +368,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                 after_p95: h.after_p95,
                                 min_delay_ms: h.min_delay.as_millis() as u64,
                             }),
+                            resume: r.resume,
                         },
                     )
                 })
@@ -461,6 +463,18 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
             return Err(InvalidSnapshot::InvalidEnum {
                 path: format!("{path}.kind"),
                 value: p.kind,
+            })
+        }
+    };
+    let prefill = match pb::PrefillMsg::try_from(p.prefill) {
+        Ok(pb::PrefillMsg::PrefillNone) => Prefill::None,
+        Ok(pb::PrefillMsg::PrefillTrailingAssistant) => Prefill::TrailingAssistant,
+        Ok(pb::PrefillMsg::PrefillPrefix) => Prefill::Prefix,
+        Ok(pb::PrefillMsg::PrefillContinueFinalMessage) => Prefill::ContinueFinalMessage,
+        Err(_) => {
+            return Err(InvalidSnapshot::InvalidEnum {
+                path: format!("{path}.prefill"),
+                value: p.prefill,
             })
         }
     };
@@ -573,7 +587,19 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
         jurisdiction: opt(&p.jurisdiction),
         pricing,
         key_pools,
+        prefill,
     })
+}
+
+impl From<Prefill> for pb::PrefillMsg {
+    fn from(p: Prefill) -> Self {
+        match p {
+            Prefill::None => pb::PrefillMsg::PrefillNone,
+            Prefill::TrailingAssistant => pb::PrefillMsg::PrefillTrailingAssistant,
+            Prefill::Prefix => pb::PrefillMsg::PrefillPrefix,
+            Prefill::ContinueFinalMessage => pb::PrefillMsg::PrefillContinueFinalMessage,
+        }
+    }
 }
 
 impl TryFrom<pb::SnapshotMsg> for Snapshot {
@@ -720,6 +746,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                             min_delay: Duration::from_millis(h.min_delay_ms),
                         }),
                     },
+                    resume: r.resume,
                 }),
             );
         }
@@ -970,6 +997,7 @@ mod tests {
                 region: Some("eu-west".into()),
                 jurisdiction: Some("eu".into()),
                 pricing: HashMap::from([("m".into(), ModelPrice::default())]),
+                prefill: Default::default(),
                 key_pools: vec![KeyPoolSnapshot {
                     name: "main".into(),
                     region: Some("eu-west".into()),
@@ -1078,6 +1106,7 @@ mod tests {
                 rules: vec![],
                 downgrade: None,
                 hedge: None,
+                resume: false,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();

@@ -497,6 +497,21 @@ impl TunnelRouter {
         });
     }
 
+    /// Requests in flight to every egress node: (region, address, streams).
+    pub fn streams_open(&self) -> Vec<(String, String, usize)> {
+        self.nodes
+            .load()
+            .iter()
+            .map(|n| {
+                (
+                    n.region.clone(),
+                    n.addr.clone(),
+                    n.in_flight.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// Every egress node: (region, address, connected, draining), for metrics.
     pub fn egress_states(&self) -> Vec<(String, String, bool, bool)> {
         self.nodes

@@ -126,6 +126,23 @@ pub struct ProviderDoc {
     pub region: Option<String>,
     /// Where the provider processes data; defaults to the region's.
     pub jurisdiction: Option<String>,
+    /// How the provider continues a partial assistant answer, for
+    /// mid-stream resume (`routes.R.resume`). Default: `trailing_assistant`
+    /// for kind anthropic, `none` for the others.
+    pub prefill: Option<PrefillDoc>,
+}
+
+/// `providers.P.prefill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefillDoc {
+    None,
+    /// A trailing assistant message is continued (Anthropic).
+    TrailingAssistant,
+    /// A trailing assistant message with `"prefix": true` (DeepSeek, Mistral).
+    Prefix,
+    /// `continue_final_message: true` with a trailing assistant message (vLLM).
+    ContinueFinalMessage,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -274,6 +291,10 @@ pub struct RouteDoc {
     /// Non-critical requests (`x-switchyard-priority: low`) go to another
     /// route while this one's primary is degraded.
     pub downgrade: Option<DowngradeDoc>,
+    /// A text-only stream the provider cuts after it reached the client
+    /// continues on another target of the plan that supports prefill.
+    #[serde(default)]
+    pub resume: bool,
     /// Hedged requests: a second attempt on the next target when the first
     /// has not answered after a delay; the first answer wins.
     pub hedge: Option<HedgeDoc>,
@@ -898,7 +919,7 @@ fn is_http_url(u: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_proto::KeyHash;
+    use switchyard_proto::{KeyHash, Prefill};
 
     fn compile_with(yaml: &str, vars: &[(&str, &str)]) -> Result<Compiled, Vec<PolicyError>> {
         let doc = parse_policy(yaml).map_err(|e| vec![e])?;
@@ -1179,6 +1200,67 @@ routes:
             paths.contains(&"routes.r.first_token_timeout_ms"),
             "{paths:?}"
         );
+    }
+
+    #[test]
+    fn resume_needs_a_declared_prefill_that_the_provider_kind_can_speak() {
+        let yaml = r#"
+providers:
+  claude: { kind: anthropic, base_url: "http://127.0.0.1:9", api_key_env: K }
+  deepseek: { kind: openai-compatible, base_url: "http://127.0.0.1:9", api_key_env: K, prefill: prefix }
+  vllm: { kind: openai-compatible, base_url: "http://127.0.0.1:9", api_key_env: K, prefill: continue_final_message }
+  plain: { kind: openai-compatible, base_url: "http://127.0.0.1:9", api_key_env: K }
+routes:
+  r:
+    resume: true
+    targets: [{ provider: plain, model: m }]
+    fallbacks: [s]
+  s:
+    targets: [{ provider: deepseek, model: m }]
+  off:
+    targets: [{ provider: plain, model: m }]
+"#;
+        let snap = compile_with(yaml, &[("K", "sk-k")]).unwrap().snapshot;
+        let prefill = |p: &str| snap.providers()[p].prefill;
+        assert_eq!(
+            prefill("claude"),
+            Prefill::TrailingAssistant,
+            "anthropic's default"
+        );
+        assert_eq!(prefill("deepseek"), Prefill::Prefix);
+        assert_eq!(prefill("vllm"), Prefill::ContinueFinalMessage);
+        assert_eq!(prefill("plain"), Prefill::None, "never guessed");
+        assert!(snap.routes()["r"].resume && !snap.routes()["off"].resume);
+        // Both travel to remote nodes.
+        let back = Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap();
+        assert!(back.routes()["r"].resume && !back.routes()["off"].resume);
+        for p in ["claude", "deepseek", "vllm", "plain"] {
+            assert_eq!(back.providers()[p].prefill, prefill(p), "{p}");
+        }
+
+        // A resume that could never happen is refused, as is a prefill
+        // style the kind cannot speak.
+        let errs = compile_with(
+            &yaml.replace("fallbacks: [s]", "fallbacks: []"),
+            &[("K", "sk-k")],
+        )
+        .unwrap_err();
+        assert!(errs.iter().any(|e| e.path == "routes.r.resume"), "{errs:?}");
+        for (kind, style) in [
+            ("openai", "prefix"),
+            ("gemini", "prefix"),
+            ("anthropic", "prefix"),
+            ("openai-compatible", "trailing_assistant"),
+        ] {
+            let y = format!(
+                "providers:\n  x: {{ kind: {kind}, base_url: \"http://127.0.0.1:9\", prefill: {style} }}\n"
+            );
+            let errs = compile_with(&y, &[]).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.path == "providers.x.prefill"),
+                "{kind} {style}: {errs:?}"
+            );
+        }
     }
 
     #[test]

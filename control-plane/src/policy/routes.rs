@@ -118,6 +118,12 @@ pub(super) fn routes(
         if r.max_attempts == Some(0) {
             err(format!("{path}.max_attempts"), "must be at least 1".into());
         }
+        if r.resume && !any_prefill(doc, providers, name) {
+            err(
+                format!("{path}.resume"),
+                "no target of the route or its fallbacks supports prefill (`providers.P.prefill`), so a cut stream could never be resumed".into(),
+            );
+        }
         if r.attempt_timeout_ms == Some(0) {
             err(
                 format!("{path}.attempt_timeout_ms"),
@@ -340,10 +346,35 @@ pub(super) fn routes(
                 rules,
                 downgrade,
                 hedge,
+                resume: r.resume,
             }),
         );
     }
     routes
+}
+
+/// Whether some target of `route` or of the routes it falls back to can
+/// continue a partial answer.
+fn any_prefill(doc: &PolicyDocument, providers: &Providers, route: &str) -> bool {
+    let mut stack = vec![route];
+    let mut seen = HashSet::new();
+    while let Some(r) = stack.pop() {
+        if !seen.insert(r) {
+            continue;
+        }
+        let Some(doc_route) = doc.routes.get(r) else {
+            continue;
+        };
+        if doc_route.targets.iter().any(|t| {
+            providers
+                .get(&t.provider)
+                .is_some_and(|p| p.prefill != switchyard_proto::Prefill::None)
+        }) {
+            return true;
+        }
+        stack.extend(doc_route.fallbacks.iter().map(String::as_str));
+    }
+    false
 }
 
 fn reaches(doc: &PolicyDocument, from: &str, target: &str) -> bool {

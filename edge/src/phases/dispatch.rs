@@ -321,6 +321,8 @@ pub(super) struct Started {
     probe: Option<health::Probe>,
     /// Counted in flight for `least_busy` until the answer ends.
     in_flight: Option<health::InFlight>,
+    /// The attempt's span, sent over the backhaul as the egress's parent.
+    span: switchyard_backhaul::trace::TraceContext,
     pub started: Instant,
 }
 
@@ -386,6 +388,7 @@ impl Attempts<'_> {
                 return Err(Step::Skipped);
             }
         };
+        let span = ctx.trace.child();
         let req = EgressRequest {
             request_id: ctx.request_id.clone(),
             tenant: ctx
@@ -403,6 +406,7 @@ impl Attempts<'_> {
             inbound: ctx.protocol,
             forward_headers: self.forward_headers.clone(),
             residency: ctx.residency.clone().unwrap_or_default(),
+            trace: Some(span),
         };
         let in_flight = entry.as_ref().map(|e| e.start());
         Ok((
@@ -412,6 +416,7 @@ impl Attempts<'_> {
                 entry,
                 probe,
                 in_flight,
+                span,
                 started: Instant::now(),
             },
         ))
@@ -447,6 +452,8 @@ impl Attempts<'_> {
             target: s.i,
             elapsed: s.started.elapsed(),
             error,
+            span: Some(s.span),
+            started_after: s.started.saturating_duration_since(ctx.received_at),
         });
         let in_flight = s.in_flight;
         match result {
@@ -477,6 +484,8 @@ impl Attempts<'_> {
             target: s.i,
             elapsed: s.started.elapsed(),
             error: Some(why),
+            span: Some(s.span),
+            started_after: s.started.saturating_duration_since(ctx.received_at),
         });
     }
 }
@@ -503,7 +512,7 @@ fn report_breaker(app: &EdgeApp, ctx: &RequestCtx, planned: &PlannedTarget, t: T
 }
 
 /// One attempt, up to the moment its answer can be committed.
-async fn attempt(
+pub(crate) async fn attempt(
     upstream: &dyn Upstream,
     req: EgressRequest,
     limit: Option<(Duration, &'static str)>,
@@ -576,7 +585,7 @@ pub(crate) fn answer_status(status: u16) -> Result<StatusCode, GatewayError> {
 /// does the backhaul's: an egress whose streams fail is cut off by its
 /// own breaker in the tunnel, and the target stays usable through the
 /// region's other egress nodes.
-fn record_health(
+pub(crate) fn record_health(
     app: &EdgeApp,
     entry: Option<&health::Entry>,
     error: Option<&GatewayError>,

@@ -42,6 +42,8 @@ pub struct Plan {
     pub budget_key: String,
     /// The route's hedging, if on.
     pub hedge: Option<HedgePolicy>,
+    /// The route continues cut text streams elsewhere (`routes.R.resume`).
+    pub resume: bool,
 }
 
 /// What `dispatch` sends to each target of the plan.
@@ -364,6 +366,7 @@ fn passthrough_plan(
         },
         budget_key: String::new(),
         hedge: None,
+        resume: false,
     })
 }
 
@@ -466,6 +469,7 @@ fn plan_as(
     let retry = route.map(|r| r.retry).unwrap_or_default();
     let budget_key = name.to_string();
     let hedge = route.and_then(|r| r.hedge);
+    let resume = route.is_some_and(|r| r.resume);
     let plan = match residency {
         // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
@@ -477,6 +481,7 @@ fn plan_as(
             retry,
             budget_key,
             hedge,
+            resume,
         },
         Some(allowed) => match switchyard_proto::plan::plan(snap, health, name, Some(allowed)) {
             Ok(targets) => {
@@ -491,6 +496,7 @@ fn plan_as(
                     retry,
                     budget_key,
                     hedge,
+                    resume,
                 }
             }
             Err(PlanError::Residency { blocked, .. }) => {
@@ -623,6 +629,7 @@ mod tests {
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );

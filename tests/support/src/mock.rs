@@ -22,6 +22,9 @@
 //! - `slow-<ms>`: waits that long, then answers as the default case; a
 //!   request the gateway drops during the wait is counted in
 //!   [`MockUpstream::cancellations`] (how hedging's loser is seen cut).
+//! - `cut-after-<N>`: the default streamed case for the request (text, or
+//!   a tool call when it declares tools), cut (connection reset) after its
+//!   first N events: a provider failing mid-answer.
 //!
 //! A bearer key passed to [`MockUpstream::revoke_key`] is answered with
 //! OpenAI's recorded 401 (`invalid_api_key`) whatever the model.
@@ -384,6 +387,13 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(ms)).await;
         waiting.1 = true;
     }
+    if let Some(n) = model
+        .strip_prefix("cut-after-")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let case = default_case(provider, &path, &body, stream);
+        return Ok(replay_cut(&state, provider, case, Some(n)).await);
+    }
     let gap = *state.event_gap.lock().unwrap();
     match model.as_str() {
         "hang" => {
@@ -480,6 +490,16 @@ fn cached_case(state: &State, provider: Provider, case_name: &str) -> Option<Arc
 }
 
 async fn replay(state: &Arc<State>, provider: Provider, case_name: &str) -> Response<BoxBody> {
+    replay_cut(state, provider, case_name, None).await
+}
+
+/// [`replay`], a stream cut after its first `cut_after` events.
+async fn replay_cut(
+    state: &Arc<State>,
+    provider: Provider,
+    case_name: &str,
+    cut_after: Option<usize>,
+) -> Response<BoxBody> {
     let Some(case) = cached_case(state, provider, case_name) else {
         let body = json!({"error": {"message": format!("mock: no fixture {}/{case_name}", provider.dir())}});
         return full(500, "application/json", body.to_string());
@@ -491,7 +511,16 @@ async fn replay(state: &Arc<State>, provider: Provider, case_name: &str) -> Resp
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let st = state.clone();
         tokio::spawn(async move {
-            for e in events {
+            for (i, e) in events.into_iter().enumerate() {
+                if cut_after == Some(i) {
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "mock cut mid-stream",
+                        )))
+                        .await;
+                    return;
+                }
                 if tx.send(Ok(Bytes::from(e))).await.is_err() {
                     st.cancellations.fetch_add(1, Ordering::SeqCst);
                     return;
