@@ -75,7 +75,7 @@ enum CtlCommand {
         /// How far back: 7d, 24h, 30m, or Unix milliseconds.
         #[arg(long, default_value = "7d")]
         since: String,
-        /// model | provider | key | day | tenant
+        /// model | provider | key | day | tenant | egress | key_pool
         #[arg(long, default_value = "model")]
         group_by: String,
         /// CSV on stdout instead of a table.

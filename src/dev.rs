@@ -35,6 +35,10 @@ pub struct DevArgs {
     /// Admin listener: `/metrics`, `/healthz`, `/readyz`.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_listen: String,
+    /// Export OpenTelemetry spans over OTLP/HTTP (protobuf) to this
+    /// collector, e.g. `http://otel-collector:4318` (off by default).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Worker threads of the edge.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -204,6 +208,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         .threads(args.threads)
         .limits(args.limits.limits())
         .simulate_header(true);
+    let node = match &args.otlp_endpoint {
+        Some(url) => node.otlp(url.clone()),
+        None => node,
+    };
     crate::node::command_runtime()?.block_on(async move {
         let edge = node.bind().await.map_err(|e| match e {
             // The policy's errors were listed against "policy": name the file.

@@ -124,6 +124,10 @@ pub struct EdgeArgs {
     /// `/metrics`. Keep it off the client-facing network.
     #[arg(long, value_name = "HOST:PORT")]
     admin_listen: Option<String>,
+    /// Export OpenTelemetry spans over OTLP/HTTP (protobuf) to this
+    /// collector, e.g. `http://otel-collector:4318` (off by default).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     drain: DrainArgs,
     /// Unix socket for graceful upgrades: on SIGQUIT this edge sends its
@@ -176,6 +180,10 @@ pub struct EgressArgs {
     /// `/metrics`.
     #[arg(long, value_name = "HOST:PORT")]
     admin_listen: Option<String>,
+    /// Export OpenTelemetry spans over OTLP/HTTP (protobuf) to this
+    /// collector, e.g. `http://otel-collector:4318` (off by default).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     drain: DrainArgs,
 }
@@ -253,6 +261,9 @@ pub fn run_edge(args: EdgeArgs) -> anyhow::Result<()> {
     }
     if let Some(addr) = &args.admin_listen {
         node = node.admin(addr.clone());
+    }
+    if let Some(url) = &args.otlp_endpoint {
+        node = node.otlp(url.clone());
     }
     if let (true, Some(socket)) = (args.upgrade, &args.upgrade_socket) {
         node = node.upgrade_from(socket.clone());
@@ -340,6 +351,9 @@ pub fn run_egress(args: EgressArgs) -> anyhow::Result<()> {
     }
     if let Some(addr) = &args.admin_listen {
         node = node.admin(resolve_listen(addr)?);
+    }
+    if let Some(url) = &args.otlp_endpoint {
+        node = node.otlp(url.clone());
     }
     command_runtime()?.block_on(async move {
         let egress = node.start().await?;

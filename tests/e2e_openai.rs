@@ -118,9 +118,19 @@ async fn chat_passthrough_rewrites_only_the_model() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(
-            r#"switchyard_requests_total{endpoint="chat",provider="openai",status="200"} 1"#
-        ),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("switchyard_requests_total{")
+                && [
+                    r#"class="2xx""#,
+                    r#"endpoint="chat""#,
+                    r#"provider="openai""#,
+                    r#"route="fast""#,
+                    r#"status="200""#
+                ]
+                .iter()
+                .all(|label| l.contains(label))
+                && l.ends_with(" 1")),
         "{metrics}"
     );
     assert!(metrics

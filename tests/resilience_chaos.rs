@@ -348,3 +348,189 @@ tenants:
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_egress_shows_its_key_pools_on_its_admin_metrics() {
+    install_crypto();
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("res-egress-metrics");
+    let policy = chaos_policy(&dir, &mock);
+    mock.revoke_key("sk-chaos-revoked");
+    let pki = dir.join("pki");
+    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
+    let egress_cert =
+        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
+    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
+        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
+    };
+    let egress = EgressNode::new("eu", tls(&egress_cert))
+        .policy(PolicySource::File(policy.clone()))
+        .admin("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .expect("egress starts");
+    let admin = egress.admin_addr().expect("admin listener");
+    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
+        .policy(PolicySource::File(policy))
+        .egress("eu", egress.local_addr().to_string())
+        .listen("127.0.0.1:0")
+        .start()
+        .await
+        .expect("edge starts");
+    let addr = edge.local_addr().unwrap();
+    let http = client();
+    for i in 0..6 {
+        served(&http, addr, "pooled/gpt-4o-mini", i % 2 == 1)
+            .await
+            .unwrap();
+    }
+    // The storming target: its key is cooled down by the 429s.
+    for _ in 0..3 {
+        let _ = served(&http, addr, "storm/storm-429", false).await;
+    }
+    let page = http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |fragments: &[&str]| -> f64 {
+        page.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find(|l| fragments.iter().all(|f| l.contains(f)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(
+        value(&["switchyard_key_events_total", "event=\"disabled\""]),
+        1.0,
+        "{page}"
+    );
+    assert!(value(&["switchyard_key_events_total", "event=\"cooldown\""]) >= 1.0);
+    assert_eq!(
+        value(&[
+            "switchyard_key_state",
+            "key=\"revoked\"",
+            "state=\"disabled\""
+        ]),
+        1.0
+    );
+    assert_eq!(
+        value(&["switchyard_key_state", "key=\"good\"", "state=\"ok\""]),
+        1.0
+    );
+    assert_eq!(value(&["switchyard_key_in_flight", "key=\"good\""]), 0.0);
+    assert_eq!(value(&["switchyard_key_error_rate", "key=\"good\""]), 0.0);
+    assert!(value(&["switchyard_key_error_rate", "key=\"revoked\""]) > 0.0);
+    assert!(!page.contains("sk-chaos"), "a key value leaked: {page}");
+    edge.shutdown().await;
+    egress.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An egress that takes every request and then resets its stream: a
+/// transport failure on every request, never a provider error. Returns
+/// its address and how many streams it took.
+async fn stream_resetting_egress(
+    tls: NodeTls,
+) -> (
+    quinn::Endpoint,
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let config = tls
+        .server_config(std::sync::Arc::new(|| vec!["eu".to_string()]), 64)
+        .unwrap();
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (ep, count) = (endpoint.clone(), taken.clone());
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let _ = recv.read_to_end(1 << 20).await;
+                        let _ = send.reset(0u32.into());
+                    });
+                }
+            });
+        }
+    });
+    (endpoint, addr, taken)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_whose_streams_keep_failing_is_ejected_for_the_regions_other_egress() {
+    install_crypto();
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("res-egress-breaker");
+    let policy = chaos_policy(&dir, &mock);
+    let pki = dir.join("pki");
+    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
+    let egress_cert =
+        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
+    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
+        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
+    };
+    let good = egress_node(&policy, tls(&egress_cert)).await;
+    let (bad, bad_addr, taken) = stream_resetting_egress(tls(&egress_cert)).await;
+    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
+        .policy(PolicySource::File(policy))
+        .egress("eu", good.local_addr().to_string())
+        .egress("eu", bad_addr.to_string())
+        .listen("127.0.0.1:0")
+        .metrics("127.0.0.1:0")
+        .start()
+        .await
+        .expect("edge starts");
+    let addr = edge.local_addr().unwrap();
+    let metrics_addr = edge.metrics_addr().unwrap();
+    let http = client();
+    const N: usize = 200;
+    let results: Vec<Result<(), String>> = futures::stream::iter(0..N)
+        .map(|i| {
+            let http = http.clone();
+            async move { served(&http, addr, "steady/gpt-4o-mini", i % 2 == 1).await }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let taken = taken.load(std::sync::atomic::Ordering::SeqCst);
+    println!("{failed} of {N} failed; the resetting egress took {taken} streams");
+    assert!(
+        taken >= switchyard_proto::health::EJECT_CONSECUTIVE as usize,
+        "the failing egress was tried ({taken})"
+    );
+    // Without a breaker about half would fail; with it, the failures that
+    // open it, the requests already on their way and a few probes.
+    assert!(failed <= 25, "{failed} of {N} failed");
+    assert_eq!(mock.count(Some("gpt-4o-mini"), None), N - failed);
+    let page = http
+        .get(format!("http://{metrics_addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = page.lines().find(|l| {
+        l.starts_with("switchyard_backhaul_ejected") && l.contains(&bad_addr.to_string())
+    });
+    assert!(line.is_some_and(|l| l.ends_with(" 1")), "{page}");
+    assert!(!page
+        .lines()
+        .any(|l| l.starts_with("switchyard_backhaul_ejected")
+            && l.contains(&good.local_addr().to_string())));
+    edge.shutdown().await;
+    good.shutdown().await;
+    bad.close(0u32.into(), b"done");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -514,3 +514,106 @@ routes:
     edge.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_filter_the_targets_a_request_may_use() {
+    let mock = MockUpstream::start().await;
+    let dir = temp_dir("res-filter");
+    let (edge, addr, metrics_addr) = start(
+        &dir,
+        &format!(
+            r#"
+regions:
+  eu-west: {{ jurisdiction: eu }}
+  us-east: {{ jurisdiction: us }}
+providers:
+  us:
+    kind: openai
+    base_url: "{url}/v1"
+    region: us-east
+    key_pools: [ {{ keys: [ {{ value: "sk-filter-us" }} ] }} ]
+  eu:
+    kind: openai
+    base_url: "{url}/v1"
+    region: eu-west
+    key_pools: [ {{ keys: [ {{ value: "sk-filter-eu" }} ] }} ]
+routes:
+  chat:
+    rules:
+      - when: {{ tag: eu-only }}
+        filter: {{ keep: [ {{ region: eu-west }} ] }}
+      - when: {{ tools: true }}
+        filter: {{ drop: [ {{ model: no-tools }} ] }}
+      - when: {{ tag: nothing }}
+        filter: {{ keep: [ {{ provider: eu, model: absent }} ] }}
+      - when: {{ prompt_tokens_over: 8000 }}
+        route: long-context
+    targets:
+      - {{ provider: us, model: no-tools }}
+      - {{ provider: eu, model: eu-model }}
+      - {{ provider: us, model: us-model }}
+  long-context:
+    targets: [ {{ provider: us, model: long-model }} ]
+"#,
+            url = mock.url()
+        ),
+    )
+    .await;
+    let http = client();
+    let target = |r: &Reply| r.target.clone().unwrap_or_default();
+    let r = chat_as(&http, addr, "chat", "hi", &[]).await;
+    assert_eq!(target(&r), "us/no-tools", "{}", r.body);
+    // Only the EU target is left: it serves, though it is second.
+    let r = chat_as(
+        &http,
+        addr,
+        "chat",
+        "hi",
+        &[("x-switchyard-tags", "eu-only")],
+    )
+    .await;
+    assert_eq!(
+        (r.status, target(&r).as_str()),
+        (200, "eu/eu-model"),
+        "{}",
+        r.body
+    );
+    // A request with tools skips the model that cannot call them.
+    let resp = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(TEST_KEY)
+        .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["x-switchyard-target"].to_str().unwrap(),
+        "eu/eu-model"
+    );
+    // A filter that leaves nothing is refused, never widened.
+    let r = chat_as(
+        &http,
+        addr,
+        "chat",
+        "hi",
+        &[("x-switchyard-tags", "nothing")],
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("rule_filtered_all"), "{}", r.body);
+    // The issue's example: prompts over 8,000 tokens go to the long-context route.
+    let long = "lorem ipsum ".repeat(3_400);
+    let r = chat_as(&http, addr, "chat", &long, &[]).await;
+    assert_eq!(target(&r), "us/long-model", "{}", r.body);
+    assert_eq!(mock.count(Some("absent"), None), 0);
+    assert_eq!(mock.count(Some("eu-model"), None), 2);
+    let m = metrics(&http, metrics_addr).await;
+    assert_eq!(
+        sample(&m, &["switchyard_rules_matched_total", "to=\"chat\""]),
+        3.0,
+        "{m}"
+    );
+    edge.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -243,6 +243,7 @@ fn raw_request(tenant: &str, residency: &[&str], method: &str, path: &str) -> Eg
         inbound: Protocol::OpenAi,
         forward_headers: Vec::new(),
         residency: residency.iter().map(|j| j.to_string()).collect(),
+        trace: None,
     }
 }
 

@@ -390,3 +390,54 @@ async fn official_sdks_raise_rate_limit_errors() {
     );
     edge.shutdown().await;
 }
+
+/// The sliding minute in the Redis script: 30 requests in the last second
+/// of a minute and 30 in the first second of the next admit 31, not 60, as
+/// the in-memory counters do; the refusal says when the next one fits.
+#[tokio::test]
+async fn with_redis_a_burst_across_a_minute_boundary_cannot_reach_twice_the_rpm() {
+    use switchyard_edge::limits::{checks_at, Decision, RedisLink, SharedCounters};
+    if !switchyard_testkit::redis::available() {
+        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
+            panic!("redis-server is missing: run scripts/test.sh");
+        }
+        eprintln!("SKIPPED: redis-server is not installed (scripts/test.sh installs it)");
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let shared = SharedCounters::new(RedisLink::new(&redis.url(), Duration::from_secs(5)).unwrap());
+    let limits = switchyard_proto::LimitSet {
+        rpm: Some(30),
+        ..Default::default()
+    };
+    // Counters are keyed by minute number; their lifetime runs on Redis's
+    // clock, so any boundary works.
+    let boundary = 29_932_500 * 60_000u64;
+    let owner = format!("t:burst-{}", std::process::id());
+    let mut admitted = [0, 0];
+    let mut retry = None;
+    for (i, at) in [boundary - 1000, boundary + 1000].into_iter().enumerate() {
+        for _ in 0..30 {
+            match shared
+                .acquire(&checks_at(&owner, &limits, at))
+                .await
+                .unwrap()
+            {
+                Decision::Admitted { .. } => admitted[i] += 1,
+                Decision::Refused { retry_ms, .. } => retry = Some(retry_ms),
+            }
+        }
+    }
+    println!("rpm 30 across a minute boundary through Redis: admitted {admitted:?}");
+    assert_eq!(admitted, [30, 1], "fixed windows admitted [30, 30]");
+    assert_eq!(retry, Some(1000));
+    let later = boundary + 2000;
+    assert!(matches!(
+        shared
+            .acquire(&checks_at(&owner, &limits, later))
+            .await
+            .unwrap(),
+        Decision::Admitted { .. }
+    ));
+    redis.stop();
+}

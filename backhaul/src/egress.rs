@@ -54,6 +54,10 @@ pub struct Egress {
     /// Off when the board is shared with an in-process edge, which books
     /// targets itself: each attempt must count once.
     record_targets: bool,
+    /// This node's name, reported with every answer (ledger, access log).
+    node_name: Arc<str>,
+    /// Where provider-call spans go, when traces are exported.
+    otlp: Option<Arc<crate::otlp::Exporter>>,
 }
 
 /// The key chosen for one attempt, counted in flight while it is held.
@@ -85,7 +89,21 @@ impl Egress {
             key_cursor: AtomicUsize::new(0),
             health,
             record_targets: true,
+            node_name: "egress".into(),
+            otlp: None,
         })
+    }
+
+    /// Exports a span per provider call to this OTLP exporter.
+    pub fn with_otlp(mut self, exporter: Option<Arc<crate::otlp::Exporter>>) -> Self {
+        self.otlp = exporter;
+        self
+    }
+
+    /// Names the node in what every answer reports (the ledger's `egress`).
+    pub fn with_node_name(mut self, name: &str) -> Self {
+        self.node_name = name.into();
+        self
     }
 
     /// The providers' own model lists, as this node's keys see them.
@@ -294,7 +312,50 @@ impl Egress {
     /// Runs one request against its target. The future may be dropped at any
     /// point (client gone); dropping it, or the returned stream, closes the
     /// upstream request.
-    pub async fn execute(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError> {
+    pub async fn execute(&self, mut req: EgressRequest) -> Result<EgressResponse, GatewayError> {
+        // The provider call is a span of its own inside the edge's attempt.
+        let parent = req.trace;
+        req.trace = req.trace.map(|t| t.child());
+        let span = match (&self.otlp, &req.trace) {
+            (Some(exporter), Some(ctx)) => Some(CallSpan {
+                exporter: exporter.clone(),
+                span: Some(
+                    crate::otlp::Span::new(
+                        "egress.provider_call",
+                        crate::otlp::Kind::Client,
+                        ctx,
+                        parent.map(|p| p.span_id),
+                        std::time::SystemTime::now(),
+                    )
+                    .str("switchyard.node", &self.node_name)
+                    .str("switchyard.provider", &req.target.provider)
+                    .str("gen_ai.request.model", &req.target.model),
+                ),
+                stats: None,
+                error: None,
+            }),
+            _ => None,
+        };
+        let result = self.execute_inner(req).await;
+        let Some(mut span) = span else { return result };
+        match result {
+            Ok(mut response) => {
+                span.stats = Some(response.stats.clone());
+                // A stream's span ends with the stream.
+                response.body = match response.body {
+                    ResponseBody::Stream(s) => ResponseBody::Stream(hold(s, span)),
+                    full => full,
+                };
+                Ok(response)
+            }
+            Err(e) => {
+                span.error = Some(e.code.unwrap_or(e.kind.label()));
+                Err(e)
+            }
+        }
+    }
+
+    async fn execute_inner(&self, req: EgressRequest) -> Result<EgressResponse, GatewayError> {
         let snap = self.snapshot.load_full();
         let provider = snap.providers().get(&req.target.provider).ok_or_else(|| {
             GatewayError::model_not_found(&format!("{}/{}", req.target.provider, req.target.model))
@@ -325,6 +386,7 @@ impl Egress {
             }
         }
         let stats = Arc::new(RequestStats::default());
+        stats.set_egress_node(self.node_name.clone());
         let start = self.key_cursor.fetch_add(1, Ordering::Relaxed);
         let tokens = req.op.estimated_prompt_tokens();
         let target_entry = self
@@ -381,6 +443,7 @@ impl Egress {
                     .as_ref()
                     .map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
             };
+            let call_started = Instant::now();
             let reply = match fast_timeout(left(deadline), raw::call(&ctx, raw)).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(e)) => {
@@ -407,6 +470,10 @@ impl Egress {
             }
             if reply.status < 400 {
                 record_target(Ok(()));
+            }
+            stats.set_upstream_wait(call_started.elapsed());
+            if let Some(a) = &attempt {
+                stats.set_key(a.key.pool.clone(), a.key.id.clone());
             }
             let held = (target_guard, attempt.and_then(|a| a.guard));
             let body = match reply.body {
@@ -460,6 +527,7 @@ impl Egress {
         // Each key at most once; the deadline covers every attempt.
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error: Option<GatewayError> = None;
+        let mut call_started: Instant;
         let (reply, attempt) = loop {
             let attempt = match self.choose_key(provider, &req.target.model, start, &tried, tokens)
             {
@@ -483,6 +551,7 @@ impl Egress {
                     .as_ref()
                     .map(|f| f as &(dyn Fn(&RateLimits) + Send + Sync)),
             };
+            call_started = Instant::now();
             match fast_timeout(left(deadline), faults::call(adapter, ctx)).await {
                 Ok(Ok(reply)) => break (reply, attempt),
                 Ok(Err(e)) => {
@@ -516,6 +585,7 @@ impl Egress {
         };
         record_target(Ok(()));
         if let Some(a) = &attempt {
+            stats.set_key(a.key.pool.clone(), a.key.id.clone());
             let now = Instant::now();
             let latency = now.saturating_duration_since(started);
             self.key_outcome(&provider.name, a, Outcome::Success { latency }, now);
@@ -535,6 +605,7 @@ impl Egress {
         match reply {
             ProviderReply::Json { body, usage } => {
                 stats.mark_first_byte(req.received_at);
+                stats.set_upstream_wait(call_started.elapsed());
                 if let Some(u) = usage {
                     stats.set_usage(u);
                 }
@@ -576,6 +647,7 @@ impl Egress {
                     framer,
                 );
                 let frames = first_frame(frames, &stats).await?;
+                stats.set_upstream_wait(call_started.elapsed());
                 Ok(EgressResponse {
                     status: 200,
                     content_type: EVENT_STREAM.to_string(),
@@ -631,6 +703,40 @@ impl Back {
             )),
             Back::Gemini => Some(Box::new(gemini_native::GenerateStreamFromChat::new(model))),
         }
+    }
+}
+
+/// The provider call's span, exported when the answer is over (dropped).
+struct CallSpan {
+    exporter: Arc<crate::otlp::Exporter>,
+    span: Option<crate::otlp::Span>,
+    stats: Option<Arc<RequestStats>>,
+    error: Option<&'static str>,
+}
+
+impl Drop for CallSpan {
+    fn drop(&mut self) {
+        let Some(mut span) = self.span.take() else {
+            return;
+        };
+        let mut error = self.error;
+        if let Some(stats) = &self.stats {
+            if let Some((pool, key)) = stats.key() {
+                span = span
+                    .str("switchyard.key_pool", pool)
+                    .str("switchyard.key_id", key);
+            }
+            if let Some(u) = stats.usage() {
+                span = span
+                    .int("gen_ai.usage.input_tokens", u.prompt_tokens as i64)
+                    .int("gen_ai.usage.output_tokens", u.completion_tokens as i64);
+            }
+            if stats.stream_failed() {
+                error = error.or(Some("stream_failed"));
+            }
+        }
+        self.exporter
+            .export(span.end(std::time::SystemTime::now(), error));
     }
 }
 
@@ -848,6 +954,7 @@ mod tests {
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );
@@ -871,6 +978,7 @@ mod tests {
             inbound: Protocol::OpenAi,
             forward_headers: Vec::new(),
             residency: Vec::new(),
+            trace: None,
         }
     }
 

@@ -53,10 +53,13 @@
 pub mod discovery;
 pub mod dns;
 pub mod egress;
+pub mod metrics;
 pub mod node;
+pub mod otlp;
 pub mod providers;
 pub mod request;
 pub mod stream;
+pub mod trace;
 pub mod tunnel;
 pub mod upstream;
 

@@ -389,6 +389,7 @@ pub struct EgressNode {
     threads: usize,
     admin: Option<SocketAddr>,
     tls_files: Option<NodeTlsFiles>,
+    otlp: Option<String>,
 }
 
 impl EgressNode {
@@ -405,7 +406,15 @@ impl EgressNode {
             threads: 2,
             admin: None,
             tls_files: None,
+            otlp: None,
         }
+    }
+
+    /// Exports a span per provider call over OTLP/HTTP to this collector
+    /// (`http://collector:4318`); off by default.
+    pub fn otlp(mut self, endpoint: impl Into<String>) -> Self {
+        self.otlp = Some(endpoint.into());
+        self
     }
 
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`).
@@ -473,8 +482,14 @@ impl EgressNode {
             let shared = shared.clone();
             let region = self.region.clone();
             let lifecycle = lifecycle.clone();
-            let (tls, limits, listen, control, admin) =
-                (self.tls, self.limits, self.listen, self.control, self.admin);
+            let (tls, limits, listen, control, admin, otlp) = (
+                self.tls,
+                self.limits,
+                self.listen,
+                self.control,
+                self.admin,
+                self.otlp,
+            );
             run_on(&rt, async move {
                 // The control plane sends this egress only its own region's keys.
                 let agent = match &control {
@@ -494,7 +509,26 @@ impl EgressNode {
                     })?),
                     None => None,
                 };
-                let egress = Egress::new(shared.clone())?;
+                // The name the control plane knows the node by, so ledger
+                // rows and `ctl nodes` agree.
+                let name = control
+                    .as_ref()
+                    .and_then(|c| c.node_id.clone())
+                    .unwrap_or_else(|| format!("egress-{region}-{}", std::process::id()));
+                let exporter = match &otlp {
+                    Some(endpoint) => Some(
+                        crate::otlp::Exporter::start(endpoint, &name).map_err(|e| {
+                            NodeError::Service {
+                                what: "otlp",
+                                message: e.to_string(),
+                            }
+                        })?,
+                    ),
+                    None => None,
+                };
+                let egress = Egress::new(shared.clone())?
+                    .with_node_name(&name)
+                    .with_otlp(exporter);
                 if let Some(agent) = &agent {
                     // Key pools as this node sees them, for the status page.
                     let (shared, health) = (shared.clone(), egress.health().clone());
@@ -509,12 +543,14 @@ impl EgressNode {
                 let drainer = server.drainer();
                 let tls_reloader = server.tls_reloader();
                 let connections = server.connection_gauge();
+                let served = (server.metrics(), server.health());
                 tracing::info!(target: "switchyard::backhaul", bound = %addr, %region, "egress listening");
                 let serve = tokio::spawn(server.run());
                 let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
                 let admin_addr = admin.as_ref().map(AdminListener::local_addr);
                 if let Some(admin) = admin {
-                    let metrics = egress_metrics(shared.clone(), connections);
+                    let agent_status = agent.as_ref().map(|a| a.watch_status());
+                    let metrics = egress_metrics(shared.clone(), connections, served, agent_status);
                     admin.serve(lifecycle.clone(), metrics, admin_rx);
                 }
                 lifecycle.mark_ready();
@@ -574,13 +610,26 @@ fn prepare_egress(snapshot: Snapshot, region: &str) -> Result<Snapshot, NodeErro
     Ok(keep_region_keys(snapshot, region))
 }
 
-/// The egress's `/metrics`: snapshot version and open edge connections
-/// (the lifecycle's gauges are added by the admin listener).
+/// The egress's `/metrics`: what it served (requests, provider waits,
+/// tokens), key-pool health, snapshot version and ACK/NACK counts, open
+/// edge connections (the lifecycle's gauges, among them the streams in
+/// flight, are added by the admin listener), and per key (labels
+/// provider, pool and key id, never the value) its state, calls in
+/// flight, error rate and quota headroom from the egress's own board,
+/// rebuilt per scrape so a key removed from the policy disappears.
 fn egress_metrics(
     shared: Arc<ArcSwap<Snapshot>>,
     connections: Arc<dyn Fn() -> usize + Send + Sync>,
+    (served, health): (
+        Arc<crate::metrics::EgressMetrics>,
+        Arc<switchyard_proto::Health>,
+    ),
+    agent_status: Option<
+        tokio::sync::watch::Receiver<switchyard_control::node_client::AgentStatus>,
+    >,
 ) -> MetricsFn {
-    use prometheus::{IntGauge, Registry};
+    use prometheus::{GaugeVec, IntGauge, IntGaugeVec, Opts, Registry};
+    let agent = agent_status.map(switchyard_control::admin::AgentMetrics::new);
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
     let version =
         IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
@@ -589,10 +638,100 @@ fn egress_metrics(
     for g in [&version, &open] {
         registry.register(Box::new(g.clone())).expect("register");
     }
+    let labels = ["provider", "pool", "key"];
+    let in_flight = IntGaugeVec::new(
+        Opts::new("key_in_flight", "Provider calls in flight on the key"),
+        &labels,
+    )
+    .expect("metric");
+    let error_rate = GaugeVec::new(
+        Opts::new(
+            "key_error_rate",
+            "Recent share of failed calls on the key (its worst model)",
+        ),
+        &labels,
+    )
+    .expect("metric");
+    let headroom = GaugeVec::new(
+        Opts::new(
+            "key_headroom",
+            "Share of the key's announced quota left (1 = unknown or full), its worst model",
+        ),
+        &labels,
+    )
+    .expect("metric");
+    let state = IntGaugeVec::new(
+        Opts::new(
+            "key_state",
+            "1 for the key's state: ok, cooling (after a 429), quota_exhausted, ejected (breaker open), disabled (refused by the provider)",
+        ),
+        &["provider", "pool", "key", "state"],
+    )
+    .expect("metric");
+    registry
+        .register(Box::new(in_flight.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(error_rate.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(headroom.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(state.clone()))
+        .expect("register");
+    if let Some(a) = &agent {
+        a.register(&registry);
+    }
     Arc::new(move || {
-        version.set(shared.load().version() as i64);
+        let snapshot = shared.load();
+        version.set(snapshot.version() as i64);
         open.set(connections() as i64);
-        let page = switchyard_control::admin::render(&[&registry]);
+        served.keys.update(&snapshot, &health);
+        if let Some(a) = &agent {
+            a.update();
+        }
+        for g in [&in_flight, &state] {
+            g.reset();
+        }
+        for g in [&error_rate, &headroom] {
+            g.reset();
+        }
+        let now = std::time::Instant::now();
+        for p in snapshot.providers().values() {
+            for k in &p.keys {
+                let (mut flying, mut rate, mut room) = (0i64, 0f64, 1f64);
+                let mut worst = 0;
+                for entry in health.key_models(&p.name, &k.pool, &k.id) {
+                    flying += i64::from(entry.in_flight());
+                    rate = rate.max(entry.error_rate());
+                    room = room.min(health.headroom(&entry, now));
+                    let s = if health.is_refused(&entry, k.fingerprint, now) {
+                        4
+                    } else if health.is_ejected(&entry) {
+                        3
+                    } else if health.quota_exhausted_until(&entry, now).is_some() {
+                        2
+                    } else if health.cooling_until(&entry, now).is_some() {
+                        1
+                    } else {
+                        0
+                    };
+                    worst = worst.max(s);
+                }
+                let l = [p.name.as_str(), &*k.pool, &*k.id];
+                in_flight.with_label_values(&l).set(flying);
+                error_rate.with_label_values(&l).set(rate);
+                headroom.with_label_values(&l).set(room);
+                let names = ["ok", "cooling", "quota_exhausted", "ejected", "disabled"];
+                for (i, name) in names.iter().enumerate() {
+                    state
+                        .with_label_values(&[l[0], l[1], l[2], name])
+                        .set(i64::from(i == worst));
+                }
+            }
+        }
+        let page = switchyard_control::admin::render(&[&registry, served.registry()]);
         Box::pin(async move { page })
     })
 }

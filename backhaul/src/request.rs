@@ -314,6 +314,9 @@ pub struct EgressRequest {
     /// Jurisdictions the request may be processed in; empty = unrestricted.
     /// The egress re-checks it against the provider (defence in depth).
     pub residency: Vec<String>,
+    /// The span this request belongs to (W3C trace context): on the edge
+    /// the attempt's, on the egress the provider call's.
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 pub enum ResponseBody {
@@ -364,6 +367,14 @@ pub struct RequestStats {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     cached_tokens: AtomicU64,
+    reasoning_tokens: AtomicU64,
+    /// How long the provider took to its first byte, from the moment the
+    /// egress sent the call that answered: what the gateway did not add.
+    upstream_us: AtomicU64,
+    /// The key pool and key id the answer was served with (never the key).
+    key: std::sync::OnceLock<(Arc<str>, Arc<str>)>,
+    /// The egress node that served it.
+    egress_node: std::sync::OnceLock<Arc<str>>,
     /// The stream ended with an error frame (stall, upstream cut, ...).
     stream_failed: AtomicBool,
     has_usage: AtomicBool,
@@ -377,6 +388,12 @@ impl RequestStats {
         let _ = self
             .ttft_us
             .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Overrides the first-token time: a resumed stream's first token is
+    /// the one its first attempt sent.
+    pub fn set_ttft_us(&self, us: u64) {
+        self.ttft_us.store(us.max(1), Ordering::Relaxed);
     }
 
     pub fn ttft_us(&self) -> Option<u64> {
@@ -393,7 +410,40 @@ impl RequestStats {
             .store(usage.completion_tokens, Ordering::Relaxed);
         self.cached_tokens
             .store(usage.cached_tokens, Ordering::Relaxed);
+        self.reasoning_tokens
+            .store(usage.reasoning_tokens, Ordering::Relaxed);
         self.has_usage.store(true, Ordering::Relaxed);
+    }
+
+    /// The provider's wait before its first byte, as the egress saw it.
+    pub fn set_upstream_wait(&self, wait: std::time::Duration) {
+        self.upstream_us
+            .store(wait.as_micros().max(1) as u64, Ordering::Relaxed);
+    }
+
+    pub fn upstream_us(&self) -> Option<u64> {
+        match self.upstream_us.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v),
+        }
+    }
+
+    /// The key that served the answer; the first one set wins.
+    pub fn set_key(&self, pool: Arc<str>, id: Arc<str>) {
+        let _ = self.key.set((pool, id));
+    }
+
+    /// (pool, key id) of the key that served the answer.
+    pub fn key(&self) -> Option<(&str, &str)> {
+        self.key.get().map(|(p, k)| (&**p, &**k))
+    }
+
+    pub fn set_egress_node(&self, name: Arc<str>) {
+        let _ = self.egress_node.set(name);
+    }
+
+    pub fn egress_node(&self) -> Option<&str> {
+        self.egress_node.get().map(|n| &**n)
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -404,6 +454,7 @@ impl RequestStats {
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
             cached_tokens: self.cached_tokens.load(Ordering::Relaxed),
+            reasoning_tokens: self.reasoning_tokens.load(Ordering::Relaxed),
         })
     }
 

@@ -47,6 +47,7 @@ fn request(op: Operation, inbound: Protocol) -> EgressRequest {
         inbound,
         forward_headers: vec![("anthropic-version".into(), "2023-06-01".into())],
         residency: vec!["eu".into()],
+        trace: None,
     }
 }
 
@@ -125,6 +126,11 @@ fn corpus() -> Vec<Vec<u8>> {
             provider: "openai".into(),
             model: "gpt-4o-mini".into(),
             egress_region: "eu".into(),
+            egress_node: "egress-eu-1".into(),
+            key_pool: "main".into(),
+            key_id: "k1".into(),
+            reasoning_tokens: 2,
+            upstream_us: 800,
         },
     ));
     out.push(streamed);

@@ -20,6 +20,9 @@
 //!   before a healthy fallback, each asked 4 times (its breaker opens on
 //!   the 5th failure): first-token time of answers after a failover
 //!   (`x-switchyard-attempts: 2`) against the same fallback asked directly;
+//! - `hedge`: a primary that takes 300 ms to answer before a fast
+//!   fallback, sequential, without hedging and with `hedge: { delay_ms:
+//!   50 }`: time to the first byte and the extra attempts hedging cost;
 //! - throughput at 16 concurrent requests: one plain target versus a
 //!   weighted route over a two-key pool with two policy rules (key choice,
 //!   breakers, retry budget, rules and strategy all on the path).
@@ -108,6 +111,15 @@ routes:
       - {{ provider: c, model: flaky-6 }}
   fallback-alone:
     targets: [ {{ provider: backup, model: gpt-4o-mini }} ]
+  slow-unhedged:
+    targets:
+      - {{ provider: a, model: slow-300 }}
+      - {{ provider: backup, model: gpt-4o-mini }}
+  slow-hedged:
+    hedge: {{ delay_ms: 50 }}
+    targets:
+      - {{ provider: a, model: slow-300 }}
+      - {{ provider: backup, model: gpt-4o-mini }}
 {failover_routes}
   machinery:
     strategy: weighted
@@ -122,6 +134,7 @@ routes:
 tenants:
   - id: bench
     key_sha256: "{}"
+    hedge_budget_percent: 100
 "#,
         KeyHash::of(TEST_KEY).to_hex()
     )
@@ -316,6 +329,30 @@ async fn bench() {
         after.len()
     ));
 
+    // Hedging: sequential, a slow primary, without and with a hedge.
+    let hedge_n = env_num("HEDGE_N", 100) as usize;
+    let mut hedge_rows = Vec::new();
+    for (label, model) in [
+        ("slow primary (300 ms), no hedge", "slow-unhedged"),
+        ("slow primary (300 ms), hedge after 50 ms", "slow-hedged"),
+    ] {
+        let out = run(&http, addr, model, true, hedge_n, 1).await;
+        let mut t: Vec<Duration> = out.iter().filter(|o| o.ok).map(|o| o.ttfb).collect();
+        t.sort();
+        let extra = out
+            .iter()
+            .map(|o| o.attempts.saturating_sub(1))
+            .sum::<u32>();
+        hedge_rows.push(format!(
+            "| {label} | {} | {:.2} % | {} | {} | {:.0} % |",
+            out.len(),
+            rate(&out),
+            ms(percentile(&t, 0.5)),
+            ms(percentile(&t, 0.95)),
+            extra as f64 * 100.0 / out.len() as f64
+        ));
+    }
+
     let plain_tput = throughput(&http, addr, "plain", duration).await;
     let machinery_tput = throughput(&http, addr, "machinery", duration).await;
     let plain_tput_2 = throughput(&http, addr, "plain", duration).await;
@@ -355,6 +392,11 @@ async fn bench() {
         ms(percentile(&after, 0.5).saturating_sub(percentile(&at_once, 0.5))),
         ms(percentile(&after, 0.95).saturating_sub(percentile(&at_once, 0.95)))
     ));
+    out.push_str("\n| hedging (streamed, sequential) | requests | success | first byte p50 ms | p95 ms | extra attempts |\n|---|---|---|---|---|---|\n");
+    for r in &hedge_rows {
+        out.push_str(r);
+        out.push('\n');
+    }
     out.push_str(&format!(
         "\n| throughput, 16 concurrent, {} s | req/s |\n|---|---|\n| plain route (mean of a run before and after) | {:.0} |\n| weighted route, two-key pool, two rules (key choice, breakers, budget, rules, strategy) | {:.0} |\n| ratio | {:.3} |\n",
         duration.as_secs(),

@@ -150,6 +150,58 @@ impl Lifecycle {
     }
 }
 
+/// `switchyard_snapshot_updates_total{result="ack|nack"}` of a node that
+/// follows a control plane: versions it applied and rejected, read from
+/// its agent at scrape time.
+pub struct AgentMetrics {
+    status: watch::Receiver<crate::node_client::AgentStatus>,
+    updates: prometheus::IntCounterVec,
+    applied: IntGauge,
+    sync: std::sync::Mutex<()>,
+}
+
+impl AgentMetrics {
+    pub fn new(status: watch::Receiver<crate::node_client::AgentStatus>) -> Self {
+        let updates = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "snapshot_updates_total",
+                "Snapshot versions this node applied and acknowledged (ack) or rejected (nack)",
+            ),
+            &["result"],
+        )
+        .expect("metric");
+        let applied = IntGauge::new(
+            "snapshot_applied_version",
+            "Version of the last snapshot the node's agent applied from the control plane (0 = none yet)",
+        )
+        .expect("metric");
+        AgentMetrics {
+            status,
+            updates,
+            applied,
+            sync: std::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn register(&self, registry: &Registry) {
+        let _ = registry.register(Box::new(self.updates.clone()));
+        let _ = registry.register(Box::new(self.applied.clone()));
+    }
+
+    /// Brings the counters up to the agent's (they only grow).
+    pub fn update(&self) {
+        let _guard = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.status.borrow().clone();
+        for (label, now) in [("ack", s.acks), ("nack", s.nacks)] {
+            let c = self.updates.with_label_values(&[label]);
+            if now > c.get() {
+                c.inc_by(now - c.get());
+            }
+        }
+        self.applied.set(s.applied_version as i64);
+    }
+}
+
 /// Renders registries as one Prometheus text page.
 pub fn render(registries: &[&Registry]) -> Vec<u8> {
     let families: Vec<_> = registries.iter().flat_map(|r| r.gather()).collect();

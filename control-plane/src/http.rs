@@ -358,7 +358,7 @@ async fn handle(
                         "group": u.group, "requests": u.requests, "errors": u.errors,
                         "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                         "cached_tokens": u.cached_tokens, "cost_usd": u.cost_usd,
-                        "cache_hits": u.cache_hits,
+                        "cache_hits": u.cache_hits, "reasoning_tokens": u.reasoning_tokens,
                     })).collect::<Vec<_>>()}),
                 ),
                 Err(e) => control_error(e),

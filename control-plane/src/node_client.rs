@@ -176,6 +176,9 @@ pub struct AgentStatus {
     pub from_cache: bool,
     pub last_nack: Option<(u64, String)>,
     pub scores_generation: u64,
+    /// Snapshot versions applied (ACKed) and rejected (NACKed) since start.
+    pub acks: u64,
+    pub nacks: u64,
 }
 
 /// What a node's health board says now; called once per report interval.
@@ -521,6 +524,7 @@ async fn handle_snapshot(
                 s.applied_version = version;
                 s.from_cache = false;
                 s.scores_generation = generation;
+                s.acks += 1;
             });
             if let Some(path) = &config.cache_path {
                 if let Err(e) = save_cache(path, &cached) {
@@ -533,7 +537,10 @@ async fn handle_snapshot(
         Err(e) => {
             let reason = e.to_string();
             tracing::warn!(version, reason = %reason, "snapshot rejected; keeping the previous one");
-            status.send_modify(|s| s.last_nack = Some((version, reason.clone())));
+            status.send_modify(|s| {
+                s.last_nack = Some((version, reason.clone()));
+                s.nacks += 1;
+            });
             (false, reason)
         }
     };

@@ -244,6 +244,8 @@ pub struct ControlPlane {
     stopping: watch::Receiver<bool>,
     /// Virtual keys, fleet spend and edge leases (`crate::tenancy`).
     tenancy: Tenancy,
+    /// `switchyard_control_snapshot_acks_total{result="ack|nack"}`.
+    ack_counter: prometheus::IntCounterVec,
     /// Each node's latest health board, for the status page.
     health_reports: crate::status::HealthReports,
 }
@@ -985,6 +987,10 @@ impl Node for Services {
         }
         // A NACK reason comes from the node; bound it before storing.
         let reason: String = a.reason.chars().take(1000).collect();
+        self.0
+            .ack_counter
+            .with_label_values(&[if a.ok { "ack" } else { "nack" }])
+            .inc();
         if a.ok {
             tracing::debug!(node = %a.node_id, version = a.version, "ack");
         } else {
@@ -1191,6 +1197,20 @@ pub async fn start(config: ServerConfig) -> Result<RunningControlPlane, ServeErr
         apply_lock: tokio::sync::Mutex::new(()),
         stopping: shutdown_rx.clone(),
         tenancy: Tenancy::default(),
+        ack_counter: {
+            let c = prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "control_snapshot_acks_total",
+                    "Snapshot versions nodes acknowledged (ack) or rejected (nack), as received by this replica",
+                ),
+                &["result"],
+            )
+            .expect("metric");
+            // Both series exist from the start, so a rate of NACKs is 0, not absent.
+            c.with_label_values(&["ack"]);
+            c.with_label_values(&["nack"]);
+            c
+        },
         health_reports: Default::default(),
     });
     state.sync_from_store().await?;
@@ -1359,6 +1379,9 @@ fn control_metrics(cp: Arc<ControlPlane>) -> MetricsFn {
         .expect("register");
     registry
         .register(Box::new(store_up.clone()))
+        .expect("register");
+    registry
+        .register(Box::new(cp.ack_counter.clone()))
         .expect("register");
     let registry = Arc::new(registry);
     Arc::new(move || {

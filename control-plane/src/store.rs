@@ -122,6 +122,10 @@ pub enum UsageGroup {
     Key,
     Day,
     Tenant,
+    /// The egress node that served each request.
+    Egress,
+    /// The provider key (`POOL/KEY_ID`) that paid for each request.
+    KeyPool,
 }
 
 impl UsageGroup {
@@ -132,6 +136,8 @@ impl UsageGroup {
             "key" => UsageGroup::Key,
             "day" => UsageGroup::Day,
             "tenant" => UsageGroup::Tenant,
+            "egress" => UsageGroup::Egress,
+            "key_pool" => UsageGroup::KeyPool,
             _ => return None,
         })
     }
@@ -144,6 +150,8 @@ impl UsageGroup {
             UsageGroup::Key => "key_id",
             UsageGroup::Day => "CAST(at_ms / 86400000 AS TEXT)",
             UsageGroup::Tenant => "tenant",
+            UsageGroup::Egress => "egress",
+            UsageGroup::KeyPool => "key_pool",
         }
     }
 }
@@ -159,6 +167,7 @@ pub struct UsageRow {
     pub cached_tokens: u64,
     pub cost_usd: f64,
     pub cache_hits: u64,
+    pub reasoning_tokens: u64,
 }
 
 /// Spend of a tenant (or `key:<id>`) since the start of the UTC day and
@@ -719,7 +728,8 @@ impl Store {
                CAST(SUM(output_tokens) AS BIGINT) AS output_tokens,
                CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens,
                CAST(SUM(cost_micro_usd) AS BIGINT) AS cost,
-               CAST(SUM(cache_hit) AS BIGINT) AS cache_hits
+               CAST(SUM(cache_hit) AS BIGINT) AS cache_hits,
+               CAST(SUM(reasoning_tokens) AS BIGINT) AS reasoning_tokens
              FROM usage_records WHERE at_ms >= $1 AND ($2 = '' OR tenant = $2)
              GROUP BY {col} ORDER BY {col}",
             col = group.column()
@@ -750,6 +760,7 @@ impl Store {
                     cached_tokens: n("cached_tokens")? as u64,
                     cost_usd: n("cost")? as f64 / MICRO,
                     cache_hits: n("cache_hits")? as u64,
+                    reasoning_tokens: n("reasoning_tokens")? as u64,
                 });
             }
             out

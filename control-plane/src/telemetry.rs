@@ -661,6 +661,7 @@ mod tests {
                 region: Some("eu".into()),
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );

@@ -417,7 +417,7 @@ impl ControlPlane {
         .ok_or_else(|| {
             ControlError::Invalid(vec![crate::policy::PolicyError {
                 path: "group_by".into(),
-                message: "one of model, provider, key, day, tenant".into(),
+                message: "one of model, provider, key, day, tenant, egress, key_pool".into(),
             }])
         })?;
         let tenant = (!r.tenant.is_empty()).then_some(r.tenant.as_str());
@@ -434,6 +434,7 @@ impl ControlPlane {
                     cached_tokens: u.cached_tokens,
                     cost_usd: u.cost_usd,
                     cache_hits: u.cache_hits,
+                    reasoning_tokens: u.reasoning_tokens,
                 })
                 .collect(),
         })
@@ -470,7 +471,7 @@ pub fn parse_expiry(text: &str, now_ms: i64) -> Option<i64> {
 /// The rows as CSV, with a header line.
 pub fn usage_csv(rows: &[pb::UsageRowMsg], group_by: &str) -> String {
     let mut out = format!(
-        "{group_by},requests,errors,input_tokens,output_tokens,cached_tokens,cost_usd,cache_hits\n"
+        "{group_by},requests,errors,input_tokens,output_tokens,cached_tokens,cost_usd,cache_hits,reasoning_tokens\n"
     );
     for r in rows {
         // Group values come from model/provider/key names; quote any that
@@ -481,14 +482,15 @@ pub fn usage_csv(rows: &[pb::UsageRowMsg], group_by: &str) -> String {
             r.group.clone()
         };
         out.push_str(&format!(
-            "{g},{},{},{},{},{},{:.6},{}\n",
+            "{g},{},{},{},{},{},{:.6},{},{}\n",
             r.requests,
             r.errors,
             r.input_tokens,
             r.output_tokens,
             r.cached_tokens,
             r.cost_usd,
-            r.cache_hits
+            r.cache_hits,
+            r.reasoning_tokens
         ));
     }
     out

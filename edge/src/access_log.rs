@@ -21,6 +21,8 @@ use serde::Serialize;
 #[derive(Serialize)]
 pub(crate) struct AccessLine<'a> {
     pub request_id: &'a str,
+    /// W3C trace id (the caller's when it sent a `traceparent`).
+    pub trace_id: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub tenant: &'a str,
@@ -36,6 +38,9 @@ pub(crate) struct AccessLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_tokens: Option<u64>,
     pub attempts: usize,
+    /// The egress node that served the answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<&'a str>,
     /// USD at the served target's prices (0 when unpriced or unserved).
     pub cost_usd: f64,
     /// The virtual key's id, when the caller used one.
@@ -100,6 +105,7 @@ fn via_tracing(line: &AccessLine<'_>) {
     tracing::info!(
         target: "switchyard::access",
         request_id = line.request_id,
+        trace_id = line.trace_id,
         method = line.method,
         path = line.path,
         tenant = line.tenant,
@@ -112,6 +118,7 @@ fn via_tracing(line: &AccessLine<'_>) {
         prompt_tokens = line.prompt_tokens,
         completion_tokens = line.completion_tokens,
         attempts = line.attempts,
+        egress = line.egress,
         cost_usd = line.cost_usd,
         key = line.key,
         error = line.error,
@@ -128,6 +135,7 @@ mod tests {
     fn the_json_line_has_the_tracing_line_fields() {
         let line = AccessLine {
             request_id: "r\"1",
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
             method: "POST",
             path: "/v1/chat/completions",
             tenant: "t",
@@ -140,6 +148,7 @@ mod tests {
             prompt_tokens: Some(3),
             completion_tokens: Some(4),
             attempts: 1,
+            egress: Some("egress-eu-1"),
             cost_usd: 0.25,
             key: Some("vk_1"),
             error: None,
@@ -154,6 +163,8 @@ mod tests {
         assert_eq!(v["request_id"], "r\"1");
         assert_eq!(v["status"], 200);
         assert_eq!(v["prompt_tokens"], 3);
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["egress"], "egress-eu-1");
         assert_eq!(
             (v["cost_usd"].as_f64(), v["key"].as_str()),
             (Some(0.25), Some("vk_1"))

@@ -22,7 +22,7 @@ use crate::hooks::{AdmitHook, Hooks, PlanHook, RecordHook, ResponseObserver};
 use crate::limits::Limiter;
 use crate::metrics::EdgeMetrics;
 use crate::phases::admit::{self, Admitted};
-use crate::phases::{dispatch, plan, record, respond, Failure};
+use crate::phases::{dispatch, plan, record, respond, resume, Failure};
 use crate::respond::Common;
 
 pub struct EdgeApp {
@@ -208,9 +208,10 @@ impl EdgeApp {
                 Admitted::Answered => return Ok(()),
             };
             let (plan, outbound) = plan::plan(self, session, &snap, ctx, request)?;
+            let resume = resume::Resume::prepare(self, &snap, &plan, &outbound);
             let answer = dispatch::dispatch(self, session, &snap, ctx, &plan, outbound).await?;
             if let Some(answer) = answer {
-                respond::respond(self, session, ctx, answer).await;
+                respond::respond(self, session, ctx, answer, resume).await;
             }
             Ok(())
         }
@@ -254,6 +255,10 @@ impl HttpServerApp for EdgeApp {
         // EOF as abort so the provider call is cancelled, not left running.
         session.set_abort_on_close(true);
         let mut ctx = RequestCtx::new(admit::request_id(&session), received_at);
+        if let Some(parent) = admit::traceparent(&session) {
+            ctx.trace = parent.child();
+            ctx.trace_parent = Some(parent);
+        }
         let reusable = self.handle(&mut session, &mut ctx).await;
         if ctx.client_gone {
             return None;

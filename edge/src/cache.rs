@@ -207,6 +207,9 @@ impl ResponseCache {
     }
 
     pub fn register(&self, registry: &prometheus::Registry) {
+        // Both series from the start: a hit ratio of 0 is not "no data".
+        self.lookups.with_label_values(&["hit"]);
+        self.lookups.with_label_values(&["miss"]);
         let _ = registry.register(Box::new(self.lookups.clone()));
     }
 

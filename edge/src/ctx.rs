@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use switchyard_backhaul::trace::TraceContext;
 use switchyard_backhaul::{Protocol, RequestStats};
 use switchyard_proto::{PlannedTarget, Tenant, VirtualKey};
 
@@ -12,6 +13,11 @@ use switchyard_proto::{PlannedTarget, Tenant, VirtualKey};
 pub struct RequestCtx {
     pub request_id: String,
     pub received_at: Instant,
+    /// The edge's span of this request: a child of the caller's
+    /// `traceparent` when it sent one, else the root of a new trace.
+    pub trace: TraceContext,
+    /// The caller's span, when it sent a valid `traceparent`.
+    pub trace_parent: Option<TraceContext>,
     /// The caller's protocol: errors and streams are shaped in it.
     pub protocol: Protocol,
     /// Bounded endpoint label (`chat`, `messages`, `models`, ...).
@@ -62,6 +68,11 @@ pub struct Attempt {
     /// Index into the plan's targets.
     pub target: usize,
     pub elapsed: Duration,
+    /// This attempt's span (a child of the request's), sent over the
+    /// backhaul as the egress's parent.
+    pub span: Option<TraceContext>,
+    /// When it started, after the request was received.
+    pub started_after: Duration,
     /// Error label when it failed; `None` when it produced the answer.
     pub error: Option<&'static str>,
 }
@@ -71,6 +82,8 @@ impl RequestCtx {
         RequestCtx {
             request_id,
             received_at,
+            trace: TraceContext::start(),
+            trace_parent: None,
             protocol: Protocol::OpenAi,
             endpoint: "other",
             tenant: None,

@@ -32,6 +32,7 @@ impl RecordHook for LedgerHook {
         let Some(tenant) = &ctx.tenant else { return };
         let usage = record.usage.unwrap_or_default();
         let served = ctx.served.as_ref();
+        let stats = ctx.stats.as_deref();
         let msg = pb::UsageRecordMsg {
             uid: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
             at_ms: crate::limits::now_ms() as i64,
@@ -44,12 +45,19 @@ impl RecordHook for LedgerHook {
                 .map(|s| s.target.provider.clone())
                 .unwrap_or_default(),
             region: served.and_then(|s| s.region.clone()).unwrap_or_default(),
-            egress: String::new(),
-            key_pool: String::new(),
+            egress: stats
+                .and_then(|s| s.egress_node())
+                .unwrap_or_default()
+                .to_string(),
+            // `POOL/KEY_ID`: which of the provider's keys paid for it.
+            key_pool: stats
+                .and_then(|s| s.key())
+                .map(|(pool, key)| format!("{pool}/{key}"))
+                .unwrap_or_default(),
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
             cached_tokens: usage.cached_tokens,
-            reasoning_tokens: 0,
+            reasoning_tokens: usage.reasoning_tokens,
             cost_usd: record.cost_usd,
             latency_ms: record.latency.as_millis() as u64,
             ttft_ms: record.ttft.map_or(0, |t| t.as_millis() as u64),

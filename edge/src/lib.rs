@@ -28,6 +28,7 @@ pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod otlp;
 pub(crate) mod phases;
 pub mod respond;
 pub mod service;

@@ -3,19 +3,69 @@
 //!
 //! Label values are bounded: endpoints are a fixed set, providers and models
 //! come from the policy (a model the policy does not advertise is `other`),
-//! statuses are HTTP codes.
+//! statuses are HTTP codes, and tenants are capped ([`TenantLabels`]): the
+//! first [`DEFAULT_TENANT_LABELS`] tenants seen get their own series, the
+//! rest share `other`.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
+use switchyard_backhaul::metrics::{status_class, KeyPoolMetrics};
 use switchyard_control::admin::{answer, Lifecycle, MetricsFn};
+
+/// Tenants with series of their own per edge; a fleet with more tenants
+/// than that sees the rest summed under `other` (the ledger has them all).
+pub const DEFAULT_TENANT_LABELS: usize = 200;
+
+/// The tenant label of a request: its id while fewer than the cap have
+/// been seen, `other` afterwards. Each id is kept once; the lock is read
+/// on the hot path and written only the first time a tenant is seen.
+pub struct TenantLabels {
+    cap: usize,
+    known: RwLock<HashSet<String>>,
+}
+
+impl TenantLabels {
+    pub fn new(cap: usize) -> Self {
+        TenantLabels {
+            cap,
+            known: RwLock::new(HashSet::new()),
+        }
+    }
+
+    pub fn label<'a>(&self, tenant: &'a str) -> &'a str {
+        if self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(tenant)
+        {
+            return tenant;
+        }
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        if known.contains(tenant) {
+            return tenant;
+        }
+        if known.len() < self.cap && tenant != "other" {
+            known.insert(tenant.to_string());
+            return tenant;
+        }
+        "other"
+    }
+}
+
+/// Seconds the gateway adds: from a fraction of a millisecond (in process)
+/// to a cross-region backhaul.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 /// Seconds; LLM latencies span milliseconds (cache, errors) to minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -35,9 +85,16 @@ pub struct EdgeMetrics {
     retry_budget_exhausted: IntCounterVec,
     breaker_transitions: IntCounterVec,
     ejected_skips: IntCounterVec,
-    key_events: IntCounterVec,
+    keys: KeyPoolMetrics,
     rules: IntCounterVec,
     downgrades: IntCounterVec,
+    hedges: IntCounterVec,
+    fleet_ejections: prometheus::IntCounter,
+    overhead: HistogramVec,
+    tenant_tokens: IntCounterVec,
+    tenant_cost: CounterVec,
+    tenants: TenantLabels,
+    resumes: IntCounterVec,
     /// The board whose key and pool events are rendered (shared with the
     /// in-process egress in `switchyard dev`).
     health: Mutex<Option<Arc<switchyard_proto::Health>>>,
@@ -47,25 +104,41 @@ pub struct EdgeMetrics {
 pub struct Observation<'a> {
     pub endpoint: &'static str,
     pub provider: &'a str,
+    /// The model the caller asked for, when the policy knows it (`other`).
     pub model: &'a str,
+    /// The provider's model that served it (from the policy; `none`).
+    pub served_model: &'a str,
+    /// The tenant, when the key was known.
+    pub tenant: Option<&'a str>,
+    pub cost_usd: f64,
+    /// What the gateway added before the first byte: the edge's first-byte
+    /// time minus the provider's own wait.
+    pub overhead: Option<Duration>,
     pub status: u16,
     pub latency: Duration,
     pub ttft: Option<Duration>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
     pub stream_failed: bool,
     pub client_gone: bool,
 }
 
 impl EdgeMetrics {
     pub fn new() -> Self {
+        Self::with_tenant_labels(DEFAULT_TENANT_LABELS)
+    }
+
+    /// Metrics whose tenant label set holds at most `cap` tenants.
+    pub fn with_tenant_labels(cap: usize) -> Self {
         let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
         let requests = IntCounterVec::new(
             Opts::new(
                 "requests_total",
-                "Requests answered, by endpoint, provider and HTTP status",
+                "Requests answered, by endpoint, route (the model asked for), provider, served model, HTTP status and status class",
             ),
-            &["endpoint", "provider", "status"],
+            &["endpoint", "route", "provider", "model", "status", "class"],
         )
         .expect("metric");
         let latency = HistogramVec::new(
@@ -135,11 +208,6 @@ impl EdgeMetrics {
             "Attempts not made on a target whose breaker was open with no probe slot free",
             &["provider"],
         );
-        let key_events = counter(
-            "key_events_total",
-            "Key pool events at the egress: cooldown (429), disabled (401/403), pool_exhausted, breaker_opened",
-            &["event"],
-        );
         let rules = counter(
             "rules_matched_total",
             "Requests a policy rule sent to another route, by route and chosen route",
@@ -150,7 +218,49 @@ impl EdgeMetrics {
             "Non-critical requests downgraded while the route's primary was degraded",
             &["route", "to"],
         );
+        let hedges = counter(
+            "hedges_total",
+            "Hedged requests by route and outcome: started, won_hedge, won_primary, both_failed, budget_refused, no_target",
+            &["route", "outcome"],
+        );
+        let fleet_ejections = prometheus::IntCounter::new(
+            "fleet_ejections_total",
+            "Target breakers this node opened because the fleet-wide error rate was over the ejection threshold",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fleet_ejections.clone()))
+            .expect("register");
+        let tenant_tokens = counter(
+            "tenant_tokens_total",
+            "Tokens used by tenant and kind (prompt|completion|cached|reasoning); tenants past the label cap are `other`",
+            &["tenant", "kind"],
+        );
+        let tenant_cost = CounterVec::new(
+            Opts::new(
+                "tenant_cost_usd_total",
+                "USD spent by tenant at the policy's prices (cached input discounted); tenants past the label cap are `other`",
+            ),
+            &["tenant"],
+        )
+        .expect("metric");
+        let overhead = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_overhead_seconds",
+                "Time the gateway added before the first byte: the edge's first-byte time minus the provider's own wait",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
+            &["endpoint"],
+        )
+        .expect("metric");
+        let resumes = counter(
+            "stream_resumes_total",
+            "Streams cut mid-answer: resumed on another target, or why not, by the provider cut (or the resume target that failed)",
+            &["provider", "outcome"],
+        );
         for c in [
+            &resumes,
+            &hedges,
             &rules,
             &downgrades,
             &requests,
@@ -162,13 +272,18 @@ impl EdgeMetrics {
             &retry_budget_exhausted,
             &breaker_transitions,
             &ejected_skips,
-            &key_events,
+            &tenant_tokens,
         ] {
             registry.register(Box::new(c.clone())).expect("register");
         }
-        for h in [&latency, &ttft] {
+        for h in [&latency, &ttft, &overhead] {
             registry.register(Box::new(h.clone())).expect("register");
         }
+        registry
+            .register(Box::new(tenant_cost.clone()))
+            .expect("register");
+        let keys = KeyPoolMetrics::new();
+        keys.register(&registry);
         EdgeMetrics {
             registry,
             requests,
@@ -182,9 +297,16 @@ impl EdgeMetrics {
             retry_budget_exhausted,
             breaker_transitions,
             ejected_skips,
-            key_events,
+            keys,
             rules,
             downgrades,
+            hedges,
+            fleet_ejections,
+            overhead,
+            tenant_tokens,
+            tenant_cost,
+            tenants: TenantLabels::new(cap),
+            resumes,
             health: Mutex::new(None),
         }
     }
@@ -194,8 +316,16 @@ impl EdgeMetrics {
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
     }
 
+    pub fn hedge(&self, route: &str, outcome: &str) {
+        self.hedges.with_label_values(&[route, outcome]).inc();
+    }
+
     pub fn rule_matched(&self, route: &str, to: &str) {
         self.rules.with_label_values(&[route, to]).inc();
+    }
+
+    pub fn resume(&self, provider: &str, outcome: &str) {
+        self.resumes.with_label_values(&[provider, outcome]).inc();
     }
 
     pub fn downgrade(&self, route: &str, to: &str) {
@@ -236,34 +366,66 @@ impl EdgeMetrics {
         self.ejected_skips.with_label_values(&[provider]).inc();
     }
 
-    /// Brings the key-event counters up to the board's (counters only
-    /// grow, so the difference is what happened since the last scrape).
-    fn sync_key_events(&self) {
-        // Held while syncing so two scrapes cannot both add a difference.
-        let guard = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(h) = guard.as_ref() else {
-            return;
-        };
-        let e = h.events();
-        for (event, cell) in [
-            ("cooldown", &e.key_cooldowns),
-            ("disabled", &e.key_disabled),
-            ("pool_exhausted", &e.pool_exhausted),
-            ("breaker_opened", &e.key_breaker_opened),
-        ] {
-            let c = self.key_events.with_label_values(&[event]);
-            let now = cell.load(Ordering::Relaxed);
-            if now > c.get() {
-                c.inc_by(now - c.get());
+    /// Brings the key-pool series up to the watched board (events since the
+    /// last scrape, key states of `snap`'s pools: in `switchyard dev` the
+    /// egress is this process and its keys are in the snapshot).
+    pub fn update_keys(&self, snap: &switchyard_proto::Snapshot) {
+        let health = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(h) = health {
+            self.keys.update(snap, &h);
+            let now = h
+                .events()
+                .fleet_ejections
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if now > self.fleet_ejections.get() {
+                self.fleet_ejections
+                    .inc_by(now - self.fleet_ejections.get());
             }
         }
     }
 
     pub fn observe(&self, o: &Observation<'_>) {
-        let status = o.status.to_string();
+        let code = itoa_status(o.status);
+        let status = std::str::from_utf8(&code).unwrap_or("0");
         self.requests
-            .with_label_values(&[o.endpoint, o.provider, &status])
+            .with_label_values(&[
+                o.endpoint,
+                o.model,
+                o.provider,
+                o.served_model,
+                status,
+                status_class(o.status),
+            ])
             .inc();
+        if let Some(t) = o.overhead {
+            self.overhead
+                .with_label_values(&[o.endpoint])
+                .observe(t.as_secs_f64());
+        }
+        if let Some(tenant) = o.tenant {
+            let tenant = self.tenants.label(tenant);
+            for (kind, n) in [
+                ("prompt", o.prompt_tokens),
+                ("completion", o.completion_tokens),
+                ("cached", o.cached_tokens),
+                ("reasoning", o.reasoning_tokens),
+            ] {
+                if n > 0 {
+                    self.tenant_tokens
+                        .with_label_values(&[tenant, kind])
+                        .inc_by(n);
+                }
+            }
+            if o.cost_usd > 0.0 {
+                self.tenant_cost
+                    .with_label_values(&[tenant])
+                    .inc_by(o.cost_usd);
+            }
+        }
         self.latency
             .with_label_values(&[o.endpoint, o.provider])
             .observe(o.latency.as_secs_f64());
@@ -298,12 +460,20 @@ impl EdgeMetrics {
         out
     }
 
-    /// The registry, for pages that render several (the admin listener),
-    /// with the counters read from the health board brought up to date.
+    /// The registry, for pages that render several (the admin listener).
     pub fn registry(&self) -> &Registry {
-        self.sync_key_events();
         &self.registry
     }
+}
+
+/// A status code as three ASCII digits, without allocating.
+fn itoa_status(status: u16) -> [u8; 3] {
+    let s = status.min(999);
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
 }
 
 impl Default for EdgeMetrics {
@@ -340,25 +510,41 @@ mod tests {
 
     #[test]
     fn renders_observations() {
-        let m = EdgeMetrics::new();
-        m.observe(&Observation {
-            endpoint: "chat",
-            provider: "openai",
-            model: "fast",
-            status: 200,
-            latency: Duration::from_millis(30),
-            ttft: Some(Duration::from_millis(10)),
-            prompt_tokens: 5,
-            completion_tokens: 7,
-            stream_failed: false,
-            client_gone: false,
-        });
+        let m = EdgeMetrics::with_tenant_labels(2);
+        for tenant in ["acme", "beta", "gamma", "delta"] {
+            m.observe(&Observation {
+                endpoint: "chat",
+                provider: "openai",
+                model: "fast",
+                served_model: "gpt-4o-mini",
+                tenant: Some(tenant),
+                cost_usd: 0.5,
+                overhead: Some(Duration::from_micros(700)),
+                status: 200,
+                latency: Duration::from_millis(30),
+                ttft: Some(Duration::from_millis(10)),
+                prompt_tokens: 5,
+                completion_tokens: 7,
+                cached_tokens: 0,
+                reasoning_tokens: 3,
+                stream_failed: false,
+                client_gone: false,
+            });
+        }
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text.contains(
-            "switchyard_requests_total{endpoint=\"chat\",provider=\"openai\",status=\"200\"} 1"
-        ));
+            "switchyard_requests_total{class=\"2xx\",endpoint=\"chat\",model=\"gpt-4o-mini\",provider=\"openai\",route=\"fast\",status=\"200\"} 4"
+        ), "{text}");
+        // Two tenants have series of their own, the rest are summed.
+        assert!(text.contains("switchyard_tenant_cost_usd_total{tenant=\"acme\"} 0.5"));
+        assert!(text.contains("switchyard_tenant_cost_usd_total{tenant=\"other\"} 1"));
+        assert!(!text.contains("tenant=\"gamma\""));
+        assert!(
+            text.contains("switchyard_tenant_tokens_total{kind=\"reasoning\",tenant=\"beta\"} 3")
+        );
+        assert!(text.contains("switchyard_gateway_overhead_seconds_count{endpoint=\"chat\"} 4"));
         assert!(text.contains(
-            "switchyard_tokens_total{kind=\"completion\",model=\"fast\",provider=\"openai\"} 7"
+            "switchyard_tokens_total{kind=\"completion\",model=\"fast\",provider=\"openai\"} 28"
         ));
         assert!(text.contains("switchyard_time_to_first_token_seconds_bucket"));
     }

@@ -102,6 +102,7 @@ pub struct EdgeNode {
     /// Single-node mode: the region this edge says it runs in.
     single_region: Option<String>,
     record_hooks: Vec<Arc<dyn RecordHook>>,
+    otlp: Option<String>,
 }
 
 impl EdgeNode {
@@ -122,7 +123,16 @@ impl EdgeNode {
             redis: None,
             single_region: None,
             record_hooks: Vec::new(),
+            otlp: None,
         }
+    }
+
+    /// Exports spans (each request, each attempt; in single-node mode each
+    /// provider call too) over OTLP/HTTP to this collector
+    /// (`http://collector:4318`); off by default.
+    pub fn otlp(mut self, endpoint: impl Into<String>) -> Self {
+        self.otlp = Some(endpoint.into());
+        self
     }
 
     /// Every role in one process: the edge calls the egress logic directly,
@@ -316,6 +326,24 @@ impl EdgeNode {
             }
         }
 
+        let exporter = match &self.otlp {
+            Some(endpoint) => {
+                let service = match (&self.control, &self.mode) {
+                    (Some(c), _) if c.node_id.is_some() => c.node_id.clone().unwrap_or_default(),
+                    (_, Mode::Backhaul { region, .. }) => format!("edge-{region}"),
+                    _ => "switchyard-dev".to_string(),
+                };
+                Some(
+                    switchyard_backhaul::otlp::Exporter::start(endpoint, &service).map_err(
+                        |e| NodeError::Service {
+                            what: "otlp",
+                            message: e.to_string(),
+                        },
+                    )?,
+                )
+            }
+            None => None,
+        };
         let mut backhaul = None;
         let mut router = None;
         let upstream: Arc<dyn Upstream>;
@@ -326,7 +354,13 @@ impl EdgeNode {
         match self.mode {
             Mode::SingleNode => {
                 // One board: the edge's metrics show the egress's key events.
-                upstream = Arc::new(Egress::sharing_edge_health(shared.clone(), health.clone())?);
+                // The egress is this process: its ledger name says so.
+                let name = format!("local-{}", self.single_region.as_deref().unwrap_or("dev"));
+                upstream = Arc::new(
+                    Egress::sharing_edge_health(shared.clone(), health.clone())?
+                        .with_node_name(&name)
+                        .with_otlp(exporter.clone()),
+                );
                 region = self.single_region.clone();
             }
             Mode::Backhaul {
@@ -406,6 +440,9 @@ impl EdgeNode {
         for hook in self.record_hooks {
             app = app.with_record_hook(hook);
         }
+        if let Some(exporter) = exporter {
+            app = app.with_record_hook(Arc::new(crate::otlp::OtlpHook::new(exporter)));
+        }
         let edge_metrics = app.metrics();
 
         let mut fds = inherited;
@@ -457,7 +494,15 @@ impl EdgeNode {
         let admin_pending = metrics_addr.map(|addr| {
             let app = AdminApp {
                 lifecycle: lifecycle.clone(),
-                metrics: edge_metrics_page(edge_metrics, shared.clone(), router.clone()),
+                metrics: edge_metrics_page(
+                    edge_metrics,
+                    shared.clone(),
+                    router.clone(),
+                    backhaul
+                        .as_ref()
+                        .and_then(|b| b.agent.as_ref())
+                        .map(|a| a.watch_status()),
+                ),
             };
             Box::new(admin_service(app, &addr.to_string())) as Box<dyn PingoraService>
         });
@@ -556,8 +601,28 @@ fn edge_metrics_page(
     metrics: Arc<EdgeMetrics>,
     shared: Arc<ArcSwap<Snapshot>>,
     router: Option<Arc<TunnelRouter>>,
+    agent_status: Option<
+        tokio::sync::watch::Receiver<switchyard_control::node_client::AgentStatus>,
+    >,
 ) -> MetricsFn {
-    use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+    use prometheus::{GaugeVec, IntGauge, IntGaugeVec, Opts, Registry};
+    let agent = agent_status.map(switchyard_control::admin::AgentMetrics::new);
+    let rtt = GaugeVec::new(
+        Opts::new(
+            "backhaul_rtt_seconds",
+            "QUIC's smoothed round-trip time to each connected egress node",
+        ),
+        &["region", "egress"],
+    )
+    .expect("metric");
+    let streams = IntGaugeVec::new(
+        Opts::new(
+            "backhaul_streams_open",
+            "Requests in flight on the backhaul to each egress node (one QUIC stream each)",
+        ),
+        &["region", "egress"],
+    )
+    .expect("metric");
     let registry = Registry::new_custom(Some("switchyard".into()), None).expect("registry");
     let version =
         IntGauge::new("snapshot_version", "Version of the snapshot being served").expect("metric");
@@ -569,8 +634,23 @@ fn edge_metrics_page(
         &["region", "egress"],
     )
     .expect("metric");
+    let ejected = IntGaugeVec::new(
+        Opts::new(
+            "backhaul_ejected",
+            "1 while this egress node's breaker is open or half-open (its streams kept failing at the transport level)",
+        ),
+        &["region", "egress"],
+    )
+    .expect("metric");
+    for g in [&connected, &streams] {
+        registry.register(Box::new(g.clone())).expect("register");
+    }
+    registry.register(Box::new(rtt.clone())).expect("register");
+    if let Some(a) = &agent {
+        a.register(&registry);
+    }
     registry
-        .register(Box::new(connected.clone()))
+        .register(Box::new(ejected.clone()))
         .expect("register");
     registry
         .register(Box::new(version.clone()))
@@ -578,6 +658,10 @@ fn edge_metrics_page(
     Arc::new(move || {
         let snap = shared.load();
         version.set(snap.version() as i64);
+        metrics.update_keys(&snap);
+        if let Some(a) = &agent {
+            a.update();
+        }
         // Bounded by the policy's providers.
         for p in snap.providers().keys() {
             metrics.init_provider(p);
@@ -589,6 +673,23 @@ fn edge_metrics_page(
                 connected
                     .with_label_values(&[region.as_str(), addr.as_str()])
                     .set(i64::from(up && !draining));
+            }
+            ejected.reset();
+            for (region, addr) in router.ejected_egress() {
+                ejected
+                    .with_label_values(&[region.as_str(), addr.as_str()])
+                    .set(1);
+            }
+            rtt.reset();
+            for (region, addr, d) in router.rtts() {
+                rtt.with_label_values(&[region.as_str(), addr.as_str()])
+                    .set(d.as_secs_f64());
+            }
+            streams.reset();
+            for (region, addr, n) in router.streams_open() {
+                streams
+                    .with_label_values(&[region.as_str(), addr.as_str()])
+                    .set(n as i64);
             }
         }
         let page = switchyard_control::admin::render(&[metrics.registry(), &registry]);

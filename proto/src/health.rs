@@ -44,7 +44,7 @@ const SEP: char = '\u{1f}';
 
 /// The board's id of a target: a provider's model as called from a region.
 pub fn target_id(provider: &str, model: &str, region: Option<&str>) -> String {
-    format!("{provider}{SEP}{model}{SEP}{}", region.unwrap_or(""))
+    join_id(&[provider, model, region.unwrap_or("")])
 }
 
 /// The board's id of a key as used for one model: its provider, pool and
@@ -52,7 +52,21 @@ pub fn target_id(provider: &str, model: &str, region: Option<&str>) -> String {
 /// rate-limit a key per model (OpenAI's limits and `x-ratelimit-*` headers
 /// are per model): a 429 on one model must not bench the key for others.
 pub fn key_id(provider: &str, pool: &str, key: &str, model: &str) -> String {
-    format!("{provider}{SEP}{pool}{SEP}{key}{SEP}{model}")
+    join_id(&[provider, pool, key, model])
+}
+
+/// Ids are built several times per request: one exact allocation, not the
+/// formatting machinery.
+fn join_id(parts: &[&str]) -> String {
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() + parts.len();
+    let mut id = String::with_capacity(len);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            id.push(SEP);
+        }
+        id.push_str(part);
+    }
+    id
 }
 
 /// One attempt's result as the board counts it.
@@ -75,6 +89,9 @@ pub struct Entry {
     error_ewma: AtomicU64,
     /// f64 bits, microseconds; 0 until the first success.
     latency_ewma_us: AtomicU64,
+    /// f64 bits: natural log of the p95 latency estimate in microseconds
+    /// (stochastic quantile tracking; see [`P95_STEP`]).
+    latency_p95_ln_us: AtomicU64,
     /// Milliseconds since the board's epoch, plus one; 0 = never.
     last_failure_ms: AtomicU64,
     in_flight: AtomicU32,
@@ -122,6 +139,7 @@ impl Default for Entry {
             failures: AtomicU64::new(0),
             error_ewma: AtomicU64::new(0),
             latency_ewma_us: AtomicU64::new(0),
+            latency_p95_ln_us: AtomicU64::new(0),
             last_failure_ms: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             cooldown_until_ms: AtomicU64::new(0),
@@ -251,6 +269,29 @@ pub enum Availability {
     Ejected,
 }
 
+/// Step (in log space) of the p95 estimate: each sample above it raises it
+/// by 0.95 × this, each below lowers it by 0.05 × this, so it settles where
+/// 5 % of samples lie above (frugal streaming quantiles). Lock-free and
+/// constant memory; it follows a target that gets slower within a dozen
+/// samples and one that gets faster more slowly, which errs on the side
+/// of hedging later.
+pub const P95_STEP: f64 = 0.2;
+
+fn update_p95(cell: &AtomicU64, sample_us: f64, first: bool) {
+    let ln = sample_us.max(1.0).ln();
+    let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+        let old = f64::from_bits(bits);
+        let next = if first {
+            ln
+        } else if ln >= old {
+            old + P95_STEP * 0.95
+        } else {
+            old - P95_STEP * 0.05
+        };
+        Some(next.to_bits())
+    });
+}
+
 fn update_ewma(cell: &AtomicU64, sample: f64, first: bool) {
     let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
         let old = f64::from_bits(bits);
@@ -298,6 +339,16 @@ impl Entry {
         (us > 0.0).then(|| Duration::from_micros(us as u64))
     }
 
+    /// Estimated 95th percentile of successful attempts' latency (to the
+    /// first byte), once there is a success.
+    pub fn latency_p95(&self) -> Option<Duration> {
+        if self.successes() == 0 {
+            return None;
+        }
+        let ln = f64::from_bits(self.latency_p95_ln_us.load(Ordering::Relaxed));
+        Some(Duration::from_micros(ln.exp().min(3.6e9) as u64))
+    }
+
     fn record(&self, outcome: Outcome, now_ms: u64) -> Option<Transition> {
         let first = self.samples() == 0;
         match outcome {
@@ -307,6 +358,7 @@ impl Entry {
                 update_ewma(&self.error_ewma, 0.0, first);
                 let us = (latency.as_micros() as f64).max(1.0);
                 update_ewma(&self.latency_ewma_us, us, first_latency);
+                update_p95(&self.latency_p95_ln_us, us, first_latency);
                 self.window.add(now_ms, 1, 0);
                 self.consecutive_failures.store(0, Ordering::Relaxed);
                 self.consecutive_429.store(0, Ordering::Relaxed);
@@ -442,6 +494,8 @@ pub struct Health {
     keys: Board,
     egress: Board,
     budgets: Board<RetryBudget>,
+    /// Per tenant: requests on hedged routes (a) and hedges (b).
+    hedge_budgets: Board<RetryBudget>,
     events: Events,
 }
 
@@ -454,6 +508,9 @@ pub struct Events {
     /// Requests a pool could not serve because every key was out.
     pub pool_exhausted: AtomicU64,
     pub key_breaker_opened: AtomicU64,
+    /// Target breakers opened because the fleet-wide error rate the
+    /// control plane pushed was over the ejection threshold.
+    pub fleet_ejections: AtomicU64,
 }
 
 /// A route's retry budget (Envoy's and Finagle's idea): retries may add at
@@ -500,6 +557,7 @@ impl Health {
             keys: Board::new(),
             egress: Board::new(),
             budgets: Board::new(),
+            hedge_budgets: Board::new(),
             events: Events::default(),
         }
     }
@@ -512,6 +570,14 @@ impl Health {
     /// The retry budget of a route (or of a bare model name).
     pub fn budget(&self, route: &str) -> Option<Arc<RetryBudget>> {
         self.budgets.entry(route)
+    }
+
+    /// A tenant's hedge budget: the same sliding-window machinery as the
+    /// retry budget, counting the tenant's requests on hedged routes and
+    /// the hedges they started ([`Health::budget_request`],
+    /// [`Health::budget_retry`]).
+    pub fn hedge_budget(&self, tenant: &str) -> Option<Arc<RetryBudget>> {
+        self.hedge_budgets.entry(tenant)
     }
 
     /// Books one request against the route's budget.
@@ -565,6 +631,19 @@ impl Health {
         self.keys.get(id)
     }
 
+    /// Every entry of a key, one per model it served: for a metrics scrape,
+    /// not the request path (it walks the whole key board).
+    pub fn key_models(&self, provider: &str, pool: &str, key: &str) -> Vec<Arc<Entry>> {
+        let prefix = key_id(provider, pool, key, "");
+        self.keys
+            .entries
+            .load()
+            .iter()
+            .filter(|(id, _)| id.starts_with(&prefix))
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
     pub fn peek_egress(&self, addr: &str) -> Option<Arc<Entry>> {
         self.egress.get(addr)
     }
@@ -597,6 +676,19 @@ impl Health {
         (entry.breaker.load(Ordering::Acquire) == OPEN).then(|| {
             self.epoch + Duration::from_millis(entry.open_until_ms.load(Ordering::Acquire))
         })
+    }
+
+    /// Opens a closed breaker because the fleet says the target fails (the
+    /// control plane's error rate over the ejection threshold) while this
+    /// node has no success of its own to contradict it. From there the
+    /// breaker runs as if it had opened on local failures: ejected, then
+    /// half-open probes, closed by a successful one.
+    pub fn eject_by_fleet(&self, entry: &Entry, now: Instant) -> Option<Transition> {
+        let t = entry.open(CLOSED, self.millis(now));
+        if t.is_some() {
+            self.events.fleet_ejections.fetch_add(1, Ordering::Relaxed);
+        }
+        t
     }
 
     /// Whether the breaker is open or half-open.
@@ -856,6 +948,32 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "copy-on-insert keeps existing entries");
         assert!(h.peek_target(&target_id("p", "never", None)).is_none());
         assert_ne!(target_id("a", "b/c", None), target_id("a/b", "c", None));
+    }
+
+    #[test]
+    fn the_p95_estimate_settles_where_one_sample_in_twenty_is_slower() {
+        let h = Health::new();
+        let now = Instant::now();
+        let e = h.target("t").unwrap();
+        assert_eq!(e.latency_p95(), None);
+        let ok = |ms| Outcome::Success {
+            latency: Duration::from_millis(ms),
+        };
+        // 95 % of answers at 100 ms, 5 % at 1 s, in a fixed interleaving.
+        for i in 0..2000 {
+            h.record(&e, ok(if i % 20 == 0 { 1000 } else { 100 }), now);
+        }
+        let p95 = e.latency_p95().unwrap();
+        println!("p95 estimate {p95:?}, mean {:?}", e.latency());
+        assert!(
+            p95 >= Duration::from_millis(100) && p95 <= Duration::from_millis(1000),
+            "{p95:?}"
+        );
+        // Everything gets ten times slower: the estimate follows upwards.
+        for _ in 0..100 {
+            h.record(&e, ok(5000), now);
+        }
+        assert!(e.latency_p95().unwrap() > Duration::from_millis(1000));
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub mod wire;
 pub use health::Health;
 pub use plan::{Plan, PlanError, PlannedTarget};
 
+/// OTLP trace export messages (see `otlp.proto`).
+pub mod otlp {
+    tonic::include_proto!("switchyard.otlp");
+}
+
 /// The edge ↔ egress framing's messages (`backhaul.proto`).
 pub mod backhaul {
     tonic::include_proto!("switchyard.backhaul");
@@ -184,6 +189,37 @@ pub struct ProviderSnapshot {
     /// Where `keys` come from, per region. Egress nodes receive only the
     /// pools of their own region; edges receive none.
     pub key_pools: Vec<KeyPoolSnapshot>,
+    /// How it continues a partial assistant answer; mid-stream resume only
+    /// moves a cut stream to providers that declare one.
+    pub prefill: Prefill,
+}
+
+/// How a provider is asked to continue an assistant answer it is handed
+/// (assistant prefill). Declared, never guessed: a provider that does not
+/// support it would start a new answer and duplicate the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prefill {
+    #[default]
+    None,
+    /// A trailing assistant message is continued (Anthropic Messages).
+    TrailingAssistant,
+    /// A trailing assistant message marked `"prefix": true` (DeepSeek's
+    /// and Mistral's chat prefix completion).
+    Prefix,
+    /// A trailing assistant message with `continue_final_message: true`
+    /// and `add_generation_prompt: false` (vLLM).
+    ContinueFinalMessage,
+}
+
+impl Prefill {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prefill::None => "none",
+            Prefill::TrailingAssistant => "trailing_assistant",
+            Prefill::Prefix => "prefix",
+            Prefill::ContinueFinalMessage => "continue_final_message",
+        }
+    }
 }
 
 /// USD per million tokens.
@@ -407,7 +443,14 @@ pub struct Tenant {
     /// With residency: an edge outside it still reads the request and sends
     /// it to a permitted region (otherwise it is refused from the key alone).
     pub edge_residency_relaxed: bool,
+    /// Hedged attempts may add at most this percentage of the tenant's
+    /// requests on hedged routes over a sliding window; `None` = the
+    /// default ([`DEFAULT_HEDGE_BUDGET_PERCENT`]), 0 = never hedge.
+    pub hedge_budget_percent: Option<u32>,
 }
+
+/// A tenant's hedge budget when the policy names none.
+pub const DEFAULT_HEDGE_BUDGET_PERCENT: u32 = 10;
 
 /// The limits and budgets one tenant or one virtual key is held to.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -656,7 +699,44 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteRule {
     pub when: RuleCondition,
+    /// The route to plan on instead; empty = the route itself (a rule
+    /// that only filters).
     pub route: String,
+    /// Narrows the planned targets (fallbacks included); `None` = all.
+    pub filter: Option<TargetFilter>,
+}
+
+/// A rule's `filter` action: keep only the targets matching one of `keep`
+/// (when any is given), then leave out those matching one of `drop`.
+/// Applied after residency, so it can only narrow what was permitted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetFilter {
+    pub keep: Vec<TargetMatch>,
+    pub drop: Vec<TargetMatch>,
+}
+
+/// Every field given must equal the target's (`None` matches anything).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetMatch {
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// The region whose egress calls the provider.
+    pub region: Option<String>,
+}
+
+impl TargetMatch {
+    pub fn matches(&self, provider: &str, model: &str, region: Option<&str>) -> bool {
+        self.provider.as_deref().is_none_or(|p| p == provider)
+            && self.model.as_deref().is_none_or(|m| m == model)
+            && self.region.as_deref().is_none_or(|r| Some(r) == region)
+    }
+}
+
+impl TargetFilter {
+    pub fn admits(&self, provider: &str, model: &str, region: Option<&str>) -> bool {
+        (self.keep.is_empty() || self.keep.iter().any(|m| m.matches(provider, model, region)))
+            && !self.drop.iter().any(|m| m.matches(provider, model, region))
+    }
 }
 
 /// Every condition set must hold (an empty condition matches everything).
@@ -710,6 +790,26 @@ pub struct RouteSnapshot {
     /// Evaluated in order before planning.
     pub rules: Vec<RouteRule>,
     pub downgrade: Option<Downgrade>,
+    /// A text-only stream cut after it was committed continues on another
+    /// of the plan's targets that supports prefill (see `Prefill`).
+    pub resume: bool,
+    /// Hedged requests: `None` = off.
+    pub hedge: Option<HedgePolicy>,
+}
+
+/// A route's hedging: when an attempt has not answered (a complete body,
+/// or a stream's first event) after the delay, a second attempt starts on
+/// the plan's next target and the first to answer wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HedgePolicy {
+    /// The delay; with `after_p95`, the delay used while the target's p95
+    /// first-byte time is unknown.
+    pub delay: Duration,
+    /// Wait the target's p95 time to its first byte (this edge's estimate
+    /// once it has a few samples, else the fleet's) instead.
+    pub after_p95: bool,
+    /// Floor of the p95 delay, so a fast target is not hedged on noise.
+    pub min_delay: Duration,
 }
 
 /// Latency and error scores the control plane folds from every node's
@@ -1032,6 +1132,7 @@ mod tests {
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );

@@ -90,9 +90,12 @@ fn jurisdiction_key(set: &[String]) -> Vec<String> {
 ///   probed again) from an unknown one;
 /// - targets due for a half-open probe keep their place, so real traffic
 ///   probes them;
-/// - targets failing lately (local error rate, or the fleet-wide error
-///   rate the control plane pushes in the scores while this node has seen
-///   no success of its own to contradict it) move behind the healthy ones.
+/// - targets failing lately (local error rate) move behind the healthy
+///   ones;
+/// - a target whose fleet-wide error rate (pushed by the control plane in
+///   the scores) is over the breaker's threshold while this node has seen
+///   no success of its own to contradict it has this node's breaker
+///   opened: ejected, then probed back like a target failing locally.
 ///
 /// Residency is decided before: health only orders and removes, it never
 /// adds a target. This is the one planning entry point of the data plane.
@@ -238,8 +241,9 @@ fn apply_strategy(snapshot: &Snapshot, health: &Health, requested: &str, targets
 }
 
 /// A fleet-wide error rate at or above this (over at least
-/// [`FLEET_MIN_REQUESTS`] requests) marks a target degraded everywhere.
-pub const FLEET_ERROR_RATE: f64 = 0.5;
+/// [`FLEET_MIN_REQUESTS`] requests) ejects a target on every node that
+/// has not seen it succeed lately: the breaker's own error-rate threshold.
+pub const FLEET_ERROR_RATE: f64 = health::EJECT_ERROR_RATE;
 pub const FLEET_MIN_REQUESTS: u64 = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -274,7 +278,27 @@ fn standing(snapshot: &Snapshot, health: &Health, t: &PlannedTarget, now: Instan
             .is_some_and(|s| s.requests >= FLEET_MIN_REQUESTS && s.error_rate >= FLEET_ERROR_RATE);
     let locally_fine = local.as_ref().is_some_and(|e| health.window(e, now).0 > 0);
     if fleet_failing && !locally_fine {
-        return Standing::Degraded;
+        // Over the breaker's own threshold fleet-wide: eject it here too,
+        // through this node's breaker, so it is probed back like a target
+        // that failed locally. Past the board's cap it can only be demoted.
+        return match health.target(&id) {
+            Some(e) => {
+                if let Some(tr) = health.eject_by_fleet(&e, now) {
+                    tracing::warn!(
+                        target: "switchyard::breaker",
+                        event = "breaker",
+                        scope = "fleet",
+                        provider = %t.target.provider,
+                        model = %t.target.model,
+                        region = t.region.as_deref().unwrap_or(""),
+                        state = tr.label(),
+                        "the fleet's error rate ejected the target"
+                    );
+                }
+                Standing::Ejected
+            }
+            None => Standing::Degraded,
+        };
     }
     Standing::Healthy
 }
@@ -509,6 +533,7 @@ mod tests {
                     cached_input_per_million: None,
                 },
             )]),
+            prefill: Default::default(),
             key_pools: vec![],
         })
     }
@@ -753,7 +778,7 @@ mod tests {
     }
 
     #[test]
-    fn fleet_error_rates_demote_until_local_successes_say_otherwise() {
+    fn fleet_error_rates_open_the_breaker_until_a_probe_succeeds() {
         let s = snapshot(Strategy::Priority);
         let mut scores = Scores::default();
         scores.targets.insert(
@@ -770,20 +795,44 @@ mod tests {
         );
         let s = s.with_scores(Arc::new(scores));
         let health = Health::new();
-        assert_eq!(
-            providers(&plan(&s, &health, "chat", None).unwrap()),
-            ["us", "eu"]
-        );
+        let now = std::time::Instant::now();
+        let at = |when| {
+            let p = apply_health(&s, s.plan("chat", None).unwrap(), &health, when);
+            providers(&p).join(",")
+        };
+        // Ejected here as well, though this node never saw it fail.
+        assert_eq!(at(now), "us");
         let eu = health
-            .target(&health::target_id("eu", "m", Some("eu-west")))
-            .unwrap();
+            .peek_target(&health::target_id("eu", "m", Some("eu-west")))
+            .expect("the fleet's ejection lives on this node's board");
+        assert!(health.is_ejected(&eu));
+        assert_eq!(
+            health
+                .events()
+                .fleet_ejections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(at(now + std::time::Duration::from_millis(10)), "us");
+        // Its ejection time over, it is probed where it stands; a probe
+        // that succeeds closes the breaker and the fleet's rate no longer
+        // overrides this node's own success.
+        let later = now + crate::health::EJECT_BASE;
+        assert_eq!(at(later), "eu,us");
+        let (probe, _) = health.try_probe(&eu, later).unwrap().unwrap();
         let ok = crate::health::Outcome::Success {
             latency: std::time::Duration::from_millis(5),
         };
-        health.record(&eu, ok, std::time::Instant::now());
+        health.record(&eu, ok, later);
+        drop(probe);
+        assert!(!health.is_ejected(&eu));
+        assert_eq!(at(later), "eu,us");
         assert_eq!(
-            providers(&plan(&s, &health, "chat", None).unwrap()),
-            ["eu", "us"]
+            health
+                .events()
+                .fleet_ejections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
         );
     }
 

@@ -18,11 +18,11 @@ use crate::control as pb;
 /// snapshot from the wire is clamped.
 pub const MAX_RETRIES: u32 = 10;
 use crate::{
-    Downgrade, FaultMode, KeyHash, KeyPoolSnapshot, KeySource, LimitSet, LimitsSnapshot,
-    ModelPrice, PoolKey, ProviderKind, ProviderSnapshot, RegionSnapshot, RetryPolicy, RouteRule,
-    RouteSnapshot, RouteTarget, RttScore, RuleCondition, ScoreKey, Scores, Secret, SimulatedFault,
-    SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Spend, Strategy, TargetScore,
-    Tenant, Tenants, VirtualKey, WeightedTarget,
+    Downgrade, FaultMode, HedgePolicy, KeyHash, KeyPoolSnapshot, KeySource, LimitSet,
+    LimitsSnapshot, ModelPrice, PoolKey, Prefill, ProviderKind, ProviderSnapshot, RegionSnapshot,
+    RetryPolicy, RouteRule, RouteSnapshot, RouteTarget, RttScore, RuleCondition, ScoreKey, Scores,
+    Secret, SimulatedFault, SimulatedProfile, SimulatedSettings, Snapshot, SnapshotBuilder, Spend,
+    Strategy, TargetFilter, TargetMatch, TargetScore, Tenant, Tenants, VirtualKey, WeightedTarget,
 };
 
 fn spend_to_wire(s: &Spend) -> pb::SpendMsg {
@@ -188,6 +188,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
             .iter()
             .map(|(name, p)| {
                 let msg = pb::ProviderMsg {
+                    prefill: pb::PrefillMsg::from(p.prefill) as i32,
                     name: p.name.clone(),
                     kind: pb::ProviderKindMsg::from(p.kind) as i32,
                     base_url: p.base_url.clone(),
@@ -260,6 +261,7 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                 fail_closed: t.fail_closed,
                 limit_share: t.limit_share.unwrap_or(0.0),
                 edge_residency_relaxed: t.edge_residency_relaxed,
+                hedge_budget_percent: t.hedge_budget_percent,
             })
             .collect();
         tenants.sort_by(|a, b| a.id.cmp(&b.id));
@@ -350,6 +352,10 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                         tag: w.tag.clone().unwrap_or_default(),
                                         tenants: w.tenants.clone(),
                                         route: rule.route.clone(),
+                                        filter: rule.filter.as_ref().map(|f| pb::TargetFilterMsg {
+                                            keep: f.keep.iter().map(match_msg).collect(),
+                                            drop: f.drop.iter().map(match_msg).collect(),
+                                        }),
                                     }
                                 })
                                 .collect(),
@@ -357,6 +363,12 @@ impl From<&Snapshot> for pb::SnapshotMsg {
                                 route: d.route.clone(),
                                 ttft_over_ms: millis(d.ttft_over),
                             }),
+                            hedge: r.hedge.map(|h| pb::HedgeMsg {
+                                delay_ms: h.delay.as_millis() as u64,
+                                after_p95: h.after_p95,
+                                min_delay_ms: h.min_delay.as_millis() as u64,
+                            }),
+                            resume: r.resume,
                         },
                     )
                 })
@@ -451,6 +463,18 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
             return Err(InvalidSnapshot::InvalidEnum {
                 path: format!("{path}.kind"),
                 value: p.kind,
+            })
+        }
+    };
+    let prefill = match pb::PrefillMsg::try_from(p.prefill) {
+        Ok(pb::PrefillMsg::PrefillNone) => Prefill::None,
+        Ok(pb::PrefillMsg::PrefillTrailingAssistant) => Prefill::TrailingAssistant,
+        Ok(pb::PrefillMsg::PrefillPrefix) => Prefill::Prefix,
+        Ok(pb::PrefillMsg::PrefillContinueFinalMessage) => Prefill::ContinueFinalMessage,
+        Err(_) => {
+            return Err(InvalidSnapshot::InvalidEnum {
+                path: format!("{path}.prefill"),
+                value: p.prefill,
             })
         }
     };
@@ -563,7 +587,19 @@ fn provider_from_wire(name: &str, p: pb::ProviderMsg) -> Result<ProviderSnapshot
         jurisdiction: opt(&p.jurisdiction),
         pricing,
         key_pools,
+        prefill,
     })
+}
+
+impl From<Prefill> for pb::PrefillMsg {
+    fn from(p: Prefill) -> Self {
+        match p {
+            Prefill::None => pb::PrefillMsg::PrefillNone,
+            Prefill::TrailingAssistant => pb::PrefillMsg::PrefillTrailingAssistant,
+            Prefill::Prefix => pb::PrefillMsg::PrefillPrefix,
+            Prefill::ContinueFinalMessage => pb::PrefillMsg::PrefillContinueFinalMessage,
+        }
+    }
 }
 
 impl TryFrom<pb::SnapshotMsg> for Snapshot {
@@ -634,7 +670,7 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                 .iter()
                 .enumerate()
                 .map(|(i, m)| {
-                    if !msg.routes.contains_key(&m.route) {
+                    if !m.route.is_empty() && !msg.routes.contains_key(&m.route) {
                         return Err(invalid(
                             format!("{path}.rules[{i}].route"),
                             format!("unknown route {:?}", m.route),
@@ -652,6 +688,10 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                             tenants: m.tenants.clone(),
                         },
                         route: m.route.clone(),
+                        filter: m.filter.as_ref().map(|f| TargetFilter {
+                            keep: f.keep.iter().map(match_from).collect(),
+                            drop: f.drop.iter().map(match_from).collect(),
+                        }),
                     })
                 })
                 .collect();
@@ -692,6 +732,21 @@ impl TryFrom<pb::SnapshotMsg> for Snapshot {
                                 .then(|| Duration::from_millis(d.ttft_over_ms)),
                         }),
                     },
+                    hedge: match &r.hedge {
+                        None => None,
+                        Some(h) if h.delay_ms == 0 => {
+                            return Err(invalid(
+                                format!("{path}.hedge.delay_ms"),
+                                "must be greater than 0",
+                            ))
+                        }
+                        Some(h) => Some(HedgePolicy {
+                            delay: Duration::from_millis(h.delay_ms),
+                            after_p95: h.after_p95,
+                            min_delay: Duration::from_millis(h.min_delay_ms),
+                        }),
+                    },
+                    resume: r.resume,
                 }),
             );
         }
@@ -798,6 +853,7 @@ pub fn tenants_from_wire(
             limit_share: positive(t.limit_share),
             residency: (!t.residency.is_empty()).then_some(t.residency),
             edge_residency_relaxed: t.edge_residency_relaxed,
+            hedge_budget_percent: t.hedge_budget_percent.map(|p| p.min(100)),
         };
         match hash {
             Some(hash) => tenants.insert(KeyHash(hash), tenant),
@@ -898,6 +954,22 @@ impl From<pb::ScoresMsg> for Scores {
     }
 }
 
+fn match_msg(m: &TargetMatch) -> pb::TargetMatchMsg {
+    pb::TargetMatchMsg {
+        provider: m.provider.clone(),
+        model: m.model.clone(),
+        region: m.region.clone(),
+    }
+}
+
+fn match_from(m: &pb::TargetMatchMsg) -> TargetMatch {
+    TargetMatch {
+        provider: m.provider.clone(),
+        model: m.model.clone(),
+        region: m.region.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -925,6 +997,7 @@ mod tests {
                 region: Some("eu-west".into()),
                 jurisdiction: Some("eu".into()),
                 pricing: HashMap::from([("m".into(), ModelPrice::default())]),
+                prefill: Default::default(),
                 key_pools: vec![KeyPoolSnapshot {
                     name: "main".into(),
                     region: Some("eu-west".into()),
@@ -1032,6 +1105,8 @@ mod tests {
                 attempt_timeout_ms: 0,
                 rules: vec![],
                 downgrade: None,
+                hedge: None,
+                resume: false,
             },
         );
         let e = Snapshot::try_from(msg).unwrap_err();

@@ -103,5 +103,6 @@ fn native_usage(u: &Value) -> switchyard_llm::openai::Usage {
             + get("cache_creation_input_tokens"),
         completion_tokens: get("output_tokens"),
         cached_tokens: get("cache_read_input_tokens"),
+        reasoning_tokens: 0,
     }
 }

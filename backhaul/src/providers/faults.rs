@@ -149,6 +149,7 @@ mod tests {
             region: None,
             jurisdiction: None,
             pricing: HashMap::new(),
+            prefill: Default::default(),
             key_pools: vec![],
         }
     }

@@ -56,30 +56,83 @@ impl CallContext<'_> {
 /// RFC 3339 times. The reset kept is the one of a quota that is used up,
 /// else the later one, so a key is steered away until it can serve again.
 pub fn rate_limits(headers: &reqwest::header::HeaderMap) -> RateLimits {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let num = |name: &str| text(name).and_then(|v| v.trim().parse::<u64>().ok());
-    let now = std::time::SystemTime::now();
+    use reqwest::header::HeaderName;
+    // Names known at compile time: looking a header up by `&str` parses the
+    // name first, and this runs on every answer.
+    const fn quota(
+        remaining: &'static str,
+        limit: &'static str,
+        reset: &'static str,
+        is_requests: bool,
+    ) -> (HeaderName, HeaderName, HeaderName, bool) {
+        (
+            HeaderName::from_static(remaining),
+            HeaderName::from_static(limit),
+            HeaderName::from_static(reset),
+            is_requests,
+        )
+    }
+    const OPENAI: [(HeaderName, HeaderName, HeaderName, bool); 2] = [
+        quota(
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-reset-requests",
+            true,
+        ),
+        quota(
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-reset-tokens",
+            false,
+        ),
+    ];
+    const ANTHROPIC: [(HeaderName, HeaderName, HeaderName, bool); 4] = [
+        quota(
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-reset",
+            true,
+        ),
+        quota(
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-limit",
+            "anthropic-ratelimit-tokens-reset",
+            false,
+        ),
+        quota(
+            "anthropic-ratelimit-input-tokens-remaining",
+            "anthropic-ratelimit-input-tokens-limit",
+            "anthropic-ratelimit-input-tokens-reset",
+            false,
+        ),
+        quota(
+            "anthropic-ratelimit-output-tokens-remaining",
+            "anthropic-ratelimit-output-tokens-limit",
+            "anthropic-ratelimit-output-tokens-reset",
+            false,
+        ),
+    ];
+    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let num = |name: &HeaderName| text(name).and_then(|v| v.trim().parse::<u64>().ok());
     let mut out = RateLimits::default();
     let mut resets: Vec<(Option<u64>, std::time::Duration)> = Vec::new();
-    for kind in ["requests", "tokens"] {
-        let remaining = num(&format!("x-ratelimit-remaining-{kind}"));
-        let limit = num(&format!("x-ratelimit-limit-{kind}"));
-        if let Some(reset) = text(&format!("x-ratelimit-reset-{kind}")).and_then(parse_go_duration)
-        {
+    for (remaining, limit, reset, is_requests) in &OPENAI {
+        let remaining = num(remaining);
+        if let Some(reset) = text(reset).and_then(parse_go_duration) {
             resets.push((remaining, reset));
         }
-        let (r, l) = if kind == "requests" {
+        let (r, l) = if *is_requests {
             (&mut out.remaining_requests, &mut out.limit_requests)
         } else {
             (&mut out.remaining_tokens, &mut out.limit_tokens)
         };
         *r = remaining;
-        *l = limit;
+        *l = num(limit);
     }
-    for kind in ["requests", "tokens", "input-tokens", "output-tokens"] {
-        let remaining = num(&format!("anthropic-ratelimit-{kind}-remaining"));
-        let limit = num(&format!("anthropic-ratelimit-{kind}-limit"));
-        if let Some(reset) = text(&format!("anthropic-ratelimit-{kind}-reset"))
+    let mut now = None;
+    for (remaining, limit, reset, is_requests) in &ANTHROPIC {
+        let remaining = num(remaining);
+        if let Some(reset) = text(reset)
             .and_then(|v| {
                 time::OffsetDateTime::parse(
                     v.trim(),
@@ -88,6 +141,7 @@ pub fn rate_limits(headers: &reqwest::header::HeaderMap) -> RateLimits {
                 .ok()
             })
             .map(|at| {
+                let now = *now.get_or_insert_with(std::time::SystemTime::now);
                 std::time::SystemTime::from(at)
                     .duration_since(now)
                     .unwrap_or_default()
@@ -95,7 +149,7 @@ pub fn rate_limits(headers: &reqwest::header::HeaderMap) -> RateLimits {
         {
             resets.push((remaining, reset));
         }
-        let (r, l) = if kind == "requests" {
+        let (r, l) = if *is_requests {
             (&mut out.remaining_requests, &mut out.limit_requests)
         } else {
             (&mut out.remaining_tokens, &mut out.limit_tokens)
@@ -104,7 +158,7 @@ pub fn rate_limits(headers: &reqwest::header::HeaderMap) -> RateLimits {
         if let Some(rem) = remaining {
             if r.is_none_or(|old| rem < old) {
                 *r = Some(rem);
-                *l = limit;
+                *l = num(limit);
             }
         }
     }
@@ -290,6 +344,9 @@ pub(crate) async fn post_json(
     }
     if stream {
         req = req.header(reqwest::header::ACCEPT, "text/event-stream");
+    }
+    if let Some(t) = &ctx.request.trace {
+        req = req.header("traceparent", t.header());
     }
     let resp = req
         .send()

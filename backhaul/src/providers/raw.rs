@@ -36,6 +36,9 @@ pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, G
     for (k, v) in &raw.headers {
         req = req.header(k.as_str(), v.as_str());
     }
+    if let Some(t) = &ctx.request.trace {
+        req = req.header("traceparent", t.header());
+    }
     if let Some(key) = ctx.key {
         req = match provider.kind {
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => req.bearer_auth(key.expose()),

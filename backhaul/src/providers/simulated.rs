@@ -499,6 +499,7 @@ fn plan_completion(chat: &ChatRequest, model: &str, profile: &SimulatedProfile) 
             prompt_tokens: prompt_tokens(chat),
             completion_tokens: tokens,
             cached_tokens: 0,
+            reasoning_tokens: 0,
         },
     }
 }

@@ -169,6 +169,7 @@ mod tests {
             inbound: Protocol::OpenAi,
             forward_headers: Vec::new(),
             residency: residency.iter().map(|j| j.to_string()).collect(),
+            trace: None,
         }
     }
 

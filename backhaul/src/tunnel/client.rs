@@ -13,6 +13,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use switchyard_llm::{ErrorKind, GatewayError, Retry, Source};
 use switchyard_proto::backhaul as wire;
+use switchyard_proto::health::{self, Availability, Health, Outcome, Transition};
 use switchyard_proto::Snapshot;
 use tokio::sync::{watch, Notify};
 
@@ -166,6 +167,10 @@ struct Node {
     draining: AtomicBool,
     removed: AtomicBool,
     remove: Notify,
+    /// Its breaker on the router's board: opened by transport failures
+    /// (streams lost or reset, requests not taken), never by what the
+    /// provider answered.
+    breaker: Option<Arc<health::Entry>>,
 }
 
 impl Node {
@@ -235,6 +240,9 @@ pub struct TunnelRouter {
     /// Bumped on every connection change, for requests waiting for a node.
     changed: watch::Sender<u64>,
     runtime: tokio::runtime::Handle,
+    /// Egress breakers, keyed by region and address so they survive a
+    /// node set reconcile.
+    health: Health,
 }
 
 fn bind_client() -> Result<quinn::Endpoint, TunnelError> {
@@ -274,6 +282,7 @@ impl TunnelRouter {
             nodes: ArcSwap::from_pointee(Vec::new()),
             changed: watch::channel(0).0,
             runtime: tokio::runtime::Handle::current(),
+            health: Health::new(),
         });
         router.reconcile(directory);
         Ok(router)
@@ -315,6 +324,7 @@ impl TunnelRouter {
                     draining: AtomicBool::new(false),
                     removed: AtomicBool::new(false),
                     remove: Notify::new(),
+                    breaker: self.health.egress(&format!("{region}/{addr}")),
                 });
                 self.runtime.spawn(maintain(
                     node.clone(),
@@ -421,8 +431,43 @@ impl TunnelRouter {
                 }
             }
         };
-        out.sort_by_key(|(n, c)| (n.is_suspect(), n.score(c)));
+        // Ejected and suspect nodes go last: used only when no other node
+        // of the region is up (a failing egress beats none, and the
+        // request then probes it). A breaker due for a probe ranks as
+        // healthy, so real traffic probes it.
+        let now = Instant::now();
+        out.sort_by_key(|(n, c)| {
+            let ejected = n
+                .breaker
+                .as_ref()
+                .is_some_and(|b| self.health.availability(b, now) == Availability::Ejected);
+            (ejected, n.is_suspect(), n.score(c))
+        });
         out
+    }
+
+    /// Books a backhaul attempt's transport outcome on the egress's
+    /// breaker; a change is a `breaker` event (scope `egress`).
+    fn record_transport(&self, node: &Node, outcome: Outcome) {
+        let Some(b) = &node.breaker else { return };
+        if let Some(t) = self.health.record(b, outcome, Instant::now()) {
+            report_egress_breaker(node, t);
+        }
+    }
+
+    /// Takes a half-open probe slot when the egress's breaker is due for
+    /// one; held for the attempt.
+    fn probe(&self, node: &Node) -> Option<health::Probe> {
+        let b = node.breaker.as_ref()?;
+        match self.health.try_probe(b, Instant::now()) {
+            Ok(Some((probe, t))) => {
+                if let Some(t) = t {
+                    report_egress_breaker(node, t);
+                }
+                Some(probe)
+            }
+            _ => None,
+        }
     }
 
     /// Marks `node` suspect until `conn` shows a sign of life (any packet
@@ -452,6 +497,21 @@ impl TunnelRouter {
         });
     }
 
+    /// Requests in flight to every egress node: (region, address, streams).
+    pub fn streams_open(&self) -> Vec<(String, String, usize)> {
+        self.nodes
+            .load()
+            .iter()
+            .map(|n| {
+                (
+                    n.region.clone(),
+                    n.addr.clone(),
+                    n.in_flight.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// Every egress node: (region, address, connected, draining), for metrics.
     pub fn egress_states(&self) -> Vec<(String, String, bool, bool)> {
         self.nodes
@@ -465,6 +525,20 @@ impl TunnelRouter {
                     n.is_draining(),
                 )
             })
+            .collect()
+    }
+
+    /// Egress nodes whose breaker is open or half-open: (region, address).
+    pub fn ejected_egress(&self) -> Vec<(String, String)> {
+        self.nodes
+            .load()
+            .iter()
+            .filter(|n| {
+                n.breaker
+                    .as_ref()
+                    .is_some_and(|b| self.health.is_ejected(b))
+            })
+            .map(|n| (n.region.clone(), n.addr.clone()))
             .collect()
     }
 
@@ -558,6 +632,22 @@ async fn maintain(
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+fn report_egress_breaker(node: &Node, t: Transition) {
+    tracing::warn!(
+        target: "switchyard::breaker",
+        event = "breaker",
+        scope = "egress",
+        region = %node.region,
+        egress = %node.addr,
+        state = t.label(),
+        ejected_ms = match t {
+            Transition::Opened(d) => Some(d.as_millis() as u64),
+            _ => None,
+        },
+        "egress breaker changed state"
+    );
 }
 
 /// Waits for the egress's GOAWAY on this connection (its only
@@ -674,6 +764,8 @@ impl Upstream for TunnelRouter {
             // less; at least 1 ms, as 0 would mean no deadline at all.
             header.deadline_ms = (left.as_millis() as u64).max(1);
             let guard = InFlight::new(node.clone());
+            let probe = self.probe(&node);
+            let sent = Instant::now();
             let attempt = Attempt {
                 conn: &conn,
                 header: frame::encode_message(FrameKind::RequestHeader, &header),
@@ -689,7 +781,24 @@ impl Upstream for TunnelRouter {
                     .iter()
                     .any(|(n, _)| !n.is_suspect())
             };
-            match attempt.run(on_silence).await {
+            let result = attempt.run(on_silence).await;
+            // Transport only: the egress answered (whatever it said), or the
+            // stream was lost, reset or never taken.
+            match &result {
+                Ok(_) => self.record_transport(
+                    &node,
+                    Outcome::Success {
+                        latency: sent.elapsed(),
+                    },
+                ),
+                Err(AttemptError::NotAccepted(_)) => self.record_transport(&node, Outcome::Failure),
+                Err(AttemptError::Failed(e)) if e.kind != ErrorKind::Timeout => {
+                    self.record_transport(&node, Outcome::Failure)
+                }
+                Err(AttemptError::Failed(_)) => {}
+            }
+            drop(probe);
+            match result {
                 Ok((head, recv)) => {
                     if let Some(e) = head.error.as_ref().filter(|_| tried.len() < MAX_ATTEMPTS) {
                         let e = frame::error_from_wire(e.clone());

@@ -321,6 +321,7 @@ pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::Reques
         forward_headers: fields(&req.forward_headers),
         deadline_ms: deadline.as_millis() as u64,
         residency: req.residency.join(","),
+        traceparent: req.trace.map(|t| t.header()).unwrap_or_default(),
         ..Default::default()
     };
     header.set_inbound(match req.inbound {
@@ -455,6 +456,8 @@ pub fn request_from_wire(
         inbound,
         forward_headers: pairs(header.forward_headers),
         residency: split_residency(&meta.residency),
+        // A malformed value is dropped, not refused: tracing is advisory.
+        trace: crate::trace::TraceContext::parse(&header.traceparent),
     };
     Ok((req, meta))
 }
@@ -604,6 +607,7 @@ pub fn trailer_from_stats(
     region: &str,
 ) -> wire::Trailer {
     let usage = stats.usage();
+    let (key_pool, key_id) = stats.key().unwrap_or_default();
     wire::Trailer {
         has_usage: usage.is_some(),
         prompt_tokens: usage.map_or(0, |u| u.prompt_tokens),
@@ -614,6 +618,11 @@ pub fn trailer_from_stats(
         provider: target.provider.clone(),
         model: target.model.clone(),
         egress_region: region.to_string(),
+        egress_node: stats.egress_node().unwrap_or_default().to_string(),
+        key_pool: key_pool.to_string(),
+        key_id: key_id.to_string(),
+        reasoning_tokens: usage.map_or(0, |u| u.reasoning_tokens),
+        upstream_us: stats.upstream_us().unwrap_or(0),
     }
 }
 
@@ -625,10 +634,22 @@ pub fn apply_trailer(t: &wire::Trailer, stats: &RequestStats) {
             prompt_tokens: t.prompt_tokens,
             completion_tokens: t.completion_tokens,
             cached_tokens: t.cached_tokens,
+            reasoning_tokens: t.reasoning_tokens,
         });
     }
     if t.stream_failed {
         stats.mark_stream_failed();
+    }
+    if t.upstream_us > 0 {
+        stats.set_upstream_wait(Duration::from_micros(t.upstream_us));
+    }
+    // Bounded, as anything a peer sends: names, not payloads.
+    let short = |s: &str| s.len() <= 256 && !s.is_empty();
+    if short(&t.egress_node) {
+        stats.set_egress_node(t.egress_node.as_str().into());
+    }
+    if short(&t.key_pool) && t.key_id.len() <= 256 {
+        stats.set_key(t.key_pool.as_str().into(), t.key_id.as_str().into());
     }
 }
 
@@ -652,6 +673,7 @@ mod tests {
             inbound: Protocol::Anthropic,
             forward_headers: vec![("anthropic-version".into(), "2023-06-01".into())],
             residency: vec!["eu".into(), "ch".into()],
+            trace: Some(crate::trace::TraceContext::start()),
         }
     }
 
@@ -670,6 +692,7 @@ mod tests {
         assert_eq!(back.inbound, Protocol::Anthropic);
         assert_eq!(back.simulate, req.simulate);
         assert_eq!(back.forward_headers, req.forward_headers);
+        assert_eq!(back.trace, req.trace);
         match (back.op, req.op) {
             (Operation::Chat(a), Operation::Chat(b)) => {
                 assert_eq!(a.body, b.body);
@@ -929,8 +952,12 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 4,
             cached_tokens: 1,
+            reasoning_tokens: 2,
         });
         stats.mark_stream_failed();
+        stats.set_key("pool-a".into(), "k2".into());
+        stats.set_egress_node("egress-eu-1".into());
+        stats.set_upstream_wait(Duration::from_millis(7));
         let target = RouteTarget {
             provider: "p".into(),
             model: "m".into(),
@@ -939,6 +966,10 @@ mod tests {
         let edge = RequestStats::default();
         apply_trailer(&t, &edge);
         assert_eq!(edge.usage().unwrap().completion_tokens, 4);
+        assert_eq!(edge.usage().unwrap().reasoning_tokens, 2);
+        assert_eq!(edge.key(), Some(("pool-a", "k2")));
+        assert_eq!(edge.egress_node(), Some("egress-eu-1"));
+        assert_eq!(edge.upstream_us(), Some(7000));
         assert!(edge.stream_failed());
         assert_eq!(t.egress_region, "eu");
     }

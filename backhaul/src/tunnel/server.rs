@@ -68,6 +68,7 @@ struct Ctx {
     /// Flipped once when the drain starts, for every connection task.
     drain: watch::Receiver<bool>,
     connections: AtomicUsize,
+    metrics: Arc<crate::metrics::EgressMetrics>,
 }
 
 pub struct EgressServer {
@@ -135,6 +136,7 @@ impl EgressServer {
                 lifecycle: Lifecycle::new(),
                 drain: drain_rx,
                 connections: AtomicUsize::new(0),
+                metrics: Arc::new(crate::metrics::EgressMetrics::new()),
             }),
             edge_regions,
             drain,
@@ -165,6 +167,16 @@ impl EgressServer {
             edge_regions: self.edge_regions.clone(),
             max_streams: self.ctx.limits.max_streams,
         }
+    }
+
+    /// What this egress served, for its `/metrics`.
+    pub fn metrics(&self) -> Arc<crate::metrics::EgressMetrics> {
+        self.ctx.metrics.clone()
+    }
+
+    /// The board the egress picks keys from (key-pool health).
+    pub fn health(&self) -> Arc<switchyard_proto::Health> {
+        self.ctx.egress.health().clone()
     }
 
     /// Edge connections open now.
@@ -494,10 +506,13 @@ async fn serve_stream(
     let response = match result {
         Ok(r) => r,
         Err(e) => {
+            let (provider, model) = crate::metrics::labels(&snap, &target);
+            ctx.metrics.observe(provider, model, e.status(), None);
             let _ = write_error(&mut send, &e).await;
             return;
         }
     };
+    let status = response.status;
     let head = wire::ResponseHeader {
         error: None,
         status: response.status as u32,
@@ -535,7 +550,11 @@ async fn serve_stream(
         let _ = tokio::time::timeout(ACK_WAIT, send.stopped()).await;
         Ok(())
     };
-    match sent.await {
+    let ended = sent.await;
+    // Once the answer is over: a stream's usage is known only at its end.
+    let (provider, model) = crate::metrics::labels(&snap, &target);
+    ctx.metrics.observe(provider, model, status, Some(&stats));
+    match ended {
         Ok(()) => {}
         Err(Ended::Cancelled) | Err(Ended::WriteFailed(quinn::WriteError::Stopped(_))) => {
             tracing::info!(target: "switchyard::backhaul", %request_id, "stream cancelled by the edge; provider call closed");
@@ -694,6 +713,7 @@ mod tests {
             inbound: Protocol::OpenAi,
             forward_headers: Vec::new(),
             residency: Vec::new(),
+            trace: None,
         };
         let (header, _) = frame::request_to_wire(&req, Duration::ZERO);
         frame::encode_message(FrameKind::RequestHeader, &header)

@@ -126,6 +126,23 @@ pub struct ProviderDoc {
     pub region: Option<String>,
     /// Where the provider processes data; defaults to the region's.
     pub jurisdiction: Option<String>,
+    /// How the provider continues a partial assistant answer, for
+    /// mid-stream resume (`routes.R.resume`). Default: `trailing_assistant`
+    /// for kind anthropic, `none` for the others.
+    pub prefill: Option<PrefillDoc>,
+}
+
+/// `providers.P.prefill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefillDoc {
+    None,
+    /// A trailing assistant message is continued (Anthropic).
+    TrailingAssistant,
+    /// A trailing assistant message with `"prefix": true` (DeepSeek, Mistral).
+    Prefix,
+    /// `continue_final_message: true` with a trailing assistant message (vLLM).
+    ContinueFinalMessage,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -274,6 +291,33 @@ pub struct RouteDoc {
     /// Non-critical requests (`x-switchyard-priority: low`) go to another
     /// route while this one's primary is degraded.
     pub downgrade: Option<DowngradeDoc>,
+    /// A text-only stream the provider cuts after it reached the client
+    /// continues on another target of the plan that supports prefill.
+    #[serde(default)]
+    pub resume: bool,
+    /// Hedged requests: a second attempt on the next target when the first
+    /// has not answered after a delay; the first answer wins.
+    pub hedge: Option<HedgeDoc>,
+}
+
+/// `routes.R.hedge`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HedgeDoc {
+    /// The delay before the second attempt; with `after: p95`, the delay
+    /// while the target's p95 first-byte time is unknown. Default 1000.
+    pub delay_ms: Option<u64>,
+    /// `p95`: wait the target's p95 first-byte time (this edge's, else the
+    /// fleet's) instead of a fixed delay.
+    pub after: Option<HedgeAfterDoc>,
+    /// Floor of the `after: p95` delay. Default 50.
+    pub min_delay_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HedgeAfterDoc {
+    P95,
 }
 
 /// `routes.R.rules[]`.
@@ -281,7 +325,31 @@ pub struct RouteDoc {
 #[serde(deny_unknown_fields)]
 pub struct RuleDoc {
     pub when: WhenDoc,
-    pub route: String,
+    /// Plan the request on this route instead.
+    pub route: Option<String>,
+    /// Keep only some of the planned targets (after `route`, if given).
+    pub filter: Option<FilterDoc>,
+}
+
+/// `routes.R.rules[].filter`: `keep` only targets matching one of these
+/// (when given), then `drop` those matching one of these.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterDoc {
+    #[serde(default)]
+    pub keep: Vec<MatchDoc>,
+    #[serde(default)]
+    pub drop: Vec<MatchDoc>,
+}
+
+/// Every field given must equal the target's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchDoc {
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// The provider's region.
+    pub region: Option<String>,
 }
 
 /// Conditions of a rule; every one given must hold.
@@ -342,6 +410,11 @@ pub struct TenantDoc {
     /// tenant's jurisdictions refuses its requests from the key alone,
     /// before reading the body. `relaxed`: it reads and forwards them.
     pub edge_residency: Option<EdgeResidencyDoc>,
+    /// Hedged attempts (routes with `hedge`) may add at most this
+    /// percentage of the tenant's requests on hedged routes over a 10 s
+    /// sliding window (at least one per window); 0 = never hedge.
+    /// Default 10.
+    pub hedge_budget_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -846,7 +919,7 @@ fn is_http_url(u: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_proto::KeyHash;
+    use switchyard_proto::{KeyHash, Prefill};
 
     fn compile_with(yaml: &str, vars: &[(&str, &str)]) -> Result<Compiled, Vec<PolicyError>> {
         let doc = parse_policy(yaml).map_err(|e| vec![e])?;
@@ -1003,6 +1076,76 @@ tenants:
     }
 
     #[test]
+    fn hedging_and_rule_filters_are_carried_and_checked() {
+        let yaml = r#"
+routes:
+  r:
+    hedge: { after: p95, delay_ms: 400, min_delay_ms: 80 }
+    rules:
+      - when: { tag: eu }
+        filter: { keep: [{ provider: simulated }], drop: [{ model: m2 }] }
+    targets: [{ provider: simulated, model: m }, { provider: simulated, model: m2 }]
+  fixed:
+    hedge: { delay_ms: 150 }
+    targets: [{ provider: simulated, model: m }]
+tenants:
+  - { id: a, hedge_budget_percent: 25 }
+"#;
+        let snap = compile_with(yaml, &[]).unwrap().snapshot;
+        for s in [
+            snap.clone(),
+            Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap(),
+        ] {
+            let h = s.routes()["r"].hedge.unwrap();
+            assert!(h.after_p95);
+            assert_eq!(
+                (h.delay, h.min_delay),
+                (Duration::from_millis(400), Duration::from_millis(80))
+            );
+            let f = s.routes()["fixed"].hedge.unwrap();
+            assert!(!f.after_p95);
+            assert_eq!(f.delay, Duration::from_millis(150));
+            assert!(s.routes()["fixed"].rules.is_empty());
+            let rule = &s.routes()["r"].rules[0];
+            assert_eq!(rule.route, "");
+            let filter = rule.filter.as_ref().unwrap();
+            assert!(filter.admits("simulated", "m", None));
+            assert!(!filter.admits("simulated", "m2", None));
+            assert!(!filter.admits("other", "m", None));
+            let a = s.tenants().by_id("a").unwrap();
+            assert_eq!(a.hedge_budget_percent, Some(25));
+        }
+        let bad = r#"
+routes:
+  r:
+    hedge: { delay_ms: 0, min_delay_ms: 5 }
+    rules:
+      - when: { tag: x }
+      - when: { tag: y }
+        filter: {}
+      - when: { tag: z }
+        filter: { keep: [{}], drop: [{ provider: ghost }, { region: mars }] }
+    targets: [{ provider: simulated, model: m }]
+tenants:
+  - { id: a, hedge_budget_percent: 101 }
+"#;
+        let errs = compile_with(bad, &[]).unwrap_err();
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "routes.r.hedge.delay_ms",
+            "routes.r.hedge.min_delay_ms",
+            "routes.r.rules[0]",
+            "routes.r.rules[1].filter",
+            "routes.r.rules[2].filter.keep[0]",
+            "routes.r.rules[2].filter.drop[0].provider",
+            "routes.r.rules[2].filter.drop[1].region",
+            "tenants[0].hedge_budget_percent",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
     fn max_attempts_is_carried_and_zero_is_refused() {
         let yaml = "routes:\n  r:\n    max_attempts: 2\n    targets: [{ provider: simulated, model: m }]\n";
         let snap = compile_with(yaml, &[]).unwrap().snapshot;
@@ -1057,6 +1200,67 @@ routes:
             paths.contains(&"routes.r.first_token_timeout_ms"),
             "{paths:?}"
         );
+    }
+
+    #[test]
+    fn resume_needs_a_declared_prefill_that_the_provider_kind_can_speak() {
+        let yaml = r#"
+providers:
+  claude: { kind: anthropic, base_url: "http://127.0.0.1:9", api_key_env: K }
+  deepseek: { kind: openai-compatible, base_url: "http://127.0.0.1:9", api_key_env: K, prefill: prefix }
+  vllm: { kind: openai-compatible, base_url: "http://127.0.0.1:9", api_key_env: K, prefill: continue_final_message }
+  plain: { kind: openai-compatible, base_url: "http://127.0.0.1:9", api_key_env: K }
+routes:
+  r:
+    resume: true
+    targets: [{ provider: plain, model: m }]
+    fallbacks: [s]
+  s:
+    targets: [{ provider: deepseek, model: m }]
+  off:
+    targets: [{ provider: plain, model: m }]
+"#;
+        let snap = compile_with(yaml, &[("K", "sk-k")]).unwrap().snapshot;
+        let prefill = |p: &str| snap.providers()[p].prefill;
+        assert_eq!(
+            prefill("claude"),
+            Prefill::TrailingAssistant,
+            "anthropic's default"
+        );
+        assert_eq!(prefill("deepseek"), Prefill::Prefix);
+        assert_eq!(prefill("vllm"), Prefill::ContinueFinalMessage);
+        assert_eq!(prefill("plain"), Prefill::None, "never guessed");
+        assert!(snap.routes()["r"].resume && !snap.routes()["off"].resume);
+        // Both travel to remote nodes.
+        let back = Snapshot::try_from(crate::pb::SnapshotMsg::from(&snap)).unwrap();
+        assert!(back.routes()["r"].resume && !back.routes()["off"].resume);
+        for p in ["claude", "deepseek", "vllm", "plain"] {
+            assert_eq!(back.providers()[p].prefill, prefill(p), "{p}");
+        }
+
+        // A resume that could never happen is refused, as is a prefill
+        // style the kind cannot speak.
+        let errs = compile_with(
+            &yaml.replace("fallbacks: [s]", "fallbacks: []"),
+            &[("K", "sk-k")],
+        )
+        .unwrap_err();
+        assert!(errs.iter().any(|e| e.path == "routes.r.resume"), "{errs:?}");
+        for (kind, style) in [
+            ("openai", "prefix"),
+            ("gemini", "prefix"),
+            ("anthropic", "prefix"),
+            ("openai-compatible", "trailing_assistant"),
+        ] {
+            let y = format!(
+                "providers:\n  x: {{ kind: {kind}, base_url: \"http://127.0.0.1:9\", prefill: {style} }}\n"
+            );
+            let errs = compile_with(&y, &[]).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.path == "providers.x.prefill"),
+                "{kind} {style}: {errs:?}"
+            );
+        }
     }
 
     #[test]

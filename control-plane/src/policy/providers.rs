@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_proto::{
-    FaultMode, KeyPoolSnapshot, KeySource, ModelPrice, PoolKey, ProviderKind, ProviderSnapshot,
-    RegionSnapshot, SimulatedFault, SimulatedProfile, SimulatedSettings,
+    FaultMode, KeyPoolSnapshot, KeySource, ModelPrice, PoolKey, Prefill, ProviderKind,
+    ProviderSnapshot, RegionSnapshot, SimulatedFault, SimulatedProfile, SimulatedSettings,
 };
 
 use super::{
     default_models, is_http_url, is_key_id, is_tag, live_note, Errors, FaultDoc, PolicyDocument,
-    PolicyOptions, ProfileDoc, ProviderDoc, SimulatedDoc, ENV_PROVIDERS,
+    PolicyOptions, PrefillDoc, ProfileDoc, ProviderDoc, SimulatedDoc, ENV_PROVIDERS,
 };
 use crate::secrets::MASTER_KEY_ENV;
 
@@ -129,6 +129,7 @@ pub(super) fn providers(
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: Vec::new(),
             }),
         );
@@ -252,6 +253,7 @@ fn declared_provider(
     } else {
         p.models.clone()
     };
+    let prefill = prefill(&path, kind, p.prefill, err);
     let note = live_note(kind, &base_url, key_pools.len());
     let provider = ProviderSnapshot {
         name: name.to_string(),
@@ -263,9 +265,57 @@ fn declared_provider(
         region: p.region.clone(),
         jurisdiction,
         pricing,
+        prefill,
         key_pools,
     };
     Some((provider, note))
+}
+
+/// What a kind of provider is known to support without being told:
+/// Anthropic continues a trailing assistant message (documented prefill);
+/// OpenAI's own API has no prefill.
+fn default_prefill(kind: ProviderKind) -> Prefill {
+    match kind {
+        ProviderKind::Anthropic => Prefill::TrailingAssistant,
+        _ => Prefill::None,
+    }
+}
+
+/// `providers.P.prefill`: declared, never guessed. The OpenAI-compatible
+/// styles need an OpenAI-compatible server that documents them; a style a
+/// kind cannot speak is refused rather than silently never used.
+fn prefill(
+    path: &str,
+    kind: ProviderKind,
+    declared: Option<PrefillDoc>,
+    err: &mut impl FnMut(String, String),
+) -> Prefill {
+    let Some(declared) = declared else {
+        return default_prefill(kind);
+    };
+    let (prefill, fits) = match declared {
+        PrefillDoc::None => (Prefill::None, true),
+        PrefillDoc::TrailingAssistant => {
+            (Prefill::TrailingAssistant, kind == ProviderKind::Anthropic)
+        }
+        PrefillDoc::Prefix => (Prefill::Prefix, kind == ProviderKind::OpenAiCompatible),
+        PrefillDoc::ContinueFinalMessage => (
+            Prefill::ContinueFinalMessage,
+            kind == ProviderKind::OpenAiCompatible,
+        ),
+    };
+    if !fits {
+        err(
+            format!("{path}.prefill"),
+            format!(
+                "`{}` is not supported by kind {} (trailing_assistant: anthropic; prefix and continue_final_message: openai-compatible servers that document them; none: any)",
+                prefill.as_str(),
+                kind.as_str()
+            ),
+        );
+        return Prefill::None;
+    }
+    prefill
 }
 
 fn pricing(
@@ -495,6 +545,7 @@ fn env_providers(
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: default_prefill(*kind),
                 key_pools: vec![KeyPoolSnapshot {
                     name: "default".into(),
                     region: None,

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use switchyard_proto::wire::MAX_RETRIES;
 use switchyard_proto::{
-    Downgrade, ProviderSnapshot, RetryPolicy, RouteRule, RouteSnapshot, RouteTarget, RuleCondition,
-    Strategy, WeightedTarget,
+    Downgrade, HedgePolicy, ProviderSnapshot, RetryPolicy, RouteRule, RouteSnapshot, RouteTarget,
+    RuleCondition, Strategy, TargetFilter, TargetMatch, WeightedTarget,
 };
 
 use super::{Errors, PolicyDocument, PolicyOptions, StrategyDoc, ENV_PROVIDERS};
@@ -118,6 +118,12 @@ pub(super) fn routes(
         if r.max_attempts == Some(0) {
             err(format!("{path}.max_attempts"), "must be at least 1".into());
         }
+        if r.resume && !any_prefill(doc, providers, name) {
+            err(
+                format!("{path}.resume"),
+                "no target of the route or its fallbacks supports prefill (`providers.P.prefill`), so a cut stream could never be resumed".into(),
+            );
+        }
         if r.attempt_timeout_ms == Some(0) {
             err(
                 format!("{path}.attempt_timeout_ms"),
@@ -153,17 +159,71 @@ pub(super) fn routes(
         let mut rules = Vec::new();
         for (i, rule) in r.rules.iter().enumerate() {
             let rpath = format!("{path}.rules[{i}]");
-            if !doc.routes.contains_key(&rule.route) {
-                err(
-                    format!("{rpath}.route"),
-                    format!("unknown route {:?}", rule.route),
-                );
-            } else if rule.route == *name {
-                err(
-                    format!("{rpath}.route"),
-                    "a rule cannot send a route to itself".into(),
-                );
+            match &rule.route {
+                Some(to) if !doc.routes.contains_key(to) => {
+                    err(format!("{rpath}.route"), format!("unknown route {to:?}"));
+                }
+                Some(to) if to == name => {
+                    err(
+                        format!("{rpath}.route"),
+                        "a rule cannot send a route to itself".into(),
+                    );
+                }
+                Some(_) => {}
+                None if rule.filter.is_none() => {
+                    err(
+                        rpath.clone(),
+                        "a rule needs a `route`, a `filter` or both".into(),
+                    );
+                }
+                None => {}
             }
+            let filter = rule.filter.as_ref().map(|f| {
+                let fpath = format!("{rpath}.filter");
+                if f.keep.is_empty() && f.drop.is_empty() {
+                    err(fpath.clone(), "give `keep`, `drop` or both".into());
+                }
+                let mut matches = |list: &[super::MatchDoc], field: &str| {
+                    list.iter()
+                        .enumerate()
+                        .map(|(j, m)| {
+                            let mpath = format!("{fpath}.{field}[{j}]");
+                            if m.provider.is_none() && m.model.is_none() && m.region.is_none() {
+                                err(
+                                    mpath.clone(),
+                                    "give provider, model, region or several".into(),
+                                );
+                            }
+                            if let Some(p) = &m.provider {
+                                if !declared(doc, opts, p) {
+                                    err(
+                                        format!("{mpath}.provider"),
+                                        format!("unknown provider {p:?}"),
+                                    );
+                                }
+                            }
+                            if let Some(r) = &m.region {
+                                if !doc.regions.contains_key(r)
+                                    && !doc
+                                        .providers
+                                        .values()
+                                        .any(|p| p.region.as_deref() == Some(r))
+                                {
+                                    err(format!("{mpath}.region"), format!("unknown region {r:?}"));
+                                }
+                            }
+                            TargetMatch {
+                                provider: m.provider.clone(),
+                                model: m.model.clone(),
+                                region: m.region.clone(),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let keep = matches(&f.keep, "keep");
+                let drop = matches(&f.drop, "drop");
+                TargetFilter { keep, drop }
+            });
             let w = &rule.when;
             let header = match &w.header {
                 None => None,
@@ -204,7 +264,8 @@ pub(super) fn routes(
             }
             rules.push(RouteRule {
                 when,
-                route: rule.route.clone(),
+                route: rule.route.clone().unwrap_or_default(),
+                filter,
             });
         }
         let downgrade = r.downgrade.as_ref().map(|d| {
@@ -223,6 +284,27 @@ pub(super) fn routes(
             Downgrade {
                 route: d.route.clone(),
                 ttft_over: d.ttft_p95_over_ms.map(Duration::from_millis),
+            }
+        });
+        let hedge = r.hedge.as_ref().map(|h| {
+            for (field, v) in [("delay_ms", h.delay_ms), ("min_delay_ms", h.min_delay_ms)] {
+                if v == Some(0) {
+                    err(
+                        format!("{path}.hedge.{field}"),
+                        "must be greater than 0".into(),
+                    );
+                }
+            }
+            if h.min_delay_ms.is_some() && h.after.is_none() {
+                err(
+                    format!("{path}.hedge.min_delay_ms"),
+                    "only means something with `after: p95`".into(),
+                );
+            }
+            HedgePolicy {
+                delay: Duration::from_millis(h.delay_ms.unwrap_or(1000).max(1)),
+                after_p95: h.after == Some(super::HedgeAfterDoc::P95),
+                min_delay: Duration::from_millis(h.min_delay_ms.unwrap_or(50)),
             }
         });
         if r.first_token_timeout_ms == Some(0) {
@@ -263,10 +345,36 @@ pub(super) fn routes(
                 attempt_timeout: r.attempt_timeout_ms.map(Duration::from_millis),
                 rules,
                 downgrade,
+                hedge,
+                resume: r.resume,
             }),
         );
     }
     routes
+}
+
+/// Whether some target of `route` or of the routes it falls back to can
+/// continue a partial answer.
+fn any_prefill(doc: &PolicyDocument, providers: &Providers, route: &str) -> bool {
+    let mut stack = vec![route];
+    let mut seen = HashSet::new();
+    while let Some(r) = stack.pop() {
+        if !seen.insert(r) {
+            continue;
+        }
+        let Some(doc_route) = doc.routes.get(r) else {
+            continue;
+        };
+        if doc_route.targets.iter().any(|t| {
+            providers
+                .get(&t.provider)
+                .is_some_and(|p| p.prefill != switchyard_proto::Prefill::None)
+        }) {
+            return true;
+        }
+        stack.extend(doc_route.fallbacks.iter().map(String::as_str));
+    }
+    false
 }
 
 fn reaches(doc: &PolicyDocument, from: &str, target: &str) -> bool {

@@ -99,6 +99,9 @@ pub(super) fn tenants(
                 "only means something with `residency`".into(),
             );
         }
+        if t.hedge_budget_percent.is_some_and(|p| p > 100) {
+            err(format!("{path}.hedge_budget_percent"), "at most 100".into());
+        }
         let tenant = Tenant {
             id: t.id.clone(),
             allowed_models: t.allowed_models.clone(),
@@ -112,6 +115,7 @@ pub(super) fn tenants(
             limit_share: None,
             residency: t.residency.clone(),
             edge_residency_relaxed: t.edge_residency == Some(EdgeResidencyDoc::Relaxed),
+            hedge_budget_percent: t.hedge_budget_percent,
         };
         match key {
             Some(key) => tenants.insert(key, tenant),

@@ -62,22 +62,31 @@ impl LocalCounters {
                 .filter(|s| s.expires_ms > now_ms)
                 .map_or(0, |s| s.value)
         };
+        let previous =
+            |shard: &Shard, c: &Check| c.previous.as_deref().map_or(0, |k| current(shard, k));
         for (i, c) in checks.iter().enumerate() {
-            let used = current(&shard, &c.key);
+            let (now, before) = (current(&shard, &c.key), previous(&shard, c));
+            let used = c.effective(now, before);
             if c.exceeded_by(used) {
-                return Decision::Refused { index: i, used };
+                return Decision::Refused {
+                    index: i,
+                    used,
+                    retry_ms: c.retry_ms(now, before),
+                };
             }
         }
         let mut after = Vec::with_capacity(checks.len());
         for c in checks {
             let used = current(&shard, &c.key);
+            let before = previous(&shard, c);
             let slot = shard.slots.entry(c.key.as_str().into()).or_insert(Slot {
                 value: 0,
                 expires_ms: 0,
             });
             slot.value = used + c.cost;
             slot.expires_ms = now_ms + c.ttl_ms;
-            after.push(slot.value);
+            let value = slot.value;
+            after.push(c.effective(value, before));
         }
         Decision::Admitted { after }
     }

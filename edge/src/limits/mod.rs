@@ -19,10 +19,13 @@
 //!   plane leased it (`Tenant::limit_share`). The overshoot across edges is
 //!   bounded by the leases: see `docs/tenants.md`.
 //!
-//! Windows are fixed (the UTC minute, day, month), so OpenAI-style `reset`
-//! headers are exact. Budgets are compared with the fleet-wide spend the
-//! control plane pushes (from its usage ledger) plus what this edge spent
-//! since.
+//! Requests and tokens per minute count over a sliding minute: the UTC
+//! minute's counter plus the previous minute's, weighted by the share of
+//! that minute still inside the last 60 s (the two-bucket estimate), so a
+//! burst at a minute boundary cannot reach twice the limit within 60 s.
+//! Budgets use fixed windows (the UTC day and month). Budgets are compared
+//! with the fleet-wide spend the control plane pushes (from its usage
+//! ledger) plus what this edge spent since.
 
 mod local;
 mod shared;
@@ -45,6 +48,8 @@ const DAY_MS: u64 = 86_400_000;
 const IN_FLIGHT_TTL_MS: u64 = 10 * MINUTE_MS;
 /// Budgets are counted in millionths of a dollar.
 const MICRO: f64 = 1_000_000.0;
+/// Weights of the previous minute are in millionths.
+const PPM: i64 = 1_000_000;
 
 /// What one counter measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +94,10 @@ pub struct Check {
     pub ttl_ms: u64,
     /// Milliseconds until the counter's window ends.
     pub reset_ms: u64,
+    /// Sliding windows: the previous window's counter, counted at
+    /// `weight_ppm` millionths (the share of it still inside the window).
+    pub previous: Option<String>,
+    pub weight_ppm: i64,
     /// Budgets: what the fleet had spent when this edge's counter started
     /// (the control plane's figure; 0 with shared counters, which count
     /// every edge's spend themselves).
@@ -96,6 +105,41 @@ pub struct Check {
 }
 
 impl Check {
+    /// The count the limit is compared with: this window's counter plus
+    /// the previous one's weighted share.
+    pub fn effective(&self, current: i64, previous: i64) -> i64 {
+        current + previous * self.weight_ppm / PPM
+    }
+
+    /// How long until a refused request would fit, exactly as
+    /// [`Check::effective`] counts: until enough of the previous window has
+    /// slid out, or, when this window alone is too full, until it has
+    /// become the previous one and enough of it has slid out.
+    pub fn retry_ms(&self, current: i64, previous: i64) -> u64 {
+        if self.previous.is_none() {
+            return self.reset_ms;
+        }
+        let cost = self.cost.max(1);
+        if cost > self.limit {
+            // Never fits; the client learns that from the message.
+            return self.reset_ms + MINUTE_MS;
+        }
+        // Fits once `previous * weight / 1e6` (rounded down) is at most
+        // `room - 1`, i.e. below `room`; the weight falls by 1e6 per minute.
+        let wait = |previous: i64, weight_ppm: i64, room: i64| -> u64 {
+            let over = previous * weight_ppm - room * PPM;
+            if previous <= 0 || over < 0 {
+                return 0;
+            }
+            (over as u64 * MINUTE_MS) / (previous as u64 * PPM as u64) + 1
+        };
+        if current + cost <= self.limit {
+            wait(previous, self.weight_ppm, self.limit - cost - current + 1).max(1)
+        } else {
+            self.reset_ms + wait(current, PPM, self.limit - cost + 1)
+        }
+    }
+
     /// Budgets cost nothing up front (the cost is known at the end), yet
     /// one spent to the last cent must refuse: every check takes at least 1.
     fn exceeded_by(&self, used: i64) -> bool {
@@ -107,8 +151,13 @@ impl Check {
 pub enum Decision {
     /// Counted; each counter's value afterwards, in check order.
     Admitted { after: Vec<i64> },
-    /// `checks[index]` is full at `used`; nothing was counted.
-    Refused { index: usize, used: i64 },
+    /// `checks[index]` is full at `used`; nothing was counted. The request
+    /// would fit in `retry_ms`.
+    Refused {
+        index: usize,
+        used: i64,
+        retry_ms: u64,
+    },
 }
 
 /// Where a request's counters were taken, so `record` gives back to the
@@ -319,11 +368,18 @@ impl Limiter {
                 };
                 Ok((Some(ticket), headers))
             }
-            Decision::Refused { index, used } => {
+            Decision::Refused {
+                index,
+                used,
+                retry_ms,
+            } => {
                 // Refused by a budget: that one is spent. Nothing was
                 // counted, so the others are left as they were.
                 self.observe_budgets(&checks, |i| (i == index).then(|| used.max(checks[i].limit)));
-                let c = &checks[index];
+                // `retry-after` and the reset headers say when it would fit.
+                let mut c = checks[index].clone();
+                c.reset_ms = retry_ms;
+                let c = &c;
                 self.rejections.with_label_values(&[c.kind.label()]).inc();
                 // The limits, then what is left of the one that refused
                 // (nothing) and when it resets.
@@ -383,6 +439,25 @@ fn keys_of(checks: &[Check], kind: Kind) -> Vec<String> {
         .collect()
 }
 
+/// The counters a request of an owner with `limits` takes at `now_ms`
+/// (whole limits, no fleet spend, a one-token estimate), for tests and
+/// benchmarks that drive a counter store directly.
+pub fn checks_at(prefix: &str, limits: &LimitSet, now_ms: u64) -> Vec<Check> {
+    let mut checks = Vec::new();
+    add_checks(
+        &mut checks,
+        "tenant",
+        prefix,
+        prefix,
+        limits,
+        1.0,
+        None,
+        1,
+        now_ms,
+    );
+    checks
+}
+
 #[allow(clippy::too_many_arguments)]
 fn add_checks(
     checks: &mut Vec<Check>,
@@ -398,7 +473,16 @@ fn add_checks(
     let leased = |limit: u64| ((limit as f64 * share).ceil() as i64).max(1);
     let minute = now / MINUTE_MS;
     let minute_reset = (minute + 1) * MINUTE_MS - now;
-    let mut push = |kind, key: String, limit: i64, configured: i64, cost: i64, ttl_ms, reset_ms| {
+    // The share of the previous minute still inside the last 60 s.
+    let weight_ppm = ((MINUTE_MS - now % MINUTE_MS) as i64 * PPM) / MINUTE_MS as i64;
+    let mut push = |kind,
+                    key: String,
+                    limit: i64,
+                    configured: i64,
+                    cost: i64,
+                    ttl_ms,
+                    reset_ms,
+                    previous: Option<String>| {
         checks.push(Check {
             kind,
             scope,
@@ -409,10 +493,13 @@ fn add_checks(
             cost,
             ttl_ms,
             reset_ms,
+            weight_ppm: if previous.is_some() { weight_ppm } else { 0 },
+            previous,
             spent: 0,
         })
     };
     let mut spent_by = [0i64; 2];
+    // Counters live two minutes: the previous minute's is still there.
     if let Some(rpm) = limits.rpm {
         push(
             Kind::Requests,
@@ -422,6 +509,7 @@ fn add_checks(
             1,
             2 * MINUTE_MS,
             minute_reset,
+            Some(format!("{prefix}:rpm:{}", minute.saturating_sub(1))),
         );
     }
     if let Some(tpm) = limits.tpm {
@@ -433,6 +521,7 @@ fn add_checks(
             estimate.max(1) as i64,
             2 * MINUTE_MS,
             minute_reset,
+            Some(format!("{prefix}:tpm:{}", minute.saturating_sub(1))),
         );
     }
     if let Some(n) = limits.concurrency {
@@ -444,6 +533,7 @@ fn add_checks(
             1,
             IN_FLIGHT_TTL_MS,
             1000,
+            None,
         );
     }
     let (day, month, day_reset, month_reset) = calendar(now);
@@ -468,6 +558,7 @@ fn add_checks(
             0,
             2 * DAY_MS,
             day_reset,
+            None,
         );
     }
     if let Some(usd) = limits.monthly_usd {
@@ -485,6 +576,7 @@ fn add_checks(
             0,
             32 * DAY_MS,
             month_reset,
+            None,
         );
     }
     for c in checks.iter_mut().filter(|c| c.scope == scope) {
@@ -692,6 +784,60 @@ mod tests {
         assert_eq!(days_from_civil(2026, 11, 29), day);
     }
 
+    /// 30 requests in the last second of a minute and 30 more in the first
+    /// second of the next: fixed windows admitted all 60 within 2 s. The
+    /// sliding minute admits one more (the previous minute's weight is
+    /// 59/60 of 30 = 29), says when the next fits, and it does then.
+    #[test]
+    fn a_burst_across_a_minute_boundary_cannot_reach_twice_the_rpm() {
+        let local = LocalCounters::default();
+        let limits = LimitSet {
+            rpm: Some(30),
+            ..LimitSet::default()
+        };
+        let boundary = (1_795_950_000_000u64 / MINUTE_MS + 1) * MINUTE_MS;
+        let try_at = |at: u64| local.acquire("t", &checks_at("t:t", &limits, at), at);
+        let late = (0..30)
+            .filter(|_| matches!(try_at(boundary - 1000), Decision::Admitted { .. }))
+            .count();
+        assert_eq!(late, 30);
+        let mut early = 0;
+        let mut retry = None;
+        for _ in 0..30 {
+            match try_at(boundary + 1000) {
+                Decision::Admitted { after } => {
+                    early += 1;
+                    assert_eq!(after, vec![30], "the sliding count");
+                }
+                Decision::Refused { retry_ms, used, .. } => {
+                    assert_eq!(used, 30);
+                    retry = Some(retry_ms);
+                }
+            }
+        }
+        assert_eq!(early, 1, "{late} + {early} requests within 2 s at rpm 30");
+        let retry = retry.expect("refused");
+        assert_eq!(
+            retry, 1000,
+            "until one more request of the previous minute slid out"
+        );
+        assert!(
+            matches!(
+                try_at(boundary + 1000 + retry - 1),
+                Decision::Refused { .. }
+            ),
+            "not a millisecond earlier"
+        );
+        assert!(matches!(
+            try_at(boundary + 1000 + retry),
+            Decision::Admitted { .. }
+        ));
+        assert!(matches!(
+            try_at(boundary + 1000 + retry),
+            Decision::Refused { .. }
+        ));
+    }
+
     #[test]
     fn reset_text_is_openai_shaped() {
         assert_eq!(reset_text(20), "20ms");
@@ -730,6 +876,7 @@ mod tests {
                 prompt_tokens: 20,
                 completion_tokens: 30,
                 cached_tokens: 0,
+                reasoning_tokens: 0,
             }),
             0.0,
         );

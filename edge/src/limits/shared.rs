@@ -15,23 +15,38 @@ use redis::Script;
 
 use super::{Check, Decision};
 
-/// KEYS: counters. ARGV: per counter `limit, cost, ttl_ms`. Returns
-/// `{0, value...}` after counting, or `{index (1-based), used}` for the
+/// KEYS: per counter, the counter and the previous window's (the same key
+/// again for fixed windows, at weight 0). ARGV: per counter `limit, cost,
+/// ttl_ms, weight_ppm`. The count compared with the limit is the counter
+/// plus the previous window's share (`floor(previous * weight / 1e6)`, the
+/// sliding-window estimate, as [`Check::effective`]). Returns `{0, count...}`
+/// after counting, or `{index (1-based), count, current, previous}` for the
 /// first counter that would go over its limit (nothing counted then).
 const ACQUIRE: &str = r#"
-local n = #KEYS
+local n = #KEYS / 2
+local function counts(i)
+  local cur = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+  local prev = 0
+  local w = tonumber(ARGV[(i - 1) * 4 + 4])
+  if w > 0 then
+    prev = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
+  end
+  return cur, prev, cur + math.floor(prev * w / 1000000)
+end
 for i = 1, n do
-  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
-  local limit = tonumber(ARGV[(i - 1) * 3 + 1])
-  local cost = tonumber(ARGV[(i - 1) * 3 + 2])
+  local cur, prev, used = counts(i)
+  local limit = tonumber(ARGV[(i - 1) * 4 + 1])
+  local cost = tonumber(ARGV[(i - 1) * 4 + 2])
   if cost < 1 then cost = 1 end
-  if used + cost > limit then return {i, used} end
+  if used + cost > limit then return {i, used, cur, prev} end
 end
 local out = {0}
 for i = 1, n do
-  local v = redis.call('INCRBY', KEYS[i], ARGV[(i - 1) * 3 + 2])
-  redis.call('PEXPIRE', KEYS[i], ARGV[(i - 1) * 3 + 3])
-  out[i + 1] = v
+  local _, prev, _ = counts(i)
+  local w = tonumber(ARGV[(i - 1) * 4 + 4])
+  local v = redis.call('INCRBY', KEYS[2 * i - 1], ARGV[(i - 1) * 4 + 2])
+  redis.call('PEXPIRE', KEYS[2 * i - 1], ARGV[(i - 1) * 4 + 3])
+  out[i + 1] = v + math.floor(prev * w / 1000000)
 end
 return out
 "#;
@@ -145,7 +160,18 @@ impl SharedCounters {
         let mut call = self.acquire.prepare_invoke();
         for c in checks {
             call.key(format!("{PREFIX}{}", c.key));
-            call.arg(c.limit).arg(c.cost).arg(c.ttl_ms);
+            call.key(format!(
+                "{PREFIX}{}",
+                c.previous.as_deref().unwrap_or(c.key.as_str())
+            ));
+            call.arg(c.limit)
+                .arg(c.cost)
+                .arg(c.ttl_ms)
+                .arg(if c.previous.is_some() {
+                    c.weight_ppm
+                } else {
+                    0
+                });
         }
         let reply: Vec<i64> =
             tokio::time::timeout(self.link.timeout(), call.invoke_async(&mut conn))
@@ -155,10 +181,15 @@ impl SharedCounters {
             Some((0, after)) => Ok(Decision::Admitted {
                 after: after.to_vec(),
             }),
-            Some((&i, rest)) if i >= 1 => Ok(Decision::Refused {
-                index: (i - 1) as usize,
-                used: rest.first().copied().unwrap_or(0),
-            }),
+            Some((&i, rest)) if i >= 1 && (i as usize) <= checks.len() => {
+                let index = (i - 1) as usize;
+                let at = |n: usize| rest.get(n).copied().unwrap_or(0);
+                Ok(Decision::Refused {
+                    index,
+                    used: at(0),
+                    retry_ms: checks[index].retry_ms(at(1), at(2)),
+                })
+            }
             _ => Err(SharedError::Redis(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
                 "limit script answered an unexpected shape",

@@ -140,6 +140,17 @@ pub(crate) fn request_id(session: &ServerSession) -> String {
     format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..))
 }
 
+/// The caller's W3C `traceparent`, when valid (an invalid one starts a new
+/// trace, as the specification asks).
+pub(crate) fn traceparent(
+    session: &ServerSession,
+) -> Option<switchyard_backhaul::trace::TraceContext> {
+    session
+        .get_header("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(switchyard_backhaul::trace::TraceContext::parse)
+}
+
 pub(crate) async fn admit(
     app: &EdgeApp,
     session: &mut ServerSession,

@@ -57,7 +57,7 @@ pub(crate) enum AnswerBody {
 }
 
 /// How one try of one target ended.
-enum Step {
+pub(super) enum Step {
     Answer(Answer),
     Failed(GatewayError),
     /// Not tried: its breaker is open.
@@ -66,10 +66,10 @@ enum Step {
 }
 
 /// What every attempt of one request shares.
-struct Attempts<'a> {
-    app: &'a EdgeApp,
-    snap: &'a Snapshot,
-    plan: &'a Plan,
+pub(super) struct Attempts<'a> {
+    pub app: &'a EdgeApp,
+    pub snap: &'a Snapshot,
+    pub plan: &'a Plan,
     op: Operation,
     simulate: Option<String>,
     forward_headers: Vec<(String, String)>,
@@ -105,7 +105,7 @@ pub(crate) async fn dispatch(
     if let Some(b) = &budget {
         app.health.budget_request(b, Instant::now());
     }
-    let mut run = Attempts {
+    let run = Attempts {
         app,
         snap,
         plan,
@@ -114,39 +114,50 @@ pub(crate) async fn dispatch(
         forward_headers,
         limit,
     };
+    let hedging = super::hedge::hedging(&run, ctx);
     let n = plan.targets.len();
     let mut failed: Vec<Option<GatewayError>> = vec![None; n];
     let mut last_error: Option<GatewayError> = None;
 
-    'first: for (i, slot) in failed.iter_mut().enumerate() {
-        match run.try_target(session, ctx, i).await {
-            Step::Answer(a) => return Ok(Some(a)),
-            Step::ClientGone => return Ok(None),
-            Step::Skipped => continue,
-            Step::Failed(e) => {
-                let stop = !e.may_try_another_target();
-                if !stop && i + 1 < n {
-                    let (from, to) = (&plan.targets[i].target, &plan.targets[i + 1].target);
-                    tracing::warn!(
-                        target: "switchyard::failover",
-                        request_id = %ctx.request_id,
-                        from = %from.provider,
-                        from_model = %from.model,
-                        to = %to.provider,
-                        to_model = %to.model,
-                        error = e.kind.label(),
-                        code = e.code.unwrap_or(""),
-                        "failover"
-                    );
-                    app.metrics.failover(&from.provider, &to.provider);
-                }
-                *slot = Some(e.clone());
-                last_error = Some(e);
-                if stop {
-                    break 'first;
+    let mut i = 0;
+    'first: while i < n {
+        let (step, hedged) = match &hedging {
+            Some(h) => h.try_target(&run, session, ctx, i).await,
+            None => (run.try_target(session, ctx, i).await, None),
+        };
+        // A hedge that failed too was the plan's next target to try.
+        let next = hedged.as_ref().map_or(i + 1, |(j, _)| j + 1);
+        for (k, step) in std::iter::once((i, step)).chain(hedged) {
+            match step {
+                Step::Answer(a) => return Ok(Some(a)),
+                Step::ClientGone => return Ok(None),
+                Step::Skipped => continue,
+                Step::Failed(e) => {
+                    let stop = !e.may_try_another_target();
+                    if !stop && next < n {
+                        let (from, to) = (&plan.targets[k].target, &plan.targets[next].target);
+                        tracing::warn!(
+                            target: "switchyard::failover",
+                            request_id = %ctx.request_id,
+                            from = %from.provider,
+                            from_model = %from.model,
+                            to = %to.provider,
+                            to_model = %to.model,
+                            error = e.kind.label(),
+                            code = e.code.unwrap_or(""),
+                            "failover"
+                        );
+                        app.metrics.failover(&from.provider, &to.provider);
+                    }
+                    failed[k] = Some(e.clone());
+                    last_error = Some(e);
+                    if stop {
+                        break 'first;
+                    }
                 }
             }
         }
+        i = next;
     }
 
     let policy = plan.retry;
@@ -303,14 +314,50 @@ fn retry_wait(
     Some(asked.map_or(jittered, |a| a.max(jittered)))
 }
 
+/// An attempt about to be made: what `finish` needs once it ends.
+pub(super) struct Started {
+    pub i: usize,
+    entry: Option<Arc<health::Entry>>,
+    probe: Option<health::Probe>,
+    /// Counted in flight for `least_busy` until the answer ends.
+    in_flight: Option<health::InFlight>,
+    /// The attempt's span, sent over the backhaul as the egress's parent.
+    span: switchyard_backhaul::trace::TraceContext,
+    pub started: Instant,
+}
+
 impl Attempts<'_> {
     /// One try of the plan's `i`th target, unless its breaker is open.
     async fn try_target(
-        &mut self,
+        &self,
         session: &mut ServerSession,
         ctx: &mut RequestCtx,
         i: usize,
     ) -> Step {
+        let (req, started) = match self.start(ctx, i) {
+            Ok(s) => s,
+            Err(step) => return step,
+        };
+        // A client that hangs up while we wait for the provider cancels
+        // the provider call: dropping the future closes the request.
+        let result = tokio::select! {
+            r = self.attempt(req) => r,
+            _ = session.read_body_or_idle(true) => {
+                self.abandon(ctx, started, "client_gone");
+                ctx.client_gone = true;
+                return Step::ClientGone;
+            }
+        };
+        self.finish(ctx, started, result)
+    }
+
+    /// Takes the target's breaker slot and builds its request; `Err` when
+    /// the breaker is open (the skip is an event and a metric).
+    pub(super) fn start(
+        &self,
+        ctx: &RequestCtx,
+        i: usize,
+    ) -> Result<(EgressRequest, Started), Step> {
         let app = self.app;
         let planned = &self.plan.targets[i];
         let entry = app.health.target(&health::target_id(
@@ -338,10 +385,10 @@ impl Attempts<'_> {
                     "target ejected; skipped"
                 );
                 app.metrics.ejected_skip(&planned.target.provider);
-                return Step::Skipped;
+                return Err(Step::Skipped);
             }
         };
-        ctx.served = Some(planned.clone());
+        let span = ctx.trace.child();
         let req = EgressRequest {
             request_id: ctx.request_id.clone(),
             tenant: ctx
@@ -359,33 +406,56 @@ impl Attempts<'_> {
             inbound: ctx.protocol,
             forward_headers: self.forward_headers.clone(),
             residency: ctx.residency.clone().unwrap_or_default(),
+            trace: Some(span),
         };
-        let started = Instant::now();
-        // Counted in flight for `least_busy` until the answer ends.
         let in_flight = entry.as_ref().map(|e| e.start());
-        // A client that hangs up while we wait for the provider cancels
-        // the provider call: dropping the future closes the request.
-        let result = tokio::select! {
-            r = attempt(app.upstream.as_ref(), req, self.limit) => r,
-            _ = session.read_body_or_idle(true) => {
-                ctx.client_gone = true;
-                ctx.attempts.push(Attempt { target: i, elapsed: started.elapsed(), error: Some("client_gone") });
-                return Step::ClientGone;
-            }
-        };
-        if let Some(t) = record_health(app, entry.as_deref(), result.as_ref().err(), started) {
+        Ok((
+            req,
+            Started {
+                i,
+                entry,
+                probe,
+                in_flight,
+                span,
+                started: Instant::now(),
+            },
+        ))
+    }
+
+    /// The attempt itself, up to its commit point.
+    pub(super) fn attempt(
+        &self,
+        req: EgressRequest,
+    ) -> impl std::future::Future<Output = Result<Answer, GatewayError>> + Send + '_ {
+        attempt(self.app.upstream.as_ref(), req, self.limit)
+    }
+
+    /// Books an attempt that ended: health, breaker, `ctx.attempts`.
+    pub(super) fn finish(
+        &self,
+        ctx: &mut RequestCtx,
+        s: Started,
+        result: Result<Answer, GatewayError>,
+    ) -> Step {
+        let app = self.app;
+        let planned = &self.plan.targets[s.i];
+        ctx.served = Some(planned.clone());
+        if let Some(t) = record_health(app, s.entry.as_deref(), result.as_ref().err(), s.started) {
             report_breaker(app, ctx, planned, t);
         }
-        drop(probe);
+        drop(s.probe);
         let error = result
             .as_ref()
             .err()
             .map(|e| e.code.unwrap_or(e.kind.label()));
         ctx.attempts.push(Attempt {
-            target: i,
-            elapsed: started.elapsed(),
+            target: s.i,
+            elapsed: s.started.elapsed(),
             error,
+            span: Some(s.span),
+            started_after: s.started.saturating_duration_since(ctx.received_at),
         });
+        let in_flight = s.in_flight;
         match result {
             Ok(mut answer) => {
                 if let AnswerBody::Stream { rest, .. } = &mut answer.body {
@@ -401,6 +471,22 @@ impl Attempts<'_> {
             }
             Err(e) => Step::Failed(e),
         }
+    }
+
+    /// Books an attempt dropped before it ended (the client left, or a
+    /// hedge answered first): it counts as an attempt but says nothing
+    /// about the target's health.
+    pub(super) fn abandon(&self, ctx: &mut RequestCtx, s: Started, why: &'static str) {
+        if ctx.served.is_none() {
+            ctx.served = Some(self.plan.targets[s.i].clone());
+        }
+        ctx.attempts.push(Attempt {
+            target: s.i,
+            elapsed: s.started.elapsed(),
+            error: Some(why),
+            span: Some(s.span),
+            started_after: s.started.saturating_duration_since(ctx.received_at),
+        });
     }
 }
 
@@ -426,7 +512,7 @@ fn report_breaker(app: &EdgeApp, ctx: &RequestCtx, planned: &PlannedTarget, t: T
 }
 
 /// One attempt, up to the moment its answer can be committed.
-async fn attempt(
+pub(crate) async fn attempt(
     upstream: &dyn Upstream,
     req: EgressRequest,
     limit: Option<(Duration, &'static str)>,
@@ -495,8 +581,11 @@ pub(crate) fn answer_status(status: u16) -> Result<StatusCode, GatewayError> {
 }
 
 /// Feeds the planner's health board: what the attempt says about the
-/// target. A client's or the policy's fault says nothing about it.
-fn record_health(
+/// target. A client's or the policy's fault says nothing about it, nor
+/// does the backhaul's: an egress whose streams fail is cut off by its
+/// own breaker in the tunnel, and the target stays usable through the
+/// region's other egress nodes.
+pub(crate) fn record_health(
     app: &EdgeApp,
     entry: Option<&health::Entry>,
     error: Option<&GatewayError>,
@@ -506,7 +595,9 @@ fn record_health(
         None => Outcome::Success {
             latency: started.elapsed(),
         },
-        Some(e) if matches!(e.source, Source::Client | Source::Policy) => return None,
+        Some(e) if matches!(e.source, Source::Client | Source::Policy | Source::Backhaul) => {
+            return None
+        }
         Some(_) => Outcome::Failure,
     };
     app.health.record(entry?, outcome, Instant::now())

@@ -9,14 +9,17 @@
 //! 3. [`dispatch`]: the only place that makes attempts; moves to the next
 //!    target while nothing is committed and the error allows it.
 //! 4. [`respond`]: commits on the first event and writes the answer.
-//!    Hook: [`crate::hooks::ResponseObserver`].
+//!    Hook: [`crate::hooks::ResponseObserver`]. A route with `resume`
+//!    continues a cut text stream on another target ([`resume`]).
 //! 5. [`record`]: exactly one usage record. Hook: [`crate::hooks::RecordHook`].
 
 pub(crate) mod admit;
 pub(crate) mod dispatch;
+pub(crate) mod hedge;
 pub(crate) mod plan;
 pub(crate) mod record;
 pub(crate) mod respond;
+pub(crate) mod resume;
 
 use switchyard_llm::GatewayError;
 

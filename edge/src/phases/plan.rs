@@ -15,7 +15,8 @@ use switchyard_backhaul::{Operation, RawRequest};
 use switchyard_llm::openai::parse_json_object;
 use switchyard_llm::{ErrorKind, GatewayError, Retry};
 use switchyard_proto::{
-    Health, PlanError, PlannedTarget, ProviderKind, RetryPolicy, RouteTarget, Snapshot, Tenant,
+    Health, HedgePolicy, PlanError, PlannedTarget, ProviderKind, RetryPolicy, RouteTarget,
+    Snapshot, TargetFilter, Tenant,
 };
 
 use super::admit::{copy_headers, requested_model, Request, RAW_HEADERS};
@@ -39,6 +40,10 @@ pub struct Plan {
     /// route's, or the model name's when it names no route).
     pub retry: RetryPolicy,
     pub budget_key: String,
+    /// The route's hedging, if on.
+    pub hedge: Option<HedgePolicy>,
+    /// The route continues cut text streams elsewhere (`routes.R.resume`).
+    pub resume: bool,
 }
 
 /// What `dispatch` sends to each target of the plan.
@@ -71,9 +76,12 @@ pub(crate) fn plan(
         Request::Api { op, raw_body } => {
             let tenant = ctx.tenant.as_deref().ok_or_else(|| fail(no_tenant()))?;
             let requested = requested_model(&op);
-            let name = choose_route(app, session, snap, ctx, tenant, requested, &op);
+            let (name, filter) = choose_route(app, session, snap, ctx, tenant, requested, &op);
             let mut plan =
                 plan_as(snap, &app.health, tenant, requested, name, residency).map_err(fail)?;
+            if let Some(filter) = filter {
+                filter_targets(&mut plan, filter, requested).map_err(fail)?;
+            }
             let first = plan
                 .targets
                 .first()
@@ -94,6 +102,7 @@ pub(crate) fn plan(
                     plan.targets = plan.targets[..1].into();
                     plan.excluded = 0;
                     plan.retry.attempts = 0;
+                    plan.hedge = None;
                     (plan, Operation::Raw(raw))
                 }
             }
@@ -117,7 +126,8 @@ const TAGS_HEADER: &str = "x-switchyard-tags";
 
 /// The route a request is planned on: the requested route unless one of
 /// its rules matches (first match wins) or, for a non-critical request,
-/// its downgrade applies. Both are events and metrics.
+/// its downgrade applies, with the matching rule's target filter. Both
+/// are events and metrics.
 fn choose_route<'a>(
     app: &EdgeApp,
     session: &ServerSession,
@@ -126,9 +136,9 @@ fn choose_route<'a>(
     tenant: &Tenant,
     requested: &'a str,
     op: &Operation,
-) -> &'a str {
+) -> (&'a str, Option<&'a TargetFilter>) {
     let Some(route) = snap.route(requested) else {
-        return requested;
+        return (requested, None);
     };
     let header = |name: &str| {
         session
@@ -155,17 +165,24 @@ fn choose_route<'a>(
                 })
                 && (w.tenants.is_empty() || w.tenants.contains(&tenant.id));
             if holds {
+                // A filter-only rule keeps the route.
+                let to = if rule.route.is_empty() {
+                    &route.name
+                } else {
+                    &rule.route
+                };
                 tracing::info!(
                     target: "switchyard::rules",
                     event = "rule",
                     request_id = %ctx.request_id,
                     route = %route.name,
                     rule = i,
-                    to = %rule.route,
-                    "a policy rule chose the route"
+                    to = %to,
+                    filter = rule.filter.is_some(),
+                    "a policy rule matched"
                 );
-                app.metrics.rule_matched(&route.name, &rule.route);
-                return &rule.route;
+                app.metrics.rule_matched(&route.name, to);
+                return (to, rule.filter.as_ref());
             }
         }
     }
@@ -181,10 +198,36 @@ fn choose_route<'a>(
                 "the route's primary is degraded; non-critical request downgraded"
             );
             app.metrics.downgrade(&route.name, &d.route);
-            return &d.route;
+            return (&d.route, None);
         }
     }
-    requested
+    (requested, None)
+}
+
+/// A rule's filter over the plan: it only ever removes targets (residency
+/// was applied first), and a plan it leaves empty is refused with a clear
+/// error rather than sent somewhere the rule excluded.
+fn filter_targets(
+    plan: &mut Plan,
+    filter: &TargetFilter,
+    requested: &str,
+) -> Result<(), GatewayError> {
+    let admits =
+        |t: &PlannedTarget| filter.admits(&t.target.provider, &t.target.model, t.region.as_deref());
+    if plan.targets.iter().all(admits) {
+        return Ok(());
+    }
+    let kept: Vec<PlannedTarget> = plan.targets.iter().filter(|t| admits(t)).cloned().collect();
+    if kept.is_empty() {
+        return Err(GatewayError::new(
+            ErrorKind::Overloaded,
+            format!("A policy rule's filter left `{requested}` no target this gateway may use for this request."),
+        )
+        .with_code("rule_filtered_all")
+        .with_retry(Retry::Never));
+    }
+    plan.targets = kept.into();
+    Ok(())
 }
 
 /// Whether the route's first target is ejected, failing lately, or slower
@@ -322,6 +365,8 @@ fn passthrough_plan(
             ..RetryPolicy::default()
         },
         budget_key: String::new(),
+        hedge: None,
+        resume: false,
     })
 }
 
@@ -423,6 +468,8 @@ fn plan_as(
     let attempt_timeout = route.and_then(|r| r.attempt_timeout);
     let retry = route.map(|r| r.retry).unwrap_or_default();
     let budget_key = name.to_string();
+    let hedge = route.and_then(|r| r.hedge);
+    let resume = route.is_some_and(|r| r.resume);
     let plan = match residency {
         // Runtime health orders what the policy allows; it never adds to it.
         None => Plan {
@@ -433,6 +480,8 @@ fn plan_as(
             attempt_timeout,
             retry,
             budget_key,
+            hedge,
+            resume,
         },
         Some(allowed) => match switchyard_proto::plan::plan(snap, health, name, Some(allowed)) {
             Ok(targets) => {
@@ -446,6 +495,8 @@ fn plan_as(
                     attempt_timeout,
                     retry,
                     budget_key,
+                    hedge,
+                    resume,
                 }
             }
             Err(PlanError::Residency { blocked, .. }) => {
@@ -578,6 +629,7 @@ mod tests {
                 region: None,
                 jurisdiction: None,
                 pricing: HashMap::new(),
+                prefill: Default::default(),
                 key_pools: vec![],
             }),
         );

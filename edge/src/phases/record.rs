@@ -55,6 +55,12 @@ pub(crate) fn record(
             });
         }
     }
+    // What the provider did not spend of the time to the first byte was
+    // spent by the gateway (edge, backhaul, egress).
+    let overhead = match (record.ttft, stats.and_then(|s| s.upstream_us())) {
+        (Some(ttft), Some(upstream)) => Some(ttft.saturating_sub(Duration::from_micros(upstream))),
+        _ => None,
+    };
     app.metrics.observe(&Observation {
         endpoint: ctx.endpoint,
         provider: ctx
@@ -62,16 +68,40 @@ pub(crate) fn record(
             .as_ref()
             .map_or("none", |s| s.target.provider.as_str()),
         model: ctx.model_label.as_deref().unwrap_or("other"),
+        served_model: served_model_label(snap, ctx),
+        tenant: ctx.tenant.as_ref().map(|t| t.id.as_str()),
+        cost_usd: record.cost_usd,
+        overhead,
         status: record.status,
         latency: record.latency,
         ttft: record.ttft,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
+        cached_tokens: usage.cached_tokens,
+        reasoning_tokens: usage.reasoning_tokens,
         stream_failed: record.stream_failed,
         client_gone: record.client_gone,
     });
     for hook in &app.hooks.record {
         hook.on_record(ctx, &record);
+    }
+}
+
+/// The served model as a label: only models the policy lists for the
+/// provider (a caller may name others where a provider takes any), so the
+/// label set stays the policy's.
+fn served_model_label<'a>(snap: &Snapshot, ctx: &'a RequestCtx) -> &'a str {
+    let Some(s) = ctx.served.as_ref().filter(|s| !s.target.model.is_empty()) else {
+        return "none";
+    };
+    let listed = snap
+        .providers()
+        .get(&s.target.provider)
+        .is_some_and(|p| p.models.contains(&s.target.model));
+    if listed {
+        &s.target.model
+    } else {
+        "other"
     }
 }
 
@@ -92,8 +122,10 @@ pub(crate) fn cost(snap: &Snapshot, ctx: &RequestCtx, usage: Option<Usage>) -> f
 /// One line per request. Prompt and completion text are never logged.
 fn log(session: &ServerSession, ctx: &RequestCtx, record: &UsageRecord) {
     let req = session.req_header();
+    let trace_id = ctx.trace.trace_id_hex();
     access_log::emit(&AccessLine {
         request_id: &ctx.request_id,
+        trace_id: &trace_id,
         method: req.method.as_str(),
         path: req.uri.path(),
         tenant: ctx.tenant.as_ref().map_or("-", |t| t.id.as_str()),
@@ -109,6 +141,7 @@ fn log(session: &ServerSession, ctx: &RequestCtx, record: &UsageRecord) {
         prompt_tokens: record.usage.map(|u| u.prompt_tokens),
         completion_tokens: record.usage.map(|u| u.completion_tokens),
         attempts: record.attempts,
+        egress: ctx.stats.as_deref().and_then(|s| s.egress_node()),
         cost_usd: record.cost_usd,
         key: ctx.key.as_ref().map(|k| k.id.as_str()),
         error: record.error,

@@ -5,11 +5,11 @@
 //! every frame the moment it exists, never buffered. A client that hangs
 //! up is noticed even while the provider is silent.
 
-use futures::StreamExt;
 use pingora::protocols::http::ServerSession;
 use switchyard_proto::Snapshot;
 
 use super::dispatch::{Answer, AnswerBody};
+use super::resume::{Resume, Spliced};
 use super::Failure;
 use crate::app::EdgeApp;
 use crate::ctx::RequestCtx;
@@ -20,6 +20,7 @@ pub(crate) async fn respond(
     session: &mut ServerSession,
     ctx: &mut RequestCtx,
     answer: Answer,
+    resume: Option<Box<Resume>>,
 ) {
     ctx.status = answer.status.as_u16();
     ctx.stats = Some(answer.stats.clone());
@@ -61,7 +62,8 @@ pub(crate) async fn respond(
             }
             !respond::full(session, answer.status, body, &common, &extra).await
         }
-        AnswerBody::Stream { first, mut rest } => {
+        AnswerBody::Stream { first, rest } => {
+            let mut rest = Spliced::new(first, rest, resume);
             let mut h = respond::header(answer.status, &common);
             for (k, v) in &extra {
                 let _ = h.insert_header(*k, v.as_str());
@@ -74,8 +76,13 @@ pub(crate) async fn respond(
                 if session.write_response_header(h).await.is_err() {
                     break 'write true;
                 }
-                let mut next = first;
                 loop {
+                    // Waiting on the client too means a hang-up is noticed
+                    // even while the provider is silent (or a resume runs).
+                    let next = tokio::select! {
+                        c = rest.next(app, ctx) => c,
+                        _ = session.read_body_or_idle(true) => break 'write true,
+                    };
                     let Some(chunk) = next else { break };
                     for o in observers {
                         o.on_body(ctx, &chunk);
@@ -83,12 +90,6 @@ pub(crate) async fn respond(
                     if session.write_response_body(chunk, false).await.is_err() {
                         break 'write true;
                     }
-                    // Waiting on the client too means a hang-up is noticed
-                    // even while the provider is silent.
-                    next = tokio::select! {
-                        c = rest.next() => c,
-                        _ = session.read_body_or_idle(true) => break 'write true,
-                    };
                 }
                 session.finish_body().await.is_err()
             }

@@ -498,6 +498,8 @@ fn usage_from(u: Option<&Value>) -> Usage {
         prompt_tokens: input + read + write,
         completion_tokens: u64_field(u, "output_tokens"),
         cached_tokens: read,
+        // Anthropic counts thinking inside `output_tokens` without a split.
+        reasoning_tokens: 0,
     }
 }
 

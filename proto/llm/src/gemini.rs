@@ -384,6 +384,7 @@ fn usage_from(meta: Option<&Value>) -> Usage {
         completion_tokens: u64_field(meta, "candidatesTokenCount")
             + u64_field(meta, "thoughtsTokenCount"),
         cached_tokens: u64_field(meta, "cachedContentTokenCount"),
+        reasoning_tokens: u64_field(meta, "thoughtsTokenCount"),
     }
 }
 

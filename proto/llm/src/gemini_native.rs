@@ -759,6 +759,7 @@ pub fn usage_from_metadata(m: &Value) -> Option<Usage> {
         prompt_tokens: prompt,
         completion_tokens: get("candidatesTokenCount") + get("thoughtsTokenCount"),
         cached_tokens: get("cachedContentTokenCount"),
+        reasoning_tokens: get("thoughtsTokenCount"),
     })
 }
 

@@ -4,6 +4,7 @@
 //! the caller sent (including ones we do not know) with only `model` changed.
 //! What routing and accounting need is read out once into typed fields.
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
@@ -203,6 +204,10 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    /// Of the completion tokens, those spent thinking (OpenAI
+    /// `completion_tokens_details.reasoning_tokens`, Responses
+    /// `output_tokens_details.reasoning_tokens`, Gemini `thoughtsTokenCount`).
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -217,16 +222,28 @@ impl Usage {
                 .and_then(|d| d.get("cached_tokens"))
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
+            reasoning_tokens: u
+                .get("completion_tokens_details")
+                .and_then(|d| d.get("reasoning_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
         })
     }
 
     pub fn to_openai(self) -> Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
-        })
+        });
+        // Only when there were any: answers of models that do not reason
+        // keep the shape they always had.
+        if self.reasoning_tokens > 0 {
+            v["completion_tokens_details"] =
+                serde_json::json!({ "reasoning_tokens": self.reasoning_tokens });
+        }
+        v
     }
 }
 
@@ -242,6 +259,36 @@ pub struct ChunkInfo {
 }
 
 pub fn inspect_chunk(data: &str) -> ChunkInfo {
+    // Every chunk of every stream passes here: read only these fields and
+    // skip the rest without building it (a whole `Value` tree per chunk was
+    // a third of a stream's CPU). Anything the typed view cannot take
+    // (a field of an unexpected type, a duplicate key) gets the tree.
+    #[derive(Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        usage: Option<Value>,
+        #[serde(default)]
+        choices: Option<Vec<Choice>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        finish_reason: Option<serde::de::IgnoredAny>,
+    }
+    let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
+        return inspect_chunk_tree(data);
+    };
+    let usage = chunk.usage.as_ref().and_then(Usage::from_openai);
+    let choices = chunk.choices.unwrap_or_default();
+    ChunkInfo {
+        usage,
+        usage_only: usage.is_some() && choices.is_empty(),
+        has_content: !choices.is_empty(),
+        finished: choices.iter().any(|c| c.finish_reason.is_some()),
+    }
+}
+
+fn inspect_chunk_tree(data: &str) -> ChunkInfo {
     let Ok(v) = serde_json::from_str::<Value>(data) else {
         return ChunkInfo::default();
     };
@@ -265,6 +312,30 @@ pub fn inspect_chunk(data: &str) -> ChunkInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reasoning tokens as each provider reports them (shapes from the
+    /// recorded fixtures), and OpenAI's usage keeps its shape without any.
+    #[test]
+    fn reasoning_tokens_from_every_usage_shape() {
+        let openai = serde_json::json!({"prompt_tokens": 12, "completion_tokens": 140,
+            "completion_tokens_details": {"reasoning_tokens": 100}});
+        let u = Usage::from_openai(&openai).unwrap();
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (140, 100));
+        assert_eq!(
+            u.to_openai()["completion_tokens_details"]["reasoning_tokens"],
+            100
+        );
+        let plain = Usage::from_openai(&serde_json::json!({"prompt_tokens": 1})).unwrap();
+        assert!(plain.to_openai().get("completion_tokens_details").is_none());
+        let responses = serde_json::json!({"input_tokens": 9, "output_tokens": 300,
+            "output_tokens_details": {"reasoning_tokens": 256}});
+        let u = crate::responses::usage_from_responses(&responses).unwrap();
+        assert_eq!(u.reasoning_tokens, 256);
+        let gemini = serde_json::json!({"promptTokenCount": 8, "candidatesTokenCount": 20,
+            "thoughtsTokenCount": 1754});
+        let u = crate::gemini_native::usage_from_metadata(&gemini).unwrap();
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (1774, 1754));
+    }
 
     #[test]
     fn json_errors_name_the_position() {
@@ -290,6 +361,26 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("stream"));
         assert!(ChatRequest::parse(b"[1]").is_err());
         assert!(ChatRequest::parse(b"").is_err());
+    }
+
+    #[test]
+    fn the_typed_chunk_view_reads_what_the_tree_reads() {
+        let chunks = [
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi \"x\""},"finish_reason":null}],"usage":null}"#,
+            r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}"#,
+            r#"{"choices":[{"finish_reason":"length"},{"finish_reason":null}]}"#,
+            r#"{"choices":"odd","usage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[],"choices":[{"finish_reason":"stop"}]}"#,
+            r#"not json"#,
+        ];
+        for c in chunks {
+            assert_eq!(inspect_chunk(c), inspect_chunk_tree(c), "{c}");
+        }
+        let last = inspect_chunk(chunks[2]);
+        assert!(last.usage_only && !last.has_content);
+        assert_eq!(last.usage.map(|u| u.cached_tokens), Some(2));
+        assert!(inspect_chunk(chunks[1]).finished);
     }
 
     #[test]

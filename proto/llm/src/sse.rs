@@ -114,37 +114,45 @@ fn line_break_len(buf: &[u8], pos: usize) -> Option<usize> {
 }
 
 fn parse_event(raw: Bytes) -> Option<SseEvent> {
-    let text = String::from_utf8_lossy(&raw);
+    // Byte-wise with memchr: splitting the decoded text on a char set went
+    // through it one char at a time, and this runs for every event.
     let mut event = None;
-    let mut data = String::new();
-    let mut has_data = false;
-    for line in text.split(['\n', '\r']) {
-        if line.is_empty() || line.starts_with(':') {
+    let mut data: Option<String> = None;
+    let mut rest: &[u8] = &raw;
+    while !rest.is_empty() {
+        let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or_default();
+        if line.is_empty() || line[0] == b':' {
             continue;
         }
-        let (field, value) = match line.find(':') {
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(i) => {
                 let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(' ').unwrap_or(v))
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
             }
-            None => (line, ""),
+            None => (line, &b""[..]),
         };
         match field {
-            "event" => event = Some(value.to_string()),
-            "data" => {
-                if has_data {
-                    data.push('\n');
+            b"event" => event = Some(String::from_utf8_lossy(value).into_owned()),
+            b"data" => match &mut data {
+                None => data = Some(String::from_utf8_lossy(value).into_owned()),
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(&String::from_utf8_lossy(value));
                 }
-                data.push_str(value);
-                has_data = true;
-            }
+            },
             _ => {}
         }
     }
-    if !has_data && event.is_none() {
+    if data.is_none() && event.is_none() {
         return None;
     }
-    Some(SseEvent { event, data, raw })
+    Some(SseEvent {
+        event,
+        data: data.unwrap_or_default(),
+        raw,
+    })
 }
 
 /// Frames one `data:` event (and optional `event:` name) for the wire.

@@ -19,6 +19,12 @@
 //!   generator, [`MockUpstream::seed`]) with a 500 in OpenAI's shape;
 //!   answers the rest as the default case.
 //! - `fail-<status>`: that status, in OpenAI's error shape, every time.
+//! - `slow-<ms>`: waits that long, then answers as the default case; a
+//!   request the gateway drops during the wait is counted in
+//!   [`MockUpstream::cancellations`] (how hedging's loser is seen cut).
+//! - `cut-after-<N>`: the default streamed case for the request (text, or
+//!   a tool call when it declares tools), cut (connection reset) after its
+//!   first N events: a provider failing mid-answer.
 //!
 //! A bearer key passed to [`MockUpstream::revoke_key`] is answered with
 //! OpenAI's recorded 401 (`invalid_api_key`) whatever the model.
@@ -363,6 +369,31 @@ async fn handle(
             ));
         }
     }
+    if let Some(ms) = model
+        .strip_prefix("slow-")
+        .and_then(|m| m.parse::<u64>().ok())
+    {
+        // Counts the wait as cancelled unless it runs to its end: hyper
+        // drops this future when the gateway closes the connection.
+        struct Waiting(Arc<State>, bool);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.cancellations.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        let mut waiting = Waiting(state.clone(), false);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        waiting.1 = true;
+    }
+    if let Some(n) = model
+        .strip_prefix("cut-after-")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let case = default_case(provider, &path, &body, stream);
+        return Ok(replay_cut(&state, provider, case, Some(n)).await);
+    }
     let gap = *state.event_gap.lock().unwrap();
     match model.as_str() {
         "hang" => {
@@ -459,6 +490,16 @@ fn cached_case(state: &State, provider: Provider, case_name: &str) -> Option<Arc
 }
 
 async fn replay(state: &Arc<State>, provider: Provider, case_name: &str) -> Response<BoxBody> {
+    replay_cut(state, provider, case_name, None).await
+}
+
+/// [`replay`], a stream cut after its first `cut_after` events.
+async fn replay_cut(
+    state: &Arc<State>,
+    provider: Provider,
+    case_name: &str,
+    cut_after: Option<usize>,
+) -> Response<BoxBody> {
     let Some(case) = cached_case(state, provider, case_name) else {
         let body = json!({"error": {"message": format!("mock: no fixture {}/{case_name}", provider.dir())}});
         return full(500, "application/json", body.to_string());
@@ -470,7 +511,16 @@ async fn replay(state: &Arc<State>, provider: Provider, case_name: &str) -> Resp
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let st = state.clone();
         tokio::spawn(async move {
-            for e in events {
+            for (i, e) in events.into_iter().enumerate() {
+                if cut_after == Some(i) {
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "mock cut mid-stream",
+                        )))
+                        .await;
+                    return;
+                }
                 if tx.send(Ok(Bytes::from(e))).await.is_err() {
                     st.cancellations.fetch_add(1, Ordering::SeqCst);
                     return;
