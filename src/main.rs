@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod control;
 mod ctl;
@@ -92,6 +92,12 @@ fn main() -> anyhow::Result<()> {
     // Pingora and quinn use ring; installing it as the process default keeps
     // every rustls user on one provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // A background thread gives the memory of a burst of streams back to the
+    // system while the gateway sits idle; without it jemalloc purges only
+    // when later allocations happen to trigger it.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "jemalloc background purging is unavailable");
+    }
     match cli.command {
         Command::Dev(args) => dev::run(args),
         Command::ControlPlane(args) => control::run(args),
