@@ -16,6 +16,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use switchyard_testkit::metrics::{sample, scrape as metrics};
 
 use serde_json::{json, Value};
 use switchyard_backhaul::node::{EgressNode, PolicySource};
@@ -125,26 +126,6 @@ async fn chat(
         target,
         body,
     }
-}
-
-async fn metrics(http: &reqwest::Client, addr: SocketAddr) -> String {
-    http.get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of the first sample whose line contains every fragment.
-fn sample(text: &str, fragments: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| fragments.iter().all(|f| l.contains(f)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Polls (bounded) until the mock has counted `n` cancellations.

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use switchyard_testkit::metrics::{sample, scrape as metrics};
 
 use serde_json::{json, Value};
 use switchyard_backhaul::node::PolicySource;
@@ -95,26 +96,6 @@ fn is_complete(r: &Reply, stream: bool) -> bool {
     }
     serde_json::from_str::<Value>(&r.body)
         .is_ok_and(|v| v["choices"][0]["message"]["content"].is_string())
-}
-
-async fn metrics(http: &reqwest::Client, addr: SocketAddr) -> String {
-    http.get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of the first sample whose line contains every fragment.
-fn sample(text: &str, fragments: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| fragments.iter().all(|f| l.contains(f)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

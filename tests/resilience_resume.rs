@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use switchyard_testkit::metrics::scrape as metrics;
 
 use serde_json::{json, Value};
 use switchyard_backhaul::node::{EgressNode, PolicySource};
@@ -161,16 +162,6 @@ async fn start(dir: &Path, mock: &MockUpstream) -> (RunningEdge, SocketAddr, Soc
     let addr = edge.local_addr().unwrap();
     let metrics = edge.metrics_addr().unwrap();
     (edge, addr, metrics)
-}
-
-async fn metrics(http: &reqwest::Client, addr: SocketAddr) -> String {
-    http.get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 fn resumes(text: &str, provider: &str, outcome: &str) -> f64 {

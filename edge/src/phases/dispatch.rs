@@ -389,25 +389,18 @@ impl Attempts<'_> {
             }
         };
         let span = ctx.trace.child();
-        let req = EgressRequest {
-            request_id: ctx.request_id.clone(),
-            tenant: ctx
-                .tenant
-                .as_ref()
-                .map(|t| t.id.clone())
-                .unwrap_or_default(),
-            target: planned.target.clone(),
-            op: self.op.clone(),
-            simulate: self
-                .simulate
-                .clone()
-                .filter(|_| simulate_allowed(app, self.snap, planned)),
-            received_at: ctx.received_at,
-            inbound: ctx.protocol,
-            forward_headers: self.forward_headers.clone(),
-            residency: ctx.residency.clone().unwrap_or_default(),
-            trace: Some(span),
-        };
+        let simulate = self
+            .simulate
+            .clone()
+            .filter(|_| simulate_allowed(app, self.snap, planned));
+        let req = egress_request(
+            ctx,
+            planned,
+            self.op.clone(),
+            simulate,
+            self.forward_headers.clone(),
+            span,
+        );
         let in_flight = entry.as_ref().map(|e| e.start());
         Ok((
             req,
@@ -487,6 +480,34 @@ impl Attempts<'_> {
             span: Some(s.span),
             started_after: s.started.saturating_duration_since(ctx.received_at),
         });
+    }
+}
+
+/// What one attempt asks of an egress: the request's identity, tenant,
+/// jurisdictions and trace, for one target.
+pub(crate) fn egress_request(
+    ctx: &RequestCtx,
+    planned: &PlannedTarget,
+    op: Operation,
+    simulate: Option<String>,
+    forward_headers: Vec<(String, String)>,
+    span: switchyard_backhaul::trace::TraceContext,
+) -> EgressRequest {
+    EgressRequest {
+        request_id: ctx.request_id.clone(),
+        tenant: ctx
+            .tenant
+            .as_ref()
+            .map(|t| t.id.clone())
+            .unwrap_or_default(),
+        target: planned.target.clone(),
+        op,
+        simulate,
+        received_at: ctx.received_at,
+        inbound: ctx.protocol,
+        forward_headers,
+        residency: ctx.residency.clone().unwrap_or_default(),
+        trace: Some(span),
     }
 }
 

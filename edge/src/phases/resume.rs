@@ -32,13 +32,13 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use switchyard_backhaul::{EgressRequest, Operation, RequestStats};
+use switchyard_backhaul::{Operation, RequestStats};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::sse::{SseDecoder, SseEvent};
 use switchyard_proto::health;
 use switchyard_proto::{Prefill, Snapshot};
 
-use super::dispatch::{attempt, record_health, AnswerBody};
+use super::dispatch::{attempt, egress_request, record_health, AnswerBody};
 use super::plan::{simulate_allowed, Outbound, Plan};
 use crate::app::EdgeApp;
 use crate::ctx::{Attempt, RequestCtx};
@@ -366,22 +366,14 @@ impl Spliced {
             );
             let started = Instant::now();
             let span = ctx.trace.child();
-            let req = EgressRequest {
-                request_id: ctx.request_id.clone(),
-                tenant: ctx
-                    .tenant
-                    .as_ref()
-                    .map(|t| t.id.clone())
-                    .unwrap_or_default(),
-                target: planned.target.clone(),
+            let req = egress_request(
+                ctx,
+                &planned,
                 op,
-                simulate: resume.simulate.clone().filter(|_| c.simulate),
-                received_at: ctx.received_at,
-                inbound: ctx.protocol,
-                forward_headers: resume.forward_headers.clone(),
-                residency: ctx.residency.clone().unwrap_or_default(),
-                trace: Some(span),
-            };
+                resume.simulate.clone().filter(|_| c.simulate),
+                resume.forward_headers.clone(),
+                span,
+            );
             // Counted in flight for `least_busy` until its stream ends.
             let in_flight = entry.as_ref().map(|e| e.start());
             let result = attempt(app.upstream.as_ref(), req, resume.limit).await;

@@ -16,6 +16,7 @@
 pub mod cluster;
 pub mod fixtures;
 pub mod gateway;
+pub mod metrics;
 pub mod mock;
 pub mod redis;
 pub mod sse;
