@@ -126,8 +126,9 @@ const LOCAL_MIN_SAMPLES: u64 = 3;
 /// - `least_busy`: fewest attempts in flight from this node first;
 /// - `latency`: power of two choices — two targets drawn at random, the
 ///   one with the lower p95 first-token time scaled by its error rate
-///   goes first (this node's own moving averages once it has a few
-///   samples, else the fleet's scores); with probability [`EXPLORE`] a
+///   goes first (this node's own p95 estimate, never below its moving
+///   average, once it has a few samples, else the fleet's scores); with
+///   probability [`EXPLORE`] a
 ///   target without any data goes first instead.
 ///
 /// Other strategies are compiled into the snapshot's order already.
@@ -183,7 +184,11 @@ fn apply_strategy(snapshot: &Snapshot, health: &Health, requested: &str, targets
         Strategy::Latency => {
             let score = |t: &PlannedTarget| -> Option<f64> {
                 if let Some(e) = entry(t).filter(|e| e.successes() >= LOCAL_MIN_SAMPLES) {
-                    let ms = e.latency()?.as_secs_f64() * 1000.0;
+                    // The tail decides what callers feel: the p95 estimate,
+                    // with the average as a floor while the estimate settles.
+                    let ewma = e.latency()?;
+                    let tail = e.latency_p95().map_or(ewma, |p95| p95.max(ewma));
+                    let ms = tail.as_secs_f64() * 1000.0;
                     return Some(ms * (1.0 + 4.0 * e.error_rate()));
                 }
                 snapshot
