@@ -259,7 +259,10 @@ impl HttpServerApp for EdgeApp {
             ctx.trace = parent.child();
             ctx.trace_parent = Some(parent);
         }
-        let reusable = self.handle(&mut session, &mut ctx).await;
+        // Boxed: the request's phases are a large state machine, and held
+        // inline it would be allocated for every connection from accept on,
+        // idle and half-open ones included.
+        let reusable = Box::pin(self.handle(&mut session, &mut ctx)).await;
         if ctx.client_gone {
             return None;
         }

@@ -192,8 +192,13 @@ impl ServerApp for GuardedEdge {
             Some(tls) => {
                 let acceptor = tls.acceptor();
                 let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-                match tokio::time::timeout(self.handshake_timeout, acceptor.tls_handshake(*l4))
-                    .await
+                // Boxed so plain connections do not carry the handshake's
+                // state in their task.
+                match Box::pin(tokio::time::timeout(
+                    self.handshake_timeout,
+                    acceptor.tls_handshake(*l4),
+                ))
+                .await
                 {
                     Ok(Ok(tls)) => Box::new(tls),
                     Ok(Err(e)) => {
