@@ -61,3 +61,32 @@ impl Resolve for HickoryResolver {
         })
     }
 }
+
+/// hyper's connector asks this for a host's addresses (the port is set by
+/// the connector; IP literals never get here).
+impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for HickoryResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = DnsError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, DnsError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), DnsError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let ips = this.lookup(name.as_str()).await?;
+            Ok(ips
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, 0))
+                .collect::<Vec<_>>()
+                .into_iter())
+        })
+    }
+}

@@ -46,7 +46,7 @@ pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
 pub struct Egress {
     snapshot: SharedSnapshot,
-    client: reqwest::Client,
+    client: crate::upstream::UpstreamClient,
     /// Where ties between equally loaded keys start, so an idle pool rotates.
     key_cursor: AtomicUsize,
     health: Arc<Health>,
@@ -81,9 +81,12 @@ impl Egress {
         snapshot: SharedSnapshot,
         health: Arc<Health>,
     ) -> Result<Self, crate::upstream::ClientError> {
-        let client = crate::upstream::build_client()?;
+        let client = crate::upstream::UpstreamClient::new()?;
+        // Model lists are fetched rarely and with a deadline of their own:
+        // reqwest's conveniences are worth their cost there.
+        let lists = crate::upstream::build_client()?;
         Ok(Egress {
-            discovery: Arc::new(Discovery::new(snapshot.clone(), client.clone())),
+            discovery: Arc::new(Discovery::new(snapshot.clone(), lists)),
             snapshot,
             client,
             key_cursor: AtomicUsize::new(0),

@@ -344,6 +344,10 @@ impl EdgeNode {
             }
             None => None,
         };
+        // One runtime for the whole node: the backhaul's quinn drivers and
+        // agent share the request tasks' threads, so a request's stream
+        // writes and reads wake no thread of another runtime.
+        let mut rt = NodeRuntime(Some(node_runtime("edge", self.threads)?));
         let mut backhaul = None;
         let mut router = None;
         let upstream: Arc<dyn Upstream>;
@@ -368,16 +372,15 @@ impl EdgeNode {
                 tls: node_tls,
                 egress,
             } => {
-                let rt = node_runtime("backhaul", 2)?;
                 let started = run_on(
-                    &rt,
+                    rt.get(),
                     start_backhaul(r.clone(), node_tls, egress, self.control, shared.clone()),
                 )
                 .await;
                 let parts = match started {
                     Ok(Ok(parts)) => parts,
                     Ok(Err(e)) | Err(e) => {
-                        stop_runtime(rt, SHUTDOWN_GRACE).await;
+                        rt.stop().await;
                         return Err(e);
                     }
                 };
@@ -393,7 +396,6 @@ impl EdgeNode {
                     }));
                 }
                 backhaul = Some(Backhaul {
-                    rt,
                     agent: parts.agent,
                     observer: parts.observer,
                 });
@@ -481,15 +483,6 @@ impl EdgeNode {
             }
         }
 
-        let rt = match node_runtime("edge", self.threads) {
-            Ok(rt) => rt,
-            Err(e) => {
-                if let Some(b) = backhaul {
-                    b.stop().await;
-                }
-                return Err(e);
-            }
-        };
         let pending: Vec<Box<dyn PingoraService>> = vec![Box::new(service)];
         let admin_pending = metrics_addr.map(|addr| {
             let app = AdminApp {
@@ -522,7 +515,7 @@ impl EdgeNode {
                 admin_shutdown_tx,
                 services: Vec::new(),
                 admin_services: Vec::new(),
-                rt: Some(rt),
+                rt: rt.0.take(),
                 backhaul,
                 cache,
                 lifecycle,
@@ -814,8 +807,7 @@ struct BackhaulParts {
 }
 
 /// The edge's side of the backhaul and of the control plane. Runs on the
-/// backhaul runtime: quinn's drivers and the agent live there, not in a
-/// Pingora service runtime.
+/// node's runtime, where Pingora's services run too.
 async fn start_backhaul(
     region: String,
     tls: NodeTls,
@@ -920,18 +912,40 @@ impl RequestObserver for TelemetryObserver {
 }
 
 struct Backhaul {
-    rt: tokio::runtime::Runtime,
     agent: Option<NodeAgent>,
     observer: Option<Arc<dyn RequestObserver>>,
 }
 
 impl Backhaul {
-    async fn stop(self) {
-        let Backhaul { rt, agent, .. } = self;
-        if let Some(agent) = agent {
-            let _ = run_on(&rt, agent.shutdown()).await;
+    /// Stops the agent, on the node's runtime where its tasks live.
+    async fn stop(self, rt: &tokio::runtime::Runtime) {
+        if let Some(agent) = self.agent {
+            let _ = run_on(rt, agent.shutdown()).await;
         }
-        stop_runtime(rt, SHUTDOWN_GRACE).await;
+    }
+}
+
+/// The node's runtime while it is being started: an error path drops it
+/// inside async code, where a runtime may only be let go, not waited for.
+struct NodeRuntime(Option<tokio::runtime::Runtime>);
+
+impl NodeRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("taken only when the node is built")
+    }
+
+    async fn stop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            stop_runtime(rt, SHUTDOWN_GRACE).await;
+        }
+    }
+}
+
+impl Drop for NodeRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -1121,10 +1135,10 @@ impl RunningEdge {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, service).await;
         }
         if let Some(rt) = self.rt.take() {
+            if let Some(b) = self.backhaul.take() {
+                b.stop(&rt).await;
+            }
             stop_runtime(rt, SHUTDOWN_GRACE).await;
-        }
-        if let Some(b) = self.backhaul.take() {
-            b.stop().await;
         }
     }
 }
@@ -1137,9 +1151,6 @@ impl Drop for RunningEdge {
         let _ = self.admin_shutdown_tx.send(true);
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
-        }
-        if let Some(b) = self.backhaul.take() {
-            b.rt.shutdown_background();
         }
     }
 }

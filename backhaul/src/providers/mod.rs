@@ -16,8 +16,11 @@ use switchyard_proto::{
     Health, LimitsSnapshot, ProviderKind, ProviderSnapshot, ResolvedKey, Secret,
 };
 
+use http_body_util::Full;
+
 use crate::request::EgressRequest;
 use crate::stream::UpstreamBytes;
+use crate::upstream::{UpstreamError, UpstreamResponse};
 
 pub mod anthropic;
 pub(crate) mod faults;
@@ -27,7 +30,7 @@ pub mod raw;
 pub mod simulated;
 
 pub struct CallContext<'a> {
-    pub client: &'a reqwest::Client,
+    pub client: &'a crate::upstream::UpstreamClient,
     pub provider: &'a ProviderSnapshot,
     pub key: Option<&'a Secret>,
     pub request: &'a EgressRequest,
@@ -38,7 +41,7 @@ pub struct CallContext<'a> {
 }
 
 impl CallContext<'_> {
-    pub(crate) fn observe_limits(&self, headers: &reqwest::header::HeaderMap) {
+    pub(crate) fn observe_limits(&self, headers: &http::HeaderMap) {
         if let Some(report) = self.on_limits {
             let limits = rate_limits(headers);
             if !limits.is_empty() {
@@ -55,8 +58,8 @@ impl CallContext<'_> {
 /// input-tokens,output-tokens}-{limit,remaining,reset}` with resets as
 /// RFC 3339 times. The reset kept is the one of a quota that is used up,
 /// else the later one, so a key is steered away until it can serve again.
-pub fn rate_limits(headers: &reqwest::header::HeaderMap) -> RateLimits {
-    use reqwest::header::HeaderName;
+pub fn rate_limits(headers: &http::HeaderMap) -> RateLimits {
+    use http::header::HeaderName;
     // Names known at compile time: looking a header up by `&str` parses the
     // name first, and this runs on every answer.
     const fn quota(
@@ -244,7 +247,7 @@ pub(crate) fn endpoint_url(
     provider: &ProviderSnapshot,
     segments: &[&str],
     query: Option<&str>,
-) -> Result<reqwest::Url, GatewayError> {
+) -> Result<http::Uri, GatewayError> {
     let bad_base = || {
         GatewayError::new(
             ErrorKind::Internal,
@@ -260,14 +263,15 @@ pub(crate) fn endpoint_url(
     if let Some(url) = URLS.get(&key) {
         return Ok(url);
     }
-    let mut url = reqwest::Url::parse(&provider.base_url).map_err(|_| bad_base())?;
+    let mut url = url::Url::parse(&provider.base_url).map_err(|_| bad_base())?;
     url.path_segments_mut()
         .map_err(|_| bad_base())?
         .pop_if_empty()
         .extend(segments);
     url.set_query(query);
-    URLS.put(key, &url);
-    Ok(url)
+    let uri = to_uri(&url).ok_or_else(bad_base)?;
+    URLS.put(key, &uri);
+    Ok(uri)
 }
 
 /// `{base_url}/{path}` for a fixed endpoint path of the adapter's own
@@ -275,19 +279,32 @@ pub(crate) fn endpoint_url(
 pub(crate) fn provider_url(
     provider: &ProviderSnapshot,
     path: &'static str,
-) -> Result<reqwest::Url, GatewayError> {
+) -> Result<http::Uri, GatewayError> {
     let key = format!("{}/{path}", provider.base_url);
     if let Some(url) = URLS.get(&key) {
         return Ok(url);
     }
-    let url = reqwest::Url::parse(&key).map_err(|_| {
-        GatewayError::new(
-            ErrorKind::Internal,
-            format!("The provider `{}` has an unusable base URL.", provider.name),
-        )
-    })?;
-    URLS.put(key, &url);
-    Ok(url)
+    let uri = url::Url::parse(&key)
+        .ok()
+        .as_ref()
+        .and_then(to_uri)
+        .ok_or_else(|| {
+            GatewayError::new(
+                ErrorKind::Internal,
+                format!("The provider `{}` has an unusable base URL.", provider.name),
+            )
+        })?;
+    URLS.put(key, &uri);
+    Ok(uri)
+}
+
+/// A parsed (so normalised and percent-encoded) URL as hyper's URI; only
+/// http and https go to providers.
+fn to_uri(url: &url::Url) -> Option<http::Uri> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
+    url.as_str().parse().ok()
 }
 
 /// Parsed upstream URLs by their text. Parsing one (with IDNA) cost about a
@@ -297,7 +314,7 @@ pub(crate) fn provider_url(
 /// (Gemini puts them in the path) from growing it without end.
 static URLS: UrlCache = UrlCache::new();
 
-type UrlMap = std::collections::HashMap<String, reqwest::Url>;
+type UrlMap = std::collections::HashMap<String, http::Uri>;
 
 struct UrlCache(std::sync::LazyLock<std::sync::RwLock<UrlMap>>);
 
@@ -308,11 +325,11 @@ impl UrlCache {
         UrlCache(std::sync::LazyLock::new(Default::default))
     }
 
-    fn get(&self, key: &str) -> Option<reqwest::Url> {
+    fn get(&self, key: &str) -> Option<http::Uri> {
         self.0.read().ok()?.get(key).cloned()
     }
 
-    fn put(&self, key: String, url: &reqwest::Url) {
+    fn put(&self, key: String, url: &http::Uri) {
         if let Ok(mut map) = self.0.write() {
             if map.len() < Self::MAX_ENTRIES {
                 map.insert(key, url.clone());
@@ -326,30 +343,38 @@ impl UrlCache {
 /// key scrubbed from its message.
 pub(crate) async fn post_json(
     ctx: &CallContext<'_>,
-    url: impl reqwest::IntoUrl,
+    url: http::Uri,
     body: &impl serde::Serialize,
     headers: &[(&'static str, &str)],
     stream: bool,
     map_error: impl FnOnce(u16, &[u8], Option<String>) -> GatewayError,
-) -> Result<reqwest::Response, GatewayError> {
+) -> Result<UpstreamResponse, GatewayError> {
     let payload = serde_json::to_vec(body)
         .map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?;
-    let mut req = ctx
-        .client
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(payload);
+    let mut req = http::Request::post(url).header(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    // The adapters pass their credentials here; a sensitive value is kept
+    // out of any `Debug` output of the request.
     for (k, v) in headers {
-        req = req.header(*k, *v);
+        req = req.header(*k, secret_value(&ctx.provider.name, v)?);
     }
     if stream {
-        req = req.header(reqwest::header::ACCEPT, "text/event-stream");
+        req = req.header(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
     }
     if let Some(t) = &ctx.request.trace {
         req = req.header("traceparent", t.header());
     }
-    let resp = req
-        .send()
+    let req = req
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(|e| invalid_header(&ctx.provider.name, &e))?;
+    let resp = ctx
+        .client
+        .send(req)
         .await
         .map_err(|e| transport_error(&ctx.provider.name, &e))?;
     ctx.observe_limits(resp.headers());
@@ -368,8 +393,31 @@ pub(crate) async fn post_json(
     Err(err)
 }
 
+/// A credential as a header value, marked sensitive.
+pub(crate) fn secret_value(provider: &str, value: &str) -> Result<http::HeaderValue, GatewayError> {
+    let mut v = http::HeaderValue::from_str(value).map_err(|_| {
+        GatewayError::new(
+            ErrorKind::Internal,
+            format!(
+                "A request header for the provider `{provider}` is not a valid HTTP header value."
+            ),
+        )
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// A header value that cannot go on the wire (a key with a newline, say);
+/// the message names neither the header's value nor any key.
+pub(crate) fn invalid_header(provider: &str, _: &http::Error) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::Internal,
+        format!("A request header for the provider `{provider}` is not a valid HTTP header value."),
+    )
+}
+
 /// The upstream body as a stream of chunks for the SSE translator.
-pub(crate) fn byte_stream(resp: reqwest::Response, provider: &str) -> UpstreamBytes {
+pub(crate) fn byte_stream(resp: UpstreamResponse, provider: &str) -> UpstreamBytes {
     use futures::StreamExt;
     let provider = provider.to_string();
     resp.bytes_stream()
@@ -378,7 +426,7 @@ pub(crate) fn byte_stream(resp: reqwest::Response, provider: &str) -> UpstreamBy
 }
 
 pub(crate) async fn full_body(
-    resp: reqwest::Response,
+    resp: UpstreamResponse,
     provider: &str,
 ) -> Result<(Bytes, serde_json::Value), GatewayError> {
     let body = resp
@@ -399,15 +447,15 @@ pub(crate) async fn full_body(
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Reads a (bounded) error body and the `retry-after` header.
-pub(crate) async fn read_error(resp: reqwest::Response) -> (u16, Option<String>, Bytes) {
+pub(crate) async fn read_error(resp: UpstreamResponse) -> (u16, Option<String>, Bytes) {
     let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
-        .get(reqwest::header::RETRY_AFTER)
+        .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
+    let mut stream = std::pin::pin!(resp.bytes_stream());
     use futures::StreamExt;
     while let Some(Ok(chunk)) = stream.next().await {
         body.extend_from_slice(&chunk);
@@ -421,7 +469,7 @@ pub(crate) async fn read_error(resp: reqwest::Response) -> (u16, Option<String>,
 
 /// Maps a transport failure (connect, reset, timeout) to a client error that
 /// names the provider but none of its secrets.
-pub(crate) fn transport_error(provider: &str, e: &reqwest::Error) -> GatewayError {
+pub(crate) fn transport_error(provider: &str, e: &UpstreamError) -> GatewayError {
     if e.is_timeout() {
         GatewayError::new(
             ErrorKind::Timeout,
@@ -716,7 +764,7 @@ mod key_choice_tests {
     #[test]
     fn rate_limit_headers_of_openai_and_anthropic_recordings() {
         // tests/fixtures/openai/error-429-rate-limit-exceeded
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         for (k, v) in [
             ("x-ratelimit-limit-requests", "200"),
             ("x-ratelimit-limit-tokens", "40000"),
@@ -739,7 +787,7 @@ mod key_choice_tests {
         );
         assert_eq!(l.reset, Some(Duration::from_millis(21 * 60_000 + 36_001)));
         // Anthropic: the tightest token quota speaks; RFC 3339 resets.
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(30);
         let soon = format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -770,6 +818,6 @@ mod key_choice_tests {
             reset <= Duration::from_secs(30) && reset >= Duration::from_secs(28),
             "{reset:?}"
         );
-        assert!(rate_limits(&reqwest::header::HeaderMap::new()).is_empty());
+        assert!(rate_limits(&http::HeaderMap::new()).is_empty());
     }
 }

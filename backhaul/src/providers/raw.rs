@@ -3,11 +3,13 @@
 //! provider-specific features the unified API does not model.
 
 use bytes::Bytes;
+use http_body_util::Full;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::ProviderKind;
 
 use super::{
-    byte_stream, endpoint_url, read_error, scrub, transport_error, unsupported, CallContext,
+    byte_stream, endpoint_url, invalid_header, read_error, scrub, secret_value, transport_error,
+    unsupported, CallContext,
 };
 use crate::request::{RawPath, RawRequest};
 use crate::stream::UpstreamBytes;
@@ -26,13 +28,16 @@ pub enum RawBody {
 
 pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, GatewayError> {
     let provider = ctx.provider;
-    let method = reqwest::Method::from_bytes(raw.method.as_bytes())
+    let method = http::Method::from_bytes(raw.method.as_bytes())
         .map_err(|_| GatewayError::invalid(format!("Unsupported method {}", raw.method)))?;
+    if provider.kind == ProviderKind::Simulated {
+        return Err(unsupported(provider, "raw passthrough"));
+    }
     // Checked again here, where the URL is built: the path crossed the backhaul.
     let path = RawPath::parse(&raw.path)?;
     let segments: Vec<&str> = path.segments.iter().map(String::as_str).collect();
     let url = endpoint_url(provider, &segments, path.query)?;
-    let mut req = ctx.client.request(method, url).body(raw.body.clone());
+    let mut req = http::Request::builder().method(method).uri(url);
     for (k, v) in &raw.headers {
         req = req.header(k.as_str(), v.as_str());
     }
@@ -41,14 +46,19 @@ pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, G
     }
     if let Some(key) = ctx.key {
         req = match provider.kind {
-            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => req.bearer_auth(key.expose()),
-            ProviderKind::Anthropic => req.header("x-api-key", key.expose()),
-            ProviderKind::Gemini => req.header("x-goog-api-key", key.expose()),
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => req.header(
+                http::header::AUTHORIZATION,
+                secret_value(&provider.name, &format!("Bearer {}", key.expose()))?,
+            ),
+            ProviderKind::Anthropic => {
+                req.header("x-api-key", secret_value(&provider.name, key.expose())?)
+            }
+            ProviderKind::Gemini => req.header(
+                "x-goog-api-key",
+                secret_value(&provider.name, key.expose())?,
+            ),
             ProviderKind::Simulated => return Err(unsupported(provider, "raw passthrough")),
         };
-    }
-    if provider.kind == ProviderKind::Simulated {
-        return Err(unsupported(provider, "raw passthrough"));
     }
     if provider.kind == ProviderKind::Anthropic
         && !raw.headers.iter().any(|(k, _)| k == "anthropic-version")
@@ -58,14 +68,18 @@ pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, G
             switchyard_llm::anthropic::DEFAULT_VERSION,
         );
     }
-    let resp = req
-        .send()
+    let req = req
+        .body(Full::new(raw.body.clone()))
+        .map_err(|e| invalid_header(&provider.name, &e))?;
+    let resp = ctx
+        .client
+        .send(req)
         .await
         .map_err(|e| transport_error(&provider.name, &e))?;
     let status = resp.status().as_u16();
     let content_type = resp
         .headers()
-        .get(reqwest::header::CONTENT_TYPE)
+        .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/octet-stream")
         .to_string();
@@ -95,7 +109,7 @@ pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, G
     }
     let retry_after = resp
         .headers()
-        .get(reqwest::header::RETRY_AFTER)
+        .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     Ok(RawReply {
