@@ -78,27 +78,107 @@ pub(crate) fn emit(line: &AccessLine<'_>) {
 }
 
 fn json_line(line: &AccessLine<'_>) -> Option<Vec<u8>> {
-    #[derive(Serialize)]
-    struct Envelope<'a> {
-        timestamp: String,
-        level: &'static str,
-        message: &'static str,
-        #[serde(flatten)]
-        line: &'a AccessLine<'a>,
-        target: &'static str,
+    // Written field by field: serde's derive with `flatten` went through a
+    // map serialiser per field and chrono's RFC 3339 formatting through
+    // `fmt`, together about 5 % of a small request's instructions.
+    let mut out = JsonLine(Vec::with_capacity(448));
+    out.raw("{\"timestamp\":\"");
+    timestamp(&mut out.0, chrono::Utc::now());
+    out.raw("\",\"level\":\"INFO\",\"message\":\"request\"");
+    out.str("request_id", line.request_id)?;
+    out.str("trace_id", line.trace_id)?;
+    out.str("method", line.method)?;
+    out.str("path", line.path)?;
+    out.str("tenant", line.tenant)?;
+    out.str("model", line.model)?;
+    out.str("provider", line.provider)?;
+    out.num("status", line.status)?;
+    out.num("stream", line.stream)?;
+    out.num("latency_ms", line.latency_ms)?;
+    if let Some(v) = line.ttft_ms {
+        out.num("ttft_ms", v)?;
     }
-    let envelope = Envelope {
-        timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        level: "INFO",
-        message: "request",
-        line,
-        target: "switchyard::access",
-    };
-    // Sized for a typical line, so it is written without growing.
-    let mut buffer = Vec::with_capacity(448);
-    serde_json::to_writer(&mut buffer, &envelope).ok()?;
-    buffer.push(b'\n');
-    Some(buffer)
+    if let Some(v) = line.prompt_tokens {
+        out.num("prompt_tokens", v)?;
+    }
+    if let Some(v) = line.completion_tokens {
+        out.num("completion_tokens", v)?;
+    }
+    out.num("attempts", line.attempts)?;
+    if let Some(v) = line.egress {
+        out.str("egress", v)?;
+    }
+    out.num("cost_usd", line.cost_usd)?;
+    if let Some(v) = line.key {
+        out.str("key", v)?;
+    }
+    if let Some(v) = line.error {
+        out.str("error", v)?;
+    }
+    out.num("client_gone", line.client_gone)?;
+    out.raw(",\"target\":\"switchyard::access\"}\n");
+    Some(out.0)
+}
+
+/// A JSON object being written; values go through serde_json, so strings
+/// are escaped and numbers formatted as everywhere else in the log.
+struct JsonLine(Vec<u8>);
+
+impl JsonLine {
+    fn raw(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    fn key(&mut self, name: &str) {
+        self.0.extend_from_slice(b",\"");
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b"\":");
+    }
+
+    fn str(&mut self, name: &str, value: &str) -> Option<()> {
+        self.num(name, value)
+    }
+
+    fn num(&mut self, name: &str, value: impl Serialize) -> Option<()> {
+        self.key(name);
+        serde_json::to_writer(&mut self.0, &value).ok()
+    }
+}
+
+/// `2026-11-29T16:27:13.123456Z`, as `to_rfc3339_opts(Micros, true)` writes it.
+fn timestamp(out: &mut Vec<u8>, now: chrono::DateTime<chrono::Utc>) {
+    use chrono::{Datelike, Timelike};
+    fn digits(out: &mut Vec<u8>, mut v: u32, width: usize) {
+        let start = out.len();
+        out.resize(start + width, b'0');
+        for slot in out[start..].iter_mut().rev() {
+            *slot = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    let year = now.year();
+    // Years outside four digits and leap seconds are chrono's to write.
+    if !(0..=9999).contains(&year) || now.nanosecond() >= 1_000_000_000 {
+        out.extend_from_slice(
+            now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .as_bytes(),
+        );
+        return;
+    }
+    digits(out, year as u32, 4);
+    out.push(b'-');
+    digits(out, now.month(), 2);
+    out.push(b'-');
+    digits(out, now.day(), 2);
+    out.push(b'T');
+    digits(out, now.hour(), 2);
+    out.push(b':');
+    digits(out, now.minute(), 2);
+    out.push(b':');
+    digits(out, now.second(), 2);
+    out.push(b'.');
+    digits(out, now.nanosecond() / 1000, 6);
+    out.push(b'Z');
 }
 
 fn via_tracing(line: &AccessLine<'_>) {
@@ -171,5 +251,26 @@ mod tests {
         );
         assert!(v.get("ttft_ms").is_none() && v.get("error").is_none());
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert!(bytes.starts_with(b"{\"timestamp\":\""));
+    }
+
+    #[test]
+    fn the_timestamp_is_written_as_chrono_writes_it() {
+        use chrono::TimeZone;
+        for t in [
+            chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+            chrono::Utc
+                .with_ymd_and_hms(1999, 12, 31, 23, 59, 59)
+                .unwrap()
+                + chrono::Duration::microseconds(123_456),
+            chrono::Utc::now(),
+        ] {
+            let mut out = Vec::new();
+            timestamp(&mut out, t);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            );
+        }
     }
 }
