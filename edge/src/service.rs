@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::services::listening::Service;
 use pingora::tls::load_certs_and_key_files;
 
@@ -129,15 +131,23 @@ pub fn edge_service(
         "switchyard-edge".to_string(),
         GuardedEdge::new(app, acceptor),
     );
-    if let Some(addr) = plain {
-        service.add_tcp(addr);
-    }
-    if let Some(addr) = tls_addr {
-        service.add_tcp(&addr);
+    for addr in plain.into_iter().chain(tls_addr.as_deref()) {
+        service.add_listener(ListenerConfig::tcp(addr).l4_buffer(CLIENT_L4_BUFFERS));
     }
     service.threads = Some(threads);
     Ok(service)
 }
+
+/// No read buffer under a client connection: Pingora's HTTP/1 session reads
+/// the head and body into buffers of its own, and TLS into rustls's, so the
+/// default 64 KiB `BufReader` between them and the socket only duplicated
+/// them. It was zero-filled per connection, and in a burst of streams a
+/// zeroed block is a recycled one: resident, most of an open stream's
+/// memory. Writes keep Pingora's default (one TCP segment).
+const CLIENT_L4_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
+    write: None,
+};
 
 /// The admin listener (`/healthz`, `/readyz`, `/metrics`), separate from
 /// client traffic.
