@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
-use switchyard_llm::openai::Usage;
+use switchyard_llm::openai::{OpenAiUsage, Usage};
 use switchyard_llm::passthrough::OpenAiPassthrough;
 use switchyard_llm::responses::{usage_from_responses, ResponsesPassthrough};
 use switchyard_llm::translate::StreamTranslator;
@@ -66,22 +66,32 @@ impl Provider for OpenAiAdapter {
             .bytes()
             .await
             .map_err(|e| super::transport_error(provider, &e))?;
-        // Only `usage` is needed; a typed view skips the rest of the body
-        // instead of building a whole JSON tree.
-        #[derive(serde::Deserialize)]
-        struct UsageOnly {
-            usage: Option<Value>,
-        }
-        let usage = serde_json::from_slice::<UsageOnly>(&body)
-            .ok()
-            .and_then(|u| u.usage)
-            .and_then(|u| {
-                if responses {
-                    usage_from_responses(&u)
-                } else {
-                    Usage::from_openai(&u)
-                }
-            });
+        let usage = if responses {
+            #[derive(serde::Deserialize)]
+            struct UsageOnly {
+                usage: Option<Value>,
+            }
+            serde_json::from_slice::<UsageOnly>(&body)
+                .ok()
+                .and_then(|u| u.usage)
+                .and_then(|u| usage_from_responses(&u))
+        } else {
+            // Only `usage` is needed: the rest of the body is skipped, and
+            // usage itself read through a typed view, not built as a tree
+            // (the tree is the fallback for a usage the view cannot take).
+            #[derive(serde::Deserialize)]
+            struct UsageOnly {
+                usage: Option<OpenAiUsage>,
+            }
+            match serde_json::from_slice::<UsageOnly>(&body) {
+                Ok(u) => u.usage.map(Usage::from),
+                Err(_) => serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .as_ref()
+                    .and_then(|v| v.get("usage"))
+                    .and_then(Usage::from_openai),
+            }
+        };
         Ok(ProviderReply::Json { body, usage })
     }
 }

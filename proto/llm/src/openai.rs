@@ -247,6 +247,47 @@ impl Usage {
     }
 }
 
+/// OpenAI's `usage` object, the fields [`Usage`] keeps; deserialised
+/// without building a tree. `null` counts as absent, as it does in
+/// [`Usage::from_openai`]. (Unlike the tree, serde reads an array here
+/// positionally; no provider sends one.)
+#[derive(Deserialize)]
+pub struct OpenAiUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<TokenDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<TokenDetails>,
+}
+
+#[derive(Deserialize)]
+struct TokenDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<OpenAiUsage> for Usage {
+    fn from(u: OpenAiUsage) -> Usage {
+        Usage {
+            prompt_tokens: u.prompt_tokens.unwrap_or(0),
+            completion_tokens: u.completion_tokens.unwrap_or(0),
+            cached_tokens: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            reasoning_tokens: u
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+        }
+    }
+}
+
 /// What a streamed chat chunk means for the pass-through: its usage, and
 /// whether it is the usage-only chunk OpenAI sends last when asked.
 #[derive(Debug, Default, PartialEq)]
@@ -266,7 +307,7 @@ pub fn inspect_chunk(data: &str) -> ChunkInfo {
     #[derive(Deserialize)]
     struct Chunk {
         #[serde(default)]
-        usage: Option<Value>,
+        usage: Option<OpenAiUsage>,
         #[serde(default)]
         choices: Option<Vec<Choice>>,
     }
@@ -278,7 +319,7 @@ pub fn inspect_chunk(data: &str) -> ChunkInfo {
     let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
         return inspect_chunk_tree(data);
     };
-    let usage = chunk.usage.as_ref().and_then(Usage::from_openai);
+    let usage = chunk.usage.map(Usage::from);
     let choices = chunk.choices.unwrap_or_default();
     ChunkInfo {
         usage,
@@ -315,6 +356,29 @@ mod tests {
 
     /// Reasoning tokens as each provider reports them (shapes from the
     /// recorded fixtures), and OpenAI's usage keeps its shape without any.
+    /// The typed view reads usage as the tree does, shape by shape.
+    #[test]
+    fn typed_usage_agrees_with_the_tree() {
+        for raw in [
+            r#"{"prompt_tokens":12,"completion_tokens":140,"total_tokens":152,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":100}}"#,
+            r#"{"prompt_tokens":1}"#,
+            r#"{"prompt_tokens":null,"completion_tokens":5,"prompt_tokens_details":null}"#,
+            r#"{"prompt_tokens":1.5,"completion_tokens":5}"#,
+            r#"{"prompt_tokens":2,"prompt_tokens":7}"#,
+            r#"{"prompt_tokens":"9","completion_tokens":5}"#,
+            r#"{}"#,
+            r#"null"#,
+            r#"{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":-1}}"#,
+        ] {
+            let chunk = format!(r#"{{"choices":[],"usage":{raw}}}"#);
+            assert_eq!(
+                inspect_chunk(&chunk).usage,
+                inspect_chunk_tree(&chunk).usage,
+                "{raw}"
+            );
+        }
+    }
+
     #[test]
     fn reasoning_tokens_from_every_usage_shape() {
         let openai = serde_json::json!({"prompt_tokens": 12, "completion_tokens": 140,
