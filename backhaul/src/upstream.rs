@@ -13,10 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::dns::{DnsError, HickoryResolver};
 
-/// One pooled client for the whole egress: connections to a provider are
-/// reused across requests and tenants (never a handshake per request), kept
-/// alive while idle, and negotiate HTTP/2 by ALPN where the provider offers it.
-/// Why the provider client could not be built.
+/// Why a provider client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(transparent)]
@@ -27,34 +24,26 @@ pub enum ClientError {
     Tls(String),
 }
 
+/// The client for occasional calls that are not requests (providers'
+/// model lists): reqwest's defaults, our resolver, and never a redirect
+/// (following one could send the provider key elsewhere) or a retry.
 pub fn build_client() -> Result<reqwest::Client, ClientError> {
     let resolver = HickoryResolver::from_system()?;
     reqwest::Client::builder()
         .dns_resolver(Arc::new(resolver))
-        // Without it small SSE writes wait for delayed ACKs (~40 ms stalls).
-        .tcp_nodelay(true)
-        .tcp_keepalive(Duration::from_secs(30))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(512)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .http2_keep_alive_timeout(Duration::from_secs(10))
-        .http2_keep_alive_while_idle(true)
-        .http2_adaptive_window(true)
-        .connect_timeout(Duration::from_secs(10))
-        // Redirects from an LLM API are never expected; following one could
-        // send the provider key elsewhere.
+        .connect_timeout(CONNECT_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
-        // The retry grammar: the egress rotates keys, the edge moves between
-        // targets, nothing else resends a request (reqwest would otherwise
-        // retry some connection-level refusals on its own).
         .retry(reqwest::retry::never())
         .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(ClientError::Build)
 }
 
-/// The provider client: hyper's pooled client with rustls (by ALPN, HTTP/2
-/// where the provider offers it) over connections resolved by hickory.
+/// The provider client, one for the whole egress: hyper's pooled client
+/// with rustls over connections resolved by hickory. Connections to a
+/// provider are reused across requests and tenants (never a handshake per
+/// request), kept alive while idle, and negotiate HTTP/2 by ALPN where the
+/// provider offers it.
 ///
 /// It replaced reqwest on the request path, where reqwest's layers cost
 /// about a seventh of the egress's instructions per chat request: its

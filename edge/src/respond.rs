@@ -4,7 +4,7 @@
 //! checked where it enters (`dispatch`), so writing never fails on one.
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use switchyard_backhaul::Protocol;
@@ -20,18 +20,30 @@ pub struct Common<'a> {
 }
 
 pub fn header(status: StatusCode, common: &Common<'_>) -> Box<ResponseHeader> {
-    // `build` only fails converting the status, which a `StatusCode`
-    // already is; the fallback keeps that a non-event rather than a panic.
-    let mut h = ResponseHeader::build(status, Some(8)).unwrap_or_else(|_| {
-        let (mut parts, ()) = http::Response::new(()).into_parts();
-        parts.status = status;
-        ResponseHeader::from(parts)
-    });
-    let _ = h.insert_header("x-request-id", common.request_id);
-    let _ = h.insert_header("x-switchyard-region", common.region);
-    let _ = h.insert_header("x-switchyard-jurisdiction", common.jurisdiction);
-    let _ = h.insert_header("server", "switchyard");
-    Box::new(h)
+    // Built from `http`'s parts rather than `ResponseHeader::build`: that
+    // one keeps a second map of each name's original case, so every
+    // header added later was parsed, copied and hashed twice. Names go out
+    // in lower case, which HTTP/1.1 and every client accept.
+    static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    static X_REGION: HeaderName = HeaderName::from_static("x-switchyard-region");
+    static X_JURISDICTION: HeaderName = HeaderName::from_static("x-switchyard-jurisdiction");
+    static SERVER: HeaderValue = HeaderValue::from_static("switchyard");
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers.reserve(12);
+    // The values were checked where they were made (a caller's request id
+    // is visible ASCII; region names come from the policy).
+    for (name, value) in [
+        (&X_REQUEST_ID, common.request_id),
+        (&X_REGION, common.region),
+        (&X_JURISDICTION, common.jurisdiction),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            parts.headers.insert(name.clone(), v);
+        }
+    }
+    parts.headers.insert(http::header::SERVER, SERVER.clone());
+    Box::new(ResponseHeader::from(parts))
 }
 
 pub async fn json(

@@ -59,83 +59,79 @@ impl CallContext<'_> {
 /// RFC 3339 times. The reset kept is the one of a quota that is used up,
 /// else the later one, so a key is steered away until it can serve again.
 pub fn rate_limits(headers: &http::HeaderMap) -> RateLimits {
-    use http::header::HeaderName;
-    // Names known at compile time: looking a header up by `&str` parses the
-    // name first, and this runs on every answer.
-    const fn quota(
-        remaining: &'static str,
-        limit: &'static str,
-        reset: &'static str,
-        is_requests: bool,
-    ) -> (HeaderName, HeaderName, HeaderName, bool) {
-        (
-            HeaderName::from_static(remaining),
-            HeaderName::from_static(limit),
-            HeaderName::from_static(reset),
-            is_requests,
-        )
+    // One pass over the answer's headers (this runs on every answer): a
+    // lookup per known name hashed eighteen names per answer.
+    // Each field's first value counts, as `HeaderMap::get` would give it.
+    #[derive(Default, Clone, Copy)]
+    struct Quota<'a> {
+        remaining: Option<&'a str>,
+        limit: Option<&'a str>,
+        reset: Option<&'a str>,
     }
-    const OPENAI: [(HeaderName, HeaderName, HeaderName, bool); 2] = [
-        quota(
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-reset-requests",
-            true,
-        ),
-        quota(
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-reset-tokens",
-            false,
-        ),
-    ];
-    const ANTHROPIC: [(HeaderName, HeaderName, HeaderName, bool); 4] = [
-        quota(
-            "anthropic-ratelimit-requests-remaining",
-            "anthropic-ratelimit-requests-limit",
-            "anthropic-ratelimit-requests-reset",
-            true,
-        ),
-        quota(
-            "anthropic-ratelimit-tokens-remaining",
-            "anthropic-ratelimit-tokens-limit",
-            "anthropic-ratelimit-tokens-reset",
-            false,
-        ),
-        quota(
-            "anthropic-ratelimit-input-tokens-remaining",
-            "anthropic-ratelimit-input-tokens-limit",
-            "anthropic-ratelimit-input-tokens-reset",
-            false,
-        ),
-        quota(
-            "anthropic-ratelimit-output-tokens-remaining",
-            "anthropic-ratelimit-output-tokens-limit",
-            "anthropic-ratelimit-output-tokens-reset",
-            false,
-        ),
-    ];
-    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let num = |name: &HeaderName| text(name).and_then(|v| v.trim().parse::<u64>().ok());
+    impl Quota<'_> {
+        fn remaining(&self) -> Option<u64> {
+            self.remaining.and_then(|v| v.trim().parse().ok())
+        }
+        fn limit(&self) -> Option<u64> {
+            self.limit.and_then(|v| v.trim().parse().ok())
+        }
+    }
+    // OpenAI's requests and tokens; Anthropic's requests, tokens, input
+    // tokens and output tokens.
+    let mut quotas = [Quota::default(); 6];
+    for (name, value) in headers {
+        let name = name.as_str();
+        let (index, field) = if let Some(rest) = name.strip_prefix("x-ratelimit-") {
+            let Some((field, what)) = rest.split_once('-') else {
+                continue;
+            };
+            match what {
+                "requests" => (0, field),
+                "tokens" => (1, field),
+                _ => continue,
+            }
+        } else if let Some(rest) = name.strip_prefix("anthropic-ratelimit-") {
+            let Some((what, field)) = rest.rsplit_once('-') else {
+                continue;
+            };
+            match what {
+                "requests" => (2, field),
+                "tokens" => (3, field),
+                "input-tokens" => (4, field),
+                "output-tokens" => (5, field),
+                _ => continue,
+            }
+        } else {
+            continue;
+        };
+        let Ok(text) = value.to_str() else { continue };
+        let q = &mut quotas[index];
+        let slot = match field {
+            "remaining" => &mut q.remaining,
+            "limit" => &mut q.limit,
+            "reset" => &mut q.reset,
+            _ => continue,
+        };
+        slot.get_or_insert(text);
+    }
     let mut out = RateLimits::default();
     let mut resets: Vec<(Option<u64>, std::time::Duration)> = Vec::new();
-    for (remaining, limit, reset, is_requests) in &OPENAI {
-        let remaining = num(remaining);
-        if let Some(reset) = text(reset).and_then(parse_go_duration) {
-            resets.push((remaining, reset));
+    for (i, q) in quotas[..2].iter().enumerate() {
+        if let Some(reset) = q.reset.and_then(parse_go_duration) {
+            resets.push((q.remaining(), reset));
         }
-        let (r, l) = if *is_requests {
+        let (r, l) = if i == 0 {
             (&mut out.remaining_requests, &mut out.limit_requests)
         } else {
             (&mut out.remaining_tokens, &mut out.limit_tokens)
         };
-        *r = remaining;
-        *l = num(limit);
+        *r = q.remaining();
+        *l = q.limit();
     }
     let mut now = None;
-    for (remaining, limit, reset, is_requests) in &ANTHROPIC {
-        let remaining = num(remaining);
-        if let Some(reset) = text(reset)
+    for (i, q) in quotas[2..].iter().enumerate() {
+        if let Some(reset) = q
+            .reset
             .and_then(|v| {
                 time::OffsetDateTime::parse(
                     v.trim(),
@@ -150,18 +146,18 @@ pub fn rate_limits(headers: &http::HeaderMap) -> RateLimits {
                     .unwrap_or_default()
             })
         {
-            resets.push((remaining, reset));
+            resets.push((q.remaining(), reset));
         }
-        let (r, l) = if *is_requests {
+        let (r, l) = if i == 0 {
             (&mut out.remaining_requests, &mut out.limit_requests)
         } else {
             (&mut out.remaining_tokens, &mut out.limit_tokens)
         };
         // Of several token quotas, the tightest speaks for the key.
-        if let Some(rem) = remaining {
+        if let Some(rem) = q.remaining() {
             if r.is_none_or(|old| rem < old) {
                 *r = Some(rem);
-                *l = num(limit);
+                *l = q.limit();
             }
         }
     }
