@@ -10,6 +10,7 @@
 //! - [`cluster`]: the same for `switchyard edge` / `switchyard egress`
 //!   processes joined by the QUIC backhaul, with certificates from
 //!   `switchyard gen-certs`.
+//! - [`tls_front`]: TLS in front of the mock, for provider calls over HTTPS.
 //! - [`redis::RedisServer`]: a throwaway `redis-server` on a free loopback
 //!   port (shared limit counters), stopped when dropped.
 
@@ -20,3 +21,4 @@ pub mod metrics;
 pub mod mock;
 pub mod redis;
 pub mod sse;
+pub mod tls_front;

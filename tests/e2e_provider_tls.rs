@@ -1,0 +1,100 @@
+//! Provider calls over HTTPS: the egress's client (hyper with rustls and
+//! the platform's roots) talks to a provider behind TLS, and refuses one
+//! whose certificate it cannot trust before any request is sent.
+
+use std::net::SocketAddr;
+
+use serde_json::{json, Value};
+use switchyard_testkit::cluster::gen_certs;
+use switchyard_testkit::gateway::{temp_dir, Gateway, GatewayOptions};
+use switchyard_testkit::mock::MockUpstream;
+
+const PROVIDER_KEY: &str = "sk-test-TLS-9c1d2e3f4a5b";
+
+struct TlsProvider {
+    mock: MockUpstream,
+    addr: SocketAddr,
+    front: tokio::task::JoinHandle<()>,
+    ca: std::path::PathBuf,
+}
+
+impl Drop for TlsProvider {
+    fn drop(&mut self) {
+        self.front.abort();
+    }
+}
+
+async fn tls_provider(tag: &str) -> TlsProvider {
+    let mock = MockUpstream::start().await;
+    let target: SocketAddr = mock
+        .url()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("mock address");
+    let certs = gen_certs(
+        env!("CARGO_BIN_EXE_switchyard").as_ref(),
+        &temp_dir(tag),
+        "provider",
+    );
+    let (addr, front) = switchyard_testkit::tls_front::start(target, &certs.cert, &certs.key).await;
+    TlsProvider {
+        mock,
+        addr,
+        front,
+        ca: certs.ca,
+    }
+}
+
+fn gateway(provider: &TlsProvider, trust_ca: bool) -> Gateway {
+    let mut opts = GatewayOptions::new(env!("CARGO_BIN_EXE_switchyard"))
+        .env("OPENAI_API_KEY", PROVIDER_KEY)
+        .env("OPENAI_BASE_URL", format!("https://{}/v1", provider.addr));
+    if trust_ca {
+        // Read by the platform verifier on Linux, as by OpenSSL.
+        opts = opts.env("SSL_CERT_FILE", provider.ca.to_string_lossy().to_string());
+    }
+    Gateway::start(opts)
+}
+
+async fn chat(gw: &Gateway, stream: bool) -> (u16, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .bearer_auth(&gw.key)
+        .json(&json!({"model": "openai/gpt-4o-mini", "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_provider_behind_tls_is_reached_with_its_certificate_checked() {
+    let provider = tls_provider("provider-tls-ok").await;
+    let gw = gateway(&provider, true);
+    let (status, body) = chat(&gw, false).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    let (status, body) = chat(&gw, true).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("data: [DONE]"), "{body}");
+    assert_eq!(provider.mock.count(None, Some(PROVIDER_KEY)), 2);
+}
+
+#[tokio::test]
+async fn an_untrusted_provider_certificate_is_refused_before_any_request() {
+    let provider = tls_provider("provider-tls-untrusted").await;
+    let gw = gateway(&provider, false);
+    let (status, body) = chat(&gw, false).await;
+    assert!(status >= 500, "{status} {body}");
+    assert!(!body.contains(PROVIDER_KEY), "{body}");
+    assert_eq!(
+        provider.mock.count(None, None),
+        0,
+        "nothing reached the provider"
+    );
+    assert!(!gw.logs().contains(PROVIDER_KEY));
+}
