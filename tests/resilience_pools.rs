@@ -421,22 +421,9 @@ routes:
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The venv `scripts/test.sh` creates; see tests/sdk.rs.
-fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("SWITCHYARD_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    venv.exists().then_some(venv)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_sdk_never_sees_a_storming_primary_or_a_revoked_key() {
-    let Some(python) = python() else {
-        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
-            panic!("no Python venv with the SDKs: run scripts/test.sh");
-        }
-        eprintln!("SKIPPED: SDK tests need .venv (run scripts/test.sh)");
+    let Some(python) = switchyard_testkit::require::sdk_python() else {
         return;
     };
     let mock = MockUpstream::start().await;

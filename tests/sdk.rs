@@ -11,20 +11,8 @@ use std::process::Command;
 use switchyard_testkit::gateway::{Gateway, GatewayOptions};
 use switchyard_testkit::mock::MockUpstream;
 
-fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("SWITCHYARD_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    venv.exists().then_some(venv)
-}
-
 async fn run_pytest(file: &str) {
-    let Some(python) = python() else {
-        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
-            panic!("no Python venv with the SDKs: run scripts/test.sh");
-        }
-        eprintln!("SKIPPED: SDK tests need .venv (run scripts/test.sh)");
+    let Some(python) = switchyard_testkit::require::sdk_python() else {
         return;
     };
     let mock = MockUpstream::start().await;

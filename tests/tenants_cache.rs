@@ -154,11 +154,7 @@ async fn identical_requests_are_served_from_the_cache_per_tenant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_sharing_a_redis_share_the_cache() {
-    if !switchyard_testkit::redis::available() {
-        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
-            panic!("redis-server is missing: run scripts/test.sh");
-        }
-        eprintln!("SKIPPED: redis-server is not installed (scripts/test.sh installs it)");
+    if !switchyard_testkit::require::redis() {
         return;
     }
     let redis = switchyard_testkit::redis::RedisServer::start();

@@ -326,11 +326,7 @@ async fn budget_warns_past_its_soft_threshold_then_refuses_with_insufficient_quo
 
 #[tokio::test]
 async fn two_edges_share_counters_through_redis_and_each_tenant_chooses_what_an_outage_does() {
-    if !switchyard_testkit::redis::available() {
-        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
-            panic!("redis-server is missing: run scripts/test.sh");
-        }
-        eprintln!("SKIPPED: redis-server is not installed (scripts/test.sh installs it)");
+    if !switchyard_testkit::require::redis() {
         return;
     }
     let mut redis = RedisServer::start();
@@ -365,21 +361,9 @@ async fn two_edges_share_counters_through_redis_and_each_tenant_chooses_what_an_
     b.shutdown().await;
 }
 
-fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("SWITCHYARD_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    venv.exists().then_some(venv)
-}
-
 #[tokio::test]
 async fn official_sdks_raise_rate_limit_errors() {
-    let Some(python) = python() else {
-        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
-            panic!("no Python venv with the SDKs: run scripts/test.sh");
-        }
-        eprintln!("SKIPPED: SDK tests need .venv (run scripts/test.sh)");
+    let Some(python) = switchyard_testkit::require::sdk_python() else {
         return;
     };
     let policy = write_policy(&policy());
@@ -414,11 +398,7 @@ async fn official_sdks_raise_rate_limit_errors() {
 #[tokio::test]
 async fn with_redis_a_burst_across_a_minute_boundary_cannot_reach_twice_the_rpm() {
     use switchyard_edge::limits::{checks_at, Decision, RedisLink, SharedCounters};
-    if !switchyard_testkit::redis::available() {
-        if std::env::var("SWITCHYARD_REQUIRE_SDK").as_deref() == Ok("1") {
-            panic!("redis-server is missing: run scripts/test.sh");
-        }
-        eprintln!("SKIPPED: redis-server is not installed (scripts/test.sh installs it)");
+    if !switchyard_testkit::require::redis() {
         return;
     }
     let mut redis = RedisServer::start();

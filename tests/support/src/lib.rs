@@ -20,5 +20,6 @@ pub mod gateway;
 pub mod metrics;
 pub mod mock;
 pub mod redis;
+pub mod require;
 pub mod sse;
 pub mod tls_front;
