@@ -81,10 +81,12 @@ impl Egress {
         snapshot: SharedSnapshot,
         health: Arc<Health>,
     ) -> Result<Self, crate::upstream::ClientError> {
-        let client = crate::upstream::UpstreamClient::new()?;
+        // One resolver (and so one DNS cache) for both clients.
+        let resolver = crate::dns::HickoryResolver::from_system()?;
+        let client = crate::upstream::UpstreamClient::new(resolver.clone())?;
         // Model lists are fetched rarely and with a deadline of their own:
         // reqwest's conveniences are worth their cost there.
-        let lists = crate::upstream::build_client()?;
+        let lists = crate::upstream::build_client(resolver)?;
         Ok(Egress {
             discovery: Arc::new(Discovery::new(snapshot.clone(), lists)),
             snapshot,

@@ -148,8 +148,10 @@ impl Exporter {
             format!("{base}/v1/traces")
         };
         let url = reqwest::Url::parse(&url).map_err(|_| OtlpError::Endpoint(endpoint.into()))?;
-        let client =
-            crate::upstream::build_client().map_err(|e| OtlpError::Start(e.to_string()))?;
+        let client = crate::dns::HickoryResolver::from_system()
+            .map_err(crate::upstream::ClientError::from)
+            .and_then(crate::upstream::build_client)
+            .map_err(|e| OtlpError::Start(e.to_string()))?;
         let (queue, rx) = mpsc::channel(QUEUE);
         let exported = Arc::new(AtomicU64::new(0));
         let resource = pb::Resource {

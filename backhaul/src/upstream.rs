@@ -24,11 +24,10 @@ pub enum ClientError {
     Tls(String),
 }
 
-/// The client for occasional calls that are not requests (providers'
-/// model lists): reqwest's defaults, our resolver, and never a redirect
-/// (following one could send the provider key elsewhere) or a retry.
-pub fn build_client() -> Result<reqwest::Client, ClientError> {
-    let resolver = HickoryResolver::from_system()?;
+/// The client for calls that are not requests (providers' model lists,
+/// OTLP span batches): reqwest's defaults, our resolver, and never a
+/// redirect (following one could send a key elsewhere) or a retry.
+pub fn build_client(resolver: HickoryResolver) -> Result<reqwest::Client, ClientError> {
     reqwest::Client::builder()
         .dns_resolver(Arc::new(resolver))
         .connect_timeout(CONNECT_TIMEOUT)
@@ -135,8 +134,7 @@ static USER_AGENT: http::HeaderValue =
     http::HeaderValue::from_static(concat!("switchyard/", env!("CARGO_PKG_VERSION")));
 
 impl UpstreamClient {
-    pub fn new() -> Result<Self, ClientError> {
-        let resolver = HickoryResolver::from_system()?;
+    pub fn new(resolver: HickoryResolver) -> Result<Self, ClientError> {
         let mut http = HttpConnector::new_with_resolver(resolver);
         http.enforce_http(false);
         // Without it small SSE writes wait for delayed ACKs (~40 ms stalls).

@@ -85,37 +85,37 @@ fn json_line(line: &AccessLine<'_>) -> Option<Vec<u8>> {
     out.raw("{\"timestamp\":\"");
     timestamp(&mut out.0, chrono::Utc::now());
     out.raw("\",\"level\":\"INFO\",\"message\":\"request\"");
-    out.str("request_id", line.request_id)?;
-    out.str("trace_id", line.trace_id)?;
-    out.str("method", line.method)?;
-    out.str("path", line.path)?;
-    out.str("tenant", line.tenant)?;
-    out.str("model", line.model)?;
-    out.str("provider", line.provider)?;
-    out.num("status", line.status)?;
-    out.num("stream", line.stream)?;
-    out.num("latency_ms", line.latency_ms)?;
+    out.field("request_id", line.request_id)?;
+    out.field("trace_id", line.trace_id)?;
+    out.field("method", line.method)?;
+    out.field("path", line.path)?;
+    out.field("tenant", line.tenant)?;
+    out.field("model", line.model)?;
+    out.field("provider", line.provider)?;
+    out.field("status", line.status)?;
+    out.field("stream", line.stream)?;
+    out.field("latency_ms", line.latency_ms)?;
     if let Some(v) = line.ttft_ms {
-        out.num("ttft_ms", v)?;
+        out.field("ttft_ms", v)?;
     }
     if let Some(v) = line.prompt_tokens {
-        out.num("prompt_tokens", v)?;
+        out.field("prompt_tokens", v)?;
     }
     if let Some(v) = line.completion_tokens {
-        out.num("completion_tokens", v)?;
+        out.field("completion_tokens", v)?;
     }
-    out.num("attempts", line.attempts)?;
+    out.field("attempts", line.attempts)?;
     if let Some(v) = line.egress {
-        out.str("egress", v)?;
+        out.field("egress", v)?;
     }
-    out.num("cost_usd", line.cost_usd)?;
+    out.field("cost_usd", line.cost_usd)?;
     if let Some(v) = line.key {
-        out.str("key", v)?;
+        out.field("key", v)?;
     }
     if let Some(v) = line.error {
-        out.str("error", v)?;
+        out.field("error", v)?;
     }
-    out.num("client_gone", line.client_gone)?;
+    out.field("client_gone", line.client_gone)?;
     out.raw(",\"target\":\"switchyard::access\"}\n");
     Some(out.0)
 }
@@ -135,11 +135,7 @@ impl JsonLine {
         self.0.extend_from_slice(b"\":");
     }
 
-    fn str(&mut self, name: &str, value: &str) -> Option<()> {
-        self.num(name, value)
-    }
-
-    fn num(&mut self, name: &str, value: impl Serialize) -> Option<()> {
+    fn field(&mut self, name: &str, value: impl Serialize) -> Option<()> {
         self.key(name);
         serde_json::to_writer(&mut self.0, &value).ok()
     }

@@ -367,7 +367,7 @@ pub(crate) async fn post_json(
     }
     let req = req
         .body(Full::new(Bytes::from(payload)))
-        .map_err(|e| invalid_header(&ctx.provider.name, &e))?;
+        .map_err(|_| invalid_header(&ctx.provider.name))?;
     let resp = ctx
         .client
         .send(req)
@@ -391,21 +391,14 @@ pub(crate) async fn post_json(
 
 /// A credential as a header value, marked sensitive.
 pub(crate) fn secret_value(provider: &str, value: &str) -> Result<http::HeaderValue, GatewayError> {
-    let mut v = http::HeaderValue::from_str(value).map_err(|_| {
-        GatewayError::new(
-            ErrorKind::Internal,
-            format!(
-                "A request header for the provider `{provider}` is not a valid HTTP header value."
-            ),
-        )
-    })?;
+    let mut v = http::HeaderValue::from_str(value).map_err(|_| invalid_header(provider))?;
     v.set_sensitive(true);
     Ok(v)
 }
 
-/// A header value that cannot go on the wire (a key with a newline, say);
-/// the message names neither the header's value nor any key.
-pub(crate) fn invalid_header(provider: &str, _: &http::Error) -> GatewayError {
+/// A header that cannot go on the wire (a key with a newline, say); the
+/// message names neither the header's value nor any key.
+pub(crate) fn invalid_header(provider: &str) -> GatewayError {
     GatewayError::new(
         ErrorKind::Internal,
         format!("A request header for the provider `{provider}` is not a valid HTTP header value."),

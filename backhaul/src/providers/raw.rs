@@ -70,7 +70,7 @@ pub async fn call(ctx: &CallContext<'_>, raw: &RawRequest) -> Result<RawReply, G
     }
     let req = req
         .body(Full::new(raw.body.clone()))
-        .map_err(|e| invalid_header(&provider.name, &e))?;
+        .map_err(|_| invalid_header(&provider.name))?;
     let resp = ctx
         .client
         .send(req)
