@@ -459,24 +459,15 @@ routes:
         ),
     )
     .await;
-    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/test_resilience_sdk.py");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-            .arg(file)
-            .env("SWITCHYARD_BASE_URL", format!("http://{addr}"))
-            .env("SWITCHYARD_KEY", TEST_KEY)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("run pytest");
-    assert!(
-        out.status.success(),
-        "pytest failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    switchyard_testkit::require::pytest(
+        python,
+        "test_resilience_sdk.py",
+        &[
+            ("SWITCHYARD_BASE_URL", format!("http://{addr}")),
+            ("SWITCHYARD_KEY", TEST_KEY.to_string()),
+        ],
+    )
+    .await;
     assert!(mock.count(None, Some("sk-sdk-revoked")) <= 1);
     assert!(mock.count(Some("storm-429"), None) * 10 <= 120);
     edge.shutdown().await;

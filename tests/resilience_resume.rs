@@ -446,24 +446,15 @@ async fn the_official_sdks_read_a_resumed_stream_as_one_answer() {
     let mock = MockUpstream::start().await;
     let dir = temp_dir("resume-sdk");
     let (edge, addr, _) = start(&dir, &mock).await;
-    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/test_resume_sdk.py");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-            .arg(file)
-            .env("SWITCHYARD_BASE_URL", format!("http://{addr}"))
-            .env("SWITCHYARD_KEY", TEST_KEY)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("run pytest");
-    assert!(
-        out.status.success(),
-        "pytest failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    switchyard_testkit::require::pytest(
+        python,
+        "test_resume_sdk.py",
+        &[
+            ("SWITCHYARD_BASE_URL", format!("http://{addr}")),
+            ("SWITCHYARD_KEY", TEST_KEY.to_string()),
+        ],
+    )
+    .await;
     assert_eq!(
         prefill_sent(&mock, "cont-messages"),
         json!({"role": "assistant", "content": [{"type": "text", "text": ANTHROPIC_FIRST_3}]})

@@ -370,25 +370,16 @@ async fn official_sdks_raise_rate_limit_errors() {
     let edge = edge(&policy, None).await;
     let addr = edge.local_addr().unwrap();
     fresh_minute().await;
-    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/test_tenants_sdk.py");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-            .arg(file)
-            .env("SWITCHYARD_BASE_URL", format!("http://{addr}"))
-            .env("SWITCHYARD_RPM_KEY", RPM_KEY)
-            .env("SWITCHYARD_BUDGET_KEY", BUDGET_KEY)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("run pytest");
-    assert!(
-        out.status.success(),
-        "pytest failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    switchyard_testkit::require::pytest(
+        python,
+        "test_tenants_sdk.py",
+        &[
+            ("SWITCHYARD_BASE_URL", format!("http://{addr}")),
+            ("SWITCHYARD_RPM_KEY", RPM_KEY.to_string()),
+            ("SWITCHYARD_BUDGET_KEY", BUDGET_KEY.to_string()),
+        ],
+    )
+    .await;
     edge.shutdown().await;
 }
 

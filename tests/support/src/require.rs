@@ -40,3 +40,33 @@ pub fn redis() -> bool {
     eprintln!("SKIPPED: redis-server is not installed (scripts/test.sh installs it)");
     false
 }
+
+/// Runs `tests/sdk/<script>` with pytest under `python` (off the async
+/// runtime), with `env` set, and fails the test with pytest's output if
+/// any case failed.
+pub async fn pytest(python: PathBuf, script: &str, env: &[(&str, String)]) {
+    // This crate lives in tests/support; the scripts are under the root.
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/sdk")
+        .join(script);
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .arg(file)
+            .envs(env)
+            .output()
+    })
+    .await
+    .expect("pytest runner")
+    .expect("run pytest");
+    assert!(
+        out.status.success(),
+        "pytest failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
