@@ -453,6 +453,17 @@ async fn stream_resetting_egress(
             let count = count.clone();
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
+                // It speaks the protocol up to READY, so the edge uses it.
+                let Ok(mut control) = conn.open_uni().await else {
+                    return;
+                };
+                if control
+                    .write_all(&switchyard_backhaul::tunnel::frame::READY)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tokio::spawn(async move {

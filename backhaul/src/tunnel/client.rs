@@ -18,7 +18,7 @@ use switchyard_proto::Snapshot;
 use tokio::sync::{watch, Notify};
 
 use super::frame::{self, FrameError, FrameKind};
-use super::tls::{speaks_accepted, NodeTls};
+use super::tls::{says_ready, speaks_accepted, NodeTls};
 use super::TunnelError;
 use crate::dns::{DnsError, HickoryResolver};
 use crate::egress::SharedSnapshot;
@@ -107,6 +107,8 @@ pub enum DialError {
     Connect(#[from] quinn::ConnectError),
     #[error("handshake failed: {0}")]
     Handshake(#[from] quinn::ConnectionError),
+    #[error("the egress did not say READY: {0}")]
+    NotReady(String),
     #[error("no handshake within {} s", .0.as_secs())]
     HandshakeTimeout(Duration),
 }
@@ -583,12 +585,22 @@ async fn maintain(
     let bump = || changed.send_modify(|v| *v = v.wrapping_add(1));
     while !node.removed.load(Ordering::Relaxed) {
         let client = node.client.load_full();
+        let dialled = async {
+            let conn = dial(&endpoint, &client, resolver.as_ref(), &node.addr).await?;
+            match egress_ready(&conn).await {
+                Ok(control) => Ok((conn, control)),
+                Err(e) => {
+                    conn.close(0u32.into(), b"not ready");
+                    Err(e)
+                }
+            }
+        };
         let dial = tokio::select! {
-            r = dial(&endpoint, &client, resolver.as_ref(), &node.addr) => r,
+            r = dialled => r,
             _ = node.remove.notified() => return,
         };
         match dial {
-            Ok(conn) => {
+            Ok((conn, control)) => {
                 let since = Instant::now();
                 tracing::info!(target: "switchyard::backhaul", region = %node.region, egress = %node.addr,
                     rtt_ms = conn.rtt().as_secs_f64() * 1000.0, "backhaul connected");
@@ -600,6 +612,7 @@ async fn maintain(
                 tokio::spawn(listen_for_goaway(
                     node.clone(),
                     conn.clone(),
+                    control,
                     changed.clone(),
                 ));
                 bump();
@@ -650,15 +663,54 @@ fn report_egress_breaker(node: &Node, t: Transition) {
     );
 }
 
-/// Waits for the egress's GOAWAY on this connection (its only
-/// unidirectional stream); ends with the connection.
-async fn listen_for_goaway(node: Arc<Node>, conn: quinn::Connection, changed: watch::Sender<u64>) {
-    let Ok(mut uni) = conn.accept_uni().await else {
-        return;
+/// On a connection that negotiated version 3, waits for the egress to
+/// open its control stream with READY and returns that stream; until then
+/// the connection is not used (the egress may yet refuse the edge's
+/// certificate). Older egress nodes send no READY: `None` at once.
+async fn egress_ready(conn: &quinn::Connection) -> Result<Option<quinn::RecvStream>, DialError> {
+    if !says_ready(conn) {
+        return Ok(None);
+    }
+    let ready = async {
+        let mut control = conn.accept_uni().await?;
+        let mut head = [0u8; 5];
+        control
+            .read_exact(&mut head)
+            .await
+            .map_err(|e| DialError::NotReady(e.to_string()))?;
+        if head != frame::READY {
+            return Err(DialError::NotReady(
+                "its control stream did not start with READY".into(),
+            ));
+        }
+        Ok(Some(control))
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, ready)
+        .await
+        .unwrap_or(Err(DialError::NotReady(format!(
+            "nothing within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ))))
+}
+
+/// Waits for the egress's GOAWAY on its control stream (or, from an egress
+/// older than version 3, on the one unidirectional stream it opens to say
+/// it); ends with the connection.
+async fn listen_for_goaway(
+    node: Arc<Node>,
+    conn: quinn::Connection,
+    control: Option<quinn::RecvStream>,
+    changed: watch::Sender<u64>,
+) {
+    let mut control = match control {
+        Some(c) => c,
+        None => match conn.accept_uni().await {
+            Ok(c) => c,
+            Err(_) => return,
+        },
     };
     let mut head = [0u8; 5];
-    let read = tokio::time::timeout(Duration::from_secs(2), uni.read_exact(&mut head)).await;
-    if matches!(read, Ok(Ok(()))) && head == frame::GOAWAY {
+    if control.read_exact(&mut head).await.is_ok() && head == frame::GOAWAY {
         node.mark_draining(&changed);
     }
 }
@@ -748,7 +800,9 @@ impl Upstream for TunnelRouter {
         let (mut header, body) = frame::request_to_wire(&req, Duration::ZERO);
         let framer: Option<ErrorFramer> = crate::stream::error_framer(&req.op, req.inbound);
         let idle = snap.limits().stream_idle_timeout + SLACK;
-        let wait_until = tokio::time::Instant::now() + WAIT_FOR_EGRESS;
+        // Never past the deadline: a retry of the request must not wait a
+        // second full spell for a node that is not coming.
+        let wait_until = (tokio::time::Instant::now() + WAIT_FOR_EGRESS).min(deadline.into());
         let mut tried: Vec<Arc<Node>> = Vec::new();
         let mut last = String::from("no egress node connected");
         for _ in 0..MAX_ATTEMPTS {

@@ -44,6 +44,11 @@ pub enum FrameKind {
     /// egress of the region (QUIC has no GOAWAY of its own; HTTP/3's is an
     /// application frame too).
     GoAway = 6,
+    /// Egress → edge, empty, first on its control stream (the
+    /// unidirectional stream that later carries GOAWAY): the egress has
+    /// accepted the edge's certificate. Sent only on connections that
+    /// negotiated [`super::tls::ALPN_V3`].
+    Ready = 7,
 }
 
 impl FrameKind {
@@ -55,6 +60,7 @@ impl FrameKind {
             4 => FrameKind::Trailer,
             5 => FrameKind::Accepted,
             6 => FrameKind::GoAway,
+            7 => FrameKind::Ready,
             _ => return None,
         })
     }
@@ -65,6 +71,9 @@ pub const ACCEPTED: [u8; 5] = [FrameKind::Accepted as u8, 0, 0, 0, 0];
 
 /// The whole GOAWAY frame: it has no payload.
 pub const GOAWAY: [u8; 5] = [FrameKind::GoAway as u8, 0, 0, 0, 0];
+
+/// The whole READY frame: it has no payload.
+pub const READY: [u8; 5] = [FrameKind::Ready as u8, 0, 0, 0, 0];
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -235,7 +244,7 @@ pub fn inspect(data: &[u8]) -> Result<Vec<FrameKind>, InspectError> {
                 let t: wire::Trailer = decode(kind, payload)?;
                 apply_trailer(&t, &RequestStats::default());
             }
-            FrameKind::Data | FrameKind::Accepted | FrameKind::GoAway => {}
+            FrameKind::Data | FrameKind::Accepted | FrameKind::GoAway | FrameKind::Ready => {}
         }
         buf = rest;
     }

@@ -21,7 +21,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::admit;
 use super::frame::{self, FrameKind};
-use super::tls::{speaks_accepted, EdgeRegions, NodeTls, DEFAULT_MAX_STREAMS};
+use super::tls::{says_ready, speaks_accepted, EdgeRegions, NodeTls, DEFAULT_MAX_STREAMS};
 use super::TunnelError;
 use crate::egress::{Egress, SharedSnapshot};
 use crate::request::ResponseBody;
@@ -227,16 +227,34 @@ impl TlsReloader {
     }
 }
 
-/// Tells the edge, on a stream of its own, that this egress is draining.
-/// Bounded: an edge that does not take the stream (an older build allows
-/// none) learns it from the refusal of its next request instead.
-async fn send_goaway(conn: quinn::Connection) {
+/// Tells the edge that this egress is draining: on the control stream
+/// when the connection has one, else on a stream of its own. Bounded: an
+/// edge that does not take the stream (an older build allows none) learns
+/// it from the refusal of its next request instead.
+async fn send_goaway(conn: quinn::Connection, control: Option<quinn::SendStream>) {
     let sent = async {
-        let mut uni = conn.open_uni().await.ok()?;
+        let mut uni = match control {
+            Some(s) => s,
+            None => conn.open_uni().await.ok()?,
+        };
         uni.write_all(&frame::GOAWAY).await.ok()?;
         uni.finish().ok()
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), sent).await;
+}
+
+/// Opens the control stream of a version 3 connection and says READY: the
+/// edge uses the connection only after that.
+async fn say_ready(conn: &quinn::Connection) -> Option<quinn::SendStream> {
+    let opened = async {
+        let mut uni = conn.open_uni().await.ok()?;
+        uni.write_all(&frame::READY).await.ok()?;
+        Some(uni)
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, opened)
+        .await
+        .ok()
+        .flatten()
 }
 
 async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
@@ -254,6 +272,15 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
         }
     };
     let accepts = speaks_accepted(&conn);
+    // Held open for the connection's life: GOAWAY goes on it.
+    let mut control = None;
+    if says_ready(&conn) {
+        control = say_ready(&conn).await;
+        if control.is_none() {
+            tracing::warn!(target: "switchyard::backhaul", %remote, "edge lost before it was told READY");
+            return;
+        }
+    }
     tracing::info!(target: "switchyard::backhaul", %remote, region = %ctx.region, accepted_frames = accepts, "edge connected");
     let budget = Arc::new(Semaphore::new(
         ctx.limits.max_request_bytes.min(Semaphore::MAX_PERMITS),
@@ -269,7 +296,7 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
             r = conn.accept_bi() => r,
             _ = async { let _ = drain.wait_for(|d| *d).await; }, if !told => {
                 told = true;
-                tokio::spawn(send_goaway(conn.clone()));
+                tokio::spawn(send_goaway(conn.clone(), control.take()));
                 continue;
             }
         };
@@ -639,6 +666,7 @@ mod tests {
         endpoint: quinn::Endpoint,
         client: quinn::Endpoint,
         conn: quinn::Connection,
+        drainer: Drainer,
     }
 
     impl Pair {
@@ -665,6 +693,7 @@ mod tests {
             .unwrap();
             let addr = server.local_addr().unwrap();
             let endpoint = server.endpoint();
+            let drainer = server.drainer();
             tokio::spawn(server.run());
             let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             let connecting = client
@@ -679,6 +708,7 @@ mod tests {
                 endpoint,
                 client,
                 conn,
+                drainer,
             }
         }
     }
@@ -748,6 +778,31 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), read)
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_accepted_edge_is_told_ready_and_later_goaway_on_one_stream() {
+        let pair = Pair::start("ready", ConnectionLimits::default()).await;
+        assert!(says_ready(&pair.conn), "version 3 was not negotiated");
+        let bound = Duration::from_secs(10);
+        let mut control = tokio::time::timeout(bound, pair.conn.accept_uni())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut head = [0u8; 5];
+        tokio::time::timeout(bound, control.read_exact(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(head, frame::READY);
+        pair.drainer.start();
+        tokio::time::timeout(bound, control.read_exact(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(head, frame::GOAWAY);
+        // No second unidirectional stream was opened for it.
+        assert!(pair.conn.accept_uni().now_or_never().is_none());
     }
 
     #[tokio::test]

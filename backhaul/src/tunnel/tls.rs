@@ -27,24 +27,39 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use switchyard_proto::scope::{certificate_has_scope, node_scope_name, EDGE, EGRESS};
 
-/// ALPN of the backhaul's first version; a peer speaking neither this nor
-/// [`ALPN_V2`] fails the handshake.
+/// ALPN of the backhaul's first version; a peer speaking none of
+/// [`ALPN_V3`], [`ALPN_V2`] or this fails the handshake.
 pub const ALPN: &[u8] = b"switchyard-backhaul/1";
 /// Version 2 adds the ACCEPTED frame ([`super::frame::FrameKind::Accepted`]).
-/// Both ends offer it first and keep version 1, so nodes of both versions
-/// keep talking during a rolling deploy.
+/// Both ends offer the newest version first and keep the older ones, so
+/// nodes of every version keep talking during a rolling deploy.
 pub const ALPN_V2: &[u8] = b"switchyard-backhaul/2";
+/// Version 3 adds the READY frame ([`super::frame::FrameKind::Ready`]):
+/// with TLS 1.3 a client's handshake is complete before the server has
+/// checked the client's certificate, so an edge only knows that an egress
+/// took it when the egress says so.
+pub const ALPN_V3: &[u8] = b"switchyard-backhaul/3";
 
 fn alpn_protocols() -> Vec<Vec<u8>> {
-    vec![ALPN_V2.to_vec(), ALPN.to_vec()]
+    vec![ALPN_V3.to_vec(), ALPN_V2.to_vec(), ALPN.to_vec()]
 }
 
-/// Whether `conn` negotiated [`ALPN_V2`]: its egress sends ACCEPTED frames.
-pub fn speaks_accepted(conn: &quinn::Connection) -> bool {
+fn negotiated(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol)
-        .is_some_and(|p| p == ALPN_V2)
+}
+
+/// Whether `conn` negotiated [`ALPN_V2`] or later: its egress sends
+/// ACCEPTED frames.
+pub fn speaks_accepted(conn: &quinn::Connection) -> bool {
+    negotiated(conn).is_some_and(|p| p == ALPN_V2 || p == ALPN_V3)
+}
+
+/// Whether `conn` negotiated [`ALPN_V3`]: its egress opens its control
+/// stream with READY once it has accepted the edge.
+pub fn says_ready(conn: &quinn::Connection) -> bool {
+    negotiated(conn).is_some_and(|p| p == ALPN_V3)
 }
 
 /// Keep-alives make an idle connection prove itself every second, so a dead
