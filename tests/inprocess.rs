@@ -3,14 +3,19 @@
 //! fixture-replaying mock as the provider, a real QUIC backhaul with
 //! generated certificates, and `shutdown()` that frees every port.
 
+mod common;
+
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::{
+    http_client, install_crypto, post_chat, start_backhaul_edge, start_egress, write_policy_file,
+    BackhaulCerts,
+};
 use futures::StreamExt;
-use serde_json::{json, Value};
-use switchyard_backhaul::node::{EgressNode, NodeError, PolicySource};
-use switchyard_backhaul::tunnel::{generate_node_cert, CertScope, NodeTls};
+use serde_json::Value;
+use switchyard_backhaul::node::{NodeError, PolicySource};
 use switchyard_edge::node::EdgeNode;
 use switchyard_proto::KeyHash;
 use switchyard_testkit::gateway::{temp_dir, TEST_KEY};
@@ -20,14 +25,7 @@ use switchyard_testkit::mock::MockUpstream;
 const PROVIDER_KEY: &str = "sk-test-INPROCESS-3f2e1d0c";
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
-fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    http_client(Duration::from_secs(20))
 }
 
 /// Provider `openai` (the mock) in region `eu`, its key inline, and the
@@ -52,16 +50,11 @@ tenants:
         mock.url(),
         KeyHash::of(TEST_KEY).to_hex(),
     );
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, policy).unwrap();
-    path
+    write_policy_file(dir, &policy)
 }
 
 async fn chat(addr: SocketAddr, model: &str, stream: bool) -> reqwest::Response {
-    client()
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth(TEST_KEY)
-        .json(&json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+    post_chat(&client(), addr, TEST_KEY, model, stream)
         .send()
         .await
         .unwrap()
@@ -145,30 +138,13 @@ async fn edge_and_egress_joined_by_quic_serve_and_shut_down() {
     let mock = MockUpstream::start().await;
     let dir = temp_dir("inproc-pair");
     let policy = write_policy(&dir, &mock);
-    let pki = dir.join("pki");
-    let sans = Vec::new();
-    let edge_cert = generate_node_cert(&pki, "edge", &sans, &CertScope::Edge("eu".into())).unwrap();
-    let egress_cert =
-        generate_node_cert(&pki, "egress", &sans, &CertScope::Egress("eu".into())).unwrap();
-    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
-        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
-    };
+    let certs = BackhaulCerts::generate(&dir, "eu");
 
-    let egress = EgressNode::new("eu", tls(&egress_cert))
-        .policy(PolicySource::File(policy.clone()))
-        .start()
-        .await
-        .expect("egress starts");
+    let egress = start_egress("eu", certs.egress_tls(), &policy).await;
     let egress_addr = egress.local_addr();
     assert_ne!(egress_addr.port(), 0);
 
-    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
-        .policy(PolicySource::File(policy))
-        .egress("eu", egress_addr.to_string())
-        .listen("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
+    let edge = start_backhaul_edge("eu", certs.edge_tls(), &policy, &[egress_addr]).await;
     let addr = edge.local_addr().expect("plain listener");
     assert_ne!(addr.port(), 0);
 

@@ -13,31 +13,29 @@
 //! The assertions are counts (requests served, calls the mock saw), never
 //! durations. A second test holds residency under the same kind of faults.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::{
+    backhaul_edge, header, http_client, install_crypto, is_whole_answer, post_chat,
+    start_backhaul_edge, start_egress, write_policy_file, BackhaulCerts,
+};
 use futures::StreamExt;
-use serde_json::{json, Value};
-use switchyard_backhaul::node::{EgressNode, PolicySource, RunningEgress};
-use switchyard_backhaul::tunnel::{generate_node_cert, CertScope, NodeTls};
+use switchyard_backhaul::node::{EgressNode, PolicySource};
+use switchyard_backhaul::tunnel::NodeTls;
 use switchyard_edge::node::EdgeNode;
 use switchyard_proto::KeyHash;
 use switchyard_testkit::gateway::{temp_dir, TEST_KEY};
+use switchyard_testkit::metrics::scrape as metrics;
 use switchyard_testkit::mock::MockUpstream;
 
 const EU_KEY: &str = "sy-test-eu-tenant-key-42";
 
-fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 fn client() -> reqwest::Client {
-    install_crypto();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    http_client(Duration::from_secs(30))
 }
 
 fn chaos_policy(dir: &Path, mock: &MockUpstream) -> PathBuf {
@@ -98,9 +96,7 @@ tenants:
 "#,
         KeyHash::of(TEST_KEY).to_hex()
     );
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, policy).unwrap();
-    path
+    write_policy_file(dir, &policy)
 }
 
 /// `Err` with what the client saw when the request was not served whole.
@@ -110,29 +106,14 @@ async fn served(
     model: &str,
     stream: bool,
 ) -> Result<(), String> {
-    let resp = http
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth(TEST_KEY)
-        .json(&json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+    let resp = post_chat(http, addr, TEST_KEY, model, stream)
         .send()
         .await
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let attempts = resp
-        .headers()
-        .get("x-switchyard-attempts")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
+    let attempts = header(&resp, "x-switchyard-attempts").unwrap_or_else(|| "-".into());
     let body = resp.text().await.map_err(|e| e.to_string())?;
-    let ok = status == 200
-        && if stream {
-            body.ends_with("data: [DONE]\n\n") && !body.contains("\"error\"")
-        } else {
-            serde_json::from_str::<Value>(&body)
-                .is_ok_and(|v| v["choices"][0]["message"]["content"].is_string())
-        };
-    if ok {
+    if is_whole_answer(status, &body, stream) {
         Ok(())
     } else {
         Err(format!("{status} after {attempts} attempt(s): {body}"))
@@ -164,14 +145,6 @@ async fn round(
         .collect()
 }
 
-async fn egress_node(policy: &Path, tls: NodeTls) -> RunningEgress {
-    EgressNode::new("eu", tls)
-        .policy(PolicySource::File(policy.to_path_buf()))
-        .start()
-        .await
-        .expect("egress starts")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_storm_revoked_key_random_faults_hanging_target_and_a_killed_egress() {
     install_crypto();
@@ -180,23 +153,16 @@ async fn chaos_storm_revoked_key_random_faults_hanging_target_and_a_killed_egres
     let dir = temp_dir("res-chaos");
     let policy = chaos_policy(&dir, &mock);
     mock.revoke_key("sk-chaos-revoked");
-    let pki = dir.join("pki");
-    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
-    let egress_cert =
-        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
-    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
-        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
-    };
-    let first = egress_node(&policy, tls(&egress_cert)).await;
-    let second = egress_node(&policy, tls(&egress_cert)).await;
-    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
-        .policy(PolicySource::File(policy))
-        .egress("eu", first.local_addr().to_string())
-        .egress("eu", second.local_addr().to_string())
-        .listen("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
+    let certs = BackhaulCerts::generate(&dir, "eu");
+    let first = start_egress("eu", certs.egress_tls(), &policy).await;
+    let second = start_egress("eu", certs.egress_tls(), &policy).await;
+    let edge = start_backhaul_edge(
+        "eu",
+        certs.edge_tls(),
+        &policy,
+        &[first.local_addr(), second.local_addr()],
+    )
+    .await;
     let addr = edge.local_addr().unwrap();
     let http = client();
 
@@ -280,9 +246,9 @@ tenants:
         KeyHash::of(EU_KEY).to_hex(),
         KeyHash::of(TEST_KEY).to_hex(),
     );
-    std::fs::write(dir.join("policy.yaml"), policy).unwrap();
+    let policy = write_policy_file(&dir, &policy);
     let edge = EdgeNode::single_node()
-        .policy(PolicySource::File(dir.join("policy.yaml")))
+        .policy(PolicySource::File(policy))
         .listen("127.0.0.1:0")
         .start()
         .await
@@ -292,24 +258,13 @@ tenants:
     let send = |key: &'static str, stream: bool| {
         let http = http.clone();
         async move {
-            let resp = http
-                .post(format!("http://{addr}/v1/chat/completions"))
-                .bearer_auth(key)
-                .json(&json!({"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+            let resp = post_chat(&http, addr, key, "chat", stream)
                 .send()
                 .await
                 .unwrap();
             let status = resp.status().as_u16();
-            let jurisdiction = resp
-                .headers()
-                .get("x-switchyard-jurisdiction")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let target = resp
-                .headers()
-                .get("x-switchyard-target")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let jurisdiction = header(&resp, "x-switchyard-jurisdiction");
+            let target = header(&resp, "x-switchyard-target");
             let body = resp.text().await.unwrap();
             (status, jurisdiction, target, body)
         }
@@ -356,27 +311,15 @@ async fn a_separate_egress_shows_its_key_pools_on_its_admin_metrics() {
     let dir = temp_dir("res-egress-metrics");
     let policy = chaos_policy(&dir, &mock);
     mock.revoke_key("sk-chaos-revoked");
-    let pki = dir.join("pki");
-    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
-    let egress_cert =
-        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
-    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
-        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
-    };
-    let egress = EgressNode::new("eu", tls(&egress_cert))
+    let certs = BackhaulCerts::generate(&dir, "eu");
+    let egress = EgressNode::new("eu", certs.egress_tls())
         .policy(PolicySource::File(policy.clone()))
         .admin("127.0.0.1:0".parse().unwrap())
         .start()
         .await
         .expect("egress starts");
     let admin = egress.admin_addr().expect("admin listener");
-    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
-        .policy(PolicySource::File(policy))
-        .egress("eu", egress.local_addr().to_string())
-        .listen("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
+    let edge = start_backhaul_edge("eu", certs.edge_tls(), &policy, &[egress.local_addr()]).await;
     let addr = edge.local_addr().unwrap();
     let http = client();
     for i in 0..6 {
@@ -388,14 +331,7 @@ async fn a_separate_egress_shows_its_key_pools_on_its_admin_metrics() {
     for _ in 0..3 {
         let _ = served(&http, addr, "storm/storm-429", false).await;
     }
-    let page = http
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = metrics(&http, admin).await;
     let value = |fragments: &[&str]| -> f64 {
         page.lines()
             .filter(|l| !l.starts_with('#'))
@@ -483,24 +419,19 @@ async fn an_egress_whose_streams_keep_failing_is_ejected_for_the_regions_other_e
     let mock = MockUpstream::start().await;
     let dir = temp_dir("res-egress-breaker");
     let policy = chaos_policy(&dir, &mock);
-    let pki = dir.join("pki");
-    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
-    let egress_cert =
-        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
-    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
-        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
-    };
-    let good = egress_node(&policy, tls(&egress_cert)).await;
-    let (bad, bad_addr, taken) = stream_resetting_egress(tls(&egress_cert)).await;
-    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
-        .policy(PolicySource::File(policy))
-        .egress("eu", good.local_addr().to_string())
-        .egress("eu", bad_addr.to_string())
-        .listen("127.0.0.1:0")
-        .metrics("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
+    let certs = BackhaulCerts::generate(&dir, "eu");
+    let good = start_egress("eu", certs.egress_tls(), &policy).await;
+    let (bad, bad_addr, taken) = stream_resetting_egress(certs.egress_tls()).await;
+    let edge = backhaul_edge(
+        "eu",
+        certs.edge_tls(),
+        &policy,
+        &[good.local_addr(), bad_addr],
+    )
+    .metrics("127.0.0.1:0")
+    .start()
+    .await
+    .expect("edge starts");
     let addr = edge.local_addr().unwrap();
     let metrics_addr = edge.metrics_addr().unwrap();
     let http = client();
@@ -524,14 +455,7 @@ async fn an_egress_whose_streams_keep_failing_is_ejected_for_the_regions_other_e
     // open it, the requests already on their way and a few probes.
     assert!(failed <= 25, "{failed} of {N} failed");
     assert_eq!(mock.count(Some("gpt-4o-mini"), None), N - failed);
-    let page = http
-        .get(format!("http://{metrics_addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = metrics(&http, metrics_addr).await;
     let line = page.lines().find(|l| {
         l.starts_with("switchyard_backhaul_ejected") && l.contains(&bad_addr.to_string())
     });

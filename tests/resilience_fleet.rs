@@ -5,14 +5,15 @@
 //! failing one. A real control plane (gRPC, SQLite store), egress and edge
 //! joined by the QUIC backhaul, in process, on loopback.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde_json::json;
+use common::{http_client, install_crypto, post_chat, BackhaulCerts};
 use switchyard_backhaul::node::{ControlLink, EgressNode};
-use switchyard_backhaul::tunnel::{generate_node_cert, CertScope, NodeTls};
 use switchyard_control::client;
 use switchyard_control::node_client::{NodeAgent, NodeConfig, Role};
 use switchyard_control::pb;
@@ -21,6 +22,7 @@ use switchyard_control::telemetry::RequestRecord;
 use switchyard_edge::node::EdgeNode;
 use switchyard_proto::{KeyHash, Secret, Snapshot};
 use switchyard_testkit::gateway::{temp_dir, TEST_KEY};
+use switchyard_testkit::metrics::scrape as metrics;
 use switchyard_testkit::mock::MockUpstream;
 
 const KEY_ENV: &str = "SY_RES_FLEET_PROVIDER_KEY";
@@ -36,7 +38,7 @@ fn link(url: &str, id: &str, dir: &Path) -> ControlLink {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_failing_fleet_wide_is_ejected_on_an_edge_that_never_tried_it() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_crypto();
     // Only this test in this binary reads it.
     std::env::set_var(KEY_ENV, "sk-fleet-test");
     let mock = MockUpstream::start().await;
@@ -77,19 +79,13 @@ async fn a_target_failing_fleet_wide_is_ejected_on_an_edge_that_never_tried_it()
         .into_inner();
     assert!(applied.version > 0, "{applied:?}");
 
-    let pki = dir.join("pki");
-    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
-    let egress_cert =
-        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
-    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
-        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
-    };
-    let egress = EgressNode::new("eu", tls(&egress_cert))
+    let certs = BackhaulCerts::generate(&dir, "eu");
+    let egress = EgressNode::new("eu", certs.egress_tls())
         .control_plane(link(&url, "egress-eu", &dir))
         .start()
         .await
         .expect("egress starts");
-    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
+    let edge = EdgeNode::backhaul("eu", certs.edge_tls())
         .control_plane(link(&url, "edge-eu", &dir))
         .egress("eu", egress.local_addr().to_string())
         .listen("127.0.0.1:0")
@@ -132,15 +128,9 @@ async fn a_target_failing_fleet_wide_is_ejected_on_an_edge_that_never_tried_it()
     }
     assert!(pushed, "the fleet's scores reached the edge");
 
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let http = http_client(Duration::from_secs(30));
     let chat = |model: &'static str, stream: bool| {
-        http.post(format!("http://{}/v1/chat/completions", edge.local_addr().unwrap()))
-            .bearer_auth(TEST_KEY)
-            .json(&json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
+        post_chat(&http, edge.local_addr().unwrap(), TEST_KEY, model, stream).send()
     };
     // Ejected, not merely demoted: when the route's other target fails,
     // the request does not fail over to the target the fleet saw failing
@@ -159,14 +149,7 @@ async fn a_target_failing_fleet_wide_is_ejected_on_an_edge_that_never_tried_it()
         assert_eq!(resp.status(), 200);
         let _ = resp.text().await;
     }
-    let page = http
-        .get(format!("http://{}/metrics", edge.metrics_addr().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = metrics(&http, edge.metrics_addr().unwrap()).await;
     assert!(
         page.lines()
             .any(|l| l.starts_with("switchyard_fleet_ejections_total ") && !l.ends_with(" 0")),

@@ -13,15 +13,16 @@
 //! Assertions are counts at the mock and in the answers, never durations;
 //! waits for the far end to notice a cancellation are bounded polls.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchyard_testkit::metrics::{sample, scrape as metrics};
 
-use serde_json::{json, Value};
-use switchyard_backhaul::node::{EgressNode, PolicySource};
-use switchyard_backhaul::tunnel::{generate_node_cert, CertScope, NodeTls};
-use switchyard_edge::node::{EdgeNode, RunningEdge};
+use common::{
+    header, http_client, install_crypto, is_whole_answer, post_chat, start_backhaul_edge,
+    start_egress, start_single_node_edge, write_policy_for_test_tenant, BackhaulCerts,
+};
 use switchyard_proto::KeyHash;
 use switchyard_testkit::gateway::{temp_dir, TEST_KEY};
 use switchyard_testkit::mock::MockUpstream;
@@ -29,37 +30,7 @@ use switchyard_testkit::mock::MockUpstream;
 const EU_KEY: &str = "sy-test-eu-hedge-tenant-key";
 
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
-/// `tenant_extra` is appended to the test tenant's entry, then
-/// `more_tenants` to the list.
-fn write_policy(dir: &Path, body: &str, tenant_extra: &str, more_tenants: &str) -> PathBuf {
-    let policy = format!(
-        "{body}\ntenants:\n  - id: test\n    key_sha256: \"{}\"\n{tenant_extra}{more_tenants}",
-        KeyHash::of(TEST_KEY).to_hex()
-    );
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, policy).unwrap();
-    path
-}
-
-async fn start(policy: PathBuf) -> (RunningEdge, SocketAddr, SocketAddr) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let edge = EdgeNode::single_node()
-        .policy(PolicySource::File(policy))
-        .listen("127.0.0.1:0")
-        .metrics("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
-    let addr = edge.local_addr().unwrap();
-    let metrics = edge.metrics_addr().unwrap();
-    (edge, addr, metrics)
+    http_client(Duration::from_secs(60))
 }
 
 fn providers(mock: &MockUpstream, names: &[(&str, Option<&str>)]) -> String {
@@ -83,13 +54,7 @@ struct Reply {
 
 impl Reply {
     fn complete(&self, stream: bool) -> bool {
-        self.status == 200
-            && if stream {
-                self.body.ends_with("data: [DONE]\n\n") && !self.body.contains("\"error\"")
-            } else {
-                serde_json::from_str::<Value>(&self.body)
-                    .is_ok_and(|v| v["choices"][0]["message"]["content"].is_string())
-            }
+        is_whole_answer(self.status, &self.body, stream)
     }
 }
 
@@ -100,24 +65,16 @@ async fn chat(
     model: &str,
     stream: bool,
 ) -> Reply {
-    let resp = http
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+    let resp = post_chat(http, addr, key, model, stream)
         .send()
         .await
         .unwrap();
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string()
-    };
+    // "-" for an absent header, so the assertions compare plain strings.
+    let shown = |n: &str| header(&resp, n).unwrap_or_else(|| "-".into());
     let (status, attempts, target) = (
         resp.status().as_u16(),
-        header("x-switchyard-attempts"),
-        header("x-switchyard-target"),
+        shown("x-switchyard-attempts"),
+        shown("x-switchyard-target"),
     );
     let body = resp.text().await.unwrap();
     Reply {
@@ -147,7 +104,7 @@ async fn a_slow_primary_is_beaten_by_the_hedge_and_the_loser_is_cancelled() {
         "{}routes:\n  chat:\n    hedge: {{ delay_ms: 100 }}\n    targets:\n      - {{ provider: slow, model: slow-60000 }}\n      - {{ provider: fast, model: gpt-4o-mini }}\n",
         providers(&mock, &[("slow", None), ("fast", None)])
     );
-    let (edge, addr, metrics_addr) = start(write_policy(
+    let (edge, addr, metrics_addr) = start_single_node_edge(write_policy_for_test_tenant(
         &dir,
         &body,
         "    hedge_budget_percent: 100\n",
@@ -190,7 +147,8 @@ async fn a_fast_primary_and_a_route_without_hedge_make_no_second_attempt() {
         "{}routes:\n  plain:\n    targets:\n      - {{ provider: slow, model: slow-400 }}\n      - {{ provider: fast, model: gpt-4o-mini }}\n  quick:\n    hedge: {{ delay_ms: 5000 }}\n    targets:\n      - {{ provider: slow, model: slow-1 }}\n      - {{ provider: fast, model: gpt-4o-mini }}\n",
         providers(&mock, &[("slow", None), ("fast", None)])
     );
-    let (edge, addr, metrics_addr) = start(write_policy(&dir, &body, "", "")).await;
+    let (edge, addr, metrics_addr) =
+        start_single_node_edge(write_policy_for_test_tenant(&dir, &body, "", "")).await;
     let http = client();
     for stream in [false, true] {
         for route in ["plain", "quick"] {
@@ -218,7 +176,7 @@ async fn a_spent_hedge_budget_starts_no_hedge() {
     );
     // 10 % of a handful of requests rounds to nothing: only the floor of
     // one hedge per window is left.
-    let (edge, addr, metrics_addr) = start(write_policy(
+    let (edge, addr, metrics_addr) = start_single_node_edge(write_policy_for_test_tenant(
         &dir,
         &body,
         "    hedge_budget_percent: 10\n",
@@ -273,7 +231,7 @@ async fn a_hedge_stays_inside_the_requests_jurisdictions() {
             &[("eu-slow", Some("eu-west")), ("us-fast", Some("us-east")), ("eu-fast", Some("eu-west"))]
         )
     );
-    let policy = write_policy(
+    let policy = write_policy_for_test_tenant(
         &dir,
         &body,
         "    hedge_budget_percent: 100\n",
@@ -282,7 +240,7 @@ async fn a_hedge_stays_inside_the_requests_jurisdictions() {
             KeyHash::of(EU_KEY).to_hex()
         ),
     );
-    let (edge, addr, _) = start(policy).await;
+    let (edge, addr, _) = start_single_node_edge(policy).await;
     let http = client();
     for i in 0..4 {
         let r = chat(&http, addr, EU_KEY, "chat", i % 2 == 1).await;
@@ -305,33 +263,17 @@ async fn a_hedge_stays_inside_the_requests_jurisdictions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_the_backhaul_the_egress_cancels_the_losing_provider_call() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_crypto();
     let mock = MockUpstream::start().await;
     let dir = temp_dir("res-hedge-backhaul");
     let body = format!(
         "regions:\n  eu: {{ jurisdiction: eu }}\n{}routes:\n  chat:\n    hedge: {{ delay_ms: 100 }}\n    targets:\n      - {{ provider: slow, model: slow-60000 }}\n      - {{ provider: fast, model: gpt-4o-mini }}\n",
         providers(&mock, &[("slow", Some("eu")), ("fast", Some("eu"))])
     );
-    let policy = write_policy(&dir, &body, "    hedge_budget_percent: 100\n", "");
-    let pki = dir.join("pki");
-    let edge_cert = generate_node_cert(&pki, "edge", &[], &CertScope::Edge("eu".into())).unwrap();
-    let egress_cert =
-        generate_node_cert(&pki, "egress", &[], &CertScope::Egress("eu".into())).unwrap();
-    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
-        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
-    };
-    let egress = EgressNode::new("eu", tls(&egress_cert))
-        .policy(PolicySource::File(policy.clone()))
-        .start()
-        .await
-        .expect("egress starts");
-    let edge = EdgeNode::backhaul("eu", tls(&edge_cert))
-        .policy(PolicySource::File(policy))
-        .egress("eu", egress.local_addr().to_string())
-        .listen("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
+    let policy = write_policy_for_test_tenant(&dir, &body, "    hedge_budget_percent: 100\n", "");
+    let certs = BackhaulCerts::generate(&dir, "eu");
+    let egress = start_egress("eu", certs.egress_tls(), &policy).await;
+    let edge = start_backhaul_edge("eu", certs.edge_tls(), &policy, &[egress.local_addr()]).await;
     let addr = edge.local_addr().unwrap();
     let http = client();
     for (n, stream) in [false, true].into_iter().enumerate() {

@@ -5,48 +5,28 @@
 //! off, and what answers and metrics say about it. Everything is counted at
 //! the mock; nothing here depends on timing.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use switchyard_testkit::metrics::{sample, scrape as metrics};
 
-use serde_json::{json, Value};
-use switchyard_backhaul::node::PolicySource;
-use switchyard_edge::node::{EdgeNode, RunningEdge};
-use switchyard_proto::KeyHash;
+use common::{
+    header, http_client, is_whole_answer, post_chat, start_single_node_edge,
+    write_policy_for_test_tenant,
+};
+use serde_json::json;
+use switchyard_edge::node::RunningEdge;
 use switchyard_testkit::gateway::{temp_dir, TEST_KEY};
 use switchyard_testkit::mock::MockUpstream;
 
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-fn write_policy(dir: &Path, body: &str) -> PathBuf {
-    let policy = format!(
-        "{body}\ntenants:\n  - id: test\n    key_sha256: \"{}\"\n",
-        KeyHash::of(TEST_KEY).to_hex()
-    );
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, policy).unwrap();
-    path
+    http_client(Duration::from_secs(30))
 }
 
 async fn start(dir: &Path, policy: &str) -> (RunningEdge, SocketAddr, SocketAddr) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let edge = EdgeNode::single_node()
-        .policy(PolicySource::File(write_policy(dir, policy)))
-        .listen("127.0.0.1:0")
-        .metrics("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
-    let addr = edge.local_addr().unwrap();
-    let metrics = edge.metrics_addr().unwrap();
-    (edge, addr, metrics)
+    start_single_node_edge(write_policy_for_test_tenant(dir, policy, "", "")).await
 }
 
 struct Reply {
@@ -57,45 +37,28 @@ struct Reply {
     body: String,
 }
 
-async fn chat(http: &reqwest::Client, addr: SocketAddr, model: &str, stream: bool) -> Reply {
-    let resp = http
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth(TEST_KEY)
-        .json(&json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let (status, attempts, target, retry_after) = (
-        resp.status().as_u16(),
-        header("x-switchyard-attempts"),
-        header("x-switchyard-target"),
-        header("retry-after"),
-    );
-    let body = resp.text().await.unwrap();
-    Reply {
-        status,
-        attempts,
-        target,
-        retry_after,
-        body,
+impl Reply {
+    async fn read(resp: reqwest::Response) -> Reply {
+        Reply {
+            status: resp.status().as_u16(),
+            attempts: header(&resp, "x-switchyard-attempts"),
+            target: header(&resp, "x-switchyard-target"),
+            retry_after: header(&resp, "retry-after"),
+            body: resp.text().await.unwrap(),
+        }
     }
 }
 
+async fn chat(http: &reqwest::Client, addr: SocketAddr, model: &str, stream: bool) -> Reply {
+    let resp = post_chat(http, addr, TEST_KEY, model, stream)
+        .send()
+        .await
+        .unwrap();
+    Reply::read(resp).await
+}
+
 fn is_complete(r: &Reply, stream: bool) -> bool {
-    if r.status != 200 {
-        return false;
-    }
-    if stream {
-        return r.body.ends_with("data: [DONE]\n\n") && !r.body.contains("\"error\"");
-    }
-    serde_json::from_str::<Value>(&r.body)
-        .is_ok_and(|v| v["choices"][0]["message"]["content"].is_string())
+    is_whole_answer(r.status, &r.body, stream)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,26 +265,7 @@ async fn chat_as(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = req.send().await.unwrap();
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let (status, attempts, target, retry_after) = (
-        resp.status().as_u16(),
-        header("x-switchyard-attempts"),
-        header("x-switchyard-target"),
-        header("retry-after"),
-    );
-    Reply {
-        status,
-        attempts,
-        target,
-        retry_after,
-        body: resp.text().await.unwrap(),
-    }
+    Reply::read(req.send().await.unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,15 +10,19 @@
 //! only prefill target outside the tenant's jurisdictions) the stream ends
 //! with its error event, as without resume, and nothing else is called.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-use switchyard_testkit::metrics::scrape as metrics;
+mod common;
 
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use switchyard_testkit::metrics::{sample, scrape as metrics};
+
+use common::{
+    http_client, install_crypto, start_backhaul_edge, start_egress, start_single_node_edge,
+    write_policy_file, BackhaulCerts,
+};
 use serde_json::{json, Value};
-use switchyard_backhaul::node::{EgressNode, PolicySource};
-use switchyard_backhaul::tunnel::{generate_node_cert, CertScope, NodeTls};
-use switchyard_edge::node::{EdgeNode, RunningEdge};
+use switchyard_edge::node::RunningEdge;
 use switchyard_proto::KeyHash;
 use switchyard_testkit::gateway::{temp_dir, TEST_KEY};
 use switchyard_testkit::mock::MockUpstream;
@@ -36,11 +40,7 @@ const ANTHROPIC_TEXT: &str = "4200 + 42 = 4242";
 const ANTHROPIC_FIRST_3: &str = "4200 + 42 =";
 
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    http_client(Duration::from_secs(30))
 }
 
 fn policy(url: &str) -> String {
@@ -149,33 +149,18 @@ tenants:
 }
 
 async fn start(dir: &Path, mock: &MockUpstream) -> (RunningEdge, SocketAddr, SocketAddr) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let path: PathBuf = dir.join("policy.yaml");
-    std::fs::write(&path, policy(&mock.url())).unwrap();
-    let edge = EdgeNode::single_node()
-        .policy(PolicySource::File(path))
-        .listen("127.0.0.1:0")
-        .metrics("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
-    let addr = edge.local_addr().unwrap();
-    let metrics = edge.metrics_addr().unwrap();
-    (edge, addr, metrics)
+    start_single_node_edge(write_policy_file(dir, &policy(&mock.url()))).await
 }
 
 fn resumes(text: &str, provider: &str, outcome: &str) -> f64 {
-    let fragments = [
-        "switchyard_stream_resumes_total",
-        &format!("provider=\"{provider}\""),
-        &format!("outcome=\"{outcome}\""),
-    ];
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| fragments.iter().all(|f| l.contains(f)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    sample(
+        text,
+        &[
+            "switchyard_stream_resumes_total",
+            &format!("provider=\"{provider}\""),
+            &format!("outcome=\"{outcome}\""),
+        ],
+    )
 }
 
 /// A streamed chat completion: every `data:` payload.
@@ -472,36 +457,14 @@ async fn the_official_sdks_read_a_resumed_stream_as_one_answer() {
 /// provider that goes silent is ended by the egress's idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_resume_across_the_quic_backhaul_after_a_cut_or_a_stall() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_crypto();
     let mock = MockUpstream::start().await;
     let dir = temp_dir("resume-backhaul");
-    let path = dir.join("policy.yaml");
-    std::fs::write(&path, policy(&mock.url())).unwrap();
-    let pki = dir.join("pki");
-    let scope = |edge: bool| {
-        if edge {
-            CertScope::Edge("eu-west".into())
-        } else {
-            CertScope::Egress("eu-west".into())
-        }
-    };
-    let edge_cert = generate_node_cert(&pki, "edge", &[], &scope(true)).unwrap();
-    let egress_cert = generate_node_cert(&pki, "egress", &[], &scope(false)).unwrap();
-    let tls = |g: &switchyard_backhaul::tunnel::tls::GeneratedNode| {
-        NodeTls::from_files(&g.cert, &g.key, &g.ca_cert).unwrap()
-    };
-    let egress = EgressNode::new("eu-west", tls(&egress_cert))
-        .policy(PolicySource::File(path.clone()))
-        .start()
-        .await
-        .expect("egress starts");
-    let edge = EdgeNode::backhaul("eu-west", tls(&edge_cert))
-        .policy(PolicySource::File(path))
-        .egress("eu-west", egress.local_addr().to_string())
-        .listen("127.0.0.1:0")
-        .start()
-        .await
-        .expect("edge starts");
+    let path = write_policy_file(&dir, &policy(&mock.url()));
+    let certs = BackhaulCerts::generate(&dir, "eu-west");
+    let egress = start_egress("eu-west", certs.egress_tls(), &path).await;
+    let edge =
+        start_backhaul_edge("eu-west", certs.edge_tls(), &path, &[egress.local_addr()]).await;
     let addr = edge.local_addr().unwrap();
     let http = client();
 
