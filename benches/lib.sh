@@ -165,8 +165,8 @@ start_switchyard() {
     env -u ANTHROPIC_API_KEY -u ANTHROPIC_BASE_URL -u GEMINI_API_KEY -u GEMINI_BASE_URL \
         -u SWITCHYARD_LOG -u SWITCHYARD_LOG_FORMAT \
         SWITCHYARD_DEV_KEY="$KEY" OPENAI_API_KEY=x \
-        OPENAI_BASE_URL="http://127.0.0.1:$mock/v1" \
-        ${GW_PIN:-} "$GW_BIN" dev \
+        OPENAI_BASE_URL="${PROVIDER_URL:-http://127.0.0.1:$mock/v1}" \
+        ${GW_ENV:-} ${GW_PIN:-} "$GW_BIN" dev \
             --listen "127.0.0.1:$port" --tls-listen "127.0.0.1:$tls" \
             --metrics-listen "127.0.0.1:$metrics" \
             --config "$WORK/policy.yaml" --state-dir "$WORK/state" \

@@ -23,6 +23,11 @@
 #   SETTLE_LONG=30       seconds after the burst for the reading the 2x-idle target is judged on
 #   GW_THREADS=2         gateway worker threads
 #   GW_ARGS=""           extra `switchyard dev` arguments (e.g. --header-timeout-ms 5000)
+#   PROVIDER=http1       how the gateway reaches the mock: `http1` (plain HTTP/1.1,
+#                        one upstream connection per open stream) or `h2-tls`
+#                        (behind the testkit's tls-relay offering HTTP/2 by ALPN,
+#                        as OpenAI, Anthropic and Google answer: streams share
+#                        one connection)
 #   TARGET_KB_PER_STREAM=30 TARGET_IDLE_RATIO=2
 #   CARGO_TARGET_DIR=/tmp/bench-target, SKIP_BUILD=1   as in run.sh
 #   OUT=benches/results/memory-latest.md
@@ -46,6 +51,8 @@ MOCK_EVENT_GAP_MS=${MOCK_EVENT_GAP_MS:-$(( STREAMS > 3000 ? 4000 : 2000 ))}
 GW_THREADS=${GW_THREADS:-2}
 TARGET_KB_PER_STREAM=${TARGET_KB_PER_STREAM:-30}
 TARGET_IDLE_RATIO=${TARGET_IDLE_RATIO:-2}
+PROVIDER=${PROVIDER:-http1}
+case "$PROVIDER" in http1 | h2-tls) ;; *) die "PROVIDER is http1 or h2-tls, not $PROVIDER" ;; esac
 OUT=${OUT:-$HERE/results/memory-latest.md}
 KEY="sy-bench-key-0123456789"
 
@@ -68,8 +75,19 @@ ulimit -n "$NEED" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 log "open-file limit $(ulimit -n)"
 
 start_work_dir memory
-read -r MOCK_PORT GW_PORT GW_TLS_PORT GW_METRICS_PORT < <(free_ports 4)
+read -r MOCK_PORT GW_PORT GW_TLS_PORT GW_METRICS_PORT TLS_FRONT_PORT < <(free_ports 5)
 start_mock "$MOCK_PORT" "$MOCK_EVENT_GAP_MS"
+if [ "$PROVIDER" = h2-tls ]; then
+    RELAY_BIN="$CARGO_TARGET_DIR/release/tls-relay"
+    [ -x "$RELAY_BIN" ] || die "missing $RELAY_BIN"
+    "$GW_BIN" gen-certs --out "$WORK/pki" --name provider >/dev/null
+    "$RELAY_BIN" "127.0.0.1:$TLS_FRONT_PORT" "127.0.0.1:$MOCK_PORT" \
+        "$WORK/pki/provider.pem" "$WORK/pki/provider-key.pem" h2 >"$WORK/relay.log" 2>&1 &
+    PIDS+=("$!")
+    export PROVIDER_URL="https://127.0.0.1:$TLS_FRONT_PORT/v1"
+    # The gateway trusts the front's CA the way an operator would add one.
+    export GW_ENV="SSL_CERT_FILE=$WORK/pki/ca.pem"
+fi
 # Room for every stream and half-open connection; the per-IP cap stays at
 # its default (the client spreads its sockets over 127.0.0.x addresses).
 MAX_CONNS=$(( STREAMS + HALF_OPEN + PER_IP_PROBE + 1000 ))
@@ -95,7 +113,7 @@ HEADER_TIMEOUT=${HEADER_TIMEOUT:-10000 (default)}
 mkdir -p "$(dirname "$OUT")"
 RAW="$(cat "$WORK/client.txt")" DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" MACHINE="$(machine_line)" \
 COMMIT="$(commit_line)" BINARY="$(binary_line)" GAP="$MOCK_EVENT_GAP_MS" GW_THREADS="$GW_THREADS" MAX_CONNS="$MAX_CONNS" \
-HEADER_TIMEOUT="$HEADER_TIMEOUT" GW_ARGS="${GW_ARGS:-}" T_KB="$TARGET_KB_PER_STREAM" T_RATIO="$TARGET_IDLE_RATIO" \
+HEADER_TIMEOUT="$HEADER_TIMEOUT" GW_ARGS="${GW_ARGS:-}" PROVIDER="$PROVIDER" T_KB="$TARGET_KB_PER_STREAM" T_RATIO="$TARGET_IDLE_RATIO" \
 LOAD="$(cut -d' ' -f1-3 /proc/loadavg)" BAD_FILE="$WORK/bad.txt" python3 - >"$WORK/report.md" <<'PY'
 import os
 e = os.environ
@@ -127,6 +145,11 @@ o.append("- Settings: `switchyard dev --threads %s --max-connections %s %s`, JSO
          "%s ms; mock: 14 SSE events %s ms apart; streams opened at most 256 at a time, client sockets "
          "spread over 127.0.0.x (≤ 200 per address)" % (e["GW_THREADS"], e["MAX_CONNS"], e["GW_ARGS"],
                                                          e["HEADER_TIMEOUT"], e["GAP"]))
+o.append("- Provider connection (`PROVIDER=%s`): %s" % (e["PROVIDER"], {
+    "http1": "plain HTTP/1.1 to the mock, one upstream connection per open stream",
+    "h2-tls": "HTTPS with HTTP/2 by ALPN (the testkit's tls-relay in front of the mock), as the real "
+              "providers answer: the open streams share one upstream connection",
+}[e["PROVIDER"]]))
 o.append("")
 o.append("| Measurement | Value |")
 o.append("|---|---:|")

@@ -1,6 +1,8 @@
 //! Provider calls over HTTPS: the egress's client (hyper with rustls and
-//! the platform's roots) talks to a provider behind TLS, and refuses one
-//! whose certificate it cannot trust before any request is sent.
+//! the platform's roots) talks to a provider behind TLS, over HTTP/2 when
+//! the provider offers it (as the real ones do) and HTTP/1.1 otherwise,
+//! and refuses one whose certificate it cannot trust before any request is
+//! sent.
 
 use std::net::SocketAddr;
 
@@ -24,7 +26,7 @@ impl Drop for TlsProvider {
     }
 }
 
-async fn tls_provider(tag: &str) -> TlsProvider {
+async fn tls_provider(tag: &str, h2: bool) -> TlsProvider {
     let mock = MockUpstream::start().await;
     let target: SocketAddr = mock
         .url()
@@ -36,7 +38,8 @@ async fn tls_provider(tag: &str) -> TlsProvider {
         &temp_dir(tag),
         "provider",
     );
-    let (addr, front) = switchyard_testkit::tls_front::start(target, &certs.cert, &certs.key).await;
+    let (addr, front) =
+        switchyard_testkit::tls_front::start(target, &certs.cert, &certs.key, h2).await;
     TlsProvider {
         mock,
         addr,
@@ -70,9 +73,18 @@ async fn chat(gw: &Gateway, stream: bool) -> (u16, String) {
     (status, resp.text().await.unwrap_or_default())
 }
 
-#[tokio::test]
-async fn a_provider_behind_tls_is_reached_with_its_certificate_checked() {
-    let provider = tls_provider("provider-tls-ok").await;
+/// A chat and a stream through a trusted provider; returns the HTTP
+/// versions the provider saw.
+async fn reach(h2: bool) -> Vec<String> {
+    let provider = tls_provider(
+        if h2 {
+            "provider-tls-h2"
+        } else {
+            "provider-tls-h1"
+        },
+        h2,
+    )
+    .await;
     let gw = gateway(&provider, true);
     let (status, body) = chat(&gw, false).await;
     assert_eq!(status, 200, "{body}");
@@ -81,12 +93,31 @@ async fn a_provider_behind_tls_is_reached_with_its_certificate_checked() {
     let (status, body) = chat(&gw, true).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("data: [DONE]"), "{body}");
+    // Every event made it through, in order.
+    let events = body.matches("data: {").count();
+    assert!(events >= 3, "{body}");
     assert_eq!(provider.mock.count(None, Some(PROVIDER_KEY)), 2);
+    provider
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.version.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_provider_behind_tls_is_reached_over_http2_with_its_certificate_checked() {
+    assert_eq!(reach(true).await, ["HTTP/2.0", "HTTP/2.0"]);
+}
+
+#[tokio::test]
+async fn a_provider_offering_only_http1_is_reached_over_it() {
+    assert_eq!(reach(false).await, ["HTTP/1.1", "HTTP/1.1"]);
 }
 
 #[tokio::test]
 async fn an_untrusted_provider_certificate_is_refused_before_any_request() {
-    let provider = tls_provider("provider-tls-untrusted").await;
+    let provider = tls_provider("provider-tls-untrusted", true).await;
     let gw = gateway(&provider, false);
     let (status, body) = chat(&gw, false).await;
     assert!(status >= 500, "{status} {body}");

@@ -45,7 +45,8 @@ use futures::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
@@ -54,6 +55,8 @@ use crate::fixtures::{split_events, Case};
 
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
@@ -120,9 +123,13 @@ impl MockUpstream {
                 let st = st.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    // HTTP/1.1, or HTTP/2 when a TLS front negotiated it
+                    // (as the real providers do); told apart by the preface.
+                    let mut server = auto::Builder::new(TokioExecutor::new());
+                    // A provider's own cap would be a few hundred; the
+                    // benchmarks hold thousands of streams on one connection.
+                    server.http2().max_concurrent_streams(None);
+                    let _ = server.serve_connection(TokioIo::new(tcp), svc).await;
                 });
             }
         });
@@ -256,6 +263,7 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, Infallible> {
+    let version = format!("{:?}", req.version());
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -272,6 +280,7 @@ async fn handle(
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let rec = Recorded {
+        version,
         method,
         path: path.clone(),
         headers,

@@ -9,10 +9,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Terminates TLS (HTTP/1.1 by ALPN, as the mock speaks) on `listener` with
-/// the certificate chain and key in `cert`/`key`, and relays each
-/// connection's plain bytes to `target`. Runs until the task is dropped.
-pub async fn serve(listener: TcpListener, target: SocketAddr, cert: &Path, key: &Path) {
+/// Terminates TLS on `listener` with the certificate chain and key in
+/// `cert`/`key`, and relays each connection's plain bytes to `target`.
+/// ALPN offers HTTP/2 first, as the real providers do, when `h2` (the mock
+/// speaks both), else HTTP/1.1 only. Runs until the task is dropped.
+pub async fn serve(listener: TcpListener, target: SocketAddr, cert: &Path, key: &Path, h2: bool) {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .expect("cert")
         .collect::<Result<_, _>>()
@@ -26,6 +27,9 @@ pub async fn serve(listener: TcpListener, target: SocketAddr, cert: &Path, key: 
         .with_single_cert(chain, key)
         .expect("certificate");
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if h2 {
+        config.alpn_protocols.insert(0, b"h2".to_vec());
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -52,10 +56,11 @@ pub async fn start(
     target: SocketAddr,
     cert: &Path,
     key: &Path,
+    h2: bool,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
-    let task = tokio::spawn(async move { serve(listener, target, &cert, &key).await });
+    let task = tokio::spawn(async move { serve(listener, target, &cert, &key, h2).await });
     (addr, task)
 }
