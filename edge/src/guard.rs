@@ -14,9 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
+use pingora::protocols::ALPN;
 use pingora::server::ShutdownWatch;
 
 use crate::app::EdgeApp;
@@ -214,7 +216,28 @@ impl ServerApp for GuardedEdge {
         };
         // HTTP apps keep the connection until it is done (keep-alive
         // included) and return nothing, so the slot covers its whole life.
-        self.app.process_new(stream, shutdown).await
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.app.process_new(stream, shutdown).await;
+        }
+        // Pingora's HTTP/1.1 loop, here: its generic `process_new` also
+        // holds the state of the HTTP/2 handshake and accept loop (3.8 KB),
+        // which every HTTP/1.1 connection would carry for its whole life.
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        session.set_keepalive_reuses_remaining(
+            self.app
+                .server_options()
+                .and_then(|o| o.keepalive_request_limit),
+        );
+        let mut reused = self.app.process_new_http(session, shutdown).await;
+        while let Some((stream, persistent)) = reused.map(|r| r.consume()) {
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(persistent) = persistent {
+                persistent.apply_to_session(&mut session);
+            }
+            reused = self.app.process_new_http(session, shutdown).await;
+        }
+        None
     }
 }
 

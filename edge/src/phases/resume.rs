@@ -225,7 +225,9 @@ impl Spliced {
     }
 
     /// The next chunk for the client; may make resume attempts, which are
-    /// cancelled with this future when the client goes away.
+    /// cancelled with this future when the client goes away. A resume's
+    /// state is boxed: inline, every open stream would hold its 2 KB while
+    /// it waits for the provider's next event.
     pub(crate) async fn next(&mut self, app: &EdgeApp, ctx: &mut RequestCtx) -> Option<Bytes> {
         loop {
             if let Some(b) = self.out.pop_front() {
@@ -240,14 +242,14 @@ impl Spliced {
             match self.inner.next().await {
                 Some(chunk) => {
                     if let Some(cut) = self.feed(&chunk) {
-                        self.on_cut(app, ctx, Some(cut)).await;
+                        Box::pin(self.on_cut(app, ctx, Some(cut))).await;
                     }
                 }
                 None => {
                     self.events.extend(self.decoder.finish());
                     let cut = self.take_events();
                     if cut.is_some() || !self.seen.done {
-                        self.on_cut(app, ctx, cut).await;
+                        Box::pin(self.on_cut(app, ctx, cut)).await;
                     } else {
                         self.finish(ctx);
                         self.ended = true;
