@@ -191,37 +191,48 @@ impl ServerApp for GuardedEdge {
         };
         let stream = match self.is_tls(local) {
             None => stream,
-            Some(tls) => {
-                let acceptor = tls.acceptor();
-                let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-                // Boxed so plain connections do not carry the handshake's
-                // state in their task.
-                match Box::pin(tokio::time::timeout(
-                    self.handshake_timeout,
-                    acceptor.tls_handshake(*l4),
-                ))
-                .await
-                {
-                    Ok(Ok(tls)) => Box::new(tls),
-                    Ok(Err(e)) => {
-                        tracing::debug!(target: "switchyard::edge", peer = ?peer, error = %e, "TLS handshake failed");
-                        return None;
-                    }
-                    Err(_) => {
-                        tracing::debug!(target: "switchyard::edge", peer = ?peer, "TLS handshake timed out");
-                        return None;
-                    }
-                }
-            }
+            // Boxed, with everything it returns: plain connections must not
+            // carry the handshake's state (or a TLS stream's temporary) in
+            // their task, and TLS ones not after the handshake.
+            Some(tls) => Box::pin(self.tls_handshake(tls, stream, peer)).await?,
         };
         // HTTP apps keep the connection until it is done (keep-alive
         // included) and return nothing, so the slot covers its whole life.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.app.process_new(stream, shutdown).await;
         }
-        // Pingora's HTTP/1.1 loop, here: its generic `process_new` also
-        // holds the state of the HTTP/2 handshake and accept loop (3.8 KB),
-        // which every HTTP/1.1 connection would carry for its whole life.
+        self.serve_http1(stream, shutdown).await;
+        None
+    }
+}
+
+impl GuardedEdge {
+    async fn tls_handshake(
+        &self,
+        tls: &ListenerTls,
+        stream: Stream,
+        peer: Option<SocketAddr>,
+    ) -> Option<Stream> {
+        let acceptor = tls.acceptor();
+        let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        match tokio::time::timeout(self.handshake_timeout, acceptor.tls_handshake(*l4)).await {
+            Ok(Ok(tls)) => Some(Box::new(tls)),
+            Ok(Err(e)) => {
+                tracing::debug!(target: "switchyard::edge", peer = ?peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(target: "switchyard::edge", peer = ?peer, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+
+    /// Pingora's HTTP/1.1 keep-alive loop, here: its generic `process_new`
+    /// also holds the state of the HTTP/2 handshake and accept loop
+    /// (3.8 KB), which every HTTP/1.1 connection would carry for its whole
+    /// life.
+    async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let mut session = ServerSession::new_http1(stream);
         session.set_keepalive((!*shutdown.borrow()).then_some(60));
         session.set_keepalive_reuses_remaining(
@@ -237,7 +248,6 @@ impl ServerApp for GuardedEdge {
             }
             reused = self.app.process_new_http(session, shutdown).await;
         }
-        None
     }
 }
 
