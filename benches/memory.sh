@@ -64,14 +64,16 @@ build_binaries
 # streams are gone. Raise the open-file limit to fit (raising the hard limit
 # needs root with CAP_SYS_RESOURCE; some containers cap it, e.g. at 20,000,
 # which holds at most ~9,900 streams).
-BIG=$(( STREAMS > HALF_OPEN + PER_IP_PROBE ? STREAMS : HALF_OPEN + PER_IP_PROBE ))
-NEED=$(( 2 * BIG + 200 ))
+# Over HTTP/2 the open streams share one upstream connection: one socket each.
+PER_STREAM=$([ "$PROVIDER" = h2-tls ] && echo 1 || echo 2)
+BIG=$(( PER_STREAM * STREAMS > HALF_OPEN + PER_IP_PROBE ? PER_STREAM * STREAMS : HALF_OPEN + PER_IP_PROBE ))
+NEED=$(( BIG + 200 ))
 if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$NEED" ]; then
     ulimit -Hn "$NEED" 2>/dev/null || log "cannot raise the hard open-file limit $(ulimit -Hn) to $NEED"
 fi
 ulimit -n "$NEED" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge "$NEED" ] ||
-    die "open-file limit $(ulimit -n) is below the $NEED that $BIG connections need; lower STREAMS (at most $(( ($(ulimit -n) - 200) / 2 )) here)"
+    die "open-file limit $(ulimit -n) is below the $NEED that $BIG sockets need; lower STREAMS (at most $(( ($(ulimit -n) - 200) / PER_STREAM )) here)"
 log "open-file limit $(ulimit -n)"
 
 start_work_dir memory
