@@ -671,6 +671,11 @@ mod tests {
 
     impl Pair {
         async fn start(tag: &str, limits: ConnectionLimits) -> Pair {
+            Self::start_offering(tag, limits, None).await
+        }
+
+        /// With `alpn`, the edge offers only those versions (an older edge).
+        async fn start_offering(tag: &str, limits: ConnectionLimits, alpn: Option<&[u8]>) -> Pair {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let dir = std::env::temp_dir().join(format!("sy-limits-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
@@ -696,8 +701,12 @@ mod tests {
             let drainer = server.drainer();
             tokio::spawn(server.run());
             let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let client_config = match alpn {
+                Some(a) => edge_tls.client_config_offering("eu", vec![a.to_vec()]),
+                None => edge_tls.client_config("eu"),
+            };
             let connecting = client
-                .connect_with(edge_tls.client_config("eu").unwrap(), addr, "localhost")
+                .connect_with(client_config.unwrap(), addr, "localhost")
                 .unwrap();
             let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
                 .await
@@ -803,6 +812,38 @@ mod tests {
         assert_eq!(head, frame::GOAWAY);
         // No second unidirectional stream was opened for it.
         assert!(pair.conn.accept_uni().now_or_never().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_edge_of_version_2_gets_no_ready_and_goaway_on_a_stream_of_its_own() {
+        let pair = Pair::start_offering(
+            "v2-edge",
+            ConnectionLimits::default(),
+            Some(crate::tunnel::tls::ALPN_V2),
+        )
+        .await;
+        assert!(speaks_accepted(&pair.conn) && !says_ready(&pair.conn));
+        // Requests are served without a READY first.
+        let (mut send, mut recv) = pair.conn.open_bi().await.unwrap();
+        send.write_all(&raw_header()).await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(
+            answer_and_accepted(&mut recv).await,
+            ("unknown_tenant".to_string(), true)
+        );
+        assert!(pair.conn.accept_uni().now_or_never().is_none());
+        pair.drainer.start();
+        let bound = Duration::from_secs(10);
+        let mut uni = tokio::time::timeout(bound, pair.conn.accept_uni())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut head = [0u8; 5];
+        tokio::time::timeout(bound, uni.read_exact(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(head, frame::GOAWAY);
     }
 
     #[tokio::test]

@@ -185,6 +185,16 @@ impl NodeTls {
     /// the node certificate, trusts only the CA, and accepts only a server
     /// certificate scoped to that region's egress.
     pub fn client_config(&self, egress_region: &str) -> Result<quinn::ClientConfig, TlsError> {
+        self.client_config_offering(egress_region, alpn_protocols())
+    }
+
+    /// [`NodeTls::client_config`] offering only `alpn`: how tests play an
+    /// edge of an older version.
+    pub(crate) fn client_config_offering(
+        &self,
+        egress_region: &str,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<quinn::ClientConfig, TlsError> {
         // WebPkiServerVerifier checks the chain, the serverAuth usage and
         // that the certificate names the address dialled.
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -204,7 +214,7 @@ impl NodeTls {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(config_err)?;
-        tls.alpn_protocols = alpn_protocols();
+        tls.alpn_protocols = alpn;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(config_err)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut t = transport();
