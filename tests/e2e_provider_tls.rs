@@ -115,6 +115,51 @@ async fn a_provider_offering_only_http1_is_reached_over_it() {
     assert_eq!(reach(false).await, ["HTTP/1.1", "HTTP/1.1"]);
 }
 
+/// Token streams are many small DATA frames. h2 counts the small frames a
+/// connection holds unread against a budget derived from its window and
+/// closes the whole connection (every stream on it) when it runs out; a
+/// burst of them (one fast stream, or many streams' tokens at once) must
+/// reach the client whole.
+#[tokio::test]
+async fn a_burst_of_small_frames_over_http2_reaches_the_client_whole() {
+    let provider = tls_provider("provider-tls-flood", true).await;
+    let gw = gateway(&provider, true);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    const N: usize = 3000;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/chat/completions", gw.base_url()))
+        .bearer_auth(&gw.key)
+        .json(
+            &json!({"model": format!("openai/flood-{N}"), "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    assert!(
+        !body.contains("\"error\""),
+        "{}",
+        &body[body.len().saturating_sub(400)..]
+    );
+    assert!(
+        body.ends_with("data: [DONE]\n\n"),
+        "{}",
+        &body[body.len().saturating_sub(400)..]
+    );
+    for i in [0, N / 2, N - 1] {
+        assert!(body.contains(&format!("w{i} ")), "chunk {i} is missing");
+    }
+    let versions: Vec<String> = provider
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.version.clone())
+        .collect();
+    assert_eq!(versions, ["HTTP/2.0"]);
+}
+
 #[tokio::test]
 async fn an_untrusted_provider_certificate_is_refused_before_any_request() {
     let provider = tls_provider("provider-tls-untrusted", true).await;

@@ -130,6 +130,9 @@ impl UpstreamResponse {
     }
 }
 
+const HTTP2_CONNECTION_WINDOW: u32 = 16 << 20;
+const HTTP2_STREAM_WINDOW: u32 = 2 << 20;
+
 static USER_AGENT: http::HeaderValue =
     http::HeaderValue::from_static(concat!("switchyard/", env!("CARGO_PKG_VERSION")));
 
@@ -166,7 +169,16 @@ impl UpstreamClient {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_timeout(Duration::from_secs(10))
             .http2_keep_alive_while_idle(true)
-            .http2_adaptive_window(true)
+            // Fixed windows, not hyper's adaptive one: h2 lets a connection
+            // hold unread small DATA frames (a token stream is made of them)
+            // only up to a budget of half its window, then closes it with
+            // every stream on it. The adaptive window starts at 64 KiB, so
+            // ~300 unread tokens (one fast stream, or many streams' tokens
+            // landing at once) cut every stream to that provider. 16 MiB
+            // for the connection (an 8 MiB budget) and 2 MiB per stream also
+            // keep the window from limiting a big answer over a long RTT.
+            .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+            .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
             // The retry grammar: the egress rotates keys, the edge moves
             // between targets, nothing else resends a request.
             .retry_canceled_requests(false)

@@ -459,6 +459,18 @@ pub(crate) async fn read_error(resp: UpstreamResponse) -> (u16, Option<String>, 
 /// Maps a transport failure (connect, reset, timeout) to a client error that
 /// names the provider but none of its secrets.
 pub(crate) fn transport_error(provider: &str, e: &UpstreamError) -> GatewayError {
+    // The client's error says what failed, not why: the cause (a reset, a
+    // GOAWAY, a TLS alert) is for the operator. hyper's errors carry no
+    // header values, so no key can be in it.
+    let mut cause = e.to_string();
+    // Each variant's text already includes its direct source's.
+    let mut source = std::error::Error::source(e).and_then(|s| s.source());
+    while let Some(s) = source {
+        cause.push_str(": ");
+        cause.push_str(&s.to_string());
+        source = s.source();
+    }
+    tracing::warn!(target: "switchyard::upstream", provider, error = %cause, "provider transport failed");
     if e.is_timeout() {
         GatewayError::new(
             ErrorKind::Timeout,

@@ -22,6 +22,9 @@
 //! - `slow-<ms>`: waits that long, then answers as the default case; a
 //!   request the gateway drops during the wait is counted in
 //!   [`MockUpstream::cancellations`] (how hedging's loser is seen cut).
+//! - `flood-<N>`: a chat stream of N small content chunks sent back to
+//!   back, each its own write (its own DATA frame over HTTP/2), then the
+//!   finish chunk and `[DONE]`: many small frames arriving at once.
 //! - `cut-after-<N>`: the default streamed case for the request (text, or
 //!   a tool call when it declares tools), cut (connection reset) after its
 //!   first N events: a provider failing mid-answer.
@@ -403,6 +406,12 @@ async fn handle(
         let case = default_case(provider, &path, &body, stream);
         return Ok(replay_cut(&state, provider, case, Some(n)).await);
     }
+    if let Some(n) = model
+        .strip_prefix("flood-")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        return Ok(flood(n));
+    }
     let gap = *state.event_gap.lock().unwrap();
     match model.as_str() {
         "hang" => {
@@ -576,6 +585,25 @@ fn chunk(i: usize) -> Bytes {
     let v = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
         "choices": [{"index": 0, "delta": {"content": format!("w{i} ")}, "finish_reason": null}]});
     Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn flood(n: usize) -> Response<BoxBody> {
+    let fin = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": "mock",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+    let events = (0..n)
+        .map(chunk)
+        .chain([
+            Bytes::from(format!("data: {fin}\n\n")),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ])
+        .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream; charset=utf-8")
+        .body(BodyExt::boxed(StreamBody::new(futures::stream::iter(
+            events,
+        ))))
+        .unwrap()
 }
 
 fn special_stream(state: Arc<State>, mode: &str, gap: Duration) -> Response<BoxBody> {
