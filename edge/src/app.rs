@@ -245,7 +245,14 @@ impl HttpServerApp for EdgeApp {
     ) -> Option<ReusedHttpStream> {
         // Pingora's timeouts are per read; a client sending a byte now and
         // then would never hit them, so the whole header gets one deadline.
-        match fast_timeout(self.limits.header_timeout, session.read_request()).await {
+        // Boxed, like the phases below: the header read's state is needed
+        // only until the head is in, not for the life of a stream.
+        match Box::pin(fast_timeout(
+            self.limits.header_timeout,
+            session.read_request(),
+        ))
+        .await
+        {
             Ok(Ok(true)) => {}
             Ok(Ok(false) | Err(_)) | Err(_) => return None,
         }

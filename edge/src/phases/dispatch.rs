@@ -441,6 +441,9 @@ impl Attempts<'_> {
             .as_ref()
             .err()
             .map(|e| e.code.unwrap_or(e.kind.label()));
+        // Most requests make one attempt, and a stream keeps the list for
+        // its whole life: room for one, not the four a first push makes.
+        ctx.attempts.reserve_exact(1);
         ctx.attempts.push(Attempt {
             target: s.i,
             elapsed: s.started.elapsed(),

@@ -57,6 +57,12 @@ impl SseDecoder {
                     }
                 }
                 None => {
+                    if self.buf.is_empty() {
+                        // Nothing held between events: an open stream spends
+                        // most of its life waiting for the next one, and the
+                        // next chunk makes a buffer of its own size anyway.
+                        self.buf = BytesMut::new();
+                    }
                     self.scanned = self.buf.len();
                     if self.buf.len() > MAX_EVENT_BYTES {
                         return Err(SseError::EventTooLarge);
