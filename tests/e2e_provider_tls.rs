@@ -5,6 +5,7 @@
 //! sent.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchyard_testkit::cluster::gen_certs;
@@ -158,6 +159,50 @@ async fn a_burst_of_small_frames_over_http2_reaches_the_client_whole() {
         .map(|r| r.version.clone())
         .collect();
     assert_eq!(versions, ["HTTP/2.0"]);
+}
+
+/// A provider caps the streams of one HTTP/2 connection (100 to a few
+/// hundred); long streams hold their slots for minutes. A request beyond
+/// the cap must go out on another connection, not queue behind them.
+#[tokio::test]
+async fn streams_beyond_a_providers_http2_cap_open_another_connection() {
+    let provider = tls_provider("provider-tls-cap", true).await;
+    provider.mock.set_h2_max_streams(4);
+    let gw = Gateway::start(
+        GatewayOptions::new(env!("CARGO_BIN_EXE_switchyard"))
+            .env("OPENAI_API_KEY", PROVIDER_KEY)
+            .env("OPENAI_BASE_URL", format!("https://{}/v1", provider.addr))
+            .env("SSL_CERT_FILE", provider.ca.to_string_lossy().to_string())
+            // The mock's cap, as an operator would set it for a provider
+            // that announces fewer streams than the default 64.
+            .env("SWITCHYARD_UPSTREAM_REQUESTS_PER_CONNECTION", "4"),
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    // Six endless streams (more than one connection's cap), each held
+    // after its first event.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut resp = http
+            .post(format!("{}/chat/completions", gw.base_url()))
+            .bearer_auth(&gw.key)
+            .json(&json!({"model": "openai/endless", "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("a stream starts");
+        assert_eq!(resp.status(), 200);
+        let first = resp.chunk().await.expect("first event").expect("a chunk");
+        assert!(!first.is_empty());
+        held.push(resp);
+    }
+    // And a plain request still answers at once.
+    let (status, body) = chat(&gw, false).await;
+    assert_eq!(status, 200, "{body}");
+    drop(held);
 }
 
 #[tokio::test]

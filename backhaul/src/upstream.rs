@@ -1,5 +1,6 @@
 //! The shared HTTP client every provider call goes through.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ pub enum ClientError {
     Build(#[from] reqwest::Error),
     #[error("cannot set up TLS for provider connections: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Setting(String),
 }
 
 /// The client for calls that are not requests (providers' model lists,
@@ -51,9 +54,84 @@ pub fn build_client(resolver: HickoryResolver) -> Result<reqwest::Client, Client
 /// went through builder and retry wrappers the egress does not use. A
 /// provider URI is now built once (see `providers::provider_url`) and
 /// handed to hyper as it is.
+///
+/// hyper's pool keeps one HTTP/2 connection per provider host, and a
+/// provider caps the streams of a connection (100 to a few hundred), so
+/// past the cap new requests would queue behind streams that last minutes.
+/// The client is therefore a set of pools: a request goes to the one with
+/// the fewest requests in flight, and a new pool (so a new connection) is
+/// opened once every pool has [`REQUESTS_PER_POOL`] in flight.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    inner: LegacyClient<HttpsConnector<HttpConnector<HickoryResolver>>, Full<Bytes>>,
+    pools: Arc<Pools>,
+}
+
+type Pool = LegacyClient<HttpsConnector<HttpConnector<HickoryResolver>>, Full<Bytes>>;
+
+/// In flight on one pool before another is opened: under every provider's
+/// HTTP/2 stream cap we know of (Google announces 100). An operator whose
+/// provider announces fewer sets `SWITCHYARD_UPSTREAM_REQUESTS_PER_CONNECTION`.
+const REQUESTS_PER_POOL: usize = 64;
+const REQUESTS_PER_POOL_ENV: &str = "SWITCHYARD_UPSTREAM_REQUESTS_PER_CONNECTION";
+/// At most this many pools (so HTTP/2 connections per provider host).
+const MAX_POOLS: usize = 64;
+
+struct Pools {
+    connector: HttpsConnector<HttpConnector<HickoryResolver>>,
+    requests_per_pool: usize,
+    pools: arc_swap::ArcSwap<Vec<Arc<CountedPool>>>,
+    /// Held while a pool is added, so two requests do not both add one.
+    growing: std::sync::Mutex<()>,
+}
+
+struct CountedPool {
+    pool: Pool,
+    in_flight: AtomicUsize,
+}
+
+/// A request's (and then its answer's) place in a pool's count.
+struct InFlight(Arc<CountedPool>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pools {
+    fn least_busy(pools: &[Arc<CountedPool>]) -> Option<&Arc<CountedPool>> {
+        pools
+            .iter()
+            .min_by_key(|p| p.in_flight.load(Ordering::Relaxed))
+    }
+
+    fn pick(&self) -> InFlight {
+        let full = |p: &CountedPool| p.in_flight.load(Ordering::Relaxed) >= self.requests_per_pool;
+        let current = self.pools.load();
+        let chosen = match Self::least_busy(&current) {
+            Some(p) if !full(p) || current.len() >= MAX_POOLS => p.clone(),
+            _ => {
+                let _growing = self.growing.lock().unwrap_or_else(|e| e.into_inner());
+                let current = self.pools.load();
+                match Self::least_busy(&current) {
+                    Some(p) if !full(p) || current.len() >= MAX_POOLS => p.clone(),
+                    _ => {
+                        let added = Arc::new(CountedPool {
+                            pool: build_pool(self.connector.clone()),
+                            in_flight: AtomicUsize::new(0),
+                        });
+                        let mut next = Vec::with_capacity(current.len() + 1);
+                        next.extend(current.iter().cloned());
+                        next.push(added.clone());
+                        self.pools.store(Arc::new(next));
+                        added
+                    }
+                }
+            }
+        };
+        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(chosen)
+    }
 }
 
 /// Why a provider call failed before an answer's head arrived, or while
@@ -89,6 +167,8 @@ impl UpstreamError {
 pub struct UpstreamResponse {
     head: http::response::Parts,
     body: Incoming,
+    /// Counted against its pool until the body is dropped.
+    _in_flight: InFlight,
 }
 
 impl UpstreamResponse {
@@ -105,15 +185,16 @@ impl UpstreamResponse {
     pub fn bytes_stream(
         self,
     ) -> impl futures::Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
-        futures::stream::unfold(self.body, |mut body| async move {
+        let counted = (self.body, self._in_flight);
+        futures::stream::unfold(counted, |(mut body, counted)| async move {
             loop {
                 match body.frame().await? {
                     Ok(frame) => match frame.into_data() {
                         Ok(data) if data.is_empty() => continue,
-                        Ok(data) => return Some((Ok(data), body)),
+                        Ok(data) => return Some((Ok(data), (body, counted))),
                         Err(_) => continue,
                     },
-                    Err(e) => return Some((Err(UpstreamError::Body(e)), body)),
+                    Err(e) => return Some((Err(UpstreamError::Body(e)), (body, counted))),
                 }
             }
         })
@@ -161,29 +242,18 @@ impl UpstreamClient {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let inner = LegacyClient::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(512)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .http2_keep_alive_while_idle(true)
-            // Fixed windows, not hyper's adaptive one: h2 lets a connection
-            // hold unread small DATA frames (a token stream is made of them)
-            // only up to a budget of half its window, then closes it with
-            // every stream on it. The adaptive window starts at 64 KiB, so
-            // ~300 unread tokens (one fast stream, or many streams' tokens
-            // landing at once) cut every stream to that provider. 16 MiB
-            // for the connection (an 8 MiB budget) and 2 MiB per stream also
-            // keep the window from limiting a big answer over a long RTT.
-            .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-            .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
-            // The retry grammar: the egress rotates keys, the edge moves
-            // between targets, nothing else resends a request.
-            .retry_canceled_requests(false)
-            .build(https);
-        Ok(UpstreamClient { inner })
+        let first = Arc::new(CountedPool {
+            pool: build_pool(https.clone()),
+            in_flight: AtomicUsize::new(0),
+        });
+        Ok(UpstreamClient {
+            pools: Arc::new(Pools {
+                connector: https,
+                requests_per_pool: requests_per_pool()?,
+                pools: arc_swap::ArcSwap::from_pointee(vec![first]),
+                growing: std::sync::Mutex::new(()),
+            }),
+        })
     }
 
     /// Sends `request` (the user agent is added unless the caller set one).
@@ -197,7 +267,8 @@ impl UpstreamClient {
             .headers_mut()
             .entry(http::header::USER_AGENT)
             .or_insert_with(|| USER_AGENT.clone());
-        let response = self.inner.request(request).await.map_err(|e| {
+        let counted = self.pools.pick();
+        let response = counted.0.pool.request(request).await.map_err(|e| {
             if !e.is_connect() {
                 UpstreamError::Request(e)
             } else if is_timeout(&e) {
@@ -207,11 +278,56 @@ impl UpstreamClient {
             }
         })?;
         let (head, body) = response.into_parts();
-        Ok(UpstreamResponse { head, body })
+        Ok(UpstreamResponse {
+            head,
+            body,
+            _in_flight: counted,
+        })
     }
 }
 
+fn build_pool(https: HttpsConnector<HttpConnector<HickoryResolver>>) -> Pool {
+    LegacyClient::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(512)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_while_idle(true)
+        // Fixed windows, not hyper's adaptive one: h2 lets a connection
+        // hold unread small DATA frames (a token stream is made of them)
+        // only up to a budget of half its window, then closes it with
+        // every stream on it. The adaptive window starts at 64 KiB, so
+        // ~300 unread tokens (one fast stream, or many streams' tokens
+        // landing at once) cut every stream to that provider. 16 MiB
+        // for the connection (an 8 MiB budget) and 2 MiB per stream also
+        // keep the window from limiting a big answer over a long RTT.
+        .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        // The retry grammar: the egress rotates keys, the edge moves
+        // between targets, nothing else resends a request.
+        .retry_canceled_requests(false)
+        .build(https)
+}
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn requests_per_pool() -> Result<usize, ClientError> {
+    match std::env::var(REQUESTS_PER_POOL_ENV) {
+        Err(_) => Ok(REQUESTS_PER_POOL),
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                ClientError::Setting(format!(
+                    "{REQUESTS_PER_POOL_ENV} must be a whole number above 0, not {v:?}"
+                ))
+            }),
+    }
+}
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(e);

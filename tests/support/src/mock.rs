@@ -90,6 +90,9 @@ struct State {
     latency: Mutex<Duration>,
     /// Bearer keys answered with 401.
     revoked: Mutex<Vec<String>>,
+    /// HTTP/2 streams a connection may have open at once (unlimited when
+    /// unset); the real providers announce a few hundred.
+    h2_max_streams: Mutex<Option<u32>>,
     rng: Mutex<Option<fastrand::Rng>>,
 }
 
@@ -125,13 +128,14 @@ impl MockUpstream {
                 let _ = tcp.set_nodelay(true);
                 let st = st.clone();
                 tokio::spawn(async move {
+                    let h2_max_streams = *st.h2_max_streams.lock().unwrap();
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
                     // HTTP/1.1, or HTTP/2 when a TLS front negotiated it
                     // (as the real providers do); told apart by the preface.
                     let mut server = auto::Builder::new(TokioExecutor::new());
-                    // A provider's own cap would be a few hundred; the
-                    // benchmarks hold thousands of streams on one connection.
-                    server.http2().max_concurrent_streams(None);
+                    // Unlimited unless a test sets a provider's cap: the
+                    // benchmarks hold thousands of streams at once.
+                    server.http2().max_concurrent_streams(h2_max_streams);
                     let _ = server.serve_connection(TokioIo::new(tcp), svc).await;
                 });
             }
@@ -168,6 +172,12 @@ impl MockUpstream {
     /// Stop keeping a log of requests (benchmarks).
     pub fn set_recording(&self, on: bool) {
         self.state.not_recording.store(!on, Ordering::Relaxed);
+    }
+
+    /// Announce at most `n` concurrent HTTP/2 streams per connection (to
+    /// connections made after the call).
+    pub fn set_h2_max_streams(&self, n: u32) {
+        *self.state.h2_max_streams.lock().unwrap() = Some(n);
     }
 
     pub fn set_latency(&self, latency: Duration) {
