@@ -90,11 +90,16 @@ struct CountedPool {
 }
 
 /// A request's (and then its answer's) place in a pool's count.
-struct InFlight(Arc<CountedPool>);
+struct InFlight {
+    pool: Arc<CountedPool>,
+    pools: Arc<Pools>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.pool.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.pools.retire_if_surplus(&self.pool);
+        }
     }
 }
 
@@ -105,7 +110,39 @@ impl Pools {
             .min_by_key(|p| p.in_flight.load(Ordering::Relaxed))
     }
 
-    fn pick(&self) -> InFlight {
+    /// Drops an emptied pool (and so its idle connections) once the others
+    /// would be at most half full without it: a burst's connections go
+    /// with the burst, and load that hovers at a threshold does not open
+    /// and close connections over and over. The first pool always stays.
+    fn retire_if_surplus(&self, pool: &Arc<CountedPool>) {
+        if self.pools.load().len() < 2 {
+            return;
+        }
+        let _growing = self.growing.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.pools.load();
+        if pool.in_flight.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        match current.iter().position(|p| Arc::ptr_eq(p, pool)) {
+            Some(i) if i > 0 => {}
+            _ => return,
+        }
+        let load: usize = current
+            .iter()
+            .map(|p| p.in_flight.load(Ordering::Relaxed))
+            .sum();
+        if load > (current.len() - 1) * self.requests_per_pool / 2 {
+            return;
+        }
+        let rest = current
+            .iter()
+            .filter(|p| !Arc::ptr_eq(p, pool))
+            .cloned()
+            .collect();
+        self.pools.store(Arc::new(rest));
+    }
+
+    fn pick(self: &Arc<Self>) -> InFlight {
         let full = |p: &CountedPool| p.in_flight.load(Ordering::Relaxed) >= self.requests_per_pool;
         let current = self.pools.load();
         let chosen = match Self::least_busy(&current) {
@@ -130,7 +167,10 @@ impl Pools {
             }
         };
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(chosen)
+        InFlight {
+            pool: chosen,
+            pools: self.clone(),
+        }
     }
 }
 
@@ -268,7 +308,7 @@ impl UpstreamClient {
             .entry(http::header::USER_AGENT)
             .or_insert_with(|| USER_AGENT.clone());
         let counted = self.pools.pick();
-        let response = counted.0.pool.request(request).await.map_err(|e| {
+        let response = counted.pool.pool.request(request).await.map_err(|e| {
             if !e.is_connect() {
                 UpstreamError::Request(e)
             } else if is_timeout(&e) {
@@ -340,4 +380,39 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
         source = s.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools() -> Arc<Pools> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let resolver = HickoryResolver::from_system().expect("resolver");
+        UpstreamClient::new(resolver).expect("client").pools
+    }
+
+    #[tokio::test]
+    async fn a_pool_is_added_when_every_one_is_full_and_retired_when_the_burst_is_over() {
+        let pools = pools();
+        let n = pools.requests_per_pool;
+        let held: Vec<InFlight> = (0..n).map(|_| pools.pick()).collect();
+        assert_eq!(pools.pools.load().len(), 1, "{n} requests fit one pool");
+        let mut more: Vec<InFlight> = (0..n).map(|_| pools.pick()).collect();
+        assert_eq!(pools.pools.load().len(), 2);
+        // The least busy takes the next request.
+        drop(more.pop());
+        let next = pools.pick();
+        assert!(Arc::ptr_eq(&next.pool, &pools.pools.load()[1]));
+        drop(next);
+        // While the first pool is full the second stays, even emptied.
+        drop(more);
+        assert_eq!(pools.pools.load().len(), 2);
+        drop(held);
+        // Emptied with the first pool at most half full: it goes.
+        let one = pools.pick();
+        let two = pools.pick();
+        drop((one, two));
+        assert_eq!(pools.pools.load().len(), 1);
+    }
 }
