@@ -143,27 +143,32 @@ impl Pools {
     }
 
     fn pick(self: &Arc<Self>) -> InFlight {
-        let full = |p: &CountedPool| p.in_flight.load(Ordering::Relaxed) >= self.requests_per_pool;
-        let current = self.pools.load();
-        let chosen = match Self::least_busy(&current) {
-            Some(p) if !full(p) || current.len() >= MAX_POOLS => p.clone(),
-            _ => {
+        // The least busy pool, unless every one is full and another may
+        // still be opened.
+        let usable = |pools: &[Arc<CountedPool>]| {
+            Self::least_busy(pools)
+                .filter(|p| {
+                    p.in_flight.load(Ordering::Relaxed) < self.requests_per_pool
+                        || pools.len() >= MAX_POOLS
+                })
+                .cloned()
+        };
+        let chosen = match usable(&self.pools.load()) {
+            Some(p) => p,
+            None => {
                 let _growing = self.growing.lock().unwrap_or_else(|e| e.into_inner());
                 let current = self.pools.load();
-                match Self::least_busy(&current) {
-                    Some(p) if !full(p) || current.len() >= MAX_POOLS => p.clone(),
-                    _ => {
-                        let added = Arc::new(CountedPool {
-                            pool: build_pool(self.connector.clone()),
-                            in_flight: AtomicUsize::new(0),
-                        });
-                        let mut next = Vec::with_capacity(current.len() + 1);
-                        next.extend(current.iter().cloned());
-                        next.push(added.clone());
-                        self.pools.store(Arc::new(next));
-                        added
-                    }
-                }
+                usable(&current).unwrap_or_else(|| {
+                    let added = Arc::new(CountedPool {
+                        pool: build_pool(self.connector.clone()),
+                        in_flight: AtomicUsize::new(0),
+                    });
+                    let mut next = Vec::with_capacity(current.len() + 1);
+                    next.extend(current.iter().cloned());
+                    next.push(added.clone());
+                    self.pools.store(Arc::new(next));
+                    added
+                })
             }
         };
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -198,7 +198,14 @@ impl ServerApp for GuardedEdge {
         };
         // HTTP apps keep the connection until it is done (keep-alive
         // included) and return nothing, so the slot covers its whole life.
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+        // Pingora's own loop for what ours does not do: HTTP/2 (by ALPN, or
+        // cleartext h2c) and custom protocols, should the options ask.
+        let pingora_loop = matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
+            || self
+                .app
+                .server_options()
+                .is_some_and(|o| o.h2c || o.force_custom);
+        if pingora_loop {
             return self.app.process_new(stream, shutdown).await;
         }
         self.serve_http1(stream, shutdown).await;
