@@ -17,10 +17,13 @@
 #   TOP=0                 print the TOP most expensive functions (inclusive)
 #   KEEP=<dir>            keep the gateway's callgrind dumps there
 #   OUT=benches/results/instructions-latest.md
+#   FLEET=1               measure an edge + QUIC + egress pair instead of
+#                         dev: the gateway column is their sum, and the
+#                         split is printed after the table
 #
 # Prints a markdown table: instructions per request for a small chat
 # completion and a 14-event stream, through the gateway (`switchyard dev`,
-# JSON access log on) and at the mock, and their ratio.
+# or with FLEET=1 an edge and an egress; JSON access log on) and at the mock, and their ratio.
 
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,6 +33,7 @@ cd "$ROOT"
 N=${N:-300}
 WARMUP=${WARMUP:-50}
 TOP=${TOP:-0}
+FLEET=${FLEET:-0}
 OUT=${OUT:-$HERE/results/instructions-latest.md}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/tmp/bench-target}
 KEY="sy-bench-key-0123456789"
@@ -60,30 +64,61 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r MOCK_PORT GW_PORT GW_TLS_PORT < <(python3 -c '
+read -r MOCK_PORT GW_PORT GW_TLS_PORT EGRESS_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(3)]
+socks = [socket.socket() for _ in range(3)] + [socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
 for s in socks:
     s.close()
 ')
-: >"$WORK/policy.yaml"
 
 CG="valgrind --tool=callgrind --dump-instr=no --compress-strings=no"
 MOCK_EVENT_GAP_MS=0 $CG --callgrind-out-file="$WORK/mock.%p" \
     "$MOCK_BIN" "127.0.0.1:$MOCK_PORT" >"$WORK/mock.log" 2>&1 &
 MOCK_PID=$!
 PIDS+=("$MOCK_PID")
-env -u ANTHROPIC_API_KEY -u ANTHROPIC_BASE_URL -u GEMINI_API_KEY -u GEMINI_BASE_URL \
-    -u SWITCHYARD_LOG -u SWITCHYARD_LOG_FORMAT \
-    SWITCHYARD_DEV_KEY="$KEY" OPENAI_API_KEY=x \
-    OPENAI_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" \
-    $CG --callgrind-out-file="$WORK/gw.%p" \
-    "$GW_BIN" dev --listen "127.0.0.1:$GW_PORT" --tls-listen "127.0.0.1:$GW_TLS_PORT" --config "$WORK/policy.yaml" \
-    --state-dir "$WORK/state" --threads 2 --log-format json \
-    >"$WORK/gw.stdout" 2>"$WORK/gw.log" &
+GW_ENV=(env -u ANTHROPIC_API_KEY -u ANTHROPIC_BASE_URL -u GEMINI_API_KEY -u GEMINI_BASE_URL
+    -u SWITCHYARD_LOG -u SWITCHYARD_LOG_FORMAT -u SWITCHYARD_DEV_KEY OPENAI_API_KEY=x)
+EGRESS_PID=""
+if [ "$FLEET" = 1 ]; then
+    # An edge dialing an egress over QUIC (UDP port: the TCP one is free
+    # too on loopback in practice, and the egress fails loudly if not).
+    PKI=$WORK/pki
+    "$GW_BIN" gen-certs --out "$PKI" --name edge --role edge --region us >/dev/null
+    "$GW_BIN" gen-certs --out "$PKI" --name egress --role egress --region us >/dev/null
+    cat >"$WORK/policy.yaml" <<EOF
+regions:
+  us: { jurisdiction: us }
+providers:
+  openai:
+    kind: openai
+    base_url: "http://127.0.0.1:$MOCK_PORT/v1"
+    region: us
+tenants:
+  - id: bench
+    key_sha256: "$("$GW_BIN" hash-key "$KEY")"
+EOF
+    "${GW_ENV[@]}" $CG --callgrind-out-file="$WORK/egress.%p" \
+        "$GW_BIN" egress --region us --listen "127.0.0.1:$EGRESS_PORT" --config "$WORK/policy.yaml" \
+        --state-dir "$WORK/egress" --cert "$PKI/egress.pem" --key "$PKI/egress-key.pem" --ca "$PKI/ca.pem" \
+        --threads 2 --log-format json >"$WORK/egress.stdout" 2>"$WORK/egress.log" &
+    EGRESS_PID=$!
+    PIDS+=("$EGRESS_PID")
+    "${GW_ENV[@]}" $CG --callgrind-out-file="$WORK/gw.%p" \
+        "$GW_BIN" edge --region us --listen "127.0.0.1:$GW_PORT" --config "$WORK/policy.yaml" \
+        --state-dir "$WORK/edge" --cert "$PKI/edge.pem" --key "$PKI/edge-key.pem" --ca "$PKI/ca.pem" \
+        --egress "us=127.0.0.1:$EGRESS_PORT" --admin-listen "127.0.0.1:$GW_TLS_PORT" \
+        --threads 2 --log-format json >"$WORK/gw.stdout" 2>"$WORK/gw.log" &
+else
+    : >"$WORK/policy.yaml"
+    "${GW_ENV[@]}" SWITCHYARD_DEV_KEY="$KEY" OPENAI_BASE_URL="http://127.0.0.1:$MOCK_PORT/v1" \
+        $CG --callgrind-out-file="$WORK/gw.%p" \
+        "$GW_BIN" dev --listen "127.0.0.1:$GW_PORT" --tls-listen "127.0.0.1:$GW_TLS_PORT" \
+        --config "$WORK/policy.yaml" --state-dir "$WORK/state" --threads 2 --log-format json \
+        >"$WORK/gw.stdout" 2>"$WORK/gw.log" &
+fi
 GW_PID=$!
 PIDS+=("$GW_PID")
 
@@ -127,21 +162,31 @@ measure() { # $1 kind -> "gateway_ir mock_ir" per request
         die "warm-up failed ($kind)"
     callgrind_control -z "$GW_PID" >/dev/null 2>&1
     callgrind_control -z "$MOCK_PID" >/dev/null 2>&1
+    [ -z "$EGRESS_PID" ] || callgrind_control -z "$EGRESS_PID" >/dev/null 2>&1
     python3 "$WORK/client.py" "$GW_PORT" "$kind" "$N" "$KEY" openai/gpt-4o-mini ||
         die "measured run failed ($kind)"
-    rm -f "$WORK"/gw.*.* "$WORK"/mock.*.*
+    rm -f "$WORK"/gw.*.* "$WORK"/mock.*.* "$WORK"/egress.*.*
     callgrind_control -d "$kind" "$GW_PID" >/dev/null 2>&1
     callgrind_control -d "$kind" "$MOCK_PID" >/dev/null 2>&1
+    [ -z "$EGRESS_PID" ] || callgrind_control -d "$kind" "$EGRESS_PID" >/dev/null 2>&1
     gw=$(ls "$WORK"/gw.*.* | head -1)
     mock=$(ls "$WORK"/mock.*.* | head -1)
     [ -n "$gw" ] && [ -n "$mock" ] || die "no callgrind dump"
+    local egress_ir=0
+    if [ -n "$EGRESS_PID" ]; then
+        egress=$(ls "$WORK"/egress.*.* | head -1)
+        [ -n "$egress" ] || die "no callgrind dump of the egress"
+        egress_ir=$(total_ir "$egress")
+        echo "$kind: edge $(( $(total_ir "$gw") / (N + 1) )), egress $(( egress_ir / (N + 1) )) per request" >>"$WORK/split.txt"
+    fi
     if [ -n "${KEEP:-}" ]; then
         mkdir -p "$KEEP" && cp "$gw" "$KEEP/gateway-$kind.callgrind"
+        [ -z "$EGRESS_PID" ] || cp "$egress" "$KEEP/egress-$kind.callgrind"
     fi
     if [ "$TOP" -gt 0 ]; then
         callgrind_annotate --inclusive=yes "$gw" 2>/dev/null | sed -n "1,$((TOP + 25))p" >&2
     fi
-    echo "$(( $(total_ir "$gw") / (N + 1) )) $(( $(total_ir "$mock") / (N + 1) ))"
+    echo "$(( ($(total_ir "$gw") + egress_ir) / (N + 1) )) $(( $(total_ir "$mock") / (N + 1) ))"
 }
 
 log "measuring $N chat requests (after $WARMUP warm-up), under callgrind"
@@ -156,5 +201,9 @@ ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
     echo "| chat, non-streaming | $CHAT_GW | $CHAT_MOCK | $(ratio "$CHAT_GW" "$CHAT_MOCK") |"
     echo "| chat, 14-event stream | $STREAM_GW | $STREAM_MOCK | $(ratio "$STREAM_GW" "$STREAM_MOCK") |"
     echo
+    if [ "$FLEET" = 1 ]; then
+        echo "Gateway: an edge and an egress over the QUIC backhaul, summed ($(tr '\n' ';' <"$WORK/split.txt" | sed 's/;$//; s/;/; /g'))."
+        echo
+    fi
     echo "Binary: \`$GW_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)); N=$N after $WARMUP warm-up requests."
 } | tee "$OUT"

@@ -19,23 +19,22 @@ impl TraceContext {
     /// Reads a `traceparent` header; `None` when it is malformed or uses
     /// the all-zero ids the specification forbids.
     pub fn parse(header: &str) -> Option<Self> {
-        let header = header.trim();
-        let mut parts = header.split('-');
-        let version = parts.next()?;
-        let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
-        if version.len() != 2 || version.eq_ignore_ascii_case("ff") || !is_lower_hex(version) {
+        // Every request's header is read here (the edge's caller's, the
+        // egress's from the backhaul): byte slices and fixed arrays, no
+        // splitting iterators or allocations.
+        let h = header.trim().as_bytes();
+        // version "-" trace(32) "-" span(16) "-" flags(2), then for a later
+        // version possibly "-" and more.
+        if h.len() < 55 || h[2] != b'-' || h[35] != b'-' || h[52] != b'-' {
             return None;
         }
-        // Version 00 has exactly four fields; later ones may add more.
-        if version == "00" && parts.next().is_some() {
+        let [version] = decode_hex::<1>(&h[..2])?;
+        if version == 0xff || (version == 0 && h.len() != 55) || (h.len() > 55 && h[55] != b'-') {
             return None;
         }
-        if trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
-            return None;
-        }
-        let trace_id: [u8; 16] = decode_hex(trace)?.try_into().ok()?;
-        let span_id: [u8; 8] = decode_hex(span)?.try_into().ok()?;
-        let flags = decode_hex(flags)?[0];
+        let trace_id = decode_hex::<16>(&h[3..35])?;
+        let span_id = decode_hex::<8>(&h[36..52])?;
+        let [flags] = decode_hex::<1>(&h[53..55])?;
         if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
@@ -94,20 +93,24 @@ fn nonzero_u64() -> u64 {
     fastrand::u64(1..)
 }
 
-fn is_lower_hex(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    // Upper-case hex is invalid in a traceparent.
-    if !is_lower_hex(s) || !s.len().is_multiple_of(2) {
+/// `N` bytes from `2 * N` lower-case hex digits (upper case is invalid in
+/// a traceparent).
+fn decode_hex<const N: usize>(hex: &[u8]) -> Option<[u8; N]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    if hex.len() != 2 * N {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 fn push_hex(s: &mut String, bytes: &[u8]) {
@@ -149,6 +152,10 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
             "00-4bf92f3577b34da6a3ce929d0e0e47-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736000f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "0-04bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert!(TraceContext::parse(bad).is_none(), "{bad}");
         }

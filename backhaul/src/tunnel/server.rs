@@ -302,13 +302,16 @@ async fn serve_connection(ctx: Arc<Ctx>, incoming: quinn::Incoming) {
         };
         match accepted {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(
+                // Boxed: tokio moves a spawned future several times on
+                // the way into its task cell and again when it completes,
+                // ~5,000 instructions a request for a future this large.
+                tokio::spawn(Box::pin(serve_stream(
                     ctx.clone(),
                     budget.clone(),
                     accepts,
                     send,
                     recv,
-                ));
+                )));
             }
             Err(e) => {
                 tracing::info!(target: "switchyard::backhaul", %remote, reason = %e, "edge disconnected");
