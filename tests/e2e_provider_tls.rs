@@ -205,6 +205,43 @@ async fn streams_beyond_a_providers_http2_cap_open_another_connection() {
     drop(held);
 }
 
+/// A burst of requests to an HTTP/2 provider takes one connection per
+/// pool, not one per request: each connection is a TLS handshake for both
+/// sides and tens of KB held in the egress for as long as it stays open.
+#[tokio::test]
+async fn a_burst_to_an_http2_provider_opens_one_connection_per_pool() {
+    const PER_POOL: usize = 4;
+    const BURST: usize = 24;
+    let provider = tls_provider("provider-tls-burst", true).await;
+    let gw = Gateway::start(
+        GatewayOptions::new(env!("CARGO_BIN_EXE_switchyard"))
+            .env("OPENAI_API_KEY", PROVIDER_KEY)
+            .env("OPENAI_BASE_URL", format!("https://{}/v1", provider.addr))
+            .env("SSL_CERT_FILE", provider.ca.to_string_lossy().to_string())
+            .env(
+                "SWITCHYARD_UPSTREAM_REQUESTS_PER_CONNECTION",
+                PER_POOL.to_string(),
+            ),
+    );
+    let (status, body) = chat(&gw, false).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(provider.mock.connections(), 1);
+    // Every request of the burst is in flight at once, so the egress
+    // spreads them over BURST / PER_POOL pools, all but the first new.
+    provider.mock.set_latency(Duration::from_millis(600));
+    let burst = futures::future::join_all((0..BURST).map(|_| chat(&gw, false))).await;
+    for (status, body) in burst {
+        assert_eq!(status, 200, "{body}");
+    }
+    // One per pool, and the first request's, made before the egress knew
+    // the provider speaks HTTP/2 (it stays in its pool until idle).
+    let connections = provider.mock.connections();
+    assert!(
+        connections <= BURST / PER_POOL + 1,
+        "{connections} connections for {BURST} requests at {PER_POOL} per connection"
+    );
+}
+
 #[tokio::test]
 async fn an_untrusted_provider_certificate_is_refused_before_any_request() {
     let provider = tls_provider("provider-tls-untrusted", true).await;

@@ -79,14 +79,34 @@ const MAX_POOLS: usize = 64;
 struct Pools {
     connector: HttpsConnector<HttpConnector<HickoryResolver>>,
     requests_per_pool: usize,
+    /// Provider hosts that answered over HTTP/2: their requests go to each
+    /// pool's [`CountedPool::h2`].
+    h2_hosts: std::sync::RwLock<std::collections::HashSet<http::uri::Authority>>,
     pools: arc_swap::ArcSwap<Vec<Arc<CountedPool>>>,
     /// Held while a pool is added, so two requests do not both add one.
     growing: std::sync::Mutex<()>,
 }
 
 struct CountedPool {
-    pool: Pool,
+    /// Speaks what ALPN picks. hyper-util cannot know before a handshake
+    /// that a connection will be HTTP/2, so a burst of requests to a fresh
+    /// pool each opens a connection of its own (21 for 24 requests at 4
+    /// per pool, where 6 do), and those that come up as HTTP/2 stay open.
+    auto: Pool,
+    /// HTTP/2 only, for hosts known to speak it: while one connection to a
+    /// host is being made, the other requests wait for it and share it.
+    h2: Pool,
     in_flight: AtomicUsize,
+}
+
+impl CountedPool {
+    fn new(connector: &HttpsConnector<HttpConnector<HickoryResolver>>) -> Self {
+        CountedPool {
+            auto: build_pool(connector.clone(), false),
+            h2: build_pool(connector.clone(), true),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// A request's (and then its answer's) place in a pool's count.
@@ -159,10 +179,7 @@ impl Pools {
                 let _growing = self.growing.lock().unwrap_or_else(|e| e.into_inner());
                 let current = self.pools.load();
                 usable(&current).unwrap_or_else(|| {
-                    let added = Arc::new(CountedPool {
-                        pool: build_pool(self.connector.clone()),
-                        in_flight: AtomicUsize::new(0),
-                    });
+                    let added = Arc::new(CountedPool::new(&self.connector));
                     let mut next = Vec::with_capacity(current.len() + 1);
                     next.extend(current.iter().cloned());
                     next.push(added.clone());
@@ -287,14 +304,12 @@ impl UpstreamClient {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let first = Arc::new(CountedPool {
-            pool: build_pool(https.clone()),
-            in_flight: AtomicUsize::new(0),
-        });
+        let first = Arc::new(CountedPool::new(&https));
         Ok(UpstreamClient {
             pools: Arc::new(Pools {
                 connector: https,
                 requests_per_pool: requests_per_pool()?,
+                h2_hosts: Default::default(),
                 pools: arc_swap::ArcSwap::from_pointee(vec![first]),
                 growing: std::sync::Mutex::new(()),
             }),
@@ -312,16 +327,43 @@ impl UpstreamClient {
             .headers_mut()
             .entry(http::header::USER_AGENT)
             .or_insert_with(|| USER_AGENT.clone());
+        // Only over TLS, where ALPN told: a plain-text provider is reached
+        // over HTTP/1.1 (the egress never speaks h2c).
+        let host = (request.uri().scheme() == Some(&http::uri::Scheme::HTTPS))
+            .then(|| request.uri().authority().cloned())
+            .flatten();
+        let known_h2 = host
+            .as_ref()
+            .is_some_and(|h| self.pools.h2_hosts.read().is_ok_and(|s| s.contains(h)));
         let counted = self.pools.pick();
-        let response = counted.pool.pool.request(request).await.map_err(|e| {
-            if !e.is_connect() {
-                UpstreamError::Request(e)
-            } else if is_timeout(&e) {
-                UpstreamError::ConnectTimeout
-            } else {
-                UpstreamError::Connect(e)
+        let pool = if known_h2 {
+            &counted.pool.h2
+        } else {
+            &counted.pool.auto
+        };
+        let response = match pool.request(request).await {
+            Ok(response) => response,
+            Err(e) => {
+                if known_h2 {
+                    // Perhaps it no longer offers HTTP/2: ask ALPN again.
+                    if let (Some(host), Ok(mut hosts)) = (&host, self.pools.h2_hosts.write()) {
+                        hosts.remove(host);
+                    }
+                }
+                return Err(if !e.is_connect() {
+                    UpstreamError::Request(e)
+                } else if is_timeout(&e) {
+                    UpstreamError::ConnectTimeout
+                } else {
+                    UpstreamError::Connect(e)
+                });
             }
-        })?;
+        };
+        if !known_h2 && response.version() == http::Version::HTTP_2 {
+            if let (Some(host), Ok(mut hosts)) = (host, self.pools.h2_hosts.write()) {
+                hosts.insert(host);
+            }
+        }
         let (head, body) = response.into_parts();
         Ok(UpstreamResponse {
             head,
@@ -331,8 +373,9 @@ impl UpstreamClient {
     }
 }
 
-fn build_pool(https: HttpsConnector<HttpConnector<HickoryResolver>>) -> Pool {
+fn build_pool(https: HttpsConnector<HttpConnector<HickoryResolver>>, h2_only: bool) -> Pool {
     LegacyClient::builder(TokioExecutor::new())
+        .http2_only(h2_only)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))

@@ -83,6 +83,8 @@ struct State {
     cases: Mutex<std::collections::HashMap<String, Arc<Case>>>,
     requests: Mutex<Vec<Recorded>>,
     cancellations: AtomicUsize,
+    /// TCP connections accepted (behind a TLS front: TLS connections made).
+    connections: AtomicUsize,
     gate: Notify,
     /// Delay between replayed SSE events.
     event_gap: Mutex<Duration>,
@@ -126,6 +128,7 @@ impl MockUpstream {
                 };
                 let Ok((tcp, _)) = conn else { continue };
                 let _ = tcp.set_nodelay(true);
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 tokio::spawn(async move {
                     let h2_max_streams = *st.h2_max_streams.lock().unwrap();
@@ -154,6 +157,11 @@ impl MockUpstream {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     pub fn cancellations(&self) -> usize {
