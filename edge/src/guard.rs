@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
@@ -240,6 +240,23 @@ impl GuardedEdge {
     /// (3.8 KB), which every HTTP/1.1 connection would carry for its whole
     /// life.
     async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        // Each session is made inside the statement that moves it into the
+        // (boxed) request future: a session held in a local would keep its
+        // 680 bytes in this future, alive or moved out, for the life of
+        // the connection.
+        let first = self
+            .app
+            .process_new_http(self.first_session(stream, shutdown), shutdown);
+        let mut reused = first.await;
+        while let Some((stream, persistent)) = reused.map(|r| r.consume()) {
+            let next = self
+                .app
+                .process_new_http(Self::next_session(stream, persistent), shutdown);
+            reused = next.await;
+        }
+    }
+
+    fn first_session(&self, stream: Stream, shutdown: &ShutdownWatch) -> ServerSession {
         let mut session = ServerSession::new_http1(stream);
         session.set_keepalive((!*shutdown.borrow()).then_some(60));
         session.set_keepalive_reuses_remaining(
@@ -247,14 +264,15 @@ impl GuardedEdge {
                 .server_options()
                 .and_then(|o| o.keepalive_request_limit),
         );
-        let mut reused = self.app.process_new_http(session, shutdown).await;
-        while let Some((stream, persistent)) = reused.map(|r| r.consume()) {
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(persistent) = persistent {
-                persistent.apply_to_session(&mut session);
-            }
-            reused = self.app.process_new_http(session, shutdown).await;
+        session
+    }
+
+    fn next_session(stream: Stream, persistent: Option<HttpPersistentSettings>) -> ServerSession {
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(persistent) = persistent {
+            persistent.apply_to_session(&mut session);
         }
+        session
     }
 }
 
