@@ -346,3 +346,51 @@ async fn the_dev_key_is_no_tenant_on_an_edge() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(fleet.mock.requests().len(), 1);
 }
+
+/// Each answer's stream is read to its end (the egress's FIN, right after
+/// the trailer), so the edge never stops one it has finished with: that
+/// STOP_SENDING was a packet per request, both ways through the kernel
+/// and an AEAD seal, telling the egress nothing.
+#[tokio::test]
+async fn finished_answers_cost_no_stop_sending() {
+    let fleet = Fleet::new().await;
+    let egress = fleet.egress(&fleet.egress_eu);
+    let tls =
+        NodeTls::from_files(&fleet.edge_eu.cert, &fleet.edge_eu.key, &fleet.edge_eu.ca).unwrap();
+    let mut directory = StaticDirectory::default();
+    directory.add("eu", &egress.addr.to_string());
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let router = TunnelRouter::start(
+        TunnelConfig {
+            region: "eu".into(),
+            tls,
+        },
+        &directory,
+        snapshot,
+    )
+    .unwrap();
+    assert_eq!(router.wait_connected(Duration::from_secs(10)).await, (1, 1));
+    const N: usize = 20;
+    for _ in 0..N {
+        let answer = router
+            .execute(raw_request("test", &[], "POST", "chat/completions"))
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 200);
+        // Raw passthrough answers as a stream of the provider's bytes.
+        let body = match answer.body {
+            switchyard_backhaul::ResponseBody::Full(body) => body.to_vec(),
+            switchyard_backhaul::ResponseBody::Stream(chunks) => {
+                let chunks: Vec<Bytes> = futures::StreamExt::collect(chunks).await;
+                chunks.concat()
+            }
+        };
+        assert!(String::from_utf8_lossy(&body).contains("chat.completion"));
+    }
+    assert_eq!(fleet.mock.count(None, None), N);
+    let stats = router.connection_stats();
+    assert_eq!(stats.len(), 1);
+    let sent = &stats[0].1.frame_tx;
+    assert!(sent.stream >= N as u64, "{sent:?}");
+    assert_eq!(sent.stop_sending, 0, "{sent:?}");
+}

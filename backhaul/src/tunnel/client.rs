@@ -400,6 +400,16 @@ impl TunnelRouter {
         }
     }
 
+    /// QUIC's counters (datagrams, frames by type, path) of each connected
+    /// egress, by address: what the backhaul costs in packets.
+    pub fn connection_stats(&self) -> Vec<(String, quinn::ConnectionStats)> {
+        self.nodes
+            .load()
+            .iter()
+            .filter_map(|n| Some((n.addr.clone(), n.connection()?.stats())))
+            .collect()
+    }
+
     /// Connected nodes a request for `region` may use, best first.
     fn candidates(
         &self,
@@ -1113,7 +1123,10 @@ async fn respond(
         }
     };
     let parts = match tokio::time::timeout(budget.max(idle), read_all).await {
-        Ok(Ok(p)) => p,
+        Ok(Ok(p)) => {
+            read_to_end(recv);
+            p
+        }
         Ok(Err(e)) => return Err(backhaul_failed(&e.to_string())),
         Err(_) => return Err(backhaul_failed("the response body did not arrive in time")),
     };
@@ -1131,6 +1144,23 @@ async fn respond(
         stats,
     })
 }
+
+/// Reads the stream's end (its FIN), which the egress sends right after the
+/// trailer: at once when it came in the trailer's packet, as it nearly
+/// always does, else in a small task. A stream dropped with its end unread
+/// makes quinn send STOP_SENDING, a packet (a syscall and an AEAD seal on
+/// each side) per request that tells the egress nothing.
+fn read_to_end(mut recv: quinn::RecvStream) {
+    if futures::FutureExt::now_or_never(recv.read_chunk(usize::MAX, true)).is_some() {
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(END_WAIT, recv.read_chunk(usize::MAX, true)).await;
+    });
+}
+
+/// How long an answer's FIN is waited for after its trailer.
+const END_WAIT: Duration = Duration::from_secs(1);
 
 struct StreamState {
     recv: quinn::RecvStream,
@@ -1172,7 +1202,8 @@ fn stream_frames(state: StreamState) -> BoxStream<'static, Bytes> {
                 match frame::decode::<wire::Trailer>(FrameKind::Trailer, &payload) {
                     Ok(t) => {
                         frame::apply_trailer(&t, &st.stats);
-                        None
+                        read_to_end(st.recv);
+                        return None;
                     }
                     Err(e) => st.fail(backhaul_failed(&e.to_string())),
                 }
