@@ -122,7 +122,10 @@ pub(crate) async fn dispatch(
     let mut i = 0;
     'first: while i < n {
         let (step, hedged) = match &hedging {
-            Some(h) => h.try_target(&run, session, ctx, i).await,
+            // Boxed: racing two attempts is a large state, and only hedged
+            // routes need it; inline, every request waiting for its first
+            // token would carry it.
+            Some(h) => Box::pin(h.try_target(&run, session, ctx, i)).await,
             None => (run.try_target(session, ctx, i).await, None),
         };
         // A hedge that failed too was the plan's next target to try.
