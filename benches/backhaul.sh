@@ -66,21 +66,8 @@ DEV_PID=$GW_PID
 
 # fleet: an egress next to the "provider" and an edge dialing it over QUIC,
 # with backhaul certificates scoped to their role and region.
+fleet_setup "$WORK" "$MOCK_PORT" "$KEY"
 PKI=$WORK/pki
-"$GW_BIN" gen-certs --out "$PKI" --name edge --role edge --region us >/dev/null
-"$GW_BIN" gen-certs --out "$PKI" --name egress --role egress --region us >/dev/null
-cat >"$WORK/fleet.yaml" <<EOF
-regions:
-  us: { jurisdiction: us }
-providers:
-  openai:
-    kind: openai
-    base_url: "http://127.0.0.1:$MOCK_PORT/v1"
-    region: us
-tenants:
-  - id: bench
-    key_sha256: "$("$GW_BIN" hash-key "$KEY")"
-EOF
 COMMON_ENV=(env -u ANTHROPIC_API_KEY -u ANTHROPIC_BASE_URL -u GEMINI_API_KEY -u GEMINI_BASE_URL
     -u SWITCHYARD_LOG -u SWITCHYARD_LOG_FORMAT -u SWITCHYARD_DEV_KEY)
 "${COMMON_ENV[@]}" OPENAI_API_KEY=sk-bench $GW_PIN "$GW_BIN" egress --region us \

@@ -38,8 +38,9 @@ OUT=${OUT:-$HERE/results/instructions-latest.md}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/tmp/bench-target}
 KEY="sy-bench-key-0123456789"
 
-log() { echo "[instructions] $*" >&2; }
-die() { echo "[instructions] ERROR: $*" >&2; exit 1; }
+LOG_TAG=instructions
+# shellcheck source=benches/lib.sh
+. "$HERE/lib.sh"
 
 command -v valgrind >/dev/null || die "valgrind is not installed (Debian package valgrind)"
 command -v callgrind_control >/dev/null || die "callgrind_control is missing (Debian package valgrind)"
@@ -85,21 +86,9 @@ EGRESS_PID=""
 if [ "$FLEET" = 1 ]; then
     # An edge dialing an egress over QUIC (UDP port: the TCP one is free
     # too on loopback in practice, and the egress fails loudly if not).
+    fleet_setup "$WORK" "$MOCK_PORT" "$KEY"
     PKI=$WORK/pki
-    "$GW_BIN" gen-certs --out "$PKI" --name edge --role edge --region us >/dev/null
-    "$GW_BIN" gen-certs --out "$PKI" --name egress --role egress --region us >/dev/null
-    cat >"$WORK/policy.yaml" <<EOF
-regions:
-  us: { jurisdiction: us }
-providers:
-  openai:
-    kind: openai
-    base_url: "http://127.0.0.1:$MOCK_PORT/v1"
-    region: us
-tenants:
-  - id: bench
-    key_sha256: "$("$GW_BIN" hash-key "$KEY")"
-EOF
+    cp "$WORK/fleet.yaml" "$WORK/policy.yaml"
     "${GW_ENV[@]}" $CG --callgrind-out-file="$WORK/egress.%p" \
         "$GW_BIN" egress --region us --listen "127.0.0.1:$EGRESS_PORT" --config "$WORK/policy.yaml" \
         --state-dir "$WORK/egress" --cert "$PKI/egress.pem" --key "$PKI/egress-key.pem" --ca "$PKI/ca.pem" \

@@ -146,6 +146,28 @@ commit_line() {
 # what the running process is.
 binary_line() { echo "$BINARY_DESC"; }
 
+# fleet_setup DIR MOCK_PORT KEY: backhaul certificates for an edge and an
+# egress of region `us` (each scoped to its role and region) in DIR/pki, and
+# DIR/fleet.yaml sending openai/* to the mock through that egress, with one
+# tenant (`bench`) holding KEY. Needs GW_BIN.
+fleet_setup() {
+    local dir=$1 mock_port=$2 key=$3
+    "$GW_BIN" gen-certs --out "$dir/pki" --name edge --role edge --region us >/dev/null
+    "$GW_BIN" gen-certs --out "$dir/pki" --name egress --role egress --region us >/dev/null
+    cat >"$dir/fleet.yaml" <<EOF
+regions:
+  us: { jurisdiction: us }
+providers:
+  openai:
+    kind: openai
+    base_url: "http://127.0.0.1:$mock_port/v1"
+    region: us
+tenants:
+  - id: bench
+    key_sha256: "$("$GW_BIN" hash-key "$key")"
+EOF
+}
+
 # start_mock PORT [GAP_MS]: the fixture-replaying mock; sets MOCK_PID.
 start_mock() {
     MOCK_EVENT_GAP_MS=${2:-1} ${MOCK_PIN:-} "$MOCK_BIN" "127.0.0.1:$1" >"$WORK/mock.log" 2>&1 &

@@ -99,6 +99,27 @@ providers:
         )
     }
 
+    /// The real tunnel client with the EU edge's identity, connected to
+    /// `egress`.
+    async fn router(&self, egress: &EgressNode) -> Arc<TunnelRouter> {
+        let tls =
+            NodeTls::from_files(&self.edge_eu.cert, &self.edge_eu.key, &self.edge_eu.ca).unwrap();
+        let mut directory = StaticDirectory::default();
+        directory.add("eu", &egress.addr.to_string());
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let router = TunnelRouter::start(
+            TunnelConfig {
+                region: "eu".into(),
+                tls,
+            },
+            &directory,
+            snapshot,
+        )
+        .unwrap();
+        assert_eq!(router.wait_connected(Duration::from_secs(10)).await, (1, 1));
+        router
+    }
+
     fn edge(&self, certs: &NodeCerts, egress: &EgressNode, env: &[(String, String)]) -> EdgeNode {
         let flag = format!("eu={}", egress.addr);
         EdgeNode::start(binary(), "eu", &self.policy, certs, &[flag], env)
@@ -253,21 +274,7 @@ async fn an_edge_that_lies_in_its_frames_is_held_to_the_tenant_policy() {
     let egress = fleet.egress(&fleet.egress_eu);
     // A genuine edge identity driving the real tunnel client, with frames
     // no honest edge would send.
-    let tls =
-        NodeTls::from_files(&fleet.edge_eu.cert, &fleet.edge_eu.key, &fleet.edge_eu.ca).unwrap();
-    let mut directory = StaticDirectory::default();
-    directory.add("eu", &egress.addr.to_string());
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
-    let router = TunnelRouter::start(
-        TunnelConfig {
-            region: "eu".into(),
-            tls,
-        },
-        &directory,
-        snapshot,
-    )
-    .unwrap();
-    assert_eq!(router.wait_connected(Duration::from_secs(10)).await, (1, 1));
+    let router = fleet.router(&egress).await;
 
     let refused = |req: EgressRequest| {
         let router = router.clone();
@@ -355,21 +362,7 @@ async fn the_dev_key_is_no_tenant_on_an_edge() {
 async fn finished_answers_cost_no_stop_sending() {
     let fleet = Fleet::new().await;
     let egress = fleet.egress(&fleet.egress_eu);
-    let tls =
-        NodeTls::from_files(&fleet.edge_eu.cert, &fleet.edge_eu.key, &fleet.edge_eu.ca).unwrap();
-    let mut directory = StaticDirectory::default();
-    directory.add("eu", &egress.addr.to_string());
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
-    let router = TunnelRouter::start(
-        TunnelConfig {
-            region: "eu".into(),
-            tls,
-        },
-        &directory,
-        snapshot,
-    )
-    .unwrap();
-    assert_eq!(router.wait_connected(Duration::from_secs(10)).await, (1, 1));
+    let router = fleet.router(&egress).await;
     const N: usize = 20;
     for _ in 0..N {
         let answer = router
