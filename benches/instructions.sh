@@ -84,19 +84,17 @@ GW_ENV=(env -u ANTHROPIC_API_KEY -u ANTHROPIC_BASE_URL -u GEMINI_API_KEY -u GEMI
     -u SWITCHYARD_LOG -u SWITCHYARD_LOG_FORMAT -u SWITCHYARD_DEV_KEY OPENAI_API_KEY=x)
 EGRESS_PID=""
 if [ "$FLEET" = 1 ]; then
-    # An edge dialing an egress over QUIC (UDP port: the TCP one is free
-    # too on loopback in practice, and the egress fails loudly if not).
+    # An edge dialing an egress over QUIC.
     fleet_setup "$WORK" "$MOCK_PORT" "$KEY"
     PKI=$WORK/pki
-    cp "$WORK/fleet.yaml" "$WORK/policy.yaml"
     "${GW_ENV[@]}" $CG --callgrind-out-file="$WORK/egress.%p" \
-        "$GW_BIN" egress --region us --listen "127.0.0.1:$EGRESS_PORT" --config "$WORK/policy.yaml" \
+        "$GW_BIN" egress --region us --listen "127.0.0.1:$EGRESS_PORT" --config "$WORK/fleet.yaml" \
         --state-dir "$WORK/egress" --cert "$PKI/egress.pem" --key "$PKI/egress-key.pem" --ca "$PKI/ca.pem" \
         --threads 2 --log-format json >"$WORK/egress.stdout" 2>"$WORK/egress.log" &
     EGRESS_PID=$!
     PIDS+=("$EGRESS_PID")
     "${GW_ENV[@]}" $CG --callgrind-out-file="$WORK/gw.%p" \
-        "$GW_BIN" edge --region us --listen "127.0.0.1:$GW_PORT" --config "$WORK/policy.yaml" \
+        "$GW_BIN" edge --region us --listen "127.0.0.1:$GW_PORT" --config "$WORK/fleet.yaml" \
         --state-dir "$WORK/edge" --cert "$PKI/edge.pem" --key "$PKI/edge-key.pem" --ca "$PKI/ca.pem" \
         --egress "us=127.0.0.1:$EGRESS_PORT" --admin-listen "127.0.0.1:$GW_TLS_PORT" \
         --threads 2 --log-format json >"$WORK/gw.stdout" 2>"$WORK/gw.log" &
