@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -137,19 +136,17 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// The edge as Pingora runs it: counts each connection, does the TLS
-/// handshake for the TLS port under a deadline, then hands over to
-/// [`EdgeApp`] for HTTP/1.1 or HTTP/2.
+/// A client connection on the edge: counts it, does the TLS handshake for
+/// the TLS port under a deadline, then hands over to [`EdgeApp`] for
+/// HTTP/1.1 or HTTP/2.
 pub struct GuardedEdge {
     app: Arc<EdgeApp>,
     counter: Arc<ConnectionCounter>,
-    /// The TLS listen address and its (reloadable) certificate.
-    tls: Option<(SocketAddr, Arc<ListenerTls>)>,
     handshake_timeout: Duration,
 }
 
 impl GuardedEdge {
-    pub fn new(app: EdgeApp, tls: Option<(SocketAddr, Arc<ListenerTls>)>) -> Self {
+    pub fn new(app: EdgeApp) -> Self {
         let limits = *app.limits();
         GuardedEdge {
             app: Arc::new(app),
@@ -157,47 +154,36 @@ impl GuardedEdge {
                 limits.max_connections,
                 limits.max_connections_per_ip,
             )),
-            tls,
             handshake_timeout: limits.handshake_timeout,
         }
     }
 
-    fn is_tls(&self, local: Option<SocketAddr>) -> Option<&ListenerTls> {
-        let (addr, tls) = self.tls.as_ref()?;
-        let local = local?;
-        let same_ip = addr.ip().is_unspecified() || addr.ip() == local.ip();
-        (same_ip && addr.port() == local.port()).then_some(&**tls)
-    }
-}
-
-#[async_trait]
-impl ServerApp for GuardedEdge {
-    async fn process_new(
-        self: &Arc<Self>,
+    /// Serves one accepted connection to its end; `tls` is the certificate
+    /// when it came in on the TLS port.
+    pub async fn serve_connection(
+        &self,
         stream: Stream,
+        peer: SocketAddr,
+        tls: Option<&ListenerTls>,
         shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let digest = stream.get_socket_digest();
-        let inet = |a: Option<&pingora::protocols::l4::socket::SocketAddr>| {
-            a.and_then(|a| a.as_inet()).copied()
-        };
-        let peer = digest.as_ref().and_then(|d| inet(d.peer_addr()));
-        let local = digest.as_ref().and_then(|d| inet(d.local_addr()));
+    ) {
         // Refused before any handshake or read: an over-limit client costs
         // one accept and one close.
-        let Some(_slot) = self.counter.acquire(peer.map(|a| a.ip())) else {
-            tracing::debug!(target: "switchyard::edge", peer = ?peer, "connection limit reached");
-            return None;
+        let Some(_slot) = self.counter.acquire(Some(peer.ip())) else {
+            tracing::debug!(target: "switchyard::edge", %peer, "connection limit reached");
+            return;
         };
-        let stream = match self.is_tls(local) {
+        let stream = match tls {
             None => stream,
             // Boxed, with everything it returns: plain connections must not
             // carry the handshake's state (or a TLS stream's temporary) in
             // their task, and TLS ones not after the handshake.
-            Some(tls) => Box::pin(self.tls_handshake(tls, stream, peer)).await?,
+            Some(tls) => match Box::pin(self.tls_handshake(tls, stream, peer)).await {
+                Some(stream) => stream,
+                None => return,
+            },
         };
-        // HTTP apps keep the connection until it is done (keep-alive
-        // included) and return nothing, so the slot covers its whole life.
+        // The slot covers the connection's whole life, keep-alive included.
         // Pingora's own loop for what ours does not do: HTTP/2 (by ALPN, or
         // cleartext h2c) and custom protocols, should the options ask.
         let pingora_loop = matches!(stream.selected_alpn_proto(), Some(ALPN::H2))
@@ -206,30 +192,30 @@ impl ServerApp for GuardedEdge {
                 .server_options()
                 .is_some_and(|o| o.h2c || o.force_custom);
         if pingora_loop {
-            return self.app.process_new(stream, shutdown).await;
+            // An HTTP app hands nothing back: it keeps the connection to
+            // its end.
+            let _ = self.app.process_new(stream, shutdown).await;
+            return;
         }
         self.serve_http1(stream, shutdown).await;
-        None
     }
-}
 
-impl GuardedEdge {
     async fn tls_handshake(
         &self,
         tls: &ListenerTls,
         stream: Stream,
-        peer: Option<SocketAddr>,
+        peer: SocketAddr,
     ) -> Option<Stream> {
         let acceptor = tls.acceptor();
         let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
         match tokio::time::timeout(self.handshake_timeout, acceptor.tls_handshake(*l4)).await {
             Ok(Ok(tls)) => Some(Box::new(tls)),
             Ok(Err(e)) => {
-                tracing::debug!(target: "switchyard::edge", peer = ?peer, error = %e, "TLS handshake failed");
+                tracing::debug!(target: "switchyard::edge", %peer, error = %e, "TLS handshake failed");
                 None
             }
             Err(_) => {
-                tracing::debug!(target: "switchyard::edge", peer = ?peer, "TLS handshake timed out");
+                tracing::debug!(target: "switchyard::edge", %peer, "TLS handshake timed out");
                 None
             }
         }

@@ -21,6 +21,7 @@ pub mod access_log;
 pub mod app;
 pub mod auth;
 pub mod cache;
+mod client_socket;
 pub mod ctx;
 pub mod guard;
 pub mod hooks;

@@ -25,8 +25,9 @@
 //! services run on a runtime of the node's own, not under `pingora::Server`,
 //! whose `run` owns the process's signals and never returns to a test.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,18 +295,18 @@ impl EdgeNode {
 
         // Listening sockets handed over by the process this one replaces
         // (graceful upgrade); addresses it had are taken from it, not bound.
-        let inherited = match &self.upgrade_from {
+        let mut inherited = match &self.upgrade_from {
             Some(path) => receive_listeners(path.clone()).await?,
-            None => Fds::new(),
+            None => HashMap::new(),
         };
-        let bind = |addr: &str| bind(addr, &inherited);
+        let mut bind = |addr: &str| bind(addr, &mut inherited);
         // Bound first, so a taken port fails here and port 0 has an answer.
-        let plain = self.listen.as_deref().map(bind).transpose()?;
+        let plain = self.listen.as_deref().map(&mut bind).transpose()?;
         let tls = match &self.tls_listen {
             Some((addr, files)) => Some((bind(addr)?, files)),
             None => None,
         };
-        let metrics = self.admin_listen.as_deref().map(bind).transpose()?;
+        let metrics = self.admin_listen.as_deref().map(&mut bind).transpose()?;
         {
             // Not listening yet, two sockets with SO_REUSEADDR may share an
             // address; only one of them could ever listen.
@@ -447,41 +448,34 @@ impl EdgeNode {
         }
         let edge_metrics = app.metrics();
 
-        let mut fds = inherited;
-        {
-            // An inherited socket nobody here listens on would take
-            // connections and never answer them.
-            let keep = [&plain, &metrics]
-                .into_iter()
-                .flatten()
-                .map(|(a, _)| a.to_string())
-                .chain(tls.as_ref().map(|((a, _), _)| a.to_string()))
-                .collect();
-            for addr in fds.close_unclaimed(&keep) {
-                tracing::warn!(target: "switchyard::lifecycle", %addr, "an inherited listener is not in this configuration; closed");
-            }
+        // An inherited socket nobody here listens on would take connections
+        // and never answer them: it closes as it is dropped.
+        for addr in inherited.into_keys() {
+            tracing::warn!(target: "switchyard::lifecycle", %addr, "an inherited listener is not in this configuration; closed");
         }
-        let fds: ListenFds = Arc::new(parking_lot::Mutex::new(fds));
+        // Every listening socket by address, for handing over in the next
+        // upgrade. The edge's own sockets stay owned by its listeners (the
+        // table keeps their numbers); the admin socket's is Pingora's.
+        let fds: ListenFds = Arc::new(parking_lot::Mutex::new(Fds::new()));
         let plain_addr = plain.as_ref().map(|(a, _)| *a);
         let tls_addr = tls.as_ref().map(|((a, _), _)| *a);
         let metrics_addr = metrics.as_ref().map(|(a, _)| *a);
-        let plain_str = plain_addr.map(|a| a.to_string());
-        let tls_str = tls_addr.map(|a| a.to_string());
+        for (addr, socket) in plain.iter().chain(tls.as_ref().map(|(l, _)| l)) {
+            fds.lock().add(addr.to_string(), socket.as_raw_fd());
+        }
+        if let Some((addr, socket)) = metrics {
+            fds.lock().add(addr.to_string(), socket.into_raw_fd());
+        }
         let service = edge_service(
             app,
-            plain_str.as_deref(),
-            tls_str.as_deref().zip(listener_tls.clone()),
+            plain,
+            tls.map(|(l, _)| l).zip(listener_tls.clone()),
             self.threads,
         )
         .map_err(|e| NodeError::Service {
             what: "edge",
             message: e.to_string(),
         })?;
-        for (addr, socket) in [plain, tls.map(|(l, _)| l), metrics].into_iter().flatten() {
-            if let Some(socket) = socket {
-                fds.lock().add(addr.to_string(), socket.into_raw_fd());
-            }
-        }
 
         let pending: Vec<Box<dyn PingoraService>> = vec![Box::new(service)];
         let admin_pending = metrics_addr.map(|addr| {
@@ -740,11 +734,14 @@ impl BoundEdge {
     }
 }
 
-/// Binds a socket for Pingora to take over. It is not listening yet:
-/// connections are refused until [`BoundEdge::serve`], whose Pingora
-/// listener calls `listen` on it. An address found in `inherited` (a
-/// graceful upgrade) is not bound: Pingora takes the inherited socket.
-fn bind(addr: &str, inherited: &Fds) -> Result<(SocketAddr, Option<TcpSocket>), NodeError> {
+/// Binds a socket, not listening yet: connections are refused until
+/// [`BoundEdge::serve`] starts its listener. An address found in
+/// `inherited` (a graceful upgrade) is not bound: the inherited socket,
+/// already listening, is taken.
+fn bind(
+    addr: &str,
+    inherited: &mut HashMap<String, OwnedFd>,
+) -> Result<(SocketAddr, TcpSocket), NodeError> {
     let failed = |source| NodeError::Bind {
         addr: addr.to_string(),
         source,
@@ -759,8 +756,9 @@ fn bind(addr: &str, inherited: &Fds) -> Result<(SocketAddr, Option<TcpSocket>), 
                 "no address",
             ))
         })?;
-    if inherited.get(&resolved.to_string()).is_some() {
-        return Ok((resolved, None));
+    if let Some(fd) = inherited.remove(&resolved.to_string()) {
+        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+        return Ok((resolved, socket));
     }
     let socket = match resolved {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
@@ -771,31 +769,90 @@ fn bind(addr: &str, inherited: &Fds) -> Result<(SocketAddr, Option<TcpSocket>), 
     socket.set_reuseaddr(true).map_err(failed)?;
     socket.bind(resolved).map_err(failed)?;
     let local = socket.local_addr().map_err(failed)?;
-    Ok((local, Some(socket)))
+    Ok((local, socket))
 }
 
-/// Waits (about 6 s, Pingora's bound) for the running edge to send its
-/// listening sockets to `path` (`switchyard edge --upgrade`, then SIGQUIT
-/// to the old process).
-async fn receive_listeners(path: PathBuf) -> Result<Fds, NodeError> {
+/// Waits (about 6 s, as Pingora's sender does) for the running edge to send
+/// its listening sockets to `path` (`switchyard edge --upgrade`, then
+/// SIGQUIT to the old process).
+///
+/// Pingora's wire format (the addresses, space-separated, as the data; the
+/// sockets in the same order as `SCM_RIGHTS`), read here so that each
+/// socket arrives owned: Pingora's reader hands out bare descriptor
+/// numbers, which only `unsafe` code could take over.
+async fn receive_listeners(path: PathBuf) -> Result<HashMap<String, OwnedFd>, NodeError> {
     let failed = |message: String| NodeError::Service {
         what: "upgrade",
         message,
     };
-    let name = path
-        .to_str()
-        .ok_or_else(|| failed(format!("{} is not UTF-8", path.display())))?
-        .to_string();
     tokio::task::spawn_blocking(move || {
-        let mut fds = Fds::new();
-        fds.get_from_sock(name.as_str())
+        let name = path.display().to_string();
+        let received = receive_fds(&path)
             .map_err(|e| failed(format!("no listening sockets received on {name}: {e}")))?;
-        tracing::info!(target: "switchyard::lifecycle", socket = %name, listeners = ?fds.serialize().0,
+        tracing::info!(target: "switchyard::lifecycle", socket = %name,
+            listeners = ?received.keys().collect::<Vec<_>>(),
             "took over the listening sockets of the running edge");
-        Ok(fds)
+        Ok(received)
     })
     .await
     .map_err(|_| NodeError::Interrupted)?
+}
+
+fn receive_fds(path: &Path) -> std::io::Result<HashMap<String, OwnedFd>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::io::{Error, ErrorKind, IoSliceMut};
+    use std::mem::MaybeUninit;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixListener;
+
+    // Pingora's limits: 32 sockets, 2 KiB of addresses.
+    const MAX_FDS: usize = 32;
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    // Made before any change of user, as Pingora's is.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::new(ErrorKind::TimedOut, "nothing was sent"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(6)))?;
+    let mut names = [0u8; 2048];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &conn,
+        &mut [IoSliceMut::new(&mut names)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    let names = std::str::from_utf8(&names[..got.bytes])
+        .map_err(|_| Error::new(ErrorKind::InvalidData, "addresses are not UTF-8"))?;
+    let names: Vec<&str> = names.split_ascii_whitespace().collect();
+    if names.len() != fds.len() {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("{} addresses for {} sockets", names.len(), fds.len()),
+        ));
+    }
+    Ok(names.into_iter().map(String::from).zip(fds).collect())
 }
 
 struct BackhaulParts {

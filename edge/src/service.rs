@@ -4,12 +4,18 @@ use std::net::SocketAddr;
 
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
-use pingora::listeners::ListenerConfig;
-use pingora::protocols::l4::stream::L4BufferSettings;
+use std::os::fd::AsRawFd;
+
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::l4::virt::VirtualSocketStream;
+use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
+use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::listening::Service;
 use pingora::tls::load_certs_and_key_files;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::app::EdgeApp;
+use crate::client_socket::ClientSocket;
 use crate::guard::GuardedEdge;
 use switchyard_backhaul::node::WatchedFile;
 
@@ -110,44 +116,139 @@ impl ListenerTls {
 /// [`EdgeLimits`]: crate::EdgeLimits
 pub fn edge_service(
     app: EdgeApp,
-    plain: Option<&str>,
-    tls: Option<(&str, std::sync::Arc<ListenerTls>)>,
+    plain: Option<(SocketAddr, TcpSocket)>,
+    tls: Option<((SocketAddr, TcpSocket), std::sync::Arc<ListenerTls>)>,
     threads: usize,
-) -> pingora::Result<Service<GuardedEdge>> {
-    let acceptor = match tls {
-        None => None,
-        Some((addr, tls)) => {
-            let addr: SocketAddr = addr
-                .parse()
-                .map_err(|e| bad(format!("TLS listen address {addr}: {e}")))?;
-            if plain.and_then(|p| p.parse::<SocketAddr>().ok()) == Some(addr) {
-                return Err(bad(format!("{addr} cannot serve both HTTP and HTTPS")));
-            }
-            Some((addr, tls))
+) -> pingora::Result<EdgeListeners> {
+    if let (Some((plain, _)), Some(((tls, _), _))) = (&plain, &tls) {
+        if plain == tls {
+            return Err(bad(format!("{tls} cannot serve both HTTP and HTTPS")));
         }
-    };
-    let tls_addr = acceptor.as_ref().map(|(a, _)| a.to_string());
-    let mut service = Service::new(
-        "switchyard-edge".to_string(),
-        GuardedEdge::new(app, acceptor),
-    );
-    for addr in plain.into_iter().chain(tls_addr.as_deref()) {
-        service.add_listener(ListenerConfig::tcp(addr).l4_buffer(CLIENT_L4_BUFFERS));
     }
-    service.threads = Some(threads);
-    Ok(service)
+    let endpoints = plain
+        .map(|(addr, socket)| (addr, socket, None))
+        .into_iter()
+        .chain(tls.map(|((addr, socket), tls)| (addr, socket, Some(tls))))
+        .collect();
+    Ok(EdgeListeners {
+        edge: std::sync::Arc::new(GuardedEdge::new(app)),
+        endpoints,
+        threads,
+    })
 }
 
-/// No read buffer under a client connection: Pingora's HTTP/1 session reads
-/// the head and body into buffers of its own, and TLS into rustls's, so the
-/// default 64 KiB `BufReader` between them and the socket only duplicated
-/// them. It was zero-filled per connection, and in a burst of streams a
-/// zeroed block is a recycled one: resident, most of an open stream's
-/// memory. Writes keep Pingora's default (one TCP segment).
-const CLIENT_L4_BUFFERS: L4BufferSettings = L4BufferSettings {
-    read: Some(0),
-    write: None,
-};
+/// The edge's accept loops, in place of Pingora's listening service.
+///
+/// Pingora spawns each connection as one task whose state is sized for a
+/// TLS handshake (8.8 KB), held for the connection's whole life even when
+/// no TLS is done; an open stream's largest single cost. Here a
+/// connection's task holds only what [`GuardedEdge`] needs, and the TLS
+/// port is known from the listener that accepted, not asked of the socket.
+pub struct EdgeListeners {
+    edge: std::sync::Arc<GuardedEdge>,
+    /// Each bound socket, with the certificate when it is the TLS port.
+    endpoints: Vec<(SocketAddr, TcpSocket, Option<std::sync::Arc<ListenerTls>>)>,
+    threads: usize,
+}
+
+/// Pingora's: the kernel caps it at `net.core.somaxconn`.
+const LISTENER_BACKLOG: u32 = 65535;
+
+#[async_trait::async_trait]
+impl pingora::services::Service for EdgeListeners {
+    async fn start_service(
+        &mut self,
+        _fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+    ) {
+        let mut loops = Vec::new();
+        for (addr, socket, tls) in std::mem::take(&mut self.endpoints) {
+            // On an inherited socket, already listening, this only sets
+            // the backlog again.
+            match socket.listen(LISTENER_BACKLOG) {
+                Ok(listener) => loops.push(tokio::spawn(accept_loop(
+                    self.edge.clone(),
+                    listener,
+                    tls,
+                    shutdown.clone(),
+                ))),
+                Err(error) => {
+                    tracing::error!(target: "switchyard::edge", %addr, %error, "cannot listen");
+                }
+            }
+        }
+        for accepting in loops {
+            let _ = accepting.await;
+        }
+    }
+
+    fn name(&self) -> &str {
+        "switchyard-edge"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(self.threads)
+    }
+}
+
+/// Accepts until shutdown; each connection is a task of its own.
+async fn accept_loop(
+    edge: std::sync::Arc<GuardedEdge>,
+    listener: TcpListener,
+    tls: Option<std::sync::Arc<ListenerTls>>,
+    mut shutdown: ShutdownWatch,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            changed = shutdown.changed() => match changed {
+                // The first value is not a shutdown.
+                Ok(()) if !*shutdown.borrow() => continue,
+                _ => break,
+            },
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let edge = edge.clone();
+                let tls = tls.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    edge.serve_connection(client_stream(tcp, peer), peer, tls.as_deref(), &shutdown)
+                        .await
+                });
+            }
+            Err(error) => {
+                tracing::warn!(target: "switchyard::edge", %error, "accept failed");
+                // Out of file descriptors: accept would fail at once again
+                // and spin; wait for connections to close, as Pingora does.
+                if error.raw_os_error() == Some(24) {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Pingora's stream over an accepted socket, as its listener makes it:
+/// no delay, and the peer address known to the socket digest.
+///
+/// No read buffer under it: Pingora's HTTP/1 session reads the head and
+/// body into buffers of its own, and TLS into rustls's, so a `BufReader`
+/// between them and the socket would only duplicate them. Writes are
+/// gathered by [`ClientSocket`], which holds memory only while it holds
+/// bytes.
+fn client_stream(tcp: tokio::net::TcpStream, peer: SocketAddr) -> Stream {
+    let fd = tcp.as_raw_fd();
+    let mut stream = L4Stream::from(VirtualSocketStream::new(Box::new(ClientSocket::new(tcp))));
+    if let Err(error) = stream.set_nodelay() {
+        tracing::debug!(target: "switchyard::edge", %error, "TCP_NODELAY not set");
+    }
+    let digest = SocketDigest::from_raw_fd(fd);
+    let _ = digest.peer_addr.set(Some(peer.into()));
+    stream.set_socket_digest(digest);
+    Box::new(stream)
+}
 
 /// The admin listener (`/healthz`, `/readyz`, `/metrics`), separate from
 /// client traffic.
