@@ -899,6 +899,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn answers_read_to_their_end_give_their_streams_back() {
+        // The edge reads each answer to its FIN rather than stopping the
+        // stream; a stream slot must still come back after every answer,
+        // or a small `--max-streams-per-connection` would stall requests.
+        let pair = Pair::start(
+            "streams-seq",
+            ConnectionLimits {
+                max_streams: 2,
+                ..ConnectionLimits::default()
+            },
+        )
+        .await;
+        for n in 0..20 {
+            let (mut send, mut recv) =
+                tokio::time::timeout(Duration::from_secs(10), pair.conn.open_bi())
+                    .await
+                    .unwrap_or_else(|_| panic!("no stream for request {n} at a limit of 2"))
+                    .unwrap();
+            send.write_all(&raw_header()).await.unwrap();
+            send.finish().unwrap();
+            assert_eq!(answer(&mut recv).await, "unknown_tenant");
+            recv.read_to_end(1 << 16).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn an_edge_connection_gets_only_its_request_bytes() {
         let pair = Pair::start(
             "bytes",
