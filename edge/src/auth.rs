@@ -14,6 +14,11 @@ pub fn authenticate(
     authenticate_with(session, snapshot, false)
 }
 
+/// The SDKs' key headers besides `Authorization` (Anthropic's, Google's),
+/// made once rather than parsed per request.
+const ANTHROPIC_KEY_HEADER: http::HeaderName = http::HeaderName::from_static("x-api-key");
+const GOOGLE_KEY_HEADER: http::HeaderName = http::HeaderName::from_static("x-goog-api-key");
+
 /// As [`authenticate`]; Gemini-style callers (`google-genai`) may also send
 /// the key as `x-goog-api-key` or, on Gemini paths only (`url_key`), as
 /// `?key=`.
@@ -40,13 +45,13 @@ pub fn authenticate_with(
     let key = bearer
         .or_else(|| {
             session
-                .get_header("x-api-key")
+                .get_header(&ANTHROPIC_KEY_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
         })
         .or_else(|| {
             session
-                .get_header("x-goog-api-key")
+                .get_header(&GOOGLE_KEY_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
         })

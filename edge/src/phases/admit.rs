@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::StatusCode;
+use http::{HeaderName, StatusCode};
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 use switchyard_backhaul::{check_model_name, Operation, Protocol, RawPath, RawRequest};
@@ -117,20 +117,27 @@ impl Endpoint {
 }
 
 /// Client headers a raw passthrough forwards as they are.
-pub(crate) const RAW_HEADERS: &[&str] = &[
-    "content-type",
-    "accept",
-    "anthropic-version",
-    "anthropic-beta",
+pub(crate) static RAW_HEADERS: [HeaderName; 4] = [
+    http::header::CONTENT_TYPE,
+    http::header::ACCEPT,
+    HeaderName::from_static("anthropic-version"),
+    HeaderName::from_static("anthropic-beta"),
 ];
 
-const REQUEST_ID_HEADER: &str = "x-request-id";
+// Request headers the edge reads, as names made once: looked up by `&str`,
+// each name was parsed (and checked) again on every request.
+const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT_HEADER: HeaderName = HeaderName::from_static("traceparent");
+const RESIDENCY_HEADER: HeaderName = HeaderName::from_static("x-switchyard-residency");
+const RAW_HEADER: HeaderName = HeaderName::from_static("x-switchyard-raw");
+const CACHE_HEADER: HeaderName = HeaderName::from_static(cache::HEADER);
+const CACHE_TTL_HEADER: HeaderName = HeaderName::from_static(cache::TTL_HEADER);
 /// Client-supplied request ids are echoed only when short and printable.
 const MAX_REQUEST_ID: usize = 128;
 
 pub(crate) fn request_id(session: &ServerSession) -> String {
     if let Some(id) = session
-        .get_header(REQUEST_ID_HEADER)
+        .get_header(&REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
         .filter(|v| v.bytes().all(|b| b.is_ascii_graphic()))
@@ -154,7 +161,7 @@ pub(crate) fn traceparent(
     session: &ServerSession,
 ) -> Option<switchyard_backhaul::trace::TraceContext> {
     session
-        .get_header("traceparent")
+        .get_header(&TRACEPARENT_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(switchyard_backhaul::trace::TraceContext::parse)
 }
@@ -188,7 +195,7 @@ pub(crate) async fn admit(
     ctx.residency = narrow_residency(
         tenant.residency.as_deref(),
         session
-            .get_header("x-switchyard-residency")
+            .get_header(&RESIDENCY_HEADER)
             .and_then(|v| v.to_str().ok()),
     );
     let limit = snap.limits().max_body_bytes;
@@ -268,7 +275,7 @@ pub(crate) async fn admit(
             let raw = RawRequest {
                 method: session.req_header().method.to_string(),
                 path: rest,
-                headers: copy_headers(session, RAW_HEADERS),
+                headers: copy_headers(session, &RAW_HEADERS),
                 body,
             };
             Request::Passthrough { provider, raw }
@@ -279,7 +286,7 @@ pub(crate) async fn admit(
             let raw = RawRequest {
                 method: session.req_header().method.to_string(),
                 path: rest,
-                headers: copy_headers(session, RAW_HEADERS),
+                headers: copy_headers(session, &RAW_HEADERS),
                 body: Bytes::new(),
             };
             Request::Passthrough { provider, raw }
@@ -293,7 +300,7 @@ pub(crate) async fn admit(
         | Endpoint::GeminiGenerate { .. }
         | Endpoint::GeminiCountTokens { .. }
         | Endpoint::GeminiEmbed { .. } => {
-            let raw_header = session.get_header("x-switchyard-raw").is_some_and(|v| {
+            let raw_header = session.get_header(&RAW_HEADER).is_some_and(|v| {
                 v.as_bytes() == b"1" || v.as_bytes().eq_ignore_ascii_case(b"true")
             });
             let body = read_body(session, limit, body_timeout)
@@ -319,8 +326,8 @@ pub(crate) async fn admit(
             ctx.stream = op.is_stream();
             if app.cache.is_some() && !matches!(op, Operation::CountTokens { .. }) {
                 ctx.cache_key = ResponseCache::key_for(
-                    header_text(session, cache::HEADER),
-                    header_text(session, cache::TTL_HEADER),
+                    header_text(session, &CACHE_HEADER),
+                    header_text(session, &CACHE_TTL_HEADER),
                     &tenant.id,
                     ctx.residency.as_deref(),
                     ctx.endpoint,
@@ -351,7 +358,7 @@ pub(crate) async fn admit(
     Ok(Admitted::Proxy(request))
 }
 
-fn header_text<'a>(session: &'a ServerSession, name: &str) -> Option<&'a str> {
+fn header_text<'a>(session: &'a ServerSession, name: &HeaderName) -> Option<&'a str> {
     session.get_header(name).and_then(|v| v.to_str().ok())
 }
 
@@ -802,12 +809,12 @@ pub(crate) fn requested_model(op: &Operation) -> &str {
     }
 }
 
-pub(crate) fn copy_headers(session: &ServerSession, names: &[&str]) -> Vec<(String, String)> {
+pub(crate) fn copy_headers(session: &ServerSession, names: &[HeaderName]) -> Vec<(String, String)> {
     names
         .iter()
         .filter_map(|n| {
-            let v = session.get_header(*n)?.to_str().ok()?;
-            Some((n.to_string(), v.to_string()))
+            let v = session.get_header(n)?.to_str().ok()?;
+            Some((n.as_str().to_string(), v.to_string()))
         })
         .collect()
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderName;
 use pingora::protocols::http::ServerSession;
 use switchyard_backhaul::{Operation, RawRequest};
 use switchyard_llm::openai::parse_json_object;
@@ -56,9 +57,12 @@ pub(crate) struct Outbound {
 }
 
 /// Client headers a provider of the caller's own protocol should receive.
-const FORWARDED_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta"];
+static FORWARDED_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("anthropic-version"),
+    HeaderName::from_static("anthropic-beta"),
+];
 /// Fault and timing injection for the simulated provider (see its docs).
-const SIMULATE_HEADER: &str = "x-switchyard-simulate";
+const SIMULATE_HEADER: HeaderName = HeaderName::from_static("x-switchyard-simulate");
 
 pub(crate) fn plan(
     app: &EdgeApp,
@@ -115,7 +119,7 @@ pub(crate) fn plan(
     let outbound = Outbound {
         op,
         simulate,
-        forward_headers: copy_headers(session, FORWARDED_HEADERS),
+        forward_headers: copy_headers(session, &FORWARDED_HEADERS),
     };
     Ok((plan, outbound))
 }
@@ -290,7 +294,7 @@ fn simulate_header(
     snap: &Snapshot,
     plan: &Plan,
 ) -> Result<Option<String>, Failure> {
-    match session.get_header(SIMULATE_HEADER) {
+    match session.get_header(&SIMULATE_HEADER) {
         None => Ok(None),
         // Refused rather than ignored: a caller testing its failure
         // handling against an edge that would silently serve real answers
@@ -389,7 +393,7 @@ fn raw_request(
     Ok(RawRequest {
         method: "POST".into(),
         path,
-        headers: copy_headers(session, RAW_HEADERS),
+        headers: copy_headers(session, &RAW_HEADERS),
         body: Bytes::from(serde_json::to_vec(&map).unwrap_or_default()),
     })
 }
