@@ -39,7 +39,8 @@ impl Provider for OpenAiAdapter {
             force_usage: stream && !responses,
         };
         let url = super::provider_url(ctx.provider, path)?;
-        let auth = ctx.key.map(|k| format!("Bearer {}", k.expose()));
+        // Concatenated, not `format!`ed: this runs on every request.
+        let auth = ctx.key.map(|k| ["Bearer ", k.expose()].concat());
         let headers: Vec<(&'static str, &str)> = auth
             .as_deref()
             .map(|a| ("authorization", a))
