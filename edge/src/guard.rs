@@ -1,10 +1,10 @@
 //! Limits on what a client connection may cost before it has sent a request:
 //! connection counts (global and per peer IP) and the TLS handshake deadline.
 //!
-//! Pingora's listener gives a TLS handshake 60 s and counts nothing, so the
-//! edge's TLS port is a plain TCP listener and [`GuardedEdge`] does the
-//! handshake itself, after taking a connection slot and under its own
-//! deadline. The header and body deadlines live in [`crate::EdgeApp`], which
+//! Pingora's listener would give a TLS handshake 60 s and count nothing;
+//! the edge accepts on its own ([`crate::service::EdgeListeners`]) and
+//! [`GuardedEdge`] does the handshake itself, after taking a connection slot
+//! and under its own deadline. The header and body deadlines live in [`crate::EdgeApp`], which
 //! reads the request.
 
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! The edge node as a library: [`EdgeNode`] assembles what `switchyard
 //! edge` and `switchyard dev` run (snapshot, node agent and telemetry,
-//! the upstream: QUIC backhaul or the in-process egress, Pingora listeners)
+//! the upstream: QUIC backhaul or the in-process egress, the listeners)
 //! and returns a [`RunningEdge`] with its bound addresses and `shutdown()`.
 //!
 //! ```no_run

@@ -1,4 +1,5 @@
-//! Builds the Pingora listening service for the edge.
+//! The edge's listeners: its own accept loops (client traffic) and a
+//! Pingora listening service (the admin port).
 
 use std::net::SocketAddr;
 
