@@ -29,14 +29,14 @@ pub const DEFAULT_TENANT_LABELS: usize = 200;
 /// on the hot path and written only the first time a tenant is seen.
 pub struct TenantLabels {
     cap: usize,
-    known: RwLock<HashSet<String>>,
+    known: RwLock<HashSet<String, foldhash::fast::RandomState>>,
 }
 
 impl TenantLabels {
     pub fn new(cap: usize) -> Self {
         TenantLabels {
             cap,
-            known: RwLock::new(HashSet::new()),
+            known: RwLock::new(HashSet::default()),
         }
     }
 

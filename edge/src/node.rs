@@ -197,7 +197,7 @@ impl EdgeNode {
 
     /// Takes the listening sockets from the edge running now instead of
     /// binding them (graceful upgrade): it sends them to `socket` when told
-    /// ([`RunningEdge::upgrade`]), and no connection is refused meanwhile.
+    /// ([`RunningEdge::hand_over`]), and no connection is refused meanwhile.
     pub fn upgrade_from(mut self, socket: impl Into<PathBuf>) -> Self {
         self.upgrade_from = Some(socket.into());
         self

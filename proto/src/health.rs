@@ -443,7 +443,10 @@ impl Drop for InFlight {
 
 /// One kind of id → entry, read without locks.
 struct Board<T = Entry> {
-    entries: ArcSwap<HashMap<Box<str>, Arc<T>>>,
+    // Read several times per request, so not SipHash. Ids can carry a
+    // model name a client chose; the per-process seed keeps collisions from
+    // being planned, and the board never holds more than `MAX_ENTRIES`.
+    entries: ArcSwap<HashMap<Box<str>, Arc<T>, foldhash::fast::RandomState>>,
     /// Serialises inserts only; readers never take it.
     insert: Mutex<()>,
 }
@@ -451,7 +454,7 @@ struct Board<T = Entry> {
 impl<T: Default> Board<T> {
     fn new() -> Self {
         Board {
-            entries: ArcSwap::from_pointee(HashMap::new()),
+            entries: ArcSwap::from_pointee(HashMap::default()),
             insert: Mutex::new(()),
         }
     }

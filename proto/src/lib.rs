@@ -543,11 +543,13 @@ impl From<Arc<TenantSnapshot>> for Tenant {
 /// indexes hold the same records, so they cannot disagree about a tenant.
 #[derive(Debug, Clone, Default)]
 pub struct Tenants {
-    by_key: HashMap<KeyHash, Arc<Tenant>>,
-    by_id: HashMap<String, Arc<Tenant>>,
+    // Keys are the policy's (key hashes and tenant ids), so a fast hasher
+    // is safe; a client's key is only ever looked up.
+    by_key: HashMap<KeyHash, Arc<Tenant>, foldhash::fast::RandomState>,
+    by_id: HashMap<String, Arc<Tenant>, foldhash::fast::RandomState>,
     /// Virtual keys, each pointing at a tenant of `by_id` by id. Behind an
     /// `Arc` (as `spend`) so snapshots stay small to move around.
-    virtual_keys: Arc<HashMap<KeyHash, Arc<VirtualKey>>>,
+    virtual_keys: Arc<HashMap<KeyHash, Arc<VirtualKey>, foldhash::fast::RandomState>>,
     /// Fleet-wide spend by tenant id, and by `key:<virtual key id>`.
     spend: Arc<HashMap<String, Spend>>,
 }
