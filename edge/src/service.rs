@@ -221,9 +221,10 @@ async fn accept_loop(
             }
             Err(error) => {
                 tracing::warn!(target: "switchyard::edge", %error, "accept failed");
-                // Out of file descriptors: accept would fail at once again
-                // and spin; wait for connections to close, as Pingora does.
-                if error.raw_os_error() == Some(24) {
+                // Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS,
+                // ENOMEM): accept would fail at once again and spin; wait
+                // for connections to close, as Pingora does for EMFILE.
+                if matches!(error.raw_os_error(), Some(24 | 23 | 105 | 12)) {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
             }
