@@ -3,9 +3,9 @@
 //!
 //! Pingora's listener would give a TLS handshake 60 s and count nothing;
 //! the edge accepts on its own ([`crate::service::EdgeListeners`]) and
-//! [`GuardedEdge`] does the handshake itself, after taking a connection slot
-//! and under its own deadline. The header and body deadlines live in [`crate::EdgeApp`], which
-//! reads the request.
+//! [`GuardedEdge`] does the handshake itself, after taking a connection
+//! slot and under its own deadline. The header and body deadlines live in
+//! [`crate::EdgeApp`], which reads the request.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

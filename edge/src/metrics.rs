@@ -29,7 +29,7 @@ pub const DEFAULT_TENANT_LABELS: usize = 200;
 /// on the hot path and written only the first time a tenant is seen.
 pub struct TenantLabels {
     cap: usize,
-    known: RwLock<HashSet<String, foldhash::fast::RandomState>>,
+    known: RwLock<HashSet<String, switchyard_proto::FastHash>>,
 }
 
 impl TenantLabels {

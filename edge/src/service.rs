@@ -2,11 +2,11 @@
 //! Pingora listening service (the admin port).
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::{Acceptor, TlsSettings};
-use std::os::fd::AsRawFd;
-
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::l4::virt::VirtualSocketStream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
@@ -52,7 +52,7 @@ fn build_acceptor(files: &TlsFiles) -> pingora::Result<Acceptor> {
                 files.cert_path, files.key_path
             ))
         })?;
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
@@ -82,7 +82,7 @@ impl ListenerTls {
     }
 
     /// The acceptor for the next handshake.
-    pub fn acceptor(&self) -> std::sync::Arc<Acceptor> {
+    pub fn acceptor(&self) -> Arc<Acceptor> {
         self.acceptor.load_full()
     }
 
@@ -96,7 +96,7 @@ impl ListenerTls {
         }
         match build_acceptor(&self.files) {
             Ok(acceptor) => {
-                self.acceptor.store(std::sync::Arc::new(acceptor));
+                self.acceptor.store(Arc::new(acceptor));
                 tracing::info!(target: "switchyard::reload", cert = %self.files.cert_path,
                     "listener certificate reloaded; new connections use it");
             }
@@ -118,7 +118,7 @@ impl ListenerTls {
 pub fn edge_service(
     app: EdgeApp,
     plain: Option<(SocketAddr, TcpSocket)>,
-    tls: Option<((SocketAddr, TcpSocket), std::sync::Arc<ListenerTls>)>,
+    tls: Option<((SocketAddr, TcpSocket), Arc<ListenerTls>)>,
     threads: usize,
 ) -> pingora::Result<EdgeListeners> {
     if let (Some((plain, _)), Some(((tls, _), _))) = (&plain, &tls) {
@@ -132,7 +132,7 @@ pub fn edge_service(
         .chain(tls.map(|((addr, socket), tls)| (addr, socket, Some(tls))))
         .collect();
     Ok(EdgeListeners {
-        edge: std::sync::Arc::new(GuardedEdge::new(app)),
+        edge: Arc::new(GuardedEdge::new(app)),
         endpoints,
         threads,
     })
@@ -146,9 +146,9 @@ pub fn edge_service(
 /// connection's task holds only what [`GuardedEdge`] needs, and the TLS
 /// port is known from the listener that accepted, not asked of the socket.
 pub struct EdgeListeners {
-    edge: std::sync::Arc<GuardedEdge>,
+    edge: Arc<GuardedEdge>,
     /// Each bound socket, with the certificate when it is the TLS port.
-    endpoints: Vec<(SocketAddr, TcpSocket, Option<std::sync::Arc<ListenerTls>>)>,
+    endpoints: Vec<(SocketAddr, TcpSocket, Option<Arc<ListenerTls>>)>,
     threads: usize,
 }
 
@@ -195,9 +195,9 @@ impl pingora::services::Service for EdgeListeners {
 
 /// Accepts until shutdown; each connection is a task of its own.
 async fn accept_loop(
-    edge: std::sync::Arc<GuardedEdge>,
+    edge: Arc<GuardedEdge>,
     listener: TcpListener,
-    tls: Option<std::sync::Arc<ListenerTls>>,
+    tls: Option<Arc<ListenerTls>>,
     mut shutdown: ShutdownWatch,
 ) {
     loop {

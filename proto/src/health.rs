@@ -443,10 +443,9 @@ impl Drop for InFlight {
 
 /// One kind of id → entry, read without locks.
 struct Board<T = Entry> {
-    // Read several times per request, so not SipHash. Ids can carry a
-    // model name a client chose; the per-process seed keeps collisions from
-    // being planned, and the board never holds more than `MAX_ENTRIES`.
-    entries: ArcSwap<HashMap<Box<str>, Arc<T>, foldhash::fast::RandomState>>,
+    // Read several times per request. Ids can carry a model name a client
+    // chose, but the board never holds more than `MAX_ENTRIES`.
+    entries: ArcSwap<HashMap<Box<str>, Arc<T>, crate::FastHash>>,
     /// Serialises inserts only; readers never take it.
     insert: Mutex<()>,
 }

@@ -311,7 +311,7 @@ fn to_uri(url: &url::Url) -> Option<http::Uri> {
 /// (Gemini puts them in the path) from growing it without end.
 static URLS: UrlCache = UrlCache::new();
 
-type UrlMap = std::collections::HashMap<String, http::Uri, foldhash::fast::RandomState>;
+type UrlMap = std::collections::HashMap<String, http::Uri, switchyard_proto::FastHash>;
 
 struct UrlCache(std::sync::LazyLock<std::sync::RwLock<UrlMap>>);
 
