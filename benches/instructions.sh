@@ -20,6 +20,10 @@
 #   FLEET=1               measure an edge + QUIC + egress pair instead of
 #                         dev: the gateway column is their sum, and the
 #                         split is printed after the table
+#   PROMPT_BYTES=0        with a number, the request is a conversation of
+#                         eight messages whose text comes to about that many
+#                         bytes (quotes, newlines and non-ASCII included),
+#                         in place of the one-word prompt
 #
 # Prints a markdown table: instructions per request for a small chat
 # completion and a 14-event stream, through the gateway (`switchyard dev`,
@@ -34,6 +38,7 @@ N=${N:-300}
 WARMUP=${WARMUP:-50}
 TOP=${TOP:-0}
 FLEET=${FLEET:-0}
+PROMPT_BYTES=${PROMPT_BYTES:-0}
 OUT=${OUT:-$HERE/results/instructions-latest.md}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/tmp/bench-target}
 KEY="sy-bench-key-0123456789"
@@ -115,9 +120,15 @@ cat >"$WORK/client.py" <<'EOF'
 import http.client, json, sys, time
 port, kind, n, key = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model = sys.argv[5]
+prompt_bytes = int(sys.argv[6])
 stream = kind == "stream"
-body = json.dumps({"model": model, "stream": stream,
-                   "messages": [{"role": "user", "content": "hi"}]})
+messages = [{"role": "user", "content": "hi"}]
+if prompt_bytes > 0:
+    line = 'The "gateway" forwards this línea of text, and its answer.\n'
+    per = max(1, prompt_bytes // 8 // len(line.encode()))
+    roles = ["system"] + ["user", "assistant"] * 3 + ["user"]
+    messages = [{"role": r, "content": line * per} for r in roles]
+body = json.dumps({"model": model, "stream": stream, "messages": messages})
 deadline = time.time() + 600
 conn = None
 while conn is None:
@@ -145,12 +156,12 @@ total_ir() { # $1 = callgrind dump file -> total instructions
 }
 measure() { # $1 kind -> "gateway_ir mock_ir" per request
     local kind=$1 gw mock
-    python3 "$WORK/client.py" "$GW_PORT" "$kind" "$WARMUP" "$KEY" openai/gpt-4o-mini ||
+    python3 "$WORK/client.py" "$GW_PORT" "$kind" "$WARMUP" "$KEY" openai/gpt-4o-mini "$PROMPT_BYTES" ||
         die "warm-up failed ($kind)"
     callgrind_control -z "$GW_PID" >/dev/null 2>&1
     callgrind_control -z "$MOCK_PID" >/dev/null 2>&1
     [ -z "$EGRESS_PID" ] || callgrind_control -z "$EGRESS_PID" >/dev/null 2>&1
-    python3 "$WORK/client.py" "$GW_PORT" "$kind" "$N" "$KEY" openai/gpt-4o-mini ||
+    python3 "$WORK/client.py" "$GW_PORT" "$kind" "$N" "$KEY" openai/gpt-4o-mini "$PROMPT_BYTES" ||
         die "measured run failed ($kind)"
     rm -f "$WORK"/gw.*.* "$WORK"/mock.*.* "$WORK"/egress.*.*
     callgrind_control -d "$kind" "$GW_PID" >/dev/null 2>&1
@@ -190,6 +201,10 @@ ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
     echo
     if [ "$FLEET" = 1 ]; then
         echo "Gateway: an edge and an egress over the QUIC backhaul, summed ($(tr '\n' ';' <"$WORK/split.txt" | sed 's/;$//; s/;/; /g'))."
+        echo
+    fi
+    if [ "$PROMPT_BYTES" -gt 0 ]; then
+        echo "Request: a conversation of eight messages, about $PROMPT_BYTES bytes of text (PROMPT_BYTES)."
         echo
     fi
     echo "Binary: \`$GW_BIN\` ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)); N=$N after $WARMUP warm-up requests."

@@ -213,7 +213,7 @@ impl Operation {
             }
         }
         let (body, fields): (&Map<String, Value>, &[&str]) = match self {
-            Operation::Chat(c) => (&c.body, &["messages", "tools"]),
+            Operation::Chat(c) => (c.body(), &["messages", "tools"]),
             Operation::Messages { body, .. } | Operation::CountTokens { body } => {
                 (body, &["messages", "system", "tools"])
             }
@@ -239,7 +239,7 @@ impl Operation {
     /// The `max_tokens` (or `max_completion_tokens`) the caller asked for.
     pub fn requested_max_tokens(&self) -> Option<u64> {
         let body = match self {
-            Operation::Chat(c) => &c.body,
+            Operation::Chat(c) => c.body(),
             Operation::Messages { body, .. } => body,
             Operation::Responses(r) => &r.body,
             Operation::Completions(c) => &c.body,
@@ -277,7 +277,7 @@ impl Operation {
             }
         }
         match self {
-            Operation::Chat(c) => c.body.get("messages").is_some_and(any_image),
+            Operation::Chat(c) => c.body().get("messages").is_some_and(any_image),
             Operation::Messages { body, .. } => body.get("messages").is_some_and(any_image),
             Operation::Responses(r) => r.body.get("input").is_some_and(any_image),
             Operation::Generate(g) => g.body.get("contents").is_some_and(any_image),
@@ -288,7 +288,7 @@ impl Operation {
     /// Whether the request declares tools.
     pub fn has_tools(&self) -> bool {
         match self {
-            Operation::Chat(c) => c.body.get("tools").is_some_and(|t| !t.is_null()),
+            Operation::Chat(c) => c.body().get("tools").is_some_and(|t| !t.is_null()),
             Operation::Messages { body, .. } => body.get("tools").is_some_and(|t| !t.is_null()),
             Operation::Responses(r) => r.body.get("tools").is_some_and(|t| !t.is_null()),
             Operation::Generate(g) => g.body.get("tools").is_some_and(|t| !t.is_null()),

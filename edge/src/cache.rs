@@ -32,6 +32,8 @@ use crate::limits::RedisLink;
 
 pub const HEADER: &str = "x-switchyard-cache";
 pub const TTL_HEADER: &str = "x-switchyard-cache-ttl";
+/// [`HEADER`] as the answer carries it.
+pub const HEADER_NAME: http::HeaderName = http::HeaderName::from_static(HEADER);
 const DEFAULT_TTL: Duration = Duration::from_secs(300);
 const MAX_TTL: Duration = Duration::from_secs(86_400);
 /// Larger answers are not kept.

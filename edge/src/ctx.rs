@@ -33,7 +33,7 @@ pub struct RequestCtx {
     pub(crate) ticket: Option<crate::limits::Ticket>,
     /// Headers every answer to this request carries (rate-limit state,
     /// budget warnings), success or error.
-    pub answer_headers: Vec<(&'static str, String)>,
+    pub answer_headers: crate::respond::Extra,
     /// Set when the request opted into the response cache and missed: its
     /// answer is teed into the cache under this key.
     pub cache_key: Option<crate::cache::CacheKey>,

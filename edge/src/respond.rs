@@ -4,6 +4,7 @@
 //! checked where it enters (`dispatch`), so writing never fails on one.
 
 use bytes::Bytes;
+use http::header::CONTENT_TYPE;
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
@@ -19,7 +20,26 @@ pub struct Common<'a> {
     pub jurisdiction: &'a str,
 }
 
-pub fn header(status: StatusCode, common: &Common<'_>) -> Box<ResponseHeader> {
+/// Headers an answer carries beyond the common ones. Names are `HeaderName`
+/// constants: Pingora's `insert_header` parses a `&str` name (and copies a
+/// custom one) for every header of every answer.
+pub type Extra = Vec<(HeaderName, String)>;
+
+/// The answer's head: the common headers and `extra` (a value that cannot
+/// be a header value is left out).
+pub fn header(
+    status: StatusCode,
+    common: &Common<'_>,
+    extra: &[(HeaderName, String)],
+) -> Box<ResponseHeader> {
+    Box::new(ResponseHeader::from(parts(status, common, extra)))
+}
+
+fn parts(
+    status: StatusCode,
+    common: &Common<'_>,
+    extra: &[(HeaderName, String)],
+) -> http::response::Parts {
     // Built from `http`'s parts rather than `ResponseHeader::build`: that
     // one keeps a second map of each name's original case, so every
     // header added later was parsed, copied and hashed twice. Names go out
@@ -30,7 +50,7 @@ pub fn header(status: StatusCode, common: &Common<'_>) -> Box<ResponseHeader> {
     static SERVER: HeaderValue = HeaderValue::from_static("switchyard");
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
-    parts.headers.reserve(12);
+    parts.headers.reserve(8 + extra.len());
     // The values were checked where they were made (a caller's request id
     // is visible ASCII; region names come from the policy).
     for (name, value) in [
@@ -43,6 +63,32 @@ pub fn header(status: StatusCode, common: &Common<'_>) -> Box<ResponseHeader> {
         }
     }
     parts.headers.insert(http::header::SERVER, SERVER.clone());
+    for (name, value) in extra {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            parts.headers.insert(name.clone(), v);
+        }
+    }
+    parts
+}
+
+/// The head of a streamed answer; `extra` must include its content type.
+pub fn stream_header(
+    session: &ServerSession,
+    status: StatusCode,
+    common: &Common<'_>,
+    extra: &[(HeaderName, String)],
+) -> Box<ResponseHeader> {
+    static NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
+    static CHUNKED: HeaderValue = HeaderValue::from_static("chunked");
+    let mut parts = parts(status, common, extra);
+    parts
+        .headers
+        .insert(http::header::CACHE_CONTROL, NO_CACHE.clone());
+    if !session.is_http2() {
+        parts
+            .headers
+            .insert(http::header::TRANSFER_ENCODING, CHUNKED.clone());
+    }
     Box::new(ResponseHeader::from(parts))
 }
 
@@ -51,9 +97,9 @@ pub async fn json(
     status: StatusCode,
     body: Bytes,
     common: &Common<'_>,
-    extra: &[(&'static str, String)],
+    extra: &[(HeaderName, String)],
 ) -> bool {
-    let mut all = vec![("content-type", "application/json".to_string())];
+    let mut all = vec![(CONTENT_TYPE, "application/json".to_string())];
     all.extend(extra.iter().cloned());
     full(session, status, body, common, &all).await
 }
@@ -64,13 +110,13 @@ pub async fn full(
     status: StatusCode,
     body: Bytes,
     common: &Common<'_>,
-    extra: &[(&'static str, String)],
+    extra: &[(HeaderName, String)],
 ) -> bool {
-    let mut h = header(status, common);
-    let _ = h.insert_header("content-length", body.len().to_string());
-    for (k, v) in extra {
-        let _ = h.insert_header(*k, v.as_str());
-    }
+    let mut parts = parts(status, common, extra);
+    parts
+        .headers
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let h = Box::new(ResponseHeader::from(parts));
     if session.write_response_header(h).await.is_err() {
         return false;
     }
@@ -87,10 +133,10 @@ pub async fn error(
     e: &GatewayError,
     protocol: Protocol,
     common: &Common<'_>,
-    mut extra: Vec<(&'static str, String)>,
+    mut extra: Extra,
 ) -> bool {
     if let Some(ra) = &e.retry_after {
-        extra.push(("retry-after", ra.clone()));
+        extra.push((http::header::RETRY_AFTER, ra.clone()));
     }
     let body = match protocol {
         Protocol::OpenAi => e.to_openai_json(),

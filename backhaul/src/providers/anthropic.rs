@@ -13,6 +13,10 @@ use switchyard_llm::GatewayError;
 use super::{byte_stream, full_body, post_json, unsupported, CallContext, Provider, ProviderReply};
 use crate::request::Operation;
 
+static ANTHROPIC_VERSION: http::HeaderName = http::HeaderName::from_static("anthropic-version");
+static ANTHROPIC_BETA: http::HeaderName = http::HeaderName::from_static("anthropic-beta");
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 pub struct AnthropicAdapter;
 
 #[async_trait]
@@ -46,17 +50,17 @@ impl Provider for AnthropicAdapter {
             .find(|(k, _)| k == "anthropic-version")
             .map(|(_, v)| v.as_str())
             .unwrap_or(anthropic::DEFAULT_VERSION);
-        let mut headers: Vec<(&'static str, &str)> = vec![("anthropic-version", version)];
+        let mut headers = vec![(ANTHROPIC_VERSION.clone(), version)];
         if let Some((_, beta)) = ctx
             .request
             .forward_headers
             .iter()
             .find(|(k, _)| k == "anthropic-beta")
         {
-            headers.push(("anthropic-beta", beta.as_str()));
+            headers.push((ANTHROPIC_BETA.clone(), beta.as_str()));
         }
         if let Some(key) = ctx.key {
-            headers.push(("x-api-key", key.expose()));
+            headers.push((X_API_KEY.clone(), key.expose()));
         }
         let url = super::provider_url(ctx.provider, path)?;
         let resp = post_json(

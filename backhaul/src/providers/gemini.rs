@@ -12,6 +12,7 @@ use super::{
 };
 use crate::request::{check_path_model, Operation};
 
+static X_GOOG_API_KEY: http::HeaderName = http::HeaderName::from_static("x-goog-api-key");
 pub struct GeminiAdapter;
 
 /// Rough token estimate for embeddings, which Gemini does not count for us.
@@ -33,9 +34,9 @@ impl Provider for GeminiAdapter {
             let segment = format!("{model}:{method}");
             endpoint_url(ctx.provider, &["v1beta", "models", &segment], query)
         };
-        let headers: Vec<(&'static str, &str)> = ctx
+        let headers: Vec<(http::HeaderName, &str)> = ctx
             .key
-            .map(|k| ("x-goog-api-key", k.expose()))
+            .map(|k| (X_GOOG_API_KEY.clone(), k.expose()))
             .into_iter()
             .collect();
         match &ctx.request.op {

@@ -335,6 +335,10 @@ impl UrlCache {
     }
 }
 
+/// Header names made once: `Builder::header` parses a `&str` name on every
+/// request.
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// POSTs a JSON body and returns the response if it is a success; a failure
 /// status becomes the adapter's error (via `map_error`) with every provider
 /// key scrubbed from its message.
@@ -342,12 +346,24 @@ pub(crate) async fn post_json(
     ctx: &CallContext<'_>,
     url: http::Uri,
     body: &impl serde::Serialize,
-    headers: &[(&'static str, &str)],
+    headers: &[(http::HeaderName, &str)],
     stream: bool,
     map_error: impl FnOnce(u16, &[u8], Option<String>) -> GatewayError,
 ) -> Result<UpstreamResponse, GatewayError> {
     let payload = serde_json::to_vec(body)
         .map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?;
+    post_payload(ctx, url, payload, headers, stream, map_error).await
+}
+
+/// [`post_json`] with the body already written.
+pub(crate) async fn post_payload(
+    ctx: &CallContext<'_>,
+    url: http::Uri,
+    payload: Vec<u8>,
+    headers: &[(http::HeaderName, &str)],
+    stream: bool,
+    map_error: impl FnOnce(u16, &[u8], Option<String>) -> GatewayError,
+) -> Result<UpstreamResponse, GatewayError> {
     let mut req = http::Request::post(url).header(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
@@ -355,7 +371,7 @@ pub(crate) async fn post_json(
     // The adapters pass their credentials here; a sensitive value is kept
     // out of any `Debug` output of the request.
     for (k, v) in headers {
-        req = req.header(*k, secret_value(&ctx.provider.name, v)?);
+        req = req.header(k, secret_value(&ctx.provider.name, v)?);
     }
     if stream {
         req = req.header(
@@ -364,7 +380,7 @@ pub(crate) async fn post_json(
         );
     }
     if let Some(t) = &ctx.request.trace {
-        req = req.header("traceparent", t.header());
+        req = req.header(&TRACEPARENT, t.header());
     }
     let req = req
         .body(Full::new(Bytes::from(payload)))

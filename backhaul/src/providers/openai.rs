@@ -3,14 +3,15 @@
 
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
-use switchyard_llm::openai::{OpenAiUsage, Usage};
+use switchyard_llm::openai::answer_usage;
 use switchyard_llm::passthrough::OpenAiPassthrough;
-use switchyard_llm::responses::{usage_from_responses, ResponsesPassthrough};
+use switchyard_llm::responses::{responses_answer_usage, ResponsesPassthrough};
+use switchyard_llm::scan;
 use switchyard_llm::translate::StreamTranslator;
 use switchyard_llm::{ErrorKind, GatewayError};
 use switchyard_proto::Secret;
 
-use super::{byte_stream, post_json, scrub, unsupported, CallContext, Provider, ProviderReply};
+use super::{byte_stream, post_payload, scrub, unsupported, CallContext, Provider, ProviderReply};
 use crate::request::Operation;
 
 pub struct OpenAiAdapter;
@@ -22,7 +23,7 @@ impl Provider for OpenAiAdapter {
         let (path, body, stream, caller_wants_usage) = match &ctx.request.op {
             Operation::Chat(chat) => (
                 "chat/completions",
-                &chat.body,
+                chat.body(),
                 chat.stream,
                 chat.include_usage,
             ),
@@ -38,17 +39,26 @@ impl Provider for OpenAiAdapter {
             // Responses streams always end with usage; the field does not exist there.
             force_usage: stream && !responses,
         };
+        let caller_bytes = match &ctx.request.op {
+            Operation::Chat(chat) => chat.raw(),
+            _ => None,
+        };
+        let payload = match caller_bytes.and_then(|raw| body.written_over_caller_bytes(raw)) {
+            Some(payload) => payload,
+            None => serde_json::to_vec(&body)
+                .map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?,
+        };
         let url = super::provider_url(ctx.provider, path)?;
         // Concatenated, not `format!`ed: this runs on every request.
         let auth = ctx.key.map(|k| ["Bearer ", k.expose()].concat());
-        let headers: Vec<(&'static str, &str)> = auth
+        let headers: Vec<(http::HeaderName, &str)> = auth
             .as_deref()
-            .map(|a| ("authorization", a))
+            .map(|a| (http::header::AUTHORIZATION, a))
             .into_iter()
             .collect();
         let provider = &ctx.provider.name;
         let keys = &ctx.provider.keys;
-        let resp = post_json(&ctx, url, &body, &headers, stream, |status, body, ra| {
+        let resp = post_payload(&ctx, url, payload, &headers, stream, |status, body, ra| {
             error_from_upstream(provider, status, body, ra, keys)
         })
         .await?;
@@ -68,30 +78,9 @@ impl Provider for OpenAiAdapter {
             .await
             .map_err(|e| super::transport_error(provider, &e))?;
         let usage = if responses {
-            #[derive(serde::Deserialize)]
-            struct UsageOnly {
-                usage: Option<Value>,
-            }
-            serde_json::from_slice::<UsageOnly>(&body)
-                .ok()
-                .and_then(|u| u.usage)
-                .and_then(|u| usage_from_responses(&u))
+            responses_answer_usage(&body)
         } else {
-            // Only `usage` is needed: the rest of the body is skipped, and
-            // usage itself read through a typed view, not built as a tree
-            // (the tree is the fallback for a usage the view cannot take).
-            #[derive(serde::Deserialize)]
-            struct UsageOnly {
-                usage: Option<OpenAiUsage>,
-            }
-            match serde_json::from_slice::<UsageOnly>(&body) {
-                Ok(u) => u.usage.map(Usage::from),
-                Err(_) => serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .as_ref()
-                    .and_then(|v| v.get("usage"))
-                    .and_then(Usage::from_openai),
-            }
+            answer_usage(&body)
         };
         Ok(ProviderReply::Json { body, usage })
     }
@@ -108,6 +97,56 @@ struct Rewritten<'a> {
     force_usage: bool,
 }
 
+impl Rewritten<'_> {
+    /// The same body written from the bytes the caller sent: each member
+    /// copied as it came, `model` replaced (and `stream_options` when usage
+    /// is forced). Copying skips serialising the parsed tree again, the
+    /// larger cost for a long conversation. None when the bytes cannot be
+    /// split member by member, or name a member twice: the tree keeps the
+    /// last of each, that is what was checked, and so that is what is sent.
+    fn written_over_caller_bytes(&self, raw: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(raw.len() + self.model.len() + 48);
+        out.extend_from_slice(b"{\"model\":");
+        serde_json::to_writer(&mut out, self.model).ok()?;
+        let (mut members, mut wrote_options) = (0, false);
+        let split = scan::for_each_member(raw, |key, value| {
+            members += 1;
+            if key == b"model" {
+                return;
+            }
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key);
+            out.extend_from_slice(b"\":");
+            if self.force_usage && key == b"stream_options" {
+                let _ = serde_json::to_writer(&mut out, &self.options());
+                wrote_options = true;
+            } else {
+                out.extend_from_slice(value);
+            }
+        });
+        if !split || members != self.body.len() {
+            return None;
+        }
+        if self.force_usage && !wrote_options {
+            out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+        }
+        out.push(b'}');
+        Some(out)
+    }
+
+    /// The caller's `stream_options` with usage asked for.
+    fn options(&self) -> Map<String, Value> {
+        let mut opts = self
+            .body
+            .get("stream_options")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        opts.insert("include_usage".into(), Value::Bool(true));
+        opts
+    }
+}
+
 impl serde::Serialize for Rewritten<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
@@ -118,9 +157,7 @@ impl serde::Serialize for Rewritten<'_> {
             match k.as_str() {
                 "model" => {}
                 "stream_options" if self.force_usage => {
-                    let mut opts = v.as_object().cloned().unwrap_or_default();
-                    opts.insert("include_usage".into(), Value::Bool(true));
-                    map.serialize_entry(k, &opts)?;
+                    map.serialize_entry(k, &self.options())?;
                     wrote_options = true;
                 }
                 _ => map.serialize_entry(k, v)?,
@@ -210,6 +247,70 @@ mod tests {
         })
         .unwrap();
         assert_eq!(out, json!({"model": "e", "input": "x"}));
+    }
+
+    /// Written over the caller's bytes, the body says what the tree says,
+    /// in the caller's member order; bodies whose bytes cannot stand for the
+    /// tree are refused (the caller then serialises the tree).
+    #[test]
+    fn caller_bytes_are_forwarded_with_only_model_and_usage_changed() {
+        let cases = [
+            (
+                r#"{"messages":[{"role":"user","content":"h\u00e9 \"x\""}],"model":"fast","z":{"a":[1,2]}}"#,
+                false,
+            ),
+            (
+                r#"{ "model" : "fast", "stream": true, "stream_options": {"other": 1} }"#,
+                true,
+            ),
+            (r#"{"model":"fast","stream":true}"#, true),
+            (
+                r#"{"model":"fast","stream":true,"stream_options":null}"#,
+                true,
+            ),
+        ];
+        for (raw, force_usage) in cases {
+            let body: Map<String, Value> = serde_json::from_str(raw).unwrap();
+            let rewritten = Rewritten {
+                body: &body,
+                model: "gpt-\"4o",
+                force_usage,
+            };
+            let bytes = rewritten.written_over_caller_bytes(raw.as_bytes()).unwrap();
+            let sent: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(sent, serde_json::to_value(&rewritten).unwrap(), "{raw}");
+        }
+        // The caller's order is kept (serde_json's map would sort it).
+        let raw = r#"{"z":1,"model":"m","a":2}"#;
+        let body: Map<String, Value> = serde_json::from_str(raw).unwrap();
+        let rewritten = Rewritten {
+            body: &body,
+            model: "n",
+            force_usage: false,
+        };
+        assert_eq!(
+            rewritten.written_over_caller_bytes(raw.as_bytes()).unwrap(),
+            br#"{"model":"n","z":1,"a":2}"#
+        );
+        for raw in [
+            // A repeated member: the provider might read the first, where
+            // the gateway checked the last.
+            r#"{"model":"m","messages":[1],"messages":[2]}"#,
+            r#"{"model":"m","\u006dessages":[]}"#,
+        ] {
+            let body: Map<String, Value> = serde_json::from_str(raw).unwrap();
+            let rewritten = Rewritten {
+                body: &body,
+                model: "n",
+                force_usage: false,
+            };
+            assert!(
+                rewritten
+                    .written_over_caller_bytes(raw.as_bytes())
+                    .is_none(),
+                "{raw}"
+            );
+        }
     }
 
     #[test]

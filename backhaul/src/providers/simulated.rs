@@ -269,7 +269,7 @@ impl Provider for SimulatedAdapter {
                 })
             }
             Operation::Chat(chat) => {
-                if chat.body.get("n").and_then(Value::as_u64).unwrap_or(1) != 1 {
+                if chat.body().get("n").and_then(Value::as_u64).unwrap_or(1) != 1 {
                     return Err(
                         GatewayError::invalid("The simulated provider supports n=1 only.")
                             .with_param("n"),
@@ -357,7 +357,7 @@ fn prompt_tokens(chat: &ChatRequest) -> u64 {
             n += count_tokens(&calls.to_string());
         }
     }
-    if let Some(tools) = chat.body.get("tools") {
+    if let Some(tools) = chat.body().get("tools") {
         n += count_tokens(&tools.to_string());
     }
     n + 3
@@ -388,12 +388,12 @@ fn plan_completion(chat: &ChatRequest, model: &str, profile: &SimulatedProfile) 
     let last = messages.last();
     let last_role = last.and_then(|m| m.get("role")).and_then(Value::as_str);
     let tools: Vec<&Value> = chat
-        .body
+        .body()
         .get("tools")
         .and_then(Value::as_array)
         .map(|t| t.iter().collect())
         .unwrap_or_default();
-    let choice = chat.body.get("tool_choice");
+    let choice = chat.body().get("tool_choice");
     let tools_off = matches!(choice, Some(Value::String(s)) if s == "none");
 
     let mut tool_calls = Vec::new();
@@ -415,7 +415,7 @@ fn plan_completion(chat: &ChatRequest, model: &str, profile: &SimulatedProfile) 
                 .collect(),
             None => {
                 let parallel = chat
-                    .body
+                    .body()
                     .get("parallel_tool_calls")
                     .and_then(Value::as_bool)
                     != Some(false);
@@ -450,7 +450,7 @@ fn plan_completion(chat: &ChatRequest, model: &str, profile: &SimulatedProfile) 
             .sum();
         (Vec::new(), "tool_calls", n)
     } else {
-        let response_format = chat.body.get("response_format");
+        let response_format = chat.body().get("response_format");
         let format_type = response_format
             .and_then(|f| f.get("type"))
             .and_then(Value::as_str);

@@ -339,7 +339,11 @@ pub fn request_to_wire(req: &EgressRequest, deadline: Duration) -> (wire::Reques
         Protocol::Gemini => wire::InboundProtocol::Gemini,
     });
     let (kind, body) = match &req.op {
-        Operation::Chat(c) => (wire::OperationKind::Chat, json_body(&c.body)),
+        // The caller's bytes when the body is as they sent it.
+        Operation::Chat(c) => (
+            wire::OperationKind::Chat,
+            c.raw().cloned().unwrap_or_else(|| json_body(c.body())),
+        ),
         Operation::Embeddings(e) => (wire::OperationKind::Embeddings, json_body(&e.body)),
         Operation::Messages { body, .. } => (wire::OperationKind::Messages, json_body(body)),
         Operation::CountTokens { body } => (wire::OperationKind::CountTokens, json_body(body)),
@@ -394,7 +398,7 @@ pub fn request_from_wire(
         .with_retry(Retry::AnotherEgress));
     }
     let op = match header.operation() {
-        wire::OperationKind::Chat => Operation::Chat(ChatRequest::parse(&body)?),
+        wire::OperationKind::Chat => Operation::Chat(ChatRequest::parse_bytes(&body)?),
         wire::OperationKind::Embeddings => Operation::Embeddings(EmbeddingsRequest::parse(&body)?),
         wire::OperationKind::Messages => {
             let map = parse_json_object(&body)?;
@@ -704,7 +708,7 @@ mod tests {
         assert_eq!(back.trace, req.trace);
         match (back.op, req.op) {
             (Operation::Chat(a), Operation::Chat(b)) => {
-                assert_eq!(a.body, b.body);
+                assert_eq!(a.body(), b.body());
                 assert!(a.stream);
             }
             _ => panic!("operation changed"),

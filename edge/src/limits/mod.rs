@@ -33,6 +33,7 @@ mod shared;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use http::HeaderName;
 use prometheus::{GaugeVec, IntCounterVec, Opts};
 use switchyard_llm::openai::Usage;
 use switchyard_llm::{ErrorKind, GatewayError};
@@ -188,7 +189,15 @@ pub struct Limiter {
 }
 
 /// What the caller gets when admitted: headers for its answer.
-pub type Headers = Vec<(&'static str, String)>;
+pub type Headers = crate::respond::Extra;
+
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+const BUDGET_WARNING: HeaderName = HeaderName::from_static("x-switchyard-budget-warning");
 
 impl Limiter {
     /// Counters in this edge's memory (limits leased by the control plane).
@@ -384,7 +393,7 @@ impl Limiter {
                 // The limits, then what is left of the one that refused
                 // (nothing) and when it resets.
                 let mut h = headers(&checks, &vec![0; checks.len()], tenant);
-                h.retain(|(k, _)| k.starts_with("x-ratelimit-limit"));
+                h.retain(|(k, _)| k.as_str().starts_with("x-ratelimit-limit"));
                 h.extend(refused_headers(c));
                 Err((refusal(c), h))
             }
@@ -658,16 +667,8 @@ fn headers(checks: &[Check], after: &[i64], tenant: &Tenant) -> Headers {
             .min_by_key(|(c, used)| c.limit - **used);
         if let Some((c, used)) = tightest {
             let (limit, remaining, reset) = match suffix {
-                "requests" => (
-                    "x-ratelimit-limit-requests",
-                    "x-ratelimit-remaining-requests",
-                    "x-ratelimit-reset-requests",
-                ),
-                _ => (
-                    "x-ratelimit-limit-tokens",
-                    "x-ratelimit-remaining-tokens",
-                    "x-ratelimit-reset-tokens",
-                ),
+                "requests" => (LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS),
+                _ => (LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS),
             };
             out.push((limit, c.configured.to_string()));
             out.push((remaining, (c.limit - used).max(0).to_string()));
@@ -684,7 +685,7 @@ fn headers(checks: &[Check], after: &[i64], tenant: &Tenant) -> Headers {
                     "monthly"
                 };
                 out.push((
-                    "x-switchyard-budget-warning",
+                    BUDGET_WARNING,
                     format!(
                         "{} {} budget of {} {:.0}% used",
                         c.scope,
@@ -702,15 +703,15 @@ fn headers(checks: &[Check], after: &[i64], tenant: &Tenant) -> Headers {
 
 fn refused_headers(c: &Check) -> Headers {
     let retry_after = c.reset_ms.div_ceil(1000).max(1).to_string();
-    let mut out = vec![("retry-after", retry_after)];
+    let mut out = vec![(http::header::RETRY_AFTER, retry_after)];
     match c.kind {
         Kind::Requests => {
-            out.push(("x-ratelimit-remaining-requests", "0".into()));
-            out.push(("x-ratelimit-reset-requests", reset_text(c.reset_ms)));
+            out.push((REMAINING_REQUESTS, "0".into()));
+            out.push((RESET_REQUESTS, reset_text(c.reset_ms)));
         }
         Kind::Tokens => {
-            out.push(("x-ratelimit-remaining-tokens", "0".into()));
-            out.push(("x-ratelimit-reset-tokens", reset_text(c.reset_ms)));
+            out.push((REMAINING_TOKENS, "0".into()));
+            out.push((RESET_TOKENS, reset_text(c.reset_ms)));
         }
         _ => {}
     }
@@ -862,11 +863,17 @@ mod tests {
         let t = tenant();
         let (ticket, h) = l.admit(&snap, &t, None, 10).await.unwrap();
         assert!(
-            h.contains(&("x-ratelimit-remaining-requests", "1".into())),
+            h.contains(&(
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                "1".into()
+            )),
             "{h:?}"
         );
         assert!(
-            h.contains(&("x-ratelimit-remaining-tokens", "90".into())),
+            h.contains(&(
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                "90".into()
+            )),
             "{h:?}"
         );
         // The real usage was 50 tokens: the minute's counter says so.
@@ -887,7 +894,10 @@ mod tests {
         assert_eq!((e.status(), e.code), (429, Some("rate_limit_exceeded")));
         assert!(h.iter().any(|(k, _)| *k == "retry-after"), "{h:?}");
         assert!(
-            h.contains(&("x-ratelimit-limit-tokens", "100".into())),
+            h.contains(&(
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                "100".into()
+            )),
             "{h:?}"
         );
         l.admit(&snap, &t, None, 1).await.unwrap();
@@ -985,7 +995,10 @@ mod tests {
         let (_, h) = l.admit(&snap, &t, Some(&key), 1).await.unwrap();
         // The tightest counter is reported: the key's.
         assert!(
-            h.contains(&("x-ratelimit-limit-requests", "1".into())),
+            h.contains(&(
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                "1".into()
+            )),
             "{h:?}"
         );
         let (e, _) = l.admit(&snap, &t, Some(&key), 1).await.unwrap_err();

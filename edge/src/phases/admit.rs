@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_TYPE;
 use http::{HeaderName, StatusCode};
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
@@ -353,7 +354,7 @@ pub(crate) async fn admit(
             replay(app, session, snap, ctx, &hit).await;
             return Ok(Admitted::Answered);
         }
-        ctx.answer_headers.push((cache::HEADER, "miss".into()));
+        ctx.answer_headers.push((cache::HEADER_NAME, "miss".into()));
     }
     Ok(Admitted::Proxy(request))
 }
@@ -375,17 +376,10 @@ async fn replay(
     let jurisdiction = app.jurisdiction(snap);
     let common = app.common(&ctx.request_id, &jurisdiction);
     let mut extra = ctx.answer_headers.clone();
-    extra.push((cache::HEADER, "hit".into()));
+    extra.push((cache::HEADER_NAME, "hit".into()));
     let gone = if hit.stream {
-        let mut h = respond::header(StatusCode::OK, &common);
-        let _ = h.insert_header("content-type", "text/event-stream");
-        let _ = h.insert_header("cache-control", "no-cache");
-        for (k, v) in &extra {
-            let _ = h.insert_header(*k, v.as_str());
-        }
-        if !session.is_http2() {
-            let _ = h.insert_header("transfer-encoding", "chunked");
-        }
+        extra.push((CONTENT_TYPE, "text/event-stream".into()));
+        let h = respond::stream_header(session, StatusCode::OK, &common, &extra);
         'write: {
             if session.write_response_header(h).await.is_err() {
                 break 'write true;
@@ -518,7 +512,7 @@ async fn answer(
 
 fn parse_operation(endpoint: &Endpoint, body: &Bytes) -> Result<Operation, GatewayError> {
     Ok(match endpoint {
-        Endpoint::Chat => Operation::Chat(ChatRequest::parse(body)?),
+        Endpoint::Chat => Operation::Chat(ChatRequest::parse_bytes(body)?),
         Endpoint::Responses => {
             Operation::Responses(ResponsesRequest::from_map(parse_json_object(body)?)?)
         }

@@ -5,6 +5,8 @@
 //! every frame the moment it exists, never buffered. A client that hangs
 //! up is noticed even while the provider is silent.
 
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::HeaderName;
 use pingora::protocols::http::ServerSession;
 use switchyard_proto::Snapshot;
 
@@ -14,6 +16,9 @@ use super::Failure;
 use crate::app::EdgeApp;
 use crate::ctx::RequestCtx;
 use crate::respond::{self, Common};
+
+const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-switchyard-attempts");
+const X_TARGET: HeaderName = HeaderName::from_static("x-switchyard-target");
 
 pub(crate) async fn respond(
     app: &EdgeApp,
@@ -36,18 +41,16 @@ pub(crate) async fn respond(
             .and_then(|s| s.jurisdiction.as_deref())
             .unwrap_or("unspecified"),
     };
-    let mut extra = vec![("content-type", answer.content_type)];
+    let mut extra = vec![(CONTENT_TYPE, answer.content_type)];
     if let Some(ra) = answer.retry_after {
-        extra.push(("retry-after", ra));
+        extra.push((RETRY_AFTER, ra));
     }
     // Which target served, after how many attempts: failover is invisible
     // to the answer itself, not to whoever wants to know.
-    extra.push(("x-switchyard-attempts", ctx.attempts.len().to_string()));
+    extra.push((X_ATTEMPTS, ctx.attempts.len().to_string()));
     if let Some(s) = served.as_ref().filter(|s| !s.target.model.is_empty()) {
-        extra.push((
-            "x-switchyard-target",
-            format!("{}/{}", s.target.provider, s.target.model),
-        ));
+        let target = [s.target.provider.as_str(), "/", &s.target.model].concat();
+        extra.push((X_TARGET, target));
     }
     extra.extend(ctx.answer_headers.iter().cloned());
     let observers = &app.hooks.response;
@@ -64,14 +67,7 @@ pub(crate) async fn respond(
         }
         AnswerBody::Stream { first, rest } => {
             let mut rest = Spliced::new(first, rest, resume);
-            let mut h = respond::header(answer.status, &common);
-            for (k, v) in &extra {
-                let _ = h.insert_header(*k, v.as_str());
-            }
-            let _ = h.insert_header("cache-control", "no-cache");
-            if !session.is_http2() {
-                let _ = h.insert_header("transfer-encoding", "chunked");
-            }
+            let h = respond::stream_header(session, answer.status, &common, &extra);
             'write: {
                 if session.write_response_header(h).await.is_err() {
                     break 'write true;
@@ -115,10 +111,10 @@ pub(crate) async fn failure(
     let jurisdiction = app.jurisdiction(snap);
     let common = app.common(&ctx.request_id, &jurisdiction);
     let mut extra = allow
-        .map(|a| vec![("allow", a.to_string())])
+        .map(|a| vec![(ALLOW, a.to_string())])
         .unwrap_or_default();
     if !ctx.attempts.is_empty() {
-        extra.push(("x-switchyard-attempts", ctx.attempts.len().to_string()));
+        extra.push((X_ATTEMPTS, ctx.attempts.len().to_string()));
     }
     extra.extend(ctx.answer_headers.iter().cloned());
     // An unread request body (413, early errors) makes the connection unusable.

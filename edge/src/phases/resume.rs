@@ -817,7 +817,7 @@ fn prefilled(op: &Operation, text: &str, style: Prefill) -> Option<(Operation, b
         let mut chat = chat.clone();
         if !text.is_empty() {
             let messages = chat
-                .body
+                .body_mut()
                 .entry("messages")
                 .or_insert_with(|| Value::Array(Vec::new()));
             if let Some(list) = messages.as_array_mut() {
@@ -829,10 +829,9 @@ fn prefilled(op: &Operation, text: &str, style: Prefill) -> Option<(Operation, b
                 }
             }
             if style == Prefill::ContinueFinalMessage {
-                chat.body
-                    .insert("continue_final_message".into(), Value::Bool(true));
-                chat.body
-                    .insert("add_generation_prompt".into(), Value::Bool(false));
+                let body = chat.body_mut();
+                body.insert("continue_final_message".into(), Value::Bool(true));
+                body.insert("add_generation_prompt".into(), Value::Bool(false));
             }
         }
         chat
@@ -926,8 +925,8 @@ mod tests {
         assert_eq!(last(&p).0, json!({"role": "assistant", "content": "Hello"}));
         let (p, _) = prefilled(&op, "Hi", Prefill::ContinueFinalMessage).unwrap();
         let Operation::Chat(c) = &p else { panic!() };
-        assert_eq!(c.body["continue_final_message"], true);
-        assert_eq!(c.body["add_generation_prompt"], false);
+        assert_eq!(c.body()["continue_final_message"], true);
+        assert_eq!(c.body()["add_generation_prompt"], false);
         // Nothing emitted yet: the request as it was.
         let (p, _) = prefilled(&op, "", Prefill::Prefix).unwrap();
         assert_eq!(last(&p).0["role"], "user");

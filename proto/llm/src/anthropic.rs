@@ -65,7 +65,7 @@ pub fn default_max_tokens(model: &str) -> u64 {
 // ---------------------------------------------------------------------------
 
 pub fn chat_request(req: &ChatRequest, upstream_model: &str) -> Result<Value, GatewayError> {
-    let body = &req.body;
+    let body = req.body();
     if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return Err(GatewayError::invalid(
             "Invalid 'n': this model returns a single choice; n must be 1.",

@@ -33,7 +33,7 @@ use crate::translate::StreamTranslator;
 pub fn chat_request(req: &ChatRequest, upstream_model: &str) -> Result<Value, GatewayError> {
     // The model goes into the URL path, not the body.
     let _ = upstream_model;
-    let body = &req.body;
+    let body = req.body();
     let mut system: Vec<String> = Vec::new();
     let mut contents: Vec<(&'static str, Vec<Value>)> = Vec::new();
     let mut call_names: HashMap<String, String> = HashMap::new();

@@ -835,11 +835,11 @@ mod tests {
         );
         assert_eq!(m[3]["tool_call_id"], "call_1");
         assert_eq!(
-            chat.body["tools"][0]["function"]["parameters"]["properties"]["city"]["type"],
+            chat.body()["tools"][0]["function"]["parameters"]["properties"]["city"]["type"],
             "string"
         );
-        assert_eq!(chat.body["tool_choice"], "required");
-        assert_eq!(chat.body["response_format"]["type"], "json_object");
+        assert_eq!(chat.body()["tool_choice"], "required");
+        assert_eq!(chat.body()["response_format"]["type"], "json_object");
         assert_eq!(chat.max_tokens(), Some(20));
         assert!(chat.stream);
         let bad: Map<String, Value> = serde_json::from_value(

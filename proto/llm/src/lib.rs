@@ -7,6 +7,7 @@
 //! recorded payloads alone (see `tests/`).
 //!
 //! - [`sse`]: incremental Server-Sent Events decoder/encoder.
+//! - [`scan`]: a JSON object's top-level members, split without parsing.
 //! - [`openai`]: request validation, usage accounting, chunk inspection.
 //! - [`error`]: the data-plane error class and its protocol-shaped bodies.
 //! - [`anthropic`]: Anthropic Messages ⇄ OpenAI, both directions (requests,
@@ -30,6 +31,7 @@ pub mod gemini_native;
 pub mod openai;
 pub mod passthrough;
 pub mod responses;
+pub mod scan;
 pub mod sse;
 pub mod tokens;
 pub mod translate;

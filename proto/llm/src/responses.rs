@@ -576,6 +576,26 @@ fn input_part(p: &Value, i: usize, j: usize) -> Result<Value, GatewayError> {
 // Responses usage and ids
 // ---------------------------------------------------------------------------
 
+/// The usage of a whole (non-streamed) Responses answer: only `usage` is
+/// parsed (see [`crate::scan`]); an answer the scan cannot split is read
+/// through the tree.
+pub fn responses_answer_usage(body: &[u8]) -> Option<Usage> {
+    let mut raw = None;
+    let usage = if crate::scan::for_each_member(body, |key, value| {
+        if key == b"usage" {
+            raw = Some(value);
+        }
+    }) {
+        serde_json::from_slice::<Value>(raw?).ok()?
+    } else {
+        serde_json::from_slice::<Value>(body)
+            .ok()?
+            .get_mut("usage")?
+            .take()
+    };
+    usage_from_responses(&usage)
+}
+
 /// Usage of a Responses `usage` object in the hub's terms.
 pub fn usage_from_responses(u: &Value) -> Option<Usage> {
     let input = u.get("input_tokens")?.as_u64()?;
@@ -1426,10 +1446,13 @@ mod tests {
         assert_eq!(m[2]["tool_calls"].as_array().unwrap().len(), 2);
         assert_eq!(m[3]["tool_call_id"], "c1");
         assert_eq!(m[4]["content"], "two");
-        assert_eq!(chat.body["tools"][0]["function"]["name"], "f");
-        assert_eq!(chat.body["tool_choice"]["function"]["name"], "f");
-        assert_eq!(chat.body["response_format"]["json_schema"]["strict"], true);
-        assert_eq!(chat.body["reasoning_effort"], "low");
+        assert_eq!(chat.body()["tools"][0]["function"]["name"], "f");
+        assert_eq!(chat.body()["tool_choice"]["function"]["name"], "f");
+        assert_eq!(
+            chat.body()["response_format"]["json_schema"]["strict"],
+            true
+        );
+        assert_eq!(chat.body()["reasoning_effort"], "low");
         assert_eq!(chat.max_tokens(), Some(50));
         assert!(chat.stream && chat.include_usage);
     }

@@ -4,6 +4,8 @@
 //! of an unfinished event, so memory stays bounded by the largest single event
 //! and every complete event is handed on as soon as its blank line arrives.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 
 /// One decoded event. `raw` is the exact bytes of the event including its
@@ -140,12 +142,12 @@ fn parse_event(raw: Bytes) -> Option<SseEvent> {
             None => (line, &b""[..]),
         };
         match field {
-            b"event" => event = Some(String::from_utf8_lossy(value).into_owned()),
+            b"event" => event = Some(text(value).into_owned()),
             b"data" => match &mut data {
-                None => data = Some(String::from_utf8_lossy(value).into_owned()),
+                None => data = Some(text(value).into_owned()),
                 Some(d) => {
                     d.push('\n');
-                    d.push_str(&String::from_utf8_lossy(value));
+                    d.push_str(&text(value));
                 }
             },
             _ => {}
@@ -159,6 +161,16 @@ fn parse_event(raw: Bytes) -> Option<SseEvent> {
         data: data.unwrap_or_default(),
         raw,
     })
+}
+
+/// A field's value as text, invalid UTF-8 replaced. `str::from_utf8` first:
+/// it checks ASCII a word at a time, where `from_utf8_lossy` walks every
+/// byte, and a stream's events are nearly always valid.
+fn text(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// Frames one `data:` event (and optional `event:` name) for the wire.
@@ -224,6 +236,13 @@ mod tests {
         let evs = decode_all(&[b"data: a\r\n\r\ndata: b\r\rdata: c"]);
         let data: Vec<_> = evs.iter().map(|e| e.data.as_str()).collect();
         assert_eq!(data, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_not_dropped() {
+        let evs = decode_all(&[b"event: n\xffx\ndata: caf\xc3\xa9 \xc3\ndata: ok\n\n"]);
+        assert_eq!(evs[0].event.as_deref(), Some("n\u{fffd}x"));
+        assert_eq!(evs[0].data, "caf\u{e9} \u{fffd}\nok");
     }
 
     #[test]

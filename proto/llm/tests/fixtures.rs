@@ -827,7 +827,7 @@ fn openai_request_details_map_to_anthropic() {
     assert_eq!(user[1]["content"], json!([{"type": "text", "text": "r2"}]));
     assert_eq!(user[2]["text"], "thanks");
 
-    let mut tc = req.body.clone();
+    let mut tc = req.body().clone();
     for (choice, expect) in [
         (json!("auto"), json!({"type": "auto"})),
         (json!("none"), json!({"type": "none"})),
@@ -2045,4 +2045,74 @@ fn anthropic_tool_without_parameters_streams_an_empty_object() {
         let args: Value = serde_json::from_str(&call.2).expect("arguments are JSON");
         assert!(args.is_object());
     }
+}
+
+// ---------------------------------------------------------------------------
+// Usage read by splitting the answer (`scan`), against the tree
+// ---------------------------------------------------------------------------
+
+/// Every recorded OpenAI answer and stream chunk, compact and pretty-printed:
+/// the usage (and a chunk's choices) read from the split-out members is what
+/// the whole tree says.
+#[test]
+fn usage_read_by_scan_agrees_with_the_tree() {
+    use switchyard_llm::openai::{answer_usage, inspect_chunk};
+    use switchyard_llm::responses::{responses_answer_usage, usage_from_responses};
+    let (mut chunks, mut answers) = (0, 0);
+    for case in all_cases("openai") {
+        let label = case.label();
+        if let Some(sse) = case.sse() {
+            if case.request["path"] == "/v1/responses" {
+                continue;
+            }
+            for data in sse
+                .split("\n\n")
+                .filter_map(|e| e.trim().strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+            {
+                let v: Value = serde_json::from_str(data).unwrap();
+                let choices = v.get("choices").and_then(Value::as_array);
+                let pretty = serde_json::to_string_pretty(&v).unwrap();
+                for text in [data, pretty.as_str()] {
+                    let info = inspect_chunk(text);
+                    assert_eq!(
+                        info.usage,
+                        v.get("usage").and_then(Usage::from_openai),
+                        "{label}: {text}"
+                    );
+                    assert_eq!(info.has_content, choices.is_some_and(|c| !c.is_empty()));
+                    assert_eq!(
+                        info.finished,
+                        choices.is_some_and(|c| c.iter().any(|ch| !ch["finish_reason"].is_null())),
+                        "{label}: {text}"
+                    );
+                }
+                chunks += 1;
+            }
+            continue;
+        }
+        if case.status() != 200 || !case.body().is_object() {
+            continue;
+        }
+        for raw in [
+            serde_json::to_vec(case.body()).unwrap(),
+            serde_json::to_vec_pretty(case.body()).unwrap(),
+        ] {
+            if case.request["path"] == "/v1/responses" {
+                assert_eq!(
+                    responses_answer_usage(&raw),
+                    usage_from_responses(&case.body()["usage"]),
+                    "{label}"
+                );
+            } else {
+                let want = case.body().get("usage").and_then(Usage::from_openai);
+                assert_eq!(answer_usage(&raw), want, "{label}");
+            }
+        }
+        answers += 1;
+    }
+    assert!(
+        chunks > 50 && answers > 10,
+        "{chunks} chunks, {answers} answers"
+    );
 }

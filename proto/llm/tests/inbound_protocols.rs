@@ -106,7 +106,8 @@ fn recorded_responses_requests_translate_to_chat() {
         assert_eq!(chat.stream, r.stream, "{name}");
         if let Some(tools) = req["body"]["tools"].as_array() {
             assert_eq!(
-                chat.body["tools"][0]["function"]["name"], tools[0]["name"],
+                chat.body()["tools"][0]["function"]["name"],
+                tools[0]["name"],
                 "{name}"
             );
         }

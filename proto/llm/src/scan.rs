@@ -1,0 +1,329 @@
+//! Reading a few members of a JSON object without parsing the rest.
+//!
+//! Answers and stream chunks pass through as bytes; the gateway reads only
+//! their `usage` and `choices`. serde_json skips an unwanted member token
+//! by token, which cost more than the rest of a chat request's accounting;
+//! this splits the object by walking strings with `memchr` and counting
+//! brackets. Each value handed out is still parsed by serde_json where it is
+//! read, so its own syntax is checked there. When the object cannot be split
+//! (not an object, a key written with an escape, unbalanced brackets), the
+//! functions say so and the caller parses the whole body as before.
+
+/// Calls `visit` with each top-level member of the JSON object `body`: the
+/// key as written between its quotes, and the value's raw bytes. Returns
+/// false, having stopped, when `body` is not an object it could split. A key
+/// that contains an escape counts as such, so no key is ever compared in its
+/// escaped form.
+pub fn for_each_member<'a>(body: &'a [u8], mut visit: impl FnMut(&'a [u8], &'a [u8])) -> bool {
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return false;
+    }
+    i = skip_ws(body, i + 1);
+    if body.get(i) == Some(&b'}') {
+        return skip_ws(body, i + 1) == body.len();
+    }
+    loop {
+        if body.get(i) != Some(&b'"') {
+            return false;
+        }
+        let Some(key_end) = string_end(body, i) else {
+            return false;
+        };
+        let key = &body[i + 1..key_end - 1];
+        if key.contains(&b'\\') {
+            return false;
+        }
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return false;
+        }
+        i = skip_ws(body, i + 1);
+        let Some(value_end) = value_end(body, i) else {
+            return false;
+        };
+        visit(key, &body[i..value_end]);
+        i = skip_ws(body, value_end);
+        match body.get(i) {
+            Some(b',') => i = skip_ws(body, i + 1),
+            Some(b'}') => return skip_ws(body, i + 1) == body.len(),
+            _ => return false,
+        }
+    }
+}
+
+/// The value of the top-level member `key` of the JSON object `body`, found
+/// from the end: the last place `key` appears in quotes, confirmed by
+/// reading on from there to the end of the object (its value, then only
+/// whole members and the closing brace). For a member near the end of a
+/// long object, such as OpenAI's `usage`, this reads only the tail. None
+/// when the last appearance is not such a member (nested, inside a string,
+/// after an escaped quote): then [`for_each_member`] finds it, if anything
+/// does. Two such members: the last one, as a JSON parser keeps.
+pub fn trailing_member<'a>(body: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let at = memchr::memmem::rfind(body, key.as_bytes())?;
+    let quote = at.checked_sub(1)?;
+    let after = at + key.len();
+    if body[quote] != b'"' || body.get(after) != Some(&b'"') {
+        return None;
+    }
+    // After an odd run of backslashes the quote is part of a longer key.
+    let backslashes = body[..quote]
+        .iter()
+        .rev()
+        .take_while(|&&c| c == b'\\')
+        .count();
+    if backslashes % 2 == 1 {
+        return None;
+    }
+    let mut i = skip_ws(body, after + 1);
+    if body.get(i) != Some(&b':') {
+        return None;
+    }
+    i = skip_ws(body, i + 1);
+    let end = value_end(body, i)?;
+    let value = &body[i..end];
+    let mut j = skip_ws(body, end);
+    loop {
+        match body.get(j)? {
+            b'}' => return (skip_ws(body, j + 1) == body.len()).then_some(value),
+            b',' => {
+                j = skip_ws(body, j + 1);
+                if body.get(j) != Some(&b'"') {
+                    return None;
+                }
+                j = skip_ws(body, string_end(body, j)?);
+                if body.get(j) != Some(&b':') {
+                    return None;
+                }
+                j = skip_ws(body, value_end(body, skip_ws(body, j + 1))?);
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Calls `visit` with each element of the JSON array `array`, as raw bytes.
+/// Returns false, having stopped, when `array` is not an array it could
+/// split.
+pub fn for_each_element<'a>(array: &'a [u8], mut visit: impl FnMut(&'a [u8])) -> bool {
+    let mut i = skip_ws(array, 0);
+    if array.get(i) != Some(&b'[') {
+        return false;
+    }
+    i = skip_ws(array, i + 1);
+    if array.get(i) == Some(&b']') {
+        return skip_ws(array, i + 1) == array.len();
+    }
+    loop {
+        let Some(end) = value_end(array, i) else {
+            return false;
+        };
+        visit(&array[i..end]);
+        i = skip_ws(array, end);
+        match array.get(i) {
+            Some(b',') => i = skip_ws(array, i + 1),
+            Some(b']') => return skip_ws(array, i + 1) == array.len(),
+            _ => return false,
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// What a byte means to the skipping loops: one table load a byte, where
+/// comparing against each structural byte in turn cost several.
+const QUOTE: u8 = 1;
+const ESCAPE: u8 = 2;
+const OPEN: u8 = 3;
+const CLOSE: u8 = 4;
+const DELIMITER: u8 = 5;
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'"' as usize] = QUOTE;
+    t[b'\\' as usize] = ESCAPE;
+    t[b'{' as usize] = OPEN;
+    t[b'[' as usize] = OPEN;
+    t[b'}' as usize] = CLOSE;
+    t[b']' as usize] = CLOSE;
+    t[b',' as usize] = DELIMITER;
+    t[b' ' as usize] = DELIMITER;
+    t[b'\t' as usize] = DELIMITER;
+    t[b'\n' as usize] = DELIMITER;
+    t[b'\r' as usize] = DELIMITER;
+    t
+};
+
+/// The index just past the string whose opening quote is at `start`.
+fn string_end(b: &[u8], start: usize) -> Option<usize> {
+    // Only quotes are searched for: escapes such as `\n` or `\u00e9` do not
+    // stop the search, and a quote ends the string unless an odd run of
+    // backslashes comes before it (the run cannot reach past the opening
+    // quote).
+    let mut i = start + 1;
+    loop {
+        let quote = i + memchr::memchr(b'"', b.get(i..)?)?;
+        let backslashes = b[i..quote]
+            .iter()
+            .rev()
+            .take_while(|&&c| c == b'\\')
+            .count();
+        if backslashes % 2 == 0 {
+            return Some(quote + 1);
+        }
+        i = quote + 1;
+    }
+}
+
+/// The index just past the value that starts at `start`.
+fn value_end(b: &[u8], start: usize) -> Option<usize> {
+    match CLASS[*b.get(start)? as usize] {
+        QUOTE => string_end(b, start),
+        OPEN => {
+            let mut depth = 0usize;
+            let mut i = start;
+            while let Some(&c) = b.get(i) {
+                match CLASS[c as usize] {
+                    QUOTE => {
+                        i = string_end(b, i)?;
+                        continue;
+                    }
+                    OPEN => depth += 1,
+                    CLOSE => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            None
+        }
+        // A number, `true`, `false` or `null`: up to the next delimiter.
+        _ => {
+            let mut i = start;
+            while let Some(&c) = b.get(i) {
+                if matches!(CLASS[c as usize], DELIMITER | CLOSE) {
+                    break;
+                }
+                i += 1;
+            }
+            (i > start).then_some(i)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Map, Value};
+
+    fn members(body: &str) -> Option<Vec<(String, Value)>> {
+        let mut raw = Vec::new();
+        let ok = for_each_member(body.as_bytes(), |k, v| raw.push((k, v)));
+        ok.then(|| {
+            raw.into_iter()
+                .map(|(k, v)| {
+                    let key = String::from_utf8(k.to_vec()).unwrap();
+                    (key, serde_json::from_slice(v).unwrap())
+                })
+                .collect()
+        })
+    }
+
+    /// Every member the scanner hands out is the one serde_json reads, for
+    /// nesting, strings full of brackets and quotes, and every scalar.
+    #[test]
+    fn members_agree_with_serde() {
+        for body in [
+            r#"{}"#,
+            r#" { } "#,
+            r#"{"a":1}"#,
+            r#"{"id":"x","choices":[{"index":0,"delta":{"content":"} ] { [ \" \\"},"finish_reason":null}],"usage":null}"#,
+            r#"{ "n" : -1.5e3 , "t":true,"f":false,"z":null,"s":"\u00e9\"","o":{"a":[1,[2,{"b":"]"}]]},"e":[] }"#,
+            "{\n  \"usage\": {\"prompt_tokens\": 3},\n  \"x\": \"é\"\n}\n",
+            // Strings longer than the plain loop's reach, escapes on both sides of it.
+            r#"{"long":"0123456789012345678901234567890123456789 \" } ] \\","k":[{"t":"0123456789012345678901234567890123456789"}],"z":1}"#,
+            r#"{"a":"0123456789012345678901234567890\"","b":"01234567890123456789012345678901\\"}"#,
+        ] {
+            let got = members(body).unwrap_or_else(|| panic!("not split: {body}"));
+            let want: Map<String, Value> = serde_json::from_str(body).unwrap();
+            assert_eq!(got.len(), want.len(), "{body}");
+            for (k, v) in got {
+                assert_eq!(want.get(&k), Some(&v), "{body}: {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn what_it_cannot_split_is_refused() {
+        for body in [
+            "",
+            "[]",
+            "null",
+            r#"{"a":1"#,
+            r#"{"a":1,}"#,
+            r#"{"a" 1}"#,
+            r#"{"a":"unterminated}"#,
+            r#"{"a":[1,2}"#,
+            r#"{"a":}"#,
+            r#"{"a":1} x"#,
+            r#"{a:1}"#,
+            // An escaped key would be compared in its escaped form.
+            r#"{"usag\u0065":{"prompt_tokens":1}}"#,
+            r#"{"a":"\"#,
+            r#"{"a":"0123456789012345678901234567890123456789\"}"#,
+        ] {
+            assert!(members(body).is_none(), "split: {body:?}");
+        }
+    }
+
+    /// Found from the end only where it is a top-level member; every other
+    /// last appearance of the name is left to the forward split.
+    #[test]
+    fn trailing_members() {
+        let found = |body: &str| trailing_member(body.as_bytes(), "usage").map(|v| v.to_vec());
+        for (body, want) in [
+            (
+                r#"{"a":1,"usage":{"p":1},"b":"x","c":[1,{"d":2}]}"#,
+                Some(r#"{"p":1}"#),
+            ),
+            ("{\n \"usage\" : null ,\n \"b\": 2\n}\n", Some("null")),
+            (r#"{"usage":1,"usage":2}"#, Some("2")),
+            (r#"{"x":"\\","usage":3}"#, Some("3")),
+            // Nested, in a string, after an escaped quote, not a key, no end.
+            (r#"{"usage":1,"b":{"usage":2}}"#, None),
+            (r#"{"usage":1,"b":[{"usage":2}]}"#, None),
+            (r#"{"usage":1,"b":"the usage"}"#, None),
+            (r#"{"usage":1,"b":"\"usage\": 2"}"#, None),
+            (r#"{"x\"usage":4}"#, None),
+            (r#"{"b":["usage"]}"#, None),
+            (r#"{"usage":1,"b":2"#, None),
+            (r#"{"usage":1}}"#, None),
+            (r#"{"a":1}"#, None),
+        ] {
+            assert_eq!(found(body), want.map(|w| w.as_bytes().to_vec()), "{body}");
+        }
+    }
+
+    #[test]
+    fn elements_agree_with_serde() {
+        for array in [r#"[]"#, r#"[ 1 , "]" , {"a":[2]} , null ]"#, r#"[[],[[]]]"#] {
+            let mut got = Vec::new();
+            assert!(for_each_element(array.as_bytes(), |e| got
+                .push(serde_json::from_slice::<Value>(e).unwrap())));
+            let want: Vec<Value> = serde_json::from_str(array).unwrap();
+            assert_eq!(got, want, "{array}");
+        }
+        for array in ["", "{}", "[1,", "[1 2]", "[1,]"] {
+            assert!(!for_each_element(array.as_bytes(), |_| {}), "{array:?}");
+        }
+    }
+}
