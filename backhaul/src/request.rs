@@ -212,6 +212,13 @@ impl Operation {
                 _ => {}
             }
         }
+        if let Some(n) = match self {
+            // Worked out while the body was read, without its tree.
+            Operation::Chat(c) => c.prompt_estimate(),
+            _ => None,
+        } {
+            return n;
+        }
         let (body, fields): (&Map<String, Value>, &[&str]) = match self {
             Operation::Chat(c) => (c.body(), &["messages", "tools"]),
             Operation::Messages { body, .. } | Operation::CountTokens { body } => {
@@ -481,6 +488,123 @@ impl RequestStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn both_ways(
+        body: &str,
+    ) -> (
+        Result<ChatRequest, GatewayError>,
+        Result<ChatRequest, GatewayError>,
+    ) {
+        let bytes = bytes::Bytes::copy_from_slice(body.as_bytes());
+        (
+            ChatRequest::parse_bytes(&bytes),
+            ChatRequest::parse(body.as_bytes()),
+        )
+    }
+
+    /// A chat body read quickly (no tree) says what its tree says: model,
+    /// streaming, usage flag and the prompt estimate; the recorded OpenAI
+    /// requests all take the quick path.
+    #[test]
+    fn quick_chat_reading_agrees_with_the_tree() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/openai");
+        let mut bodies: Vec<String> = Vec::new();
+        for dir in std::fs::read_dir(&fixtures).unwrap() {
+            let dir = dir.unwrap().path();
+            if !dir
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("chat-")
+            {
+                continue;
+            }
+            let request: Value =
+                serde_json::from_slice(&std::fs::read(dir.join("request.json")).unwrap()).unwrap();
+            if request["path"] == "/v1/chat/completions" {
+                bodies.push(request["body"].to_string());
+            }
+        }
+        assert!(bodies.len() > 10, "{} fixture bodies", bodies.len());
+        bodies.extend(
+            [
+                r#"{"model":"m","messages":[{"role":"user","content":"h\u00e9 \"x\"\n"}]}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:x"}}]}],"tools":null}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":"q"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"stream":true,"stream_options":{"include_usage":true}}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":"q","source":{"data":"abc"}}],"tools":"x","stream":null,"stream_options":{"include_usage":"yes"}}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":{"nested":{"\u0069mage_url":1,"t":"abc"}}}],"tools":{"a":"b"}}"#,
+                r#" { "model" : "m" , "messages" : [ { "role" : "system" , "content" : "" } ] , "n" : 1.5e3 } "#,
+            ]
+            .map(String::from),
+        );
+        for body in &bodies {
+            let (quick, tree) = both_ways(body);
+            let (quick, tree) = (quick.unwrap(), tree.unwrap());
+            assert!(quick.raw().is_some(), "not read quickly: {body}");
+            assert_eq!(quick.model, tree.model, "{body}");
+            assert_eq!(
+                (quick.stream, quick.include_usage),
+                (tree.stream, tree.include_usage),
+                "{body}"
+            );
+            let (quick_op, tree_op) = (Operation::Chat(quick), Operation::Chat(tree));
+            assert_eq!(
+                quick_op.estimated_prompt_tokens(),
+                tree_op.estimated_prompt_tokens(),
+                "{body}"
+            );
+            let Operation::Chat(quick) = quick_op else {
+                unreachable!()
+            };
+            // Asked for, the tree is made from the caller's bytes.
+            assert_eq!(
+                quick.body(),
+                &serde_json::from_str::<Map<String, Value>>(body).unwrap()
+            );
+        }
+    }
+
+    /// What the quick reading refuses goes through the tree: the same error,
+    /// or the same request without the caller's bytes.
+    #[test]
+    fn what_the_quick_reading_refuses_the_tree_reads() {
+        for body in [
+            "",
+            "[]",
+            r#"{"model":"m","messages":[{"role":"user","content":"q"}]"#,
+            r#"{"messages":[{"role":"user","content":"q"}]}"#,
+            r#"{"model":"","messages":[{"role":"user","content":"q"}]}"#,
+            r#"{"model":3,"messages":[{"role":"user","content":"q"}]}"#,
+            r#"{"model":"m","messages":[]}"#,
+            r#"{"model":"m","messages":{}}"#,
+            r#"{"model":"m","messages":[{"content":"q"}]}"#,
+            r#"{"model":"m","messages":[{"role":1,"content":"q"}]}"#,
+            r#"{"model":"m","messages":["q"]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"q"}],"stream":"yes"}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"\x"}]}"#,
+        ] {
+            let (quick, tree) = both_ways(body);
+            assert_eq!(
+                quick.unwrap_err().message,
+                tree.unwrap_err().message,
+                "{body}"
+            );
+        }
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":"q"}],"model":"n"}"#,
+            r#"{"model":"m","messages":[{"role":1,"role":"user","content":"q"}]}"#,
+            r#"{"m\u006fdel":"m","messages":[{"role":"user","content":"q"}]}"#,
+            r#"{"model":"m\u00e9","messages":[{"role":"user","content":"q"}]}"#,
+        ] {
+            let (quick, tree) = both_ways(body);
+            let (quick, tree) = (quick.unwrap(), tree.unwrap());
+            assert!(quick.raw().is_none(), "{body}");
+            assert_eq!(quick.model, tree.model);
+            assert_eq!(quick.body(), tree.body());
+        }
+    }
 
     #[test]
     fn raw_paths_stay_below_the_base() {

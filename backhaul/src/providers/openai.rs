@@ -20,33 +20,42 @@ pub struct OpenAiAdapter;
 impl Provider for OpenAiAdapter {
     async fn call(&self, ctx: CallContext<'_>) -> Result<ProviderReply, GatewayError> {
         let target = &ctx.request.target;
-        let (path, body, stream, caller_wants_usage) = match &ctx.request.op {
-            Operation::Chat(chat) => (
-                "chat/completions",
-                chat.body(),
-                chat.stream,
-                chat.include_usage,
-            ),
-            Operation::Embeddings(e) => ("embeddings", &e.body, false, false),
-            Operation::Completions(c) => ("completions", &c.body, c.stream, c.include_usage),
-            Operation::Responses(r) => ("responses", &r.body, r.stream, true),
-            _ => return Err(unsupported(ctx.provider, "this endpoint")),
-        };
-        let responses = matches!(ctx.request.op, Operation::Responses(_));
-        let body = Rewritten {
-            body,
-            model: &target.model,
-            // Responses streams always end with usage; the field does not exist there.
-            force_usage: stream && !responses,
-        };
+        // The caller's chat bytes are used as they came when they can be;
+        // the tree is only made (and serialised) when they cannot.
         let caller_bytes = match &ctx.request.op {
             Operation::Chat(chat) => chat.raw(),
             _ => None,
         };
-        let payload = match caller_bytes.and_then(|raw| body.written_over_caller_bytes(raw)) {
+        let (path, stream, caller_wants_usage) = match &ctx.request.op {
+            Operation::Chat(chat) => ("chat/completions", chat.stream, chat.include_usage),
+            Operation::Embeddings(_) => ("embeddings", false, false),
+            Operation::Completions(c) => ("completions", c.stream, c.include_usage),
+            Operation::Responses(r) => ("responses", r.stream, true),
+            _ => return Err(unsupported(ctx.provider, "this endpoint")),
+        };
+        let responses = matches!(ctx.request.op, Operation::Responses(_));
+        // Responses streams always end with usage; the field does not exist there.
+        let force_usage = stream && !responses;
+        let from_caller =
+            caller_bytes.and_then(|raw| rewrite_caller_bytes(raw, &target.model, force_usage));
+        let payload = match from_caller {
             Some(payload) => payload,
-            None => serde_json::to_vec(&body)
-                .map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?,
+            None => {
+                let body = match &ctx.request.op {
+                    Operation::Chat(chat) => chat.body(),
+                    Operation::Embeddings(e) => &e.body,
+                    Operation::Completions(c) => &c.body,
+                    Operation::Responses(r) => &r.body,
+                    _ => return Err(unsupported(ctx.provider, "this endpoint")),
+                };
+                let body = Rewritten {
+                    body,
+                    model: &target.model,
+                    force_usage,
+                };
+                serde_json::to_vec(&body)
+                    .map_err(|e| GatewayError::new(ErrorKind::Internal, e.to_string()))?
+            }
         };
         let url = super::provider_url(ctx.provider, path)?;
         // Concatenated, not `format!`ed: this runs on every request.
@@ -97,54 +106,51 @@ struct Rewritten<'a> {
     force_usage: bool,
 }
 
-impl Rewritten<'_> {
-    /// The same body written from the bytes the caller sent: each member
-    /// copied as it came, `model` replaced (and `stream_options` when usage
-    /// is forced). Copying skips serialising the parsed tree again, the
-    /// larger cost for a long conversation. None when the bytes cannot be
-    /// split member by member, or name a member twice: the tree keeps the
-    /// last of each, that is what was checked, and so that is what is sent.
-    fn written_over_caller_bytes(&self, raw: &[u8]) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(raw.len() + self.model.len() + 48);
-        out.extend_from_slice(b"{\"model\":");
-        serde_json::to_writer(&mut out, self.model).ok()?;
-        let (mut members, mut wrote_options) = (0, false);
-        let split = scan::for_each_member(raw, |key, value| {
-            members += 1;
-            if key == b"model" {
-                return;
-            }
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(key);
-            out.extend_from_slice(b"\":");
-            if self.force_usage && key == b"stream_options" {
-                let _ = serde_json::to_writer(&mut out, &self.options());
-                wrote_options = true;
-            } else {
-                out.extend_from_slice(value);
-            }
-        });
-        if !split || members != self.body.len() {
-            return None;
+/// [`Rewritten`] written over the bytes the caller sent: each member copied
+/// as it came, `model` replaced (and `stream_options` when usage is forced).
+/// Copying skips serialising a tree, the larger cost for a long
+/// conversation. `raw` comes from `ChatRequest::raw`, which is only set
+/// when no top-level key repeats, so every member sent is one that was
+/// checked. None when the bytes cannot be split member by member (an
+/// escaped key): the caller serialises the tree then.
+fn rewrite_caller_bytes(raw: &[u8], model: &str, force_usage: bool) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len() + model.len() + 48);
+    out.extend_from_slice(b"{\"model\":");
+    serde_json::to_writer(&mut out, model).ok()?;
+    let mut wrote_options = false;
+    let split = scan::for_each_member(raw, |key, value| {
+        if key == b"model" {
+            return;
         }
-        if self.force_usage && !wrote_options {
-            out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(key);
+        out.extend_from_slice(b"\":");
+        if force_usage && key == b"stream_options" {
+            let given = serde_json::from_slice::<Value>(value).ok();
+            let _ = serde_json::to_writer(&mut out, &usage_options(given.as_ref()));
+            wrote_options = true;
+        } else {
+            out.extend_from_slice(value);
         }
-        out.push(b'}');
-        Some(out)
+    });
+    if !split {
+        return None;
     }
+    if force_usage && !wrote_options {
+        out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+    }
+    out.push(b'}');
+    Some(out)
+}
 
-    /// The caller's `stream_options` with usage asked for.
-    fn options(&self) -> Map<String, Value> {
-        let mut opts = self
-            .body
-            .get("stream_options")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        opts.insert("include_usage".into(), Value::Bool(true));
-        opts
-    }
+/// The caller's `stream_options` with usage asked for.
+fn usage_options(given: Option<&Value>) -> Map<String, Value> {
+    let mut opts = given
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    opts.insert("include_usage".into(), Value::Bool(true));
+    opts
 }
 
 impl serde::Serialize for Rewritten<'_> {
@@ -157,7 +163,7 @@ impl serde::Serialize for Rewritten<'_> {
             match k.as_str() {
                 "model" => {}
                 "stream_options" if self.force_usage => {
-                    map.serialize_entry(k, &self.options())?;
+                    map.serialize_entry(k, &usage_options(Some(v)))?;
                     wrote_options = true;
                 }
                 _ => map.serialize_entry(k, v)?,
@@ -250,8 +256,7 @@ mod tests {
     }
 
     /// Written over the caller's bytes, the body says what the tree says,
-    /// in the caller's member order; bodies whose bytes cannot stand for the
-    /// tree are refused (the caller then serialises the tree).
+    /// in the caller's member order; an escaped key is left to the tree.
     #[test]
     fn caller_bytes_are_forwarded_with_only_model_and_usage_changed() {
         let cases = [
@@ -271,46 +276,22 @@ mod tests {
         ];
         for (raw, force_usage) in cases {
             let body: Map<String, Value> = serde_json::from_str(raw).unwrap();
-            let rewritten = Rewritten {
+            let model = "gpt-\"4o";
+            let bytes = rewrite_caller_bytes(raw.as_bytes(), model, force_usage).unwrap();
+            let sent: Value = serde_json::from_slice(&bytes).unwrap();
+            let tree = Rewritten {
                 body: &body,
-                model: "gpt-\"4o",
+                model,
                 force_usage,
             };
-            let bytes = rewritten.written_over_caller_bytes(raw.as_bytes()).unwrap();
-            let sent: Value = serde_json::from_slice(&bytes).unwrap();
-            assert_eq!(sent, serde_json::to_value(&rewritten).unwrap(), "{raw}");
+            assert_eq!(sent, serde_json::to_value(&tree).unwrap(), "{raw}");
         }
         // The caller's order is kept (serde_json's map would sort it).
-        let raw = r#"{"z":1,"model":"m","a":2}"#;
-        let body: Map<String, Value> = serde_json::from_str(raw).unwrap();
-        let rewritten = Rewritten {
-            body: &body,
-            model: "n",
-            force_usage: false,
-        };
         assert_eq!(
-            rewritten.written_over_caller_bytes(raw.as_bytes()).unwrap(),
+            rewrite_caller_bytes(br#"{"z":1,"model":"m","a":2}"#, "n", false).unwrap(),
             br#"{"model":"n","z":1,"a":2}"#
         );
-        for raw in [
-            // A repeated member: the provider might read the first, where
-            // the gateway checked the last.
-            r#"{"model":"m","messages":[1],"messages":[2]}"#,
-            r#"{"model":"m","\u006dessages":[]}"#,
-        ] {
-            let body: Map<String, Value> = serde_json::from_str(raw).unwrap();
-            let rewritten = Rewritten {
-                body: &body,
-                model: "n",
-                force_usage: false,
-            };
-            assert!(
-                rewritten
-                    .written_over_caller_bytes(raw.as_bytes())
-                    .is_none(),
-                "{raw}"
-            );
-        }
+        assert!(rewrite_caller_bytes(br#"{"model":"m","\u006dessages":[]}"#, "n", false).is_none());
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod gemini;
 pub mod gemini_native;
 pub mod openai;
 pub mod passthrough;
+mod quick_chat;
 pub mod responses;
 pub mod scan;
 pub mod sse;

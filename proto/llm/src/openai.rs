@@ -4,12 +4,14 @@
 //! the caller sent (including ones we do not know) with only `model` changed.
 //! What routing and accounting need is read out once into typed fields.
 
+use std::sync::OnceLock;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
-use crate::scan;
+use crate::{quick_chat, scan};
 
 /// Parses a request body, naming the position of a syntax error the way a
 /// human reads it (line and column).
@@ -46,12 +48,15 @@ fn describe_json_error(e: &serde_json::Error) -> String {
 /// A validated chat-completions request.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
-    body: Map<String, Value>,
-    /// The body as the caller sent it, kept while `body` is unchanged, so a
-    /// same-protocol call forwards these bytes with only `model` replaced
-    /// rather than serialising the parsed tree again. [`Self::body_mut`]
-    /// drops it.
-    raw: Option<Bytes>,
+    /// The body as a tree: made when the request is built from one, or on
+    /// first use from `raw` (a same-protocol call never needs it).
+    body: OnceLock<Map<String, Value>>,
+    /// The body as the caller sent it, kept while the body is unchanged, so
+    /// a same-protocol call forwards these bytes with only `model` replaced
+    /// rather than serialising a tree again; and the prompt-size estimate
+    /// the quick reading of them worked out. Set only when no top-level key
+    /// repeats (what is checked is what is sent); [`Self::body_mut`] drops it.
+    caller: Option<(Bytes, u64)>,
     pub model: String,
     pub stream: bool,
     /// The caller asked for the final usage chunk (`stream_options.include_usage`).
@@ -64,25 +69,48 @@ impl ChatRequest {
     }
 
     /// [`Self::parse`], keeping the bytes to forward (see [`Self::raw`]).
+    /// A body of the plain shape is read in one pass without building its
+    /// tree ([`crate::quick_chat`]); any other goes through [`Self::parse`],
+    /// which gives the exact error.
     pub fn parse_bytes(body: &Bytes) -> Result<Self, GatewayError> {
-        let mut chat = Self::parse(body)?;
-        chat.raw = Some(body.clone());
-        Ok(chat)
+        match quick_chat::read(body) {
+            Some(q) => Ok(ChatRequest {
+                body: OnceLock::new(),
+                caller: Some((body.clone(), q.prompt_estimate)),
+                model: q.model,
+                stream: q.stream,
+                include_usage: q.include_usage,
+            }),
+            None => Self::parse(body),
+        }
     }
 
     pub fn body(&self) -> &Map<String, Value> {
-        &self.body
+        self.body
+            .get_or_init(|| tree_of(self.raw().map(|b| &b[..])))
     }
 
     /// The body to change; the caller's bytes no longer stand for it.
     pub fn body_mut(&mut self) -> &mut Map<String, Value> {
-        self.raw = None;
-        &mut self.body
+        let tree = std::mem::take(&mut self.body)
+            .into_inner()
+            .unwrap_or_else(|| tree_of(self.raw().map(|b| &b[..])));
+        self.caller = None;
+        self.body = OnceLock::from(tree);
+        match self.body.get_mut() {
+            Some(tree) => tree,
+            None => unreachable!("a OnceLock made from a value holds it"),
+        }
+    }
+
+    /// The prompt-size estimate worked out while reading the caller's bytes.
+    pub fn prompt_estimate(&self) -> Option<u64> {
+        self.caller.as_ref().map(|(_, estimate)| *estimate)
     }
 
     /// The body as the caller sent it, while [`Self::body`] is unchanged.
     pub fn raw(&self) -> Option<&Bytes> {
-        self.raw.as_ref()
+        self.caller.as_ref().map(|(bytes, _)| bytes)
     }
 
     pub fn from_map(body: Map<String, Value>) -> Result<Self, GatewayError> {
@@ -125,8 +153,8 @@ impl ChatRequest {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         Ok(ChatRequest {
-            body,
-            raw: None,
+            body: OnceLock::from(body),
+            caller: None,
             model,
             stream,
             include_usage,
@@ -134,7 +162,7 @@ impl ChatRequest {
     }
 
     pub fn messages(&self) -> &[Value] {
-        self.body
+        self.body()
             .get("messages")
             .and_then(Value::as_array)
             .map(Vec::as_slice)
@@ -143,10 +171,10 @@ impl ChatRequest {
 
     /// `max_completion_tokens` wins over the deprecated `max_tokens`, as in OpenAI's API.
     pub fn max_tokens(&self) -> Option<u64> {
-        self.body
-            .get("max_completion_tokens")
+        let body = self.body();
+        body.get("max_completion_tokens")
             .and_then(Value::as_u64)
-            .or_else(|| self.body.get("max_tokens").and_then(Value::as_u64))
+            .or_else(|| body.get("max_tokens").and_then(Value::as_u64))
     }
 }
 
@@ -202,6 +230,13 @@ impl EmbeddingsRequest {
             _ => Vec::new(),
         }
     }
+}
+
+/// The tree of bytes the quick reading accepted, so valid JSON objects
+/// (empty only if that ever failed to hold).
+fn tree_of(raw: Option<&[u8]>) -> Map<String, Value> {
+    raw.and_then(|r| serde_json::from_slice(r).ok())
+        .unwrap_or_default()
 }
 
 fn required_model(body: &Map<String, Value>) -> Result<String, GatewayError> {
@@ -747,7 +782,7 @@ mod tests {
         .unwrap();
         assert!(r.stream && r.include_usage);
         assert_eq!(r.max_tokens(), Some(7));
-        assert_eq!(r.body["x_unknown"], 1);
+        assert_eq!(r.body()["x_unknown"], 1);
     }
 
     #[test]
