@@ -90,7 +90,7 @@ impl<'de> Visitor<'de> for Top {
                     messages += n;
                     have_messages = true;
                 }
-                "tools" => messages += map.next_value_seed(Field(&mut tally))?,
+                "tools" => messages += map.next_value_seed(Walk(&mut tally))?,
                 "stream" => stream = map.next_value::<Option<bool>>()?.unwrap_or(false),
                 "stream_options" => {
                     // Small, and read as the tree reads it.
@@ -198,7 +198,7 @@ fn entry<'de, A: MapAccess<'de>>(
         map.next_value::<IgnoredAny>()?;
         Ok(())
     } else {
-        map.next_value_seed(Walk(tally))
+        map.next_value_seed(Walk(tally)).map(|_| ())
     }
 }
 
@@ -226,11 +226,13 @@ impl<'de> Visitor<'de> for ImageKey {
     }
 }
 
-/// A top-level field walked for the estimate; counts as its array length
-/// in messages (1 when it is not an array), as the tree does.
-struct Field<'t>(&'t mut Tally);
+/// Any value, adding the length of every string in it (keys aside) and
+/// one image per image key. Returns what the value counts as in messages
+/// when it is a top-level field: its length if an array, else 1 (as the
+/// tree counts).
+struct Walk<'t>(&'t mut Tally);
 
-impl<'de> DeserializeSeed<'de> for Field<'_> {
+impl<'de> DeserializeSeed<'de> for Walk<'_> {
     type Value = u64;
 
     fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<u64, D::Error> {
@@ -238,7 +240,7 @@ impl<'de> DeserializeSeed<'de> for Field<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Field<'_> {
+impl<'de> Visitor<'de> for Walk<'_> {
     type Value = u64;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -253,8 +255,16 @@ impl<'de> Visitor<'de> for Field<'_> {
         Ok(n)
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<u64, A::Error> {
-        Walk(self.0).visit_map(map).map(|()| 1)
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        while let Some(image) = map.next_key_seed(ImageKey)? {
+            if image {
+                self.0.images += 1;
+                map.next_value::<IgnoredAny>()?;
+            } else {
+                map.next_value_seed(Walk(&mut *self.0))?;
+            }
+        }
+        Ok(1)
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
@@ -280,67 +290,5 @@ impl<'de> Visitor<'de> for Field<'_> {
 
     fn visit_unit<E: de::Error>(self) -> Result<u64, E> {
         Ok(1)
-    }
-}
-
-/// Any value, adding the length of every string in it (keys aside) and
-/// one image per image key.
-struct Walk<'t>(&'t mut Tally);
-
-impl<'de> DeserializeSeed<'de> for Walk<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
-        de.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Walk<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any value")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Walk(&mut *self.0))?.is_some() {}
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(image) = map.next_key_seed(ImageKey)? {
-            if image {
-                self.0.images += 1;
-                map.next_value::<IgnoredAny>()?;
-            } else {
-                map.next_value_seed(Walk(&mut *self.0))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        self.0.chars += v.len() as u64;
-        Ok(())
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
     }
 }

@@ -15,38 +15,52 @@
 /// that contains an escape counts as such, so no key is ever compared in its
 /// escaped form.
 pub fn for_each_member<'a>(body: &'a [u8], mut visit: impl FnMut(&'a [u8], &'a [u8])) -> bool {
-    let mut i = skip_ws(body, 0);
-    if body.get(i) != Some(&b'{') {
-        return false;
-    }
-    i = skip_ws(body, i + 1);
-    if body.get(i) == Some(&b'}') {
-        return skip_ws(body, i + 1) == body.len();
-    }
-    loop {
+    for_each_item(body, b'{', b'}', |i| {
         if body.get(i) != Some(&b'"') {
-            return false;
+            return None;
         }
-        let Some(key_end) = string_end(body, i) else {
-            return false;
-        };
+        let key_end = string_end(body, i)?;
         let key = &body[i + 1..key_end - 1];
         if key.contains(&b'\\') {
-            return false;
+            return None;
         }
-        i = skip_ws(body, key_end);
-        if body.get(i) != Some(&b':') {
-            return false;
+        let colon = skip_ws(body, key_end);
+        if body.get(colon) != Some(&b':') {
+            return None;
         }
-        i = skip_ws(body, i + 1);
-        let Some(value_end) = value_end(body, i) else {
+        let start = skip_ws(body, colon + 1);
+        let end = value_end(body, start)?;
+        visit(key, &body[start..end]);
+        Some(end)
+    })
+}
+
+/// The items of the container `b` opens with `open` and closes with
+/// `close`, each read by `item` from its first byte to just past its end
+/// (None when it cannot be read). True when the container was read whole
+/// and nothing but whitespace follows it.
+fn for_each_item(
+    b: &[u8],
+    open: u8,
+    close: u8,
+    mut item: impl FnMut(usize) -> Option<usize>,
+) -> bool {
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&open) {
+        return false;
+    }
+    i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&close) {
+        return skip_ws(b, i + 1) == b.len();
+    }
+    loop {
+        let Some(end) = item(i) else {
             return false;
         };
-        visit(key, &body[i..value_end]);
-        i = skip_ws(body, value_end);
-        match body.get(i) {
-            Some(b',') => i = skip_ws(body, i + 1),
-            Some(b'}') => return skip_ws(body, i + 1) == body.len(),
+        i = skip_ws(b, end);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(&c) if c == close => return skip_ws(b, i + 1) == b.len(),
             _ => return false,
         }
     }
@@ -107,26 +121,11 @@ pub fn trailing_member<'a>(body: &'a [u8], key: &str) -> Option<&'a [u8]> {
 /// Returns false, having stopped, when `array` is not an array it could
 /// split.
 pub fn for_each_element<'a>(array: &'a [u8], mut visit: impl FnMut(&'a [u8])) -> bool {
-    let mut i = skip_ws(array, 0);
-    if array.get(i) != Some(&b'[') {
-        return false;
-    }
-    i = skip_ws(array, i + 1);
-    if array.get(i) == Some(&b']') {
-        return skip_ws(array, i + 1) == array.len();
-    }
-    loop {
-        let Some(end) = value_end(array, i) else {
-            return false;
-        };
+    for_each_item(array, b'[', b']', |i| {
+        let end = value_end(array, i)?;
         visit(&array[i..end]);
-        i = skip_ws(array, end);
-        match array.get(i) {
-            Some(b',') => i = skip_ws(array, i + 1),
-            Some(b']') => return skip_ws(array, i + 1) == array.len(),
-            _ => return false,
-        }
-    }
+        Some(end)
+    })
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
