@@ -27,14 +27,6 @@ pub type Extra = Vec<(HeaderName, String)>;
 
 /// The answer's head: the common headers and `extra` (a value that cannot
 /// be a header value is left out).
-pub fn header(
-    status: StatusCode,
-    common: &Common<'_>,
-    extra: &[(HeaderName, String)],
-) -> Box<ResponseHeader> {
-    Box::new(ResponseHeader::from(parts(status, common, extra)))
-}
-
 fn parts(
     status: StatusCode,
     common: &Common<'_>,
