@@ -402,9 +402,7 @@ impl CountsReader<'_> {
     }
 
     fn ws(&mut self) {
-        while matches!(self.b.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.i += 1;
-        }
+        self.i = scan::skip_ws(self.b, self.i);
     }
 
     /// Skips whitespace, then takes `c` if it comes next.

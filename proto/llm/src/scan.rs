@@ -128,7 +128,7 @@ pub fn for_each_element<'a>(array: &'a [u8], mut visit: impl FnMut(&'a [u8])) ->
     })
 }
 
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
+pub(crate) fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
         i += 1;
     }
