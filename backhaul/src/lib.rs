@@ -53,6 +53,7 @@
 pub mod discovery;
 pub mod dns;
 pub mod egress;
+mod idle;
 pub mod metrics;
 pub mod node;
 pub mod otlp;

@@ -16,6 +16,7 @@ use switchyard_llm::sse::{SseDecoder, SseEvent};
 use switchyard_llm::translate::StreamTranslator;
 use switchyard_llm::{ErrorKind, GatewayError};
 
+use crate::idle::IdleTimer;
 use crate::request::RequestStats;
 
 /// Renders an error as a frame of the caller's protocol.
@@ -35,6 +36,7 @@ struct State {
     events: Vec<SseEvent>,
     frames: Vec<Bytes>,
     idle_timeout: Duration,
+    idle: IdleTimer,
     stats: Arc<RequestStats>,
     started: Instant,
     framer: ErrorFramer,
@@ -77,7 +79,7 @@ impl State {
     }
 
     async fn pull(&mut self) {
-        match tokio::time::timeout(self.idle_timeout, self.upstream.next()).await {
+        match self.idle.within(self.upstream.next()).await.ok_or(()) {
             Ok(Some(Ok(chunk))) => {
                 if let Err(e) = self.decoder.push(&chunk, &mut self.events) {
                     self.fail(GatewayError::new(ErrorKind::Upstream, e.to_string()));
@@ -139,6 +141,7 @@ pub fn translate_stream(
         events: Vec::new(),
         frames: Vec::new(),
         idle_timeout,
+        idle: IdleTimer::new(idle_timeout),
         stats,
         started,
         framer,
@@ -190,14 +193,15 @@ pub fn raw_stream(
     stats: Arc<RequestStats>,
     started: Instant,
 ) -> BoxStream<'static, Bytes> {
-    futures::stream::unfold(Some(upstream), move |state| {
+    let idle = IdleTimer::new(idle_timeout);
+    futures::stream::unfold(Some((upstream, idle)), move |state| {
         let stats = stats.clone();
         async move {
-            let mut upstream = state?;
-            match tokio::time::timeout(idle_timeout, upstream.next()).await {
+            let (mut upstream, mut idle) = state?;
+            match idle.within(upstream.next()).await.ok_or(()) {
                 Ok(Some(Ok(chunk))) => {
                     stats.mark_first_byte(started);
-                    Some((chunk, Some(upstream)))
+                    Some((chunk, Some((upstream, idle))))
                 }
                 Ok(None) => None,
                 Ok(Some(Err(_))) | Err(_) => {

@@ -22,6 +22,7 @@ use super::tls::{says_ready, speaks_accepted, NodeTls};
 use super::TunnelError;
 use crate::dns::{DnsError, HickoryResolver};
 use crate::egress::SharedSnapshot;
+use crate::idle::IdleTimer;
 use crate::request::{EgressRequest, EgressResponse, RequestStats, ResponseBody};
 use crate::stream::ErrorFramer;
 use crate::Upstream;
@@ -1091,6 +1092,7 @@ async fn respond(
             stats: stats.clone(),
             framer,
             idle,
+            idle_timer: IdleTimer::new(idle),
             received_at,
             done: false,
         });
@@ -1168,6 +1170,7 @@ struct StreamState {
     stats: Arc<RequestStats>,
     framer: Option<ErrorFramer>,
     idle: Duration,
+    idle_timer: IdleTimer,
     received_at: Instant,
     done: bool,
 }
@@ -1191,7 +1194,11 @@ fn stream_frames(state: StreamState) -> BoxStream<'static, Bytes> {
         if st.done {
             return None;
         }
-        let next = tokio::time::timeout(st.idle, frame::read_frame(&mut st.recv, frame::MAX_DATA_FRAME)).await;
+        let next = st
+            .idle_timer
+            .within(frame::read_frame(&mut st.recv, frame::MAX_DATA_FRAME))
+            .await
+            .ok_or(());
         let out = match next {
             Ok(Ok((FrameKind::Data, payload))) => {
                 st.stats.mark_first_byte(st.received_at);

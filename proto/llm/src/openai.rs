@@ -515,12 +515,41 @@ pub fn inspect_chunk(data: &str) -> ChunkInfo {
     // `choices` and look only at them (a whole `Value` tree per chunk was a
     // third of a stream's CPU, and serde skipping the other members still
     // most of what was left). A chunk the scan cannot split, or a usage of
-    // an unexpected shape, gets the tree.
-    let (mut usage, mut choices) = (None, None);
-    let split = scan::for_each_member(data.as_bytes(), |key, value| match key {
-        b"usage" => usage = Some(value),
-        b"choices" => choices = Some(value),
-        _ => {}
+    // an unexpected shape, gets the tree. `choices` is walked where it
+    // stands, in the same pass, rather than skipped and walked again: a
+    // chunk is mostly its choices.
+    let b = data.as_bytes();
+    let (mut usage, mut has_content, mut finished) = (None, false, false);
+    let split = scan::whole(b, |start| {
+        scan::walk_object(b, start, |key, at| match key {
+            b"usage" => {
+                let end = scan::value_end(b, at)?;
+                usage = Some(&b[at..end]);
+                Some(end)
+            }
+            b"choices" => {
+                // A repeated `choices` counts as its last, as a parser keeps it.
+                (has_content, finished) = (false, false);
+                if b.get(at) != Some(&b'[') {
+                    let end = scan::value_end(b, at)?;
+                    return (&b[at..end] == b"null").then_some(end);
+                }
+                scan::walk_array(b, at, |choice| {
+                    has_content = true;
+                    let mut reason = None;
+                    let end = scan::walk_object(b, choice, |key, at| {
+                        let end = scan::value_end(b, at)?;
+                        if key == b"finish_reason" {
+                            reason = Some(&b[at..end]);
+                        }
+                        Some(end)
+                    })?;
+                    finished |= reason.is_some_and(|r| r != b"null");
+                    Some(end)
+                })
+            }
+            _ => scan::value_end(b, at),
+        })
     });
     if !split {
         return inspect_chunk_tree(data);
@@ -530,22 +559,6 @@ pub fn inspect_chunk(data: &str) -> ChunkInfo {
         Some(Some(u)) => u,
         Some(None) => return inspect_chunk_tree(data),
     };
-    let (mut has_content, mut finished, mut every_choice_split) = (false, false, true);
-    if let Some(list) = choices.filter(|c| *c != b"null") {
-        let split = scan::for_each_element(list, |choice| {
-            has_content = true;
-            let mut reason = None;
-            every_choice_split &= scan::for_each_member(choice, |key, value| {
-                if key == b"finish_reason" {
-                    reason = Some(value);
-                }
-            });
-            finished |= reason.is_some_and(|r| r != b"null");
-        });
-        if !split || !every_choice_split {
-            return inspect_chunk_tree(data);
-        }
-    }
     ChunkInfo {
         usage,
         usage_only: usage.is_some() && !has_content,
@@ -689,6 +702,13 @@ mod tests {
             r#"{"choices":[null],"usage":null}"#,
             r#"{"choices":"x","usage":{"prompt_tokens":4}}"#,
             r#"{"choices":[], "usage": {"prompt_tokens": 1}"#,
+            // A repeated `choices` is read as its last, whatever came first.
+            r#"{"choices":[{"delta":{"content":"x"},"finish_reason":"stop"}],"choices":null}"#,
+            r#"{"choices":null,"choices":[{"finish_reason":null,"finish_reason":"length"}]}"#,
+            r#"{"choices":[{"finish_reason":"stop"}],"choices":[{"delta":{}}]}"#,
+            r#"{"choices":{"finish_reason":"stop"}}"#,
+            r#"{"choices":[{"finish_reason":"stop"},2]}"#,
+            r#"{"choices":[{"finish_reason":"stop"} {"x":1}]}"#,
         ] {
             assert_eq!(inspect_chunk(chunk), inspect_chunk_tree(chunk), "{chunk}");
         }

@@ -15,53 +15,97 @@
 /// that contains an escape counts as such, so no key is ever compared in its
 /// escaped form.
 pub fn for_each_member<'a>(body: &'a [u8], mut visit: impl FnMut(&'a [u8], &'a [u8])) -> bool {
-    for_each_item(body, b'{', b'}', |i| {
-        if body.get(i) != Some(&b'"') {
-            return None;
-        }
-        let key_end = string_end(body, i)?;
-        let key = &body[i + 1..key_end - 1];
-        if key.contains(&b'\\') {
-            return None;
-        }
-        let colon = skip_ws(body, key_end);
-        if body.get(colon) != Some(&b':') {
-            return None;
-        }
-        let start = skip_ws(body, colon + 1);
-        let end = value_end(body, start)?;
-        visit(key, &body[start..end]);
-        Some(end)
+    whole(body, |start| {
+        walk_object(body, start, |key, at| {
+            let end = value_end(body, at)?;
+            visit(key, &body[at..end]);
+            Some(end)
+        })
     })
 }
 
-/// The items of the container `b` opens with `open` and closes with
-/// `close`, each read by `item` from its first byte to just past its end
-/// (None when it cannot be read). True when the container was read whole
-/// and nothing but whitespace follows it.
-fn for_each_item(
+/// Calls `visit` with each element of the JSON array `array`, as raw bytes.
+/// Returns false, having stopped, when `array` is not an array it could
+/// split.
+pub fn for_each_element<'a>(array: &'a [u8], mut visit: impl FnMut(&'a [u8])) -> bool {
+    whole(array, |start| {
+        walk_array(array, start, |at| {
+            let end = value_end(array, at)?;
+            visit(&array[at..end]);
+            Some(end)
+        })
+    })
+}
+
+/// True when `walk`, given where the first non-blank byte of `b` is, reads
+/// a value that only whitespace follows.
+pub fn whole(b: &[u8], walk: impl FnOnce(usize) -> Option<usize>) -> bool {
+    walk(skip_ws(b, 0)).is_some_and(|end| skip_ws(b, end) == b.len())
+}
+
+/// Walks the object that opens at `b[start]` in one pass: `member` gets each
+/// key (as written between its quotes) and where its value starts, reads
+/// the value however it likes (for a value of interest, walking into it;
+/// otherwise [`value_end`]) and returns the index just past it. Returns the
+/// index just past the closing brace; None when the object cannot be split
+/// or `member` said None. A key that contains an escape stops the walk, so
+/// no key is ever compared in its escaped form.
+pub fn walk_object<'a>(
+    b: &'a [u8],
+    start: usize,
+    mut member: impl FnMut(&'a [u8], usize) -> Option<usize>,
+) -> Option<usize> {
+    walk_items(b, start, b'{', b'}', |i| {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(b, i)?;
+        let key = &b[i + 1..key_end - 1];
+        if key.contains(&b'\\') {
+            return None;
+        }
+        let colon = skip_ws(b, key_end);
+        if b.get(colon) != Some(&b':') {
+            return None;
+        }
+        member(key, skip_ws(b, colon + 1))
+    })
+}
+
+/// Walks the array that opens at `b[start]`, as [`walk_object`] walks an
+/// object: `element` gets where each element starts and returns the index
+/// just past it.
+pub fn walk_array(
     b: &[u8],
+    start: usize,
+    element: impl FnMut(usize) -> Option<usize>,
+) -> Option<usize> {
+    walk_items(b, start, b'[', b']', element)
+}
+
+/// The items of the container that opens with `open` at `b[start]` and
+/// closes with `close`, each read by `item` from its first byte to just past
+/// its end (None when it cannot be read). The index just past the container.
+fn walk_items(
+    b: &[u8],
+    start: usize,
     open: u8,
     close: u8,
     mut item: impl FnMut(usize) -> Option<usize>,
-) -> bool {
-    let mut i = skip_ws(b, 0);
-    if b.get(i) != Some(&open) {
-        return false;
+) -> Option<usize> {
+    if b.get(start) != Some(&open) {
+        return None;
     }
-    i = skip_ws(b, i + 1);
+    let mut i = skip_ws(b, start + 1);
     if b.get(i) == Some(&close) {
-        return skip_ws(b, i + 1) == b.len();
+        return Some(i + 1);
     }
     loop {
-        let Some(end) = item(i) else {
-            return false;
-        };
-        i = skip_ws(b, end);
+        i = skip_ws(b, item(i)?);
         match b.get(i) {
             Some(b',') => i = skip_ws(b, i + 1),
-            Some(&c) if c == close => return skip_ws(b, i + 1) == b.len(),
-            _ => return false,
+            Some(&c) if c == close => return Some(i + 1),
+            _ => return None,
         }
     }
 }
@@ -117,17 +161,6 @@ pub fn trailing_member<'a>(body: &'a [u8], key: &str) -> Option<&'a [u8]> {
     }
 }
 
-/// Calls `visit` with each element of the JSON array `array`, as raw bytes.
-/// Returns false, having stopped, when `array` is not an array it could
-/// split.
-pub fn for_each_element<'a>(array: &'a [u8], mut visit: impl FnMut(&'a [u8])) -> bool {
-    for_each_item(array, b'[', b']', |i| {
-        let end = value_end(array, i)?;
-        visit(&array[i..end]);
-        Some(end)
-    })
-}
-
 pub(crate) fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
         i += 1;
@@ -180,7 +213,7 @@ fn string_end(b: &[u8], start: usize) -> Option<usize> {
 }
 
 /// The index just past the value that starts at `start`.
-fn value_end(b: &[u8], start: usize) -> Option<usize> {
+pub fn value_end(b: &[u8], start: usize) -> Option<usize> {
     match CLASS[*b.get(start)? as usize] {
         QUOTE => string_end(b, start),
         OPEN => {
