@@ -81,7 +81,7 @@ impl State {
     async fn pull(&mut self) {
         match self.idle.within(self.upstream.next()).await.ok_or(()) {
             Ok(Some(Ok(chunk))) => {
-                if let Err(e) = self.decoder.push(&chunk, &mut self.events) {
+                if let Err(e) = self.decoder.push_bytes(chunk, &mut self.events) {
                     self.fail(GatewayError::new(ErrorKind::Upstream, e.to_string()));
                     return;
                 }

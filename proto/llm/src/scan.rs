@@ -331,7 +331,11 @@ mod tests {
                             h[at + 1] = b'"';
                         }
                     }
-                    assert_eq!(find_quote(&h), memchr::memchr(b'"', &h), "{len} {at} {filler}");
+                    assert_eq!(
+                        find_quote(&h),
+                        memchr::memchr(b'"', &h),
+                        "{len} {at} {filler}"
+                    );
                 }
             }
         }

@@ -75,6 +75,29 @@ impl SseDecoder {
         }
     }
 
+    /// As [`push`](Self::push), for a chunk the caller owns: while nothing
+    /// is held from earlier chunks, its events are cut out of it without a
+    /// copy (each event's `raw` shares the chunk), and only an unfinished
+    /// tail is kept.
+    pub fn push_bytes(
+        &mut self,
+        mut chunk: Bytes,
+        out: &mut Vec<SseEvent>,
+    ) -> Result<(), SseError> {
+        if !self.buf.is_empty() {
+            return self.push(&chunk, out);
+        }
+        while let Some(end) = find_event_end(&chunk, 0) {
+            if let Some(ev) = parse_event(chunk.split_to(end)) {
+                out.push(ev);
+            }
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.push(&chunk, out)
+    }
+
     /// Flushes a final event that the upstream ended without a blank line.
     pub fn finish(&mut self) -> Option<SseEvent> {
         if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
@@ -221,6 +244,30 @@ mod tests {
         }
         let bytewise: Vec<&[u8]> = wire.chunks(1).collect();
         assert_eq!(decode_all(&bytewise), whole);
+    }
+
+    /// Owned chunks, cut without copying, give the same events as copied
+    /// ones, however the wire is split.
+    #[test]
+    fn owned_chunks_decode_as_borrowed_ones() {
+        let wire: &[u8] = b"event: a\ndata: {\"x\":1}\n\ndata: line1\ndata: line2\r\n\r\n: comment\n\ndata: x\r\rdata: [DONE]\n\n";
+        let whole = decode_all(&[wire]);
+        let owned = |chunks: &[&[u8]]| {
+            let mut d = SseDecoder::new();
+            let mut out = Vec::new();
+            for c in chunks {
+                d.push_bytes(Bytes::copy_from_slice(c), &mut out).unwrap();
+            }
+            out.extend(d.finish());
+            out
+        };
+        assert_eq!(owned(&[wire]), whole);
+        for a in 0..wire.len() {
+            for b in a..wire.len() {
+                let parts = owned(&[&wire[..a], &wire[a..b], &wire[b..]]);
+                assert_eq!(parts, whole, "split at {a} and {b}");
+            }
+        }
     }
 
     #[test]

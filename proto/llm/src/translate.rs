@@ -50,7 +50,7 @@ impl Chain {
     fn pump(&mut self, out: &mut Vec<Bytes>) -> Result<(), GatewayError> {
         for f in self.frames.drain(..) {
             self.decoder
-                .push(&f, &mut self.events)
+                .push_bytes(f, &mut self.events)
                 .map_err(|e| GatewayError::new(crate::ErrorKind::Upstream, e.to_string()))?;
         }
         for ev in self.events.drain(..) {
