@@ -678,6 +678,57 @@ mod tests {
         }
     }
 
+    /// Chunks mutated byte by byte (brackets, quotes, escapes, commas and
+    /// keys moved in and out): whenever the result is still JSON, the
+    /// one-pass scan reads it exactly as the tree does.
+    #[test]
+    fn mutated_chunks_read_as_the_tree_reads_them() {
+        const BASES: [&str; 6] = [
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"a \"b\" [c] {d}"},"logprobs":null,"finish_reason":null}],"usage":null}"#,
+            r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"},{"index":1,"delta":{"content":"x"},"finish_reason":null}]}"#,
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":1}}}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"q\":[1,2]}"}}]},"finish_reason":"tool_calls"}],"usage":null,"obfuscation":"xy"}"#,
+            "{ \"choices\" : [ { \"finish_reason\" : null } ] ,\n \"usage\" : { \"prompt_tokens\" : 3 } }",
+            r#"{"choices":null,"usage":{"completion_tokens":4}}"#,
+        ];
+        const BYTES: &[u8] = br#"{}[]",:\ 0na"#;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let (mut checked, mut tried) = (0, 0);
+        for base in BASES {
+            assert_eq!(inspect_chunk(base), inspect_chunk_tree(base), "{base}");
+            for _ in 0..4000 {
+                let mut b = base.as_bytes().to_vec();
+                for _ in 0..1 + next(3) {
+                    let at = next(b.len());
+                    match next(3) {
+                        0 => b[at] = BYTES[next(BYTES.len())],
+                        1 => b.insert(at, BYTES[next(BYTES.len())]),
+                        _ => {
+                            b.remove(at);
+                        }
+                    }
+                }
+                tried += 1;
+                let Ok(text) = std::str::from_utf8(&b) else {
+                    continue;
+                };
+                if serde_json::from_str::<Value>(text).is_err() {
+                    continue;
+                }
+                checked += 1;
+                assert_eq!(inspect_chunk(text), inspect_chunk_tree(text), "{text}");
+            }
+        }
+        // Enough of the mutants stay JSON for the comparison to mean something.
+        assert!(checked * 20 > tried, "{checked} of {tried}");
+    }
+
     /// The caller's bytes stand for the body only until it is changed.
     #[test]
     fn a_changed_body_drops_the_caller_bytes() {

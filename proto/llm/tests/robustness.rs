@@ -133,6 +133,14 @@ fn mutated_recordings_never_panic() {
             let _ = d.push(chunk, &mut events);
         }
         events.extend(d.finish());
+        // Owned chunks, cut without a copy, decode to the same events.
+        let mut owned = Vec::new();
+        let mut d = SseDecoder::new();
+        for chunk in input.chunks(split) {
+            let _ = d.push_bytes(bytes::Bytes::copy_from_slice(chunk), &mut owned);
+        }
+        owned.extend(d.finish());
+        assert_eq!(owned, events);
         for mut t in translators() {
             let mut out = Vec::new();
             for ev in &events {

@@ -1,5 +1,5 @@
 //! The SSE decoder must accept any bytes, split anywhere, without panicking,
-//! and give the same events however the input is split.
+//! and give the same events however the input is split, copied or owned.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,4 +21,13 @@ fuzz_target!(|data: &[u8]| {
     }
     pieces.extend(d.finish());
     assert_eq!(whole, pieces);
+
+    // Owned chunks are cut without a copy, with the same result.
+    let mut owned = Vec::new();
+    let mut d = SseDecoder::new();
+    for chunk in body.chunks(split) {
+        let _ = d.push_bytes(bytes::Bytes::copy_from_slice(chunk), &mut owned);
+    }
+    owned.extend(d.finish());
+    assert_eq!(whole, owned);
 });
