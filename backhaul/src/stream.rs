@@ -150,7 +150,8 @@ pub fn translate_stream(
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
-            if let Some(frame) = st.pending.pop_front() {
+            if let Some(first) = st.pending.pop_front() {
+                let frame = join_pending(first, &mut st.pending);
                 st.yielded = true;
                 st.stats.mark_first_byte(st.started);
                 return Some((frame, st));
@@ -162,6 +163,23 @@ pub fn translate_stream(
         }
     })
     .boxed()
+}
+
+/// The frames one upstream chunk produced go out as one write: a chunk
+/// with several events, or one event a translator turns into several
+/// frames, would otherwise cost a write (and a chunk header, a syscall)
+/// each. Nothing waits for more: only frames already made are joined.
+fn join_pending(first: Bytes, rest: &mut VecDeque<Bytes>) -> Bytes {
+    if rest.is_empty() {
+        return first;
+    }
+    let len = first.len() + rest.iter().map(Bytes::len).sum::<usize>();
+    let mut joined = bytes::BytesMut::with_capacity(len);
+    joined.extend_from_slice(&first);
+    for frame in rest.drain(..) {
+        joined.extend_from_slice(&frame);
+    }
+    joined.freeze()
 }
 
 /// Commit after the first event: waits for the first frame of a stream
@@ -284,6 +302,25 @@ mod tests {
         assert!(!stats.stream_failed());
         assert_eq!(stats.usage().unwrap().prompt_tokens, 2);
         assert!(stats.ttft_us().is_some());
+    }
+
+    /// Events that arrive together leave together, in order and intact;
+    /// events that arrive apart are not held back for one another.
+    #[tokio::test]
+    async fn events_of_one_chunk_go_out_as_one_frame() {
+        let together = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+data: [DONE]\n\n";
+        let up = futures::stream::iter(chunks(&[
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            together,
+        ]))
+        .boxed();
+        let stats = Arc::new(RequestStats::default());
+        let frames: Vec<Bytes> = translated(up, &stats).collect().await;
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(frames[1], together.as_bytes());
+        assert!(!stats.stream_failed());
     }
 
     #[tokio::test]
