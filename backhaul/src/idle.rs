@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+/// A wait that outlasted the idle time.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Stalled;
+
 pub(crate) struct IdleTimer {
     idle: Duration,
     wait_started: Instant,
@@ -29,14 +33,19 @@ impl IdleTimer {
         }
     }
 
-    /// `fut`'s output, or None when it has not finished `idle` after this
-    /// call began (as `tokio::time::timeout(idle, fut)` would say).
-    pub(crate) async fn within<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+    /// How long one wait may last.
+    pub(crate) fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    /// `fut`'s output, or [`Stalled`] when it has not finished `idle` after
+    /// this call began (as `tokio::time::timeout(idle, fut)` would say).
+    pub(crate) async fn within<F: Future>(&mut self, fut: F) -> Result<F::Output, Stalled> {
         self.wait_started = Instant::now();
         let mut fut = std::pin::pin!(fut);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(out));
+                return Poll::Ready(Ok(out));
             }
             // The timer may still be set for an earlier wait's deadline,
             // never a later one: when it fires early, it is moved on.
@@ -44,7 +53,7 @@ impl IdleTimer {
                 ready!(self.timer.as_mut().poll(cx));
                 let deadline = self.wait_started + self.idle;
                 if Instant::now() >= deadline {
-                    return Poll::Ready(None);
+                    return Poll::Ready(Err(Stalled));
                 }
                 self.timer.as_mut().reset(deadline);
             }
@@ -65,7 +74,7 @@ mod tests {
         let mut timer = IdleTimer::new(idle);
         for _ in 0..5 {
             let sleep = tokio::time::sleep(Duration::from_millis(90));
-            assert_eq!(timer.within(sleep).await, Some(()));
+            assert_eq!(timer.within(sleep).await, Ok(()));
         }
         // Time passing between waits (a slow reader) does not count.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -73,13 +82,16 @@ mod tests {
             timer
                 .within(tokio::time::sleep(Duration::from_millis(99)))
                 .await,
-            Some(())
+            Ok(())
         );
         let start = Instant::now();
-        assert_eq!(timer.within(std::future::pending::<()>()).await, None);
+        assert_eq!(
+            timer.within(std::future::pending::<()>()).await,
+            Err(Stalled)
+        );
         assert_eq!(start.elapsed(), idle);
         // A ready future never waits, even with the deadline long past.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(timer.within(async { 7 }).await, Some(7));
+        assert_eq!(timer.within(async { 7 }).await, Ok(7));
     }
 }

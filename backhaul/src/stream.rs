@@ -35,7 +35,6 @@ struct State {
     pending: VecDeque<Bytes>,
     events: Vec<SseEvent>,
     frames: Vec<Bytes>,
-    idle_timeout: Duration,
     idle: IdleTimer,
     stats: Arc<RequestStats>,
     started: Instant,
@@ -79,7 +78,7 @@ impl State {
     }
 
     async fn pull(&mut self) {
-        match self.idle.within(self.upstream.next()).await.ok_or(()) {
+        match self.idle.within(self.upstream.next()).await {
             Ok(Some(Ok(chunk))) => {
                 if let Err(e) = self.decoder.push_bytes(chunk, &mut self.events) {
                     self.fail(GatewayError::new(ErrorKind::Upstream, e.to_string()));
@@ -116,7 +115,7 @@ impl State {
                     ErrorKind::Timeout,
                     format!(
                         "The provider sent nothing for {} ms; the stream was ended.",
-                        self.idle_timeout.as_millis()
+                        self.idle.idle().as_millis()
                     ),
                 )
                 .with_code("upstream_stalled"),
@@ -140,7 +139,6 @@ pub fn translate_stream(
         pending: VecDeque::new(),
         events: Vec::new(),
         frames: Vec::new(),
-        idle_timeout,
         idle: IdleTimer::new(idle_timeout),
         stats,
         started,
@@ -216,7 +214,7 @@ pub fn raw_stream(
         let stats = stats.clone();
         async move {
             let (mut upstream, mut idle) = state?;
-            match idle.within(upstream.next()).await.ok_or(()) {
+            match idle.within(upstream.next()).await {
                 Ok(Some(Ok(chunk))) => {
                     stats.mark_first_byte(started);
                     Some((chunk, Some((upstream, idle))))

@@ -1091,8 +1091,7 @@ async fn respond(
             _guard: guard,
             stats: stats.clone(),
             framer,
-            idle,
-            idle_timer: IdleTimer::new(idle),
+            idle: IdleTimer::new(idle),
             received_at,
             done: false,
         });
@@ -1169,8 +1168,7 @@ struct StreamState {
     _guard: InFlight,
     stats: Arc<RequestStats>,
     framer: Option<ErrorFramer>,
-    idle: Duration,
-    idle_timer: IdleTimer,
+    idle: IdleTimer,
     received_at: Instant,
     done: bool,
 }
@@ -1195,10 +1193,9 @@ fn stream_frames(state: StreamState) -> BoxStream<'static, Bytes> {
             return None;
         }
         let next = st
-            .idle_timer
+            .idle
             .within(frame::read_frame(&mut st.recv, frame::MAX_DATA_FRAME))
-            .await
-            .ok_or(());
+            .await;
         let out = match next {
             Ok(Ok((FrameKind::Data, payload))) => {
                 st.stats.mark_first_byte(st.received_at);
@@ -1233,7 +1230,7 @@ fn stream_frames(state: StreamState) -> BoxStream<'static, Bytes> {
             Err(_) => st.fail(
                 GatewayError::new(
                     ErrorKind::Timeout,
-                    format!("The egress node sent nothing for {} ms; the stream was ended.", st.idle.as_millis()),
+                    format!("The egress node sent nothing for {} ms; the stream was ended.", st.idle.idle().as_millis()),
                 )
                 .with_code("backhaul_timeout")
                 .with_source(Source::Backhaul)

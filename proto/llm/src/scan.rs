@@ -24,19 +24,6 @@ pub fn for_each_member<'a>(body: &'a [u8], mut visit: impl FnMut(&'a [u8], &'a [
     })
 }
 
-/// Calls `visit` with each element of the JSON array `array`, as raw bytes.
-/// Returns false, having stopped, when `array` is not an array it could
-/// split.
-pub fn for_each_element<'a>(array: &'a [u8], mut visit: impl FnMut(&'a [u8])) -> bool {
-    whole(array, |start| {
-        walk_array(array, start, |at| {
-            let end = value_end(array, at)?;
-            visit(&array[at..end]);
-            Some(end)
-        })
-    })
-}
-
 /// True when `walk`, given where the first non-blank byte of `b` is, reads
 /// a value that only whitespace follows.
 pub fn whole(b: &[u8], walk: impl FnOnce(usize) -> Option<usize>) -> bool {
@@ -390,6 +377,18 @@ mod tests {
         ] {
             assert_eq!(found(body), want.map(|w| w.as_bytes().to_vec()), "{body}");
         }
+    }
+
+    /// Each element of `array` as raw bytes, as a caller walks them; false
+    /// when `array` is not an array that could be split.
+    fn for_each_element<'a>(array: &'a [u8], mut visit: impl FnMut(&'a [u8])) -> bool {
+        whole(array, |start| {
+            walk_array(array, start, |at| {
+                let end = value_end(array, at)?;
+                visit(&array[at..end]);
+                Some(end)
+            })
+        })
     }
 
     #[test]
